@@ -80,6 +80,21 @@ commands! {
 }
 
 impl Cmd {
+    /// Number of dense slots `slot()` maps into.
+    pub const SLOTS: usize = 0x60;
+
+    /// A dense index below `SLOTS`, for per-cmd counters without a lookup.
+    #[inline]
+    pub const fn slot(self) -> usize {
+        let v = self as u16 as usize;
+        // App commands are below 0x40, sidecar commands 0x100..0x120.
+        if v < 0x100 {
+            v
+        } else {
+            0x40 + (v - 0x100)
+        }
+    }
+
     /// True for commands of the sidecar port (app-server side).
     pub const fn is_sidecar(self) -> bool {
         (self as u16) >= 0x0100
@@ -156,4 +171,20 @@ pub const fn body_kind(cmd: Cmd, ty: FrameType) -> Option<BodyKind> {
         (Cmd::Unreachable, Event) => BodyKind::Unreachable,
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_dense_and_distinct() {
+        let mut seen = [false; Cmd::SLOTS];
+        for c in Cmd::ALL {
+            assert!(c.slot() < Cmd::SLOTS, "{c:?}");
+            assert!(!seen[c.slot()], "{c:?} shares a slot");
+            seen[c.slot()] = true;
+            assert_eq!(Cmd::from_u16(*c as u16), Some(*c));
+        }
+    }
 }
