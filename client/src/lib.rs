@@ -1,1 +1,48 @@
-//! Client (filled in by the gate issue).
+//! Rust client for fleetgate, over blocking `std::net` sockets (no async runtime), so tests,
+//! examples and the load generator can drive it from plain threads.
+//!
+//! - [`frame`]: [`OwnedFrame`] (a verified frame copied out of the read buffer) and
+//!   [`FrameReader`] (yields frames one at a time from any `Read`).
+//! - [`app`]: [`AppConn`], the app side (drivers, passengers): login, resume, keepalive, GPS,
+//!   pipelined business requests, pushes and their acks.
+//! - [`ClientError`]: every failure, with the server's own error frames as
+//!   [`ClientError::Server`].
+
+pub mod app;
+mod error;
+pub mod frame;
+
+pub use app::{AppConn, Reply, SessionInfo, MAX_QUEUED};
+pub use error::ClientError;
+pub use frame::{write_raw_frame, DeliveryView, ErrorView, FrameReader, OwnedFrame, ReplyView};
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it), the unit of
+/// token expiries and keepalive timestamps.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A login token for `uid` and `role` (`wire::Role` value: 1 driver, 2 passenger) valid for
+/// `ttl` from now, signed with `secret`: what an app-server would issue, for tests and loadgen.
+pub fn dev_token(secret: &[u8], uid: u64, role: u8, ttl: Duration) -> Vec<u8> {
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    let claims = schema::token::Claims { uid, role, expires_ms: now_ms().saturating_add(ttl_ms) };
+    schema::token::issue(secret, claims).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_token_verifies_with_its_secret() {
+        let t = dev_token(b"s3cret", 42, 1, Duration::from_secs(60));
+        let claims = schema::token::verify(b"s3cret", &t, now_ms()).expect("fresh token verifies");
+        assert_eq!((claims.uid, claims.role), (42, 1));
+        assert!(schema::token::verify(b"other", &t, now_ms()).is_err());
+    }
+}

@@ -1,1 +1,50 @@
-fn main() {}
+//! `gate`: the fleetgate server binary. See `gate --help`.
+
+use clap::Parser;
+use gate::config::{default_toml, Cli, Command, EXIT_BAD_CONFIG};
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::PrintConfig) => {
+            print!("{}", default_toml());
+            return;
+        }
+        Some(Command::CheckConfig) => match cli.load() {
+            Ok(_) => {
+                println!("configuration ok");
+                return;
+            }
+            Err(e) => {
+                eprintln!("gate: bad configuration: {e}");
+                std::process::exit(EXIT_BAD_CONFIG);
+            }
+        },
+        None => {}
+    }
+    let cfg = match cli.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gate: bad configuration: {e}");
+            std::process::exit(EXIT_BAD_CONFIG);
+        }
+    };
+    let level = match cli.verbose {
+        0 => cfg.log.level.clone(),
+        1 => "debug".into(),
+        _ => "trace".into(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cfg.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    if let Err(e) = gate::server::run(cfg, cli.ports_file.as_deref()) {
+        tracing::error!("{e}");
+        eprintln!("gate: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,195 @@
+//! The login path and every other frame an app sends that is not GPS: login, keepalive, logout,
+//! and the error answers for frames that are invalid, unknown or out of order.
+//!
+//! Login: the gate verifies the token here (uid and role come from the token only), then asks
+//! the uid's logic shard to register the session; the answer (`LoginOk`, and `Displaced` for an
+//! older connection of the same uid) comes back through `apply_output`.
+
+use crate::net;
+use crate::shard::{pre_login_error_budget_exhausted, ConnState, Shard};
+use logic::{ConnRef, Input, Output};
+use schema::decode::{FrameError, StreamError};
+use schema::token::{self, TokenError};
+use schema::wire::{self, ErrorCode, GoAwayReason, Hop};
+use schema::{Body, Cmd, Frame, FrameType, Header};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+/// Handles one verified frame from an app.
+pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
+    shard.metrics().frames_in.add(f.cmd.slot(), 1);
+    let Some((state, uid, role)) = shard.with_conn(me, |c| (c.state, c.uid, c.role)) else { return };
+    let h = &f.header;
+    match (f.body, state) {
+        (Body::Keepalive(k), _) if f.ty == FrameType::Request => {
+            let ts = k.ts_ms();
+            shard.send_frame(me, FrameType::Response, Cmd::Keepalive, h.seq, h.log_id, |b| {
+                wire::Keepalive::create(b, &wire::KeepaliveArgs { ts_ms: ts })
+            });
+        }
+        (Body::Login(l), ConnState::AwaitingLogin) => login(shard, me, h, l),
+        (Body::Login(_) | Body::Resume(_), _) if state != ConnState::AwaitingLogin => {
+            error(shard, me, h, ErrorCode::NotAllowed, Hop::App, "already logged in on this connection");
+        }
+        (Body::Resume(_), _) => {
+            // Sessions that outlive TCP are not held yet: every resume is refused, and the app
+            // falls back to login, as the protocol says it must.
+            error(shard, me, h, ErrorCode::ResumeRefused, Hop::Gate, "no held session to resume; log in");
+        }
+        (_, ConnState::AwaitingLogin | ConnState::LoggingIn) => {
+            let close = shard.with_conn(me, pre_login_error_budget_exhausted).unwrap_or(true);
+            error(shard, me, h, ErrorCode::NotLoggedIn, Hop::App, "log in first");
+            if close {
+                shard.close(me, GoAwayReason::ProtocolError);
+            }
+        }
+        (Body::GpsReport(_) | Body::GpsBatch(_), ConnState::LoggedIn) => {
+            super::gps::on_frame(shard, me, uid, role, f)
+        }
+        (Body::Logout(_), ConnState::LoggedIn) if f.ty == FrameType::Request => {
+            tracing::info!(log_id = h.log_id, uid, shard = shard.id, "logout");
+            shard.to_logic(uid, Input::Logout { uid, conn: me, log_id: h.log_id, seq: h.seq });
+        }
+        (_, ConnState::LoggedIn) if f.cmd.is_upstream_request() && f.ty == FrameType::Request => {
+            // The sidecar is not built yet: no app-server can be connected.
+            error(shard, me, h, ErrorCode::NoAppServer, Hop::AppServer, "no app-server connected");
+        }
+        (_, _) => {
+            error(shard, me, h, ErrorCode::NotAllowed, Hop::App, "this frame is not accepted from an app")
+        }
+    }
+}
+
+fn login(shard: &Shard, me: ConnRef, h: &Header, l: wire::Login<'_>) {
+    let tok = l.token().map(|t| t.bytes()).unwrap_or(&[]);
+    match token::verify(&shard.token_secret, tok, net::now_ms()) {
+        Ok(claims) => {
+            shard.with_conn(me, |c| {
+                c.state = ConnState::LoggingIn;
+                c.uid = claims.uid;
+                c.role = claims.role;
+                c.login_started = Some(Instant::now());
+            });
+            tracing::info!(
+                log_id = h.log_id,
+                uid = claims.uid,
+                role = claims.role,
+                shard = shard.id,
+                "login: token ok"
+            );
+            shard.to_logic(
+                claims.uid,
+                Input::Login { uid: claims.uid, role: claims.role, conn: me, log_id: h.log_id, seq: h.seq },
+            );
+        }
+        Err(e) => {
+            let code = match e {
+                TokenError::Expired => ErrorCode::TokenExpired,
+                TokenError::BadSignature | TokenError::Malformed => ErrorCode::BadToken,
+            };
+            // The app may retry on this connection, within the pre-login error budget.
+            let close = shard.with_conn(me, pre_login_error_budget_exhausted).unwrap_or(true);
+            error(shard, me, h, code, Hop::App, &format!("login refused: {e}"));
+            if close {
+                shard.close(me, GoAwayReason::ProtocolError);
+            }
+        }
+    }
+}
+
+/// Answers a frame with an error frame carrying its sequence-id and log-id.
+pub fn error(shard: &Shard, me: ConnRef, h: &Header, code: ErrorCode, origin: Hop, message: &str) {
+    shard.send_error(me, h.seq, h.log_id, code, origin, h.cmd, message, 0);
+}
+
+/// A frame whose length was sound but whose content was not: error frame, connection stays.
+pub fn on_rejected(shard: &Shard, me: ConnRef, h: &Header, e: &FrameError) {
+    let code = match e {
+        FrameError::UnknownCmd(_) => ErrorCode::UnknownCmd,
+        FrameError::BadType { .. } => ErrorCode::NotAllowed,
+        FrameError::CorruptBody { .. } => ErrorCode::CorruptBody,
+    };
+    let close = shard
+        .with_conn(me, |c| c.state == ConnState::AwaitingLogin && pre_login_error_budget_exhausted(c))
+        .unwrap_or(true);
+    error(shard, me, h, code, Hop::App, &e.to_string());
+    if close {
+        shard.close(me, GoAwayReason::ProtocolError);
+    }
+}
+
+/// Framing is lost: one error frame, then close.
+pub fn on_stream_error(shard: &Shard, me: ConnRef, e: &StreamError) {
+    let code = match e {
+        StreamError::BadMagic(_) => ErrorCode::BadMagic,
+        StreamError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+        StreamError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+        StreamError::Truncated { .. } => ErrorCode::CorruptBody,
+    };
+    shard.send_error(me, 0, 0, code, Hop::App, 0, &e.to_string(), 0);
+    shard.close(me, GoAwayReason::ProtocolError);
+}
+
+/// Carries out what a logic shard decided about a connection on this shard.
+pub fn apply_output(shard: &Shard, o: Output) {
+    match o {
+        Output::LoginOk { conn, uid, role, epoch, log_id, seq } => {
+            let admitted = shard
+                .with_conn(conn, |c| {
+                    if c.state != ConnState::LoggingIn || c.uid != uid || c.close.is_some() {
+                        return None;
+                    }
+                    c.state = ConnState::LoggedIn;
+                    Some(c.login_started.take())
+                })
+                .flatten();
+            let Some(started) = admitted else {
+                // The connection closed (or moved on) while the logic shard registered it: undo,
+                // so the directory does not keep a session nobody holds.
+                shard.to_logic(uid, Input::Closed { uid, conn });
+                return;
+            };
+            if let Some(t) = started {
+                shard.metrics().login_us.observe_us(t.elapsed().as_micros() as u64);
+            }
+            shard.metrics().sessions_on_conns.fetch_add(1, Relaxed);
+            let app = &shard.cfg.app;
+            let node = shard.node.as_str();
+            shard.send_frame(conn, FrameType::Response, Cmd::Login, seq, log_id, |b| {
+                let node = b.create_string(node);
+                wire::Session::create(
+                    b,
+                    &wire::SessionArgs {
+                        uid,
+                        role: wire::Role(role),
+                        heartbeat_ms: app.heartbeat_ms,
+                        idle_timeout_ms: app.idle_timeout_ms,
+                        session_epoch: epoch,
+                        resume_token: None,
+                        node: Some(node),
+                        hold_ms: 0,
+                    },
+                )
+            });
+            tracing::info!(log_id, uid, epoch, shard = shard.id, "login: session live");
+        }
+        Output::Displaced { conn, uid, log_id } => {
+            tracing::info!(log_id, uid, shard = shard.id, "displaced by a newer login");
+            shard.go_away(conn, log_id, GoAwayReason::Displaced, "logged in on another connection", 0);
+        }
+        Output::LogoutOk { conn, log_id, seq } => {
+            shard.send_frame(conn, FrameType::Response, Cmd::Logout, seq, log_id, |b| {
+                wire::Logout::create(b, &wire::LogoutArgs::default())
+            });
+            shard.with_conn(conn, |c| {
+                if c.state == ConnState::LoggedIn {
+                    shard.metrics().sessions_on_conns.fetch_sub(1, Relaxed);
+                }
+                // The session is gone: closing must not report it closed again.
+                c.state = ConnState::AwaitingLogin;
+            });
+            shard.go_away(conn, log_id, GoAwayReason::LoggedOut, "logged out", 0);
+        }
+        Output::GpsBatch(points) => super::gps::forward(shard, points),
+    }
+}

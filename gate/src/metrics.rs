@@ -1,0 +1,237 @@
+//! Per-shard metrics, written by the owning executor with relaxed atomics and read by the admin
+//! endpoint on shard 0. Rendered in the Prometheus text format with a `shard` label on every
+//! series, so one can see every shard serving.
+
+use schema::wire::{ErrorCode, GoAwayReason};
+use schema::Cmd;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Bucket upper bounds (µs) of the latency histograms.
+pub const LATENCY_BUCKETS_US: [u64; 16] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000,
+];
+
+/// A fixed-bucket histogram safe to share between threads.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Counts per bucket; the last slot is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of observations (µs).
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    #[inline]
+    pub fn observe_us(&self, us: u64) {
+        let i = LATENCY_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(LATENCY_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum.fetch_add(us, Relaxed);
+    }
+}
+
+/// Counter array indexed by a small dense enum value.
+#[derive(Debug)]
+pub struct Counters<const N: usize>([AtomicU64; N]);
+
+impl<const N: usize> Default for Counters<N> {
+    fn default() -> Self {
+        Counters(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl<const N: usize> Counters<N> {
+    /// Adds `n` at `i` (ignored past the end: a value from a newer peer is not a crash).
+    #[inline]
+    pub fn add(&self, i: usize, n: u64) {
+        if let Some(c) = self.0.get(i) {
+            c.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// The value at `i`.
+    pub fn get(&self, i: usize) -> u64 {
+        self.0.get(i).map_or(0, |c| c.load(Relaxed))
+    }
+}
+
+/// Why a connection was refused at accept.
+#[derive(Clone, Copy, Debug)]
+pub enum Refusal {
+    /// The shard holds `max_conns_per_shard` connections.
+    ConnLimit = 0,
+    /// The accept rate limit's queue was full.
+    AcceptRate = 1,
+    /// The gate is shutting down.
+    Shutdown = 2,
+}
+
+/// One shard's metrics.
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    /// Open app connections.
+    pub conns_open: AtomicI64,
+    /// Logged-in sessions whose connection lives on this shard.
+    pub sessions_on_conns: AtomicI64,
+    /// Sessions owned by this shard's logic (directory size).
+    pub directory_sessions: AtomicI64,
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections refused, by `Refusal`.
+    pub refused: Counters<3>,
+    /// Connections closed, by `GoAwayReason` value (0 = the peer closed).
+    pub closed: Counters<16>,
+    /// Frames read, by `Cmd::slot`.
+    pub frames_in: Counters<{ Cmd::SLOTS }>,
+    /// Frames written, by `Cmd::slot`.
+    pub frames_out: Counters<{ Cmd::SLOTS }>,
+    /// Bytes read from app connections.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to app connections.
+    pub bytes_out: AtomicU64,
+    /// Error frames sent, by `ErrorCode` value.
+    pub errors: Counters<32>,
+    /// GPS points received from drivers.
+    pub gps_in: AtomicU64,
+    /// GPS points flushed toward the app-server side.
+    pub gps_forwarded: AtomicU64,
+    /// GPS points replaced by a newer point before a flush.
+    pub gps_coalesced: AtomicU64,
+    /// GPS points dropped because a buffer was full.
+    pub gps_dropped: AtomicU64,
+    /// Mesh batches sent from this shard.
+    pub mesh_batches: AtomicU64,
+    /// Mesh sends that found the destination inbox full and were retried.
+    pub mesh_full: AtomicU64,
+    /// Time from a mesh batch's send to its processing here.
+    pub mesh_hop_us: Histogram,
+    /// Time from a login frame's arrival to the session answer being queued.
+    pub login_us: Histogram,
+    /// Bytes queued for writing on this shard's connections.
+    pub out_queue_bytes: AtomicI64,
+}
+
+fn counter(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+}
+
+/// Renders every shard's metrics; `mesh_depth(i)` gives shard i's inbox depth.
+pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> String {
+    let mut o = String::with_capacity(16 * 1024);
+    macro_rules! scalar {
+        ($kind:ident, $name:literal, $help:literal, $field:ident) => {
+            $kind(&mut o, concat!("fleetgate_", $name), $help);
+            for (i, s) in shards.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    concat!("fleetgate_", $name, "{{shard=\"{}\"}} {}"),
+                    i,
+                    s.$field.load(Relaxed)
+                );
+            }
+        };
+    }
+    scalar!(gauge, "connections", "Open app connections.", conns_open);
+    scalar!(
+        gauge,
+        "sessions",
+        "Logged-in sessions by the shard holding their connection.",
+        sessions_on_conns
+    );
+    scalar!(gauge, "directory_sessions", "Sessions owned by the shard's logic.", directory_sessions);
+    scalar!(counter, "connections_accepted_total", "Connections accepted.", accepted);
+    scalar!(counter, "bytes_in_total", "Bytes read from apps.", bytes_in);
+    scalar!(counter, "bytes_out_total", "Bytes written to apps.", bytes_out);
+    scalar!(counter, "gps_points_in_total", "GPS points received.", gps_in);
+    scalar!(
+        counter,
+        "gps_points_forwarded_total",
+        "GPS points flushed to the app-server side.",
+        gps_forwarded
+    );
+    scalar!(counter, "gps_points_coalesced_total", "GPS points replaced before a flush.", gps_coalesced);
+    scalar!(counter, "gps_points_dropped_total", "GPS points dropped on a full buffer.", gps_dropped);
+    scalar!(counter, "mesh_batches_total", "Cross-shard batches sent.", mesh_batches);
+    scalar!(counter, "mesh_full_total", "Cross-shard sends retried on a full inbox.", mesh_full);
+    scalar!(gauge, "out_queue_bytes", "Bytes waiting to be written to apps.", out_queue_bytes);
+
+    gauge(&mut o, "fleetgate_mesh_queue_depth", "Batches waiting in the shard's inbox.");
+    for i in 0..shards.len() {
+        let _ = writeln!(o, "fleetgate_mesh_queue_depth{{shard=\"{i}\"}} {}", mesh_depth(i));
+    }
+    counter(&mut o, "fleetgate_connections_refused_total", "Connections refused at accept, by reason.");
+    for (i, s) in shards.iter().enumerate() {
+        for (r, name) in [
+            (Refusal::ConnLimit, "conn_limit"),
+            (Refusal::AcceptRate, "accept_rate"),
+            (Refusal::Shutdown, "shutdown"),
+        ] {
+            let _ = writeln!(
+                o,
+                "fleetgate_connections_refused_total{{shard=\"{i}\",reason=\"{name}\"}} {}",
+                s.refused.get(r as usize)
+            );
+        }
+    }
+    counter(&mut o, "fleetgate_connections_closed_total", "Connections closed, by reason.");
+    for (i, s) in shards.iter().enumerate() {
+        for v in 0..16u8 {
+            let n = s.closed.get(v as usize);
+            if n > 0 {
+                let name = if v == 0 { "peer" } else { GoAwayReason(v).variant_name().unwrap_or("other") };
+                let _ =
+                    writeln!(o, "fleetgate_connections_closed_total{{shard=\"{i}\",reason=\"{name}\"}} {n}");
+            }
+        }
+    }
+    for (metric, help, pick) in [
+        ("fleetgate_frames_in_total", "Frames read, by cmd.", 0),
+        ("fleetgate_frames_out_total", "Frames written, by cmd.", 1),
+    ] {
+        counter(&mut o, metric, help);
+        for (i, s) in shards.iter().enumerate() {
+            for cmd in Cmd::ALL {
+                let c = if pick == 0 { &s.frames_in } else { &s.frames_out };
+                let n = c.get(cmd.slot());
+                if n > 0 {
+                    let _ = writeln!(o, "{metric}{{shard=\"{i}\",cmd=\"{}\"}} {n}", cmd.name());
+                }
+            }
+        }
+    }
+    counter(&mut o, "fleetgate_errors_total", "Error frames sent, by code.");
+    for (i, s) in shards.iter().enumerate() {
+        for v in 0..32u16 {
+            let n = s.errors.get(v as usize);
+            if n > 0 {
+                let name = ErrorCode(v).variant_name().unwrap_or("other");
+                let _ = writeln!(o, "fleetgate_errors_total{{shard=\"{i}\",code=\"{name}\"}} {n}");
+            }
+        }
+    }
+    for (metric, help, pick) in [
+        ("fleetgate_mesh_hop_us", "Cross-shard batch latency, send to processing, µs.", 0),
+        ("fleetgate_login_us", "Login frame to session answer, µs.", 1),
+    ] {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} histogram");
+        for (i, s) in shards.iter().enumerate() {
+            let h = if pick == 0 { &s.mesh_hop_us } else { &s.login_us };
+            let mut cum = 0;
+            for (b, le) in LATENCY_BUCKETS_US.iter().enumerate() {
+                cum += h.buckets[b].load(Relaxed);
+                let _ = writeln!(o, "{metric}_bucket{{shard=\"{i}\",le=\"{le}\"}} {cum}");
+            }
+            cum += h.buckets[LATENCY_BUCKETS_US.len()].load(Relaxed);
+            let _ = writeln!(o, "{metric}_bucket{{shard=\"{i}\",le=\"+Inf\"}} {cum}");
+            let _ = writeln!(o, "{metric}_sum{{shard=\"{i}\"}} {}", h.sum.load(Relaxed));
+            let _ = writeln!(o, "{metric}_count{{shard=\"{i}\"}} {cum}");
+        }
+    }
+    o
+}

@@ -1,0 +1,181 @@
+//! Starting and stopping a gate: bind every port (so a bad address fails before anything runs),
+//! start one pinned glommio executor per core, and on SIGTERM/SIGINT let every shard say
+//! go-away, drain, and exit.
+
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::mesh::Mesh;
+use crate::metrics::ShardMetrics;
+use crate::net;
+use crate::shard::{self, Shard, SHARD};
+use glommio::{LocalExecutorBuilder, Placement};
+use std::collections::VecDeque;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long shards wait, after go-away, for their connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a gate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration was invalid.
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// A port could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which port.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Something else at start-up.
+    #[error("{0}")]
+    Other(String),
+}
+
+fn parse(what: &'static str, addr: &str) -> Result<SocketAddr, StartError> {
+    addr.parse().map_err(|e| StartError::Other(format!("{what} address {addr:?}: {e}")))
+}
+
+/// Runs a gate until it is told to stop; returns once every shard has drained.
+pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
+    let cores = cfg.resolved_cores()?;
+    let shards = cores.len();
+    let app_addr = parse("app", &cfg.app.listen)?;
+    let app = net::listen_all(app_addr, cfg.app.backlog, shards).map_err(|source| StartError::Bind {
+        what: "app port",
+        addr: cfg.app.listen.clone(),
+        source,
+    })?;
+    let admin_addr = parse("admin", &cfg.admin.listen)?;
+    let admin = net::listen(admin_addr, 128).map_err(|source| StartError::Bind {
+        what: "admin port",
+        addr: cfg.admin.listen.clone(),
+        source,
+    })?;
+    let app_bound = app[0].local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+    let admin_bound = admin.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+
+    let node = if cfg.gate.advertise.is_empty() {
+        let ip = if app_bound.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            app_bound.ip().to_string()
+        };
+        format!("{ip}:{}", app_bound.port())
+    } else {
+        cfg.gate.advertise.clone()
+    };
+    if cfg.uses_dev_secret() {
+        tracing::warn!(
+            "USING THE BUILT-IN DEVELOPMENT SECRET for tokens and/or the sidecar: anyone can log in as anyone. \
+             Set auth.token_secret and sidecar.secret (or --token-secret / --sidecar-secret) in production."
+        );
+    }
+    tracing::info!(app = %app_bound, admin = %admin_bound, shards, cores = ?cores, node = %node, "gate listening");
+    if let Some(path) = ports_file {
+        write_ports(path, app_bound.port(), admin_bound.port())
+            .map_err(|e| StartError::Other(format!("cannot write ports file {}: {e}", path.display())))?;
+    }
+
+    let cfg = Arc::new(cfg);
+    let mesh = Arc::new(Mesh::new(shards));
+    let metrics: Arc<Vec<ShardMetrics>> = Arc::new((0..shards).map(|_| ShardMetrics::default()).collect());
+    let gps_recent = Arc::new(Mutex::new(VecDeque::new()));
+    watch_signals(mesh.clone())?;
+
+    let mut admin = Some(admin);
+    let mut handles = Vec::with_capacity(shards);
+    for (id, (cpu, listener)) in cores.iter().copied().zip(app).enumerate() {
+        let (cfg, mesh, metrics, gps_recent, node) =
+            (cfg.clone(), mesh.clone(), metrics.clone(), gps_recent.clone(), node.clone());
+        let admin = admin.take();
+        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard-{id}"))
+            .spawn(move || async move {
+                let shard = Rc::new(Shard::new(id as u16, cfg, mesh, metrics, gps_recent, node));
+                shard_main(shard, listener, admin).await
+            })
+            .map_err(|e| StartError::Other(format!("cannot start shard {id} on cpu {cpu}: {e}")))?;
+        handles.push(h);
+    }
+    for h in handles {
+        h.join().map_err(|e| StartError::Other(format!("shard failed: {e}")))?;
+    }
+    tracing::info!("gate stopped");
+    Ok(())
+}
+
+async fn shard_main(shard: Rc<Shard>, listener: std::net::TcpListener, admin: Option<std::net::TcpListener>) {
+    SHARD.with(|s| *s.borrow_mut() = Some(shard.clone()));
+    // SAFETY: the fd is a listening TCP socket we own; glommio takes ownership of it.
+    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    glommio::spawn_local(shard::run_inbox(shard.clone())).detach();
+    glommio::spawn_local(shard::run_logic_timer(shard.clone())).detach();
+    glommio::spawn_local(shard::run_sweeper(shard.clone())).detach();
+    if let Some(admin) = admin {
+        // SAFETY: as above.
+        let admin = unsafe { glommio::net::TcpListener::from_raw_fd(admin.into_raw_fd()) };
+        let state = AdminState {
+            metrics: shard.all_metrics.clone(),
+            mesh: shard.mesh.clone(),
+            gps_recent: shard.gps_recent.clone(),
+        };
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            admin::run(admin, state, async move { s.shutdown_begun().await }).await
+        })
+        .detach();
+    }
+    tracing::debug!(shard = shard.id, "shard serving");
+    crate::app::listener::run(shard.clone(), listener).await;
+    // Shutdown: go-away was sent; wait (bounded) for the connections to write it and close.
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    shard.flush_outbox();
+    tracing::info!(shard = shard.id, left = shard.conns.borrow().len(), "shard drained");
+    SHARD.with(|s| s.borrow_mut().take());
+}
+
+fn write_ports(path: &Path, app: u16, admin: u16) -> std::io::Result<()> {
+    // Written to a temporary name and renamed, so a reader never sees half a file.
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "app={app}\nadmin={admin}")?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+/// SIGTERM/SIGINT: the first starts a graceful shutdown on every shard; a second exits at once.
+fn watch_signals(mesh: Arc<Mesh>) -> Result<(), StartError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| StartError::Other(format!("cannot install signal handlers: {e}")))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for sig in signals.forever() {
+                seen += 1;
+                if seen > 1 {
+                    tracing::warn!(signal = sig, "second signal: exiting now");
+                    std::process::exit(1);
+                }
+                tracing::info!(signal = sig, "signal: graceful shutdown");
+                mesh.shutdown_all();
+            }
+        })
+        .map_err(|e| StartError::Other(format!("cannot start signal thread: {e}")))?;
+    Ok(())
+}

@@ -1,0 +1,754 @@
+//! One executor's state: its gate shard (connections) and its logic shard, and the tasks that
+//! move messages between them and the other executors.
+//!
+//! Everything here is single-threaded (`Rc`, `RefCell`, `Cell`): a connection lives on the shard
+//! that accepted it for its whole life, and other shards reach it only through the mesh. A
+//! `RefCell` is never held across an `.await`.
+
+use crate::config::Config;
+use crate::mesh::{Batch, Mesh, Msg, MAX_BATCH};
+use crate::metrics::ShardMetrics;
+use crate::net::{self, Io};
+use logic::{ConnRef, Output};
+use schema::wire::{self, GoAwayReason};
+use schema::{Cmd, Encoder, FrameType};
+use slab::Slab;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Size of the shard's drain buffer: bursts from one connection are read into it and decoded in
+/// place, so a connection owns no read buffer while idle.
+pub const SCRATCH_BYTES: usize = 256 * 1024;
+/// Mesh batches handled per wake-up before the processor yields to connections.
+const MAX_BATCHES_PER_WAKE: usize = 64;
+/// How often idle, login and read timeouts are checked.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// Error frames a connection may earn before login before it is closed.
+const MAX_PRE_LOGIN_ERRORS: u8 = 8;
+/// An empty out queue keeps at most this much capacity, so idle connections stay small.
+const OUT_KEEP_CAPACITY: usize = 4096;
+
+/// Where a connection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    /// Accepted; only Login, Resume and Keepalive are allowed.
+    AwaitingLogin,
+    /// Token verified; waiting for the logic shard to register the session.
+    LoggingIn,
+    /// Session live.
+    LoggedIn,
+}
+
+/// One app connection, as the shard sees it (the socket itself is owned by its task).
+#[derive(Debug)]
+pub struct Conn {
+    /// Generation of this slot, part of `ConnRef`.
+    pub gen: u32,
+    /// The socket, for non-blocking drains and writes; valid while the task holds the stream.
+    pub fd: RawFd,
+    /// Life stage.
+    pub state: ConnState,
+    /// The user, once the token verified (0 before).
+    pub uid: u64,
+    /// `wire::Role` value from the token.
+    pub role: u8,
+    /// Frames waiting to be written, coalesced into one write.
+    pub out: Vec<u8>,
+    /// Bytes handed to the task's blocking write (counted toward the slow-consumer bound).
+    pub out_inflight: usize,
+    /// Bytes of an incomplete frame kept between reads (empty and unallocated when idle).
+    pub partial: Vec<u8>,
+    /// When the current incomplete frame started (ms), for the read timeout; 0 when none.
+    pub partial_since_ms: u64,
+    /// When the connection was accepted (ms).
+    pub accepted_ms: u64,
+    /// When anything was last read (ms), for the idle timeout.
+    pub last_rx_ms: u64,
+    /// Set to close the connection; the task flushes `out` and exits.
+    pub close: Option<GoAwayReason>,
+    /// The socket could not take all of `out`; the task must wait for writability.
+    pub write_blocked: bool,
+    /// Already listed in the shard's dirty list.
+    pub dirty: bool,
+    /// Error frames sent before login.
+    pub pre_login_errors: u8,
+    /// When the login frame arrived, for the login latency histogram.
+    pub login_started: Option<Instant>,
+    /// The connection task's waker, for close and write-blocked events.
+    pub waker: Option<Waker>,
+}
+
+/// Per-executor state shared by its tasks.
+pub struct Shard {
+    /// This executor's index: gate shard and logic shard id.
+    pub id: u16,
+    /// Validated configuration.
+    pub cfg: Arc<Config>,
+    /// Inboxes of every executor.
+    pub mesh: Arc<Mesh>,
+    /// Every shard's metrics (this one's at `id`).
+    pub all_metrics: Arc<Vec<ShardMetrics>>,
+    /// Secret for login tokens.
+    pub token_secret: Vec<u8>,
+    /// host:port apps should reconnect to.
+    pub node: String,
+    /// Connections on this shard.
+    pub conns: RefCell<Slab<Conn>>,
+    /// Generation counter for slots.
+    next_gen: Cell<u32>,
+    /// The logic shard of this executor.
+    pub logic: RefCell<logic::Shard>,
+    /// Reused frame encoder.
+    pub enc: RefCell<Encoder>,
+    /// Drain buffer for reads (see `SCRATCH_BYTES`).
+    pub scratch: RefCell<Vec<u8>>,
+    /// Messages waiting to be sent to each executor.
+    outbox: RefCell<Vec<Vec<Msg>>>,
+    /// True while a flush of the outbox is scheduled.
+    outbox_scheduled: Cell<bool>,
+    /// Connections with bytes in `out` to write.
+    dirty: RefCell<Vec<usize>>,
+    /// Reused logic output buffer.
+    logic_out: RefCell<Vec<Output>>,
+    /// Waker of the logic timer task, woken when a deadline appears.
+    logic_timer: RefCell<Option<Waker>>,
+    /// Set once shutdown began.
+    pub shutting_down: Cell<bool>,
+    /// Woken when shutdown begins (accept loop, sweeper).
+    shutdown_wakers: RefCell<Vec<Waker>>,
+    /// The most recent forwarded GPS points of every shard, for `/debug/gps` (bounded ring;
+    /// touched once per flush, so the lock is cold).
+    pub gps_recent: Arc<Mutex<VecDeque<wire::UidGpsPoint>>>,
+    /// Accept-rate token bucket: tokens available (may go negative down to -accept_queue).
+    pub accept_tokens: Cell<f64>,
+    /// When the bucket was last refilled.
+    pub accept_refill: Cell<Instant>,
+}
+
+/// Bound on the `/debug/gps` ring.
+pub const GPS_RECENT_MAX: usize = 4096;
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl Shard {
+    /// A shard with no connections.
+    pub fn new(
+        id: u16,
+        cfg: Arc<Config>,
+        mesh: Arc<Mesh>,
+        all_metrics: Arc<Vec<ShardMetrics>>,
+        gps_recent: Arc<Mutex<VecDeque<wire::UidGpsPoint>>>,
+        node: String,
+    ) -> Shard {
+        let shards = mesh.len();
+        let logic = logic::Shard::new(logic::ShardConfig {
+            id,
+            gps_flush_ms: cfg.gps.flush_ms as u64,
+            gps_forward: match cfg.gps.forward {
+                crate::config::GpsForward::Latest => logic::gps::Forward::Latest,
+                crate::config::GpsForward::All => logic::gps::Forward::All,
+            },
+            gps_max_buffered: 1 << 20,
+        });
+        Shard {
+            id,
+            token_secret: cfg.token_secret().to_vec(),
+            accept_tokens: Cell::new(cfg.app.accept_rate_per_shard as f64),
+            accept_refill: Cell::new(Instant::now()),
+            cfg,
+            mesh,
+            all_metrics,
+            node,
+            conns: RefCell::new(Slab::new()),
+            next_gen: Cell::new(1),
+            logic: RefCell::new(logic),
+            enc: RefCell::new(Encoder::new()),
+            scratch: RefCell::new(Vec::with_capacity(SCRATCH_BYTES)),
+            outbox: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
+            outbox_scheduled: Cell::new(false),
+            dirty: RefCell::new(Vec::new()),
+            logic_out: RefCell::new(Vec::new()),
+            logic_timer: RefCell::new(None),
+            shutting_down: Cell::new(false),
+            shutdown_wakers: RefCell::new(Vec::new()),
+            gps_recent,
+        }
+    }
+
+    /// This shard's metrics.
+    #[inline]
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.all_metrics[self.id as usize]
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Connections
+    // ------------------------------------------------------------------------------------------
+
+    /// Registers a new connection; returns its slot and generation.
+    pub fn add_conn(&self, fd: RawFd, now_ms: u64) -> ConnRef {
+        let gen = self.next_gen.get();
+        self.next_gen.set(gen.wrapping_add(1).max(1));
+        let slot = self.conns.borrow_mut().insert(Conn {
+            gen,
+            fd,
+            state: ConnState::AwaitingLogin,
+            uid: 0,
+            role: 0,
+            out: Vec::new(),
+            out_inflight: 0,
+            partial: Vec::new(),
+            partial_since_ms: 0,
+            accepted_ms: now_ms,
+            last_rx_ms: now_ms,
+            close: None,
+            write_blocked: false,
+            dirty: false,
+            pre_login_errors: 0,
+            login_started: None,
+            waker: None,
+        });
+        self.metrics().conns_open.fetch_add(1, Relaxed);
+        ConnRef { shard: self.id, slot: slot as u32, gen }
+    }
+
+    /// Forgets a connection whose task ended; tells its logic shard if it had a session.
+    pub fn remove_conn(&self, c: ConnRef) {
+        let removed = {
+            let mut conns = self.conns.borrow_mut();
+            match conns.get(c.slot as usize) {
+                Some(conn) if conn.gen == c.gen => Some(conns.remove(c.slot as usize)),
+                _ => None,
+            }
+        };
+        let Some(conn) = removed else { return };
+        let m = self.metrics();
+        m.conns_open.fetch_sub(1, Relaxed);
+        m.out_queue_bytes.fetch_sub(conn.out.len() as i64, Relaxed);
+        m.closed.add(conn.close.map_or(0, |r| r.0 as usize), 1);
+        if conn.state == ConnState::LoggedIn {
+            m.sessions_on_conns.fetch_sub(1, Relaxed);
+        }
+        if conn.state != ConnState::AwaitingLogin {
+            self.to_logic(conn.uid, logic::Input::Closed { uid: conn.uid, conn: c });
+        }
+        self.flush_soon();
+    }
+
+    /// Runs `f` on the connection if `c` still names it.
+    pub fn with_conn<R>(&self, c: ConnRef, f: impl FnOnce(&mut Conn) -> R) -> Option<R> {
+        let mut conns = self.conns.borrow_mut();
+        match conns.get_mut(c.slot as usize) {
+            Some(conn) if conn.gen == c.gen => Some(f(conn)),
+            _ => None,
+        }
+    }
+
+    /// Appends a frame built by `build` to the connection's out queue.
+    pub fn send_frame<T>(
+        &self,
+        c: ConnRef,
+        ty: FrameType,
+        cmd: Cmd,
+        seq: u32,
+        log_id: u64,
+        build: impl FnOnce(
+            &mut schema::flatbuffers::FlatBufferBuilder<'static>,
+        ) -> schema::flatbuffers::WIPOffset<T>,
+    ) {
+        let mut enc = self.enc.borrow_mut();
+        let body = enc.body(build);
+        self.queue_bytes(c, cmd, |out| schema::write_frame(out, ty, cmd, seq, log_id, body));
+    }
+
+    /// Appends an error frame answering a frame with `seq` and `log_id`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_error(
+        &self,
+        c: ConnRef,
+        seq: u32,
+        log_id: u64,
+        code: wire::ErrorCode,
+        origin: wire::Hop,
+        failed_cmd: u16,
+        message: &str,
+        retry_after_ms: u32,
+    ) {
+        tracing::info!(log_id, shard = self.id, slot = c.slot, code = ?code, origin = ?origin, failed_cmd, message, "error sent to app");
+        self.metrics().errors.add(code.0 as usize, 1);
+        let mut enc = self.enc.borrow_mut();
+        let mut frame = Vec::new();
+        enc.error(&mut frame, seq, log_id, code, origin, failed_cmd, message, retry_after_ms);
+        drop(enc);
+        self.queue_bytes(c, Cmd::Error, |out| out.extend_from_slice(&frame));
+    }
+
+    /// Sends a go-away and closes the connection once it is written.
+    pub fn go_away(&self, c: ConnRef, log_id: u64, reason: GoAwayReason, message: &str, retry_after_ms: u32) {
+        tracing::info!(log_id, shard = self.id, slot = c.slot, reason = ?reason, message, "go-away");
+        let mut enc = self.enc.borrow_mut();
+        let mut frame = Vec::new();
+        enc.go_away(&mut frame, log_id, reason, message, "", retry_after_ms);
+        drop(enc);
+        self.queue_bytes(c, Cmd::GoAway, |out| out.extend_from_slice(&frame));
+        self.close(c, reason);
+    }
+
+    fn queue_bytes(&self, c: ConnRef, cmd: Cmd, write: impl FnOnce(&mut Vec<u8>)) {
+        let limit = self.cfg.app.out_queue_bytes as usize;
+        let mut slow = false;
+        let queued = self.with_conn(c, |conn| {
+            if conn.close.is_some() && cmd != Cmd::GoAway && cmd != Cmd::Error {
+                return false;
+            }
+            let before = conn.out.len();
+            write(&mut conn.out);
+            self.metrics().out_queue_bytes.fetch_add((conn.out.len() - before) as i64, Relaxed);
+            slow = conn.out.len() + conn.out_inflight > limit;
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.borrow_mut().push(c.slot as usize);
+            }
+            true
+        });
+        self.flush_soon();
+        if queued == Some(true) {
+            self.metrics().frames_out.add(cmd.slot(), 1);
+            if slow {
+                self.close(c, GoAwayReason::SlowConsumer);
+            }
+        }
+    }
+
+    /// Marks the connection for closing; its task writes what is queued and exits.
+    pub fn close(&self, c: ConnRef, reason: GoAwayReason) {
+        self.with_conn(c, |conn| {
+            if conn.close.is_none() {
+                conn.close = Some(reason);
+                if let Some(w) = conn.waker.take() {
+                    w.wake();
+                }
+            }
+        });
+    }
+
+    /// Writes every dirty connection's out queue with one non-blocking send each.
+    pub fn flush_writes(&self) {
+        let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
+        let mut conns = self.conns.borrow_mut();
+        for slot in dirty.iter().copied() {
+            let Some(conn) = conns.get_mut(slot) else { continue };
+            conn.dirty = false;
+            if conn.write_blocked || conn.out.is_empty() {
+                continue;
+            }
+            let m = self.metrics();
+            match net::send(conn.fd, &conn.out) {
+                Ok(Io::Done(n)) => {
+                    m.bytes_out.fetch_add(n as u64, Relaxed);
+                    m.out_queue_bytes.fetch_sub(n as i64, Relaxed);
+                    if n == conn.out.len() {
+                        conn.out.clear();
+                        if conn.out.capacity() > OUT_KEEP_CAPACITY {
+                            conn.out = Vec::new();
+                        }
+                    } else {
+                        conn.out.drain(..n);
+                        conn.write_blocked = true;
+                    }
+                }
+                Ok(Io::WouldBlock) | Ok(Io::Eof) => conn.write_blocked = true,
+                Err(_) => {
+                    // The peer is gone; the task sees it on its next read or here.
+                    if conn.close.is_none() {
+                        conn.close = Some(GoAwayReason::Unknown);
+                    }
+                }
+            }
+            if conn.write_blocked || conn.close.is_some() {
+                if let Some(w) = conn.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+        let mut d = self.dirty.borrow_mut();
+        if d.is_empty() {
+            // Keep the allocation for the next round.
+            *d = dirty;
+            d.clear();
+        }
+    }
+
+    /// Like `poll_conn_event`, but only for a close (used while a blocked write is in flight).
+    pub fn poll_close(&self, c: ConnRef, waker: &Waker) -> Poll<GoAwayReason> {
+        self.with_conn(c, |conn| match conn.close {
+            Some(r) => Poll::Ready(r),
+            None => {
+                conn.waker = Some(waker.clone());
+                Poll::Pending
+            }
+        })
+        .unwrap_or(Poll::Ready(GoAwayReason::Unknown))
+    }
+
+    /// Registers the connection task's waker; returns what it should do now, if anything.
+    pub fn poll_conn_event(&self, c: ConnRef, waker: &Waker) -> Poll<ConnEvent> {
+        self.with_conn(c, |conn| {
+            if let Some(r) = conn.close {
+                Poll::Ready(ConnEvent::Close(r))
+            } else if conn.write_blocked {
+                Poll::Ready(ConnEvent::WriteBlocked)
+            } else {
+                match &conn.waker {
+                    Some(w) if w.will_wake(waker) => {}
+                    _ => conn.waker = Some(waker.clone()),
+                }
+                Poll::Pending
+            }
+        })
+        .unwrap_or(Poll::Ready(ConnEvent::Close(GoAwayReason::Unknown)))
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Mesh: to logic shards and back
+    // ------------------------------------------------------------------------------------------
+
+    /// Sends an input to the logic shard owning `uid`.
+    #[inline]
+    pub fn to_logic(&self, uid: u64, input: logic::Input) {
+        let dest = logic::shard_of(uid, self.mesh.len());
+        self.to_shard(dest, Msg::Logic(input));
+    }
+
+    /// Queues a message for `dest`; it leaves when this executor next yields.
+    pub fn to_shard(&self, dest: usize, msg: Msg) {
+        let full = {
+            let mut ob = self.outbox.borrow_mut();
+            ob[dest].push(msg);
+            ob[dest].len() >= MAX_BATCH
+        };
+        if full {
+            self.flush_outbox();
+        } else {
+            self.flush_soon();
+        }
+    }
+
+    /// Schedules one flush of the outbox and of dirty connections for when the current task
+    /// yields, batching what every ready task produces in this turn of the executor.
+    pub fn flush_soon(&self) {
+        if !self.outbox_scheduled.replace(true) {
+            // Spawning a tiny task is cheaper than a timer and runs right after the current one.
+            let me = SHARD.with(|s| s.borrow().clone());
+            if let Some(me) = me {
+                glommio::spawn_local(async move {
+                    me.flush_outbox();
+                    me.flush_writes();
+                })
+                .detach();
+            } else {
+                self.outbox_scheduled.set(false);
+                self.flush_outbox();
+            }
+        }
+    }
+
+    /// Sends every waiting batch. A full inbox keeps the batch here and retries shortly.
+    pub fn flush_outbox(&self) {
+        self.outbox_scheduled.set(false);
+        let mut retry = false;
+        let n = self.mesh.len();
+        for dest in 0..n {
+            let msgs = {
+                let mut ob = self.outbox.borrow_mut();
+                if ob[dest].is_empty() {
+                    continue;
+                }
+                std::mem::take(&mut ob[dest])
+            };
+            if dest == self.id as usize {
+                // Our own logic shard: handle now, no channel, no wake-up.
+                self.handle_batch(msgs);
+                continue;
+            }
+            self.metrics().mesh_batches.fetch_add(1, Relaxed);
+            if let Err(b) = self.mesh.try_send(dest, Batch { sent: Instant::now(), msgs }) {
+                self.metrics().mesh_full.fetch_add(1, Relaxed);
+                let mut ob = self.outbox.borrow_mut();
+                let mut back = b.msgs;
+                back.append(&mut ob[dest]);
+                ob[dest] = back;
+                retry = true;
+            }
+        }
+        if retry {
+            let me = SHARD.with(|s| s.borrow().clone());
+            if let Some(me) = me {
+                self.outbox_scheduled.set(true);
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                    me.flush_outbox();
+                })
+                .detach();
+            }
+        }
+    }
+
+    /// Handles one batch from the mesh (or from this shard itself).
+    pub fn handle_batch(&self, msgs: Vec<Msg>) {
+        let now = net::now_ms();
+        for msg in msgs {
+            match msg {
+                Msg::Logic(input) => {
+                    let mut out = std::mem::take(&mut *self.logic_out.borrow_mut());
+                    let had_deadline = {
+                        let mut logic = self.logic.borrow_mut();
+                        let had = logic.next_deadline_ms().is_some();
+                        logic.handle(input, now, &mut out);
+                        had
+                    };
+                    if !had_deadline {
+                        self.wake_logic_timer();
+                    }
+                    self.route_outputs(&mut out);
+                    *self.logic_out.borrow_mut() = out;
+                }
+                Msg::Conn(output) => crate::app::session::apply_output(self, output),
+            }
+        }
+        self.refresh_logic_gauges();
+    }
+
+    /// Sends logic outputs where they go: to connections (here or on other shards) or out.
+    pub fn route_outputs(&self, out: &mut Vec<Output>) {
+        for o in out.drain(..) {
+            let dest = match &o {
+                Output::LoginOk { conn, .. }
+                | Output::Displaced { conn, .. }
+                | Output::LogoutOk { conn, .. } => Some(conn.shard as usize),
+                Output::GpsBatch(_) => None,
+            };
+            match (dest, o) {
+                (Some(d), o) if d == self.id as usize => crate::app::session::apply_output(self, o),
+                (Some(d), o) => self.to_shard(d, Msg::Conn(o)),
+                (None, Output::GpsBatch(points)) => crate::app::gps::forward(self, points),
+                (None, _) => {}
+            }
+        }
+    }
+
+    fn refresh_logic_gauges(&self) {
+        let logic = self.logic.borrow();
+        let m = self.metrics();
+        m.directory_sessions.store(logic.directory.len() as i64, Relaxed);
+        let s = logic.gps_stats();
+        m.gps_forwarded.store(s.points_out, Relaxed);
+        m.gps_coalesced.store(s.coalesced, Relaxed);
+        m.gps_dropped.store(s.dropped, Relaxed);
+    }
+
+    fn wake_logic_timer(&self) {
+        if let Some(w) = self.logic_timer.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Shutdown
+    // ------------------------------------------------------------------------------------------
+
+    /// Begins graceful shutdown on this shard: stop accepting, tell every app to go away.
+    pub fn begin_shutdown(&self) {
+        if self.shutting_down.replace(true) {
+            return;
+        }
+        tracing::info!(shard = self.id, "shutting down: go-away to every connection");
+        for w in self.shutdown_wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+        let conns: Vec<ConnRef> = self
+            .conns
+            .borrow()
+            .iter()
+            .map(|(slot, c)| ConnRef { shard: self.id, slot: slot as u32, gen: c.gen })
+            .collect();
+        let base = self.cfg.app.retry_after_ms;
+        for c in conns {
+            self.go_away(c, 0, GoAwayReason::Shutdown, "gate shutting down", jitter(base));
+        }
+        let mut out = Vec::new();
+        self.logic.borrow_mut().flush_gps(&mut out);
+        self.route_outputs(&mut out);
+        self.flush_writes();
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn shutdown_begun(self: &Rc<Self>) {
+        futures_lite::future::poll_fn(|cx| {
+            if self.shutting_down.get() {
+                Poll::Ready(())
+            } else {
+                self.shutdown_wakers.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// What a connection task is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub enum ConnEvent {
+    /// Write what is queued, then exit.
+    Close(GoAwayReason),
+    /// The socket took only part of the queue: wait for it to drain.
+    WriteBlocked,
+}
+
+/// `base` plus up to `base` of random jitter, so refused clients do not return in lockstep.
+pub fn jitter(base: u32) -> u32 {
+    base.saturating_add(rand::random_range(0..=base.max(1)))
+}
+
+thread_local! {
+    /// The executor's shard, for tasks spawned from deep inside it.
+    pub static SHARD: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
+}
+
+/// Processor task: drains the inbox whenever other shards wake it.
+pub async fn run_inbox(shard: Rc<Shard>) {
+    let inbox = &shard.mesh.inboxes[shard.id as usize];
+    loop {
+        futures_lite::future::poll_fn(|cx| {
+            inbox.waker.register(cx.waker());
+            if !inbox.rx.is_empty() || inbox.shutdown.load(std::sync::atomic::Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        if inbox.shutdown.load(std::sync::atomic::Ordering::Acquire) {
+            shard.begin_shutdown();
+        }
+        for _ in 0..MAX_BATCHES_PER_WAKE {
+            let Ok(batch) = inbox.rx.try_recv() else { break };
+            shard.metrics().mesh_hop_us.observe_us(batch.sent.elapsed().as_micros() as u64);
+            shard.handle_batch(batch.msgs);
+        }
+        shard.flush_outbox();
+        shard.flush_writes();
+        if shard.shutting_down.get() && inbox.rx.is_empty() && shard.conns.borrow().is_empty() {
+            // Keep serving the inbox: other shards may still send receipts or closes.
+        }
+        futures_lite::future::yield_now().await;
+    }
+}
+
+/// Logic timer task: sleeps until the logic shard's next deadline (the GPS flush); with nothing
+/// due it sleeps until woken, so an idle shard takes no timer wake-ups at all.
+pub async fn run_logic_timer(shard: Rc<Shard>) {
+    loop {
+        let due = shard.logic.borrow().next_deadline_ms();
+        match due {
+            None => {
+                futures_lite::future::poll_fn(|cx| {
+                    if shard.logic.borrow().next_deadline_ms().is_some() {
+                        Poll::Ready(())
+                    } else {
+                        *shard.logic_timer.borrow_mut() = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                })
+                .await
+            }
+            Some(due) => {
+                let now = net::now_ms();
+                if due > now {
+                    glommio::timer::sleep(Duration::from_millis(due - now)).await;
+                }
+                let mut out = Vec::new();
+                shard.logic.borrow_mut().tick(net::now_ms(), &mut out);
+                shard.route_outputs(&mut out);
+                shard.refresh_logic_gauges();
+                shard.flush_outbox();
+                shard.flush_writes();
+            }
+        }
+    }
+}
+
+/// Sweeper task: closes connections past their login, read or idle timeout. One timer per
+/// shard, whatever the number of connections; it stops ticking when there are none.
+pub async fn run_sweeper(shard: Rc<Shard>) {
+    loop {
+        if shard.conns.borrow().is_empty() {
+            // Nothing to time out: sleep long; a new connection is at most this late to be swept.
+            glommio::timer::sleep(SWEEP_INTERVAL * 4).await;
+            continue;
+        }
+        glommio::timer::sleep(SWEEP_INTERVAL).await;
+        let now = net::now_ms();
+        let app = &shard.cfg.app;
+        let mut to_close = Vec::new();
+        for (slot, c) in shard.conns.borrow().iter() {
+            if c.close.is_some() {
+                continue;
+            }
+            let r = ConnRef { shard: shard.id, slot: slot as u32, gen: c.gen };
+            if c.state == ConnState::AwaitingLogin
+                && now.saturating_sub(c.accepted_ms) > app.login_timeout_ms as u64
+            {
+                to_close.push((r, None));
+            } else if c.partial_since_ms != 0
+                && now.saturating_sub(c.partial_since_ms) > app.read_timeout_ms as u64
+            {
+                to_close.push((r, Some(GoAwayReason::ReadTimeout)));
+            } else if now.saturating_sub(c.last_rx_ms) > app.idle_timeout_ms as u64 {
+                to_close.push((r, Some(GoAwayReason::IdleTimeout)));
+            }
+        }
+        for (r, reason) in to_close {
+            match reason {
+                None => {
+                    shard.send_error(
+                        r,
+                        0,
+                        0,
+                        wire::ErrorCode::NotLoggedIn,
+                        wire::Hop::App,
+                        0,
+                        "no login within the login timeout",
+                        0,
+                    );
+                    shard.close(r, GoAwayReason::IdleTimeout);
+                }
+                Some(GoAwayReason::ReadTimeout) => shard.go_away(
+                    r,
+                    0,
+                    GoAwayReason::ReadTimeout,
+                    "frame not completed within the read timeout",
+                    0,
+                ),
+                Some(reason) => shard.go_away(r, 0, reason, "nothing heard within the idle timeout", 0),
+            }
+        }
+        shard.flush_writes();
+    }
+}
+
+/// How many error frames a connection may earn before login (see `MAX_PRE_LOGIN_ERRORS`).
+pub fn pre_login_error_budget_exhausted(conn: &mut Conn) -> bool {
+    conn.pre_login_errors = conn.pre_login_errors.saturating_add(1);
+    conn.pre_login_errors > MAX_PRE_LOGIN_ERRORS
+}
