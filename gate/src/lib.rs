@@ -5,16 +5,20 @@
 //! uids with `logic::shard_of(uid) == id`); they talk through the [`mesh`] in batches.
 //!
 //! Where to look:
-//! - the login path: [`app::session`]; the GPS path: [`app::gps`]; reading and writing a
-//!   connection: [`app::conn`]; accepting: [`app::listener`];
+//! - the login path: [`app::session`]; the GPS path: [`app::gps`]; the push path:
+//!   [`sidecar::push`] (accept, fan out), `logic::push` (receipts), [`app::push`] (deliver, ack);
+//!   app requests: [`app::upstream`]; the app-server port: [`sidecar`];
+//! - reading and writing a connection (both ports): [`conn`]; accepting apps: [`app::listener`];
 //! - shard state and its tasks: [`shard`]; starting and stopping: [`server`];
 //! - configuration and flags: [`config`]; `/metrics`: [`metrics`], [`admin`].
 
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod conn;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
 pub mod server;
 pub mod shard;
+pub mod sidecar;

@@ -26,6 +26,8 @@ pub enum Msg {
     Logic(logic::Input),
     /// For connections on the receiving executor's gate shard.
     Conn(logic::Output),
+    /// For the app-server connections on the receiving executor.
+    AppServer(crate::sidecar::AppServerMsg),
 }
 
 /// A batch with the time it was sent, for the hop-latency histogram.

@@ -109,6 +109,20 @@ pub struct ShardMetrics {
     pub mesh_hop_us: Histogram,
     /// Time from a login frame's arrival to the session answer being queued.
     pub login_us: Histogram,
+    /// Pushes accepted from app-servers.
+    pub pushes: AtomicU64,
+    /// (message id, uid) pairs accepted.
+    pub push_targets: AtomicU64,
+    /// PushDelivery frames written to apps.
+    pub push_deliveries: AtomicU64,
+    /// PushAck frames from apps.
+    pub push_acks: AtomicU64,
+    /// Receipts sent to app-servers.
+    pub receipts_sent: AtomicU64,
+    /// Receipts dropped from a full backlog while no app-server was connected.
+    pub receipts_dropped: AtomicU64,
+    /// GPS points sent to app-servers.
+    pub gps_to_app_server: AtomicU64,
     /// Bytes queued for writing on this shard's connections.
     pub out_queue_bytes: AtomicI64,
 }
@@ -160,6 +174,18 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
     scalar!(counter, "mesh_batches_total", "Cross-shard batches sent.", mesh_batches);
     scalar!(counter, "mesh_full_total", "Cross-shard sends retried on a full inbox.", mesh_full);
     scalar!(gauge, "out_queue_bytes", "Bytes waiting to be written to apps.", out_queue_bytes);
+    scalar!(counter, "pushes_total", "Pushes accepted from app-servers.", pushes);
+    scalar!(counter, "push_targets_total", "(message id, uid) pairs accepted.", push_targets);
+    scalar!(counter, "push_deliveries_total", "Push deliveries written to apps.", push_deliveries);
+    scalar!(counter, "push_acks_total", "Push acks from apps.", push_acks);
+    scalar!(counter, "receipts_sent_total", "Receipts sent to app-servers.", receipts_sent);
+    scalar!(
+        counter,
+        "receipts_dropped_total",
+        "Receipts dropped with no app-server connected.",
+        receipts_dropped
+    );
+    scalar!(counter, "gps_points_to_app_server_total", "GPS points sent to app-servers.", gps_to_app_server);
 
     gauge(&mut o, "fleetgate_mesh_queue_depth", "Batches waiting in the shard's inbox.");
     for i in 0..shards.len() {

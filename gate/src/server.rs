@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::mesh::Mesh;
 use crate::metrics::ShardMetrics;
 use crate::net;
-use crate::shard::{self, Shard, SHARD};
+use crate::shard::{self, Shard, Shared, SHARD};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,12 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
         addr: cfg.app.listen.clone(),
         source,
     })?;
+    let sidecar_addr = parse("sidecar", &cfg.sidecar.listen)?;
+    let sidecar = net::listen_all(sidecar_addr, 128, shards).map_err(|source| StartError::Bind {
+        what: "sidecar port",
+        addr: cfg.sidecar.listen.clone(),
+        source,
+    })?;
     let admin_addr = parse("admin", &cfg.admin.listen)?;
     let admin = net::listen(admin_addr, 128).map_err(|source| StartError::Bind {
         what: "admin port",
@@ -64,6 +71,7 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     })?;
     let app_bound = app[0].local_addr().map_err(|e| StartError::Other(e.to_string()))?;
     let admin_bound = admin.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+    let sidecar_bound = sidecar[0].local_addr().map_err(|e| StartError::Other(e.to_string()))?;
 
     let node = if cfg.gate.advertise.is_empty() {
         let ip = if app_bound.ip().is_unspecified() {
@@ -81,29 +89,34 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
              Set auth.token_secret and sidecar.secret (or --token-secret / --sidecar-secret) in production."
         );
     }
-    tracing::info!(app = %app_bound, admin = %admin_bound, shards, cores = ?cores, node = %node, "gate listening");
+    tracing::info!(app = %app_bound, sidecar = %sidecar_bound, admin = %admin_bound, shards, cores = ?cores, node = %node, "gate listening");
     if let Some(path) = ports_file {
-        write_ports(path, app_bound.port(), admin_bound.port())
+        write_ports(path, app_bound.port(), sidecar_bound.port(), admin_bound.port())
             .map_err(|e| StartError::Other(format!("cannot write ports file {}: {e}", path.display())))?;
     }
 
-    let cfg = Arc::new(cfg);
     let mesh = Arc::new(Mesh::new(shards));
-    let metrics: Arc<Vec<ShardMetrics>> = Arc::new((0..shards).map(|_| ShardMetrics::default()).collect());
-    let gps_recent = Arc::new(Mutex::new(VecDeque::new()));
-    watch_signals(mesh.clone())?;
+    let shared = Shared {
+        cfg: Arc::new(cfg),
+        mesh: mesh.clone(),
+        metrics: Arc::new((0..shards).map(|_| ShardMetrics::default()).collect()),
+        gps_recent: Arc::new(Mutex::new(VecDeque::new())),
+        sidecars: Arc::new(crate::sidecar::Registry::new(shards)),
+        drained: Arc::new(AtomicUsize::new(0)),
+        node,
+    };
+    watch_signals(mesh)?;
 
     let mut admin = Some(admin);
     let mut handles = Vec::with_capacity(shards);
-    for (id, (cpu, listener)) in cores.iter().copied().zip(app).enumerate() {
-        let (cfg, mesh, metrics, gps_recent, node) =
-            (cfg.clone(), mesh.clone(), metrics.clone(), gps_recent.clone(), node.clone());
+    for (id, ((cpu, listener), sidecar)) in cores.iter().copied().zip(app).zip(sidecar).enumerate() {
+        let shared = shared.clone();
         let admin = admin.take();
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .spawn(move || async move {
-                let shard = Rc::new(Shard::new(id as u16, cfg, mesh, metrics, gps_recent, node));
-                shard_main(shard, listener, admin).await
+                let shard = Rc::new(Shard::new(id as u16, shared));
+                shard_main(shard, listener, sidecar, admin).await
             })
             .map_err(|e| StartError::Other(format!("cannot start shard {id} on cpu {cpu}: {e}")))?;
         handles.push(h);
@@ -115,13 +128,20 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     Ok(())
 }
 
-async fn shard_main(shard: Rc<Shard>, listener: std::net::TcpListener, admin: Option<std::net::TcpListener>) {
+async fn shard_main(
+    shard: Rc<Shard>,
+    listener: std::net::TcpListener,
+    sidecar: std::net::TcpListener,
+    admin: Option<std::net::TcpListener>,
+) {
     SHARD.with(|s| *s.borrow_mut() = Some(shard.clone()));
-    // SAFETY: the fd is a listening TCP socket we own; glommio takes ownership of it.
+    // SAFETY: the fds are listening TCP sockets we own; glommio takes ownership of them.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    let sidecar = unsafe { glommio::net::TcpListener::from_raw_fd(sidecar.into_raw_fd()) };
     glommio::spawn_local(shard::run_inbox(shard.clone())).detach();
     glommio::spawn_local(shard::run_logic_timer(shard.clone())).detach();
     glommio::spawn_local(shard::run_sweeper(shard.clone())).detach();
+    glommio::spawn_local(crate::sidecar::run_listener(shard.clone(), sidecar)).detach();
     if let Some(admin) = admin {
         // SAFETY: as above.
         let admin = unsafe { glommio::net::TcpListener::from_raw_fd(admin.into_raw_fd()) };
@@ -138,21 +158,59 @@ async fn shard_main(shard: Rc<Shard>, listener: std::net::TcpListener, admin: Op
     }
     tracing::debug!(shard = shard.id, "shard serving");
     crate::app::listener::run(shard.clone(), listener).await;
-    // Shutdown: go-away was sent; wait (bounded) for the connections to write it and close.
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
-    }
-    shard.flush_outbox();
-    tracing::info!(shard = shard.id, left = shard.conns.borrow().len(), "shard drained");
+    drain(&shard).await;
     SHARD.with(|s| s.borrow_mut().take());
 }
 
-fn write_ports(path: &Path, app: u16, admin: u16) -> std::io::Result<()> {
+/// Shutdown, after go-away went to every app: (1) wait (bounded) for app connections to close,
+/// which ends their pushes with `shutdown` receipts; (2) end whatever is still in flight on this
+/// logic shard; (3) wait until every shard did so and this shard's app-server connections have
+/// acked every receipt batch (bounded); (4) close the app-server connections.
+async fn drain(shard: &Rc<Shard>) {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while shard.app_conns() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    shard.logic_input(logic::Input::Shutdown);
+    shard.flush_all();
+    shard.drained.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let shards = shard.mesh.len();
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let all_drained = shard.drained.load(std::sync::atomic::Ordering::Acquire) >= shards;
+        let unacked = shard
+            .conns
+            .borrow()
+            .iter()
+            .any(|(_, c)| c.sidecar.as_ref().is_some_and(|s| !s.unacked.is_empty()) || !c.out.is_empty());
+        let waiting = shard.outbound.borrow().receipts_waiting() > 0 && shard.sidecars.any();
+        if (all_drained && !unacked && !waiting) || Instant::now() >= deadline {
+            break;
+        }
+        shard.flush_all();
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    let conns: Vec<logic::ConnRef> = shard
+        .conns
+        .borrow()
+        .iter()
+        .map(|(slot, c)| logic::ConnRef { shard: shard.id, slot: slot as u32, gen: c.gen })
+        .collect();
+    for c in conns {
+        shard.close(c, schema::wire::GoAwayReason::Shutdown);
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::info!(shard = shard.id, left = shard.conns.borrow().len(), "shard drained");
+}
+
+fn write_ports(path: &Path, app: u16, sidecar: u16, admin: u16) -> std::io::Result<()> {
     // Written to a temporary name and renamed, so a reader never sees half a file.
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    writeln!(f, "app={app}\nadmin={admin}")?;
+    writeln!(f, "app={app}\nsidecar={sidecar}\nadmin={admin}")?;
     f.sync_all()?;
     std::fs::rename(tmp, path)
 }

@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::mesh::{Batch, Mesh, Msg, MAX_BATCH};
 use crate::metrics::ShardMetrics;
 use crate::net::{self, Io};
-use logic::{ConnRef, Output};
+use logic::{CloseReason, ConnRef, Output};
 use schema::wire::{self, GoAwayReason};
 use schema::{Cmd, Encoder, FrameType};
 use slab::Slab;
@@ -45,11 +45,24 @@ pub enum ConnState {
     LoggedIn,
 }
 
-/// One app connection, as the shard sees it (the socket itself is owned by its task).
+/// Which port a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// Drivers and passengers.
+    App,
+    /// App-servers.
+    Sidecar,
+}
+
+/// One connection, as the shard sees it (the socket itself is owned by its task).
 #[derive(Debug)]
 pub struct Conn {
     /// Generation of this slot, part of `ConnRef`.
     pub gen: u32,
+    /// The port it came in on.
+    pub port: Port,
+    /// App-server state, for sidecar connections.
+    pub sidecar: Option<Box<crate::sidecar::SidecarState>>,
     /// The socket, for non-blocking drains and writes; valid while the task holds the stream.
     pub fd: RawFd,
     /// Life stage.
@@ -82,6 +95,25 @@ pub struct Conn {
     pub login_started: Option<Instant>,
     /// The connection task's waker, for close and write-blocked events.
     pub waker: Option<Waker>,
+}
+
+/// What every executor shares (all `Sync`), handed to each shard at start.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Validated configuration.
+    pub cfg: Arc<Config>,
+    /// Inboxes of every executor.
+    pub mesh: Arc<Mesh>,
+    /// Every shard's metrics.
+    pub metrics: Arc<Vec<ShardMetrics>>,
+    /// Newest forwarded GPS points (for `/debug/gps`).
+    pub gps_recent: Arc<Mutex<VecDeque<wire::UidGpsPoint>>>,
+    /// Which shards hold app-server connections.
+    pub sidecars: Arc<crate::sidecar::Registry>,
+    /// Shards that finished draining their logic at shutdown.
+    pub drained: Arc<std::sync::atomic::AtomicUsize>,
+    /// host:port apps should reconnect to.
+    pub node: String,
 }
 
 /// Per-executor state shared by its tasks.
@@ -125,6 +157,12 @@ pub struct Shard {
     /// The most recent forwarded GPS points of every shard, for `/debug/gps` (bounded ring;
     /// touched once per flush, so the lock is cold).
     pub gps_recent: Arc<Mutex<VecDeque<wire::UidGpsPoint>>>,
+    /// Which shards hold app-server connections.
+    pub sidecars: Arc<crate::sidecar::Registry>,
+    /// What waits for an app-server connection.
+    pub outbound: RefCell<crate::sidecar::Outbound>,
+    /// Shards that finished draining their logic at shutdown.
+    pub drained: Arc<std::sync::atomic::AtomicUsize>,
     /// Accept-rate token bucket: tokens available (may go negative down to -accept_queue).
     pub accept_tokens: Cell<f64>,
     /// When the bucket was last refilled.
@@ -142,14 +180,8 @@ impl std::fmt::Debug for Shard {
 
 impl Shard {
     /// A shard with no connections.
-    pub fn new(
-        id: u16,
-        cfg: Arc<Config>,
-        mesh: Arc<Mesh>,
-        all_metrics: Arc<Vec<ShardMetrics>>,
-        gps_recent: Arc<Mutex<VecDeque<wire::UidGpsPoint>>>,
-        node: String,
-    ) -> Shard {
+    pub fn new(id: u16, shared: Shared) -> Shard {
+        let Shared { cfg, mesh, metrics: all_metrics, gps_recent, sidecars, drained, node } = shared;
         let shards = mesh.len();
         let logic = logic::Shard::new(logic::ShardConfig {
             id,
@@ -159,6 +191,9 @@ impl Shard {
                 crate::config::GpsForward::All => logic::gps::Forward::All,
             },
             gps_max_buffered: 1 << 20,
+            push_queue_len: cfg.limits.push_queue_len as usize,
+            max_pending_requests: cfg.limits.max_pending_requests_per_shard as usize,
+            request_timeout_ms: cfg.sidecar.request_timeout_ms as u64,
         });
         Shard {
             id,
@@ -182,6 +217,9 @@ impl Shard {
             shutting_down: Cell::new(false),
             shutdown_wakers: RefCell::new(Vec::new()),
             gps_recent,
+            sidecars,
+            outbound: RefCell::new(Default::default()),
+            drained,
         }
     }
 
@@ -196,11 +234,13 @@ impl Shard {
     // ------------------------------------------------------------------------------------------
 
     /// Registers a new connection; returns its slot and generation.
-    pub fn add_conn(&self, fd: RawFd, now_ms: u64) -> ConnRef {
+    pub fn add_conn(&self, fd: RawFd, port: Port, now_ms: u64) -> ConnRef {
         let gen = self.next_gen.get();
         self.next_gen.set(gen.wrapping_add(1).max(1));
         let slot = self.conns.borrow_mut().insert(Conn {
             gen,
+            port,
+            sidecar: None,
             fd,
             state: ConnState::AwaitingLogin,
             uid: 0,
@@ -218,7 +258,9 @@ impl Shard {
             login_started: None,
             waker: None,
         });
-        self.metrics().conns_open.fetch_add(1, Relaxed);
+        if port == Port::App {
+            self.metrics().conns_open.fetch_add(1, Relaxed);
+        }
         ConnRef { shard: self.id, slot: slot as u32, gen }
     }
 
@@ -233,16 +275,30 @@ impl Shard {
         };
         let Some(conn) = removed else { return };
         let m = self.metrics();
-        m.conns_open.fetch_sub(1, Relaxed);
         m.out_queue_bytes.fetch_sub(conn.out.len() as i64, Relaxed);
+        if conn.port == Port::Sidecar {
+            crate::sidecar::on_closed(self, c, conn);
+            return;
+        }
+        m.conns_open.fetch_sub(1, Relaxed);
         m.closed.add(conn.close.map_or(0, |r| r.0 as usize), 1);
         if conn.state == ConnState::LoggedIn {
             m.sessions_on_conns.fetch_sub(1, Relaxed);
         }
         if conn.state != ConnState::AwaitingLogin {
-            self.to_logic(conn.uid, logic::Input::Closed { uid: conn.uid, conn: c });
+            let reason = match conn.close {
+                Some(GoAwayReason::SlowConsumer) => CloseReason::SlowConsumer,
+                Some(GoAwayReason::Shutdown) => CloseReason::Shutdown,
+                _ => CloseReason::Dropped,
+            };
+            self.to_logic(conn.uid, logic::Input::Closed { uid: conn.uid, conn: c, reason });
         }
         self.flush_soon();
+    }
+
+    /// App connections open on this shard.
+    pub fn app_conns(&self) -> usize {
+        self.conns.borrow().iter().filter(|(_, c)| c.port == Port::App).count()
     }
 
     /// Runs `f` on the connection if `c` still names it.
@@ -304,7 +360,13 @@ impl Shard {
         self.close(c, reason);
     }
 
-    fn queue_bytes(&self, c: ConnRef, cmd: Cmd, write: impl FnOnce(&mut Vec<u8>)) {
+    /// Appends bytes written by `write` (whole frames of `cmd`) to the connection's out queue;
+    /// false when the connection is gone or closing.
+    pub fn queue_raw(&self, c: ConnRef, cmd: Cmd, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+        self.queue_bytes(c, cmd, write)
+    }
+
+    fn queue_bytes(&self, c: ConnRef, cmd: Cmd, write: impl FnOnce(&mut Vec<u8>)) -> bool {
         let limit = self.cfg.app.out_queue_bytes as usize;
         let mut slow = false;
         let queued = self.with_conn(c, |conn| {
@@ -327,7 +389,9 @@ impl Shard {
             if slow {
                 self.close(c, GoAwayReason::SlowConsumer);
             }
+            return true;
         }
+        false
     }
 
     /// Marks the connection for closing; its task writes what is queued and exits.
@@ -451,16 +515,24 @@ impl Shard {
             // Spawning a tiny task is cheaper than a timer and runs right after the current one.
             let me = SHARD.with(|s| s.borrow().clone());
             if let Some(me) = me {
-                glommio::spawn_local(async move {
-                    me.flush_outbox();
-                    me.flush_writes();
-                })
-                .detach();
+                glommio::spawn_local(async move { me.flush_all() }).detach();
             } else {
                 self.outbox_scheduled.set(false);
                 self.flush_outbox();
             }
         }
+    }
+
+    /// Sends everything this turn produced: app-server-bound output, mesh batches (handling our
+    /// own at once, which may produce more), then every dirty connection's bytes.
+    pub fn flush_all(&self) {
+        // Bounded: each round handles what the previous one produced; three rounds cover
+        // logic → sidecar → another shard.
+        for _ in 0..3 {
+            crate::sidecar::flush(self);
+            self.flush_outbox();
+        }
+        self.flush_writes();
     }
 
     /// Sends every waiting batch. A full inbox keeps the batch here and retries shortly.
@@ -506,45 +578,51 @@ impl Shard {
 
     /// Handles one batch from the mesh (or from this shard itself).
     pub fn handle_batch(&self, msgs: Vec<Msg>) {
-        let now = net::now_ms();
         for msg in msgs {
             match msg {
-                Msg::Logic(input) => {
-                    let mut out = std::mem::take(&mut *self.logic_out.borrow_mut());
-                    let had_deadline = {
-                        let mut logic = self.logic.borrow_mut();
-                        let had = logic.next_deadline_ms().is_some();
-                        logic.handle(input, now, &mut out);
-                        had
-                    };
-                    if !had_deadline {
-                        self.wake_logic_timer();
-                    }
-                    self.route_outputs(&mut out);
-                    *self.logic_out.borrow_mut() = out;
-                }
+                Msg::Logic(input) => self.logic_input(input),
                 Msg::Conn(output) => crate::app::session::apply_output(self, output),
+                Msg::AppServer(m) => crate::sidecar::on_mesh(self, m),
             }
         }
         self.refresh_logic_gauges();
     }
 
-    /// Sends logic outputs where they go: to connections (here or on other shards) or out.
+    /// Sends logic outputs where they go: to connections (here or on other shards) or to the
+    /// app-server side.
     pub fn route_outputs(&self, out: &mut Vec<Output>) {
         for o in out.drain(..) {
-            let dest = match &o {
+            let conn = match &o {
                 Output::LoginOk { conn, .. }
                 | Output::Displaced { conn, .. }
-                | Output::LogoutOk { conn, .. } => Some(conn.shard as usize),
-                Output::GpsBatch(_) => None,
+                | Output::LogoutOk { conn, .. }
+                | Output::Deliver { conn, .. }
+                | Output::Reply { conn, .. }
+                | Output::RequestFailed { conn, .. } => Some(*conn),
+                Output::Receipt(_) | Output::Upstream { .. } | Output::GpsBatch(_) => None,
             };
-            match (dest, o) {
-                (Some(d), o) if d == self.id as usize => crate::app::session::apply_output(self, o),
-                (Some(d), o) => self.to_shard(d, Msg::Conn(o)),
-                (None, Output::GpsBatch(points)) => crate::app::gps::forward(self, points),
-                (None, _) => {}
+            match conn {
+                Some(c) if c.shard == self.id => crate::app::session::apply_output(self, o),
+                Some(c) => self.to_shard(c.shard as usize, Msg::Conn(o)),
+                None => crate::sidecar::route(self, o),
             }
         }
+    }
+
+    /// Feeds one input to this executor's logic shard and routes what it decides.
+    pub fn logic_input(&self, input: logic::Input) {
+        let mut out = std::mem::take(&mut *self.logic_out.borrow_mut());
+        let had_deadline = {
+            let mut logic = self.logic.borrow_mut();
+            let had = logic.next_deadline_ms().is_some();
+            logic.handle(input, net::now_ms(), &mut out);
+            had
+        };
+        if !had_deadline {
+            self.wake_logic_timer();
+        }
+        self.route_outputs(&mut out);
+        *self.logic_out.borrow_mut() = out;
     }
 
     fn refresh_logic_gauges(&self) {
@@ -576,10 +654,12 @@ impl Shard {
         for w in self.shutdown_wakers.borrow_mut().drain(..) {
             w.wake();
         }
+        // App connections only: sidecar connections stay until every receipt is out.
         let conns: Vec<ConnRef> = self
             .conns
             .borrow()
             .iter()
+            .filter(|(_, c)| c.port == Port::App)
             .map(|(slot, c)| ConnRef { shard: self.id, slot: slot as u32, gen: c.gen })
             .collect();
         let base = self.cfg.app.retry_after_ms;
@@ -589,7 +669,7 @@ impl Shard {
         let mut out = Vec::new();
         self.logic.borrow_mut().flush_gps(&mut out);
         self.route_outputs(&mut out);
-        self.flush_writes();
+        self.flush_all();
     }
 
     /// Resolves once shutdown has begun.
@@ -646,11 +726,7 @@ pub async fn run_inbox(shard: Rc<Shard>) {
             shard.metrics().mesh_hop_us.observe_us(batch.sent.elapsed().as_micros() as u64);
             shard.handle_batch(batch.msgs);
         }
-        shard.flush_outbox();
-        shard.flush_writes();
-        if shard.shutting_down.get() && inbox.rx.is_empty() && shard.conns.borrow().is_empty() {
-            // Keep serving the inbox: other shards may still send receipts or closes.
-        }
+        shard.flush_all();
         futures_lite::future::yield_now().await;
     }
 }
@@ -681,8 +757,7 @@ pub async fn run_logic_timer(shard: Rc<Shard>) {
                 shard.logic.borrow_mut().tick(net::now_ms(), &mut out);
                 shard.route_outputs(&mut out);
                 shard.refresh_logic_gauges();
-                shard.flush_outbox();
-                shard.flush_writes();
+                shard.flush_all();
             }
         }
     }
@@ -714,7 +789,7 @@ pub async fn run_sweeper(shard: Rc<Shard>) {
                 && now.saturating_sub(c.partial_since_ms) > app.read_timeout_ms as u64
             {
                 to_close.push((r, Some(GoAwayReason::ReadTimeout)));
-            } else if now.saturating_sub(c.last_rx_ms) > app.idle_timeout_ms as u64 {
+            } else if c.port == Port::App && now.saturating_sub(c.last_rx_ms) > app.idle_timeout_ms as u64 {
                 to_close.push((r, Some(GoAwayReason::IdleTimeout)));
             }
         }

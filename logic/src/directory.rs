@@ -3,11 +3,12 @@
 //! Every new session (a login) takes the next epoch for its uid, so a message about an older
 //! session (a late `Closed` from a displaced connection) is recognised and ignored.
 
+use crate::push::PushState;
 use crate::ConnRef;
 use std::collections::HashMap;
 
 /// One uid's session.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Entry {
     /// The connection holding the session.
     pub conn: ConnRef,
@@ -15,15 +16,18 @@ pub struct Entry {
     pub role: u8,
     /// Grows with every new session of this uid.
     pub epoch: u64,
+    /// Pushes sent and not yet acked.
+    pub pushes: PushState,
 }
 
 /// What a login did to the directory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct LoginResult {
     /// The new session's epoch.
     pub epoch: u64,
-    /// The connection that held the uid before and must be told to go away.
-    pub displaced: Option<ConnRef>,
+    /// The session the uid had before, now ended: its connection must go away and its pushes
+    /// end as displaced.
+    pub displaced: Option<Entry>,
 }
 
 /// uid → session, for the uids of one logic shard.
@@ -43,21 +47,20 @@ const MAX_RETIRED: usize = 1 << 20;
 impl Directory {
     /// Registers a new session of `uid` on `conn` at `now_ms`.
     pub fn login(&mut self, uid: u64, role: u8, conn: ConnRef, now_ms: u64) -> LoginResult {
-        let prev = self.entries.get(&uid).copied();
-        let last_epoch = prev.map(|e| e.epoch).or_else(|| self.retired.remove(&uid)).unwrap_or(0);
+        let prev = self.entries.remove(&uid);
+        let last_epoch = prev.as_ref().map(|e| e.epoch).or_else(|| self.retired.remove(&uid)).unwrap_or(0);
         // A time floor keeps epochs growing even when the retired map was pruned or the
         // process restarted: ms since the epoch, shifted to leave room for many logins per ms.
         let epoch = (last_epoch + 1).max(now_ms << 8);
-        self.entries.insert(uid, Entry { conn, role, epoch });
-        LoginResult { epoch, displaced: prev.map(|e| e.conn).filter(|c| *c != conn) }
+        self.entries.insert(uid, Entry { conn, role, epoch, pushes: PushState::default() });
+        LoginResult { epoch, displaced: prev }
     }
 
     /// Ends the session of `uid` if `conn` still holds it; returns the ended entry.
     pub fn remove_if(&mut self, uid: u64, conn: ConnRef) -> Option<Entry> {
         match self.entries.get(&uid) {
             Some(e) if e.conn == conn => {
-                let e = *e;
-                self.entries.remove(&uid);
+                let e = self.entries.remove(&uid)?;
                 if self.retired.len() >= MAX_RETIRED {
                     self.retired.clear();
                 }
@@ -83,9 +86,19 @@ impl Directory {
         self.entries.is_empty()
     }
 
-    /// Every live session (for broadcast and shutdown).
+    /// The session of `uid`, mutable.
+    pub fn get_mut(&mut self, uid: u64) -> Option<&mut Entry> {
+        self.entries.get_mut(&uid)
+    }
+
+    /// Every live session (for broadcast).
     pub fn iter(&self) -> impl Iterator<Item = (&u64, &Entry)> {
         self.entries.iter()
+    }
+
+    /// Every live session, mutable (for shutdown).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&u64, &mut Entry)> {
+        self.entries.iter_mut()
     }
 }
 
@@ -101,12 +114,12 @@ mod tests {
     fn second_login_displaces_and_grows_the_epoch() {
         let mut d = Directory::default();
         let a = d.login(7, 1, c(1), 0);
-        assert_eq!(a.displaced, None);
+        assert!(a.displaced.is_none());
         let b = d.login(7, 1, c(2), 0);
-        assert_eq!(b.displaced, Some(c(1)));
+        assert_eq!(b.displaced.map(|e| e.conn), Some(c(1)));
         assert!(b.epoch > a.epoch);
         // The displaced connection's late close does not end the new session.
-        assert_eq!(d.remove_if(7, c(1)), None);
+        assert!(d.remove_if(7, c(1)).is_none());
         assert_eq!(d.get(7).map(|e| e.conn), Some(c(2)));
     }
 
@@ -118,6 +131,6 @@ mod tests {
         assert!(d.is_empty());
         let b = d.login(7, 1, c(2), 0);
         assert!(b.epoch > a.epoch);
-        assert_eq!(b.displaced, None);
+        assert!(b.displaced.is_none());
     }
 }

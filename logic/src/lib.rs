@@ -8,13 +8,18 @@
 //!
 //! - [`directory`]: uid → the connection holding its session, with an epoch per new session.
 //! - [`gps`]: GPS coalescing (latest point per driver per flush) or forwarding of every point.
+//! - [`push`]: push fan-out, acks, time-to-live, exactly one receipt per (message id, uid).
+//! - [`upstream`]: app requests waiting for the app-server's answer.
 //! - [`shard`]: the step function tying them together.
 
 pub mod directory;
 pub mod gps;
+pub mod push;
 pub mod shard;
+pub mod upstream;
 
-pub use shard::{Input, Output, Shard, ShardConfig};
+pub use push::{PushContent, Receipt};
+pub use shard::{CloseReason, Input, Output, RequestFailure, Shard, ShardConfig};
 
 /// Identifies one connection on one gate shard. The generation makes a reused slot distinct, so
 /// a late message for a closed connection can never reach its successor.

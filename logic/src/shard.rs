@@ -1,9 +1,17 @@
-//! One logic shard: the directory and GPS of its uids, stepped by inputs and a clock.
+//! One logic shard: the sessions, pushes, pending requests and GPS of its uids, stepped by
+//! inputs and a clock.
 
 use crate::directory::Directory;
 use crate::gps::{Coalescer, Forward, GpsStats};
+use crate::push::{outcome, Inflight, PushContent, Receipt, TtlIndex};
+use crate::upstream::{Pending, Requests};
 use crate::ConnRef;
 use schema::wire::{GpsPoint, UidGpsPoint};
+use std::sync::Arc;
+
+/// Work done per `tick` call at most, so one tick cannot stall the executor; the rest waits for
+/// the next tick (the deadline stays in the past, so it comes at once).
+const MAX_EXPIRED_PER_TICK: usize = 4096;
 
 /// Settings of a logic shard.
 #[derive(Clone, Copy, Debug)]
@@ -16,11 +24,40 @@ pub struct ShardConfig {
     pub gps_forward: Forward,
     /// Bound on points buffered between flushes in `Forward::All`.
     pub gps_max_buffered: usize,
+    /// Pushes in flight per session; past it, `QueueFull`.
+    pub push_queue_len: usize,
+    /// Upstream requests pending on this shard; past it, `Overloaded`.
+    pub max_pending_requests: usize,
+    /// How long the app-server has to answer an upstream request, ms.
+    pub request_timeout_ms: u64,
 }
 
-/// What the gate tells a logic shard. Every input names the flow's log-id so the shard's
-/// answers carry it on.
-#[derive(Clone, Copy, Debug)]
+/// Why a connection closed, as the logic shard needs to know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Dropped, timed out, or closed for a protocol error: pushes end `Offline`.
+    Dropped,
+    /// Closed as a slow consumer.
+    SlowConsumer,
+    /// The gate is shutting down.
+    Shutdown,
+}
+
+/// An upstream failure the gate reports to the app as an error frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestFailure {
+    /// No app-server connection to take it.
+    NoAppServer,
+    /// The app-server did not answer in time.
+    Timeout,
+    /// Too many requests pending on the shard.
+    Overloaded,
+    /// The gate is shutting down.
+    ShuttingDown,
+}
+
+/// What the gate tells a logic shard.
+#[derive(Clone, Debug)]
 pub enum Input {
     /// A connection presented a valid token for `uid` (the gate verified it).
     Login {
@@ -46,12 +83,14 @@ pub enum Input {
         /// The logout request's sequence-id.
         seq: u32,
     },
-    /// The connection closed without logout (dropped, timed out, displaced, refused).
+    /// The connection closed without logout.
     Closed {
         /// The user.
         uid: u64,
         /// The connection that closed.
         conn: ConnRef,
+        /// Why.
+        reason: CloseReason,
     },
     /// One GPS point of a driver, copied out of its frame.
     Gps {
@@ -60,10 +99,64 @@ pub enum Input {
         /// The point.
         point: GpsPoint,
     },
+    /// A push to these uids (all owned by this shard, no duplicates).
+    Push {
+        /// What to deliver.
+        push: Arc<PushContent>,
+        /// The targets.
+        uids: Vec<u64>,
+    },
+    /// A push to every session of a role on this shard.
+    Broadcast {
+        /// What to deliver.
+        push: Arc<PushContent>,
+        /// `wire::Role` value.
+        role: u8,
+    },
+    /// The app acked the push it got with `seq`.
+    PushAck {
+        /// The app.
+        uid: u64,
+        /// The connection the ack came on.
+        conn: ConnRef,
+        /// The delivery's sequence-id.
+        seq: u32,
+    },
+    /// An app request for the app-server.
+    Upstream {
+        /// The app.
+        uid: u64,
+        /// Its role.
+        role: u8,
+        /// The connection it came on.
+        conn: ConnRef,
+        /// The app's sequence-id.
+        seq: u32,
+        /// The app's log-id.
+        log_id: u64,
+        /// The app's cmd.
+        cmd: u16,
+        /// The app's body, verified, copied out.
+        body: Vec<u8>,
+    },
+    /// The app-server answered a request.
+    UpstreamReply {
+        /// The request.
+        request_id: u64,
+        /// The `Reply` body for the app, already encoded.
+        reply: Vec<u8>,
+    },
+    /// The gate could not hand a request to any app-server connection.
+    UpstreamUndeliverable {
+        /// The request.
+        request_id: u64,
+    },
+    /// The gate is shutting down: end every push and request.
+    Shutdown,
 }
 
 /// What a logic shard asks the gate to do.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum Output {
     /// Answer the login: the session exists now.
     LoginOk {
@@ -98,6 +191,58 @@ pub enum Output {
         /// The logout's sequence-id.
         seq: u32,
     },
+    /// Write a push to a connection with this sequence-id.
+    Deliver {
+        /// The connection.
+        conn: ConnRef,
+        /// The session's sequence-id for this push.
+        seq: u32,
+        /// The push.
+        push: Arc<PushContent>,
+    },
+    /// A final receipt for the app-server.
+    Receipt(Receipt),
+    /// A request for the app-server.
+    Upstream {
+        /// Id the app-server echoes.
+        request_id: u64,
+        /// The app.
+        uid: u64,
+        /// Its role.
+        role: u8,
+        /// The app's cmd.
+        cmd: u16,
+        /// The app's body.
+        body: Vec<u8>,
+        /// The app's log-id.
+        log_id: u64,
+    },
+    /// The app-server's answer, for the app.
+    Reply {
+        /// The connection to answer.
+        conn: ConnRef,
+        /// The app's cmd.
+        cmd: u16,
+        /// The app's sequence-id.
+        seq: u32,
+        /// The app's log-id.
+        log_id: u64,
+        /// Encoded `Reply` body.
+        reply: Vec<u8>,
+    },
+    /// A request failed; the app gets an error frame.
+    RequestFailed {
+        /// The connection to answer.
+        conn: ConnRef,
+        /// The app's cmd.
+        cmd: u16,
+        /// The app's sequence-id.
+        seq: u32,
+        /// The app's log-id.
+        log_id: u64,
+        /// Why.
+        failure: RequestFailure,
+    },
     /// A batch of GPS points for the app-server side.
     GpsBatch(Vec<UidGpsPoint>),
 }
@@ -113,6 +258,14 @@ pub struct Shard {
     gps: Coalescer,
     /// When the next GPS flush is due, if points are waiting.
     gps_due_ms: Option<u64>,
+    /// In-flight pushes by deadline.
+    ttl: TtlIndex,
+    /// Upstream requests waiting for the app-server.
+    requests: Requests,
+    /// Reused buffer for expiry.
+    due: Vec<(u64, u32)>,
+    /// Reused buffer for receipts before they become outputs.
+    receipts: Vec<Receipt>,
 }
 
 impl Shard {
@@ -123,6 +276,10 @@ impl Shard {
             directory: Directory::default(),
             gps: Coalescer::new(cfg.gps_forward, cfg.gps_max_buffered),
             gps_due_ms: None,
+            ttl: TtlIndex::default(),
+            requests: Requests::default(),
+            due: Vec::new(),
+            receipts: Vec::new(),
         }
     }
 
@@ -131,17 +288,29 @@ impl Shard {
         match input {
             Input::Login { uid, role, conn, log_id, seq } => {
                 let r = self.directory.login(uid, role, conn, now_ms);
-                if let Some(old) = r.displaced {
-                    out.push(Output::Displaced { conn: old, uid, log_id });
+                if let Some(mut old) = r.displaced {
+                    old.pushes.drain_into(uid, outcome::DISPLACED, &mut self.ttl, &mut self.receipts);
+                    if old.conn != conn {
+                        out.push(Output::Displaced { conn: old.conn, uid, log_id });
+                    }
                 }
                 out.push(Output::LoginOk { conn, uid, role, epoch: r.epoch, log_id, seq });
             }
             Input::Logout { uid, conn, log_id, seq } => {
-                self.directory.remove_if(uid, conn);
+                if let Some(mut e) = self.directory.remove_if(uid, conn) {
+                    e.pushes.drain_into(uid, outcome::OFFLINE, &mut self.ttl, &mut self.receipts);
+                }
                 out.push(Output::LogoutOk { conn, log_id, seq });
             }
-            Input::Closed { uid, conn } => {
-                self.directory.remove_if(uid, conn);
+            Input::Closed { uid, conn, reason } => {
+                if let Some(mut e) = self.directory.remove_if(uid, conn) {
+                    let o = match reason {
+                        CloseReason::Dropped => outcome::OFFLINE,
+                        CloseReason::SlowConsumer => outcome::SLOW_CONSUMER,
+                        CloseReason::Shutdown => outcome::SHUTDOWN,
+                    };
+                    e.pushes.drain_into(uid, o, &mut self.ttl, &mut self.receipts);
+                }
             }
             Input::Gps { uid, point } => {
                 self.gps.push(uid, point);
@@ -150,16 +319,126 @@ impl Shard {
                     self.gps_due_ms = Some(now_ms + self.cfg.gps_flush_ms);
                 }
             }
-        }
-    }
-
-    /// Runs what is due at `now_ms` (the GPS flush).
-    pub fn tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
-        if let Some(due) = self.gps_due_ms {
-            if now_ms >= due {
+            Input::Push { push, uids } => {
+                for uid in uids {
+                    self.push_one(uid, &push, now_ms, out);
+                }
+            }
+            Input::Broadcast { push, role } => {
+                let uids: Vec<u64> =
+                    self.directory.iter().filter(|(_, e)| e.role == role).map(|(uid, _)| *uid).collect();
+                for uid in uids {
+                    self.push_one(uid, &push, now_ms, out);
+                }
+            }
+            Input::PushAck { uid, conn, seq } => {
+                if let Some(e) = self.directory.get_mut(uid) {
+                    if e.conn == conn {
+                        if let Some(f) = e.pushes.inflight.remove(&seq) {
+                            self.ttl.remove(f.deadline_ms, uid, seq);
+                            let message_id = f.push.message_id;
+                            self.receipts.push(Receipt { message_id, uid, outcome: outcome::DELIVERED });
+                        }
+                        // An ack for a push already ended (acked twice, expired) is ignored: its
+                        // receipt was sent.
+                    }
+                }
+            }
+            Input::Upstream { uid, role, conn, seq, log_id, cmd, body } => {
+                let p = Pending {
+                    uid,
+                    conn,
+                    seq,
+                    log_id,
+                    cmd,
+                    deadline_ms: now_ms + self.cfg.request_timeout_ms,
+                };
+                match self.requests.insert(self.cfg.id, p, self.cfg.max_pending_requests) {
+                    Some(request_id) => {
+                        out.push(Output::Upstream { request_id, uid, role, cmd, body, log_id })
+                    }
+                    None => out.push(Output::RequestFailed {
+                        conn,
+                        cmd,
+                        seq,
+                        log_id,
+                        failure: RequestFailure::Overloaded,
+                    }),
+                }
+            }
+            Input::UpstreamReply { request_id, reply } => {
+                // A late answer (after the timeout error) finds nothing: the app got one answer.
+                if let Some(p) = self.requests.take(request_id) {
+                    let conn = self.directory.get(p.uid).map_or(p.conn, |e| e.conn);
+                    out.push(Output::Reply { conn, cmd: p.cmd, seq: p.seq, log_id: p.log_id, reply });
+                }
+            }
+            Input::UpstreamUndeliverable { request_id } => {
+                if let Some(p) = self.requests.take(request_id) {
+                    out.push(self.failed(p, RequestFailure::NoAppServer));
+                }
+            }
+            Input::Shutdown => {
+                for (uid, e) in self.directory.iter_mut() {
+                    e.pushes.drain_into(*uid, outcome::SHUTDOWN, &mut self.ttl, &mut self.receipts);
+                }
+                for id in self.requests.ids() {
+                    if let Some(p) = self.requests.take(id) {
+                        out.push(self.failed(p, RequestFailure::ShuttingDown));
+                    }
+                }
                 self.flush_gps(out);
             }
         }
+        self.emit_receipts(out);
+    }
+
+    fn failed(&self, p: Pending, failure: RequestFailure) -> Output {
+        let conn = self.directory.get(p.uid).map_or(p.conn, |e| e.conn);
+        Output::RequestFailed { conn, cmd: p.cmd, seq: p.seq, log_id: p.log_id, failure }
+    }
+
+    fn push_one(&mut self, uid: u64, push: &Arc<PushContent>, now_ms: u64, out: &mut Vec<Output>) {
+        let message_id = push.message_id;
+        let Some(e) = self.directory.get_mut(uid) else {
+            self.receipts.push(Receipt { message_id, uid, outcome: outcome::OFFLINE });
+            return;
+        };
+        if e.pushes.inflight.len() >= self.cfg.push_queue_len {
+            self.receipts.push(Receipt { message_id, uid, outcome: outcome::QUEUE_FULL });
+            return;
+        }
+        let seq = e.pushes.take_seq();
+        let deadline_ms = now_ms + push.ttl_ms as u64;
+        e.pushes.inflight.insert(seq, Inflight { push: push.clone(), deadline_ms });
+        self.ttl.insert(deadline_ms, uid, seq);
+        out.push(Output::Deliver { conn: e.conn, seq, push: push.clone() });
+    }
+
+    fn emit_receipts(&mut self, out: &mut Vec<Output>) {
+        out.extend(self.receipts.drain(..).map(Output::Receipt));
+    }
+
+    /// Runs what is due at `now_ms`: GPS flush, push expiry, request timeouts.
+    pub fn tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        if self.gps_due_ms.is_some_and(|due| now_ms >= due) {
+            self.flush_gps(out);
+        }
+        let mut due = std::mem::take(&mut self.due);
+        self.ttl.pop_due(now_ms, MAX_EXPIRED_PER_TICK, &mut due);
+        for (uid, seq) in due.drain(..) {
+            if let Some(f) = self.directory.get_mut(uid).and_then(|e| e.pushes.inflight.remove(&seq)) {
+                let message_id = f.push.message_id;
+                self.receipts.push(Receipt { message_id, uid, outcome: outcome::TTL_EXPIRED });
+            }
+        }
+        self.due = due;
+        let mut expired = Vec::new();
+        self.requests.pop_due(now_ms, MAX_EXPIRED_PER_TICK, &mut expired);
+        for (_, p) in expired {
+            out.push(self.failed(p, RequestFailure::Timeout));
+        }
+        self.emit_receipts(out);
     }
 
     /// Flushes waiting GPS now (on shutdown, or when the gate wants a batch out early).
@@ -173,12 +452,25 @@ impl Shard {
 
     /// When `tick` next has work, if ever: the gate sleeps until then.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        self.gps_due_ms
+        [self.gps_due_ms, self.ttl.first_deadline(), self.requests.first_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// GPS counters.
     pub fn gps_stats(&self) -> GpsStats {
         self.gps.stats
+    }
+
+    /// Pushes waiting for their ack on this shard.
+    pub fn pushes_in_flight(&self) -> usize {
+        self.ttl.len()
+    }
+
+    /// Upstream requests waiting for the app-server.
+    pub fn requests_pending(&self) -> usize {
+        self.requests.len()
     }
 
     /// This shard's index.
@@ -197,11 +489,41 @@ mod tests {
             gps_flush_ms: 100,
             gps_forward: Forward::Latest,
             gps_max_buffered: 1000,
+            push_queue_len: 2,
+            max_pending_requests: 2,
+            request_timeout_ms: 1_000,
         })
     }
 
     fn c(slot: u32) -> ConnRef {
         ConnRef { shard: 1, slot, gen: 3 }
+    }
+
+    fn push(id: u64, ttl_ms: u32) -> Arc<PushContent> {
+        Arc::new(PushContent { message_id: id, body: Arc::from(&b"x"[..]), log_id: id, ttl_ms })
+    }
+
+    fn login(s: &mut Shard, uid: u64, conn: ConnRef) {
+        let mut out = Vec::new();
+        s.handle(Input::Login { uid, role: 1, conn, log_id: 1, seq: 1 }, 0, &mut out);
+    }
+
+    fn receipts(out: &[Output]) -> Vec<(u64, u64, u8)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Receipt(r) => Some((r.message_id, r.uid, r.outcome)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn delivered_seq(out: &[Output]) -> u32 {
+        out.iter()
+            .find_map(|o| match o {
+                Output::Deliver { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .expect("a delivery")
     }
 
     #[test]
@@ -212,14 +534,14 @@ mod tests {
         assert!(matches!(out[..], [Output::LoginOk { uid: 5, seq: 1, log_id: 10, .. }]));
         out.clear();
         s.handle(Input::Login { uid: 5, role: 1, conn: c(2), log_id: 11, seq: 1 }, 0, &mut out);
-        assert_eq!(out[0], Output::Displaced { conn: c(1), uid: 5, log_id: 11 });
+        assert!(matches!(out[0], Output::Displaced { conn, uid: 5, log_id: 11 } if conn == c(1)));
         assert!(matches!(out[1], Output::LoginOk { conn, .. } if conn == c(2)));
         out.clear();
         // The displaced connection closes late: the session stays with the new one.
-        s.handle(Input::Closed { uid: 5, conn: c(1) }, 0, &mut out);
+        s.handle(Input::Closed { uid: 5, conn: c(1), reason: CloseReason::Dropped }, 0, &mut out);
         assert_eq!(s.directory.get(5).map(|e| e.conn), Some(c(2)));
         s.handle(Input::Logout { uid: 5, conn: c(2), log_id: 12, seq: 2 }, 0, &mut out);
-        assert_eq!(out, vec![Output::LogoutOk { conn: c(2), log_id: 12, seq: 2 }]);
+        assert!(matches!(out[..], [Output::LogoutOk { seq: 2, log_id: 12, .. }]));
         assert!(s.directory.is_empty());
     }
 
@@ -244,5 +566,99 @@ mod tests {
         }
         assert_eq!(s.next_deadline_ms(), None);
         assert_eq!(s.gps_stats().coalesced, 9);
+    }
+
+    #[test]
+    fn every_push_target_gets_exactly_one_receipt() {
+        let mut s = shard();
+        login(&mut s, 1, c(1));
+        login(&mut s, 2, c(2));
+        login(&mut s, 3, c(3));
+        let mut out = Vec::new();
+        // uid 9 is offline; 1 acks; 2 never acks (ttl); 3 is displaced.
+        s.handle(Input::Push { push: push(70, 500), uids: vec![1, 2, 3, 9] }, 0, &mut out);
+        assert_eq!(receipts(&out), vec![(70, 9, outcome::OFFLINE)]);
+        let seqs: Vec<(ConnRef, u32)> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Deliver { conn, seq, .. } => Some((*conn, *seq)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs.len(), 3);
+        out.clear();
+        s.handle(Input::PushAck { uid: 1, conn: c(1), seq: seqs[0].1 }, 10, &mut out);
+        s.handle(Input::PushAck { uid: 1, conn: c(1), seq: seqs[0].1 }, 11, &mut out); // twice
+        s.handle(Input::Login { uid: 3, role: 1, conn: c(4), log_id: 2, seq: 1 }, 20, &mut out);
+        s.tick(499, &mut out);
+        s.tick(500, &mut out);
+        s.handle(Input::PushAck { uid: 2, conn: c(2), seq: seqs[1].1 }, 600, &mut out); // too late
+        let mut r = receipts(&out);
+        r.sort();
+        assert_eq!(
+            r,
+            vec![(70, 1, outcome::DELIVERED), (70, 2, outcome::TTL_EXPIRED), (70, 3, outcome::DISPLACED)]
+        );
+        assert_eq!(s.pushes_in_flight(), 0);
+        assert_eq!(s.next_deadline_ms(), None);
+    }
+
+    #[test]
+    fn closing_ends_pushes_with_the_close_reason_and_queue_is_bounded() {
+        let mut s = shard();
+        login(&mut s, 1, c(1));
+        let mut out = Vec::new();
+        for id in 1..=3 {
+            s.handle(Input::Push { push: push(id, 10_000), uids: vec![1] }, 0, &mut out);
+        }
+        assert_eq!(receipts(&out), vec![(3, 1, outcome::QUEUE_FULL)]);
+        out.clear();
+        s.handle(Input::Closed { uid: 1, conn: c(1), reason: CloseReason::SlowConsumer }, 1, &mut out);
+        assert_eq!(receipts(&out), vec![(1, 1, outcome::SLOW_CONSUMER), (2, 1, outcome::SLOW_CONSUMER)]);
+        assert_eq!(s.pushes_in_flight(), 0);
+    }
+
+    #[test]
+    fn requests_are_answered_once_by_reply_or_timeout() {
+        let mut s = shard();
+        login(&mut s, 1, c(1));
+        let mut out = Vec::new();
+        let up =
+            |seq| Input::Upstream { uid: 1, role: 1, conn: c(1), seq, log_id: 5, cmd: 0x20, body: vec![] };
+        s.handle(up(1), 0, &mut out);
+        s.handle(up(2), 0, &mut out);
+        s.handle(up(3), 0, &mut out); // over the bound of 2
+        let ids: Vec<u64> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Upstream { request_id, .. } => Some(*request_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert!(matches!(out[2], Output::RequestFailed { seq: 3, failure: RequestFailure::Overloaded, .. }));
+        out.clear();
+        s.handle(Input::UpstreamReply { request_id: ids[1], reply: vec![1] }, 10, &mut out);
+        assert!(matches!(out[..], [Output::Reply { seq: 2, .. }]));
+        out.clear();
+        s.tick(1_000, &mut out);
+        assert!(matches!(out[..], [Output::RequestFailed { seq: 1, failure: RequestFailure::Timeout, .. }]));
+        out.clear();
+        s.handle(Input::UpstreamReply { request_id: ids[0], reply: vec![1] }, 1_001, &mut out);
+        assert!(out.is_empty(), "a late answer after the timeout is dropped");
+        assert_eq!(crate::upstream::shard_of_request(ids[0]), 0);
+    }
+
+    #[test]
+    fn broadcast_reaches_every_session_of_the_role() {
+        let mut s = shard();
+        login(&mut s, 1, c(1));
+        login(&mut s, 2, c(2));
+        let mut out = Vec::new();
+        s.handle(Input::Login { uid: 3, role: 2, conn: c(3), log_id: 1, seq: 1 }, 0, &mut out);
+        out.clear();
+        s.handle(Input::Broadcast { push: push(8, 100), role: 1 }, 0, &mut out);
+        assert_eq!(out.iter().filter(|o| matches!(o, Output::Deliver { .. })).count(), 2);
+        let _ = delivered_seq(&out);
     }
 }

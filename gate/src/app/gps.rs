@@ -51,9 +51,8 @@ pub fn on_frame(shard: &Shard, me: ConnRef, uid: u64, role: u8, f: &Frame<'_>) {
     }
 }
 
-/// A flushed GPS batch leaves the logic shard. Until the sidecar carries it to the app-server,
-/// it is counted and the newest points are kept for `/debug/gps`.
-pub fn forward(shard: &Shard, points: Vec<wire::UidGpsPoint>) {
+/// Keeps the newest forwarded points for `/debug/gps` (bounded ring; one lock per flush).
+pub fn remember(shard: &Shard, points: &[wire::UidGpsPoint]) {
     tracing::debug!(shard = shard.id, points = points.len(), "gps flush");
     let Ok(mut recent) = shard.gps_recent.lock() else { return };
     let keep = points.len().min(GPS_RECENT_MAX);

@@ -4,7 +4,7 @@
 
 use crate::metrics::Refusal;
 use crate::net;
-use crate::shard::{jitter, Shard};
+use crate::shard::{jitter, Port, Shard};
 use glommio::net::{TcpListener, TcpStream};
 use schema::wire;
 use std::os::fd::AsRawFd;
@@ -40,21 +40,21 @@ fn admit(shard: &Rc<Shard>, stream: TcpStream) {
     if shard.shutting_down.get() {
         return refuse(shard, stream, Refusal::Shutdown, "gate shutting down");
     }
-    if shard.conns.borrow().len() >= shard.cfg.app.max_conns_per_shard as usize {
+    if shard.app_conns() >= shard.cfg.app.max_conns_per_shard as usize {
         return refuse(shard, stream, Refusal::ConnLimit, "connection limit reached on this shard");
     }
     let wait = match take_accept_token(shard) {
         Some(w) => w,
         None => return refuse(shard, stream, Refusal::AcceptRate, "accept rate limit: queue full"),
     };
-    let me = shard.add_conn(stream.as_raw_fd(), net::now_ms());
+    let me = shard.add_conn(stream.as_raw_fd(), Port::App, net::now_ms());
     let shard = shard.clone();
     glommio::spawn_local(async move {
         if !wait.is_zero() {
             // Queued by the rate limit: the connection exists (and counts) but is served later.
             glommio::timer::sleep(wait).await;
         }
-        super::conn::serve(shard, stream, me).await;
+        crate::conn::serve(shard, stream, me).await;
     })
     .detach();
 }

@@ -51,9 +51,9 @@ pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
             shard.to_logic(uid, Input::Logout { uid, conn: me, log_id: h.log_id, seq: h.seq });
         }
         (_, ConnState::LoggedIn) if f.cmd.is_upstream_request() && f.ty == FrameType::Request => {
-            // The sidecar is not built yet: no app-server can be connected.
-            error(shard, me, h, ErrorCode::NoAppServer, Hop::AppServer, "no app-server connected");
+            super::upstream::on_request(shard, me, uid, role, f)
         }
+        (Body::PushAck(_), ConnState::LoggedIn) => super::push::on_ack(shard, me, uid, h.seq, h.log_id),
         (_, _) => {
             error(shard, me, h, ErrorCode::NotAllowed, Hop::App, "this frame is not accepted from an app")
         }
@@ -146,7 +146,7 @@ pub fn apply_output(shard: &Shard, o: Output) {
             let Some(started) = admitted else {
                 // The connection closed (or moved on) while the logic shard registered it: undo,
                 // so the directory does not keep a session nobody holds.
-                shard.to_logic(uid, Input::Closed { uid, conn });
+                shard.to_logic(uid, Input::Closed { uid, conn, reason: logic::CloseReason::Dropped });
                 return;
             };
             if let Some(t) = started {
@@ -190,6 +190,15 @@ pub fn apply_output(shard: &Shard, o: Output) {
             });
             shard.go_away(conn, log_id, GoAwayReason::LoggedOut, "logged out", 0);
         }
-        Output::GpsBatch(points) => super::gps::forward(shard, points),
+        Output::Deliver { conn, seq, push } => super::push::deliver(shard, conn, seq, &push),
+        Output::Reply { conn, cmd, seq, log_id, reply } => {
+            super::upstream::reply(shard, conn, cmd, seq, log_id, &reply)
+        }
+        Output::RequestFailed { conn, cmd, seq, log_id, failure } => {
+            super::upstream::failed(shard, conn, cmd, seq, log_id, failure)
+        }
+        o @ (Output::Receipt(_) | Output::Upstream { .. } | Output::GpsBatch(_)) => {
+            crate::sidecar::route(shard, o)
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! One app connection's task: the read loop and the slow path of writing.
+//! One connection's task, app or sidecar port: the read loop and the slow path of writing.
 //!
 //! Reads are readiness-based: the task waits in glommio's `read` with a small inline buffer
 //! (that and the task are all an idle connection owns). When data comes, the rest of the burst
@@ -9,13 +9,13 @@
 //! Writes normally happen on the shard's flush (one `send` per connection per executor turn);
 //! only when the socket is full does this task wait for it to drain.
 
-use super::session;
+use crate::app::session;
 use crate::net::{self, Io};
-use crate::shard::{ConnEvent, Shard};
+use crate::shard::{ConnEvent, Port, Shard};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use logic::ConnRef;
-use schema::{Decoded, Frames, Limits};
+use schema::{Decoded, Frames, Limits, HEADER_LEN};
 use std::net::Shutdown;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -71,23 +71,68 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, me: ConnRef) {
 /// Handles bytes that arrived; returns true when the peer closed.
 fn on_bytes(shard: &Shard, me: ConnRef, first: &[u8], maybe_more: bool) -> bool {
     let now = net::now_ms();
-    let mut scratch = shard.scratch.borrow_mut();
-    scratch.clear();
-    let Some(fd) = shard.with_conn(me, |c| {
-        scratch.extend_from_slice(&c.partial);
+    let Some((fd, port, mut own)) = shard.with_conn(me, |c| {
         c.last_rx_ms = now;
-        c.fd
+        (c.fd, c.port, std::mem::take(&mut c.partial))
     }) else {
         return true;
     };
-    scratch.extend_from_slice(first);
+    let max_body = match port {
+        Port::App => shard.cfg.app.max_body,
+        Port::Sidecar => shard.cfg.sidecar.max_body,
+    };
+    if own.is_empty() {
+        // The common case: decode from the shard's scratch; keep only an incomplete tail.
+        let mut scratch = shard.scratch.borrow_mut();
+        scratch.clear();
+        let (eof, used) =
+            read_and_decode(shard, me, port, fd, &mut scratch, first, maybe_more, max_body, false);
+        keep_partial(shard, me, &scratch[used..], now);
+        eof
+    } else {
+        // A frame is half-read: it grows in its own buffer, so a large sidecar frame arriving in
+        // many reads is not copied again on each one.
+        let (eof, used) = read_and_decode(shard, me, port, fd, &mut own, first, maybe_more, max_body, true);
+        own.drain(..used);
+        if own.is_empty() {
+            keep_partial(shard, me, &[], now);
+        } else {
+            shard.with_conn(me, |c| c.partial = own);
+        }
+        eof
+    }
+}
+
+/// Appends `first` and what else the socket holds (bounded) to `buf`, then handles every whole
+/// frame in it. Returns (peer closed, bytes consumed).
+#[allow(clippy::too_many_arguments)]
+fn read_and_decode(
+    shard: &Shard,
+    me: ConnRef,
+    port: Port,
+    fd: std::os::fd::RawFd,
+    buf: &mut Vec<u8>,
+    first: &[u8],
+    maybe_more: bool,
+    max_body: u32,
+    grow: bool,
+) -> (bool, usize) {
+    let before = buf.len();
+    buf.extend_from_slice(first);
     let mut eof = false;
     if maybe_more {
         for _ in 0..MAX_DRAIN_READS {
-            if scratch.capacity() - scratch.len() < 4096 {
-                break;
+            if buf.capacity() - buf.len() < 4096 {
+                if !grow {
+                    break;
+                }
+                // Room for the rest of the frame being read (bounded by the frame limit).
+                let need = buf.first_chunk::<HEADER_LEN>().map_or(64 * 1024, |h| {
+                    schema::Header::read(h).frame_len().min(HEADER_LEN + max_body as usize)
+                });
+                buf.reserve(need.saturating_sub(buf.len()).max(64 * 1024));
             }
-            match net::recv_into(fd, &mut scratch) {
+            match net::recv_into(fd, buf) {
                 Ok(Io::Done(_)) => {}
                 Ok(Io::WouldBlock) => break,
                 Ok(Io::Eof) | Err(_) => {
@@ -97,39 +142,41 @@ fn on_bytes(shard: &Shard, me: ConnRef, first: &[u8], maybe_more: bool) -> bool 
             }
         }
     }
-    shard.metrics().bytes_in.fetch_add(scratch.len() as u64, Relaxed);
+    shard.metrics().bytes_in.fetch_add((buf.len() - before) as u64, Relaxed);
 
-    let limits = Limits { max_body: shard.cfg.app.max_body };
-    let mut frames = Frames::new(&scratch, limits);
+    let mut frames = Frames::new(buf, Limits { max_body });
     for item in frames.by_ref() {
         match item {
-            Ok(Decoded::Frame(f)) => session::on_frame(shard, me, &f),
+            Ok(Decoded::Frame(f)) => match port {
+                Port::App => session::on_frame(shard, me, &f),
+                Port::Sidecar => crate::sidecar::on_frame(shard, me, &f),
+            },
             Ok(Decoded::Rejected { header, error }) => session::on_rejected(shard, me, &header, &error),
             Err(e) => {
                 session::on_stream_error(shard, me, &e);
-                return eof;
+                return (eof, frames.consumed());
             }
         }
         if shard.with_conn(me, |c| c.close.is_some()).unwrap_or(true) {
             break;
         }
     }
-    let rest = frames.rest();
+    (eof, frames.consumed())
+}
+
+/// Keeps an incomplete frame's bytes with the connection, and when it started (read timeout).
+fn keep_partial(shard: &Shard, me: ConnRef, rest: &[u8], now: u64) {
     shard.with_conn(me, |c| {
-        c.partial.clear();
         if rest.is_empty() {
             c.partial_since_ms = 0;
-            if c.partial.capacity() > 0 {
-                c.partial = Vec::new();
-            }
+            c.partial = Vec::new();
         } else {
-            c.partial.extend_from_slice(rest);
+            c.partial = rest.to_vec();
             if c.partial_since_ms == 0 {
                 c.partial_since_ms = now;
             }
         }
     });
-    eof
 }
 
 /// Waits for a full socket to take the queued bytes; returns false if the connection must end.

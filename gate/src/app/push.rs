@@ -1,0 +1,37 @@
+//! The push path, app side: a logic shard's `Deliver` becomes a PushDelivery frame on the
+//! session's connection (the shared body behind a per-session header), and the app's PushAck goes
+//! back to the logic shard, which sends the `Delivered` receipt.
+
+use crate::shard::Shard;
+use logic::{ConnRef, Input, PushContent};
+use schema::{Cmd, FrameType, Header, HEADER_LEN};
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Writes one push to a connection with the session's sequence-id for it.
+pub fn deliver(shard: &Shard, conn: ConnRef, seq: u32, push: &PushContent) {
+    let header =
+        Header::new(FrameType::Push, Cmd::PushDelivery as u16, seq, push.log_id, push.body.len() as u32);
+    let written = shard.queue_raw(conn, Cmd::PushDelivery, |out| {
+        out.reserve(HEADER_LEN + push.body.len());
+        out.extend_from_slice(&header.to_bytes());
+        out.extend_from_slice(&push.body);
+    });
+    if written {
+        shard.metrics().push_deliveries.fetch_add(1, Relaxed);
+        tracing::debug!(
+            log_id = push.log_id,
+            message_id = push.message_id,
+            seq,
+            "push delivered to connection"
+        );
+    }
+    // Not written (connection closing or gone): its close reaches the logic shard, which ends
+    // the push with the close's outcome.
+}
+
+/// The app acked the push it got with `seq`.
+pub fn on_ack(shard: &Shard, me: ConnRef, uid: u64, seq: u32, log_id: u64) {
+    tracing::debug!(log_id, uid, seq, "push acked");
+    shard.metrics().push_acks.fetch_add(1, Relaxed);
+    shard.to_logic(uid, Input::PushAck { uid, conn: me, seq });
+}

@@ -1,0 +1,94 @@
+//! The push path's entry: an app-server's Push is validated, its `PushDelivery` body is encoded
+//! once, and its targets are split by logic shard; each logic shard then delivers to the
+//! sessions it owns and answers with exactly one receipt per target (logic::push). The app side
+//! of the path (writing deliveries, taking acks) is in `app::push`.
+
+use crate::app::session::error;
+use crate::mesh::Msg;
+use crate::shard::Shard;
+use logic::{Input, PushContent};
+use schema::wire::{self, ErrorCode, Hop};
+use schema::{Cmd, Frame, FrameType};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+/// Largest payload a push may carry.
+pub const MAX_PAYLOAD: usize = 16 * 1024;
+
+/// Validates and fans out one Push; answers PushAccepted or an error.
+pub fn accept(shard: &Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Push<'_>) {
+    let h = &f.header;
+    let cfg = &shard.cfg.sidecar;
+    let refuse = |code, message: &str| error(shard, me, h, code, Hop::AppServer, message);
+    if shard.shutting_down.get() {
+        return error(
+            shard,
+            me,
+            h,
+            ErrorCode::ShuttingDown,
+            Hop::Gate,
+            "gate shutting down: push not accepted",
+        );
+    }
+    let uids = p.uids();
+    let n_uids = uids.map_or(0, |u| u.len());
+    let payload = p.payload().map(|b| b.bytes()).unwrap_or(&[]);
+    let broadcast = p.broadcast();
+    if n_uids > cfg.max_targets as usize {
+        return refuse(ErrorCode::LimitExceeded, "more uids than sidecar.max_targets");
+    }
+    if payload.len() > MAX_PAYLOAD {
+        return refuse(ErrorCode::LimitExceeded, "payload over 16 KiB");
+    }
+    if p.ttl_ms() > cfg.max_ttl_ms {
+        return refuse(ErrorCode::InvalidField, "ttl_ms over sidecar.max_ttl_ms");
+    }
+    if broadcast != wire::Role::Unknown && (n_uids > 0 || broadcast.variant_name().is_none()) {
+        return refuse(ErrorCode::InvalidField, "a broadcast names a known role and no uids");
+    }
+    let ttl_ms = if p.ttl_ms() == 0 { cfg.default_ttl_ms } else { p.ttl_ms() };
+    let message_id = p.message_id();
+    let body: Arc<[u8]> = Arc::from(shard.enc.borrow_mut().body(|b| {
+        let payload = b.create_vector(payload);
+        wire::PushDelivery::create(
+            b,
+            &wire::PushDeliveryArgs {
+                message_id,
+                payload: Some(payload),
+                sent_at_us: p.sent_at_us(),
+                kind: p.kind(),
+            },
+        )
+    }));
+    let push = Arc::new(PushContent { message_id, body, log_id: h.log_id, ttl_ms });
+
+    let shards = shard.mesh.len();
+    let targets = if broadcast != wire::Role::Unknown {
+        for s in 0..shards {
+            shard.to_shard(s, Msg::Logic(Input::Broadcast { push: push.clone(), role: broadcast.0 }));
+        }
+        0
+    } else {
+        // One receipt per (message id, uid): a uid named twice counts once.
+        let mut all: Vec<u64> = uids.map(|u| u.iter().collect()).unwrap_or_default();
+        all.sort_unstable();
+        all.dedup();
+        let mut per_shard: Vec<Vec<u64>> = vec![Vec::new(); shards];
+        for &uid in &all {
+            per_shard[logic::shard_of(uid, shards)].push(uid);
+        }
+        for (s, uids) in per_shard.into_iter().enumerate() {
+            if !uids.is_empty() {
+                shard.to_shard(s, Msg::Logic(Input::Push { push: push.clone(), uids }));
+            }
+        }
+        all.len() as u32
+    };
+    let m = shard.metrics();
+    m.pushes.fetch_add(1, Relaxed);
+    m.push_targets.fetch_add(targets as u64, Relaxed);
+    tracing::info!(log_id = h.log_id, message_id, targets, ttl_ms, broadcast = broadcast.0, "push accepted");
+    shard.send_frame(me, FrameType::Response, Cmd::Push, h.seq, h.log_id, |b| {
+        wire::PushAccepted::create(b, &wire::PushAcceptedArgs { message_id, targets })
+    });
+}

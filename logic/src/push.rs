@@ -1,0 +1,137 @@
+//! Pushes on a logic shard: fan-out to sessions, acks, time-to-live, and exactly one receipt per
+//! (message id, uid).
+//!
+//! Every push accepted for a uid ends in exactly one [`Receipt`]: `Delivered` when the app acks
+//! it, or unreachable with the reason the session could not take it. A push waiting for its ack
+//! lives in its session's in-flight map and in the shard's TTL index; whichever of ack, expiry or
+//! the session's end comes first removes it from both and emits the receipt, so a second event
+//! for the same push finds nothing and emits nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// `wire::Outcome` values, kept here as plain numbers so this crate's state stays plain data.
+pub mod outcome {
+    /// The app acked the push.
+    pub const DELIVERED: u8 = 1;
+    /// No session for the uid.
+    pub const OFFLINE: u8 = 2;
+    /// The time-to-live passed before the ack.
+    pub const TTL_EXPIRED: u8 = 3;
+    /// A newer login took the session.
+    pub const DISPLACED: u8 = 4;
+    /// The session's push queue was full.
+    pub const QUEUE_FULL: u8 = 5;
+    /// The connection was closed as a slow consumer.
+    pub const SLOW_CONSUMER: u8 = 6;
+    /// The gate shut down.
+    pub const SHUTDOWN: u8 = 7;
+    /// The session's hold expired.
+    pub const HOLD_EXPIRED: u8 = 8;
+}
+
+/// What a push carries to every target: encoded once, shared by all deliveries.
+#[derive(Debug)]
+pub struct PushContent {
+    /// The app-server's id for the push.
+    pub message_id: u64,
+    /// The encoded `PushDelivery` body, identical for every target (only the header's
+    /// sequence-id differs per session).
+    pub body: Arc<[u8]>,
+    /// The push's log-id.
+    pub log_id: u64,
+    /// Time-to-live from acceptance, ms.
+    pub ttl_ms: u32,
+}
+
+/// One final receipt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The push.
+    pub message_id: u64,
+    /// The target.
+    pub uid: u64,
+    /// An `outcome` value.
+    pub outcome: u8,
+}
+
+/// A push sent to a session and not yet acked.
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    /// The push.
+    pub push: Arc<PushContent>,
+    /// When its time-to-live ends (ms).
+    pub deadline_ms: u64,
+}
+
+/// A session's pushes. Empty (and unallocated) for a session with nothing in flight.
+#[derive(Debug, Default)]
+pub struct PushState {
+    /// Sequence-id of the next push to this session; never 0.
+    next_seq: u32,
+    /// Pushes awaiting their ack, by sequence-id (ordered: resume replays in order).
+    pub inflight: BTreeMap<u32, Inflight>,
+}
+
+impl PushState {
+    /// Takes the next sequence-id (skipping 0, which means "no sequence").
+    pub fn take_seq(&mut self) -> u32 {
+        self.next_seq = self.next_seq.wrapping_add(1).max(1);
+        self.next_seq
+    }
+
+    /// Ends every in-flight push with `outcome`, appending their receipts.
+    pub fn drain_into(&mut self, uid: u64, outcome: u8, ttl: &mut TtlIndex, out: &mut Vec<Receipt>) {
+        for (seq, f) in std::mem::take(&mut self.inflight) {
+            ttl.remove(f.deadline_ms, uid, seq);
+            out.push(Receipt { message_id: f.push.message_id, uid, outcome });
+        }
+    }
+}
+
+/// Every in-flight push of a shard by deadline: expiry without scanning sessions.
+#[derive(Debug, Default)]
+pub struct TtlIndex {
+    /// (deadline ms, uid, sequence-id).
+    set: BTreeSet<(u64, u64, u32)>,
+}
+
+impl TtlIndex {
+    /// Adds a push.
+    pub fn insert(&mut self, deadline_ms: u64, uid: u64, seq: u32) {
+        self.set.insert((deadline_ms, uid, seq));
+    }
+
+    /// Removes a push (acked or ended).
+    pub fn remove(&mut self, deadline_ms: u64, uid: u64, seq: u32) {
+        self.set.remove(&(deadline_ms, uid, seq));
+    }
+
+    /// The earliest deadline.
+    pub fn first_deadline(&self) -> Option<u64> {
+        self.set.first().map(|e| e.0)
+    }
+
+    /// Removes and returns up to `max` entries due at `now_ms`.
+    pub fn pop_due(&mut self, now_ms: u64, max: usize, out: &mut Vec<(u64, u32)>) {
+        while out.len() < max {
+            match self.set.first() {
+                Some(&(d, uid, seq)) if d <= now_ms => {
+                    self.set.pop_first();
+                    out.push((uid, seq));
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Pushes in flight on the shard.
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// True when nothing is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+}
