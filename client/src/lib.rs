@@ -5,14 +5,21 @@
 //!   [`FrameReader`] (yields frames one at a time from any `Read`).
 //! - [`app`]: [`AppConn`], the app side (drivers, passengers): login, resume, keepalive, GPS,
 //!   pipelined business requests, pushes and their acks.
+//! - [`appserver`]: [`AppServerConn`], the app-server side (the sidecar port): hello, pushes
+//!   with one final receipt per (message id, uid), upstream requests and their replies, GPS forwards.
 //! - [`ClientError`]: every failure, with the server's own error frames as
 //!   [`ClientError::Server`].
 
 pub mod app;
+pub mod appserver;
 mod error;
 pub mod frame;
 
 pub use app::{AppConn, Reply, SessionInfo, MAX_QUEUED};
+pub use appserver::{
+    Accepted, AppServerConn, AppServerEvents, Event as AppServerEvent, PushSpec, ServerErrorInfo,
+    UpstreamRequest, Welcome,
+};
 pub use error::ClientError;
 pub use frame::{write_raw_frame, DeliveryView, ErrorView, FrameReader, OwnedFrame, ReplyView};
 

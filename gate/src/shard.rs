@@ -192,6 +192,9 @@ impl Shard {
             },
             gps_max_buffered: 1 << 20,
             push_queue_len: cfg.limits.push_queue_len as usize,
+            push_queue_bytes: cfg.limits.push_queue_bytes as usize,
+            hold_ms: cfg.app.hold_ms as u64,
+            max_held: cfg.limits.max_held_sessions_per_shard as usize,
             max_pending_requests: cfg.limits.max_pending_requests_per_shard as usize,
             request_timeout_ms: cfg.sidecar.request_timeout_ms as u64,
         });
@@ -594,12 +597,14 @@ impl Shard {
         for o in out.drain(..) {
             let conn = match &o {
                 Output::LoginOk { conn, .. }
+                | Output::ResumeOk { conn, .. }
+                | Output::ResumeRefused { conn, .. }
                 | Output::Displaced { conn, .. }
                 | Output::LogoutOk { conn, .. }
                 | Output::Deliver { conn, .. }
                 | Output::Reply { conn, .. }
                 | Output::RequestFailed { conn, .. } => Some(*conn),
-                Output::Receipt(_) | Output::Upstream { .. } | Output::GpsBatch(_) => None,
+                Output::Receipt(_) | Output::Upstream { .. } | Output::GpsBatch(_) | Output::Unreachable { .. } => None,
             };
             match conn {
                 Some(c) if c.shard == self.id => crate::app::session::apply_output(self, o),

@@ -5,7 +5,7 @@
 
 use crate::push::PushState;
 use crate::ConnRef;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 /// One uid's session.
 #[derive(Debug)]
@@ -16,8 +16,23 @@ pub struct Entry {
     pub role: u8,
     /// Grows with every new session of this uid.
     pub epoch: u64,
-    /// Pushes sent and not yet acked.
+    /// Pushes sent and not yet acked, or queued while held.
     pub pushes: PushState,
+    /// Set while the connection is gone and the session is held: when the hold ends (ms).
+    pub held_until_ms: Option<u64>,
+    /// Resumes so far; a resume token is valid only for the current count (rotation).
+    pub resumes: u32,
+}
+
+/// Why a resume was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResumeRefused {
+    /// No session for the uid (never, logged out, or expired).
+    NoSession,
+    /// The token names an older session of the uid.
+    StaleEpoch,
+    /// The token was already used (or an older one of this session).
+    Replayed,
 }
 
 /// What a login did to the directory.
@@ -38,6 +53,8 @@ pub struct Directory {
     /// Last epoch handed out per uid that has no live session, so epochs never go back after a
     /// logout. Bounded: pruned when it exceeds `MAX_RETIRED`.
     retired: HashMap<u64, u64>,
+    /// Held sessions by hold deadline: (deadline ms, uid).
+    held: BTreeSet<(u64, u64)>,
 }
 
 /// Bound on remembered epochs of ended sessions; past it the oldest knowledge is dropped (an
@@ -52,7 +69,11 @@ impl Directory {
         // A time floor keeps epochs growing even when the retired map was pruned or the
         // process restarted: ms since the epoch, shifted to leave room for many logins per ms.
         let epoch = (last_epoch + 1).max(now_ms << 8);
-        self.entries.insert(uid, Entry { conn, role, epoch, pushes: PushState::default() });
+        let entry = Entry { conn, role, epoch, pushes: PushState::default(), held_until_ms: None, resumes: 0 };
+        self.entries.insert(uid, entry);
+        if let Some(until) = prev.as_ref().and_then(|p| p.held_until_ms) {
+            self.held.remove(&(until, uid));
+        }
         LoginResult { epoch, displaced: prev }
     }
 
@@ -61,6 +82,9 @@ impl Directory {
         match self.entries.get(&uid) {
             Some(e) if e.conn == conn => {
                 let e = self.entries.remove(&uid)?;
+                if let Some(until) = e.held_until_ms {
+                    self.held.remove(&(until, uid));
+                }
                 if self.retired.len() >= MAX_RETIRED {
                     self.retired.clear();
                 }
@@ -69,6 +93,69 @@ impl Directory {
             }
             _ => None,
         }
+    }
+
+    /// Holds the session of `uid` (its connection `conn` dropped) until `until_ms`; false when
+    /// `conn` no longer holds it or it is already held.
+    pub fn hold(&mut self, uid: u64, conn: ConnRef, until_ms: u64) -> bool {
+        match self.entries.get_mut(&uid) {
+            Some(e) if e.conn == conn && e.held_until_ms.is_none() => {
+                e.held_until_ms = Some(until_ms);
+                self.held.insert((until_ms, uid));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Attaches the session of `uid` to `conn` if the token's epoch and resume count are current.
+    /// Returns the connection that held it before if it was still attached (it must go away).
+    pub fn resume(&mut self, uid: u64, epoch: u64, resumes: u32, conn: ConnRef) -> Result<Option<ConnRef>, ResumeRefused> {
+        let e = self.entries.get_mut(&uid).ok_or(ResumeRefused::NoSession)?;
+        if e.epoch != epoch {
+            return Err(ResumeRefused::StaleEpoch);
+        }
+        if e.resumes != resumes {
+            return Err(ResumeRefused::Replayed);
+        }
+        e.resumes = e.resumes.wrapping_add(1);
+        let old = std::mem::replace(&mut e.conn, conn);
+        match e.held_until_ms.take() {
+            Some(until) => {
+                self.held.remove(&(until, uid));
+                Ok(None)
+            }
+            None => Ok(Some(old).filter(|o| *o != conn)),
+        }
+    }
+
+    /// Removes and returns up to `max` held sessions whose hold ended by `now_ms`.
+    pub fn pop_expired_holds(&mut self, now_ms: u64, max: usize, out: &mut Vec<(u64, Entry)>) {
+        while out.len() < max {
+            match self.held.first() {
+                Some(&(until, uid)) if until <= now_ms => {
+                    self.held.pop_first();
+                    if let Some(e) = self.entries.remove(&uid) {
+                        if self.retired.len() >= MAX_RETIRED {
+                            self.retired.clear();
+                        }
+                        self.retired.insert(uid, e.epoch);
+                        out.push((uid, e));
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Sessions held (connection gone).
+    pub fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The earliest hold deadline.
+    pub fn first_hold_deadline(&self) -> Option<u64> {
+        self.held.first().map(|h| h.0)
     }
 
     /// The session of `uid`, if any.

@@ -55,13 +55,15 @@ pub struct Receipt {
     pub outcome: u8,
 }
 
-/// A push sent to a session and not yet acked.
+/// A push for a session, not yet acked: sent, or queued while the session is held.
 #[derive(Debug, Clone)]
 pub struct Inflight {
     /// The push.
     pub push: Arc<PushContent>,
     /// When its time-to-live ends (ms).
     pub deadline_ms: u64,
+    /// Written to a connection at least once (a resume then marks it a redelivery).
+    pub sent: bool,
 }
 
 /// A session's pushes. Empty (and unallocated) for a session with nothing in flight.
@@ -71,9 +73,24 @@ pub struct PushState {
     next_seq: u32,
     /// Pushes awaiting their ack, by sequence-id (ordered: resume replays in order).
     pub inflight: BTreeMap<u32, Inflight>,
+    /// Body bytes of `inflight`, bounded by the session's push queue bytes.
+    pub bytes: usize,
 }
 
 impl PushState {
+    /// Removes one push (acked or expired), keeping the byte count.
+    pub fn remove(&mut self, seq: u32) -> Option<Inflight> {
+        let f = self.inflight.remove(&seq)?;
+        self.bytes -= f.push.body.len();
+        Some(f)
+    }
+
+    /// Adds one push under `seq`.
+    pub fn insert(&mut self, seq: u32, f: Inflight) {
+        self.bytes += f.push.body.len();
+        self.inflight.insert(seq, f);
+    }
+
     /// Takes the next sequence-id (skipping 0, which means "no sequence").
     pub fn take_seq(&mut self) -> u32 {
         self.next_seq = self.next_seq.wrapping_add(1).max(1);
@@ -82,6 +99,7 @@ impl PushState {
 
     /// Ends every in-flight push with `outcome`, appending their receipts.
     pub fn drain_into(&mut self, uid: u64, outcome: u8, ttl: &mut TtlIndex, out: &mut Vec<Receipt>) {
+        self.bytes = 0;
         for (seq, f) in std::mem::take(&mut self.inflight) {
             ttl.remove(f.deadline_ms, uid, seq);
             out.push(Receipt { message_id: f.push.message_id, uid, outcome });

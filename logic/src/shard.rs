@@ -30,12 +30,18 @@ pub struct ShardConfig {
     pub max_pending_requests: usize,
     /// How long the app-server has to answer an upstream request, ms.
     pub request_timeout_ms: u64,
+    /// How long a session is held after its connection drops, ms (0: not held).
+    pub hold_ms: u64,
+    /// Held sessions at most; a drop past it ends the session at once.
+    pub max_held: usize,
+    /// Body bytes in flight or queued per session; past it, `QueueFull`.
+    pub push_queue_bytes: usize,
 }
 
 /// Why a connection closed, as the logic shard needs to know it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
-    /// Dropped, timed out, or closed for a protocol error: pushes end `Offline`.
+    /// Dropped, timed out, or closed for a protocol error: the session is held.
     Dropped,
     /// Closed as a slow consumer.
     SlowConsumer,
@@ -70,6 +76,21 @@ pub enum Input {
         /// The login request's log-id.
         log_id: u64,
         /// The login request's sequence-id, echoed in the answer.
+        seq: u32,
+    },
+    /// A connection presented a valid resume token (the gate verified its MAC).
+    Resume {
+        /// The user.
+        uid: u64,
+        /// The session epoch the token was issued for.
+        epoch: u64,
+        /// The session's resume count the token was issued for.
+        resumes: u32,
+        /// The new connection.
+        conn: ConnRef,
+        /// The resume request's log-id.
+        log_id: u64,
+        /// The resume request's sequence-id.
         seq: u32,
     },
     /// The app logged out.
@@ -182,6 +203,41 @@ pub enum Output {
         /// The newer login's log-id, so both ends of the displacement share one trace.
         log_id: u64,
     },
+    /// Answer the resume: the session continues on `conn`; its queued pushes follow.
+    ResumeOk {
+        /// The connection to answer.
+        conn: ConnRef,
+        /// The user.
+        uid: u64,
+        /// `wire::Role` value.
+        role: u8,
+        /// The session's epoch.
+        epoch: u64,
+        /// The session's resume count now (the next token is bound to it).
+        resumes: u32,
+        /// The resume's log-id.
+        log_id: u64,
+        /// The resume's sequence-id.
+        seq: u32,
+    },
+    /// Refuse the resume; the app logs in afresh.
+    ResumeRefused {
+        /// The connection to answer.
+        conn: ConnRef,
+        /// The resume's log-id.
+        log_id: u64,
+        /// The resume's sequence-id.
+        seq: u32,
+        /// Why.
+        why: crate::directory::ResumeRefused,
+    },
+    /// Tell the app-server a uid's session ended without logout.
+    Unreachable {
+        /// The user.
+        uid: u64,
+        /// `wire::Outcome` value: why.
+        outcome: u8,
+    },
     /// Answer the logout, then close.
     LogoutOk {
         /// The connection to answer.
@@ -199,6 +255,8 @@ pub enum Output {
         seq: u32,
         /// The push.
         push: Arc<PushContent>,
+        /// Sent before on this session (replayed after a resume).
+        redelivery: bool,
     },
     /// A final receipt for the app-server.
     Receipt(Receipt),
@@ -303,13 +361,46 @@ impl Shard {
                 out.push(Output::LogoutOk { conn, log_id, seq });
             }
             Input::Closed { uid, conn, reason } => {
-                if let Some(mut e) = self.directory.remove_if(uid, conn) {
-                    let o = match reason {
-                        CloseReason::Dropped => outcome::OFFLINE,
-                        CloseReason::SlowConsumer => outcome::SLOW_CONSUMER,
-                        CloseReason::Shutdown => outcome::SHUTDOWN,
-                    };
-                    e.pushes.drain_into(uid, o, &mut self.ttl, &mut self.receipts);
+                let held = reason == CloseReason::Dropped
+                    && self.cfg.hold_ms > 0
+                    && self.directory.held_count() < self.cfg.max_held
+                    && self.directory.hold(uid, conn, now_ms + self.cfg.hold_ms);
+                if !held {
+                    if let Some(mut e) = self.directory.remove_if(uid, conn) {
+                        let o = match reason {
+                            CloseReason::Dropped => outcome::HOLD_EXPIRED,
+                            CloseReason::SlowConsumer => outcome::SLOW_CONSUMER,
+                            CloseReason::Shutdown => outcome::SHUTDOWN,
+                        };
+                        e.pushes.drain_into(uid, o, &mut self.ttl, &mut self.receipts);
+                        out.push(Output::Unreachable { uid, outcome: o });
+                    }
+                }
+            }
+            Input::Resume { uid, epoch, resumes, conn, log_id, seq } => {
+                match self.directory.resume(uid, epoch, resumes, conn) {
+                    Err(why) => out.push(Output::ResumeRefused { conn, log_id, seq, why }),
+                    Ok(old) => {
+                        if let Some(old) = old {
+                            out.push(Output::Displaced { conn: old, uid, log_id });
+                        }
+                        if let Some(e) = self.directory.get_mut(uid) {
+                            out.push(Output::ResumeOk {
+                                conn,
+                                uid,
+                                role: e.role,
+                                epoch,
+                                resumes: e.resumes,
+                                log_id,
+                                seq,
+                            });
+                            // Replay in order: what was sent and not acked, then what queued.
+                            for (&seq, f) in e.pushes.inflight.iter_mut() {
+                                out.push(Output::Deliver { conn, seq, push: f.push.clone(), redelivery: f.sent });
+                                f.sent = true;
+                            }
+                        }
+                    }
                 }
             }
             Input::Gps { uid, point } => {
@@ -334,7 +425,7 @@ impl Shard {
             Input::PushAck { uid, conn, seq } => {
                 if let Some(e) = self.directory.get_mut(uid) {
                     if e.conn == conn {
-                        if let Some(f) = e.pushes.inflight.remove(&seq) {
+                        if let Some(f) = e.pushes.remove(seq) {
                             self.ttl.remove(f.deadline_ms, uid, seq);
                             let message_id = f.push.message_id;
                             self.receipts.push(Receipt { message_id, uid, outcome: outcome::DELIVERED });
@@ -404,15 +495,21 @@ impl Shard {
             self.receipts.push(Receipt { message_id, uid, outcome: outcome::OFFLINE });
             return;
         };
-        if e.pushes.inflight.len() >= self.cfg.push_queue_len {
+        if e.pushes.inflight.len() >= self.cfg.push_queue_len
+            || e.pushes.bytes + push.body.len() > self.cfg.push_queue_bytes
+        {
             self.receipts.push(Receipt { message_id, uid, outcome: outcome::QUEUE_FULL });
             return;
         }
         let seq = e.pushes.take_seq();
         let deadline_ms = now_ms + push.ttl_ms as u64;
-        e.pushes.inflight.insert(seq, Inflight { push: push.clone(), deadline_ms });
+        // A held session queues the push; the resume delivers it.
+        let sent = e.held_until_ms.is_none();
+        e.pushes.insert(seq, Inflight { push: push.clone(), deadline_ms, sent });
         self.ttl.insert(deadline_ms, uid, seq);
-        out.push(Output::Deliver { conn: e.conn, seq, push: push.clone() });
+        if sent {
+            out.push(Output::Deliver { conn: e.conn, seq, push: push.clone(), redelivery: false });
+        }
     }
 
     fn emit_receipts(&mut self, out: &mut Vec<Output>) {
@@ -427,12 +524,18 @@ impl Shard {
         let mut due = std::mem::take(&mut self.due);
         self.ttl.pop_due(now_ms, MAX_EXPIRED_PER_TICK, &mut due);
         for (uid, seq) in due.drain(..) {
-            if let Some(f) = self.directory.get_mut(uid).and_then(|e| e.pushes.inflight.remove(&seq)) {
+            if let Some(f) = self.directory.get_mut(uid).and_then(|e| e.pushes.remove(seq)) {
                 let message_id = f.push.message_id;
                 self.receipts.push(Receipt { message_id, uid, outcome: outcome::TTL_EXPIRED });
             }
         }
         self.due = due;
+        let mut ended = Vec::new();
+        self.directory.pop_expired_holds(now_ms, MAX_EXPIRED_PER_TICK, &mut ended);
+        for (uid, mut e) in ended {
+            e.pushes.drain_into(uid, outcome::HOLD_EXPIRED, &mut self.ttl, &mut self.receipts);
+            out.push(Output::Unreachable { uid, outcome: outcome::HOLD_EXPIRED });
+        }
         let mut expired = Vec::new();
         self.requests.pop_due(now_ms, MAX_EXPIRED_PER_TICK, &mut expired);
         for (_, p) in expired {
@@ -452,10 +555,15 @@ impl Shard {
 
     /// When `tick` next has work, if ever: the gate sleeps until then.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        [self.gps_due_ms, self.ttl.first_deadline(), self.requests.first_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.gps_due_ms,
+            self.ttl.first_deadline(),
+            self.requests.first_deadline(),
+            self.directory.first_hold_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// GPS counters.
@@ -492,6 +600,9 @@ mod tests {
             push_queue_len: 2,
             max_pending_requests: 2,
             request_timeout_ms: 1_000,
+            hold_ms: 0,
+            max_held: 10,
+            push_queue_bytes: 1 << 20,
         })
     }
 
@@ -615,6 +726,7 @@ mod tests {
         out.clear();
         s.handle(Input::Closed { uid: 1, conn: c(1), reason: CloseReason::SlowConsumer }, 1, &mut out);
         assert_eq!(receipts(&out), vec![(1, 1, outcome::SLOW_CONSUMER), (2, 1, outcome::SLOW_CONSUMER)]);
+        assert!(out.iter().any(|o| matches!(o, Output::Unreachable { uid: 1, outcome: outcome::SLOW_CONSUMER })));
         assert_eq!(s.pushes_in_flight(), 0);
     }
 
@@ -660,5 +772,74 @@ mod tests {
         s.handle(Input::Broadcast { push: push(8, 100), role: 1 }, 0, &mut out);
         assert_eq!(out.iter().filter(|o| matches!(o, Output::Deliver { .. })).count(), 2);
         let _ = delivered_seq(&out);
+    }
+
+    fn held_shard() -> Shard {
+        let mut s = shard();
+        s.cfg.hold_ms = 1_000;
+        s.cfg.push_queue_len = 10;
+        s
+    }
+
+    fn deliveries(out: &[Output]) -> Vec<(u64, u32, bool)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Deliver { push, seq, redelivery, .. } => Some((push.message_id, *seq, *redelivery)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dropped_session_is_held_queues_and_replays_in_order_on_resume() {
+        let mut s = held_shard();
+        let mut out = Vec::new();
+        s.handle(Input::Login { uid: 1, role: 1, conn: c(1), log_id: 1, seq: 1 }, 0, &mut out);
+        let epoch = match out[0] {
+            Output::LoginOk { epoch, .. } => epoch,
+            _ => panic!(),
+        };
+        out.clear();
+        s.handle(Input::Push { push: push(1, 10_000), uids: vec![1] }, 0, &mut out); // sent, not acked
+        s.handle(Input::Closed { uid: 1, conn: c(1), reason: CloseReason::Dropped }, 10, &mut out);
+        s.handle(Input::Push { push: push(2, 10_000), uids: vec![1] }, 20, &mut out); // queued
+        assert_eq!(deliveries(&out), vec![(1, 1, false)]);
+        assert!(receipts(&out).is_empty(), "nothing ends while held");
+        out.clear();
+        // A replayed or stale token is refused; the current one resumes, on another shard too.
+        let other = ConnRef { shard: 0, slot: 9, gen: 1 };
+        s.handle(Input::Resume { uid: 1, epoch: epoch - 1, resumes: 0, conn: other, log_id: 2, seq: 1 }, 30, &mut out);
+        s.handle(Input::Resume { uid: 1, epoch, resumes: 5, conn: other, log_id: 2, seq: 1 }, 30, &mut out);
+        assert!(matches!(out[0], Output::ResumeRefused { why: crate::directory::ResumeRefused::StaleEpoch, .. }));
+        assert!(matches!(out[1], Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }));
+        out.clear();
+        s.handle(Input::Resume { uid: 1, epoch, resumes: 0, conn: other, log_id: 2, seq: 1 }, 30, &mut out);
+        assert!(matches!(out[0], Output::ResumeOk { resumes: 1, .. }));
+        assert_eq!(deliveries(&out), vec![(1, 1, true), (2, 2, false)]);
+        out.clear();
+        // The same token again is a replay.
+        s.handle(Input::Resume { uid: 1, epoch, resumes: 0, conn: c(3), log_id: 2, seq: 1 }, 40, &mut out);
+        assert!(matches!(out[0], Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }));
+        out.clear();
+        s.handle(Input::PushAck { uid: 1, conn: other, seq: 1 }, 50, &mut out);
+        s.handle(Input::PushAck { uid: 1, conn: other, seq: 2 }, 50, &mut out);
+        assert_eq!(receipts(&out), vec![(1, 1, outcome::DELIVERED), (2, 1, outcome::DELIVERED)]);
+    }
+
+    #[test]
+    fn an_expired_hold_ends_pushes_and_calls_back() {
+        let mut s = held_shard();
+        login(&mut s, 1, c(1));
+        let mut out = Vec::new();
+        s.handle(Input::Closed { uid: 1, conn: c(1), reason: CloseReason::Dropped }, 0, &mut out);
+        s.handle(Input::Push { push: push(7, 60_000), uids: vec![1] }, 5, &mut out);
+        assert_eq!(s.next_deadline_ms(), Some(1_000));
+        s.tick(1_000, &mut out);
+        assert_eq!(receipts(&out), vec![(7, 1, outcome::HOLD_EXPIRED)]);
+        assert!(out.iter().any(|o| matches!(o, Output::Unreachable { uid: 1, outcome: outcome::HOLD_EXPIRED })));
+        assert!(s.directory.is_empty());
+        out.clear();
+        s.handle(Input::Push { push: push(8, 60_000), uids: vec![1] }, 1_001, &mut out);
+        assert_eq!(receipts(&out), vec![(8, 1, outcome::OFFLINE)]);
     }
 }

@@ -94,6 +94,59 @@ pub fn sign_parts(secret: &[u8], domain: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
+/// Length of a resume token.
+pub const RESUME_TOKEN_LEN: usize = 37;
+const RESUME_SIGNED_LEN: usize = 21;
+const RESUME_DOMAIN: &[u8] = b"fleetgate-resume-v1";
+
+/// What a verified resume token says. Opaque to apps; issued by the gate in every Session.
+///
+/// ```text
+/// offset size field
+///      0    1 version   1
+///      1    8 uid       u64 LE
+///      9    8 epoch     u64 LE: the session it belongs to
+///     17    4 resumes   u32 LE: valid only while the session has resumed this many times
+///     21   16 mac       first 16 bytes of HMAC-SHA256(secret, "fleetgate-resume-v1" || 0..21)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeClaims {
+    /// The user.
+    pub uid: u64,
+    /// The session's epoch.
+    pub epoch: u64,
+    /// The session's resume count when the token was issued (rotation: one use).
+    pub resumes: u32,
+}
+
+/// Issues a resume token.
+pub fn issue_resume(secret: &[u8], c: ResumeClaims) -> [u8; RESUME_TOKEN_LEN] {
+    let mut t = [0u8; RESUME_TOKEN_LEN];
+    t[0] = TOKEN_VERSION;
+    t[1..9].copy_from_slice(&c.uid.to_le_bytes());
+    t[9..17].copy_from_slice(&c.epoch.to_le_bytes());
+    t[17..21].copy_from_slice(&c.resumes.to_le_bytes());
+    let tag = mac(secret, RESUME_DOMAIN, &t[..RESUME_SIGNED_LEN]).finalize().into_bytes();
+    t[RESUME_SIGNED_LEN..].copy_from_slice(&tag[..16]);
+    t
+}
+
+/// Verifies a resume token's MAC (in constant time). Whether it is current is the session's
+/// call: its epoch and resume count must match.
+pub fn verify_resume(secret: &[u8], token: &[u8]) -> Result<ResumeClaims, TokenError> {
+    if token.len() != RESUME_TOKEN_LEN || token[0] != TOKEN_VERSION {
+        return Err(TokenError::Malformed);
+    }
+    mac(secret, RESUME_DOMAIN, &token[..RESUME_SIGNED_LEN])
+        .verify_truncated_left(&token[RESUME_SIGNED_LEN..])
+        .map_err(|_| TokenError::BadSignature)?;
+    Ok(ResumeClaims {
+        uid: u64::from_le_bytes(token[1..9].try_into().expect("8 bytes")),
+        epoch: u64::from_le_bytes(token[9..17].try_into().expect("8 bytes")),
+        resumes: u32::from_le_bytes(token[17..21].try_into().expect("4 bytes")),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +171,19 @@ mod tests {
         assert_eq!(verify(SECRET, &t, 1_000), Err(TokenError::BadSignature));
         let bad_role = issue(SECRET, Claims { role: 7, ..c });
         assert_eq!(verify(SECRET, &bad_role, 1_000), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn resume_tokens_verify_and_refuse_forgery() {
+        let c = ResumeClaims { uid: 9, epoch: 77, resumes: 3 };
+        let mut t = issue_resume(SECRET, c);
+        assert_eq!(verify_resume(SECRET, &t), Ok(c));
+        assert_eq!(verify_resume(b"other", &t), Err(TokenError::BadSignature));
+        t[17] ^= 1; // claim another resume count
+        assert_eq!(verify_resume(SECRET, &t), Err(TokenError::BadSignature));
+        assert_eq!(verify_resume(SECRET, &t[..36]), Err(TokenError::Malformed));
+        // A login token is not a resume token.
+        let login = issue(SECRET, Claims { uid: 9, role: 1, expires_ms: 5 });
+        assert!(verify_resume(SECRET, &login).is_err());
     }
 }

@@ -8,9 +8,12 @@ use schema::{Cmd, FrameType, Header, HEADER_LEN};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Writes one push to a connection with the session's sequence-id for it.
-pub fn deliver(shard: &Shard, conn: ConnRef, seq: u32, push: &PushContent) {
-    let header =
+pub fn deliver(shard: &Shard, conn: ConnRef, seq: u32, push: &PushContent, redelivery: bool) {
+    let mut header =
         Header::new(FrameType::Push, Cmd::PushDelivery as u16, seq, push.log_id, push.body.len() as u32);
+    if redelivery {
+        header.flags |= schema::FLAG_REDELIVERY;
+    }
     let written = shard.queue_raw(conn, Cmd::PushDelivery, |out| {
         out.reserve(HEADER_LEN + push.body.len());
         out.extend_from_slice(&header.to_bytes());

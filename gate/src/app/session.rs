@@ -31,11 +31,7 @@ pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
         (Body::Login(_) | Body::Resume(_), _) if state != ConnState::AwaitingLogin => {
             error(shard, me, h, ErrorCode::NotAllowed, Hop::App, "already logged in on this connection");
         }
-        (Body::Resume(_), _) => {
-            // Sessions that outlive TCP are not held yet: every resume is refused, and the app
-            // falls back to login, as the protocol says it must.
-            error(shard, me, h, ErrorCode::ResumeRefused, Hop::Gate, "no held session to resume; log in");
-        }
+        (Body::Resume(r), ConnState::AwaitingLogin) => resume(shard, me, h, r),
         (_, ConnState::AwaitingLogin | ConnState::LoggingIn) => {
             let close = shard.with_conn(me, pre_login_error_budget_exhausted).unwrap_or(true);
             error(shard, me, h, ErrorCode::NotLoggedIn, Hop::App, "log in first");
@@ -97,6 +93,40 @@ fn login(shard: &Shard, me: ConnRef, h: &Header, l: wire::Login<'_>) {
     }
 }
 
+/// The resume path: a held (or still attached) session continues on this connection, whichever
+/// shard it landed on; its logic shard decides whether the token is current.
+fn resume(shard: &Shard, me: ConnRef, h: &Header, r: wire::Resume<'_>) {
+    let tok = r.resume_token().map(|t| t.bytes()).unwrap_or(&[]);
+    match token::verify_resume(&shard.token_secret, tok) {
+        Ok(claims) => {
+            shard.with_conn(me, |c| {
+                c.state = ConnState::LoggingIn;
+                c.uid = claims.uid;
+                c.login_started = Some(Instant::now());
+            });
+            tracing::info!(log_id = h.log_id, uid = claims.uid, shard = shard.id, "resume: token ok");
+            shard.to_logic(
+                claims.uid,
+                Input::Resume {
+                    uid: claims.uid,
+                    epoch: claims.epoch,
+                    resumes: claims.resumes,
+                    conn: me,
+                    log_id: h.log_id,
+                    seq: h.seq,
+                },
+            );
+        }
+        Err(e) => {
+            let close = shard.with_conn(me, pre_login_error_budget_exhausted).unwrap_or(true);
+            error(shard, me, h, ErrorCode::ResumeRefused, Hop::Gate, &format!("resume refused: {e}"));
+            if close {
+                shard.close(me, GoAwayReason::ProtocolError);
+            }
+        }
+    }
+}
+
 /// Answers a frame with an error frame carrying its sequence-id and log-id.
 pub fn error(shard: &Shard, me: ConnRef, h: &Header, code: ErrorCode, origin: Hop, message: &str) {
     shard.send_error(me, h.seq, h.log_id, code, origin, h.cmd, message, 0);
@@ -130,48 +160,75 @@ pub fn on_stream_error(shard: &Shard, me: ConnRef, e: &StreamError) {
     shard.close(me, GoAwayReason::ProtocolError);
 }
 
+/// The session is live on `conn` (after a login or a resume): answer with its Session.
+#[allow(clippy::too_many_arguments)]
+fn session_live(shard: &Shard, conn: ConnRef, cmd: Cmd, uid: u64, role: u8, epoch: u64, resumes: u32, log_id: u64, seq: u32) {
+    let admitted = shard
+        .with_conn(conn, |c| {
+            if c.state != ConnState::LoggingIn || c.uid != uid || c.close.is_some() {
+                return None;
+            }
+            c.state = ConnState::LoggedIn;
+            c.role = role;
+            Some(c.login_started.take())
+        })
+        .flatten();
+    let Some(started) = admitted else {
+        // The connection closed (or moved on) while the logic shard registered it: tell it, so
+        // the session is held (or ended) instead of kept for a connection nobody has.
+        shard.to_logic(uid, Input::Closed { uid, conn, reason: logic::CloseReason::Dropped });
+        return;
+    };
+    if let Some(t) = started {
+        shard.metrics().login_us.observe_us(t.elapsed().as_micros() as u64);
+    }
+    shard.metrics().sessions_on_conns.fetch_add(1, Relaxed);
+    let app = &shard.cfg.app;
+    let node = shard.node.as_str();
+    let resume_token = token::issue_resume(&shard.token_secret, token::ResumeClaims { uid, epoch, resumes });
+    shard.send_frame(conn, FrameType::Response, cmd, seq, log_id, |b| {
+        let node = b.create_string(node);
+        let resume_token = b.create_vector(&resume_token);
+        wire::Session::create(
+            b,
+            &wire::SessionArgs {
+                uid,
+                role: wire::Role(role),
+                heartbeat_ms: app.heartbeat_ms,
+                idle_timeout_ms: app.idle_timeout_ms,
+                session_epoch: epoch,
+                resume_token: Some(resume_token),
+                node: Some(node),
+                hold_ms: app.hold_ms,
+            },
+        )
+    });
+    tracing::info!(log_id, uid, epoch, resumes, shard = shard.id, cmd = cmd.name(), "session live");
+}
+
 /// Carries out what a logic shard decided about a connection on this shard.
 pub fn apply_output(shard: &Shard, o: Output) {
     match o {
         Output::LoginOk { conn, uid, role, epoch, log_id, seq } => {
-            let admitted = shard
-                .with_conn(conn, |c| {
-                    if c.state != ConnState::LoggingIn || c.uid != uid || c.close.is_some() {
-                        return None;
-                    }
-                    c.state = ConnState::LoggedIn;
-                    Some(c.login_started.take())
-                })
-                .flatten();
-            let Some(started) = admitted else {
-                // The connection closed (or moved on) while the logic shard registered it: undo,
-                // so the directory does not keep a session nobody holds.
-                shard.to_logic(uid, Input::Closed { uid, conn, reason: logic::CloseReason::Dropped });
-                return;
-            };
-            if let Some(t) = started {
-                shard.metrics().login_us.observe_us(t.elapsed().as_micros() as u64);
-            }
-            shard.metrics().sessions_on_conns.fetch_add(1, Relaxed);
-            let app = &shard.cfg.app;
-            let node = shard.node.as_str();
-            shard.send_frame(conn, FrameType::Response, Cmd::Login, seq, log_id, |b| {
-                let node = b.create_string(node);
-                wire::Session::create(
-                    b,
-                    &wire::SessionArgs {
-                        uid,
-                        role: wire::Role(role),
-                        heartbeat_ms: app.heartbeat_ms,
-                        idle_timeout_ms: app.idle_timeout_ms,
-                        session_epoch: epoch,
-                        resume_token: None,
-                        node: Some(node),
-                        hold_ms: 0,
-                    },
-                )
+            session_live(shard, conn, Cmd::Login, uid, role, epoch, 0, log_id, seq)
+        }
+        Output::ResumeOk { conn, uid, role, epoch, resumes, log_id, seq } => {
+            session_live(shard, conn, Cmd::Resume, uid, role, epoch, resumes, log_id, seq)
+        }
+        Output::ResumeRefused { conn, log_id, seq, why } => {
+            tracing::info!(log_id, shard = shard.id, why = ?why, "resume refused");
+            shard.with_conn(conn, |c| {
+                if c.state == ConnState::LoggingIn {
+                    c.state = ConnState::AwaitingLogin;
+                    c.uid = 0;
+                }
             });
-            tracing::info!(log_id, uid, epoch, shard = shard.id, "login: session live");
+            let message = match why {
+                logic::directory::ResumeRefused::NoSession => "no session to resume (expired or logged out): log in",
+                logic::directory::ResumeRefused::StaleEpoch => "the token names an older session: log in",
+                logic::directory::ResumeRefused::Replayed => "the token was already used: log in",
+            };
+            shard.send_error(conn, seq, log_id, ErrorCode::ResumeRefused, Hop::Logic, Cmd::Resume as u16, message, 0);
         }
         Output::Displaced { conn, uid, log_id } => {
             tracing::info!(log_id, uid, shard = shard.id, "displaced by a newer login");
@@ -190,14 +247,14 @@ pub fn apply_output(shard: &Shard, o: Output) {
             });
             shard.go_away(conn, log_id, GoAwayReason::LoggedOut, "logged out", 0);
         }
-        Output::Deliver { conn, seq, push } => super::push::deliver(shard, conn, seq, &push),
+        Output::Deliver { conn, seq, push, redelivery } => super::push::deliver(shard, conn, seq, &push, redelivery),
         Output::Reply { conn, cmd, seq, log_id, reply } => {
             super::upstream::reply(shard, conn, cmd, seq, log_id, &reply)
         }
         Output::RequestFailed { conn, cmd, seq, log_id, failure } => {
             super::upstream::failed(shard, conn, cmd, seq, log_id, failure)
         }
-        o @ (Output::Receipt(_) | Output::Upstream { .. } | Output::GpsBatch(_)) => {
+        o @ (Output::Receipt(_) | Output::Upstream { .. } | Output::GpsBatch(_) | Output::Unreachable { .. }) => {
             crate::sidecar::route(shard, o)
         }
     }

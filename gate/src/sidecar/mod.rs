@@ -75,6 +75,8 @@ pub enum AppServerMsg {
     Upstream(UpstreamOut),
     /// Coalesced GPS.
     Gps(Vec<UidGpsPoint>),
+    /// Sessions that ended without logout: (uid, outcome).
+    Unreachable(Vec<(u64, u8)>),
     /// An app-server connected somewhere: send what waited.
     Available,
 }
@@ -116,6 +118,8 @@ pub struct Outbound {
     upstream: Vec<UpstreamOut>,
     /// GPS to send.
     gps: Vec<UidGpsPoint>,
+    /// Unreachable callbacks to send: (uid, outcome).
+    unreachable: Vec<(u64, u8)>,
     /// Next receipt batch id (the shard's id is in the top bits, so ids are unique per gate).
     next_batch: u64,
     /// Round-robin cursor over this shard's app-server connections.
@@ -125,7 +129,7 @@ pub struct Outbound {
 impl Outbound {
     /// True when nothing waits.
     pub fn is_empty(&self) -> bool {
-        self.receipts.is_empty() && self.upstream.is_empty() && self.gps.is_empty()
+        self.receipts.is_empty() && self.upstream.is_empty() && self.gps.is_empty() && self.unreachable.is_empty()
     }
 
     /// Receipts waiting.
@@ -147,6 +151,10 @@ pub fn route(shard: &Shard, o: Output) {
                 crate::app::gps::remember(shard, &points);
                 ob.gps.extend_from_slice(&points);
             }
+            Output::Unreachable { uid, outcome } => {
+                tracing::info!(uid, outcome, "session ended without logout: unreachable");
+                ob.unreachable.push((uid, outcome));
+            }
             _ => {}
         }
     }
@@ -161,6 +169,7 @@ pub fn on_mesh(shard: &Shard, m: AppServerMsg) {
             AppServerMsg::Receipts(r) => ob.receipts.extend(r),
             AppServerMsg::Upstream(u) => ob.upstream.push(u),
             AppServerMsg::Gps(g) => ob.gps.extend(g),
+            AppServerMsg::Unreachable(u) => ob.unreachable.extend(u),
             AppServerMsg::Available => {}
         }
     }
@@ -181,17 +190,25 @@ fn local_conns(shard: &Shard) -> Vec<ConnRef> {
 /// Sends what waits: framed onto this shard's app-server connections, or handed to a shard that
 /// has one, or (with none anywhere) kept, failed or dropped as the module doc says.
 pub fn flush(shard: &Shard) {
-    let (receipts, upstream, gps) = {
+    let (receipts, upstream, gps, unreachable) = {
         let mut ob = shard.outbound.borrow_mut();
         if ob.is_empty() {
             return;
         }
-        (std::mem::take(&mut ob.receipts), std::mem::take(&mut ob.upstream), std::mem::take(&mut ob.gps))
+        (
+            std::mem::take(&mut ob.receipts),
+            std::mem::take(&mut ob.upstream),
+            std::mem::take(&mut ob.gps),
+            std::mem::take(&mut ob.unreachable),
+        )
     };
     let conns = local_conns(shard);
     if !conns.is_empty() {
-        send_local(shard, &conns, receipts, upstream, gps);
+        send_local(shard, &conns, receipts, upstream, gps, unreachable);
     } else if let Some(dest) = shard.sidecars.pick_other(shard.id as usize) {
+        if !unreachable.is_empty() {
+            shard.to_shard(dest, Msg::AppServer(AppServerMsg::Unreachable(unreachable)));
+        }
         if !receipts.is_empty() {
             shard.to_shard(dest, Msg::AppServer(AppServerMsg::Receipts(receipts)));
         }
@@ -210,6 +227,10 @@ pub fn flush(shard: &Shard) {
         }
         let m = shard.metrics();
         m.gps_dropped.fetch_add(gps.len() as u64, Relaxed);
+        // Callbacks wait like receipts (bounded by the same backlog, they are few).
+        if unreachable.len() < MAX_RECEIPT_BACKLOG {
+            shard.outbound.borrow_mut().unreachable.splice(0..0, unreachable);
+        }
         keep_receipts(shard, receipts);
     }
 }
@@ -243,8 +264,15 @@ fn send_local(
     receipts: Vec<Receipt>,
     upstream: Vec<UpstreamOut>,
     gps: Vec<UidGpsPoint>,
+    unreachable: Vec<(u64, u8)>,
 ) {
     let m = shard.metrics();
+    for (uid, outcome) in unreachable {
+        let c = next_conn(shard, conns);
+        shard.send_frame(c, FrameType::Event, Cmd::Unreachable, 0, 0, |b| {
+            wire::Unreachable::create(b, &wire::UnreachableArgs { uid, outcome: wire::Outcome(outcome) })
+        });
+    }
     // Requests: spread over the connections.
     for u in upstream {
         let c = next_conn(shard, conns);
