@@ -174,7 +174,8 @@ pub struct AppConfig {
     /// adds jitter so they do not all come back at once.
     pub retry_after_ms: u32,
     /// Milliseconds a session is held after its connection drops; pushes queue meanwhile and
-    /// are delivered on resume, and when the hold expires the app-server is told.
+    /// are delivered on resume, and when the hold expires the app-server is told. 0: sessions
+    /// end when their connection drops.
     pub hold_ms: u32,
 }
 
@@ -445,7 +446,6 @@ impl Config {
             ));
         }
         positive("app.retry_after_ms", app.retry_after_ms)?;
-        positive("app.hold_ms", app.hold_ms)?;
 
         let sidecar_addr = socket_addr("sidecar.listen", &sidecar.listen)?;
         in_range("sidecar.max_body", sidecar.max_body, MIN_MAX_BODY, MAX_MAX_BODY, "bytes")?;
@@ -733,7 +733,7 @@ pub fn default_toml() -> String {
     w.number(
         "hold_ms",
         "Milliseconds a session is held after its connection drops; pushes queue meanwhile and\n\
-         are delivered on resume.",
+         are delivered on resume. 0: sessions end when their connection drops.",
         app.hold_ms,
     );
 
@@ -1500,7 +1500,6 @@ mod tests {
             (|c| c.app.heartbeat_ms = 0, "app.heartbeat_ms", "0"),
             (|c| c.app.login_timeout_ms = 0, "app.login_timeout_ms", "0"),
             (|c| c.app.read_timeout_ms = 0, "app.read_timeout_ms", "0"),
-            (|c| c.app.hold_ms = 0, "app.hold_ms", "0"),
             (|c| c.app.backlog = 0, "app.backlog", "0"),
             (|c| c.app.max_body = 1023, "app.max_body", "1023"),
             (|c| c.app.max_body = 64 * 1024 * 1024 + 1, "app.max_body", "67108865"),

@@ -604,7 +604,10 @@ impl Shard {
                 | Output::Deliver { conn, .. }
                 | Output::Reply { conn, .. }
                 | Output::RequestFailed { conn, .. } => Some(*conn),
-                Output::Receipt(_) | Output::Upstream { .. } | Output::GpsBatch(_) | Output::Unreachable { .. } => None,
+                Output::Receipt(_)
+                | Output::Upstream { .. }
+                | Output::GpsBatch(_)
+                | Output::Unreachable { .. } => None,
             };
             match conn {
                 Some(c) if c.shard == self.id => crate::app::session::apply_output(self, o),

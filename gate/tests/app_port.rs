@@ -123,7 +123,7 @@ fn passengers_may_not_report_gps() {
 
 #[test]
 fn idle_connections_are_closed_with_a_reason() {
-    let gate = Gate::start(&["--heartbeat-ms", "100", "--idle-timeout-ms", "400"]);
+    let gate = Gate::start(&["--heartbeat-ms", "100", "--idle-timeout-ms", "400", "--hold-ms", "0"]);
     let mut c = gate.login(13, 1);
     let t = std::time::Instant::now();
     assert_eq!(expect_go_away(&mut c), GoAwayReason::IdleTimeout);

@@ -69,7 +69,8 @@ impl Directory {
         // A time floor keeps epochs growing even when the retired map was pruned or the
         // process restarted: ms since the epoch, shifted to leave room for many logins per ms.
         let epoch = (last_epoch + 1).max(now_ms << 8);
-        let entry = Entry { conn, role, epoch, pushes: PushState::default(), held_until_ms: None, resumes: 0 };
+        let entry =
+            Entry { conn, role, epoch, pushes: PushState::default(), held_until_ms: None, resumes: 0 };
         self.entries.insert(uid, entry);
         if let Some(until) = prev.as_ref().and_then(|p| p.held_until_ms) {
             self.held.remove(&(until, uid));
@@ -110,7 +111,13 @@ impl Directory {
 
     /// Attaches the session of `uid` to `conn` if the token's epoch and resume count are current.
     /// Returns the connection that held it before if it was still attached (it must go away).
-    pub fn resume(&mut self, uid: u64, epoch: u64, resumes: u32, conn: ConnRef) -> Result<Option<ConnRef>, ResumeRefused> {
+    pub fn resume(
+        &mut self,
+        uid: u64,
+        epoch: u64,
+        resumes: u32,
+        conn: ConnRef,
+    ) -> Result<Option<ConnRef>, ResumeRefused> {
         let e = self.entries.get_mut(&uid).ok_or(ResumeRefused::NoSession)?;
         if e.epoch != epoch {
             return Err(ResumeRefused::StaleEpoch);

@@ -396,7 +396,12 @@ impl Shard {
                             });
                             // Replay in order: what was sent and not acked, then what queued.
                             for (&seq, f) in e.pushes.inflight.iter_mut() {
-                                out.push(Output::Deliver { conn, seq, push: f.push.clone(), redelivery: f.sent });
+                                out.push(Output::Deliver {
+                                    conn,
+                                    seq,
+                                    push: f.push.clone(),
+                                    redelivery: f.sent,
+                                });
                                 f.sent = true;
                             }
                         }
@@ -726,7 +731,9 @@ mod tests {
         out.clear();
         s.handle(Input::Closed { uid: 1, conn: c(1), reason: CloseReason::SlowConsumer }, 1, &mut out);
         assert_eq!(receipts(&out), vec![(1, 1, outcome::SLOW_CONSUMER), (2, 1, outcome::SLOW_CONSUMER)]);
-        assert!(out.iter().any(|o| matches!(o, Output::Unreachable { uid: 1, outcome: outcome::SLOW_CONSUMER })));
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Unreachable { uid: 1, outcome: outcome::SLOW_CONSUMER })));
         assert_eq!(s.pushes_in_flight(), 0);
     }
 
@@ -808,10 +815,20 @@ mod tests {
         out.clear();
         // A replayed or stale token is refused; the current one resumes, on another shard too.
         let other = ConnRef { shard: 0, slot: 9, gen: 1 };
-        s.handle(Input::Resume { uid: 1, epoch: epoch - 1, resumes: 0, conn: other, log_id: 2, seq: 1 }, 30, &mut out);
+        s.handle(
+            Input::Resume { uid: 1, epoch: epoch - 1, resumes: 0, conn: other, log_id: 2, seq: 1 },
+            30,
+            &mut out,
+        );
         s.handle(Input::Resume { uid: 1, epoch, resumes: 5, conn: other, log_id: 2, seq: 1 }, 30, &mut out);
-        assert!(matches!(out[0], Output::ResumeRefused { why: crate::directory::ResumeRefused::StaleEpoch, .. }));
-        assert!(matches!(out[1], Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }));
+        assert!(matches!(
+            out[0],
+            Output::ResumeRefused { why: crate::directory::ResumeRefused::StaleEpoch, .. }
+        ));
+        assert!(matches!(
+            out[1],
+            Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }
+        ));
         out.clear();
         s.handle(Input::Resume { uid: 1, epoch, resumes: 0, conn: other, log_id: 2, seq: 1 }, 30, &mut out);
         assert!(matches!(out[0], Output::ResumeOk { resumes: 1, .. }));
@@ -819,7 +836,10 @@ mod tests {
         out.clear();
         // The same token again is a replay.
         s.handle(Input::Resume { uid: 1, epoch, resumes: 0, conn: c(3), log_id: 2, seq: 1 }, 40, &mut out);
-        assert!(matches!(out[0], Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }));
+        assert!(matches!(
+            out[0],
+            Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }
+        ));
         out.clear();
         s.handle(Input::PushAck { uid: 1, conn: other, seq: 1 }, 50, &mut out);
         s.handle(Input::PushAck { uid: 1, conn: other, seq: 2 }, 50, &mut out);
@@ -836,7 +856,9 @@ mod tests {
         assert_eq!(s.next_deadline_ms(), Some(1_000));
         s.tick(1_000, &mut out);
         assert_eq!(receipts(&out), vec![(7, 1, outcome::HOLD_EXPIRED)]);
-        assert!(out.iter().any(|o| matches!(o, Output::Unreachable { uid: 1, outcome: outcome::HOLD_EXPIRED })));
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Unreachable { uid: 1, outcome: outcome::HOLD_EXPIRED })));
         assert!(s.directory.is_empty());
         out.clear();
         s.handle(Input::Push { push: push(8, 60_000), uids: vec![1] }, 1_001, &mut out);

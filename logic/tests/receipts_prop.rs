@@ -157,4 +157,3 @@ proptest! {
         prop_assert_eq!(s.pushes_in_flight(), 0);
     }
 }
-

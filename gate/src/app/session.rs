@@ -162,7 +162,17 @@ pub fn on_stream_error(shard: &Shard, me: ConnRef, e: &StreamError) {
 
 /// The session is live on `conn` (after a login or a resume): answer with its Session.
 #[allow(clippy::too_many_arguments)]
-fn session_live(shard: &Shard, conn: ConnRef, cmd: Cmd, uid: u64, role: u8, epoch: u64, resumes: u32, log_id: u64, seq: u32) {
+fn session_live(
+    shard: &Shard,
+    conn: ConnRef,
+    cmd: Cmd,
+    uid: u64,
+    role: u8,
+    epoch: u64,
+    resumes: u32,
+    log_id: u64,
+    seq: u32,
+) {
     let admitted = shard
         .with_conn(conn, |c| {
             if c.state != ConnState::LoggingIn || c.uid != uid || c.close.is_some() {
@@ -224,11 +234,22 @@ pub fn apply_output(shard: &Shard, o: Output) {
                 }
             });
             let message = match why {
-                logic::directory::ResumeRefused::NoSession => "no session to resume (expired or logged out): log in",
+                logic::directory::ResumeRefused::NoSession => {
+                    "no session to resume (expired or logged out): log in"
+                }
                 logic::directory::ResumeRefused::StaleEpoch => "the token names an older session: log in",
                 logic::directory::ResumeRefused::Replayed => "the token was already used: log in",
             };
-            shard.send_error(conn, seq, log_id, ErrorCode::ResumeRefused, Hop::Logic, Cmd::Resume as u16, message, 0);
+            shard.send_error(
+                conn,
+                seq,
+                log_id,
+                ErrorCode::ResumeRefused,
+                Hop::Logic,
+                Cmd::Resume as u16,
+                message,
+                0,
+            );
         }
         Output::Displaced { conn, uid, log_id } => {
             tracing::info!(log_id, uid, shard = shard.id, "displaced by a newer login");
@@ -247,15 +268,18 @@ pub fn apply_output(shard: &Shard, o: Output) {
             });
             shard.go_away(conn, log_id, GoAwayReason::LoggedOut, "logged out", 0);
         }
-        Output::Deliver { conn, seq, push, redelivery } => super::push::deliver(shard, conn, seq, &push, redelivery),
+        Output::Deliver { conn, seq, push, redelivery } => {
+            super::push::deliver(shard, conn, seq, &push, redelivery)
+        }
         Output::Reply { conn, cmd, seq, log_id, reply } => {
             super::upstream::reply(shard, conn, cmd, seq, log_id, &reply)
         }
         Output::RequestFailed { conn, cmd, seq, log_id, failure } => {
             super::upstream::failed(shard, conn, cmd, seq, log_id, failure)
         }
-        o @ (Output::Receipt(_) | Output::Upstream { .. } | Output::GpsBatch(_) | Output::Unreachable { .. }) => {
-            crate::sidecar::route(shard, o)
-        }
+        o @ (Output::Receipt(_)
+        | Output::Upstream { .. }
+        | Output::GpsBatch(_)
+        | Output::Unreachable { .. }) => crate::sidecar::route(shard, o),
     }
 }

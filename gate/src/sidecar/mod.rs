@@ -129,7 +129,10 @@ pub struct Outbound {
 impl Outbound {
     /// True when nothing waits.
     pub fn is_empty(&self) -> bool {
-        self.receipts.is_empty() && self.upstream.is_empty() && self.gps.is_empty() && self.unreachable.is_empty()
+        self.receipts.is_empty()
+            && self.upstream.is_empty()
+            && self.gps.is_empty()
+            && self.unreachable.is_empty()
     }
 
     /// Receipts waiting.
