@@ -36,7 +36,10 @@ fn main() {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal: log files and pipes get plain `key=value`, which grep finds.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if cfg.log.format == "json" {
         builder.json().init();
     } else {

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 /// The development secret the gate uses when none is configured.
 pub const SECRET: &[u8] = b"test-token-secret";
 
+/// The sidecar secret the test gates use.
+pub const SIDECAR_SECRET: &[u8] = b"test-sidecar-secret";
+
 /// "Eventually" bound for anything the tests wait for.
 pub const EVENTUALLY: Duration = Duration::from_secs(15);
 
@@ -22,6 +25,8 @@ pub struct Gate {
     pub app: SocketAddr,
     /// Bound admin port.
     pub admin: SocketAddr,
+    /// Bound sidecar port.
+    pub sidecar: SocketAddr,
     /// Where its stderr goes.
     pub log: PathBuf,
     /// Temporary folder of this gate.
@@ -50,6 +55,8 @@ impl Gate {
             "127.0.0.1:0".into(),
             "--token-secret".into(),
             String::from_utf8_lossy(SECRET).into_owned(),
+            "--sidecar-secret".into(),
+            String::from_utf8_lossy(SIDECAR_SECRET).into_owned(),
             "--gps-flush-ms".into(),
             "100".into(),
         ];
@@ -82,7 +89,8 @@ impl Gate {
         };
         let app = SocketAddr::from(([127, 0, 0, 1], port("app")));
         let admin = SocketAddr::from(([127, 0, 0, 1], port("admin")));
-        Gate { child: Some(child), app, admin, log, dir }
+        let sidecar = SocketAddr::from(([127, 0, 0, 1], port("sidecar")));
+        Gate { child: Some(child), app, admin, sidecar, log, dir }
     }
 
     /// A connected app client.
@@ -98,6 +106,12 @@ impl Gate {
         let s = c.login(&token(uid, role), "test").expect("login");
         assert_eq!(s.uid, uid);
         c
+    }
+
+    /// A connected app-server.
+    pub fn appserver(&self) -> (client::AppServerConn, client::AppServerEvents) {
+        client::AppServerConn::connect(self.sidecar, SIDECAR_SECRET, "test-appserver", Duration::from_secs(5))
+            .expect("app-server connects")
     }
 
     /// GET on the admin port; returns the body.
@@ -185,6 +199,33 @@ pub fn sum_metric(text: &str, name: &str, labels: &str) -> f64 {
             (n == name && lbl.contains(labels)).then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+/// Receives app-server events until `f` says stop (true) or the bound passes.
+pub fn collect_events(ev: &client::AppServerEvents, mut f: impl FnMut(&client::AppServerEvent) -> bool) {
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "app-server events never completed");
+        if let Ok(e) = ev.recv_timeout(left) {
+            if f(&e) {
+                return;
+            }
+        }
+    }
+}
+
+/// A push of `payload` to `uids` with a given message id and ttl.
+pub fn push_spec(message_id: u64, uids: &[u64], ttl_ms: u32) -> client::PushSpec {
+    client::PushSpec {
+        message_id,
+        uids: uids.to_vec(),
+        payload: format!("order {message_id}").into_bytes(),
+        ttl_ms,
+        broadcast: 0,
+        kind: 1,
+        log_id: 0xABC0_0000 + message_id,
+    }
 }
 
 /// A GPS point at time `ts`.
