@@ -77,6 +77,12 @@ pub struct ShardMetrics {
     pub sessions_on_conns: AtomicI64,
     /// Sessions owned by this shard's logic (directory size).
     pub directory_sessions: AtomicI64,
+    /// Sessions held with no connection (owned by this shard's logic).
+    pub held_sessions: AtomicI64,
+    /// Pushes waiting for their ack (or queued for a held session) on this shard's logic.
+    pub pushes_in_flight: AtomicI64,
+    /// Upstream requests waiting for the app-server on this shard's logic.
+    pub requests_pending: AtomicI64,
     /// Connections accepted.
     pub accepted: AtomicU64,
     /// Connections refused, by `Refusal`.
@@ -109,6 +115,12 @@ pub struct ShardMetrics {
     pub mesh_hop_us: Histogram,
     /// Time from a login frame's arrival to the session answer being queued.
     pub login_us: Histogram,
+    /// Sessions created by login (answered).
+    pub logins: AtomicU64,
+    /// Sessions resumed on a connection of this shard.
+    pub resumes: AtomicU64,
+    /// Of those, sessions whose previous connection was on another shard.
+    pub resumes_moved: AtomicU64,
     /// Pushes accepted from app-servers.
     pub pushes: AtomicU64,
     /// (message id, uid) pairs accepted.
@@ -159,6 +171,9 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
         sessions_on_conns
     );
     scalar!(gauge, "directory_sessions", "Sessions owned by the shard's logic.", directory_sessions);
+    scalar!(gauge, "held_sessions", "Sessions held after their connection dropped.", held_sessions);
+    scalar!(gauge, "pushes_in_flight", "Pushes waiting for an ack or a resume.", pushes_in_flight);
+    scalar!(gauge, "requests_pending", "App requests waiting for the app-server.", requests_pending);
     scalar!(counter, "connections_accepted_total", "Connections accepted.", accepted);
     scalar!(counter, "bytes_in_total", "Bytes read from apps.", bytes_in);
     scalar!(counter, "bytes_out_total", "Bytes written to apps.", bytes_out);
@@ -174,6 +189,9 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
     scalar!(counter, "mesh_batches_total", "Cross-shard batches sent.", mesh_batches);
     scalar!(counter, "mesh_full_total", "Cross-shard sends retried on a full inbox.", mesh_full);
     scalar!(gauge, "out_queue_bytes", "Bytes waiting to be written to apps.", out_queue_bytes);
+    scalar!(counter, "logins_total", "Sessions created by login.", logins);
+    scalar!(counter, "resumes_total", "Sessions resumed on this shard.", resumes);
+    scalar!(counter, "resumes_moved_total", "Resumed sessions that came from another shard.", resumes_moved);
     scalar!(counter, "pushes_total", "Pushes accepted from app-servers.", pushes);
     scalar!(counter, "push_targets_total", "(message id, uid) pairs accepted.", push_targets);
     scalar!(counter, "push_deliveries_total", "Push deliveries written to apps.", push_deliveries);

@@ -637,6 +637,9 @@ impl Shard {
         let logic = self.logic.borrow();
         let m = self.metrics();
         m.directory_sessions.store(logic.directory.len() as i64, Relaxed);
+        m.held_sessions.store(logic.directory.held_count() as i64, Relaxed);
+        m.pushes_in_flight.store(logic.pushes_in_flight() as i64, Relaxed);
+        m.requests_pending.store(logic.requests_pending() as i64, Relaxed);
         let s = logic.gps_stats();
         m.gps_forwarded.store(s.points_out, Relaxed);
         m.gps_coalesced.store(s.coalesced, Relaxed);

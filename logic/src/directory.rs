@@ -24,6 +24,15 @@ pub struct Entry {
     pub resumes: u32,
 }
 
+/// What a resume found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resumed {
+    /// The connection that held the session before.
+    pub previous: ConnRef,
+    /// That connection was still attached (not yet seen closed): it must go away.
+    pub was_attached: bool,
+}
+
 /// Why a resume was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ResumeRefused {
@@ -110,14 +119,13 @@ impl Directory {
     }
 
     /// Attaches the session of `uid` to `conn` if the token's epoch and resume count are current.
-    /// Returns the connection that held it before if it was still attached (it must go away).
     pub fn resume(
         &mut self,
         uid: u64,
         epoch: u64,
         resumes: u32,
         conn: ConnRef,
-    ) -> Result<Option<ConnRef>, ResumeRefused> {
+    ) -> Result<Resumed, ResumeRefused> {
         let e = self.entries.get_mut(&uid).ok_or(ResumeRefused::NoSession)?;
         if e.epoch != epoch {
             return Err(ResumeRefused::StaleEpoch);
@@ -126,14 +134,12 @@ impl Directory {
             return Err(ResumeRefused::Replayed);
         }
         e.resumes = e.resumes.wrapping_add(1);
-        let old = std::mem::replace(&mut e.conn, conn);
-        match e.held_until_ms.take() {
-            Some(until) => {
-                self.held.remove(&(until, uid));
-                Ok(None)
-            }
-            None => Ok(Some(old).filter(|o| *o != conn)),
+        let previous = std::mem::replace(&mut e.conn, conn);
+        let held = e.held_until_ms.take();
+        if let Some(until) = held {
+            self.held.remove(&(until, uid));
         }
+        Ok(Resumed { previous, was_attached: held.is_none() && previous != conn })
     }
 
     /// Removes and returns up to `max` held sessions whose hold ended by `now_ms`.

@@ -219,6 +219,8 @@ pub enum Output {
         log_id: u64,
         /// The resume's sequence-id.
         seq: u32,
+        /// The session came from a connection on another gate shard.
+        moved: bool,
     },
     /// Refuse the resume; the app logs in afresh.
     ResumeRefused {
@@ -380,9 +382,9 @@ impl Shard {
             Input::Resume { uid, epoch, resumes, conn, log_id, seq } => {
                 match self.directory.resume(uid, epoch, resumes, conn) {
                     Err(why) => out.push(Output::ResumeRefused { conn, log_id, seq, why }),
-                    Ok(old) => {
-                        if let Some(old) = old {
-                            out.push(Output::Displaced { conn: old, uid, log_id });
+                    Ok(r) => {
+                        if r.was_attached {
+                            out.push(Output::Displaced { conn: r.previous, uid, log_id });
                         }
                         if let Some(e) = self.directory.get_mut(uid) {
                             out.push(Output::ResumeOk {
@@ -393,6 +395,7 @@ impl Shard {
                                 resumes: e.resumes,
                                 log_id,
                                 seq,
+                                moved: r.previous.shard != conn.shard,
                             });
                             // Replay in order: what was sent and not acked, then what queued.
                             for (&seq, f) in e.pushes.inflight.iter_mut() {

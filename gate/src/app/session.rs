@@ -220,9 +220,15 @@ fn session_live(
 pub fn apply_output(shard: &Shard, o: Output) {
     match o {
         Output::LoginOk { conn, uid, role, epoch, log_id, seq } => {
+            shard.metrics().logins.fetch_add(1, Relaxed);
             session_live(shard, conn, Cmd::Login, uid, role, epoch, 0, log_id, seq)
         }
-        Output::ResumeOk { conn, uid, role, epoch, resumes, log_id, seq } => {
+        Output::ResumeOk { conn, uid, role, epoch, resumes, log_id, seq, moved } => {
+            let m = shard.metrics();
+            m.resumes.fetch_add(1, Relaxed);
+            if moved {
+                m.resumes_moved.fetch_add(1, Relaxed);
+            }
             session_live(shard, conn, Cmd::Resume, uid, role, epoch, resumes, log_id, seq)
         }
         Output::ResumeRefused { conn, log_id, seq, why } => {
