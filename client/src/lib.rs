@@ -7,6 +7,9 @@
 //!   pipelined business requests, pushes and their acks.
 //! - [`appserver`]: [`AppServerConn`], the app-server side (the sidecar port): hello, pushes
 //!   with one final receipt per (message id, uid), upstream requests and their replies, GPS forwards.
+//! - [`session`]: [`AppSession`], an app session across dropped connections: resume on the
+//!   node that holds it, fall back to login, back off across gates, ack every push and return
+//!   each message id once.
 //! - [`ClientError`]: every failure, with the server's own error frames as
 //!   [`ClientError::Server`].
 
@@ -14,6 +17,7 @@ pub mod app;
 pub mod appserver;
 mod error;
 pub mod frame;
+pub mod session;
 
 pub use app::{AppConn, Reply, SessionInfo, MAX_QUEUED};
 pub use appserver::{
@@ -22,6 +26,7 @@ pub use appserver::{
 };
 pub use error::ClientError;
 pub use frame::{write_raw_frame, DeliveryView, ErrorView, FrameReader, OwnedFrame, ReplyView};
+pub use session::{AppEvent, AppSession, DedupSet, Outcome as SessionOutcome, SessionConfig};
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

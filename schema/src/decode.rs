@@ -179,10 +179,69 @@ pub fn verify(header: Header, raw_body: &[u8]) -> Decoded<'_> {
         return Decoded::Rejected { header, error: FrameError::BadType { cmd, ty: header.ty } };
     };
     let bytes = if raw_body.is_empty() { &EMPTY_TABLE[..] } else { raw_body };
+    // The hot path: a one-point GPS report, verified by a check specialised to its one layout.
+    if kind == BodyKind::GpsReport && gps_report_is_valid(bytes) {
+        // SAFETY: `gps_report_is_valid` checked every offset the generated accessors follow
+        // (root offset, table, vtable, the point field and its 24 bytes), exactly as the
+        // generic verifier would; see the property test that compares the two.
+        let report = unsafe { flatbuffers::root_unchecked::<wire::GpsReport>(bytes) };
+        return Decoded::Frame(Frame { header, cmd, ty, raw_body, body: Body::GpsReport(report) });
+    }
     match Body::verify(kind, bytes) {
         Ok(body) => Decoded::Frame(Frame { header, cmd, ty, raw_body, body }),
         Err(source) => Decoded::Rejected { header, error: FrameError::CorruptBody { kind, source } },
     }
+}
+
+#[inline(always)]
+fn u16_at(b: &[u8], pos: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(*b.get(pos..pos.checked_add(2)?)?.first_chunk::<2>()?))
+}
+
+#[inline(always)]
+fn u32_at(b: &[u8], pos: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(*b.get(pos..pos.checked_add(4)?)?.first_chunk::<4>()?))
+}
+
+/// The FlatBuffers verifier's checks for a `GpsReport`, specialised to its single struct field:
+/// the same conditions `flatbuffers::root::<GpsReport>` enforces (offset alignment and bounds,
+/// vtable alignment and bounds, the field's 24 bytes in bounds), without the generic machinery.
+/// `false` sends the body through the generic verifier, which then names the error.
+#[inline]
+pub fn gps_report_is_valid(b: &[u8]) -> bool {
+    (|| -> Option<()> {
+        // Root: a uoffset at 0 to the table.
+        let table = u32_at(b, 0)? as usize;
+        // Table: 4-aligned soffset to its vtable, in bounds.
+        if !table.is_multiple_of(4) {
+            return None;
+        }
+        let soffset = u32_at(b, table)? as i32;
+        let vtable = if soffset > 0 {
+            table.checked_sub(soffset.unsigned_abs() as usize)?
+        } else {
+            table.checked_add(soffset.unsigned_abs() as usize)?
+        };
+        if vtable >= b.len() || !vtable.is_multiple_of(2) {
+            return None;
+        }
+        // Vtable: its length, even, all in bounds.
+        let vtable_len = u16_at(b, vtable)? as usize;
+        if !(vtable + vtable_len).is_multiple_of(2) || vtable + vtable_len > b.len() {
+            return None;
+        }
+        // Field `point` (voffset 4): absent, or 24 bytes in bounds.
+        const VT_POINT: usize = 4;
+        const POINT_LEN: usize = 24;
+        if VT_POINT < vtable_len {
+            let field = u16_at(b, vtable + VT_POINT)? as usize;
+            if field > 0 && table.checked_add(field)?.checked_add(POINT_LEN)? > b.len() {
+                return None;
+            }
+        }
+        Some(())
+    })()
+    .is_some()
 }
 
 /// At end of stream: an error if a partial frame is left over.

@@ -119,7 +119,7 @@ fn resume(shard: &Shard, me: ConnRef, h: &Header, r: wire::Resume<'_>) {
         }
         Err(e) => {
             let close = shard.with_conn(me, pre_login_error_budget_exhausted).unwrap_or(true);
-            error(shard, me, h, ErrorCode::ResumeRefused, Hop::Gate, &format!("resume refused: {e}"));
+            error(shard, me, h, ErrorCode::ResumeRefused, Hop::App, &format!("resume refused: {e}"));
             if close {
                 shard.close(me, GoAwayReason::ProtocolError);
             }
@@ -251,7 +251,7 @@ pub fn apply_output(shard: &Shard, o: Output) {
                 seq,
                 log_id,
                 ErrorCode::ResumeRefused,
-                Hop::Logic,
+                Hop::App,
                 Cmd::Resume as u16,
                 message,
                 0,

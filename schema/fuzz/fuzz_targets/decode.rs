@@ -27,6 +27,11 @@ fuzz_target!(|data: &[u8]| {
         buf.drain(..used);
     }
     let _ = schema::decode::finish(&buf);
+    // The specialised GPS check must agree with the generic verifier on any bytes.
+    assert_eq!(
+        schema::decode::gps_report_is_valid(stream),
+        schema::flatbuffers::root::<schema::wire::GpsReport>(stream).is_ok()
+    );
 });
 
 fn touch(b: &Body<'_>) {
