@@ -192,3 +192,29 @@ fn connections_past_the_limit_are_refused_with_retry_after() {
     assert_eq!(gate.metric("fleetgate_connections_refused_total", "reason=\"conn_limit\""), 21.0);
     still_fine(&mut gate, &mut good);
 }
+
+#[test]
+fn an_accept_burst_past_the_rate_and_its_queue_is_refused_with_retry_after() {
+    let mut gate = one_shard(&["--accept-rate-per-shard", "5", "--accept-queue", "5"]);
+    std::thread::sleep(Duration::from_millis(1200)); // the bucket starts full: 5 tokens
+    let mut good = gate.login(1, 1);
+    let mut conns = Vec::new();
+    for _ in 0..30 {
+        conns.push(gate.connect());
+    }
+    let mut refused = 0;
+    for c in conns.iter_mut() {
+        c.set_read_timeout(Duration::from_millis(200)).expect("timeout");
+        if let Ok(f) = c.recv() {
+            let e = f.error().expect("a refusal is an error frame");
+            assert_eq!(e.code, ErrorCode::Overloaded);
+            assert!(e.retry_after_ms >= 1_000, "base retry-after plus jitter");
+            refused += 1;
+        }
+    }
+    // 4 tokens left after the good login, 5 may queue: at least 20 of 30 are refused.
+    assert!(refused >= 20, "only {refused} refused");
+    assert_eq!(gate.metric("fleetgate_connections_refused_total", "reason=\"accept_rate\""), refused as f64);
+    // The queued ones are served late, not dropped: they can log in.
+    still_fine(&mut gate, &mut good);
+}
