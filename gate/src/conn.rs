@@ -185,6 +185,7 @@ async fn write_blocked(shard: &Rc<Shard>, stream: &mut TcpStream, me: ConnRef) -
         .with_conn(me, |c| {
             let b = std::mem::take(&mut c.out);
             c.out_inflight = b.len();
+            c.write_stalled_ms = net::now_ms();
             b
         })
         .unwrap_or_default();
@@ -201,6 +202,7 @@ async fn write_blocked(shard: &Rc<Shard>, stream: &mut TcpStream, me: ConnRef) -
             shard.with_conn(me, |c| {
                 c.out_inflight = 0;
                 c.write_blocked = false;
+                c.write_stalled_ms = 0;
             });
             // Whatever was queued meanwhile goes out on the next flush.
             shard.flush_writes();

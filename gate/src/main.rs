@@ -45,6 +45,14 @@ fn main() {
     } else {
         builder.init();
     }
+    // A panicking shard would leave a gate that serves some uids and not others: better to stop
+    // the whole process (exit 70) so a supervisor restarts it and apps reconnect elsewhere.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        tracing::error!("panic: {info}; stopping the gate");
+        std::process::exit(70);
+    }));
     if let Err(e) = gate::server::run(cfg, cli.ports_file.as_deref()) {
         tracing::error!("{e}");
         eprintln!("gate: {e}");

@@ -87,6 +87,8 @@ pub struct Conn {
     pub close: Option<GoAwayReason>,
     /// The socket could not take all of `out`; the task must wait for writability.
     pub write_blocked: bool,
+    /// When writes last stalled (ms), for closing a peer that reads nothing; 0 when flowing.
+    pub write_stalled_ms: u64,
     /// Already listed in the shard's dirty list.
     pub dirty: bool,
     /// Error frames sent before login.
@@ -134,6 +136,9 @@ pub struct Shard {
     pub conns: RefCell<Slab<Conn>>,
     /// Generation counter for slots.
     next_gen: Cell<u32>,
+    /// App connections open (the slab also holds sidecar connections), kept so admission does
+    /// not scan the table.
+    app_conn_count: Cell<usize>,
     /// The logic shard of this executor.
     pub logic: RefCell<logic::Shard>,
     /// Reused frame encoder.
@@ -209,6 +214,7 @@ impl Shard {
             node,
             conns: RefCell::new(Slab::new()),
             next_gen: Cell::new(1),
+            app_conn_count: Cell::new(0),
             logic: RefCell::new(logic),
             enc: RefCell::new(Encoder::new()),
             scratch: RefCell::new(Vec::with_capacity(SCRATCH_BYTES)),
@@ -256,12 +262,14 @@ impl Shard {
             last_rx_ms: now_ms,
             close: None,
             write_blocked: false,
+            write_stalled_ms: 0,
             dirty: false,
             pre_login_errors: 0,
             login_started: None,
             waker: None,
         });
         if port == Port::App {
+            self.app_conn_count.set(self.app_conn_count.get() + 1);
             self.metrics().conns_open.fetch_add(1, Relaxed);
         }
         ConnRef { shard: self.id, slot: slot as u32, gen }
@@ -283,6 +291,7 @@ impl Shard {
             crate::sidecar::on_closed(self, c, conn);
             return;
         }
+        self.app_conn_count.set(self.app_conn_count.get() - 1);
         m.conns_open.fetch_sub(1, Relaxed);
         m.closed.add(conn.close.map_or(0, |r| r.0 as usize), 1);
         if conn.state == ConnState::LoggedIn {
@@ -301,7 +310,7 @@ impl Shard {
 
     /// App connections open on this shard.
     pub fn app_conns(&self) -> usize {
-        self.conns.borrow().iter().filter(|(_, c)| c.port == Port::App).count()
+        self.app_conn_count.get()
     }
 
     /// Runs `f` on the connection if `c` still names it.
@@ -325,9 +334,13 @@ impl Shard {
             &mut schema::flatbuffers::FlatBufferBuilder<'static>,
         ) -> schema::flatbuffers::WIPOffset<T>,
     ) {
-        let mut enc = self.enc.borrow_mut();
-        let body = enc.body(build);
-        self.queue_bytes(c, cmd, |out| schema::write_frame(out, ty, cmd, seq, log_id, body));
+        // The encoder's borrow ends before anything else runs (queue_bytes may schedule work).
+        let queued = {
+            let mut enc = self.enc.borrow_mut();
+            let body = enc.body(build);
+            self.append(c, cmd, |out| schema::write_frame(out, ty, cmd, seq, log_id, body))
+        };
+        self.after_append(c, cmd, queued);
     }
 
     /// Appends an error frame answering a frame with `seq` and `log_id`.
@@ -370,31 +383,46 @@ impl Shard {
     }
 
     fn queue_bytes(&self, c: ConnRef, cmd: Cmd, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let queued = self.append(c, cmd, write);
+        self.after_append(c, cmd, queued)
+    }
+
+    /// Appends to the out queue; touches nothing but the connection table.
+    fn append(&self, c: ConnRef, cmd: Cmd, write: impl FnOnce(&mut Vec<u8>)) -> Appended {
         let limit = self.cfg.app.out_queue_bytes as usize;
-        let mut slow = false;
-        let queued = self.with_conn(c, |conn| {
+        self.with_conn(c, |conn| {
             if conn.close.is_some() && cmd != Cmd::GoAway && cmd != Cmd::Error {
-                return false;
+                return Appended::Refused;
             }
             let before = conn.out.len();
             write(&mut conn.out);
             self.metrics().out_queue_bytes.fetch_add((conn.out.len() - before) as i64, Relaxed);
-            slow = conn.out.len() + conn.out_inflight > limit;
             if !conn.dirty {
                 conn.dirty = true;
                 self.dirty.borrow_mut().push(c.slot as usize);
             }
-            true
-        });
-        self.flush_soon();
-        if queued == Some(true) {
-            self.metrics().frames_out.add(cmd.slot(), 1);
-            if slow {
-                self.close(c, GoAwayReason::SlowConsumer);
+            if conn.out.len() + conn.out_inflight > limit {
+                Appended::OverLimit
+            } else {
+                Appended::Yes
             }
-            return true;
+        })
+        .unwrap_or(Appended::Refused)
+    }
+
+    /// Counts an appended frame, closes a connection over its limit, and schedules the flush.
+    fn after_append(&self, c: ConnRef, cmd: Cmd, appended: Appended) -> bool {
+        self.flush_soon();
+        match appended {
+            Appended::Refused => false,
+            Appended::Yes | Appended::OverLimit => {
+                self.metrics().frames_out.add(cmd.slot(), 1);
+                if appended == Appended::OverLimit {
+                    self.close(c, GoAwayReason::SlowConsumer);
+                }
+                true
+            }
         }
-        false
     }
 
     /// Marks the connection for closing; its task writes what is queued and exits.
@@ -697,6 +725,17 @@ impl Shard {
     }
 }
 
+/// What appending to an out queue did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Appended {
+    /// The connection is gone or closing.
+    Refused,
+    /// Queued.
+    Yes,
+    /// Queued, and the queue is now past its bound: the connection is a slow consumer.
+    OverLimit,
+}
+
 /// What a connection task is asked to do.
 #[derive(Debug, Clone, Copy)]
 pub enum ConnEvent {
@@ -800,6 +839,11 @@ pub async fn run_sweeper(shard: Rc<Shard>) {
                 && now.saturating_sub(c.partial_since_ms) > app.read_timeout_ms as u64
             {
                 to_close.push((r, Some(GoAwayReason::ReadTimeout)));
+            } else if c.write_stalled_ms != 0
+                && now.saturating_sub(c.write_stalled_ms) > app.read_timeout_ms as u64
+            {
+                // Pushes wait and the peer takes nothing: a slow consumer, whatever its queue.
+                to_close.push((r, Some(GoAwayReason::SlowConsumer)));
             } else if c.port == Port::App && now.saturating_sub(c.last_rx_ms) > app.idle_timeout_ms as u64 {
                 to_close.push((r, Some(GoAwayReason::IdleTimeout)));
             }
@@ -819,6 +863,7 @@ pub async fn run_sweeper(shard: Rc<Shard>) {
                     );
                     shard.close(r, GoAwayReason::IdleTimeout);
                 }
+                Some(GoAwayReason::SlowConsumer) => shard.close(r, GoAwayReason::SlowConsumer),
                 Some(GoAwayReason::ReadTimeout) => shard.go_away(
                     r,
                     0,

@@ -23,6 +23,9 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 
 /// Receipts per Receipts frame.
 const RECEIPTS_PER_FRAME: usize = 4096;
+/// How long a receipt may wait for others to share its frame: acks arrive one by one, and a
+/// frame (and an app-server ack) per receipt would cost a syscall pair per delivery.
+const RECEIPT_BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
 /// GPS points per GpsForward frame (32 bytes each: 128 KiB).
 const GPS_PER_FRAME: usize = 4096;
 /// Receipt batches a connection may have unacked before the shard stops sending it more.
@@ -124,6 +127,10 @@ pub struct Outbound {
     next_batch: u64,
     /// Round-robin cursor over this shard's app-server connections.
     rr: usize,
+    /// When the oldest waiting receipt must leave (set when the queue becomes non-empty).
+    receipts_due: Option<std::time::Instant>,
+    /// A timer task will flush at `receipts_due`.
+    receipt_timer: bool,
 }
 
 impl Outbound {
@@ -146,7 +153,12 @@ pub fn route(shard: &Shard, o: Output) {
     {
         let mut ob = shard.outbound.borrow_mut();
         match o {
-            Output::Receipt(r) => ob.receipts.push(r),
+            Output::Receipt(r) => {
+                if ob.receipts.is_empty() {
+                    ob.receipts_due = Some(std::time::Instant::now() + RECEIPT_BATCH_WINDOW);
+                }
+                ob.receipts.push(r)
+            }
             Output::Upstream { request_id, uid, role, cmd, body, log_id } => {
                 ob.upstream.push(UpstreamOut { request_id, uid, role, cmd, body, log_id })
             }
@@ -198,8 +210,28 @@ pub fn flush(shard: &Shard) {
         if ob.is_empty() {
             return;
         }
+        // Receipts wait out their batching window unless the batch is full or we are stopping.
+        let now = std::time::Instant::now();
+        let receipts_ready = ob.receipts.len() >= RECEIPTS_PER_FRAME
+            || shard.shutting_down.get()
+            || ob.receipts_due.is_none_or(|due| due <= now);
+        if !receipts_ready && !ob.receipt_timer {
+            ob.receipt_timer = true;
+            let wait = ob.receipts_due.map_or(RECEIPT_BATCH_WINDOW, |due| due.saturating_duration_since(now));
+            if let Some(me) = crate::shard::SHARD.with(|s| s.borrow().clone()) {
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(wait).await;
+                    me.outbound.borrow_mut().receipt_timer = false;
+                    me.flush_all();
+                })
+                .detach();
+            }
+        }
+        if receipts_ready {
+            ob.receipts_due = None;
+        }
         (
-            std::mem::take(&mut ob.receipts),
+            if receipts_ready { std::mem::take(&mut ob.receipts) } else { Vec::new() },
             std::mem::take(&mut ob.upstream),
             std::mem::take(&mut ob.gps),
             std::mem::take(&mut ob.unreachable),
@@ -242,6 +274,10 @@ pub fn flush(shard: &Shard) {
 fn keep_receipts(shard: &Shard, mut receipts: Vec<Receipt>) {
     let mut ob = shard.outbound.borrow_mut();
     receipts.append(&mut ob.receipts);
+    if !receipts.is_empty() && ob.receipts_due.is_none() {
+        // Kept back (no app-server, or windows full): retry on the next flush.
+        ob.receipts_due = Some(std::time::Instant::now());
+    }
     if receipts.len() > MAX_RECEIPT_BACKLOG {
         let excess = receipts.len() - MAX_RECEIPT_BACKLOG;
         tracing::error!(

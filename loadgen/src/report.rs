@@ -1,0 +1,634 @@
+//! What a run reports: the [`Report`] (one JSON object with `--json`), the table for people,
+//! the live line each second, and .hgrm percentile files for plotting.
+
+use crate::audit::AuditSummary;
+use crate::bad::BadSummary;
+use crate::engine::stats::{Hists, Snapshot};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+
+/// Percentiles of one latency histogram, µs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest sample.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl Latency {
+    /// The percentiles of `h` (all zero when it is empty).
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            count: h.len(),
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: (h.mean() * 10.0).round() / 10.0,
+        }
+    }
+}
+
+/// Apps and sessions.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Connections {
+    /// Drivers simulated.
+    pub drivers: u32,
+    /// Passengers simulated.
+    pub passengers: u32,
+    /// Sessions up when the window started.
+    pub live_at_start: u64,
+    /// Sessions up when the window ended.
+    pub live_at_end: u64,
+    /// Seconds from the first connect until every session was up (or the ramp gave up).
+    pub ramp_s: f64,
+    /// First logins.
+    pub logins: u64,
+    /// Login latency (first connect → session up).
+    pub login_latency_us: Latency,
+}
+
+/// GPS ingest.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Gps {
+    /// Points sent in the window.
+    pub sent: u64,
+    /// Frames sent in the window.
+    pub frames: u64,
+    /// Points per second over the window.
+    pub rate_per_s: f64,
+    /// Points the app-server received (coalesced by the gate: latest per driver per flush).
+    pub forwarded: u64,
+    /// Gate CPU µs per point sent in the window.
+    pub gate_cpu_us_per_point: Option<f64>,
+    /// Sends skipped because loadgen fell behind its schedule.
+    pub behind: u64,
+}
+
+/// Pushes: the audit (per target uid) and the latency.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Push {
+    /// Push frames sent.
+    pub pushes: u64,
+    /// Pairs named.
+    pub sent: u64,
+    /// Pairs the gate accepted.
+    pub accepted: u64,
+    /// Pairs of refused pushes.
+    pub refused: u64,
+    /// Pairs whose push answer was lost with its connection.
+    pub unanswered: u64,
+    /// Delivered receipts.
+    pub delivered: u64,
+    /// Other real receipts.
+    pub unreachable: u64,
+    /// Pairs the client resolved as GateLost.
+    pub gate_lost: u64,
+    /// Accepted pairs without a real receipt.
+    pub lost: u64,
+    /// Pushes an app showed twice after its own de-duplication.
+    pub duplicates: u64,
+    /// Pushes apps showed (first arrivals).
+    pub received: u64,
+    /// Deliveries apps had seen before (acked again, not shown).
+    pub redelivered: u64,
+    /// Delivered receipts whose app never showed the push.
+    pub delivered_unseen: u64,
+    /// Real receipts beyond a push's accepted targets.
+    pub extra_receipts: u64,
+    /// Receipts by outcome.
+    pub outcomes: BTreeMap<&'static str, u64>,
+    /// App-server send → app receive (first arrivals, no redelivery flag).
+    pub latency_us: Latency,
+    /// First arrivals per second over the window.
+    pub deliveries_per_s: f64,
+}
+
+/// Business requests (PlaceOrder, GrabOrder).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Request {
+    /// Sent.
+    pub sent: u64,
+    /// Answered with a Reply.
+    pub answered: u64,
+    /// Answered with an Error.
+    pub errors: u64,
+    /// Unanswered when their connection dropped.
+    pub cut: u64,
+    /// Sent → answered.
+    pub latency_us: Latency,
+}
+
+/// The order flow.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Orders {
+    /// Orders placed (passengers' view).
+    pub placed: u64,
+    /// Orders no driver could be offered.
+    pub no_driver: u64,
+    /// "Taken" statuses passengers received.
+    pub taken_seen: u64,
+    /// Grabs that won.
+    pub grab_won: u64,
+    /// Grabs too late.
+    pub grab_lost: u64,
+    /// The app-server's view.
+    pub dispatch: crate::appserver::dispatch::DispatchStats,
+}
+
+/// Drops and how sessions came back.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Reconnect {
+    /// Sessions back after a drop.
+    pub count: u64,
+    /// Back by resume.
+    pub resumed: u64,
+    /// Back by a fresh login.
+    pub relogin: u64,
+    /// Resumes the gate refused.
+    pub resume_refused: u64,
+    /// Drops loadgen caused.
+    pub drops_caused: u64,
+    /// Drops the gate or network caused.
+    pub drops_seen: u64,
+    /// Drop → session back.
+    pub latency_us: Latency,
+}
+
+/// The storm.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Storm {
+    /// Sessions dropped at once.
+    pub dropped: u64,
+    /// Of those, back.
+    pub back: u64,
+    /// Storm → last one back, ms; `None` when not all came back (or no storm).
+    pub all_back_ms: Option<f64>,
+    /// Back by resume.
+    pub resumed: u64,
+    /// Back by login.
+    pub relogin: u64,
+}
+
+/// Idle sessions.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Idle {
+    /// Sessions up at the end of the window.
+    pub sessions: u64,
+    /// (gate RSS at the end of the window − before any connection) / sessions.
+    pub bytes_per_session: Option<f64>,
+}
+
+/// The gate process.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Gate {
+    /// Its pid, if found.
+    pub pid: Option<u32>,
+    /// CPU seconds over the window.
+    pub cpu_s: Option<f64>,
+    /// CPU over the window, % of one core.
+    pub cpu_percent: Option<f64>,
+    /// RSS at the end of the window.
+    pub rss_bytes: Option<u64>,
+    /// RSS before loadgen connected anything.
+    pub rss_before_bytes: Option<u64>,
+    /// Largest RSS seen during the run.
+    pub rss_max_bytes: Option<u64>,
+}
+
+/// loadgen itself.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Loadgen {
+    /// CPU seconds over the whole run.
+    pub cpu_s: f64,
+    /// Its own RSS at the end of the window.
+    pub rss_bytes: Option<u64>,
+    /// Cores its executors ran on.
+    pub cores: Vec<usize>,
+}
+
+/// The app-server side's own counts.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct AppServerReport {
+    /// It ran.
+    pub running: bool,
+    /// GPS points received.
+    pub gps_points: u64,
+    /// Upstream requests answered.
+    pub upstream: u64,
+    /// Pushes refused by the gate.
+    pub push_refused: u64,
+    /// Pushes that could not be sent.
+    pub push_failed: u64,
+    /// Replies that could not be sent.
+    pub reply_failed: u64,
+    /// Unreachable events.
+    pub unreachable_events: u64,
+    /// Sidecar connections lost.
+    pub connections_lost: u64,
+    /// Every sidecar connection was lost before the end.
+    pub gate_lost: bool,
+}
+
+/// Everything a run found.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Report {
+    /// The scenario.
+    pub scenario: &'static str,
+    /// The audit is clean: no push lost or shown twice.
+    pub ok: bool,
+    /// Length of the measured window, s.
+    pub window_s: f64,
+    /// Apps and sessions.
+    pub connections: Connections,
+    /// GPS.
+    pub gps: Gps,
+    /// Pushes.
+    pub push: Push,
+    /// Business requests.
+    pub request: Request,
+    /// Orders.
+    pub orders: Orders,
+    /// Reconnects.
+    pub reconnect: Reconnect,
+    /// The storm.
+    pub storm: Storm,
+    /// Idle memory.
+    pub idle: Idle,
+    /// The gate process.
+    pub gate: Gate,
+    /// loadgen itself.
+    pub loadgen: Loadgen,
+    /// The app-server side.
+    pub appserver: AppServerReport,
+    /// Bad peers (`bad` scenario).
+    pub bad: Option<BadSummary>,
+    /// Failures (not chaos loadgen caused, not backpressure the gate asked for).
+    pub errors: u64,
+    /// Failures and other notable events by kind.
+    pub error_kinds: BTreeMap<&'static str, u64>,
+    /// Every app counter over the whole run.
+    pub counters: Snapshot,
+}
+
+impl Report {
+    /// Fills the push section from the audit.
+    pub fn set_audit(&mut self, a: &AuditSummary) {
+        let p = &mut self.push;
+        p.pushes = a.pushes;
+        p.sent = a.sent;
+        p.accepted = a.accepted;
+        p.refused = a.refused;
+        p.unanswered = a.unanswered;
+        p.delivered = a.delivered;
+        p.unreachable = a.unreachable;
+        p.gate_lost = a.gate_lost;
+        p.lost = a.lost;
+        p.extra_receipts = a.extra_receipts;
+    }
+
+    /// Fills the error kinds and total from the counters.
+    pub fn set_errors(&mut self, c: &Snapshot) {
+        let k = &mut self.error_kinds;
+        k.insert("connect", c.err_connect);
+        k.insert("login", c.err_login);
+        k.insert("session_timeout", c.err_session_timeout);
+        k.insert("protocol", c.err_protocol);
+        k.insert("unexpected", c.err_unexpected);
+        k.insert("write", c.err_write);
+        k.insert("request", c.request_errors);
+        k.insert("overloaded_retried", c.overloaded);
+        k.insert("resume_refused", c.resume_refused);
+        k.insert("go_aways", c.go_aways);
+        self.errors = c.errors();
+    }
+
+    /// The table for people.
+    pub fn table(&self, h: &Hists) -> String {
+        let mut s = String::new();
+        let r = self;
+        let _ = writeln!(
+            s,
+            "loadgen {}: {:.1} s window, {} drivers, {} passengers, cores {:?}, ramp {:.1} s",
+            r.scenario,
+            r.window_s,
+            r.connections.drivers,
+            r.connections.passengers,
+            r.loadgen.cores,
+            r.connections.ramp_s
+        );
+        let _ = writeln!(
+            s,
+            "sessions     {} up at start, {} at end; {} first logins",
+            r.connections.live_at_start, r.connections.live_at_end, r.connections.logins
+        );
+        if r.gps.sent > 0 || r.gps.forwarded > 0 {
+            let _ = writeln!(
+                s,
+                "gps          {} pts/s ({} points in {} frames), forwarded to the app-server {}{}",
+                num(r.gps.rate_per_s as u64),
+                num(r.gps.sent),
+                num(r.gps.frames),
+                num(r.gps.forwarded),
+                if r.gps.behind > 0 { format!(", {} sends late", num(r.gps.behind)) } else { String::new() }
+            );
+        }
+        let p = &r.push;
+        if p.pushes > 0 || p.received > 0 {
+            let _ = writeln!(
+                s,
+                "push         {} pushes: sent {} accepted {} delivered {} unreachable {} lost {} duplicates {}; \
+                 received {} ({:.0}/s), redelivered {}",
+                num(p.pushes),
+                num(p.sent),
+                num(p.accepted),
+                num(p.delivered),
+                num(p.unreachable),
+                num(p.lost),
+                num(p.duplicates),
+                num(p.received),
+                p.deliveries_per_s,
+                num(p.redelivered)
+            );
+        }
+        let outcomes: Vec<String> =
+            p.outcomes.iter().filter(|(_, &n)| n > 0).map(|(k, n)| format!("{k} {}", num(*n))).collect();
+        if !outcomes.is_empty() {
+            let _ = writeln!(s, "receipts     {}", outcomes.join(", "));
+        }
+        if r.request.sent > 0 {
+            let o = &r.orders;
+            let _ = writeln!(
+                s,
+                "orders       placed {} no-driver {} taken-seen {}; grabs won {} lost {}; requests {} answered {} errors {} cut {}",
+                num(o.placed),
+                num(o.no_driver),
+                num(o.taken_seen),
+                num(o.grab_won),
+                num(o.grab_lost),
+                num(r.request.sent),
+                num(r.request.answered),
+                num(r.request.errors),
+                num(r.request.cut)
+            );
+        }
+        let rc = &r.reconnect;
+        if rc.count > 0 || rc.drops_caused > 0 || rc.drops_seen > 0 {
+            let _ = writeln!(
+                s,
+                "reconnects   {} back ({} resumed, {} by login, {} resumes refused); drops: {} caused, {} by the gate",
+                num(rc.count),
+                num(rc.resumed),
+                num(rc.relogin),
+                num(rc.resume_refused),
+                num(rc.drops_caused),
+                num(rc.drops_seen)
+            );
+        }
+        if r.storm.dropped > 0 {
+            let _ = writeln!(
+                s,
+                "storm        {} dropped, {} back ({} resumed, {} by login), all back in {}",
+                num(r.storm.dropped),
+                num(r.storm.back),
+                num(r.storm.resumed),
+                num(r.storm.relogin),
+                r.storm.all_back_ms.map_or("— (not all back)".to_owned(), |ms| format!("{ms:.0} ms"))
+            );
+        }
+        let _ = writeln!(s, "latency µs        count       p50       p90       p99      p999       max");
+        for (name, hist) in
+            [("push", &h.push), ("request", &h.request), ("reconnect", &h.reconnect), ("login", &h.login)]
+        {
+            let l = Latency::of(hist);
+            if l.count > 0 {
+                let _ = writeln!(
+                    s,
+                    "  {name:<10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                    num(l.count),
+                    num(l.p50),
+                    num(l.p90),
+                    num(l.p99),
+                    num(l.p999),
+                    num(l.max)
+                );
+            }
+        }
+        let g = &r.gate;
+        match (g.pid, g.cpu_s) {
+            (Some(pid), Some(cpu)) => {
+                let _ = writeln!(
+                    s,
+                    "gate         pid {pid}: cpu {cpu:.2} s ({:.0} % of a core), rss {} (before {}, max {}){}",
+                    g.cpu_percent.unwrap_or(0.0),
+                    mib(g.rss_bytes),
+                    mib(g.rss_before_bytes),
+                    mib(g.rss_max_bytes),
+                    r.gps.gate_cpu_us_per_point.map_or(String::new(), |u| format!(", {u:.2} µs CPU per GPS point"))
+                );
+            }
+            _ => {
+                let _ = writeln!(s, "gate         pid not found: pass --gate-pid for CPU and memory figures");
+            }
+        }
+        if let Some(b) = r.idle.bytes_per_session {
+            let _ = writeln!(
+                s,
+                "idle         {} sessions, {:.0} bytes of gate memory each",
+                num(r.idle.sessions),
+                b
+            );
+        }
+        if let Some(b) = &r.bad {
+            let _ = writeln!(
+                s,
+                "bad peers    slow readers: {} logins, {} closed ({} with GoAway SlowConsumer), {} survived; \
+                 garbage: {} sent, {} refused, {} closed, {} left open; half-open: {} sent, {} closed (max {} ms), {} stuck",
+                b.slow_logins,
+                b.slow_closed,
+                b.slow_goaway,
+                b.slow_survived,
+                b.garbage_sent,
+                b.garbage_refused,
+                b.garbage_closed,
+                b.garbage_open,
+                b.half_open_sent,
+                b.half_open_closed,
+                b.half_open_close_ms_max,
+                b.half_open_stuck
+            );
+        }
+        let _ = writeln!(s, "loadgen      cpu {:.2} s, rss {}", r.loadgen.cpu_s, mib(r.loadgen.rss_bytes));
+        let kinds: Vec<String> =
+            r.error_kinds.iter().filter(|(_, &n)| n > 0).map(|(k, n)| format!("{k} {}", num(*n))).collect();
+        let _ = writeln!(
+            s,
+            "errors       {}{}",
+            num(r.errors),
+            if kinds.is_empty() { String::new() } else { format!(" ({})", kinds.join(", ")) }
+        );
+        let _ = writeln!(
+            s,
+            "audit        {}",
+            if r.ok {
+                "OK: every accepted push has its receipt, none shown twice".to_owned()
+            } else {
+                format!(
+                    "FAILED: lost {}, duplicates {}, delivered but never seen {}",
+                    p.lost, p.duplicates, p.delivered_unseen
+                )
+            }
+        );
+        s
+    }
+}
+
+/// 1234567 → "1,234,567".
+pub fn num(n: u64) -> String {
+    let d = n.to_string();
+    let mut out = String::with_capacity(d.len() + d.len() / 3);
+    for (i, c) in d.chars().enumerate() {
+        if i > 0 && (d.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn mib(b: Option<u64>) -> String {
+    b.map_or("?".to_owned(), |b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)))
+}
+
+/// Writes each non-empty histogram as `<dir>/<name>.hgrm` (HdrHistogram's percentile
+/// distribution text, values in µs).
+pub fn write_hgrm(dir: &Path, h: &Hists) -> std::io::Result<Vec<std::path::PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    for (name, hist) in [
+        ("push_latency", &h.push),
+        ("request_rtt", &h.request),
+        ("reconnect", &h.reconnect),
+        ("login", &h.login),
+    ] {
+        if hist.is_empty() {
+            continue;
+        }
+        let path = dir.join(format!("{name}.hgrm"));
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        f.write_all(hgrm(hist).as_bytes())?;
+        f.flush()?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// HdrHistogram's percentile distribution text for `h` (values in µs).
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    let mut s = String::new();
+    let _ =
+        writeln!(s, "{:>12} {:>14} {:>10} {:>14}\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
+    let mut total = 0u64;
+    for v in h.iter_quantiles(5) {
+        total += v.count_since_last_iteration();
+        let q = v.quantile_iterated_to();
+        if q < 1.0 {
+            let _ = writeln!(
+                s,
+                "{:>12.3} {:>14.12} {:>10} {:>14.2}",
+                v.value_iterated_to() as f64,
+                q,
+                total,
+                1.0 / (1.0 - q)
+            );
+        } else {
+            let _ = writeln!(s, "{:>12.3} {:>14.12} {:>10}", v.value_iterated_to() as f64, q, total);
+        }
+    }
+    let _ = writeln!(s, "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]", h.mean(), h.stdev());
+    let _ = writeln!(s, "#[Max     = {:>12.3}, Total count    = {:>12}]", h.max() as f64, h.len());
+    let _ = writeln!(s, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", h.buckets(), h.distinct_values());
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::stats::histogram;
+
+    #[test]
+    fn numbers_get_separators() {
+        assert_eq!(num(0), "0");
+        assert_eq!(num(999), "999");
+        assert_eq!(num(1000), "1,000");
+        assert_eq!(num(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn latency_and_hgrm() {
+        let mut h = histogram();
+        for v in 1..=1000u64 {
+            h.saturating_record(v);
+        }
+        let l = Latency::of(&h);
+        assert_eq!((l.count, l.max), (1000, 1000));
+        assert!((495..=505).contains(&l.p50), "{l:?}");
+        assert!((985..=1000).contains(&l.p99), "{l:?}");
+        let text = hgrm(&h);
+        assert!(text.contains("Percentile") && text.contains("Total count"));
+        assert_eq!(Latency::of(&histogram()), Latency::default());
+    }
+
+    #[test]
+    fn report_serialises_with_the_documented_keys() {
+        let r = Report { scenario: "gps", ..Report::default() };
+        let v = serde_json::to_value(&r).expect("json");
+        for path in [
+            "/gps/sent",
+            "/gps/rate_per_s",
+            "/push/sent",
+            "/push/accepted",
+            "/push/delivered",
+            "/push/unreachable",
+            "/push/lost",
+            "/push/duplicates",
+            "/push/latency_us/p50",
+            "/push/latency_us/p99",
+            "/push/latency_us/p999",
+            "/push/latency_us/max",
+            "/request/latency_us/p50",
+            "/request/latency_us/p99",
+            "/reconnect/latency_us/p50",
+            "/reconnect/latency_us/p99",
+            "/storm/all_back_ms",
+            "/storm/resumed",
+            "/storm/relogin",
+            "/idle/bytes_per_session",
+            "/gate/cpu_s",
+            "/gate/rss_bytes",
+            "/loadgen/cpu_s",
+            "/errors",
+        ] {
+            assert!(v.pointer(path).is_some(), "missing {path}");
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! End to end: a real gate process on free ports, loadgen's binary against it, and the JSON it
+//! prints. Small fleets (under 100 connections) so the tests stay quick on a shared machine.
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Secret for tokens and the sidecar hello, passed to both sides.
+const SECRET: &str = "loadgen-test-secret";
+/// Longest a gate may take to write its ports file, and a loadgen run to finish.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A gate process; killed when dropped.
+struct Gate {
+    child: Child,
+    app: SocketAddr,
+    sidecar: SocketAddr,
+    log: PathBuf,
+    dir: PathBuf,
+}
+
+/// The gate binary beside loadgen's, built first if it is missing.
+fn gate_binary() -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_loadgen")).with_file_name("gate");
+    if !bin.exists() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status =
+            Command::new(cargo).args(["build", "-p", "gate"]).current_dir(root).status().expect("cargo runs");
+        assert!(status.success(), "cargo build -p gate failed");
+    }
+    bin
+}
+
+impl Gate {
+    fn start() -> Gate {
+        let dir = std::env::temp_dir().join(format!(
+            "loadgen-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let ports = dir.join("ports");
+        let log = dir.join("gate.log");
+        let child = Command::new(gate_binary())
+            .args(["--ports-file", &ports.display().to_string()])
+            .args([
+                "--app-listen",
+                "127.0.0.1:0",
+                "--sidecar-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--token-secret", SECRET, "--sidecar-secret", SECRET])
+            .args(["--hold-ms", "2000", "--gps-flush-ms", "100", "--login-timeout-ms", "3000"])
+            .args(["--read-timeout-ms", "3000", "--request-timeout-ms", "3000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("gate starts");
+        let deadline = Instant::now() + PATIENCE;
+        let text = loop {
+            if let Ok(t) = std::fs::read_to_string(&ports) {
+                break t;
+            }
+            assert!(Instant::now() < deadline, "gate wrote no ports file; log:\n{}", read(&log));
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let port = |name: &str| -> u16 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} port in {text:?}"))
+        };
+        Gate {
+            child,
+            app: SocketAddr::from(([127, 0, 0, 1], port("app"))),
+            sidecar: SocketAddr::from(([127, 0, 0, 1], port("sidecar"))),
+            log,
+            dir,
+        }
+    }
+
+    /// Runs `loadgen <args> --gate .. --sidecar .. --json` and returns its exit code and JSON.
+    fn loadgen(&self, args: &[&str]) -> (i32, Value) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .args(args)
+            .args(["--gate", &self.app.to_string(), "--sidecar", &self.sidecar.to_string()])
+            .args(["--token-secret", SECRET, "--sidecar-secret", SECRET, "--json", "--quiet"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("loadgen starts");
+        let deadline = Instant::now() + PATIENCE;
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("loadgen did not finish in {PATIENCE:?}; gate log:\n{}", read(&self.log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("output");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let json: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!("no JSON on stdout ({e}): {stdout}\nstderr:\n{stderr}\ngate log:\n{}", read(&self.log))
+        });
+        eprintln!("{stderr}");
+        (out.status.code().unwrap_or(-1), json)
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn n(v: &Value, path: &str) -> f64 {
+    v.pointer(path)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("{path} missing or not a number in {v:#}"))
+}
+
+#[test]
+fn mixed_with_chaos_loses_nothing() {
+    let gate = Gate::start();
+    let (code, v) = gate.loadgen(&[
+        "mixed",
+        "--drivers",
+        "50",
+        "--passengers",
+        "10",
+        "--duration",
+        "5",
+        "--disconnect-rate",
+        "5",
+        "--order-rate",
+        "0.5",
+        "--hold-ms",
+        "2000",
+        "--ttl-ms",
+        "3000",
+    ]);
+    let ctx = || format!("{v:#}\ngate log tail:\n{}", tail(&read(&gate.log), 40));
+    assert!(n(&v, "/gps/sent") > 0.0, "no GPS sent: {}", ctx());
+    assert!(n(&v, "/gps/forwarded") > 0.0, "no GPS reached the app-server: {}", ctx());
+    assert!(n(&v, "/orders/placed") > 0.0, "no order placed: {}", ctx());
+    assert!(n(&v, "/push/delivered") > 0.0, "no push delivered: {}", ctx());
+    assert!(n(&v, "/push/received") > 0.0, "no push received by an app: {}", ctx());
+    assert!(n(&v, "/reconnect/count") > 0.0, "chaos dropped nobody: {}", ctx());
+    assert_eq!(n(&v, "/push/lost"), 0.0, "pushes lost: {}", ctx());
+    assert_eq!(n(&v, "/push/duplicates"), 0.0, "pushes shown twice: {}", ctx());
+    assert_eq!(n(&v, "/push/delivered_unseen"), 0.0, "delivered but never seen: {}", ctx());
+    assert_eq!(n(&v, "/errors"), 0.0, "errors: {}", ctx());
+    assert_eq!(code, 0, "exit status: {}", ctx());
+    assert!(n(&v, "/push/latency_us/p50") > 0.0, "no push latency: {}", ctx());
+}
+
+#[test]
+fn idle_reports_memory_per_session() {
+    let gate = Gate::start();
+    let (code, v) = gate.loadgen(&["idle", "--drivers", "20", "--duration", "1"]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(n(&v, "/idle/sessions"), 20.0, "{v:#}");
+    assert!(v.pointer("/idle/bytes_per_session").is_some_and(Value::is_number), "{v:#}");
+    assert_eq!(
+        v.pointer("/gate/pid").and_then(Value::as_u64),
+        Some(u64::from(gate.child.id())),
+        "gate found by its port"
+    );
+    assert!(n(&v, "/gate/rss_bytes") > 0.0, "{v:#}");
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let all: Vec<&str> = s.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
