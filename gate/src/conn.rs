@@ -38,7 +38,12 @@ enum Step {
 }
 
 /// Serves one connection until it closes.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, me: ConnRef) {
+/// `wait`: how long the accept-rate limit queues the connection before it is served.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, me: ConnRef, wait: Duration) {
+    if !wait.is_zero() {
+        // Boxed, so the timer does not stay in every connection's task for its whole life.
+        Box::pin(glommio::timer::sleep(wait)).await;
+    }
     let _ = stream.set_nodelay(true);
     let mut inline = [0u8; INLINE];
     loop {
@@ -53,12 +58,14 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, me: ConnRef) {
                     break;
                 }
             }
+            // The rare paths are boxed: an async fn's state is as large as its largest await
+            // point, and every idle connection would otherwise carry their buffers and timers.
             Step::Event(ConnEvent::Close(_)) => {
-                close_gracefully(&shard, &mut stream, me).await;
+                Box::pin(close_gracefully(&shard, &mut stream, me)).await;
                 break;
             }
             Step::Event(ConnEvent::WriteBlocked) => {
-                if !write_blocked(&shard, &mut stream, me).await {
+                if !Box::pin(write_blocked(&shard, &mut stream, me)).await {
                     break;
                 }
             }

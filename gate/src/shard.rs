@@ -31,8 +31,9 @@ const MAX_BATCHES_PER_WAKE: usize = 64;
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// Error frames a connection may earn before login before it is closed.
 const MAX_PRE_LOGIN_ERRORS: u8 = 8;
-/// An empty out queue keeps at most this much capacity, so idle connections stay small.
-const OUT_KEEP_CAPACITY: usize = 4096;
+/// An empty out queue keeps at most this much capacity: idle connections (the great majority)
+/// must own no write buffer, and a busy one reallocates a small buffer at most once per flush.
+const OUT_KEEP_CAPACITY: usize = 0;
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -48,15 +48,9 @@ fn admit(shard: &Rc<Shard>, stream: TcpStream) {
         None => return refuse(shard, stream, Refusal::AcceptRate, "accept rate limit: queue full"),
     };
     let me = shard.add_conn(stream.as_raw_fd(), Port::App, net::now_ms());
-    let shard = shard.clone();
-    glommio::spawn_local(async move {
-        if !wait.is_zero() {
-            // Queued by the rate limit: the connection exists (and counts) but is served later.
-            glommio::timer::sleep(wait).await;
-        }
-        crate::conn::serve(shard, stream, me).await;
-    })
-    .detach();
+    // Spawned directly (no wrapping async block): a wrapper would keep its own copy of the
+    // stream and the shard handle in every connection's task for the connection's whole life.
+    glommio::spawn_local(crate::conn::serve(shard.clone(), stream, me, wait)).detach();
 }
 
 /// Token bucket: one token per accept, refilled at the configured rate, holding at most one

@@ -20,6 +20,7 @@ use schema::wire::{self, ErrorCode, GoAwayReason, Hop, UidGpsPoint};
 use schema::{Body, Cmd, Frame, FrameType};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
 
 /// Receipts per Receipts frame.
 const RECEIPTS_PER_FRAME: usize = 4096;
@@ -527,7 +528,7 @@ pub async fn run_listener(shard: std::rc::Rc<Shard>, listener: glommio::net::Tcp
                     continue;
                 }
                 let me = shard.add_conn(stream.as_raw_fd(), Port::Sidecar, crate::net::now_ms());
-                glommio::spawn_local(crate::conn::serve(shard.clone(), stream, me)).detach();
+                glommio::spawn_local(crate::conn::serve(shard.clone(), stream, me, Duration::ZERO)).detach();
             }
             Some(Err(e)) => {
                 tracing::warn!(shard = shard.id, error = %e, "sidecar accept failed");
