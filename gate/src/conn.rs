@@ -21,6 +21,13 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+/// Read tick of busy app connections: GPS tolerates this much delay, and a busy connection
+/// then costs one recv per tick instead of a poll completion and a recv per segment.
+const READ_TICK: Duration = Duration::from_millis(10);
+/// Frames closer together than this put a connection in busy mode.
+const BUSY_GAP: Duration = Duration::from_millis(100);
+/// Empty ticks before a busy connection goes back to waiting for readiness.
+const BUSY_TICKS: u8 = 4;
 /// Inline read buffer: one GPS frame (64 bytes) fits, so the common segment is one syscall.
 const INLINE: usize = 128;
 /// At most this many extra `recv`s drain one readable burst, so one busy connection cannot
@@ -46,17 +53,57 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, me: ConnRef, wait: D
     }
     let _ = stream.set_nodelay(true);
     let mut inline = [0u8; INLINE];
+    // App connections send small frames (a GPS frame is 64 bytes): when the inline buffer
+    // fills, the next read takes the rest, and an extra drain would mostly find the socket
+    // empty (a wasted syscall per burst). App-servers send large frames in bursts: drain them.
+    let drain_bursts = shard.with_conn(me, |c| c.port == Port::Sidecar).unwrap_or(false);
+    // Busy mode (app port): a connection whose frames come closer together than BUSY_GAP reads
+    // on the shard's tick with a direct non-blocking recv instead of waiting in a readiness poll.
+    let mut busy_ticks_left = 0u8;
+    let mut last_read = std::time::Instant::now();
     loop {
-        let step = futures_lite::future::or(async { Step::Read(stream.read(&mut inline).await) }, async {
-            Step::Event(futures_lite::future::poll_fn(|cx| shard.poll_conn_event(me, cx.waker())).await)
-        })
-        .await;
+        let step = if busy_ticks_left > 0 {
+            let event = futures_lite::future::or(
+                async {
+                    shard.read_tick(READ_TICK).await;
+                    None
+                },
+                async {
+                    Some(futures_lite::future::poll_fn(|cx| shard.poll_conn_event(me, cx.waker())).await)
+                },
+            )
+            .await;
+            match event {
+                Some(e) => Step::Event(e),
+                None => match on_bytes(&shard, me, &[], true) {
+                    Read::Closed => break,
+                    Read::Empty => {
+                        busy_ticks_left -= 1;
+                        continue;
+                    }
+                    Read::Data => {
+                        busy_ticks_left = BUSY_TICKS;
+                        continue;
+                    }
+                },
+            }
+        } else {
+            futures_lite::future::or(async { Step::Read(stream.read(&mut inline).await) }, async {
+                Step::Event(futures_lite::future::poll_fn(|cx| shard.poll_conn_event(me, cx.waker())).await)
+            })
+            .await
+        };
         match step {
             Step::Read(Ok(0)) | Step::Read(Err(_)) => break,
             Step::Read(Ok(n)) => {
-                if on_bytes(&shard, me, &inline[..n], n == INLINE) {
+                if on_bytes(&shard, me, &inline[..n], n == INLINE && drain_bursts) == Read::Closed {
                     break;
                 }
+                let now = std::time::Instant::now();
+                if !drain_bursts && now.duration_since(last_read) < BUSY_GAP {
+                    busy_ticks_left = BUSY_TICKS;
+                }
+                last_read = now;
             }
             // The rare paths are boxed: an async fn's state is as large as its largest await
             // point, and every idle connection would otherwise carry their buffers and timers.
@@ -75,14 +122,23 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, me: ConnRef, wait: D
     drop(stream);
 }
 
-/// Handles bytes that arrived; returns true when the peer closed.
-fn on_bytes(shard: &Shard, me: ConnRef, first: &[u8], maybe_more: bool) -> bool {
+/// What a read found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    /// Bytes came and were handled.
+    Data,
+    /// The socket had nothing.
+    Empty,
+    /// The peer closed (or the connection is gone).
+    Closed,
+}
+
+/// Handles bytes that arrived (`first`, then, with `maybe_more`, what else the socket holds).
+fn on_bytes(shard: &Shard, me: ConnRef, first: &[u8], maybe_more: bool) -> Read {
     let now = net::now_ms();
-    let Some((fd, port, mut own)) = shard.with_conn(me, |c| {
-        c.last_rx_ms = now;
-        (c.fd, c.port, std::mem::take(&mut c.partial))
-    }) else {
-        return true;
+    let Some((fd, port, mut own)) = shard.with_conn(me, |c| (c.fd, c.port, std::mem::take(&mut c.partial)))
+    else {
+        return Read::Closed;
     };
     let max_body = match port {
         Port::App => shard.cfg.app.max_body,
@@ -94,19 +150,33 @@ fn on_bytes(shard: &Shard, me: ConnRef, first: &[u8], maybe_more: bool) -> bool 
         scratch.clear();
         let (eof, used) =
             read_and_decode(shard, me, port, fd, &mut scratch, first, maybe_more, max_body, false);
+        let got = !scratch.is_empty();
         keep_partial(shard, me, &scratch[used..], now);
-        eof
+        outcome(shard, me, eof, got, now)
     } else {
         // A frame is half-read: it grows in its own buffer, so a large sidecar frame arriving in
         // many reads is not copied again on each one.
+        let before = own.len();
         let (eof, used) = read_and_decode(shard, me, port, fd, &mut own, first, maybe_more, max_body, true);
+        let got = own.len() > before;
         own.drain(..used);
         if own.is_empty() {
             keep_partial(shard, me, &[], now);
         } else {
             shard.with_conn(me, |c| c.partial = own);
         }
-        eof
+        outcome(shard, me, eof, got, now)
+    }
+}
+
+fn outcome(shard: &Shard, me: ConnRef, eof: bool, got: bool, now: u64) -> Read {
+    if got {
+        shard.with_conn(me, |c| c.last_rx_ms = now);
+    }
+    match (eof, got) {
+        (true, _) => Read::Closed,
+        (false, true) => Read::Data,
+        (false, false) => Read::Empty,
     }
 }
 
@@ -139,7 +209,11 @@ fn read_and_decode(
                 });
                 buf.reserve(need.saturating_sub(buf.len()).max(64 * 1024));
             }
+            let spare = buf.capacity() - buf.len();
             match net::recv_into(fd, buf) {
+                // A read that did not fill the room took everything queued: another would find
+                // the socket empty, a wasted syscall.
+                Ok(Io::Done(n)) if n < spare => break,
                 Ok(Io::Done(_)) => {}
                 Ok(Io::WouldBlock) => break,
                 Ok(Io::Eof) | Err(_) => {

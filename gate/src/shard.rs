@@ -156,6 +156,12 @@ pub struct Shard {
     logic_out: RefCell<Vec<Output>>,
     /// Waker of the logic timer task, woken when a deadline appears.
     logic_timer: RefCell<Option<Waker>>,
+    /// Connection tasks waiting for the next read tick (see `read_tick`).
+    read_tick_wakers: RefCell<Vec<Waker>>,
+    /// Counts read ticks; a waiter is released when it changes.
+    read_tick_epoch: Cell<u64>,
+    /// A timer task will fire the next read tick.
+    read_tick_armed: Cell<bool>,
     /// Set once shutdown began.
     pub shutting_down: Cell<bool>,
     /// Woken when shutdown begins (accept loop, sweeper).
@@ -224,6 +230,9 @@ impl Shard {
             dirty: RefCell::new(Vec::new()),
             logic_out: RefCell::new(Vec::new()),
             logic_timer: RefCell::new(None),
+            read_tick_wakers: RefCell::new(Vec::new()),
+            read_tick_epoch: Cell::new(0),
+            read_tick_armed: Cell::new(false),
             shutting_down: Cell::new(false),
             shutdown_wakers: RefCell::new(Vec::new()),
             gps_recent,
@@ -710,6 +719,34 @@ impl Shard {
         self.logic.borrow_mut().flush_gps(&mut out);
         self.route_outputs(&mut out);
         self.flush_all();
+    }
+
+    /// Resolves at the shard's next read tick. Busy connections wait here between reads instead
+    /// of in a readiness poll, so that what arrives meanwhile is taken with one read, and the
+    /// shard takes one timer wake-up per tick instead of one poll completion per segment.
+    pub async fn read_tick(self: &Rc<Self>, every: Duration) {
+        let epoch = self.read_tick_epoch.get();
+        futures_lite::future::poll_fn(|cx| {
+            if self.read_tick_epoch.get() != epoch {
+                return Poll::Ready(());
+            }
+            self.read_tick_wakers.borrow_mut().push(cx.waker().clone());
+            if !self.read_tick_armed.replace(true) {
+                let me = self.clone();
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(every).await;
+                    me.read_tick_armed.set(false);
+                    me.read_tick_epoch.set(me.read_tick_epoch.get() + 1);
+                    let wakers = std::mem::take(&mut *me.read_tick_wakers.borrow_mut());
+                    for w in wakers {
+                        w.wake();
+                    }
+                })
+                .detach();
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Resolves once shutdown has begun.
