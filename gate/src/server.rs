@@ -19,6 +19,11 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// io_uring depth per executor. Every idle connection keeps a readiness poll pending, and the
+/// kernel sizes the table it searches them in by the ring's depth: glommio's default (128)
+/// leaves a handful of buckets for thousands of polls, and closing or cancelling one walks a
+/// long chain (it dominated a 15,000-session reconnect storm).
+const RING_DEPTH: usize = 4096;
 /// How long shards wait, after go-away, for their connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -114,6 +119,7 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
         let admin = admin.take();
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
+            .ring_depth(RING_DEPTH)
             .spawn(move || async move {
                 let shard = Rc::new(Shard::new(id as u16, shared));
                 shard_main(shard, listener, sidecar, admin).await

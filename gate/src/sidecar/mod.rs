@@ -128,6 +128,8 @@ pub struct Outbound {
     next_batch: u64,
     /// Round-robin cursor over this shard's app-server connections.
     rr: usize,
+    /// This shard's ready app-server connections (few: bounded by the per-shard limit).
+    conns: Vec<ConnRef>,
     /// When the oldest waiting receipt must leave (set when the queue becomes non-empty).
     receipts_due: Option<std::time::Instant>,
     /// A timer task will flush at `receipts_due`.
@@ -193,13 +195,14 @@ pub fn on_mesh(shard: &Shard, m: AppServerMsg) {
 }
 
 /// Ready app-server connections on this shard.
+/// (Kept as a list beside the connection table: scanning the table of every app connection on
+/// each flush would cost O(connections) per receipt batch.)
 fn local_conns(shard: &Shard) -> Vec<ConnRef> {
-    shard
-        .conns
-        .borrow()
+    let ob = shard.outbound.borrow();
+    ob.conns
         .iter()
-        .filter(|(_, c)| c.port == Port::Sidecar && c.state == ConnState::LoggedIn && c.close.is_none())
-        .map(|(slot, c)| ConnRef { shard: shard.id, slot: slot as u32, gen: c.gen })
+        .copied()
+        .filter(|c| shard.with_conn(*c, |conn| conn.close.is_none()).unwrap_or(false))
         .collect()
 }
 
@@ -409,6 +412,7 @@ pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
                 c.sidecar = Some(Box::new(SidecarState { name: name.clone(), ..Default::default() }));
             });
             shard.sidecars.per_shard[shard.id as usize].fetch_add(1, Relaxed);
+            shard.outbound.borrow_mut().conns.push(me);
             tracing::info!(log_id = h.log_id, name, shard = shard.id, "app-server connected");
             let (node, max_body, max_targets) =
                 (shard.node.as_str(), shard.cfg.sidecar.max_body, shard.cfg.sidecar.max_targets);
@@ -485,6 +489,7 @@ pub fn on_closed(shard: &Shard, c: ConnRef, conn: crate::shard::Conn) {
     let Some(st) = conn.sidecar else { return };
     if conn.state == ConnState::LoggedIn {
         shard.sidecars.per_shard[shard.id as usize].fetch_sub(1, Relaxed);
+        shard.outbound.borrow_mut().conns.retain(|x| *x != c);
     }
     let unacked: usize = st.unacked.values().map(Vec::len).sum();
     tracing::warn!(
@@ -522,7 +527,7 @@ pub async fn run_listener(shard: std::rc::Rc<Shard>, listener: glommio::net::Tcp
         match accepted {
             None => break,
             Some(Ok(stream)) => {
-                let n = shard.conns.borrow().iter().filter(|(_, c)| c.port == Port::Sidecar).count();
+                let n = shard.conns.borrow().len() - shard.app_conns();
                 if n >= MAX_SIDECAR_CONNS_PER_SHARD {
                     tracing::warn!(shard = shard.id, "sidecar connection refused: limit reached");
                     continue;

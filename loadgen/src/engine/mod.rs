@@ -268,6 +268,9 @@ pub fn start(
         let (plan, control, stats, bad) = (plan.clone(), control.clone(), stats.clone(), bad.clone());
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("loadgen-{id}"))
+            // Thousands of pending readiness polls: a deep ring gives the kernel's poll table
+            // enough buckets (glommio's default of 128 makes every cancel walk a long chain).
+            .ring_depth(4096)
             .spawn(move || async move {
                 let slots = (0..apps.len()).map(|_| Slot::default()).collect();
                 let ex = Rc::new(Exec {
