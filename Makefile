@@ -10,7 +10,7 @@ export FLATC
 FUZZ_SECONDS ?= 600
 CARGO ?= cargo
 
-.PHONY: help run build test test-deps schema fuzz bench-codec fmt clippy clean
+.PHONY: help run build test test-deps schema fuzz bench-codec demo fmt clippy clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,18 @@ schema: test-deps ## regenerate schema/src/generated from schema/fbs with flatc 
 fuzz: ## fuzz the frame decoder for FUZZ_SECONDS (needs cargo-fuzz; RUSTC_BOOTSTRAP lets stable run it)
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
 	cd schema && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode -- -max_total_time=$(FUZZ_SECONDS)
+
+demo: ## run a gate, the dispatch app-server and a small fleet for a short mixed run, and print what happened
+	$(CARGO) build --release -p gate -p loadgen
+	@set -e; dir=$$(mktemp -d); \
+	./target/release/gate --cores 0 --app-listen 127.0.0.1:0 --sidecar-listen 127.0.0.1:0 \
+		--admin-listen 127.0.0.1:0 --hold-ms 5000 --ports-file $$dir/ports 2> $$dir/gate.log & gate=$$!; \
+	trap 'kill $$gate 2>/dev/null; wait $$gate 2>/dev/null; rm -rf '"$$dir" EXIT; \
+	for i in $$(seq 100); do [ -f $$dir/ports ] && break; sleep 0.1; done; \
+	app=$$(sed -n 's/^app=//p' $$dir/ports); side=$$(sed -n 's/^sidecar=//p' $$dir/ports); \
+	./target/release/loadgen mixed --gate 127.0.0.1:$$app --sidecar 127.0.0.1:$$side --hold-ms 5000 \
+		--drivers 200 --passengers 50 --disconnect-rate 5 --duration 15; \
+	echo; echo "gate log: $$(wc -l < $$dir/gate.log) lines, e.g.:"; grep -m 5 'request' $$dir/gate.log || true
 
 bench-codec: ## criterion benchmark of decode+verify for GPS frames
 	$(CARGO) bench -p schema --bench decode
