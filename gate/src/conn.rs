@@ -26,7 +26,9 @@ use std::time::Duration;
 const READ_TICK: Duration = Duration::from_millis(10);
 /// Frames closer together than this put a connection in busy mode.
 const BUSY_GAP: Duration = Duration::from_millis(100);
-/// Empty ticks before a busy connection goes back to waiting for readiness.
+/// Most ticks a busy connection waits between reads (bounds the extra delay of its frames).
+const MAX_TICKS_PER_READ: u32 = 10;
+/// Empty reads before a busy connection goes back to waiting for readiness.
 const BUSY_TICKS: u8 = 4;
 /// Inline read buffer: one GPS frame (64 bytes) fits, so the common segment is one syscall.
 const INLINE: usize = 128;
@@ -61,6 +63,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, me: ConnRef, wait: D
     // on the shard's tick with a direct non-blocking recv instead of waiting in a readiness poll.
     let mut busy_ticks_left = 0u8;
     let mut last_read = std::time::Instant::now();
+    // Ticks between reads in busy mode: about the connection's gap between frames, so a driver
+    // sending every 40 ms is read every 4th tick rather than finding the socket empty 3 times.
+    let mut ticks_per_read = 1u32;
+    let mut ticks_waited = 0u32;
     loop {
         let step = if busy_ticks_left > 0 {
             let event = futures_lite::future::or(
@@ -75,13 +81,22 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, me: ConnRef, wait: D
             .await;
             match event {
                 Some(e) => Step::Event(e),
+                None if {
+                    ticks_waited += 1;
+                    ticks_waited < ticks_per_read
+                } =>
+                {
+                    continue
+                }
                 None => match on_bytes(&shard, me, &[], true) {
                     Read::Closed => break,
                     Read::Empty => {
+                        ticks_waited = 0;
                         busy_ticks_left -= 1;
                         continue;
                     }
                     Read::Data => {
+                        ticks_waited = 0;
                         busy_ticks_left = BUSY_TICKS;
                         continue;
                     }
@@ -100,8 +115,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, me: ConnRef, wait: D
                     break;
                 }
                 let now = std::time::Instant::now();
-                if !drain_bursts && now.duration_since(last_read) < BUSY_GAP {
+                let gap = now.duration_since(last_read);
+                if !drain_bursts && gap < BUSY_GAP {
                     busy_ticks_left = BUSY_TICKS;
+                    ticks_waited = 0;
+                    ticks_per_read =
+                        (gap.as_millis() as u32 / READ_TICK.as_millis() as u32).clamp(1, MAX_TICKS_PER_READ);
                 }
                 last_read = now;
             }
