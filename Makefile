@@ -67,3 +67,24 @@ clippy: ## lint every crate
 
 clean:
 	$(CARGO) clean
+
+# Benchmarks (perf/): the gate against mosquitto, nats-server and the io_uring ceiling, one run.
+.PHONY: bench bench-quick bench-deps
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+bench-deps: ## install the peers the benchmarks measure when missing (mosquitto, nats-server)
+	@missing=""; \
+	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing="$$missing nats-server"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y $$missing; \
+	fi
+
+bench: bench-deps ## full benchmark vs mosquitto, nats-server, ceiling (~10 min); writes perf/results/
+	$(CARGO) build --release -p gate -p loadgen -p perf
+	./target/release/bench $(ARGS)
+
+bench-quick: bench-deps ## the same scenarios smaller (under 3 minutes); writes perf/results/
+	$(CARGO) build --release -p gate -p loadgen -p perf
+	./target/release/bench --quick $(ARGS)

@@ -2,7 +2,7 @@
 //! sizes, core lists and addresses. `Cli::plan` turns flags into a [`Plan`]; nothing here does
 //! I/O except resolving host names.
 
-use crate::plan::{BadPlan, Plan, Scenario, DEV_SECRET};
+use crate::plan::{BadPlan, Plan, Scenario, Target, DEV_SECRET};
 use clap::{Args, Parser, Subcommand};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -35,10 +35,18 @@ Scenarios:
   appserver  the dispatch app-server alone (for a fleet driven from elsewhere)
   bad        slow readers, garbage senders and half-open connections beside a good fleet
 
+Peers (gps, push, idle): --target mqtt|nats|ceiling drives another server at --gate with the
+same drivers and rates, for side-by-side figures (perf's `bench` does this). Drivers publish a
+40-byte point to gps/<uid> (NATS: gps.<uid>) and subscribe to push/<uid>; one subscriber to
+gps/# (gps.>) plays the app-server; a push to N drivers is N pipelined publishes with a
+timestamp in the payload. The ceiling only takes GPS frames. Peers give no receipts, so there
+is no audit; the report's `gate` section describes the server at --gate, whatever it is.
+
 Examples:
   loadgen gps --cores 1 --drivers 1000 --rate 100 --duration 10 --json
   loadgen push --drivers 2000 --fanout 1000 --push-rate 5 --duration 10
   loadgen idle --drivers 5000 --duration 30
+  loadgen gps --target nats --gate 127.0.0.1:4222 --drivers 1000 --rate 100 --duration 10
   loadgen storm --drivers 15000 --storm-percent 100 --duration 20
   loadgen mixed --drivers 200 --passengers 50 --disconnect-rate 5 --duration 30
   loadgen appserver --dispatch-k 5
@@ -262,11 +270,24 @@ pub struct Orders {
     pub dispatch_k: u32,
 }
 
+/// Which server the scenario drives, for the scenarios a peer can carry (`gps`, `push`, `idle`).
+#[derive(Debug, Clone, Args)]
+pub struct TargetArg {
+    /// The server at --gate: `gate` (fleetgate), `mqtt` (an MQTT 3.1.1 broker such as
+    /// mosquitto), `nats` (nats-server) or `ceiling` (perf's read-and-discard server, `gps`
+    /// only); peers get the same drivers, rates and pushes over their own protocol, with one
+    /// subscriber as the app-server; e.g. `--target mqtt --gate 127.0.0.1:1883`
+    #[arg(long, value_enum, default_value = "gate", value_name = "SERVER", help_heading = CONNECT)]
+    pub target: Target,
+}
+
 /// `loadgen gps`.
 #[derive(Debug, Clone, Args)]
 pub struct GpsArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub target: TargetArg,
     #[command(flatten)]
     pub fleet: Fleet,
 }
@@ -276,6 +297,8 @@ pub struct GpsArgs {
 pub struct PushArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub target: TargetArg,
     #[command(flatten)]
     pub fleet: Fleet,
     #[command(flatten)]
@@ -287,6 +310,8 @@ pub struct PushArgs {
 pub struct IdleArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub target: TargetArg,
 
     /// Idle driver sessions, e.g. `--drivers 19000`
     #[arg(long, default_value_t = 1000, value_name = "N", help_heading = FLEET)]
@@ -416,17 +441,20 @@ impl Cli {
         let (plan, common) = match &self.command {
             Command::Gps(a) => {
                 let mut p = base(Scenario::Gps, &a.common)?;
+                p.target = a.target.target;
                 fleet(&mut p, &a.fleet, 1000, 0)?;
                 (p, &a.common)
             }
             Command::Push(a) => {
                 let mut p = base(Scenario::Push, &a.common)?;
+                p.target = a.target.target;
                 fleet(&mut p, &a.fleet, 2000, 0)?;
                 pushes(&mut p, &a.pushes, 5.0);
                 (p, &a.common)
             }
             Command::Idle(a) => {
                 let mut p = base(Scenario::Idle, &a.common)?;
+                p.target = a.target.target;
                 p.drivers = a.drivers;
                 p.passengers = a.passengers;
                 p.rate = 0.0;

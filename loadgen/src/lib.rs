@@ -11,6 +11,7 @@
 //!   and the dispatch rules in [`appserver::dispatch`].
 //! - [`audit`]: per (message id, uid): pushed, accepted, shown by apps, receipts.
 //! - [`bad`]: peers that misbehave on purpose.
+//! - [`peers`]: the same fleet against mosquitto, nats-server or perf's ceiling (`--target`).
 //! - [`report`]: the JSON object, the table, the live line, .hgrm files.
 //! - [`procstat`]: CPU and memory of the gate (and of loadgen) from /proc.
 
@@ -19,11 +20,12 @@ pub mod audit;
 pub mod bad;
 pub mod cli;
 pub mod engine;
+pub mod peers;
 pub mod plan;
 pub mod procstat;
 pub mod report;
 pub mod run;
 
-pub use plan::{BadPlan, Plan, Scenario, DEV_SECRET};
+pub use plan::{BadPlan, Plan, Scenario, Target, DEV_SECRET};
 pub use report::Report;
 pub use run::{run, Outcome, RunError};

@@ -38,6 +38,34 @@ impl Scenario {
     }
 }
 
+/// Which server a run drives. The peers (`mqtt`, `nats`) and the `ceiling` carry the same fleet,
+/// rates and connection counts over their own protocols (see [`crate::peers`]), so the gate's
+/// cost per point can be set beside theirs measured in the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Target {
+    /// A fleetgate gate: login, GPS frames, pushes with receipts, the app-server on the sidecar.
+    #[default]
+    Gate,
+    /// An MQTT 3.1.1 broker (mosquitto): QoS 0 publishes to `gps/<uid>`, `push/<uid>`.
+    Mqtt,
+    /// A NATS server: `PUB gps.<uid>`, `push.<uid>`.
+    Nats,
+    /// perf's read-and-discard server: drivers only write GPS frames; nothing comes back.
+    Ceiling,
+}
+
+impl Target {
+    /// The name the command line and the reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Gate => "gate",
+            Target::Mqtt => "mqtt",
+            Target::Nats => "nats",
+            Target::Ceiling => "ceiling",
+        }
+    }
+}
+
 /// Counts of misbehaving peers (`bad` scenario).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BadPlan {
@@ -70,6 +98,8 @@ impl Default for BadPlan {
 pub struct Plan {
     /// What the run does.
     pub scenario: Scenario,
+    /// Which server it drives (the gate unless a peer is named).
+    pub target: Target,
     /// The gate's app port.
     pub gate: SocketAddr,
     /// The gate's sidecar port (the app-server side).
@@ -136,6 +166,7 @@ impl Default for Plan {
     fn default() -> Self {
         Plan {
             scenario: Scenario::Gps,
+            target: Target::Gate,
             gate: SocketAddr::from(([127, 0, 0, 1], 7100)),
             sidecar: SocketAddr::from(([127, 0, 0, 1], 7200)),
             token_secret: DEV_SECRET.as_bytes().to_vec(),
@@ -197,6 +228,38 @@ impl Plan {
         Duration::from_millis(u64::from(self.ttl_ms) + u64::from(self.hold_ms) + 2000)
     }
 
+    /// What a peer target cannot do: only drivers (GPS, pushes, idle), no chaos, and the
+    /// ceiling takes GPS and nothing else.
+    fn validate_peer(&self) -> Result<(), String> {
+        let t = self.target.name();
+        let ok = match self.target {
+            Target::Gate => true,
+            Target::Mqtt | Target::Nats => {
+                matches!(self.scenario, Scenario::Gps | Scenario::Push | Scenario::Idle)
+            }
+            Target::Ceiling => self.scenario == Scenario::Gps,
+        };
+        if !ok {
+            return Err(format!("--target {t} does not run the {} scenario", self.scenario.name()));
+        }
+        if self.passengers > 0 || self.order_rate > 0.0 {
+            return Err(format!("--target {t} simulates drivers only (no passengers, no orders)"));
+        }
+        if self.disconnect_rate > 0.0 || self.storm_percent > 0.0 {
+            return Err(format!("--target {t} has no sessions to resume: no --disconnect-rate or storm"));
+        }
+        if !self.source_ips.is_empty() {
+            return Err(format!("--target {t} connects from the default address: drop --source-ips"));
+        }
+        if self.push_rate > 0.0 && self.payload_bytes < crate::peers::PUSH_HEADER as u32 {
+            return Err(format!(
+                "--target {t}: push payloads carry a {}-byte id and timestamp: --payload-bytes must be at least that",
+                crate::peers::PUSH_HEADER
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks what clap cannot: numbers that only make sense together.
     pub fn validate(&self) -> Result<(), String> {
         if self.cores.is_empty() {
@@ -234,6 +297,9 @@ impl Plan {
         }
         if self.push_rate > 0.0 && !self.appserver {
             return Err("pushes need the app-server; drop --no-appserver".into());
+        }
+        if self.target != Target::Gate {
+            self.validate_peer()?;
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use crate::audit;
 use crate::bad::BadStats;
 use crate::engine::stats::{ExecStats, Hists, Snapshot};
 use crate::engine::{self, Control, Phase};
-use crate::plan::{Plan, Scenario};
+use crate::plan::{Plan, Scenario, Target};
 use crate::procstat::{self, ProcSample};
 use crate::report::{self, Latency, Report};
 use std::net::TcpStream;
@@ -60,7 +60,7 @@ pub struct Outcome {
 
 /// Pins this thread (and the threads it starts later, which inherit it) to `cores`, so the
 /// app-server's threads stay off the gate's cores (the executors pin themselves).
-fn pin_to(cores: &[usize]) {
+pub(crate) fn pin_to(cores: &[usize]) {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes within it; the call
     // affects only this thread.
     unsafe {
@@ -139,6 +139,10 @@ impl Watch<'_> {
 /// Runs `plan` to the end and reports.
 pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     plan.validate().map_err(RunError::Plan)?;
+    // Peers speak other protocols and have no sessions, receipts or sidecar: their own loop.
+    if plan.target != Target::Gate {
+        return crate::peers::run(plan);
+    }
     pin_to(if plan.appserver_cores.is_empty() { &plan.cores } else { &plan.appserver_cores });
     let cpu_start = procstat::self_cpu_s();
     // Fail fast with a clear message when nothing listens, instead of ramping forever.

@@ -1,0 +1,1442 @@
+//! The figures of a bench: one [`RunResult`] per run (taken from loadgen's report and what perf
+//! read itself), the ratios gate/peer and gate/ceiling, each DESIGN goal beside its measured
+//! figure, and the whole as JSON ([`BenchResults`]) and as tables for people. Pure: built from
+//! values, tested from values.
+
+use super::machine::{KernelMem, Machine};
+use super::plan::{si, Kind, Profile, RunSpec, Target};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// The version of this JSON's layout; bumped when a field changes meaning.
+pub const SCHEMA: &str = "fleetgate-bench/1";
+/// loadgen at or above this share of its core is the bottleneck: its figures are not the
+/// server's and are not quoted as such.
+pub const LOADGEN_BOUND_SHARE: f64 = 0.90;
+
+/// How a run went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunStatus {
+    /// It ran and reported.
+    Ok,
+    /// It did not finish or report (see `error`).
+    Failed,
+    /// It was not run (peer missing, time budget spent, interrupted).
+    Skipped,
+}
+
+/// Server figures over the window.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ServerFigures {
+    /// Its pid.
+    pub pid: Option<u32>,
+    /// CPU seconds in the window.
+    pub cpu_s: Option<f64>,
+    /// CPU in the window, % of one core.
+    pub cpu_percent: Option<f64>,
+    /// RSS before any connection.
+    pub rss_before_bytes: Option<u64>,
+    /// RSS at the end of the window.
+    pub rss_bytes: Option<u64>,
+}
+
+/// GPS figures over the window.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GpsFigures {
+    /// Points sent.
+    pub sent: u64,
+    /// Points sent per second.
+    pub sent_per_s: f64,
+    /// Points that reached the app-server side (the ceiling: that it read, scaled from its
+    /// byte count over the whole run).
+    pub delivered: Option<u64>,
+    /// `delivered` per second.
+    pub delivered_per_s: Option<f64>,
+    /// Server CPU µs per point sent.
+    pub cpu_us_per_point: Option<f64>,
+    /// Application bytes one point puts on the wire to this target.
+    pub wire_bytes_per_point: u32,
+    /// Reports loadgen sent late (it fell behind its schedule).
+    pub behind: u64,
+    /// The ceiling: receive completions per point (below 1 when segments coalesce).
+    pub recvs_per_point: Option<f64>,
+    /// Points the app-server side got over the whole run (drain included) per point sent:
+    /// below 1, points were lost, not just late.
+    pub delivered_whole_run_ratio: Option<f64>,
+}
+
+/// Push figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PushFigures {
+    /// Pairs (push, driver) sent.
+    pub sent: u64,
+    /// Pairs drivers received.
+    pub received: u64,
+    /// Received pairs per second in the window.
+    pub deliveries_per_s: f64,
+    /// Latency samples.
+    pub count: u64,
+    /// Median, µs.
+    pub p50_us: u64,
+    /// 99th percentile, µs.
+    pub p99_us: u64,
+    /// 99.9th percentile, µs.
+    pub p999_us: u64,
+    /// Largest, µs.
+    pub max_us: u64,
+    /// The gate's audit: accepted pairs without a receipt (peers have no receipts: 0).
+    pub lost: u64,
+    /// Pushes shown twice.
+    pub duplicates: u64,
+    /// The percentile curve (percentile, µs), from loadgen's .hgrm, for the plot.
+    pub curve: Vec<(f64, f64)>,
+}
+
+/// Idle figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IdleFigures {
+    /// Sessions up at the end.
+    pub sessions: u64,
+    /// (server RSS at the end − before) / sessions.
+    pub user_bytes_per_session: Option<f64>,
+    /// Kernel socket memory (buffers, TCP and socket-inode slabs) added per session, both
+    /// ends of the loopback connection counted (loadgen's socket and the server's).
+    pub kernel_bytes_per_session_both_ends: Option<f64>,
+    /// Server CPU with no connection at all, % of a core.
+    pub cpu_percent_no_connections: Option<f64>,
+    /// Server CPU with the idle sessions (keepalives every 15 s each), % of a core.
+    pub cpu_percent_idle_sessions: Option<f64>,
+}
+
+/// Storm figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct StormFigures {
+    /// Sessions dropped at once.
+    pub dropped: u64,
+    /// Back.
+    pub back: u64,
+    /// Storm → last one back, ms.
+    pub all_back_ms: Option<f64>,
+    /// Back by resume.
+    pub resumed: u64,
+    /// Back by login.
+    pub relogin: u64,
+    /// Sessions back per second (back / all_back_ms).
+    pub back_per_s: Option<f64>,
+    /// Gate CPU over the window (the storm and a few pushes), s.
+    pub gate_cpu_s: Option<f64>,
+    /// That CPU per session back, µs.
+    pub cpu_us_per_session: Option<f64>,
+    /// loadgen's share of its core from the storm until the last session was back (the
+    /// window's average hides a storm of a few seconds).
+    pub loadgen_core_share_during: Option<f64>,
+    /// The gate's share of its core over the same time.
+    pub gate_core_share_during: Option<f64>,
+}
+
+/// loadgen's own load.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LoadgenFigures {
+    /// CPU seconds of the whole process.
+    pub cpu_s: f64,
+    /// Its wall time, s.
+    pub wall_s: f64,
+    /// Its share of its core in the window (sampled every 100 ms); the whole run's when the
+    /// window could not be placed.
+    pub core_share: Option<f64>,
+    /// `window` or `whole run`.
+    pub share_from: String,
+    /// It was the bottleneck (`core_share` ≥ 0.9): the run's figures are not the server's.
+    pub bound: bool,
+    /// Its exit status (1: the gate's push audit failed).
+    pub exit_code: i32,
+}
+
+/// What else ran on the two cores during the window: the machine is shared.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Contention {
+    /// Share of the server's core that other processes kept busy.
+    pub other_on_server_core: f64,
+    /// Share of loadgen's core that other processes kept busy.
+    pub other_on_loadgen_core: f64,
+    /// Share of the server's core the hypervisor stole.
+    pub steal_on_server_core: f64,
+}
+
+/// Other processes at or above this share of the server's core make a run "contended": its
+/// server may have waited for its core, so its figures are marked.
+pub const CONTENDED_SHARE: f64 = 0.10;
+
+/// One run's result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunResult {
+    /// What ran.
+    pub spec: RunSpec,
+    /// Its table name.
+    pub label: String,
+    /// How it went.
+    pub status: RunStatus,
+    /// Why it failed or was skipped.
+    pub error: Option<String>,
+    /// The server.
+    pub server: ServerFigures,
+    /// GPS.
+    pub gps: GpsFigures,
+    /// Pushes (push and fan-out runs; the storm's audit).
+    pub push: Option<PushFigures>,
+    /// Idle memory and CPU.
+    pub idle: Option<IdleFigures>,
+    /// The storm.
+    pub storm: Option<StormFigures>,
+    /// loadgen.
+    pub loadgen: LoadgenFigures,
+    /// Other work on the cores during the window, if it could be read.
+    pub contention: Option<Contention>,
+    /// Other work took ≥ [`CONTENDED_SHARE`] of the server's core (or steal did).
+    pub contended: bool,
+    /// loadgen's JSON report as it printed it.
+    pub report: Value,
+}
+
+impl RunResult {
+    /// A run that did not happen or did not report.
+    pub fn not_run(spec: &RunSpec, status: RunStatus, error: String) -> RunResult {
+        RunResult {
+            spec: spec.clone(),
+            label: spec.label(),
+            status,
+            error: Some(error),
+            server: ServerFigures::default(),
+            gps: GpsFigures { wire_bytes_per_point: spec.target.gps_wire_bytes(), ..GpsFigures::default() },
+            push: None,
+            idle: None,
+            storm: None,
+            loadgen: LoadgenFigures::default(),
+            contention: None,
+            contended: false,
+            report: Value::Null,
+        }
+    }
+
+    /// True when its figures may be quoted: it ran, and loadgen was not the bottleneck.
+    pub fn quotable(&self) -> bool {
+        self.status == RunStatus::Ok && !self.loadgen.bound
+    }
+}
+
+/// What perf read itself, beside loadgen's report.
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    /// loadgen's share of its core in the window, if the window could be placed.
+    pub window_share: Option<f64>,
+    /// Other work on the cores in the window.
+    pub contention: Option<Contention>,
+    /// Its CPU and wall time.
+    pub loadgen_cpu_s: f64,
+    /// See `loadgen_cpu_s`.
+    pub loadgen_wall_s: f64,
+    /// Its exit status.
+    pub exit_code: i32,
+    /// Kernel socket memory before loadgen started, and at the end of the window.
+    pub kernel_before: Option<KernelMem>,
+    /// See `kernel_before`.
+    pub kernel_end: Option<KernelMem>,
+    /// The server's CPU with no connection, % of a core (idle runs).
+    pub idle_cpu_percent: Option<f64>,
+    /// The ceiling's (bytes, recv completions) over the whole run.
+    pub ceiling: Option<(u64, u64)>,
+    /// The push latency percentile curve.
+    pub curve: Vec<(f64, f64)>,
+    /// (loadgen, server) shares of their cores from the storm until all were back.
+    pub storm_shares: Option<(f64, f64)>,
+}
+
+fn f64_at(v: &Value, path: &str) -> Option<f64> {
+    v.pointer(path).and_then(Value::as_f64)
+}
+
+fn u64_at(v: &Value, path: &str) -> u64 {
+    v.pointer(path).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// Builds a run's result from loadgen's report and perf's own readings.
+pub fn from_report(spec: &RunSpec, r: &Value, x: &Extras) -> RunResult {
+    let window_s = f64_at(r, "/window_s").unwrap_or(spec.window_s).max(1e-9);
+    let sent = u64_at(r, "/gps/sent");
+    let delivered = match spec.target {
+        // The ceiling's byte count is for the whole run; its share of what loadgen sent over
+        // the whole run scales the window's count.
+        Target::Ceiling => x.ceiling.map(|(bytes, _)| {
+            // Ceiling runs send one 64-byte frame per point.
+            let total_sent = u64_at(r, "/counters/gps_points").max(1);
+            let read_points = bytes / u64::from(super::plan::GATE_GPS_FRAME_BYTES);
+            ((sent as f64) * (read_points as f64 / total_sent as f64).min(1.0)) as u64
+        }),
+        _ if r.pointer("/appserver/running").and_then(Value::as_bool) == Some(true) => {
+            Some(u64_at(r, "/gps/forwarded"))
+        }
+        _ => None,
+    };
+    let recvs_per_point = match (spec.target, x.ceiling) {
+        (Target::Ceiling, Some((bytes, recvs))) if bytes > 0 => {
+            Some(recvs as f64 / (bytes as f64 / f64::from(super::plan::GATE_GPS_FRAME_BYTES)))
+        }
+        _ => None,
+    };
+    let cpu_s = f64_at(r, "/gate/cpu_s");
+    let (share, share_from) = match x.window_share {
+        Some(s) => (Some(s), "window"),
+        None if x.loadgen_wall_s > 0.0 => (Some(x.loadgen_cpu_s / x.loadgen_wall_s), "whole run"),
+        None => (None, "unknown"),
+    };
+    let mut out = RunResult {
+        spec: spec.clone(),
+        label: spec.label(),
+        status: RunStatus::Ok,
+        error: None,
+        server: ServerFigures {
+            pid: r.pointer("/gate/pid").and_then(Value::as_u64).map(|p| p as u32),
+            cpu_s,
+            cpu_percent: f64_at(r, "/gate/cpu_percent"),
+            rss_before_bytes: r.pointer("/gate/rss_before_bytes").and_then(Value::as_u64),
+            rss_bytes: r.pointer("/gate/rss_bytes").and_then(Value::as_u64),
+        },
+        gps: GpsFigures {
+            sent,
+            sent_per_s: sent as f64 / window_s,
+            delivered,
+            delivered_per_s: delivered.map(|d| d as f64 / window_s),
+            cpu_us_per_point: f64_at(r, "/gps/gate_cpu_us_per_point"),
+            wire_bytes_per_point: spec.target.gps_wire_bytes(),
+            behind: u64_at(r, "/gps/behind"),
+            recvs_per_point,
+            delivered_whole_run_ratio: match (spec.target, u64_at(r, "/counters/gps_points")) {
+                (_, 0) => None,
+                (Target::Ceiling, total) => x.ceiling.map(|(bytes, _)| {
+                    (bytes / u64::from(super::plan::GATE_GPS_FRAME_BYTES)) as f64 / total as f64
+                }),
+                // Each driver's latest point per flush is not meant to be every point.
+                _ if !spec.forward_all => None,
+                (_, total) => delivered.map(|_| u64_at(r, "/appserver/gps_points") as f64 / total as f64),
+            },
+        },
+        push: None,
+        idle: None,
+        storm: None,
+        loadgen: LoadgenFigures {
+            cpu_s: x.loadgen_cpu_s,
+            wall_s: x.loadgen_wall_s,
+            core_share: share,
+            share_from: share_from.into(),
+            bound: share.is_some_and(|s| s >= LOADGEN_BOUND_SHARE),
+            exit_code: x.exit_code,
+        },
+        contention: x.contention,
+        contended: x
+            .contention
+            .is_some_and(|c| c.other_on_server_core + c.steal_on_server_core >= CONTENDED_SHARE),
+        report: r.clone(),
+    };
+    if spec.fanout > 0 {
+        out.push = Some(PushFigures {
+            sent: u64_at(r, "/push/sent"),
+            received: u64_at(r, "/push/received"),
+            deliveries_per_s: f64_at(r, "/push/deliveries_per_s").unwrap_or(0.0),
+            count: u64_at(r, "/push/latency_us/count"),
+            p50_us: u64_at(r, "/push/latency_us/p50"),
+            p99_us: u64_at(r, "/push/latency_us/p99"),
+            p999_us: u64_at(r, "/push/latency_us/p999"),
+            max_us: u64_at(r, "/push/latency_us/max"),
+            lost: u64_at(r, "/push/lost"),
+            duplicates: u64_at(r, "/push/duplicates"),
+            curve: x.curve.clone(),
+        });
+    }
+    if spec.kind == Kind::Idle {
+        let sessions = u64_at(r, "/idle/sessions");
+        let kernel = match (x.kernel_before, x.kernel_end) {
+            (Some(a), Some(b)) if sessions > 0 => {
+                Some((b.bytes() as f64 - a.bytes() as f64) / sessions as f64)
+            }
+            _ => None,
+        };
+        out.idle = Some(IdleFigures {
+            sessions,
+            user_bytes_per_session: f64_at(r, "/idle/bytes_per_session"),
+            kernel_bytes_per_session_both_ends: kernel,
+            cpu_percent_no_connections: x.idle_cpu_percent,
+            cpu_percent_idle_sessions: f64_at(r, "/gate/cpu_percent"),
+        });
+    }
+    if spec.kind == Kind::Storm {
+        let all_back_ms = f64_at(r, "/storm/all_back_ms");
+        let back = u64_at(r, "/storm/back");
+        out.storm = Some(StormFigures {
+            dropped: u64_at(r, "/storm/dropped"),
+            back,
+            all_back_ms,
+            resumed: u64_at(r, "/storm/resumed"),
+            relogin: u64_at(r, "/storm/relogin"),
+            back_per_s: all_back_ms.filter(|ms| *ms > 0.0).map(|ms| back as f64 / (ms / 1000.0)),
+            gate_cpu_s: cpu_s,
+            cpu_us_per_session: cpu_s.filter(|_| back > 0).map(|c| c * 1e6 / back as f64),
+            loadgen_core_share_during: x.storm_shares.map(|s| s.0),
+            gate_core_share_during: x.storm_shares.map(|s| s.1),
+        });
+        // What matters in a storm is whether loadgen kept up while sessions came back.
+        if let Some((l, _)) = x.storm_shares {
+            out.loadgen.core_share = Some(l);
+            out.loadgen.share_from = "storm".into();
+            out.loadgen.bound = l >= LOADGEN_BOUND_SHARE;
+        }
+    }
+    out
+}
+
+/// One ratio of the gate's figure to another target's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Ratio {
+    /// The runs compared.
+    pub label: String,
+    /// What is compared.
+    pub metric: String,
+    /// The other target.
+    pub versus: Target,
+    /// The gate's figure.
+    pub gate: f64,
+    /// The other's.
+    pub other: f64,
+    /// gate / other.
+    pub ratio: f64,
+    /// Both runs are quotable (neither failed nor loadgen-bound).
+    pub quotable: bool,
+}
+
+/// The runs of the same scenario and sizes as `r`, by target.
+fn siblings<'a>(runs: &'a [RunResult], r: &RunSpec) -> BTreeMap<Target, &'a RunResult> {
+    runs.iter()
+        .filter(|o| {
+            o.status == RunStatus::Ok
+                && o.spec.kind == r.kind
+                && o.spec.conns == r.conns
+                && o.spec.offered_per_s == r.offered_per_s
+                && o.spec.fanout == r.fanout
+                && o.spec.batch == r.batch
+        })
+        .map(|o| (o.spec.target, o))
+        .collect()
+}
+
+/// Every ratio gate/peer and gate/ceiling: CPU per GPS point, GPS delivered, push p99,
+/// deliveries per second, idle bytes per session.
+pub fn ratios(runs: &[RunResult]) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    for gate in runs.iter().filter(|r| r.spec.target == Target::Gate && r.status == RunStatus::Ok) {
+        type Metric = (&'static str, fn(&RunResult) -> Option<f64>);
+        let metrics: &[Metric] = match gate.spec.kind {
+            Kind::Gps | Kind::GpsMany => &[
+                ("server CPU µs per point", |r| r.gps.cpu_us_per_point),
+                ("points/s delivered", |r| r.gps.delivered_per_s),
+            ],
+            Kind::Push => &[("push p99 µs", |r| r.push.as_ref().map(|p| p.p99_us as f64))],
+            Kind::Fanout => &[("deliveries/s", |r| r.push.as_ref().map(|p| p.deliveries_per_s))],
+            Kind::Idle => {
+                &[("user bytes per idle session", |r| r.idle.as_ref().and_then(|i| i.user_bytes_per_session))]
+            }
+            Kind::Batch | Kind::Storm => &[],
+        };
+        for (target, other) in siblings(runs, &gate.spec) {
+            if target == Target::Gate {
+                continue;
+            }
+            for (metric, f) in metrics {
+                if let (Some(g), Some(o)) = (f(gate), f(other)) {
+                    if o > 0.0 {
+                        out.push(Ratio {
+                            label: gate.label.clone(),
+                            metric: (*metric).into(),
+                            versus: target,
+                            gate: g,
+                            other: o,
+                            ratio: g / o,
+                            quotable: gate.quotable() && other.quotable(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// How a goal stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GoalStatus {
+    /// Measured and met.
+    Met,
+    /// Measured and not met.
+    NotMet,
+    /// Needs a part of fleetgate that does not exist yet.
+    NotBuilt,
+    /// Not measured by this run (scenario not run, or measured elsewhere).
+    NotMeasured,
+    /// Measured only where loadgen was the bottleneck: no verdict.
+    LoadgenBound,
+}
+
+impl GoalStatus {
+    /// Its words in the table.
+    pub fn words(self) -> &'static str {
+        match self {
+            GoalStatus::Met => "met",
+            GoalStatus::NotMet => "not met",
+            GoalStatus::NotBuilt => "not built",
+            GoalStatus::NotMeasured => "not measured",
+            GoalStatus::LoadgenBound => "no verdict (loadgen-bound)",
+        }
+    }
+}
+
+/// One DESIGN goal and what this bench found.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Goal {
+    /// The goal, in DESIGN's words.
+    pub goal: String,
+    /// Its target figure.
+    pub target: String,
+    /// What was measured.
+    pub measured: String,
+    /// Verdict.
+    pub status: GoalStatus,
+}
+
+fn goal(goal: &str, target: &str, measured: String, status: GoalStatus) -> Goal {
+    Goal { goal: goal.into(), target: target.into(), measured, status }
+}
+
+/// The decode benchmark's median, ns, and when it was taken, from criterion's files.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CodecFigure {
+    /// Median ns per frame.
+    pub ns: f64,
+    /// When criterion wrote it (UTC).
+    pub measured_utc: String,
+}
+
+/// Each DESIGN goal beside its measured figure.
+pub fn goals(runs: &[RunResult], codec: Option<&CodecFigure>) -> Vec<Goal> {
+    let ok = |k: Kind| runs.iter().filter(move |r| r.spec.kind == k && r.status == RunStatus::Ok);
+    let mut out = Vec::new();
+
+    // GPS ingest, one point per segment, at each offered rate of the 1,000-connection runs.
+    {
+        let all = ratios(runs);
+        let mut parts = Vec::new();
+        let (mut met, mut missed, mut unquotable) = (0, 0, 0);
+        for gate in ok(Kind::Gps).chain(ok(Kind::GpsMany)).filter(|r| r.spec.target == Target::Gate) {
+            let rs: Vec<&Ratio> = all
+                .iter()
+                .filter(|x| x.label == gate.label && x.metric == "server CPU µs per point")
+                .collect();
+            if rs.is_empty() {
+                continue;
+            }
+            let limit = |t: Target| if t == Target::Ceiling { 1.25 } else { 0.5 };
+            let text: Vec<String> =
+                rs.iter().map(|x| format!("{:.2}× {}", x.ratio, x.versus.name())).collect();
+            let quotable = rs.iter().all(|x| x.quotable);
+            let pass = rs.iter().all(|x| x.ratio <= limit(x.versus));
+            parts.push(format!(
+                "{} conns @ {}/s: {}{}",
+                loadgen::report::num(u64::from(gate.spec.conns)),
+                si(gate.spec.offered_per_s),
+                text.join(", "),
+                if quotable { "" } else { " (loadgen-bound)" }
+            ));
+            match (quotable, pass) {
+                (false, _) => unquotable += 1,
+                (true, true) => met += 1,
+                (true, false) => missed += 1,
+            }
+        }
+        let status = if missed > 0 {
+            GoalStatus::NotMet
+        } else if met > 0 {
+            GoalStatus::Met
+        } else if unquotable > 0 {
+            GoalStatus::LoadgenBound
+        } else {
+            GoalStatus::NotMeasured
+        };
+        out.push(goal(
+            "GPS ingest, one point per TCP segment: gate CPU per point",
+            "≤ 1.25× ceiling, ≤ 0.5× mosquitto and nats-server, same offered rate",
+            if parts.is_empty() { "no comparable runs".into() } else { parts.join("; ") },
+            status,
+        ));
+    }
+
+    // Batches of 10 on one gate core: points the gate took per second (TCP backpressure holds
+    // loadgen to what the gate reads), and what one full core would take at that CPU per point.
+    {
+        let r = ok(Kind::Batch).find(|r| r.spec.target == Target::Gate);
+        let (measured, status) = match r {
+            None => ("not run".into(), GoalStatus::NotMeasured),
+            Some(r) => {
+                let took = r.gps.sent_per_s;
+                let cpu = r.server.cpu_percent.unwrap_or(0.0);
+                let mut m = format!("{} points/s taken, gate core {cpu:.0} % busy", si(took));
+                if let Some(us) = r.gps.cpu_us_per_point.filter(|u| *u > 0.0) {
+                    let _ = write!(m, ", {us:.2} µs per point (≈{} points/s per full core)", si(1e6 / us));
+                }
+                let status = if took >= 1e6 && !r.contended {
+                    GoalStatus::Met
+                } else if took >= 1e6 {
+                    m.push_str(" (contended)");
+                    GoalStatus::Met
+                } else if cpu >= 90.0 {
+                    // The gate's core is full: this is what it takes.
+                    GoalStatus::NotMet
+                } else if r.loadgen.bound {
+                    // Below 1M with the gate's core not full: the load generator set the rate.
+                    m.push_str("; loadgen could not offer more");
+                    GoalStatus::LoadgenBound
+                } else {
+                    GoalStatus::NotMet
+                };
+                (m, status)
+            }
+        };
+        out.push(goal(
+            "GPS ingest with batches of 10 points per frame",
+            "≥ 1M points/s on one gate core",
+            measured,
+            status,
+        ));
+    }
+
+    // Decode + verify, from the criterion benchmark.
+    out.push(match codec {
+        Some(c) => goal(
+            "decode + verify one GPS frame",
+            "< 50 ns on one core",
+            format!(
+                "{:.1} ns (criterion, `make bench-codec`, {}; not re-run by this bench)",
+                c.ns, c.measured_utc
+            ),
+            if c.ns < 50.0 { GoalStatus::Met } else { GoalStatus::NotMet },
+        ),
+        None => goal(
+            "decode + verify one GPS frame",
+            "< 50 ns on one core",
+            "run `make bench-codec`".into(),
+            GoalStatus::NotMeasured,
+        ),
+    });
+
+    // Idle memory.
+    {
+        let by: BTreeMap<Target, &RunResult> = ok(Kind::Idle).map(|r| (r.spec.target, r)).collect();
+        let bytes = |t: Target| by.get(&t).and_then(|r| r.idle.as_ref()?.user_bytes_per_session);
+        let (measured, status) = match bytes(Target::Gate) {
+            None => ("not run".into(), GoalStatus::NotMeasured),
+            Some(g) => {
+                let sessions = by.get(&Target::Gate).and_then(|r| r.idle.as_ref()).map_or(0, |i| i.sessions);
+                let mut m = format!("{g:.0} B per session at {} sessions", loadgen::report::num(sessions));
+                let mq = bytes(Target::Mosquitto);
+                if let Some(mq) = mq {
+                    let _ = write!(m, "; mosquitto {mq:.0} B");
+                }
+                if let Some(n) = bytes(Target::NatsServer) {
+                    let _ = write!(m, "; nats-server {n:.0} B");
+                }
+                let status = if g <= 1024.0 && mq.is_none_or(|mq| g < mq) {
+                    GoalStatus::Met
+                } else {
+                    GoalStatus::NotMet
+                };
+                (m, status)
+            }
+        };
+        out.push(goal(
+            "idle authenticated session: user-space memory",
+            "≤ 1 KiB each at 19,000 sessions after 30 s idle, lighter than mosquitto",
+            measured,
+            status,
+        ));
+    }
+
+    // Push latency and fan-out.
+    {
+        let r = ok(Kind::Push).find(|r| r.spec.target == Target::Gate);
+        let (measured, status) = match r.and_then(|r| Some((r, r.push.as_ref()?))) {
+            Some((r, p)) if p.count > 0 => {
+                let m = format!(
+                    "p99 {} µs (p50 {}, p999 {}) with {} drivers, GPS {}/s, fan-out {}",
+                    p.p99_us,
+                    p.p50_us,
+                    p.p999_us,
+                    loadgen::report::num(u64::from(r.spec.conns)),
+                    si(r.spec.offered_per_s),
+                    r.spec.fanout
+                );
+                let status = if !r.quotable() {
+                    GoalStatus::LoadgenBound
+                } else if p.p99_us <= 1000 {
+                    GoalStatus::Met
+                } else {
+                    GoalStatus::NotMet
+                };
+                (m, status)
+            }
+            _ => ("not run".into(), GoalStatus::NotMeasured),
+        };
+        out.push(goal(
+            "push to drivers: latency",
+            "p99 app-server → driver ≤ 1 ms, 15,000 drivers, GPS running",
+            measured,
+            status,
+        ));
+
+        let fan: Vec<Ratio> = ratios(runs)
+            .into_iter()
+            .filter(|x| x.metric == "deliveries/s" && x.versus == Target::NatsServer)
+            .collect();
+        let parts: Vec<String> = fan
+            .iter()
+            .map(|x| {
+                format!(
+                    "{}: {:.2}× ({} vs {}/s){}",
+                    x.label,
+                    x.ratio,
+                    si(x.gate),
+                    si(x.other),
+                    if x.quotable { "" } else { " loadgen-bound" }
+                )
+            })
+            .collect();
+        let status = if fan.is_empty() {
+            GoalStatus::NotMeasured
+        } else if fan.iter().any(|x| x.quotable && x.ratio < 2.0) {
+            GoalStatus::NotMet
+        } else if fan.iter().any(|x| x.quotable) {
+            GoalStatus::Met
+        } else {
+            GoalStatus::LoadgenBound
+        };
+        out.push(goal(
+            "push fan-out deliveries/s",
+            "≥ 2× nats-server's for the same push",
+            if parts.is_empty() { "not run".into() } else { parts.join("; ") },
+            status,
+        ));
+    }
+
+    // Resume.
+    {
+        let r = ok(Kind::Storm)
+            .find(|r| r.spec.target == Target::Gate)
+            .and_then(|r| Some((r, r.storm.as_ref()?)));
+        let (rate, time) = match r {
+            Some((r, s)) => {
+                let rate_m = match s.back_per_s {
+                    Some(v) => format!(
+                        "{} sessions back/s over the storm ({} resumed, {} by login)",
+                        si(v),
+                        s.resumed,
+                        s.relogin
+                    ),
+                    None => format!("{} of {} back", s.back, s.dropped),
+                };
+                let rate_st = match s.back_per_s {
+                    Some(v) if v >= 50_000.0 => GoalStatus::Met,
+                    Some(_) if r.loadgen.bound => GoalStatus::LoadgenBound,
+                    _ => GoalStatus::NotMet,
+                };
+                let time_m = format!(
+                    "{} dropped, all back in {}; gate CPU {}",
+                    loadgen::report::num(s.dropped),
+                    s.all_back_ms.map_or("— (not all back)".into(), |ms| format!("{ms:.0} ms")),
+                    s.cpu_us_per_session.map_or("?".into(), |u| format!("{u:.0} µs per session"))
+                );
+                let time_st = match s.all_back_ms {
+                    Some(ms) if ms <= 1000.0 && s.dropped >= 15_000 => GoalStatus::Met,
+                    Some(ms) if ms <= 1000.0 => GoalStatus::NotMeasured,
+                    _ if r.loadgen.bound => GoalStatus::LoadgenBound,
+                    _ => GoalStatus::NotMet,
+                };
+                ((rate_m, rate_st), (time_m, time_st))
+            }
+            None => {
+                (("not run".into(), GoalStatus::NotMeasured), ("not run".into(), GoalStatus::NotMeasured))
+            }
+        };
+        out.push(goal("resume rate", "≥ 50k resumes/s", rate.0, rate.1));
+        out.push(goal("reconnect storm", "15,000 dropped sessions back within 1 s", time.0, time.1));
+        out.push(goal(
+            "resume cost",
+            "≤ 1/10 of a fresh handshake + login",
+            "the secure channel (Noise handshake) is not built".into(),
+            GoalStatus::NotBuilt,
+        ));
+    }
+
+    // Loss.
+    {
+        let gate_runs: Vec<&RunResult> = runs
+            .iter()
+            .filter(|r| r.status == RunStatus::Ok && r.spec.target == Target::Gate && r.push.is_some())
+            .collect();
+        let pushed: u64 = gate_runs.iter().filter_map(|r| r.push.as_ref()).map(|p| p.sent).sum();
+        let lost: u64 = gate_runs.iter().filter_map(|r| r.push.as_ref()).map(|p| p.lost + p.duplicates).sum();
+        let storm = gate_runs.iter().any(|r| r.spec.kind == Kind::Storm);
+        let (m, st) = if gate_runs.is_empty() {
+            ("no gate push runs".into(), GoalStatus::NotMeasured)
+        } else {
+            (
+                format!(
+                    "{} lost or shown twice of {} pairs pushed in {} gate runs{}",
+                    lost,
+                    loadgen::report::num(pushed),
+                    gate_runs.len(),
+                    if storm { ", a reconnect storm included" } else { "" }
+                ),
+                if lost == 0 { GoalStatus::Met } else { GoalStatus::NotMet },
+            )
+        };
+        out.push(goal("loss under reconnect storms", "0: every push gets exactly one receipt", m, st));
+        out.push(goal(
+            "loss under node restarts",
+            "0: every push gets exactly one receipt",
+            "needs the cluster (several nodes over Redis), which is not built".into(),
+            GoalStatus::NotBuilt,
+        ));
+    }
+
+    // Idle CPU.
+    {
+        let r =
+            ok(Kind::Idle).find(|r| r.spec.target == Target::Gate).and_then(|r| Some((r, r.idle.as_ref()?)));
+        let (m, st) = match r.and_then(|(r, i)| Some((r, i, i.cpu_percent_no_connections?))) {
+            Some((_, i, none)) => (
+                format!(
+                    "{none:.2} % of a core with no connection; {} % with {} idle sessions (keepalive every 15 s each)",
+                    i.cpu_percent_idle_sessions.map_or("?".into(), |c| format!("{c:.1}")),
+                    loadgen::report::num(i.sessions)
+                ),
+                if none <= 0.5 { GoalStatus::Met } else { GoalStatus::NotMet },
+            ),
+            None => ("not run".into(), GoalStatus::NotMeasured),
+        };
+        out.push(goal("idle CPU", "~0 % when nothing happens", m, st));
+    }
+    out
+}
+
+/// Everything one bench found: the JSON written to perf/results/.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BenchResults {
+    /// [`SCHEMA`].
+    pub schema: String,
+    /// The sizes.
+    pub profile: Profile,
+    /// When it started and ended (UTC).
+    pub started_utc: String,
+    /// See `started_utc`.
+    pub finished_utc: String,
+    /// The machine.
+    pub machine: Machine,
+    /// Versions: the gate's source revision, each binary's own words.
+    pub versions: BTreeMap<String, String>,
+    /// How each server was started.
+    pub settings: BTreeMap<String, String>,
+    /// Cores: the servers', loadgen's.
+    pub server_core: usize,
+    /// See `server_core`.
+    pub loadgen_core: usize,
+    /// Bytes per GPS point: the gate's frame, the peers' message, each target's wire bytes.
+    pub message_bytes: BTreeMap<String, u32>,
+    /// Every run.
+    pub runs: Vec<RunResult>,
+    /// gate / other for every comparable pair of runs.
+    pub ratios: Vec<Ratio>,
+    /// DESIGN's goals and what was found.
+    pub goals: Vec<Goal>,
+    /// The decode benchmark's figure, if criterion left one.
+    pub codec: Option<CodecFigure>,
+}
+
+/// `12.345` → `12.3`, `0.8` → `0.80`.
+fn fig(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn mark(r: &RunResult) -> &'static str {
+    match (r.loadgen.bound, r.contended) {
+        (true, true) => " ‡†",
+        (true, false) => " ‡",
+        (false, true) => " †",
+        (false, false) => "",
+    }
+}
+
+/// The results as markdown tables (for the terminal and the README).
+pub fn table(b: &BenchResults) -> String {
+    let mut s = String::new();
+    let m = &b.machine;
+    let v = |k: &str| b.versions.get(k).cloned().unwrap_or_else(|| "?".into());
+    let _ = writeln!(
+        s,
+        "Bench `{}`, {} → {}: {} cores ({}), kernel {}, load {} → {}; server on core {}, loadgen on core {}.",
+        b.profile.name,
+        b.started_utc,
+        b.finished_utc,
+        m.cores,
+        m.cpu_model,
+        m.kernel,
+        m.loadavg_start.map_or("?".into(), |l| format!("{l:.2}")),
+        m.loadavg_end.map_or("?".into(), |l| format!("{l:.2}")),
+        b.server_core,
+        b.loadgen_core
+    );
+    let _ = writeln!(
+        s,
+        "Versions: {} ({}), {}, {}. One GPS point: the gate's 64-byte frame (the ceiling gets the same); a 40-byte message to the peers ({} B on the wire to mosquitto, {} B to nats-server).",
+        v("gate"),
+        v("source"),
+        v("mosquitto"),
+        v("nats-server"),
+        Target::Mosquitto.gps_wire_bytes(),
+        Target::NatsServer.gps_wire_bytes()
+    );
+    let _ = writeln!(
+        s,
+        "‡ loadgen-bound: loadgen used ≥ 90 % of its core in the window; the figure is not quoted as the server's. \
+         † contended: other processes (or the hypervisor) took ≥ 10 % of the server's core in the window.\n"
+    );
+
+    let cell = |r: Option<&&RunResult>, f: &dyn Fn(&RunResult) -> Option<String>| match r {
+        None => "—".to_owned(),
+        Some(r) if r.status != RunStatus::Ok => r.status_words().to_owned(),
+        Some(r) => format!("{}{}", f(r).unwrap_or_else(|| "?".into()), mark(r)),
+    };
+
+    // GPS ingest.
+    let gps: Vec<&RunResult> = b
+        .runs
+        .iter()
+        .filter(|r| matches!(r.spec.kind, Kind::Gps | Kind::GpsMany) && r.spec.target == Target::Gate)
+        .collect();
+    let gps_heads: Vec<&RunResult> = if gps.is_empty() {
+        b.runs.iter().filter(|r| matches!(r.spec.kind, Kind::Gps | Kind::GpsMany)).collect()
+    } else {
+        gps
+    };
+    if !gps_heads.is_empty() {
+        let _ = writeln!(s, "**GPS ingest, one point per TCP segment**: server CPU µs per point · points/s delivered to the app-server side\n");
+        let _ = writeln!(s, "| conns | offered/s | gate | mosquitto | nats-server | ceiling | gate/ceiling | gate/mosquitto | gate/nats |");
+        let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let mut seen = Vec::new();
+        for head in gps_heads {
+            let key = (head.spec.kind, head.spec.conns, head.spec.offered_per_s.to_bits());
+            if seen.contains(&key) {
+                continue;
+            }
+            seen.push(key);
+            let sib = siblings_any(&b.runs, &head.spec);
+            let c = |t: Target| {
+                cell(sib.get(&t), &|r| {
+                    Some(format!(
+                        "{} µs · {}",
+                        fig(r.gps.cpu_us_per_point?),
+                        r.gps.delivered_per_s.map_or("?".into(), si)
+                    ))
+                })
+            };
+            let ratio = |t: Target| {
+                let (g, o) = (sib.get(&Target::Gate), sib.get(&t));
+                match (g.and_then(|g| g.gps.cpu_us_per_point), o.and_then(|o| o.gps.cpu_us_per_point)) {
+                    (Some(g), Some(o)) if o > 0.0 => format!("{:.2}×", g / o),
+                    _ => "—".into(),
+                }
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                loadgen::report::num(u64::from(head.spec.conns)),
+                si(head.spec.offered_per_s),
+                c(Target::Gate),
+                c(Target::Mosquitto),
+                c(Target::NatsServer),
+                c(Target::Ceiling),
+                ratio(Target::Ceiling),
+                ratio(Target::Mosquitto),
+                ratio(Target::NatsServer)
+            );
+        }
+        s.push('\n');
+    }
+
+    for r in b.runs.iter().filter(|r| r.spec.kind == Kind::Batch) {
+        let _ = writeln!(
+            s,
+            "**GPS in batches of {} points per frame, one gate core** (the gate forwards each driver's \
+             latest point per flush, its default)\n",
+            r.spec.batch
+        );
+        let _ = writeln!(
+            s,
+            "| conns | offered points/s | taken/s | forwarded/s | gate CPU | µs/point | loadgen core |"
+        );
+        let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        if r.status == RunStatus::Ok {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {}{} | {} | {} % | {} | {} % |\n",
+                loadgen::report::num(u64::from(r.spec.conns)),
+                si(r.spec.offered_per_s),
+                si(r.gps.sent_per_s),
+                mark(r),
+                r.gps.delivered_per_s.map_or("?".into(), si),
+                r.server.cpu_percent.map_or("?".into(), |c| format!("{c:.0}")),
+                r.gps.cpu_us_per_point.map_or("?".into(), fig),
+                r.loadgen.core_share.map_or("?".into(), |c| format!("{:.0}", c * 100.0))
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | | | | |\n",
+                r.spec.conns,
+                si(r.spec.offered_per_s),
+                r.status_words()
+            );
+        }
+    }
+
+    let push: Vec<&RunResult> = b.runs.iter().filter(|r| r.spec.kind == Kind::Push).collect();
+    if !push.is_empty() {
+        let _ = writeln!(
+            s,
+            "**Push latency**, app-server → driver, µs (fan-out {}, GPS running)\n",
+            push[0].spec.fanout
+        );
+        let _ = writeln!(
+            s,
+            "| target | drivers | GPS/s | pushes/s | p50 | p99 | p999 | max | received/sent | server CPU |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for r in push {
+            match (&r.push, r.status) {
+                (Some(p), RunStatus::Ok) => {
+                    let _ = writeln!(
+                        s,
+                        "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} % |",
+                        r.spec.target.name(),
+                        mark(r),
+                        loadgen::report::num(u64::from(r.spec.conns)),
+                        si(r.gps.sent_per_s),
+                        si(r.spec.push_rate),
+                        loadgen::report::num(p.p50_us),
+                        loadgen::report::num(p.p99_us),
+                        loadgen::report::num(p.p999_us),
+                        loadgen::report::num(p.max_us),
+                        received(p),
+                        r.server.cpu_percent.map_or("?".into(), |c| format!("{c:.0}"))
+                    );
+                }
+                _ => {
+                    let _ =
+                        writeln!(s, "| {} | {} | | | | | | | | |", r.spec.target.name(), r.status_words());
+                }
+            }
+        }
+        s.push('\n');
+    }
+
+    let fan: Vec<&RunResult> =
+        b.runs.iter().filter(|r| r.spec.kind == Kind::Fanout && r.spec.target == Target::Gate).collect();
+    let fan = if fan.is_empty() {
+        b.runs.iter().filter(|r| r.spec.kind == Kind::Fanout).take(1).collect()
+    } else {
+        fan
+    };
+    if !fan.is_empty() {
+        let _ =
+            writeln!(s, "**Push fan-out**: deliveries/s received by drivers (received/sent) · server CPU\n");
+        let _ = writeln!(
+            s,
+            "| fan-out | drivers | offered/s | gate | mosquitto | nats-server | gate/nats | gate/mosquitto |"
+        );
+        let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for head in fan {
+            let sib = siblings_any(&b.runs, &head.spec);
+            let c = |t: Target| {
+                cell(sib.get(&t), &|r| {
+                    let p = r.push.as_ref()?;
+                    Some(format!(
+                        "{} ({}) · {} %",
+                        si(p.deliveries_per_s),
+                        received(p),
+                        r.server.cpu_percent.map_or("?".into(), |c| format!("{c:.0}"))
+                    ))
+                })
+            };
+            let d = |t: Target| sib.get(&t).and_then(|r| r.push.as_ref()).map(|p| p.deliveries_per_s);
+            let ratio = |t: Target| match (d(Target::Gate), d(t)) {
+                (Some(g), Some(o)) if o > 0.0 => format!("{:.2}×", g / o),
+                _ => "—".into(),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                loadgen::report::num(u64::from(head.spec.fanout)),
+                loadgen::report::num(u64::from(head.spec.conns)),
+                si(head.spec.push_rate * f64::from(head.spec.fanout)),
+                c(Target::Gate),
+                c(Target::Mosquitto),
+                c(Target::NatsServer),
+                ratio(Target::NatsServer),
+                ratio(Target::Mosquitto)
+            );
+        }
+        s.push('\n');
+    }
+
+    let idle: Vec<&RunResult> = b.runs.iter().filter(|r| r.spec.kind == Kind::Idle).collect();
+    if !idle.is_empty() {
+        let _ = writeln!(s, "**Idle sessions** after {} s idle\n", b.profile.idle_window_s);
+        let _ = writeln!(s, "| target | sessions | user-space bytes/session | kernel bytes/session (both ends) | CPU, no connection | CPU, idle sessions |");
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: |");
+        for r in idle {
+            match (&r.idle, r.status) {
+                (Some(i), RunStatus::Ok) => {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {} | {} | {} |",
+                        r.spec.target.name(),
+                        loadgen::report::num(i.sessions),
+                        i.user_bytes_per_session.map_or("?".into(), |b| format!("{b:.0}")),
+                        i.kernel_bytes_per_session_both_ends.map_or("?".into(), |b| format!("{b:.0}")),
+                        i.cpu_percent_no_connections.map_or("?".into(), |c| format!("{c:.2} %")),
+                        i.cpu_percent_idle_sessions.map_or("?".into(), |c| format!("{c:.1} %"))
+                    );
+                }
+                _ => {
+                    let _ = writeln!(s, "| {} | {} | | | | |", r.spec.target.name(), r.status_words());
+                }
+            }
+        }
+        s.push('\n');
+    }
+
+    for r in b.runs.iter().filter(|r| r.spec.kind == Kind::Storm) {
+        let _ = writeln!(s, "**Reconnect storm**: every session dropped at once (gate)\n");
+        let _ = writeln!(
+            s,
+            "| sessions | all back | resumed | by login | sessions back/s | gate CPU | per session |"
+        );
+        let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        match (&r.storm, r.status) {
+            (Some(st), RunStatus::Ok) => {
+                let _ = writeln!(
+                    s,
+                    "| {} | {}{} | {} | {} | {} | {} | {} |\n",
+                    loadgen::report::num(st.dropped),
+                    st.all_back_ms.map_or("not all".into(), |ms| format!("{ms:.0} ms")),
+                    mark(r),
+                    loadgen::report::num(st.resumed),
+                    loadgen::report::num(st.relogin),
+                    st.back_per_s.map_or("?".into(), si),
+                    st.gate_cpu_s.map_or("?".into(), |c| format!("{c:.2} s")),
+                    st.cpu_us_per_session.map_or("?".into(), |u| format!("{u:.0} µs"))
+                );
+            }
+            _ => {
+                let _ = writeln!(s, "| {} | {} | | | | | |\n", r.spec.conns, r.status_words());
+            }
+        }
+    }
+
+    if !b.goals.is_empty() {
+        let _ = writeln!(s, "**DESIGN goals**\n");
+        let _ = writeln!(s, "| goal | target | measured | verdict |");
+        let _ = writeln!(s, "| --- | --- | --- | --- |");
+        for g in &b.goals {
+            let _ = writeln!(s, "| {} | {} | {} | {} |", g.goal, g.target, g.measured, g.status.words());
+        }
+        s.push('\n');
+    }
+
+    let failed: Vec<&RunResult> = b.runs.iter().filter(|r| r.status != RunStatus::Ok).collect();
+    if !failed.is_empty() {
+        let _ = writeln!(s, "Runs without figures:");
+        for r in failed {
+            let why = r.error.as_deref().unwrap_or("").lines().next().unwrap_or("");
+            let _ = writeln!(s, "- {} ({}): {} {}", r.label, r.spec.target.name(), r.status_words(), why);
+        }
+    }
+    s
+}
+
+impl RunResult {
+    fn status_words(&self) -> &'static str {
+        match self.status {
+            RunStatus::Ok => "ok",
+            RunStatus::Failed => "failed",
+            RunStatus::Skipped => "skipped",
+        }
+    }
+}
+
+/// `received/sent` as a percentage.
+fn received(p: &PushFigures) -> String {
+    if p.sent == 0 {
+        "—".into()
+    } else {
+        format!("{:.1} %", p.received as f64 * 100.0 / p.sent as f64)
+    }
+}
+
+/// Like [`siblings`], failed runs included (the table shows them as failed).
+fn siblings_any<'a>(runs: &'a [RunResult], r: &RunSpec) -> BTreeMap<Target, &'a RunResult> {
+    runs.iter()
+        .filter(|o| {
+            o.spec.kind == r.kind
+                && o.spec.conns == r.conns
+                && o.spec.offered_per_s == r.offered_per_s
+                && o.spec.fanout == r.fanout
+                && o.spec.batch == r.batch
+        })
+        .map(|o| (o.spec.target, o))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::plan::runs as plan_runs;
+    use serde_json::json;
+
+    fn report(cpu_s: f64, sent: u64, window: f64) -> Value {
+        json!({
+            "window_s": window,
+            "gps": {"sent": sent, "forwarded": sent, "gate_cpu_us_per_point": cpu_s * 1e6 / sent as f64, "behind": 0},
+            "gate": {"pid": 7, "cpu_s": cpu_s, "cpu_percent": cpu_s / window * 100.0, "rss_bytes": 2_000_000, "rss_before_bytes": 1_000_000},
+            "appserver": {"running": true},
+            "counters": {"gps_points": sent},
+            "push": {"sent": 0, "received": 0, "deliveries_per_s": 0.0, "lost": 0, "duplicates": 0,
+                     "latency_us": {"count": 0, "p50": 0, "p99": 0, "p999": 0, "max": 0}},
+            "idle": {"sessions": 1000, "bytes_per_session": 900.0},
+            "storm": {"dropped": 15000, "back": 15000, "all_back_ms": 500.0, "resumed": 15000, "relogin": 0},
+        })
+    }
+
+    fn extras(share: f64) -> Extras {
+        Extras { window_share: Some(share), loadgen_cpu_s: 5.0, loadgen_wall_s: 10.0, ..Extras::default() }
+    }
+
+    /// One GPS run per target at 100k/s with the given CPU seconds over a 10 s window.
+    fn gps_runs(cpu: [(Target, f64); 4], share: f64) -> Vec<RunResult> {
+        let specs = plan_runs(&Profile::full(), &[Kind::Gps], &Target::ALL);
+        specs
+            .iter()
+            .filter(|s| s.offered_per_s == 100_000.0)
+            .map(|s| {
+                let c = cpu.iter().find(|(t, _)| *t == s.target).map_or(1.0, |(_, c)| *c);
+                let mut x = extras(share);
+                if s.target == Target::Ceiling {
+                    x.ceiling = Some((1_000_000 * 64, 900_000));
+                }
+                from_report(s, &report(c, 1_000_000, 10.0), &x)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn figures_from_a_report() {
+        let rs = gps_runs(
+            [
+                (Target::Gate, 6.0),
+                (Target::Mosquitto, 10.0),
+                (Target::NatsServer, 10.0),
+                (Target::Ceiling, 5.0),
+            ],
+            0.5,
+        );
+        let gate = &rs[0];
+        assert_eq!(gate.spec.target, Target::Gate);
+        assert!((gate.gps.cpu_us_per_point.expect("cpu") - 6.0).abs() < 1e-9);
+        assert_eq!(gate.gps.delivered_per_s, Some(100_000.0));
+        assert_eq!(gate.gps.wire_bytes_per_point, 64);
+        assert!(!gate.loadgen.bound && gate.quotable());
+        let ceiling = rs.iter().find(|r| r.spec.target == Target::Ceiling).expect("ceiling");
+        assert_eq!(ceiling.gps.delivered, Some(1_000_000));
+        assert!((ceiling.gps.recvs_per_point.expect("recvs") - 0.9).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ratios_and_the_gps_goal() {
+        let met = gps_runs(
+            [
+                (Target::Gate, 6.0),
+                (Target::Mosquitto, 13.0),
+                (Target::NatsServer, 12.5),
+                (Target::Ceiling, 5.0),
+            ],
+            0.5,
+        );
+        let rs = ratios(&met);
+        let vs = |t: Target| {
+            rs.iter().find(|r| r.versus == t && r.metric == "server CPU µs per point").expect("ratio").ratio
+        };
+        assert!((vs(Target::Ceiling) - 1.2).abs() < 1e-9);
+        assert!((vs(Target::NatsServer) - 0.48).abs() < 1e-9);
+        assert_eq!(goals(&met, None)[0].status, GoalStatus::Met);
+
+        let missed = gps_runs(
+            [
+                (Target::Gate, 9.0),
+                (Target::Mosquitto, 10.0),
+                (Target::NatsServer, 10.0),
+                (Target::Ceiling, 5.0),
+            ],
+            0.5,
+        );
+        let g = &goals(&missed, None)[0];
+        assert_eq!(g.status, GoalStatus::NotMet);
+        assert!(g.measured.contains("1.80× ceiling"), "{}", g.measured);
+
+        let bound = gps_runs(
+            [
+                (Target::Gate, 6.0),
+                (Target::Mosquitto, 13.0),
+                (Target::NatsServer, 13.0),
+                (Target::Ceiling, 5.0),
+            ],
+            0.95,
+        );
+        assert!(bound.iter().all(|r| r.loadgen.bound));
+        assert_eq!(goals(&bound, None)[0].status, GoalStatus::LoadgenBound);
+        assert_eq!(goals(&[], None)[0].status, GoalStatus::NotMeasured);
+    }
+
+    #[test]
+    fn every_design_goal_has_a_row_and_the_unbuilt_say_so() {
+        let g = goals(&[], Some(&CodecFigure { ns: 23.6, measured_utc: "x".into() }));
+        let names: Vec<&str> = g.iter().map(|g| g.goal.as_str()).collect();
+        for want in [
+            "GPS ingest, one point",
+            "batches of 10",
+            "decode + verify",
+            "idle authenticated",
+            "latency",
+            "fan-out",
+            "resume rate",
+            "storm",
+            "resume cost",
+            "reconnect storms",
+            "node restarts",
+            "idle CPU",
+        ] {
+            assert!(names.iter().any(|n| n.contains(want)), "no goal row for {want}: {names:?}");
+        }
+        let status = |w: &str| g.iter().find(|g| g.goal.contains(w)).expect("row").status;
+        assert_eq!(status("decode"), GoalStatus::Met);
+        assert_eq!(status("resume cost"), GoalStatus::NotBuilt);
+        assert_eq!(status("node restarts"), GoalStatus::NotBuilt);
+    }
+
+    #[test]
+    fn storm_idle_and_batch_goals() {
+        let p = Profile::full();
+        let storm = plan_runs(&p, &[Kind::Storm], &Target::ALL);
+        let idle = plan_runs(&p, &[Kind::Idle], &Target::ALL);
+        let batch = plan_runs(&p, &[Kind::Batch], &Target::ALL);
+        let mut x = extras(0.5);
+        x.idle_cpu_percent = Some(0.1);
+        let mut runs: Vec<RunResult> =
+            storm.iter().chain(&idle).map(|s| from_report(s, &report(1.5, 1, 10.0), &x)).collect();
+        for r in runs.iter_mut().filter(|r| r.spec.target == Target::Mosquitto) {
+            r.idle.as_mut().expect("idle").user_bytes_per_session = Some(1100.0);
+        }
+        runs.push(from_report(&batch[0], &report(9.8, 9_000_000, 10.0), &extras(0.99)));
+        let g = goals(&runs, None);
+        let status = |w: &str| g.iter().find(|g| g.goal.contains(w)).expect("row").status;
+        assert_eq!(status("resume rate"), GoalStatus::NotMet, "15,000 back in 500 ms is 30k/s, below 50k/s");
+        assert_eq!(status("reconnect storm"), GoalStatus::Met);
+        assert_eq!(status("idle authenticated"), GoalStatus::Met);
+        assert_eq!(status("idle CPU"), GoalStatus::Met);
+        assert_eq!(status("batches of 10"), GoalStatus::NotMet, "gate core 98 % busy below 1M");
+        let storm_fig = runs[0].storm.as_ref().expect("storm");
+        assert_eq!(storm_fig.back_per_s, Some(30_000.0));
+        assert_eq!(storm_fig.cpu_us_per_session, Some(100.0));
+    }
+
+    #[test]
+    fn results_serialise_with_the_documented_keys_and_tables_render() {
+        let rs = gps_runs(
+            [
+                (Target::Gate, 6.0),
+                (Target::Mosquitto, 13.0),
+                (Target::NatsServer, 12.5),
+                (Target::Ceiling, 5.0),
+            ],
+            0.5,
+        );
+        let b = BenchResults {
+            schema: SCHEMA.into(),
+            profile: Profile::quick(),
+            started_utc: "2026-01-01T00:00:00Z".into(),
+            finished_utc: "2026-01-01T00:01:00Z".into(),
+            machine: Machine::default(),
+            versions: BTreeMap::new(),
+            settings: BTreeMap::new(),
+            server_core: 0,
+            loadgen_core: 1,
+            message_bytes: BTreeMap::new(),
+            ratios: ratios(&rs),
+            goals: goals(&rs, None),
+            runs: rs,
+            codec: None,
+        };
+        let v = serde_json::to_value(&b).expect("json");
+        for path in [
+            "/schema",
+            "/machine/cores",
+            "/machine/kernel",
+            "/started_utc",
+            "/runs/0/spec/kind",
+            "/runs/0/spec/target",
+            "/runs/0/spec/offered_per_s",
+            "/runs/0/gps/cpu_us_per_point",
+            "/runs/0/gps/delivered_per_s",
+            "/runs/0/gps/wire_bytes_per_point",
+            "/runs/0/server/cpu_s",
+            "/runs/0/loadgen/core_share",
+            "/runs/0/loadgen/bound",
+            "/ratios/0/ratio",
+            "/goals/0/status",
+        ] {
+            assert!(v.pointer(path).is_some(), "missing {path}");
+        }
+        assert_eq!(v.pointer("/runs/0/spec/target"), Some(&json!("gate")));
+        assert_eq!(v.pointer("/goals/0/status"), Some(&json!("met")));
+        let back: BenchResults = serde_json::from_value(v).expect("reads back");
+        assert_eq!(back, b);
+        let t = table(&b);
+        assert!(t.contains("| 1,000 | 100k | 6.00 µs · 100k |"), "{t}");
+        assert!(t.contains("| 1.20× | 0.46× | 0.48× |"), "{t}");
+        assert!(t.contains("DESIGN goals"), "{t}");
+    }
+}

@@ -1,0 +1,335 @@
+//! Starting and stopping the servers a bench measures, each pinned to the server core, on free
+//! loopback ports, as a child that dies with perf: `prctl(PR_SET_PDEATHSIG)` covers a perf that
+//! is killed outright, and [`Server`]'s `Drop` (SIGTERM, a bounded wait, then SIGKILL) covers
+//! every other way out, a panic included.
+
+use super::plan::Target;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest a server may take to listen.
+const START_PATIENCE: Duration = Duration::from_secs(15);
+/// Longest a server may take to exit after SIGTERM before it is killed.
+const STOP_PATIENCE: Duration = Duration::from_secs(10);
+/// Poll step while waiting.
+const POLL: Duration = Duration::from_millis(20);
+/// Bytes of a server's log kept for an error message.
+const LOG_TAIL: usize = 2000;
+
+/// Where the binaries are.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// fleetgate's gate.
+    pub gate: PathBuf,
+    /// loadgen.
+    pub loadgen: PathBuf,
+    /// perf's ceiling.
+    pub ceiling: PathBuf,
+    /// mosquitto, if installed.
+    pub mosquitto: Option<PathBuf>,
+    /// nats-server, if installed.
+    pub nats: Option<PathBuf>,
+}
+
+impl Bins {
+    /// The project's binaries in `dir`, the peers from PATH (and /usr/sbin, where Debian puts
+    /// mosquitto, which is not on every PATH).
+    pub fn find(dir: &Path) -> Result<Bins, String> {
+        let own = |name: &str| {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(format!(
+                    "{} is missing: build it first (cargo build --release -p gate -p loadgen -p perf)",
+                    p.display()
+                ))
+            }
+        };
+        Ok(Bins {
+            gate: own("gate")?,
+            loadgen: own("loadgen")?,
+            ceiling: own("ceiling")?,
+            mosquitto: which("mosquitto"),
+            nats: which("nats-server"),
+        })
+    }
+
+    /// The binary for `t`, or why there is none.
+    pub fn server(&self, t: Target) -> Result<&Path, String> {
+        match t {
+            Target::Gate => Ok(&self.gate),
+            Target::Ceiling => Ok(&self.ceiling),
+            Target::Mosquitto => self
+                .mosquitto
+                .as_deref()
+                .ok_or_else(|| "mosquitto is not installed (apt-get install -y mosquitto)".into()),
+            Target::NatsServer => self
+                .nats
+                .as_deref()
+                .ok_or_else(|| "nats-server is not installed (apt-get install -y nats-server)".into()),
+        }
+    }
+}
+
+/// `program` on PATH, /usr/sbin or /usr/bin.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// A command pinned to `core` that dies with this process.
+pub fn pinned(program: &Path, core: usize) -> Command {
+    let mut cmd = Command::new(program);
+    // SAFETY: between fork and exec only async-signal-safe calls are made: sched_setaffinity
+    // and prctl are plain system calls on a zeroed set on this stack.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(core, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A free loopback port, for servers that cannot bind port 0 and report it. Another process
+/// could take it before the server binds; the start then fails and is retried on a new port.
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running server.
+pub struct Server {
+    /// Which.
+    pub target: Target,
+    /// Its process.
+    child: Option<Child>,
+    /// Its pid, for /proc.
+    pub pid: u32,
+    /// Where drivers connect.
+    pub app: SocketAddr,
+    /// The gate's sidecar port.
+    pub sidecar: Option<SocketAddr>,
+    /// The ceiling's stats file.
+    pub stats_file: Option<PathBuf>,
+    /// Its stderr.
+    log: PathBuf,
+    /// The settings it was started with, for the results.
+    pub settings: String,
+}
+
+impl Server {
+    /// Starts `target` pinned to `core`, its files in `dir`, and waits until it listens.
+    /// `forward_all` is the gate's `--gps-forward all` (else `latest`).
+    pub fn start(
+        target: Target,
+        bins: &Bins,
+        core: usize,
+        dir: &Path,
+        forward_all: bool,
+    ) -> Result<Server, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let program = bins.server(target)?;
+        let log = dir.join(format!("{}.log", target.name()));
+        let log_file =
+            || std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()));
+        let ports = dir.join(format!("{}.ports", target.name()));
+        let _ = std::fs::remove_file(&ports);
+        let mut cmd = pinned(program, core);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file()?);
+        let (settings, fixed_port, stats_file) = match target {
+            Target::Gate => {
+                let core = core.to_string();
+                #[rustfmt::skip] // name-value pairs, one per line
+                let args: Vec<&str> = vec![
+                    "--cores", &core,
+                    "--gps-forward", if forward_all { "all" } else { "latest" },
+                    // One line per login would be the gate's main cost in a storm; the peers
+                    // log errors only, so the gate does too.
+                    "--log-level", "warn",
+                    // The gate bounds every connection's out queue with app.out_queue_bytes,
+                    // sidecar connections included (1 MiB by default): one GPS flush of
+                    // --gps-forward all at 70k points/s (32 B each, 1 s flush, two app-server
+                    // connections) passes it at once and the app-server is dropped as a slow
+                    // consumer. 64 MiB is nats-server's own default max_pending per client.
+                    "--out-queue-bytes", "67108864",
+                    "--app-listen", "127.0.0.1:0",
+                    "--sidecar-listen", "127.0.0.1:0",
+                    "--admin-listen", "127.0.0.1:0",
+                ];
+                cmd.args(&args).arg("--ports-file").arg(&ports);
+                (format!("gate {}", args.join(" ")), None, None)
+            }
+            Target::Ceiling => {
+                let stats = dir.join("ceiling-stats.json");
+                let _ = std::fs::remove_file(&stats);
+                let args = ["--listen", "127.0.0.1:0", "--core", &core.to_string(), "--max-conns", "19000"]
+                    .map(str::to_owned);
+                cmd.args(&args).arg("--ports-file").arg(&ports).arg("--stats-file").arg(&stats);
+                (format!("ceiling {}", args.join(" ")), None, Some(stats))
+            }
+            Target::Mosquitto => {
+                let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+                let conf = dir.join("mosquitto.conf");
+                let text = mosquitto_conf(port);
+                std::fs::write(&conf, &text).map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+                cmd.arg("-c").arg(&conf);
+                (format!("mosquitto -c mosquitto.conf:\n{text}"), Some(port), None)
+            }
+            Target::NatsServer => {
+                let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+                // One core, as the other servers have: Go would size itself from the affinity
+                // mask anyway; saying it keeps the setting visible in the results.
+                cmd.env("GOMAXPROCS", "1").args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+                (format!("GOMAXPROCS=1 nats-server -a 127.0.0.1 -p {port}"), Some(port), None)
+            }
+        };
+        let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        let pid = child.id();
+        let mut server = Server {
+            target,
+            child: Some(child),
+            pid,
+            app: SocketAddr::from(([127, 0, 0, 1], 0)),
+            sidecar: None,
+            stats_file,
+            log,
+            settings,
+        };
+        let deadline = Instant::now() + START_PATIENCE;
+        loop {
+            if !server.alive() {
+                return Err(format!("{} exited at start: {}", target.name(), server.log_tail()));
+            }
+            if let Some(port) = fixed_port {
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                // Listening, and it is ours (not another process that took the port first).
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                    && loadgen::procstat::find_listener_pid(port) == Some(pid)
+                {
+                    server.app = addr;
+                    return Ok(server);
+                }
+            } else if let Some((app, sidecar)) = read_ports(&ports) {
+                server.app = SocketAddr::from(([127, 0, 0, 1], app));
+                server.sidecar = sidecar.map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} did not listen within {START_PATIENCE:?}: {}",
+                    target.name(),
+                    server.log_tail()
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The end of its log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let start = text.len().saturating_sub(LOG_TAIL);
+        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+        text[start..].trim().to_owned()
+    }
+
+    /// SIGTERM, wait (bounded), SIGKILL. Idempotent.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if matches!(child.try_wait(), Ok(None)) {
+            // SAFETY: signalling our own child, whose pid is not reaped yet (try_wait said so).
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + STOP_PATIENCE;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(POLL);
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// mosquitto's configuration: loopback only, no persistence, errors only in the log, Nagle off
+/// (the gate and nats-server write with TCP_NODELAY too, so latencies compare).
+pub fn mosquitto_conf(port: u16) -> String {
+    format!(
+        "# written by perf's bench\n\
+         listener {port} 127.0.0.1\n\
+         allow_anonymous true\n\
+         persistence false\n\
+         log_dest stderr\n\
+         log_type error\n\
+         log_type warning\n\
+         set_tcp_nodelay true\n\
+         max_connections -1\n"
+    )
+}
+
+/// `app=` (and `sidecar=`) from a ports file, once it is whole.
+fn read_ports(path: &Path) -> Option<(u16, Option<u16>)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    parse_ports(&text)
+}
+
+/// Parses `name=port` lines.
+pub fn parse_ports(text: &str) -> Option<(u16, Option<u16>)> {
+    if !text.ends_with('\n') {
+        return None;
+    }
+    let port = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix('=')?.trim().parse::<u16>().ok())
+    };
+    Some((port("app")?, port("sidecar")))
+}
+
+/// The ceiling's counters from its stats file.
+pub fn ceiling_stats(path: &Path) -> Option<(u64, u64)> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    Some((v.get("bytes")?.as_u64()?, v.get("recvs")?.as_u64()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_files() {
+        assert_eq!(parse_ports("app=7100\nsidecar=7200\nadmin=7300\n"), Some((7100, Some(7200))));
+        assert_eq!(parse_ports("app=5000\n"), Some((5000, None)));
+        assert_eq!(parse_ports("app=5000"), None, "not written to its end yet");
+        assert_eq!(parse_ports("sidecar=1\n"), None);
+    }
+
+    #[test]
+    fn mosquitto_listens_on_loopback_only() {
+        let c = mosquitto_conf(18831);
+        assert!(c.contains("listener 18831 127.0.0.1\n") && c.contains("persistence false"));
+    }
+}

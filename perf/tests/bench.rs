@@ -1,0 +1,91 @@
+//! End to end: the `bench` binary runs a tiny bench (the gate only, 50 connections, one GPS
+//! rate, a 2 s window) with the real gate and loadgen binaries, and writes results that carry
+//! the figures. No peers (mosquitto, nats-server) are needed; no timing is asserted.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest the tiny bench may take before the test gives up on it.
+const PATIENCE: Duration = Duration::from_secs(50);
+
+/// The directory of this build's binaries, with gate and loadgen built (a no-op when they are
+/// up to date; loadgen must be the one that knows `--target`).
+fn bin_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_bench")).parent().expect("binary directory").to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "-p", "gate", "-p", "loadgen"]).current_dir(root);
+    if dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("cargo runs");
+    assert!(status.success(), "cargo build -p gate -p loadgen failed");
+    dir
+}
+
+#[test]
+fn a_tiny_bench_writes_its_figures() {
+    let bins = bin_dir();
+    let out = std::env::temp_dir().join(format!("fleetgate-bench-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["--scenarios", "gps", "--targets", "gate", "--conns", "50", "--rates", "500", "--window", "2"])
+        .arg("--out")
+        .arg(&out)
+        .arg("--bin-dir")
+        .arg(&bins)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("bench starts");
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("bench did not finish within {PATIENCE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = child.wait_with_output().expect("output");
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "bench failed: {}\n{table}", output.status);
+    assert!(table.contains("GPS ingest") && table.contains("DESIGN goals"), "{table}");
+
+    let files: Vec<PathBuf> =
+        std::fs::read_dir(&out).expect("results folder").flatten().map(|e| e.path()).collect();
+    let json = files.iter().find(|p| p.extension().is_some_and(|e| e == "json")).expect("a JSON file");
+    assert!(files.iter().any(|p| p.extension().is_some_and(|e| e == "md")), "no tables: {files:?}");
+    assert!(files.iter().any(|p| p.extension().is_some_and(|e| e == "svg")), "no plot: {files:?}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(json).expect("read")).expect("JSON");
+
+    assert_eq!(v["schema"], "fleetgate-bench/1");
+    assert!(v["machine"]["cores"].as_u64().is_some_and(|c| c >= 1), "{}", v["machine"]);
+    assert!(v["machine"]["kernel"].as_str().is_some_and(|k| !k.is_empty()));
+    assert!(v["versions"]["gate"].as_str().is_some_and(|g| g.contains("gate")), "{}", v["versions"]);
+    assert_eq!(v["message_bytes"]["gate_gps_frame"], 64);
+    assert_eq!(v["message_bytes"]["peer_gps_message"], 40);
+
+    let runs = v["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 1, "one rate, one target");
+    let r = &runs[0];
+    assert_eq!(r["status"], "ok", "{r:#}");
+    assert_eq!(r["spec"]["target"], "gate");
+    assert_eq!(r["spec"]["conns"], 50);
+    assert!(r["gps"]["sent"].as_u64().is_some_and(|n| n > 0), "{}", r["gps"]);
+    assert!(r["gps"]["cpu_us_per_point"].as_f64().is_some_and(|c| c > 0.0), "{}", r["gps"]);
+    assert!(r["gps"]["delivered"].as_u64().is_some(), "{}", r["gps"]);
+    assert!(r["server"]["cpu_s"].as_f64().is_some(), "{}", r["server"]);
+    assert!(r["loadgen"]["core_share"].as_f64().is_some(), "{}", r["loadgen"]);
+    assert!(r["loadgen"]["bound"].is_boolean());
+    assert_eq!(r["report"]["scenario"], "gps", "loadgen's own report is kept");
+
+    let goals = v["goals"].as_array().expect("goals");
+    assert!(goals.len() >= 10, "every DESIGN goal has a row");
+    assert!(goals.iter().any(|g| g["status"] == "not-built"), "the unbuilt parts say so");
+    let _ = std::fs::remove_dir_all(&out);
+}
