@@ -31,6 +31,8 @@ const MAX_BATCHES_PER_WAKE: usize = 64;
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// Error frames a connection may earn before login before it is closed.
 const MAX_PRE_LOGIN_ERRORS: u8 = 8;
+/// An app-server connection's out queue holds at most this many of its largest frames.
+const SIDECAR_OUT_FRAMES: usize = 8;
 /// An empty out queue keeps at most this much capacity: idle connections (the great majority)
 /// must own no write buffer, and a busy one reallocates a small buffer at most once per flush.
 const OUT_KEEP_CAPACITY: usize = 0;
@@ -399,8 +401,13 @@ impl Shard {
 
     /// Appends to the out queue; touches nothing but the connection table.
     fn append(&self, c: ConnRef, cmd: Cmd, write: impl FnOnce(&mut Vec<u8>)) -> Appended {
-        let limit = self.cfg.app.out_queue_bytes as usize;
         self.with_conn(c, |conn| {
+            // An app-server takes every shard's GPS flushes and receipts: one flush can pass an
+            // app's bound, so its connections are bounded by what a few of its largest frames take.
+            let limit = match conn.port {
+                Port::App => self.cfg.app.out_queue_bytes as usize,
+                Port::Sidecar => SIDECAR_OUT_FRAMES * self.cfg.sidecar.max_body as usize,
+            };
             if conn.close.is_some() && cmd != Cmd::GoAway && cmd != Cmd::Error {
                 return Appended::Refused;
             }
