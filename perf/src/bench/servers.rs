@@ -159,12 +159,6 @@ impl Server {
                     // One line per login would be the gate's main cost in a storm; the peers
                     // log errors only, so the gate does too.
                     "--log-level", "warn",
-                    // The gate bounds every connection's out queue with app.out_queue_bytes,
-                    // sidecar connections included (1 MiB by default): one GPS flush of
-                    // --gps-forward all at 70k points/s (32 B each, 1 s flush, two app-server
-                    // connections) passes it at once and the app-server is dropped as a slow
-                    // consumer. 64 MiB is nats-server's own default max_pending per client.
-                    "--out-queue-bytes", "67108864",
                     "--app-listen", "127.0.0.1:0",
                     "--sidecar-listen", "127.0.0.1:0",
                     "--admin-listen", "127.0.0.1:0",
