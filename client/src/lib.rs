@@ -17,6 +17,7 @@ pub mod app;
 pub mod appserver;
 mod error;
 pub mod frame;
+pub mod gate_process;
 pub mod session;
 
 pub use app::{AppConn, Reply, SessionInfo, MAX_QUEUED};

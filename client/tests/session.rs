@@ -6,14 +6,12 @@
 //! folder and built there first when missing.
 
 use client::appserver::{AppServerConn, AppServerEvents, Event, PushSpec};
+use client::gate_process::{workspace_gate_bin, GateProcess};
 use client::session::{AppEvent, AppSession, Outcome, SessionConfig};
 use client::{dev_token, AppConn, ClientError};
 use schema::wire::{ErrorCode, Outcome as Receipt};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Key of the gate's app login tokens.
@@ -25,127 +23,22 @@ const EVENTUALLY: Duration = Duration::from_secs(15);
 /// The pushed-to user.
 const UID: u64 = 7;
 
-/// The workspace root: this crate's parent folder.
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("client sits in the workspace").to_path_buf()
+/// A gate on free ports: the workspace's gate binary (built first when missing).
+fn start_gate() -> GateProcess {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("client sits in the workspace");
+    let bin = workspace_gate_bin(root).expect("gate binary");
+    let token = String::from_utf8_lossy(TOKEN_SECRET).into_owned();
+    let sidecar = String::from_utf8_lossy(SIDECAR_SECRET).into_owned();
+    let args = ["--cores", "0", "--hold-ms", "10000", "--token-secret", &token, "--sidecar-secret", &sidecar];
+    GateProcess::start(&bin, &args, EVENTUALLY).expect("gate starts")
 }
 
-/// The gate binary, built once per test process when it is not there yet.
-fn gate_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = workspace_root();
-        let target = match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
-            Some(t) if t.is_relative() => root.join(t),
-            Some(t) => t,
-            None => root.join("target"),
-        };
-        let bin = target.join("debug").join("gate");
-        if !bin.exists() {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "gate"])
-                .current_dir(&root)
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "cargo build -p gate failed: {status}");
-        }
-        assert!(bin.exists(), "no gate binary at {}", bin.display());
-        bin
-    })
-}
-
-/// A gate process on free ports; killed when dropped (abruptly: a crash, as far as apps see).
-struct Gate {
-    child: Child,
-    app: SocketAddr,
-    sidecar: SocketAddr,
-    admin: SocketAddr,
-    log: PathBuf,
-    dir: PathBuf,
-}
-
-impl Gate {
-    fn start() -> Gate {
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!("fleetgate-session-test-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let ports = dir.join("ports");
-        let log = dir.join("gate.log");
-        let child = Command::new(gate_bin())
-            .arg("--ports-file")
-            .arg(&ports)
-            .args(["--app-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(["--sidecar-listen", "127.0.0.1:0", "--cores", "0", "--hold-ms", "10000"])
-            .arg("--token-secret")
-            .arg(String::from_utf8_lossy(TOKEN_SECRET).as_ref())
-            .arg("--sidecar-secret")
-            .arg(String::from_utf8_lossy(SIDECAR_SECRET).as_ref())
-            .env("FLEETGATE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("gate starts");
-        let deadline = Instant::now() + EVENTUALLY;
-        let text = loop {
-            if let Ok(t) = std::fs::read_to_string(&ports) {
-                break t;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gate wrote no ports file; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let port = |name: &str| -> SocketAddr {
-            let p = text
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                .and_then(|p| p.trim().parse::<u16>().ok())
-                .unwrap_or_else(|| panic!("no {name} port in {text:?}"));
-            SocketAddr::from(([127, 0, 0, 1], p))
-        };
-        Gate { child, app: port("app"), sidecar: port("sidecar"), admin: port("admin"), log, dir }
-    }
-
-    /// Sum of a gauge's or counter's samples over all shards.
-    fn metric(&self, name: &str) -> f64 {
-        let mut s = TcpStream::connect(self.admin).expect("admin connect");
-        s.set_read_timeout(Some(EVENTUALLY)).expect("timeout");
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).expect("read");
-        resp.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let n = series.split_once('{').map_or(series, |(n, _)| n);
-                (n == name).then(|| value.parse::<f64>().ok()).flatten()
-            })
-            .sum()
-    }
-
-    fn eventually(&self, what: &str, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + EVENTUALLY;
-        while !f() {
-            assert!(Instant::now() < deadline, "never happened: {what}; gate log:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+/// Waits until the gate's `name` metric (summed over shards) reaches `at_least`.
+fn wait_metric(gate: &GateProcess, name: &str, at_least: f64) {
+    let deadline = Instant::now() + EVENTUALLY;
+    while gate.metric(name, "", EVENTUALLY).unwrap_or(0.0) < at_least {
+        assert!(Instant::now() < deadline, "{name} never reached {at_least}; gate log:\n{}", gate.log_text());
+        std::thread::sleep(Duration::from_millis(25));
     }
 }
 
@@ -198,7 +91,7 @@ fn next_push(s: &mut AppSession) -> (u64, Vec<u8>, bool) {
 
 #[test]
 fn session_resumes_replays_each_push_once_and_logs_in_after_a_gate_restart() {
-    let gate = Gate::start();
+    let gate = start_gate();
     let (srv, events) = AppServerConn::connect(gate.sidecar, SIDECAR_SECRET, "session-test", EVENTUALLY)
         .expect("app-server connects");
     let mut s = AppSession::new(session_config(vec![gate.app]));
@@ -215,7 +108,7 @@ fn session_resumes_replays_each_push_once_and_logs_in_after_a_gate_restart() {
     assert!(s.conn().is_none() && s.resume_token() == Some(&used_token[..]));
 
     // Message 2 is queued on the held session.
-    gate.eventually("the session is held", || gate.metric("fleetgate_held_sessions") >= 1.0);
+    wait_metric(&gate, "fleetgate_held_sessions", 1.0);
     push(&srv, 2);
 
     assert_eq!(s.connect().expect("resume"), Outcome::Resumed);
@@ -253,7 +146,7 @@ fn session_resumes_replays_each_push_once_and_logs_in_after_a_gate_restart() {
         Err(ClientError::Closed | ClientError::Io(_)) => {}
         other => panic!("the dead gate's connection should end, got {other:?}"),
     }
-    let gate = Gate::start();
+    let gate = start_gate();
     assert_ne!(gate.app, old_app);
     s.set_gates(vec![gate.app]);
     let attempts_before = s.reconnect_attempts();

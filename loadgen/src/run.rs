@@ -22,6 +22,26 @@ const STORM_PATIENCE: Duration = Duration::from_secs(60);
 /// Main loop step.
 const STEP: Duration = Duration::from_millis(50);
 
+/// Ramp: calls `step` (wait a little, return how many are up) until all `total` are up, or no
+/// progress was made for `RAMP_STALL`; returns the ramp's seconds. Shared by every target.
+pub(crate) fn ramp(total: u64, what: &str, mut step: impl FnMut() -> u64) -> f64 {
+    let start = Instant::now();
+    let mut progress = (0, Instant::now());
+    loop {
+        let up = step();
+        if up >= total {
+            break;
+        }
+        if up > progress.0 {
+            progress = (up, Instant::now());
+        } else if progress.1.elapsed() > RAMP_STALL {
+            eprintln!("loadgen: only {up} of {total} {what} came up; going on with them");
+            break;
+        }
+    }
+    start.elapsed().as_secs_f64()
+}
+
 /// Why a run could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -189,21 +209,10 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
         label: "ramp",
     };
 
-    // Ramp: until every session is up, or no progress for a while.
-    let total = u64::from(plan.apps());
-    let ramp_start = Instant::now();
-    let mut progress = (0, Instant::now());
-    while w.live() < total {
+    let ramp_s = ramp(u64::from(plan.apps()), "sessions", || {
         w.wait(STEP, server.as_ref());
-        let up = w.live();
-        if up > progress.0 {
-            progress = (up, Instant::now());
-        } else if progress.1.elapsed() > RAMP_STALL {
-            eprintln!("loadgen: only {up} of {total} sessions came up; going on with them");
-            break;
-        }
-    }
-    let ramp_s = ramp_start.elapsed().as_secs_f64();
+        w.live()
+    });
 
     // The measured window.
     control.set_phase(Phase::Run);

@@ -1,10 +1,10 @@
 //! End to end: a real gate process on free ports, loadgen's binary against it, and the JSON it
 //! prints. Small fleets (under 100 connections) so the tests stay quick on a shared machine.
 
+use client::gate_process::{workspace_gate_bin, GateProcess};
 use serde_json::Value;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Secret for tokens and the sidecar hello, passed to both sides.
@@ -12,77 +12,37 @@ const SECRET: &str = "loadgen-test-secret";
 /// Longest a gate may take to write its ports file, and a loadgen run to finish.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// A gate process; killed when dropped.
-struct Gate {
-    child: Child,
-    app: SocketAddr,
-    sidecar: SocketAddr,
-    log: PathBuf,
-    dir: PathBuf,
-}
+/// A gate process (the shared test launcher, from the client crate); killed when dropped.
+struct Gate(GateProcess);
 
-/// The gate binary beside loadgen's, built first if it is missing.
-fn gate_binary() -> PathBuf {
-    let bin = Path::new(env!("CARGO_BIN_EXE_loadgen")).with_file_name("gate");
-    if !bin.exists() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status =
-            Command::new(cargo).args(["build", "-p", "gate"]).current_dir(root).status().expect("cargo runs");
-        assert!(status.success(), "cargo build -p gate failed");
+impl std::ops::Deref for Gate {
+    type Target = GateProcess;
+    fn deref(&self) -> &GateProcess {
+        &self.0
     }
-    bin
 }
 
 impl Gate {
     fn start() -> Gate {
-        let dir = std::env::temp_dir().join(format!(
-            "loadgen-test-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let ports = dir.join("ports");
-        let log = dir.join("gate.log");
-        let child = Command::new(gate_binary())
-            .args(["--ports-file", &ports.display().to_string()])
-            .args([
-                "--app-listen",
-                "127.0.0.1:0",
-                "--sidecar-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--token-secret", SECRET, "--sidecar-secret", SECRET])
-            .args(["--hold-ms", "2000", "--gps-flush-ms", "100", "--login-timeout-ms", "3000"])
-            .args(["--read-timeout-ms", "3000", "--request-timeout-ms", "3000"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("gate starts");
-        let deadline = Instant::now() + PATIENCE;
-        let text = loop {
-            if let Ok(t) = std::fs::read_to_string(&ports) {
-                break t;
-            }
-            assert!(Instant::now() < deadline, "gate wrote no ports file; log:\n{}", read(&log));
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let port = |name: &str| -> u16 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                .and_then(|p| p.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no {name} port in {text:?}"))
-        };
-        Gate {
-            child,
-            app: SocketAddr::from(([127, 0, 0, 1], port("app"))),
-            sidecar: SocketAddr::from(([127, 0, 0, 1], port("sidecar"))),
-            log,
-            dir,
-        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let bin = workspace_gate_bin(root).expect("gate binary");
+        let args = [
+            "--token-secret",
+            SECRET,
+            "--sidecar-secret",
+            SECRET,
+            "--hold-ms",
+            "2000",
+            "--gps-flush-ms",
+            "100",
+            "--login-timeout-ms",
+            "3000",
+            "--read-timeout-ms",
+            "3000",
+            "--request-timeout-ms",
+            "3000",
+        ];
+        Gate(GateProcess::start(&bin, &args, PATIENCE).expect("gate starts"))
     }
 
     /// Runs `loadgen <args> --gate .. --sidecar .. --json` and returns its exit code and JSON.
@@ -112,14 +72,6 @@ impl Gate {
         });
         eprintln!("{stderr}");
         (out.status.code().unwrap_or(-1), json)
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -177,7 +129,7 @@ fn idle_reports_memory_per_session() {
     assert!(v.pointer("/idle/bytes_per_session").is_some_and(Value::is_number), "{v:#}");
     assert_eq!(
         v.pointer("/gate/pid").and_then(Value::as_u64),
-        Some(u64::from(gate.child.id())),
+        Some(u64::from(gate.pid().expect("running"))),
         "gate found by its port"
     );
     assert!(n(&v, "/gate/rss_bytes") > 0.0, "{v:#}");

@@ -1,14 +1,13 @@
 //! Starting a real gate process on free ports for integration tests.
 #![allow(dead_code)]
 
+pub use client::gate_process::sum_metric;
+use client::gate_process::GateProcess;
 use client::{dev_token, AppConn};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The development secret the gate uses when none is configured.
+/// The token secret the test gates use.
 pub const SECRET: &[u8] = b"test-token-secret";
 
 /// The sidecar secret the test gates use.
@@ -17,80 +16,28 @@ pub const SIDECAR_SECRET: &[u8] = b"test-sidecar-secret";
 /// "Eventually" bound for anything the tests wait for.
 pub const EVENTUALLY: Duration = Duration::from_secs(15);
 
-/// A gate process; killed (SIGTERM, then SIGKILL) when dropped.
-pub struct Gate {
-    /// The process.
-    pub child: Option<Child>,
-    /// Bound app port.
-    pub app: SocketAddr,
-    /// Bound admin port.
-    pub admin: SocketAddr,
-    /// Bound sidecar port.
-    pub sidecar: SocketAddr,
-    /// Where its stderr goes.
-    pub log: PathBuf,
-    /// Temporary folder of this gate.
-    dir: PathBuf,
+/// A gate process (the shared test launcher) with the helpers these tests use.
+pub struct Gate(GateProcess);
+
+impl std::ops::Deref for Gate {
+    type Target = GateProcess;
+    fn deref(&self) -> &GateProcess {
+        &self.0
+    }
 }
 
 impl Gate {
-    /// Starts a gate with test-friendly timeouts plus `extra` flags.
+    /// Starts a gate with test-friendly settings plus `extra` flags.
     pub fn start(extra: &[&str]) -> Gate {
-        let dir = std::env::temp_dir().join(format!(
-            "fleetgate-test-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let ports = dir.join("ports");
-        let log = dir.join("gate.log");
-        let mut args: Vec<String> = vec![
-            "--ports-file".into(),
-            ports.display().to_string(),
-            "--app-listen".into(),
-            "127.0.0.1:0".into(),
-            "--admin-listen".into(),
-            "127.0.0.1:0".into(),
-            "--sidecar-listen".into(),
-            "127.0.0.1:0".into(),
-            "--token-secret".into(),
-            String::from_utf8_lossy(SECRET).into_owned(),
-            "--sidecar-secret".into(),
-            String::from_utf8_lossy(SIDECAR_SECRET).into_owned(),
-            "--gps-flush-ms".into(),
-            "100".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(env!("CARGO_BIN_EXE_gate"))
-            .args(&args)
-            .env("FLEETGATE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("gate starts");
-        let deadline = Instant::now() + EVENTUALLY;
-        let text = loop {
-            if let Ok(t) = std::fs::read_to_string(&ports) {
-                break t;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gate wrote no ports file; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let port = |name: &str| -> u16 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                .and_then(|p| p.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no {name} port in {text:?}"))
-        };
-        let app = SocketAddr::from(([127, 0, 0, 1], port("app")));
-        let admin = SocketAddr::from(([127, 0, 0, 1], port("admin")));
-        let sidecar = SocketAddr::from(([127, 0, 0, 1], port("sidecar")));
-        Gate { child: Some(child), app, admin, sidecar, log, dir }
+        let token_secret = String::from_utf8_lossy(SECRET).into_owned();
+        let sidecar_secret = String::from_utf8_lossy(SIDECAR_SECRET).into_owned();
+        let mut args = vec!["--token-secret", &token_secret, "--sidecar-secret", &sidecar_secret];
+        args.extend_from_slice(&["--gps-flush-ms", "100"]);
+        args.extend_from_slice(extra);
+        Gate(
+            GateProcess::start(Path::new(env!("CARGO_BIN_EXE_gate")), &args, EVENTUALLY)
+                .expect("gate starts"),
+        )
     }
 
     /// A connected app client.
@@ -116,14 +63,7 @@ impl Gate {
 
     /// GET on the admin port; returns the body.
     pub fn http_get(&self, path: &str) -> String {
-        let mut s = TcpStream::connect(self.admin).expect("admin connect");
-        s.set_read_timeout(Some(EVENTUALLY)).expect("timeout");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).expect("read");
-        let (head, body) = resp.split_once("\r\n\r\n").expect("http response");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        body.to_string()
+        self.0.http_get(path, EVENTUALLY).expect("admin answers")
     }
 
     /// Sum of a metric's samples whose labels contain `labels` (e.g. `shard="0"`).
@@ -140,19 +80,14 @@ impl Gate {
         }
     }
 
-    /// The gate's log so far.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
     /// True while the process runs.
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.0.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
+        let mut child = self.0.child.take().expect("running");
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc_kill(child.id() as i32, 15) };
         let deadline = Instant::now() + EVENTUALLY;
@@ -169,16 +104,6 @@ impl Gate {
     }
 }
 
-impl Drop for Gate {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
@@ -187,18 +112,6 @@ extern "C" {
 /// A valid token for `uid`.
 pub fn token(uid: u64, role: u8) -> Vec<u8> {
     dev_token(SECRET, uid, role, Duration::from_secs(3600))
-}
-
-/// Sum of samples of `name` whose label set contains `labels`.
-pub fn sum_metric(text: &str, name: &str, labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, lbl) = series.split_once('{').unwrap_or((series, ""));
-            (n == name && lbl.contains(labels)).then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
 }
 
 /// Receives app-server events until `f` says stop (true) or the bound passes.

@@ -45,8 +45,6 @@ pub const PUSH_HEADER: usize = 16;
 /// sessions with the gate's default 30 s heartbeat, so idle figures compare like with like.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 
-/// Longest the ramp waits without a new connection before going on with what it has.
-const RAMP_STALL: Duration = Duration::from_secs(30);
 /// Main loop step.
 const STEP: Duration = Duration::from_millis(50);
 /// Longest the drain waits for pushes in flight once nothing more arrives.
@@ -272,21 +270,10 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
         label: "ramp",
     };
 
-    // Ramp: until every connection is up, or no progress for a while.
-    let total = u64::from(plan.drivers);
-    let ramp_start = Instant::now();
-    let mut progress = (0, Instant::now());
-    while w.live() < total {
+    let ramp_s = crate::run::ramp(u64::from(plan.drivers), "connections", || {
         w.wait(STEP);
-        let up = w.live();
-        if up > progress.0 {
-            progress = (up, Instant::now());
-        } else if progress.1.elapsed() > RAMP_STALL {
-            eprintln!("loadgen: only {up} of {total} connections came up; going on with them");
-            break;
-        }
-    }
-    let ramp_s = ramp_start.elapsed().as_secs_f64();
+        w.live()
+    });
 
     // The measured window.
     control.set_phase(Phase::Run);
