@@ -103,9 +103,15 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, me: ConnRef, wait: D
                 },
             }
         } else {
-            futures_lite::future::or(async { Step::Read(stream.read(&mut inline).await) }, async {
-                Step::Event(futures_lite::future::poll_fn(|cx| shard.poll_conn_event(me, cx.waker())).await)
-            })
+            // The event first: a connection being closed (a stream error, a timeout) must not
+            // read and decode more of its input, which a peer that keeps sending would otherwise
+            // have answered again before the close is seen.
+            futures_lite::future::or(
+                async {
+                    Step::Event(futures_lite::future::poll_fn(|cx| shard.poll_conn_event(me, cx.waker())).await)
+                },
+                async { Step::Read(stream.read(&mut inline).await) },
+            )
             .await
         };
         match step {
@@ -155,10 +161,16 @@ enum Read {
 /// Handles bytes that arrived (`first`, then, with `maybe_more`, what else the socket holds).
 fn on_bytes(shard: &Shard, me: ConnRef, first: &[u8], maybe_more: bool) -> Read {
     let now = net::now_ms();
-    let Some((fd, port, mut own)) = shard.with_conn(me, |c| (c.fd, c.port, std::mem::take(&mut c.partial)))
+    let Some((fd, port, mut own, closing)) =
+        shard.with_conn(me, |c| (c.fd, c.port, std::mem::take(&mut c.partial), c.close.is_some()))
     else {
         return Read::Closed;
     };
+    if closing {
+        // Closing: whatever else arrives is not decoded (its answers could not be sent anyway,
+        // and after a stream error its framing is lost).
+        return Read::Data;
+    }
     let max_body = match port {
         Port::App => shard.cfg.app.max_body,
         Port::Sidecar => shard.cfg.sidecar.max_body,
@@ -247,11 +259,19 @@ fn read_and_decode(
     let mut frames = Frames::new(buf, Limits { max_body });
     for item in frames.by_ref() {
         match item {
-            Ok(Decoded::Frame(f)) => match port {
-                Port::App => session::on_frame(shard, me, &f),
-                Port::Sidecar => crate::sidecar::on_frame(shard, me, &f),
-            },
-            Ok(Decoded::Rejected { header, error }) => session::on_rejected(shard, me, &header, &error),
+            Ok(Decoded::Frame(mut f)) => {
+                // A flow started with log-id 0 gets a gate-assigned one at its first hop (§7),
+                // carried by every answer and log line from here on.
+                f.header.log_id = shard.log_id_or_new(f.header.log_id);
+                match port {
+                    Port::App => session::on_frame(shard, me, &f),
+                    Port::Sidecar => crate::sidecar::on_frame(shard, me, &f),
+                }
+            }
+            Ok(Decoded::Rejected { mut header, error }) => {
+                header.log_id = shard.log_id_or_new(header.log_id);
+                session::on_rejected(shard, me, &header, &error)
+            }
             Err(e) => {
                 session::on_stream_error(shard, me, &e);
                 return (eof, frames.consumed());

@@ -87,7 +87,8 @@ pub struct ShardMetrics {
     pub accepted: AtomicU64,
     /// Connections refused, by `Refusal`.
     pub refused: Counters<3>,
-    /// Connections closed, by `GoAwayReason` value (0 = the peer closed).
+    /// Connections closed, by `GoAwayReason` value (0 = the peer closed; `shard::LOGIN_TIMEOUT`
+    /// for a connection that never logged in).
     pub closed: Counters<16>,
     /// Frames read, by `Cmd::slot`.
     pub frames_in: Counters<{ Cmd::SLOTS }>,
@@ -101,6 +102,8 @@ pub struct ShardMetrics {
     pub errors: Counters<32>,
     /// GPS points received from drivers.
     pub gps_in: AtomicU64,
+    /// GPS frames refused as invalid (a point out of range or missing).
+    pub gps_invalid: AtomicU64,
     /// GPS points flushed toward the app-server side.
     pub gps_forwarded: AtomicU64,
     /// GPS points replaced by a newer point before a flush.
@@ -178,6 +181,7 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
     scalar!(counter, "bytes_in_total", "Bytes read from apps.", bytes_in);
     scalar!(counter, "bytes_out_total", "Bytes written to apps.", bytes_out);
     scalar!(counter, "gps_points_in_total", "GPS points received.", gps_in);
+    scalar!(counter, "gps_invalid_total", "GPS frames refused with InvalidField (a point out of range or missing).", gps_invalid);
     scalar!(
         counter,
         "gps_points_forwarded_total",
@@ -228,7 +232,11 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
         for v in 0..16u8 {
             let n = s.closed.get(v as usize);
             if n > 0 {
-                let name = if v == 0 { "peer" } else { GoAwayReason(v).variant_name().unwrap_or("other") };
+                let name = match v {
+                    0 => "peer",
+                    v if GoAwayReason(v) == crate::shard::LOGIN_TIMEOUT => "LoginTimeout",
+                    v => GoAwayReason(v).variant_name().unwrap_or("other"),
+                };
                 let _ =
                     writeln!(o, "fleetgate_connections_closed_total{{shard=\"{i}\",reason=\"{name}\"}} {n}");
             }

@@ -156,14 +156,23 @@ pub struct Shard {
     dirty: RefCell<Vec<usize>>,
     /// Reused logic output buffer.
     logic_out: RefCell<Vec<Output>>,
-    /// Waker of the logic timer task, woken when a deadline appears.
+    /// Waker of the logic timer task, woken when a deadline earlier than the one it sleeps for
+    /// appears.
     logic_timer: RefCell<Option<Waker>>,
+    /// The deadline the logic timer task sleeps until (ms), or None while it waits for any.
+    logic_timer_due: Cell<Option<u64>>,
+    /// Set when the logic timer must recompute its deadline.
+    logic_timer_kicked: Cell<bool>,
     /// Connection tasks waiting for the next read tick (see `read_tick`).
     read_tick_wakers: RefCell<Vec<Waker>>,
     /// Counts read ticks; a waiter is released when it changes.
     read_tick_epoch: Cell<u64>,
     /// A timer task will fire the next read tick.
     read_tick_armed: Cell<bool>,
+    /// Counter behind gate-assigned log-ids (see `new_log_id`).
+    next_log_id: Cell<u64>,
+    /// The sweeper's waker while it waits for a first connection.
+    sweeper: RefCell<Option<Waker>>,
     /// Set once shutdown began.
     pub shutting_down: Cell<bool>,
     /// Woken when shutdown begins (accept loop, sweeper).
@@ -182,6 +191,14 @@ pub struct Shard {
     /// When the bucket was last refilled.
     pub accept_refill: Cell<Instant>,
 }
+
+/// Low bits of a gate-assigned log-id that count.
+const LOG_ID_COUNTER_MASK: u64 = (1 << 48) - 1;
+
+/// Close reason of a connection that never logged in within the login timeout. Gate-local: it
+/// only labels `fleetgate_connections_closed_total` and is never sent (the app gets Error
+/// NotLoggedIn).
+pub const LOGIN_TIMEOUT: GoAwayReason = GoAwayReason(15);
 
 /// Bound on the `/debug/gps` ring.
 pub const GPS_RECENT_MAX: usize = 4096;
@@ -232,15 +249,39 @@ impl Shard {
             dirty: RefCell::new(Vec::new()),
             logic_out: RefCell::new(Vec::new()),
             logic_timer: RefCell::new(None),
+            logic_timer_due: Cell::new(None),
+            logic_timer_kicked: Cell::new(false),
             read_tick_wakers: RefCell::new(Vec::new()),
             read_tick_epoch: Cell::new(0),
             read_tick_armed: Cell::new(false),
+            sweeper: RefCell::new(None),
+            // A random start, so two runs of a gate do not hand out the same ids.
+            next_log_id: Cell::new(rand::random::<u64>() & LOG_ID_COUNTER_MASK),
             shutting_down: Cell::new(false),
             shutdown_wakers: RefCell::new(Vec::new()),
             gps_recent,
             sidecars,
             outbound: RefCell::new(Default::default()),
             drained,
+        }
+    }
+
+    /// A fresh gate-assigned log-id (PROTOCOL §7): for flows an app or app-server started with
+    /// log-id 0 and for flows the gate starts itself. The top bit marks it gate-assigned, the
+    /// next 15 bits name the shard, and the low 48 bits count.
+    pub fn new_log_id(&self) -> u64 {
+        let n = self.next_log_id.get().wrapping_add(1) & LOG_ID_COUNTER_MASK;
+        self.next_log_id.set(n);
+        (1 << 63) | ((self.id as u64 & 0x7FFF) << 48) | n.max(1)
+    }
+
+    /// `log_id`, or a fresh gate-assigned one when it is 0 (none given).
+    #[inline]
+    pub fn log_id_or_new(&self, log_id: u64) -> u64 {
+        if log_id == 0 {
+            self.new_log_id()
+        } else {
+            log_id
         }
     }
 
@@ -280,6 +321,9 @@ impl Shard {
             login_started: None,
             waker: None,
         });
+        if let Some(w) = self.sweeper.borrow_mut().take() {
+            w.wake();
+        }
         if port == Port::App {
             self.app_conn_count.set(self.app_conn_count.get() + 1);
             self.metrics().conns_open.fetch_add(1, Relaxed);
@@ -379,6 +423,7 @@ impl Shard {
 
     /// Sends a go-away and closes the connection once it is written.
     pub fn go_away(&self, c: ConnRef, log_id: u64, reason: GoAwayReason, message: &str, retry_after_ms: u32) {
+        let log_id = self.log_id_or_new(log_id);
         tracing::info!(log_id, shard = self.id, slot = c.slot, reason = ?reason, message, "go-away");
         let mut enc = self.enc.borrow_mut();
         let mut frame = Vec::new();
@@ -649,6 +694,9 @@ impl Shard {
                 | Output::Deliver { conn, .. }
                 | Output::Reply { conn, .. }
                 | Output::RequestFailed { conn, .. } => Some(*conn),
+                Output::BroadcastCounted { tally, .. } => {
+                    Some(ConnRef { shard: tally.shard, slot: u32::MAX, gen: 0 })
+                }
                 Output::Receipt(_)
                 | Output::Upstream { .. }
                 | Output::GpsBatch(_)
@@ -665,15 +713,12 @@ impl Shard {
     /// Feeds one input to this executor's logic shard and routes what it decides.
     pub fn logic_input(&self, input: logic::Input) {
         let mut out = std::mem::take(&mut *self.logic_out.borrow_mut());
-        let had_deadline = {
+        let next = {
             let mut logic = self.logic.borrow_mut();
-            let had = logic.next_deadline_ms().is_some();
             logic.handle(input, net::now_ms(), &mut out);
-            had
+            logic.next_deadline_ms()
         };
-        if !had_deadline {
-            self.wake_logic_timer();
-        }
+        self.rearm_logic_timer(next);
         self.route_outputs(&mut out);
         *self.logic_out.borrow_mut() = out;
     }
@@ -691,10 +736,31 @@ impl Shard {
         m.gps_dropped.store(s.dropped, Relaxed);
     }
 
-    fn wake_logic_timer(&self) {
-        if let Some(w) = self.logic_timer.borrow_mut().take() {
-            w.wake();
+    /// Wakes the logic timer when `next` (the logic shard's next deadline after a change) comes
+    /// before the deadline the timer sleeps for: any input may add a deadline earlier than all
+    /// the others pending (a TTL-2 s push behind a TTL-20 s one, a hold, a request, a GPS flush).
+    fn rearm_logic_timer(&self, next: Option<u64>) {
+        let Some(next) = next else { return };
+        if self.logic_timer_due.get().is_none_or(|due| next < due) {
+            self.logic_timer_due.set(Some(next));
+            self.logic_timer_kicked.set(true);
+            if let Some(w) = self.logic_timer.borrow_mut().take() {
+                w.wake();
+            }
         }
+    }
+
+    /// Resolves once `rearm_logic_timer` asked the timer to recompute its deadline.
+    async fn logic_timer_kick(&self) {
+        futures_lite::future::poll_fn(|cx| {
+            if self.logic_timer_kicked.replace(false) {
+                Poll::Ready(())
+            } else {
+                *self.logic_timer.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     // ------------------------------------------------------------------------------------------
@@ -826,27 +892,28 @@ pub async fn run_inbox(shard: Rc<Shard>) {
     }
 }
 
-/// Logic timer task: sleeps until the logic shard's next deadline (the GPS flush); with nothing
-/// due it sleeps until woken, so an idle shard takes no timer wake-ups at all.
+/// Logic timer task: sleeps until the logic shard's next deadline (TTLs, holds, requests, the
+/// GPS flush), or until an input brings an earlier one; with nothing due it sleeps until woken,
+/// so an idle shard takes no timer wake-ups at all.
 pub async fn run_logic_timer(shard: Rc<Shard>) {
     loop {
         let due = shard.logic.borrow().next_deadline_ms();
+        shard.logic_timer_due.set(due);
+        shard.logic_timer_kicked.set(false);
         match due {
-            None => {
-                futures_lite::future::poll_fn(|cx| {
-                    if shard.logic.borrow().next_deadline_ms().is_some() {
-                        Poll::Ready(())
-                    } else {
-                        *shard.logic_timer.borrow_mut() = Some(cx.waker().clone());
-                        Poll::Pending
-                    }
-                })
-                .await
-            }
+            None => shard.logic_timer_kick().await,
             Some(due) => {
                 let now = net::now_ms();
                 if due > now {
-                    glommio::timer::sleep(Duration::from_millis(due - now)).await;
+                    let sleep = glommio::timer::sleep(Duration::from_millis(due - now));
+                    let kicked = futures_lite::future::or(async { sleep.await; false }, async {
+                        shard.logic_timer_kick().await;
+                        true
+                    })
+                    .await;
+                    if kicked {
+                        continue;
+                    }
                 }
                 let mut out = Vec::new();
                 shard.logic.borrow_mut().tick(net::now_ms(), &mut out);
@@ -862,11 +929,16 @@ pub async fn run_logic_timer(shard: Rc<Shard>) {
 /// shard, whatever the number of connections; it stops ticking when there are none.
 pub async fn run_sweeper(shard: Rc<Shard>) {
     loop {
-        if shard.conns.borrow().is_empty() {
-            // Nothing to time out: sleep long; a new connection is at most this late to be swept.
-            glommio::timer::sleep(SWEEP_INTERVAL * 4).await;
-            continue;
-        }
+        // Nothing to time out: wait for a connection (no timer ticks on an idle shard).
+        futures_lite::future::poll_fn(|cx| {
+            if shard.conns.borrow().is_empty() {
+                *shard.sweeper.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
         glommio::timer::sleep(SWEEP_INTERVAL).await;
         let now = net::now_ms();
         let app = &shard.cfg.app;
@@ -899,14 +971,14 @@ pub async fn run_sweeper(shard: Rc<Shard>) {
                     shard.send_error(
                         r,
                         0,
-                        0,
+                        shard.new_log_id(),
                         wire::ErrorCode::NotLoggedIn,
                         wire::Hop::App,
                         0,
                         "no login within the login timeout",
                         0,
                     );
-                    shard.close(r, GoAwayReason::IdleTimeout);
+                    shard.close(r, LOGIN_TIMEOUT);
                 }
                 Some(GoAwayReason::SlowConsumer) => shard.close(r, GoAwayReason::SlowConsumer),
                 Some(GoAwayReason::ReadTimeout) => shard.go_away(

@@ -53,6 +53,8 @@ pub struct Receipt {
     pub uid: u64,
     /// An `outcome` value.
     pub outcome: u8,
+    /// The push's log-id, so the receipt step is logged with the flow it ends.
+    pub log_id: u64,
 }
 
 /// A push for a session, not yet acked: sent, or queued while the session is held.
@@ -102,7 +104,7 @@ impl PushState {
         self.bytes = 0;
         for (seq, f) in std::mem::take(&mut self.inflight) {
             ttl.remove(f.deadline_ms, uid, seq);
-            out.push(Receipt { message_id: f.push.message_id, uid, outcome });
+            out.push(Receipt { message_id: f.push.message_id, uid, outcome, log_id: f.push.log_id });
         }
     }
 }

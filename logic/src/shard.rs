@@ -60,6 +60,18 @@ pub enum RequestFailure {
     Overloaded,
     /// The gate is shutting down.
     ShuttingDown,
+    /// The app-server answered with an Error frame, or its reply does not fit the app's body
+    /// limit.
+    AppServerError,
+}
+
+/// A broadcast's count being gathered on the gate shard that accepted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tally {
+    /// The gate shard that accepted the broadcast.
+    pub shard: u16,
+    /// Its id for the broadcast.
+    pub id: u64,
 }
 
 /// What the gate tells a logic shard.
@@ -133,6 +145,8 @@ pub enum Input {
         push: Arc<PushContent>,
         /// `wire::Role` value.
         role: u8,
+        /// Where to report how many targets this shard took (`Output::BroadcastCounted`).
+        tally: Tally,
     },
     /// The app acked the push it got with `seq`.
     PushAck {
@@ -167,10 +181,18 @@ pub enum Input {
         /// The `Reply` body for the app, already encoded.
         reply: Vec<u8>,
     },
-    /// The gate could not hand a request to any app-server connection.
+    /// The gate could not hand a request to any app-server connection, or the connection that
+    /// had it dropped before answering.
     UpstreamUndeliverable {
         /// The request.
         request_id: u64,
+    },
+    /// The request failed at the app-server (an Error answer, or a reply too large for the app).
+    UpstreamFailed {
+        /// The request.
+        request_id: u64,
+        /// Why, for the app's error frame.
+        message: String,
     },
     /// The gate is shutting down: end every push and request.
     Shutdown,
@@ -302,6 +324,17 @@ pub enum Output {
         log_id: u64,
         /// Why.
         failure: RequestFailure,
+        /// Detail for the app (the app-server's own message for `AppServerError`); empty: the
+        /// gate's standard text for `failure`.
+        message: String,
+    },
+    /// How many sessions of this shard a broadcast targets: each gets exactly one receipt. The
+    /// accepting gate shard sums the counts of every logic shard into `PushAccepted.targets`.
+    BroadcastCounted {
+        /// The accepting shard's tally.
+        tally: Tally,
+        /// Targets on this logic shard.
+        targets: u32,
     },
     /// A batch of GPS points for the app-server side.
     GpsBatch(Vec<UidGpsPoint>),
@@ -316,7 +349,9 @@ pub struct Shard {
     pub directory: Directory,
     /// GPS waiting for the next flush.
     gps: Coalescer,
-    /// When the next GPS flush is due, if points are waiting.
+    /// When the next GPS flush is due: armed by the first point after an idle spell, then kept
+    /// on a steady cadence of `gps_flush_ms` while flushes find points, disarmed by a flush that
+    /// finds none (an idle shard takes no GPS ticks).
     gps_due_ms: Option<u64>,
     /// In-flight pushes by deadline.
     ttl: TtlIndex,
@@ -423,9 +458,10 @@ impl Shard {
                     self.push_one(uid, &push, now_ms, out);
                 }
             }
-            Input::Broadcast { push, role } => {
+            Input::Broadcast { push, role, tally } => {
                 let uids: Vec<u64> =
                     self.directory.iter().filter(|(_, e)| e.role == role).map(|(uid, _)| *uid).collect();
+                out.push(Output::BroadcastCounted { tally, targets: uids.len() as u32 });
                 for uid in uids {
                     self.push_one(uid, &push, now_ms, out);
                 }
@@ -435,8 +471,9 @@ impl Shard {
                     if e.conn == conn {
                         if let Some(f) = e.pushes.remove(seq) {
                             self.ttl.remove(f.deadline_ms, uid, seq);
-                            let message_id = f.push.message_id;
-                            self.receipts.push(Receipt { message_id, uid, outcome: outcome::DELIVERED });
+                            let (message_id, log_id) = (f.push.message_id, f.push.log_id);
+                            let outcome = outcome::DELIVERED;
+                            self.receipts.push(Receipt { message_id, uid, outcome, log_id });
                         }
                         // An ack for a push already ended (acked twice, expired) is ignored: its
                         // receipt was sent.
@@ -462,6 +499,7 @@ impl Shard {
                         seq,
                         log_id,
                         failure: RequestFailure::Overloaded,
+                        message: String::new(),
                     }),
                 }
             }
@@ -475,6 +513,13 @@ impl Shard {
             Input::UpstreamUndeliverable { request_id } => {
                 if let Some(p) = self.requests.take(request_id) {
                     out.push(self.failed(p, RequestFailure::NoAppServer));
+                }
+            }
+            Input::UpstreamFailed { request_id, message } => {
+                if let Some(p) = self.requests.take(request_id) {
+                    let conn = self.directory.get(p.uid).map_or(p.conn, |e| e.conn);
+                    let failure = RequestFailure::AppServerError;
+                    out.push(Output::RequestFailed { conn, cmd: p.cmd, seq: p.seq, log_id: p.log_id, failure, message });
                 }
             }
             Input::Shutdown => {
@@ -494,19 +539,19 @@ impl Shard {
 
     fn failed(&self, p: Pending, failure: RequestFailure) -> Output {
         let conn = self.directory.get(p.uid).map_or(p.conn, |e| e.conn);
-        Output::RequestFailed { conn, cmd: p.cmd, seq: p.seq, log_id: p.log_id, failure }
+        Output::RequestFailed { conn, cmd: p.cmd, seq: p.seq, log_id: p.log_id, failure, message: String::new() }
     }
 
     fn push_one(&mut self, uid: u64, push: &Arc<PushContent>, now_ms: u64, out: &mut Vec<Output>) {
-        let message_id = push.message_id;
+        let (message_id, log_id) = (push.message_id, push.log_id);
         let Some(e) = self.directory.get_mut(uid) else {
-            self.receipts.push(Receipt { message_id, uid, outcome: outcome::OFFLINE });
+            self.receipts.push(Receipt { message_id, uid, outcome: outcome::OFFLINE, log_id });
             return;
         };
         if e.pushes.inflight.len() >= self.cfg.push_queue_len
             || e.pushes.bytes + push.body.len() > self.cfg.push_queue_bytes
         {
-            self.receipts.push(Receipt { message_id, uid, outcome: outcome::QUEUE_FULL });
+            self.receipts.push(Receipt { message_id, uid, outcome: outcome::QUEUE_FULL, log_id });
             return;
         }
         let seq = e.pushes.take_seq();
@@ -526,15 +571,23 @@ impl Shard {
 
     /// Runs what is due at `now_ms`: GPS flush, push expiry, request timeouts.
     pub fn tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
-        if self.gps_due_ms.is_some_and(|due| now_ms >= due) {
-            self.flush_gps(out);
+        if let Some(due) = self.gps_due_ms.filter(|&due| now_ms >= due) {
+            // The cadence stays fixed while points flow. Arming on the first point after each
+            // flush instead would drift into step with drivers that report once per interval:
+            // their points would land just before each flush and every other flush would find
+            // nothing armed, one GpsForward every two intervals.
+            let flushed = self.flush_gps(out);
+            if flushed > 0 {
+                let next = due + self.cfg.gps_flush_ms;
+                self.gps_due_ms = Some(if next > now_ms { next } else { now_ms + self.cfg.gps_flush_ms });
+            }
         }
         let mut due = std::mem::take(&mut self.due);
         self.ttl.pop_due(now_ms, MAX_EXPIRED_PER_TICK, &mut due);
         for (uid, seq) in due.drain(..) {
             if let Some(f) = self.directory.get_mut(uid).and_then(|e| e.pushes.remove(seq)) {
-                let message_id = f.push.message_id;
-                self.receipts.push(Receipt { message_id, uid, outcome: outcome::TTL_EXPIRED });
+                let (message_id, log_id) = (f.push.message_id, f.push.log_id);
+                self.receipts.push(Receipt { message_id, uid, outcome: outcome::TTL_EXPIRED, log_id });
             }
         }
         self.due = due;
@@ -552,13 +605,16 @@ impl Shard {
         self.emit_receipts(out);
     }
 
-    /// Flushes waiting GPS now (on shutdown, or when the gate wants a batch out early).
-    pub fn flush_gps(&mut self, out: &mut Vec<Output>) {
+    /// Flushes waiting GPS now (on shutdown, or when the gate wants a batch out early) and
+    /// disarms the flush timer; returns how many points went out.
+    pub fn flush_gps(&mut self, out: &mut Vec<Output>) -> usize {
         self.gps_due_ms = None;
         let mut batch = Vec::with_capacity(self.gps.pending());
-        if self.gps.flush_into(&mut batch) > 0 {
+        let n = self.gps.flush_into(&mut batch);
+        if n > 0 {
             out.push(Output::GpsBatch(batch));
         }
+        n
     }
 
     /// When `tick` next has work, if ever: the gate sleeps until then.
@@ -683,8 +739,36 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // The cadence holds for one more interval; a flush that finds nothing disarms it.
+        assert_eq!(s.next_deadline_ms(), Some(1_200));
+        out.clear();
+        s.tick(1_200, &mut out);
+        assert!(out.is_empty());
         assert_eq!(s.next_deadline_ms(), None);
         assert_eq!(s.gps_stats().coalesced, 9);
+    }
+
+    #[test]
+    fn gps_flushes_every_interval_when_drivers_report_in_step_with_it() {
+        // Drivers report every 100 ms, just before each flush is due: one flush per interval,
+        // not one every other interval.
+        let mut s = shard();
+        let mut out = Vec::new();
+        let mut batches = 0;
+        for k in 0..20u64 {
+            let now = 1_000 + k * 100;
+            for uid in 1..=5 {
+                s.handle(Input::Gps { uid, point: GpsPoint::new(now, 0, 0, 0, 0, 0, 0) }, now, &mut out);
+            }
+            s.tick(now, &mut out);
+            batches += out.iter().filter(|o| matches!(o, Output::GpsBatch(_))).count();
+            out.clear();
+        }
+        assert_eq!(batches, 19, "one flush per interval after the first");
+        // When points stop, one empty tick disarms the timer.
+        s.tick(3_000, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(s.next_deadline_ms(), None);
     }
 
     #[test]
@@ -779,8 +863,13 @@ mod tests {
         let mut out = Vec::new();
         s.handle(Input::Login { uid: 3, role: 2, conn: c(3), log_id: 1, seq: 1 }, 0, &mut out);
         out.clear();
-        s.handle(Input::Broadcast { push: push(8, 100), role: 1 }, 0, &mut out);
+        let tally = Tally { shard: 1, id: 77 };
+        s.handle(Input::Broadcast { push: push(8, 100), role: 1, tally }, 0, &mut out);
         assert_eq!(out.iter().filter(|o| matches!(o, Output::Deliver { .. })).count(), 2);
+        assert!(
+            out.iter().any(|o| matches!(o, Output::BroadcastCounted { tally: t, targets: 2 } if *t == tally)),
+            "the shard reports how many receipts the broadcast is owed"
+        );
         let _ = delivered_seq(&out);
     }
 

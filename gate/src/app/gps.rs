@@ -21,16 +21,30 @@ pub fn on_frame(shard: &Shard, me: ConnRef, uid: u64, role: u8, f: &Frame<'_>) {
         );
     }
     let m = shard.metrics();
+    let invalid = |message: &str| {
+        tracing::info!(log_id = f.header.log_id, uid, message, "gps refused");
+        m.gps_invalid.fetch_add(1, Relaxed);
+        super::session::error(shard, me, &f.header, ErrorCode::InvalidField, Hop::App, message)
+    };
     match f.body {
         Body::GpsReport(r) => {
-            if let Some(p) = r.point() {
-                tracing::debug!(log_id = f.header.log_id, uid, "gps point");
-                m.gps_in.fetch_add(1, Relaxed);
-                shard.to_logic(uid, Input::Gps { uid, point: *p });
+            let Some(p) = r.point() else { return invalid("GpsReport has no point") };
+            if let Err(why) = check_point(p) {
+                return invalid(why);
             }
+            tracing::debug!(log_id = f.header.log_id, uid, "gps point");
+            m.gps_in.fetch_add(1, Relaxed);
+            shard.to_logic(uid, Input::Gps { uid, point: *p });
         }
         Body::GpsBatch(b) => {
-            let Some(points) = b.points() else { return };
+            let points = b.points().unwrap_or_default();
+            if points.is_empty() {
+                return invalid("GpsBatch has no points");
+            }
+            // A batch is taken whole or refused whole: the app resends it fixed, not a part.
+            if let Some(why) = points.iter().find_map(|p| check_point(&p).err()) {
+                return invalid(why);
+            }
             if points.len() > shard.cfg.gps.max_batch_points as usize {
                 return super::session::error(
                     shard,
@@ -49,6 +63,21 @@ pub fn on_frame(shard: &Shard, me: ConnRef, uid: u64, role: u8, f: &Frame<'_>) {
         }
         _ => {}
     }
+}
+
+/// Checks a point against the ranges of §5.3: latitude ±90°, longitude ±180°, heading
+/// 0–360°.
+pub fn check_point(p: &wire::GpsPoint) -> Result<(), &'static str> {
+    if !(-900_000_000..=900_000_000).contains(&p.lat_e7()) {
+        return Err("GPS point latitude out of range (-900000000..=900000000 in 1e-7 degrees)");
+    }
+    if !(-1_800_000_000..=1_800_000_000).contains(&p.lon_e7()) {
+        return Err("GPS point longitude out of range (-1800000000..=1800000000 in 1e-7 degrees)");
+    }
+    if p.heading_cdeg() > 36_000 {
+        return Err("GPS point heading out of range (0..=36000 centidegrees)");
+    }
+    Ok(())
 }
 
 /// Keeps the newest forwarded points for `/debug/gps` (bounded ring; one lock per flush).

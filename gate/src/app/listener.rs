@@ -76,14 +76,15 @@ fn refuse(shard: &Shard, stream: TcpStream, why: Refusal, message: &str) {
     m.refused.add(why as usize, 1);
     m.errors.add(wire::ErrorCode::Overloaded.0 as usize, 1);
     let retry = jitter(shard.cfg.app.retry_after_ms);
-    tracing::warn!(shard = shard.id, reason = ?why, retry_after_ms = retry, "connection refused");
+    let log_id = shard.new_log_id();
+    tracing::warn!(log_id, shard = shard.id, reason = ?why, retry_after_ms = retry, "connection refused");
     let mut frame = Vec::new();
     let code = if matches!(why, Refusal::Shutdown) {
         wire::ErrorCode::ShuttingDown
     } else {
         wire::ErrorCode::Overloaded
     };
-    shard.enc.borrow_mut().error(&mut frame, 0, 0, code, wire::Hop::Gate, 0, message, retry);
+    shard.enc.borrow_mut().error(&mut frame, 0, log_id, code, wire::Hop::Gate, 0, message, retry);
     // Best effort: a fresh socket's send buffer takes a small frame; the peer has sent nothing
     // we must drain, so closing after it sends FIN, not RST.
     let _ = net::send(stream.as_raw_fd(), &frame);

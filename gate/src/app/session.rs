@@ -21,6 +21,8 @@ pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
     let Some((state, uid, role)) = shard.with_conn(me, |c| (c.state, c.uid, c.role)) else { return };
     let h = &f.header;
     match (f.body, state) {
+        // An Error is never answered with an Error (§8.2), whatever the state.
+        (Body::Error(e), _) => log_peer_error(shard, me, h, e, "app"),
         (Body::Keepalive(k), _) if f.ty == FrameType::Request => {
             let ts = k.ts_ms();
             shard.send_frame(me, FrameType::Response, Cmd::Keepalive, h.seq, h.log_id, |b| {
@@ -127,6 +129,22 @@ fn resume(shard: &Shard, me: ConnRef, h: &Header, r: wire::Resume<'_>) {
     }
 }
 
+/// An Error frame from a peer: logged (it is informational unless it answers something the
+/// caller tracks), never answered.
+pub fn log_peer_error(shard: &Shard, me: ConnRef, h: &Header, e: wire::Error<'_>, peer: &str) {
+    tracing::info!(
+        log_id = h.log_id,
+        shard = shard.id,
+        slot = me.slot,
+        seq = h.seq,
+        code = ?e.code(),
+        origin = ?e.origin(),
+        failed_cmd = e.failed_cmd(),
+        message = e.message().unwrap_or(""),
+        "error frame from {peer}"
+    );
+}
+
 /// Answers a frame with an error frame carrying its sequence-id and log-id.
 pub fn error(shard: &Shard, me: ConnRef, h: &Header, code: ErrorCode, origin: Hop, message: &str) {
     shard.send_error(me, h.seq, h.log_id, code, origin, h.cmd, message, 0);
@@ -134,6 +152,11 @@ pub fn error(shard: &Shard, me: ConnRef, h: &Header, code: ErrorCode, origin: Ho
 
 /// A frame whose length was sound but whose content was not: error frame, connection stays.
 pub fn on_rejected(shard: &Shard, me: ConnRef, h: &Header, e: &FrameError) {
+    if h.cmd == Cmd::Error as u16 {
+        // Even a corrupt Error frame is never answered with an Error (§8.2).
+        tracing::info!(log_id = h.log_id, shard = shard.id, slot = me.slot, error = %e, "unreadable error frame from peer");
+        return;
+    }
     let code = match e {
         FrameError::UnknownCmd(_) => ErrorCode::UnknownCmd,
         FrameError::BadType { .. } => ErrorCode::NotAllowed,
@@ -280,9 +303,10 @@ pub fn apply_output(shard: &Shard, o: Output) {
         Output::Reply { conn, cmd, seq, log_id, reply } => {
             super::upstream::reply(shard, conn, cmd, seq, log_id, &reply)
         }
-        Output::RequestFailed { conn, cmd, seq, log_id, failure } => {
-            super::upstream::failed(shard, conn, cmd, seq, log_id, failure)
+        Output::RequestFailed { conn, cmd, seq, log_id, failure, message } => {
+            super::upstream::failed(shard, conn, cmd, seq, log_id, failure, &message)
         }
+        Output::BroadcastCounted { tally, targets } => crate::sidecar::push::on_counted(shard, tally, targets),
         o @ (Output::Receipt(_)
         | Output::Upstream { .. }
         | Output::GpsBatch(_)

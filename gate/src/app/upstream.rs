@@ -43,8 +43,17 @@ pub fn reply(shard: &Shard, conn: ConnRef, cmd: u16, seq: u32, log_id: u64, repl
     shard.queue_raw(conn, cmd, |out| schema::write_frame(out, FrameType::Response, cmd, seq, log_id, reply));
 }
 
-/// A request that failed: an error frame naming the hop.
-pub fn failed(shard: &Shard, conn: ConnRef, cmd: u16, seq: u32, log_id: u64, failure: RequestFailure) {
+/// A request that failed: an error frame naming the hop; `detail` (when not empty) replaces the
+/// standard text, e.g. with the app-server's own message.
+pub fn failed(
+    shard: &Shard,
+    conn: ConnRef,
+    cmd: u16,
+    seq: u32,
+    log_id: u64,
+    failure: RequestFailure,
+    detail: &str,
+) {
     let (code, origin, message) = match failure {
         RequestFailure::NoAppServer => (ErrorCode::NoAppServer, Hop::AppServer, "no app-server connected"),
         RequestFailure::Timeout => {
@@ -52,6 +61,10 @@ pub fn failed(shard: &Shard, conn: ConnRef, cmd: u16, seq: u32, log_id: u64, fai
         }
         RequestFailure::Overloaded => (ErrorCode::Overloaded, Hop::Logic, "too many requests pending"),
         RequestFailure::ShuttingDown => (ErrorCode::ShuttingDown, Hop::Gate, "gate shutting down"),
+        RequestFailure::AppServerError => {
+            (ErrorCode::AppServerError, Hop::AppServer, "the app-server could not answer the request")
+        }
     };
+    let message = if detail.is_empty() { message } else { detail };
     shard.send_error(conn, seq, log_id, code, origin, cmd, message, 0);
 }

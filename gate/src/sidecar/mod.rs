@@ -36,6 +36,10 @@ const MAX_UNACKED_BATCHES: usize = 1024;
 const MAX_RECEIPT_BACKLOG: usize = 1 << 20;
 /// App-server connections per shard.
 const MAX_SIDECAR_CONNS_PER_SHARD: usize = 64;
+/// Upstream requests one app-server connection may have unanswered as far as its table goes;
+/// past it the oldest entries are forgotten (their requests still end by the logic shard's
+/// deadline). Well above the logic shards' own bound on pending requests.
+const MAX_UPSTREAM_PER_CONN: usize = 1 << 17;
 
 /// Which shards hold ready app-server connections, shared by all executors.
 #[derive(Debug)]
@@ -109,8 +113,19 @@ pub struct SidecarState {
     pub name: String,
     /// Receipt batches sent and not acked, by batch id; resent elsewhere if the connection drops.
     pub unacked: BTreeMap<u64, Vec<Receipt>>,
-    /// Sequence-ids for the gate's requests on this connection.
+    /// Sequence-ids for the gate's requests and pushes on this connection (never 0).
     pub next_seq: u32,
+    /// Upstream requests sent on this connection and not answered: sequence-id → request id.
+    /// An Error answer finds its request here, and a drop fails them at once (NoAppServer).
+    pub upstream: BTreeMap<u32, u64>,
+}
+
+impl SidecarState {
+    /// The next sequence-id for a frame the gate starts on this connection.
+    fn take_seq(&mut self) -> u32 {
+        self.next_seq = self.next_seq.wrapping_add(1).max(1);
+        self.next_seq
+    }
 }
 
 /// Per-shard queues of what waits for an app-server connection.
@@ -134,6 +149,10 @@ pub struct Outbound {
     receipts_due: Option<std::time::Instant>,
     /// A timer task will flush at `receipts_due`.
     receipt_timer: bool,
+    /// Broadcasts accepted here, waiting for every logic shard's count of their targets.
+    pub broadcasts: std::collections::HashMap<u64, push::PendingBroadcast>,
+    /// Id of the last broadcast tally.
+    pub next_tally: u64,
 }
 
 impl Outbound {
@@ -157,6 +176,13 @@ pub fn route(shard: &Shard, o: Output) {
         let mut ob = shard.outbound.borrow_mut();
         match o {
             Output::Receipt(r) => {
+                tracing::debug!(
+                    log_id = r.log_id,
+                    message_id = r.message_id,
+                    uid = r.uid,
+                    outcome = ?wire::Outcome(r.outcome),
+                    "push: receipt"
+                );
                 if ob.receipts.is_empty() {
                     ob.receipts_due = Some(std::time::Instant::now() + RECEIPT_BATCH_WINDOW);
                 }
@@ -312,7 +338,9 @@ fn send_local(
     let m = shard.metrics();
     for (uid, outcome) in unreachable {
         let c = next_conn(shard, conns);
-        shard.send_frame(c, FrameType::Event, Cmd::Unreachable, 0, 0, |b| {
+        let log_id = shard.new_log_id();
+        tracing::info!(log_id, uid, outcome = ?wire::Outcome(outcome), "unreachable: to app-server");
+        shard.send_frame(c, FrameType::Event, Cmd::Unreachable, 0, log_id, |b| {
             wire::Unreachable::create(b, &wire::UnreachableArgs { uid, outcome: wire::Outcome(outcome) })
         });
     }
@@ -322,8 +350,12 @@ fn send_local(
         let seq = shard
             .with_conn(c, |conn| {
                 let st = conn.sidecar.get_or_insert_with(Default::default);
-                st.next_seq = st.next_seq.wrapping_add(1).max(1);
-                st.next_seq
+                let seq = st.take_seq();
+                st.upstream.insert(seq, u.request_id);
+                if st.upstream.len() > MAX_UPSTREAM_PER_CONN {
+                    st.upstream.pop_first();
+                }
+                seq
             })
             .unwrap_or(1);
         tracing::info!(log_id = u.log_id, uid = u.uid, request_id = u.request_id, "request: to app-server");
@@ -345,7 +377,9 @@ fn send_local(
     for chunk in gps.chunks(GPS_PER_FRAME) {
         let c = next_conn(shard, conns);
         m.gps_to_app_server.fetch_add(chunk.len() as u64, Relaxed);
-        shard.send_frame(c, FrameType::Event, Cmd::GpsForward, 0, 0, |b| {
+        let log_id = shard.new_log_id();
+        tracing::debug!(log_id, points = chunk.len(), "gps: forward to app-server");
+        shard.send_frame(c, FrameType::Event, Cmd::GpsForward, 0, log_id, |b| {
             let points = b.create_vector(chunk);
             wire::GpsForward::create(b, &wire::GpsForwardArgs { points: Some(points) })
         });
@@ -366,21 +400,23 @@ fn send_local(
             .with_conn(c, |conn| {
                 let st = conn.sidecar.get_or_insert_with(Default::default);
                 if st.unacked.len() >= MAX_UNACKED_BATCHES {
-                    return false;
+                    return None;
                 }
                 st.unacked.insert(batch_id, receipts[start..end].to_vec());
-                true
+                Some(st.take_seq())
             })
-            .unwrap_or(false);
-        if !taken {
+            .flatten();
+        let Some(seq) = taken else {
             refusals += 1;
             continue;
-        }
+        };
         let batch: Vec<wire::Receipt> = receipts[start..end]
             .iter()
             .map(|r| wire::Receipt::new(r.message_id, r.uid, r.outcome, 0, 0, 0))
             .collect();
-        shard.send_frame(c, FrameType::Push, Cmd::Receipts, 0, 0, |b| {
+        let log_id = shard.new_log_id();
+        tracing::debug!(log_id, batch_id, seq, receipts = end - start, "push: receipts to app-server");
+        shard.send_frame(c, FrameType::Push, Cmd::Receipts, seq, log_id, |b| {
             let receipts = b.create_vector(&batch);
             wire::Receipts::create(b, &wire::ReceiptsArgs { batch_id, receipts: Some(receipts) })
         });
@@ -397,13 +433,18 @@ pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
     shard.metrics().frames_in.add(f.cmd.slot(), 1);
     let Some(state) = shard.with_conn(me, |c| c.state) else { return };
     let h = &f.header;
+    // Errors caused by the app-server's own frames name origin App (§8.1): App always means
+    // "the frame you sent", on either port.
     match (f.body, state) {
+        (Body::Error(e), ConnState::LoggedIn) => on_error(shard, me, f, e),
+        // Never answered with an Error (§8.2), whatever the state.
+        (Body::Error(e), _) => crate::app::session::log_peer_error(shard, me, h, e, "app-server"),
         (Body::AppServerHello(hello), ConnState::AwaitingLogin) => {
             let secret = hello.secret().map(|s| s.bytes()).unwrap_or(&[]);
             let name = hello.name().unwrap_or("").chars().take(64).collect::<String>();
             if !constant_time_eq(secret, shard.cfg.sidecar_secret()) {
                 tracing::warn!(log_id = h.log_id, name, shard = shard.id, "app-server refused: wrong secret");
-                error(shard, me, h, ErrorCode::BadSecret, Hop::AppServer, "wrong sidecar secret");
+                error(shard, me, h, ErrorCode::BadSecret, Hop::App, "wrong sidecar secret");
                 shard.close(me, GoAwayReason::ProtocolError);
                 return;
             }
@@ -430,7 +471,7 @@ pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
         }
         (_, ConnState::AwaitingLogin | ConnState::LoggingIn) => {
             let close = shard.with_conn(me, pre_login_error_budget_exhausted).unwrap_or(true);
-            error(shard, me, h, ErrorCode::NotLoggedIn, Hop::AppServer, "send AppServerHello first");
+            error(shard, me, h, ErrorCode::NotLoggedIn, Hop::App, "send AppServerHello first");
             if close {
                 shard.close(me, GoAwayReason::ProtocolError);
             }
@@ -442,14 +483,28 @@ pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
             // Receipts held back for a full window may go now.
             shard.flush_soon();
         }
-        (Body::UpstreamReply(r), ConnState::LoggedIn) => {
+        (Body::UpstreamReply(r), ConnState::LoggedIn) if f.ty == FrameType::Response => {
             let request_id = r.request_id();
+            shard.with_conn(me, |c| c.sidecar.as_mut().map(|s| s.upstream.remove(&h.seq)));
             let reply = encode_reply(shard, r.reply());
-            tracing::info!(log_id = h.log_id, request_id, "request: app-server answered");
             let dest = logic::upstream::shard_of_request(request_id);
-            if dest < shard.mesh.len() {
-                shard.to_shard(dest, Msg::Logic(logic::Input::UpstreamReply { request_id, reply }));
+            if dest >= shard.mesh.len() {
+                tracing::info!(log_id = h.log_id, request_id, "request: answer for no request of this gate");
+                return;
             }
+            let limit = shard.cfg.app.max_body as usize;
+            let input = if reply.len() > limit {
+                let message = format!(
+                    "the app-server's reply ({} bytes) exceeds the app port's body limit ({limit} bytes)",
+                    reply.len()
+                );
+                tracing::warn!(log_id = h.log_id, request_id, message, "request: reply too large");
+                logic::Input::UpstreamFailed { request_id, message }
+            } else {
+                tracing::info!(log_id = h.log_id, request_id, "request: app-server answered");
+                logic::Input::UpstreamReply { request_id, reply }
+            };
+            shard.to_shard(dest, Msg::Logic(input));
         }
         (Body::Keepalive(k), _) if f.ty == FrameType::Request => {
             let ts = k.ts_ms();
@@ -457,14 +512,28 @@ pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
                 wire::Keepalive::create(b, &wire::KeepaliveArgs { ts_ms: ts })
             });
         }
-        _ => error(
-            shard,
-            me,
-            h,
-            ErrorCode::NotAllowed,
-            Hop::AppServer,
-            "this frame is not accepted on the sidecar",
-        ),
+        _ => error(shard, me, h, ErrorCode::NotAllowed, Hop::App, "this frame is not accepted on the sidecar"),
+    }
+}
+
+/// An Error frame from a ready app-server: the answer to an Upstream request it cannot process
+/// (the app gets AppServerError with its message), or informational (logged, never answered).
+fn on_error(shard: &Shard, me: ConnRef, f: &Frame<'_>, e: wire::Error<'_>) {
+    let h = &f.header;
+    let request_id = shard.with_conn(me, |c| c.sidecar.as_mut().and_then(|s| s.upstream.remove(&h.seq))).flatten();
+    let Some(request_id) = request_id else {
+        return crate::app::session::log_peer_error(shard, me, h, e, "app-server");
+    };
+    let detail = e.message().unwrap_or("");
+    tracing::info!(log_id = h.log_id, request_id, code = ?e.code(), message = detail, "request: app-server answered with an error");
+    let message = if detail.is_empty() {
+        "the app-server could not process the request".to_string()
+    } else {
+        detail.chars().take(1024).collect()
+    };
+    let dest = logic::upstream::shard_of_request(request_id);
+    if dest < shard.mesh.len() {
+        shard.to_shard(dest, Msg::Logic(logic::Input::UpstreamFailed { request_id, message }));
     }
 }
 
@@ -490,6 +559,14 @@ pub fn on_closed(shard: &Shard, c: ConnRef, conn: crate::shard::Conn) {
     if conn.state == ConnState::LoggedIn {
         shard.sidecars.per_shard[shard.id as usize].fetch_sub(1, Relaxed);
         shard.outbound.borrow_mut().conns.retain(|x| *x != c);
+    }
+    // Requests this connection had not answered fail at once: the app gets NoAppServer now,
+    // not Timeout at the deadline.
+    for (_, request_id) in st.upstream {
+        let dest = logic::upstream::shard_of_request(request_id);
+        if dest < shard.mesh.len() {
+            shard.to_shard(dest, Msg::Logic(logic::Input::UpstreamUndeliverable { request_id }));
+        }
     }
     let unacked: usize = st.unacked.values().map(Vec::len).sum();
     tracing::warn!(

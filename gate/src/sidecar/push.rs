@@ -6,7 +6,7 @@
 use crate::app::session::error;
 use crate::mesh::Msg;
 use crate::shard::Shard;
-use logic::{Input, PushContent};
+use logic::{ConnRef, Input, PushContent, Tally};
 use schema::wire::{self, ErrorCode, Hop};
 use schema::{Cmd, Frame, FrameType};
 use std::sync::atomic::Ordering::Relaxed;
@@ -19,7 +19,8 @@ pub const MAX_PAYLOAD: usize = 16 * 1024;
 pub fn accept(shard: &Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Push<'_>) {
     let h = &f.header;
     let cfg = &shard.cfg.sidecar;
-    let refuse = |code, message: &str| error(shard, me, h, code, Hop::AppServer, message);
+    // The app-server's own frame is invalid: origin App (§8.1), on the sidecar too.
+    let refuse = |code, message: &str| error(shard, me, h, code, Hop::App, message);
     if shard.shutting_down.get() {
         return error(
             shard,
@@ -63,12 +64,29 @@ pub fn accept(shard: &Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Push<'_
     let push = Arc::new(PushContent { message_id, body, log_id: h.log_id, ttl_ms });
 
     let shards = shard.mesh.len();
-    let targets = if broadcast != wire::Role::Unknown {
+    let m = shard.metrics();
+    m.pushes.fetch_add(1, Relaxed);
+    if broadcast != wire::Role::Unknown {
+        // The targets are the role's sessions on every logic shard at acceptance: each shard
+        // counts its own, and PushAccepted goes out once every count is in (`on_counted`).
+        let id = {
+            let mut ob = shard.outbound.borrow_mut();
+            ob.next_tally += 1;
+            let id = ob.next_tally;
+            ob.broadcasts.insert(
+                id,
+                PendingBroadcast { conn: me, seq: h.seq, log_id: h.log_id, message_id, waiting: shards, targets: 0 },
+            );
+            id
+        };
+        let tally = Tally { shard: shard.id, id };
         for s in 0..shards {
-            shard.to_shard(s, Msg::Logic(Input::Broadcast { push: push.clone(), role: broadcast.0 }));
+            shard.to_shard(s, Msg::Logic(Input::Broadcast { push: push.clone(), role: broadcast.0, tally }));
         }
-        0
-    } else {
+        tracing::info!(log_id = h.log_id, message_id, ttl_ms, broadcast = broadcast.0, "push accepted: broadcast");
+        return;
+    }
+    let targets = {
         // One receipt per (message id, uid): a uid named twice counts once.
         let mut all: Vec<u64> = uids.map(|u| u.iter().collect()).unwrap_or_default();
         all.sort_unstable();
@@ -84,11 +102,46 @@ pub fn accept(shard: &Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Push<'_
         }
         all.len() as u32
     };
-    let m = shard.metrics();
-    m.pushes.fetch_add(1, Relaxed);
     m.push_targets.fetch_add(targets as u64, Relaxed);
-    tracing::info!(log_id = h.log_id, message_id, targets, ttl_ms, broadcast = broadcast.0, "push accepted");
+    tracing::info!(log_id = h.log_id, message_id, targets, ttl_ms, "push accepted");
     shard.send_frame(me, FrameType::Response, Cmd::Push, h.seq, h.log_id, |b| {
         wire::PushAccepted::create(b, &wire::PushAcceptedArgs { message_id, targets })
+    });
+}
+
+/// A broadcast waiting for every logic shard's count of its targets.
+#[derive(Debug)]
+pub struct PendingBroadcast {
+    /// The app-server connection that sent it.
+    conn: ConnRef,
+    /// The push's sequence-id and log-id, for PushAccepted.
+    seq: u32,
+    log_id: u64,
+    /// The push's id.
+    message_id: u64,
+    /// Logic shards yet to count.
+    waiting: usize,
+    /// Targets counted so far.
+    targets: u32,
+}
+
+/// One logic shard counted a broadcast's targets on it; the last count answers PushAccepted.
+pub fn on_counted(shard: &Shard, tally: Tally, targets: u32) {
+    let done = {
+        let mut ob = shard.outbound.borrow_mut();
+        let Some(b) = ob.broadcasts.get_mut(&tally.id) else { return };
+        b.targets = b.targets.saturating_add(targets);
+        b.waiting -= 1;
+        if b.waiting > 0 {
+            return;
+        }
+        ob.broadcasts.remove(&tally.id)
+    };
+    let Some(b) = done else { return };
+    shard.metrics().push_targets.fetch_add(b.targets as u64, Relaxed);
+    tracing::info!(log_id = b.log_id, message_id = b.message_id, targets = b.targets, "push accepted: broadcast counted");
+    let (message_id, targets) = (b.message_id, b.targets);
+    shard.send_frame(b.conn, FrameType::Response, Cmd::Push, b.seq, b.log_id, |f| {
+        wire::PushAccepted::create(f, &wire::PushAcceptedArgs { message_id, targets })
     });
 }

@@ -32,7 +32,9 @@ impl Gate {
         let token_secret = String::from_utf8_lossy(SECRET).into_owned();
         let sidecar_secret = String::from_utf8_lossy(SIDECAR_SECRET).into_owned();
         let mut args = vec!["--token-secret", &token_secret, "--sidecar-secret", &sidecar_secret];
-        args.extend_from_slice(&["--gps-flush-ms", "100"]);
+        if !extra.contains(&"--gps-flush-ms") {
+            args.extend_from_slice(&["--gps-flush-ms", "100"]);
+        }
         args.extend_from_slice(extra);
         Gate(
             GateProcess::start(Path::new(env!("CARGO_BIN_EXE_gate")), &args, EVENTUALLY)
