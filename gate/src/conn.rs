@@ -108,7 +108,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, me: ConnRef, wait: D
             // have answered again before the close is seen.
             futures_lite::future::or(
                 async {
-                    Step::Event(futures_lite::future::poll_fn(|cx| shard.poll_conn_event(me, cx.waker())).await)
+                    Step::Event(
+                        futures_lite::future::poll_fn(|cx| shard.poll_conn_event(me, cx.waker())).await,
+                    )
                 },
                 async { Step::Read(stream.read(&mut inline).await) },
             )

@@ -34,8 +34,13 @@ fn main() {
         1 => "debug".into(),
         _ => "trace".into(),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // -v and -vv win over FLEETGATE_LOG (the flag is the operator's word for this run); without
+    // them FLEETGATE_LOG (a tracing filter) wins over log.level.
+    let filter = match cli.verbose {
+        0 => tracing_subscriber::EnvFilter::try_from_env("FLEETGATE_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        _ => tracing_subscriber::EnvFilter::new(level),
+    };
     // Colour only on a terminal: log files and pipes get plain `key=value`, which grep finds.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder =

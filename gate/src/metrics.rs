@@ -181,7 +181,12 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
     scalar!(counter, "bytes_in_total", "Bytes read from apps.", bytes_in);
     scalar!(counter, "bytes_out_total", "Bytes written to apps.", bytes_out);
     scalar!(counter, "gps_points_in_total", "GPS points received.", gps_in);
-    scalar!(counter, "gps_invalid_total", "GPS frames refused with InvalidField (a point out of range or missing).", gps_invalid);
+    scalar!(
+        counter,
+        "gps_invalid_total",
+        "GPS frames refused with InvalidField (a point out of range or missing).",
+        gps_invalid
+    );
     scalar!(
         counter,
         "gps_points_forwarded_total",

@@ -906,10 +906,16 @@ pub async fn run_logic_timer(shard: Rc<Shard>) {
                 let now = net::now_ms();
                 if due > now {
                     let sleep = glommio::timer::sleep(Duration::from_millis(due - now));
-                    let kicked = futures_lite::future::or(async { sleep.await; false }, async {
-                        shard.logic_timer_kick().await;
-                        true
-                    })
+                    let kicked = futures_lite::future::or(
+                        async {
+                            sleep.await;
+                            false
+                        },
+                        async {
+                            shard.logic_timer_kick().await;
+                            true
+                        },
+                    )
                     .await;
                     if kicked {
                         continue;

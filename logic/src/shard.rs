@@ -519,7 +519,14 @@ impl Shard {
                 if let Some(p) = self.requests.take(request_id) {
                     let conn = self.directory.get(p.uid).map_or(p.conn, |e| e.conn);
                     let failure = RequestFailure::AppServerError;
-                    out.push(Output::RequestFailed { conn, cmd: p.cmd, seq: p.seq, log_id: p.log_id, failure, message });
+                    out.push(Output::RequestFailed {
+                        conn,
+                        cmd: p.cmd,
+                        seq: p.seq,
+                        log_id: p.log_id,
+                        failure,
+                        message,
+                    });
                 }
             }
             Input::Shutdown => {
@@ -539,7 +546,14 @@ impl Shard {
 
     fn failed(&self, p: Pending, failure: RequestFailure) -> Output {
         let conn = self.directory.get(p.uid).map_or(p.conn, |e| e.conn);
-        Output::RequestFailed { conn, cmd: p.cmd, seq: p.seq, log_id: p.log_id, failure, message: String::new() }
+        Output::RequestFailed {
+            conn,
+            cmd: p.cmd,
+            seq: p.seq,
+            log_id: p.log_id,
+            failure,
+            message: String::new(),
+        }
     }
 
     fn push_one(&mut self, uid: u64, push: &Arc<PushContent>, now_ms: u64, out: &mut Vec<Output>) {

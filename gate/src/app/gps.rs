@@ -42,7 +42,7 @@ pub fn on_frame(shard: &Shard, me: ConnRef, uid: u64, role: u8, f: &Frame<'_>) {
                 return invalid("GpsBatch has no points");
             }
             // A batch is taken whole or refused whole: the app resends it fixed, not a part.
-            if let Some(why) = points.iter().find_map(|p| check_point(&p).err()) {
+            if let Some(why) = points.iter().find_map(|p| check_point(p).err()) {
                 return invalid(why);
             }
             if points.len() > shard.cfg.gps.max_batch_points as usize {

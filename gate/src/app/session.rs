@@ -306,7 +306,9 @@ pub fn apply_output(shard: &Shard, o: Output) {
         Output::RequestFailed { conn, cmd, seq, log_id, failure, message } => {
             super::upstream::failed(shard, conn, cmd, seq, log_id, failure, &message)
         }
-        Output::BroadcastCounted { tally, targets } => crate::sidecar::push::on_counted(shard, tally, targets),
+        Output::BroadcastCounted { tally, targets } => {
+            crate::sidecar::push::on_counted(shard, tally, targets)
+        }
         o @ (Output::Receipt(_)
         | Output::Upstream { .. }
         | Output::GpsBatch(_)

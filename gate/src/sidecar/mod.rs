@@ -512,7 +512,9 @@ pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
                 wire::Keepalive::create(b, &wire::KeepaliveArgs { ts_ms: ts })
             });
         }
-        _ => error(shard, me, h, ErrorCode::NotAllowed, Hop::App, "this frame is not accepted on the sidecar"),
+        _ => {
+            error(shard, me, h, ErrorCode::NotAllowed, Hop::App, "this frame is not accepted on the sidecar")
+        }
     }
 }
 
@@ -520,7 +522,8 @@ pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
 /// (the app gets AppServerError with its message), or informational (logged, never answered).
 fn on_error(shard: &Shard, me: ConnRef, f: &Frame<'_>, e: wire::Error<'_>) {
     let h = &f.header;
-    let request_id = shard.with_conn(me, |c| c.sidecar.as_mut().and_then(|s| s.upstream.remove(&h.seq))).flatten();
+    let request_id =
+        shard.with_conn(me, |c| c.sidecar.as_mut().and_then(|s| s.upstream.remove(&h.seq))).flatten();
     let Some(request_id) = request_id else {
         return crate::app::session::log_peer_error(shard, me, h, e, "app-server");
     };

@@ -75,7 +75,14 @@ pub fn accept(shard: &Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Push<'_
             let id = ob.next_tally;
             ob.broadcasts.insert(
                 id,
-                PendingBroadcast { conn: me, seq: h.seq, log_id: h.log_id, message_id, waiting: shards, targets: 0 },
+                PendingBroadcast {
+                    conn: me,
+                    seq: h.seq,
+                    log_id: h.log_id,
+                    message_id,
+                    waiting: shards,
+                    targets: 0,
+                },
             );
             id
         };
@@ -83,7 +90,13 @@ pub fn accept(shard: &Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Push<'_
         for s in 0..shards {
             shard.to_shard(s, Msg::Logic(Input::Broadcast { push: push.clone(), role: broadcast.0, tally }));
         }
-        tracing::info!(log_id = h.log_id, message_id, ttl_ms, broadcast = broadcast.0, "push accepted: broadcast");
+        tracing::info!(
+            log_id = h.log_id,
+            message_id,
+            ttl_ms,
+            broadcast = broadcast.0,
+            "push accepted: broadcast"
+        );
         return;
     }
     let targets = {
@@ -139,7 +152,12 @@ pub fn on_counted(shard: &Shard, tally: Tally, targets: u32) {
     };
     let Some(b) = done else { return };
     shard.metrics().push_targets.fetch_add(b.targets as u64, Relaxed);
-    tracing::info!(log_id = b.log_id, message_id = b.message_id, targets = b.targets, "push accepted: broadcast counted");
+    tracing::info!(
+        log_id = b.log_id,
+        message_id = b.message_id,
+        targets = b.targets,
+        "push accepted: broadcast counted"
+    );
     let (message_id, targets) = (b.message_id, b.targets);
     shard.send_frame(b.conn, FrameType::Response, Cmd::Push, b.seq, b.log_id, |f| {
         wire::PushAccepted::create(f, &wire::PushAcceptedArgs { message_id, targets })
