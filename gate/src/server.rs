@@ -11,7 +11,6 @@ use crate::shard::{self, Shard, Shared, SHARD};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::collections::VecDeque;
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::Path;
 use std::rc::Rc;
@@ -48,30 +47,26 @@ pub enum StartError {
     Other(String),
 }
 
-fn parse(what: &'static str, addr: &str) -> Result<SocketAddr, StartError> {
-    addr.parse().map_err(|e| StartError::Other(format!("{what} address {addr:?}: {e}")))
-}
-
 /// Runs a gate until it is told to stop; returns once every shard has drained.
 pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     let cores = cfg.resolved_cores()?;
     let shards = cores.len();
-    let app_addr = parse("app", &cfg.app.listen)?;
+    let app_addr = cfg.app.listen;
     let app = net::listen_all(app_addr, cfg.app.backlog, shards).map_err(|source| StartError::Bind {
         what: "app port",
-        addr: cfg.app.listen.clone(),
+        addr: cfg.app.listen.to_string(),
         source,
     })?;
-    let sidecar_addr = parse("sidecar", &cfg.sidecar.listen)?;
+    let sidecar_addr = cfg.sidecar.listen;
     let sidecar = net::listen_all(sidecar_addr, 128, shards).map_err(|source| StartError::Bind {
         what: "sidecar port",
-        addr: cfg.sidecar.listen.clone(),
+        addr: cfg.sidecar.listen.to_string(),
         source,
     })?;
-    let admin_addr = parse("admin", &cfg.admin.listen)?;
+    let admin_addr = cfg.admin.listen;
     let admin = net::listen(admin_addr, 128).map_err(|source| StartError::Bind {
         what: "admin port",
-        addr: cfg.admin.listen.clone(),
+        addr: cfg.admin.listen.to_string(),
         source,
     })?;
     let app_bound = app[0].local_addr().map_err(|e| StartError::Other(e.to_string()))?;

@@ -106,36 +106,8 @@ impl Cmd {
     }
 }
 
-/// Names one of the body tables. `body_kind` maps a (cmd, type) pair to one of these.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum BodyKind {
-    Login,
-    Session,
-    Resume,
-    Keepalive,
-    Logout,
-    GoAway,
-    Error,
-    GpsReport,
-    GpsBatch,
-    PlaceOrder,
-    GrabOrder,
-    OrderStatusQuery,
-    BusinessRequest,
-    Reply,
-    PushDelivery,
-    PushAck,
-    AppServerHello,
-    AppServerWelcome,
-    Push,
-    PushAccepted,
-    Receipts,
-    ReceiptsAck,
-    GpsForward,
-    Upstream,
-    UpstreamReply,
-    Unreachable,
-}
+// `BodyKind` is defined with `Body` from one list of the tables, in `decode.rs`.
+pub use crate::decode::BodyKind;
 
 /// The body table a (cmd, type) pair carries, or `None` when the pair is not in the protocol.
 pub const fn body_kind(cmd: Cmd, ty: FrameType) -> Option<BodyKind> {

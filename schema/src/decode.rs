@@ -13,7 +13,7 @@
 //!   allowed for the cmd, corrupt body) but its length was sound, so decoding goes on with the
 //!   next frame.
 
-use crate::cmd::{body_kind, BodyKind, Cmd};
+use crate::cmd::{body_kind, Cmd};
 use crate::generated::fleetgate::wire;
 use crate::header::{FrameType, Header, HEADER_LEN, MAGIC, VERSION};
 use flatbuffers::{InvalidFlatbuffer, VerifierOptions};
@@ -306,9 +306,17 @@ impl<'a> Iterator for Frames<'a> {
     }
 }
 
-/// Defines `Body` over every table, with verification dispatched by `BodyKind`.
+/// Defines `BodyKind` and `Body` from one list of every body table, with verification
+/// dispatched by `BodyKind`: a table added to the list is known to both at once.
 macro_rules! bodies {
     ($($name:ident),* $(,)?) => {
+        /// Names one of the body tables. `body_kind` maps a (cmd, type) pair to one of these.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum BodyKind { $(
+            #[doc = concat!("The `", stringify!($name), "` table.")]
+            $name,
+        )* }
+
         /// A verified body: a typed FlatBuffers view into the read buffer.
         #[derive(Debug, Clone, Copy)]
         pub enum Body<'a> { $(
