@@ -47,6 +47,18 @@ pub fn dev_token(secret: &[u8], uid: u64, role: u8, ttl: Duration) -> Vec<u8> {
     schema::token::issue(secret, claims).to_vec()
 }
 
+/// The bytes of a token written as hex, as `gate token` prints it (surrounding whitespace
+/// ignored, either case), ready for [`AppConn::login`]; `None` for an odd length or a non-hex
+/// digit.
+pub fn token_from_hex(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim().as_bytes();
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    let digit = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    text.chunks_exact(2).map(|p| Some((digit(p[0])? << 4) | digit(p[1])?)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +69,14 @@ mod tests {
         let claims = schema::token::verify(b"s3cret", &t, now_ms()).expect("fresh token verifies");
         assert_eq!((claims.uid, claims.role), (42, 1));
         assert!(schema::token::verify(b"other", &t, now_ms()).is_err());
+    }
+
+    #[test]
+    fn token_from_hex_reads_what_gate_token_prints() {
+        assert_eq!(token_from_hex("00ab7F\n"), Some(vec![0x00, 0xab, 0x7f]));
+        assert_eq!(token_from_hex(""), Some(Vec::new()));
+        assert_eq!(token_from_hex("abc"), None);
+        assert_eq!(token_from_hex("zz"), None);
+        assert_eq!(token_from_hex("+1"), None);
     }
 }

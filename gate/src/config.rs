@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 /// The secret used for app tokens and the sidecar when none is configured. It is public, so a
@@ -909,7 +909,9 @@ Examples:
   gate --cores 0-1 --app-listen 0.0.0.0:7100    two shards, on cores 0 and 1
   gate print-config > gate.toml                 write the commented defaults to a file
   gate -c gate.toml                             run with that file
-  gate -c gate.toml check-config                check the file and exit";
+  gate -c gate.toml check-config                check the file and exit
+  gate token --uid 42 --role driver             print a login token (hex) signed with the
+                                                configured token secret";
 
 const SETTINGS: &str = "Settings (override the config file)";
 
@@ -1074,6 +1076,61 @@ pub enum Command {
     PrintConfig,
     /// Validate the configuration and exit 0, or 64 with the reason
     CheckConfig,
+    /// Print an app login token signed with the configured token secret, as hex, and exit
+    ///
+    /// The secret comes from the same places as the server's: -c, --token-secret or
+    /// FLEETGATE_AUTH_TOKEN_SECRET; with none, the built-in development secret (with a warning on
+    /// stderr). Stdout gets the 50-byte token as one line of lowercase hex, nothing else. A bad
+    /// flag exits 64 with the flag named.
+    Token(TokenArgs),
+}
+
+/// `gate token`: the claims of the token to print.
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct TokenArgs {
+    /// User id the token names
+    #[arg(long, value_name = "UID")]
+    pub uid: u64,
+    /// Role the token names: driver or passenger (or 1 / 2)
+    #[arg(long, value_name = "ROLE")]
+    pub role: String,
+    /// Seconds from now until the token expires
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_TOKEN_TTL_S)]
+    pub ttl_s: u64,
+}
+
+/// Lifetime of a token printed by `gate token` when `--ttl-s` is not given: one day.
+pub const DEFAULT_TOKEN_TTL_S: u64 = 86_400;
+
+impl TokenArgs {
+    /// The role as its `wire::Role` value (1 driver, 2 passenger); anything else is refused with
+    /// a message naming `--role`.
+    pub fn role_value(&self) -> Result<u8, ConfigError> {
+        match self.role.trim().to_ascii_lowercase().as_str() {
+            "driver" | "1" => Ok(1),
+            "passenger" | "2" => Ok(2),
+            _ => Err(invalid("--role", &self.role, "must be driver, passenger, 1 or 2")),
+        }
+    }
+
+    /// The signed 50-byte token (PROTOCOL.md §10), valid for `ttl_s` seconds from `now_ms`.
+    pub fn issue(&self, secret: &[u8], now_ms: u64) -> Result<[u8; schema::token::TOKEN_LEN], ConfigError> {
+        let role = self.role_value()?;
+        if self.ttl_s == 0 {
+            return Err(ConfigError::Invalid {
+                key: "--ttl-s",
+                value: "0".into(),
+                reason: "must be greater than 0, or the token is expired when issued".into(),
+            });
+        }
+        let expires_ms = now_ms.saturating_add(self.ttl_s.saturating_mul(1000));
+        Ok(schema::token::issue(secret, schema::token::Claims { uid: self.uid, role, expires_ms }))
+    }
+}
+
+/// Lowercase hex of `bytes`, as `gate token` prints a token.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Cli {
@@ -1393,6 +1450,33 @@ mod tests {
         assert_eq!(cli(&[]).command, None);
         let p = cli(&["--ports-file", "/tmp/ports"]);
         assert_eq!(p.ports_file.as_deref(), Some(Path::new("/tmp/ports")));
+        let t = cli(&["token", "--uid", "42", "--role", "driver"]);
+        assert_eq!(
+            t.command,
+            Some(Command::Token(TokenArgs { uid: 42, role: "driver".into(), ttl_s: DEFAULT_TOKEN_TTL_S }))
+        );
+        // The server's secret flag works after the subcommand too.
+        let t = cli(&["token", "--uid", "7", "--role", "2", "--ttl-s", "60", "--token-secret", "s"]);
+        assert_eq!(t.load().unwrap().token_secret(), b"s");
+        assert!(Cli::try_parse_from(["gate", "token", "--role", "driver"]).is_err(), "--uid is required");
+    }
+
+    #[test]
+    fn token_args_issue_a_verifiable_token() {
+        let args = |role: &str, ttl_s: u64| TokenArgs { uid: 42, role: role.into(), ttl_s };
+        for (role, value) in [("driver", 1), ("Passenger", 2), ("1", 1), ("2", 2)] {
+            assert_eq!(args(role, 60).role_value().unwrap(), value, "{role}");
+        }
+        let now = 1_700_000_000_000;
+        let token = args("driver", 60).issue(b"sekrit", now).unwrap();
+        let claims = schema::token::verify(b"sekrit", &token, now + 59_000).unwrap();
+        assert_eq!((claims.uid, claims.role, claims.expires_ms), (42, 1, now + 60_000));
+        assert!(schema::token::verify(b"other", &token, now).is_err());
+        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+        assert_eq!(hex(&token).len(), 100);
+        assert_invalid(args("pilot", 60).issue(b"s", now), "--role", "\"pilot\"");
+        assert_invalid(args("0", 60).issue(b"s", now), "--role", "\"0\"");
+        assert_invalid(args("driver", 0).issue(b"s", now), "--ttl-s", "0");
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! `gate`: the fleetgate server binary. See `gate --help`.
 
 use clap::Parser;
-use gate::config::{default_toml, Cli, Command, EXIT_BAD_CONFIG};
+use gate::config::{default_toml, hex, Cli, Command, DEV_SECRET, EXIT_BAD_CONFIG};
 
 fn main() {
     let cli = Cli::parse();
-    match cli.command {
+    match &cli.command {
         Some(Command::PrintConfig) => {
             print!("{}", default_toml());
             return;
@@ -20,6 +20,32 @@ fn main() {
                 std::process::exit(EXIT_BAD_CONFIG);
             }
         },
+        Some(Command::Token(args)) => {
+            let cfg = match cli.load() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("gate: bad configuration: {e}");
+                    std::process::exit(EXIT_BAD_CONFIG);
+                }
+            };
+            match args.issue(cfg.token_secret(), now_ms()) {
+                Ok(token) => {
+                    if cfg.token_secret() == DEV_SECRET.as_bytes() {
+                        eprintln!(
+                            "gate: WARNING: this token is signed with the built-in DEVELOPMENT secret \
+                             {DEV_SECRET:?}: anyone can mint one. Only a gate without a configured \
+                             token secret accepts it; never use it in production."
+                        );
+                    }
+                    println!("{}", hex(&token));
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("gate token: {e}");
+                    std::process::exit(EXIT_BAD_CONFIG);
+                }
+            }
+        }
         None => {}
     }
     let cfg = match cli.load() {
@@ -58,4 +84,11 @@ fn main() {
         eprintln!("gate: {e}");
         std::process::exit(1);
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch, the unit of token expiries.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
