@@ -6,7 +6,9 @@
 //! - [`app`]: [`AppConn`], the app side (drivers, passengers): login, resume, keepalive, GPS,
 //!   pipelined business requests, pushes and their acks.
 //! - [`appserver`]: [`AppServerConn`], the app-server side (the sidecar port): hello, pushes
-//!   with one final receipt per (message id, uid), upstream requests and their replies, GPS forwards.
+//!   with one final receipt per (message id, uid), upstream requests and their replies, GPS
+//!   forwards; reconnects to the same gate process (compared by its incarnation) or reports the
+//!   gate lost.
 //! - [`session`]: [`AppSession`], an app session across dropped connections: resume on the
 //!   node that holds it, fall back to login, back off across gates, ack every push and return
 //!   each message id once.
@@ -22,8 +24,8 @@ pub mod session;
 
 pub use app::{AppConn, Reply, SessionInfo, MAX_QUEUED};
 pub use appserver::{
-    Accepted, AppServerConn, AppServerEvents, Event as AppServerEvent, PushSpec, ServerErrorInfo,
-    UpstreamRequest, Welcome,
+    Accepted, AppServerConn, AppServerEvents, ConnectOptions, Event as AppServerEvent, PushSpec,
+    ServerErrorInfo, UpstreamRequest, Welcome,
 };
 pub use error::ClientError;
 pub use frame::{write_raw_frame, DeliveryView, ErrorView, FrameReader, OwnedFrame, ReplyView};
