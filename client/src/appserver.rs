@@ -2121,4 +2121,163 @@ mod tests {
         assert_eq!(next(&events), Event::GateLost);
         gate.join().expect("fake gate");
     }
+
+    #[test]
+    fn a_reconnect_to_the_same_gate_keeps_pairs_pending_until_their_receipts() {
+        let (addr, gate) = fake_gate(|l| {
+            let mut g = accept(&l, 8 << 20).expect("hello");
+            let (p, _, _) = g.read_push();
+            g.accept_push(&p, 1, 2);
+            g.receipts(2, 41, &[(1, 10, Outcome::Delivered)]);
+            // The connection breaks before the ack; the same gate process takes the reconnect,
+            // resends the unacked batch and then the receipt it kept.
+            drop(g);
+            let mut g = accept(&l, 8 << 20).expect("the reconnect's hello");
+            g.receipts(1, 41, &[(1, 10, Outcome::Delivered), (1, 11, Outcome::TtlExpired)]);
+            // The ack, and the reconnected handle's push on its new connection, in either order.
+            let (a, b) = (g.read(), g.read());
+            let (ack, p) = if a.cmd == Cmd::ReceiptsAck { (a, b) } else { (b, a) };
+            assert!(matches!(ack.body(), Body::ReceiptsAck(r) if r.batch_id() == 41), "{ack:?}");
+            assert!(matches!(p.body(), Body::Push(b) if b.message_id() == 2), "{p:?}");
+            g.accept_push(&p, 2, 1);
+        });
+        let (conn, events) = AppServerConn::connect(addr, SECRET, "dispatch-1", T).expect("connect");
+        let first = conn.conn_id();
+        assert_eq!(conn.push(&spec(1, &[10, 11])).expect("push 1").targets, 2);
+        assert_eq!(next(&events), receipt(1, 10, Outcome::Delivered));
+        assert_eq!(next(&events), Event::ConnectionLost { conn: first });
+        let Event::Reconnected { conn: second, incarnation } = next(&events) else {
+            panic!("expected the reconnect")
+        };
+        assert_eq!((second, incarnation), (conn.conn_id(), INCARNATION));
+        assert_ne!(second, first);
+        // The pending pair got its real receipt, and the repeat of the first was dropped.
+        assert_eq!(next(&events), receipt(1, 11, Outcome::TtlExpired));
+        assert_eq!((conn.duplicate_receipts(), conn.late_receipts(), conn.pending_receipts()), (1, 0, 0));
+        assert_eq!(conn.push(&spec(2, &[12])).expect("push 2 after the reconnect").targets, 1);
+        gate.join().expect("fake gate");
+        conn.close().expect("close");
+        assert_eq!(next(&events), Event::ConnectionLost { conn: second });
+        assert_eq!(next(&events), receipt(2, 12, Outcome::GateLost));
+        assert_eq!(next(&events), Event::GateLost);
+        assert!(matches!(events.recv_timeout(T), Err(RecvTimeoutError::Disconnected)));
+    }
+
+    #[test]
+    fn a_restarted_gate_ends_pending_pairs_and_owed_broadcasts_as_gate_lost() {
+        let (addr, gate) = fake_gate(|l| {
+            let mut g = accept(&l, 8 << 20).expect("hello");
+            let (p, _, _) = g.read_push();
+            g.accept_push(&p, 1, 2);
+            // A broadcast announced with 0 targets (a gate that does not count them): one
+            // receipt came, more may be owed.
+            let (p, _, _) = g.read_push();
+            g.accept_push(&p, 2, 0);
+            g.receipts(1, 51, &[(2, 70, Outcome::Delivered)]);
+            g.expect_ack(1, 51);
+            // A broadcast whose one announced target's receipt came: it owes nothing.
+            let (p, _, _) = g.read_push();
+            g.accept_push(&p, 3, 1);
+            g.receipts(2, 52, &[(3, 71, Outcome::Offline)]);
+            // The ack and a push never answered (its pairs stay pending too), in either order.
+            let (a, b) = (g.read(), g.read());
+            let cmds = [(a.cmd, a.ty), (b.cmd, b.ty)];
+            assert!(cmds.contains(&(Cmd::ReceiptsAck, FrameType::Ack)), "{cmds:?}");
+            assert!(cmds.contains(&(Cmd::Push, FrameType::Request)), "{cmds:?}");
+            drop(g);
+            // Another process answers on the same address: the client closes it.
+            let mut g = accept_as(&l, 8 << 20, INCARNATION + 1).expect("the reconnect's hello");
+            assert!(matches!(g.r.read_frame(&mut g.s), Err(ClientError::Closed)));
+        });
+        let (conn, events) = AppServerConn::connect(addr, SECRET, "dispatch-1", T).expect("connect");
+        let started = Instant::now();
+        assert_eq!(conn.push(&spec(1, &[10, 11])).expect("push 1").targets, 2);
+        let mut broadcast = |message_id| {
+            let mut b = spec(message_id, &[]);
+            b.broadcast = Role::Driver.0;
+            conn.push(&b)
+        };
+        assert_eq!(broadcast(2).expect("broadcast 2").targets, 0);
+        assert_eq!(next(&events), receipt(2, 70, Outcome::Delivered));
+        assert_eq!(broadcast(3).expect("broadcast 3").targets, 1);
+        assert_eq!(next(&events), receipt(3, 71, Outcome::Offline));
+        let seq4 = conn.push_async(&spec(4, &[12])).expect("push 4");
+        let lost = ServerErrorInfo {
+            code: ErrorCode::Unknown,
+            origin: Hop::Unknown,
+            message: "the connection ended before the gate answered".to_owned(),
+            retry_after_ms: 0,
+            log_id: 0,
+            refused: false,
+        };
+        let first = conn.conn_id();
+        assert_eq!(
+            next(&events),
+            Event::PushAnswer { conn: first, seq: seq4, message_id: 4, result: Err(lost) }
+        );
+        assert_eq!(next(&events), Event::ConnectionLost { conn: first });
+        assert_eq!(next(&events), receipt(1, 10, Outcome::GateLost));
+        assert_eq!(next(&events), receipt(1, 11, Outcome::GateLost));
+        assert_eq!(next(&events), receipt(4, 12, Outcome::GateLost));
+        assert_eq!(next(&events), receipt(2, 0, Outcome::GateLost), "the broadcast still owed receipts");
+        assert_eq!(next(&events), Event::GateLost);
+        assert!(started.elapsed() < DEFAULT_RECONNECT_WITHIN, "a restart is known at once, not at the bound");
+        assert_eq!(conn.pending_receipts(), 0);
+        gate.join().expect("fake gate");
+        // Lost message ids are not reused.
+        assert!(matches!(conn.push(&spec(1, &[10])), Err(ClientError::Closed | ClientError::Unexpected(_))));
+    }
+
+    #[test]
+    fn receipts_for_pairs_reported_gate_lost_are_late_and_not_emitted() {
+        let (addr, gate) = fake_gate(|l| {
+            let mut g = accept(&l, 8 << 20).expect("hello");
+            let (p, _, _) = g.read_push();
+            g.accept_push(&p, 1, 2);
+            let (p, _, _) = g.read_push();
+            g.accept_push(&p, 2, 0);
+            g.receipts(1, 61, &[(1, 10, Outcome::Delivered), (2, 70, Outcome::Delivered)]);
+            g.expect_ack(1, 61);
+            drop(g);
+            // The caller reopens the group to the same process after GateLost; the gate sends
+            // what it kept: receipts for pairs already reported lost, and repeats.
+            let mut g = accept(&l, 8 << 20).expect("hello again");
+            let late = [
+                (1, 10, Outcome::Delivered),
+                (1, 11, Outcome::Delivered),
+                (2, 70, Outcome::Delivered),
+                (2, 71, Outcome::Offline),
+                (2, 72, Outcome::Delivered),
+            ];
+            g.receipts(1, 62, &late);
+            g.expect_ack(1, 62);
+            g.send(|e, o| {
+                e.frame(o, FrameType::Event, Cmd::GpsForward, 0, 0, |b| {
+                    wire::GpsForward::create(b, &wire::GpsForwardArgs { points: None })
+                })
+            });
+        });
+        // No reconnect at all: the first drop is GateLost at once.
+        let options = ConnectOptions::new(T).reconnect_within(Duration::ZERO);
+        let (conn, events) =
+            AppServerConn::connect_with(addr, SECRET, "dispatch-1", options).expect("connect");
+        conn.push(&spec(1, &[10, 11])).expect("push 1");
+        let mut all = spec(2, &[]);
+        all.broadcast = Role::Passenger.0;
+        conn.push(&all).expect("broadcast 2");
+        assert_eq!(next(&events), receipt(1, 10, Outcome::Delivered));
+        assert_eq!(next(&events), receipt(2, 70, Outcome::Delivered));
+        assert_eq!(next(&events), Event::ConnectionLost { conn: conn.conn_id() });
+        assert_eq!(next(&events), receipt(1, 11, Outcome::GateLost));
+        assert_eq!(next(&events), receipt(2, 0, Outcome::GateLost));
+        assert_eq!(next(&events), Event::GateLost);
+
+        let again = conn.connect_another().expect("reopen the group");
+        assert_eq!(again.welcome().incarnation, INCARNATION);
+        // Nothing of the batch is emitted: 11, 71 and 72 were reported lost (late), 10 and 70
+        // had their receipts (repeats).
+        assert_eq!(next(&events), Event::Gps(Vec::new()));
+        assert_eq!((again.late_receipts(), again.duplicate_receipts()), (3, 2));
+        gate.join().expect("fake gate");
+    }
 }
