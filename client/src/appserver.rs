@@ -2192,7 +2192,7 @@ mod tests {
         let (conn, events) = AppServerConn::connect(addr, SECRET, "dispatch-1", T).expect("connect");
         let started = Instant::now();
         assert_eq!(conn.push(&spec(1, &[10, 11])).expect("push 1").targets, 2);
-        let mut broadcast = |message_id| {
+        let broadcast = |message_id| {
             let mut b = spec(message_id, &[]);
             b.broadcast = Role::Driver.0;
             conn.push(&b)

@@ -54,7 +54,7 @@ pub fn dev_token(secret: &[u8], uid: u64, role: u8, ttl: Duration) -> Vec<u8> {
 /// digit.
 pub fn token_from_hex(text: &str) -> Option<Vec<u8>> {
     let text = text.trim().as_bytes();
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
