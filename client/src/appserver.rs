@@ -39,6 +39,11 @@
 //!   receipt with uid 0 and GateLost (meaning: every target of that broadcast whose receipt has
 //!   not come), then [`Event::GateLost`].
 //!
+//! A push whose answer was lost with its connection may never have reached the gate, so the
+//! same gate owes nothing for it: once the group has been connected for [`UNCONFIRMED_GRACE`]
+//! and that long has passed since its receipts were due (sent + TTL + 1 s), its pairs still
+//! pending end as GateLost too (receipts only: the gate itself is fine).
+//!
 //! GateLost means "unknown": the push may or may not have been delivered, and no receipt will
 //! ever be emitted for that pair. The group remembers those pairs for [`LOST_MEMORY`]: a receipt
 //! for one that still comes (after [`AppServerConn::connect_another`] reopens the group to the
@@ -99,6 +104,13 @@ pub const LOST_MEMORY: Duration = Duration::from_secs(600);
 const BACKOFF_MIN: Duration = Duration::from_millis(25);
 /// Longest wait between reconnect attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A push whose answer was lost with its connection may never have reached the gate. Once its
+/// receipts were due (sent + TTL + 1 s) this much ago, with the group connected for this long,
+/// its pairs still pending end as GateLost.
+pub const UNCONFIRMED_GRACE: Duration = Duration::from_secs(5);
+/// How often the watch over such pushes looks at them.
+const UNCONFIRMED_STEP: Duration = Duration::from_millis(250);
 
 /// The sequence-id of the hello; pushes count up from the next one.
 const HELLO_SEQ: u32 = 1;
@@ -461,6 +473,9 @@ struct InFlight {
     /// The `push` call waiting for the answer; `None` for `push_async` (and for a `push` that
     /// gave up waiting), whose answer becomes an event.
     waiter: Option<SyncSender<Answer>>,
+    /// When the gate would have sent its last receipt had it accepted the push (sent, TTL,
+    /// slack): for a push whose answer is lost with its connection.
+    receipts_due: Instant,
 }
 
 /// A connection's entry in the group.
@@ -564,6 +579,13 @@ struct GroupState {
     broadcasts: HashMap<u64, Broadcast>,
     /// Pushes with pairs reported GateLost, by message_id, for `LOST_MEMORY`.
     lost: HashMap<u64, Lost>,
+    /// Pushes whose answer was lost with their connection (the gate may never have read them),
+    /// by message_id, with when their receipts were due.
+    unconfirmed: HashMap<u64, Instant>,
+    /// A thread watches `unconfirmed`.
+    watching: bool,
+    /// Since when the group has had a connection without a break.
+    up_since: Instant,
 }
 
 impl GroupState {
@@ -614,6 +636,7 @@ impl GroupState {
     /// `Event::GateLost`; returns those events in that order, for the caller to emit.
     fn declare_lost(&mut self, now: Instant) -> Vec<Event> {
         self.reconnecting = false;
+        self.unconfirmed.clear();
         self.lost.retain(|_, l| l.expires > now);
         let expires = now + LOST_MEMORY;
         let mut pairs = Vec::with_capacity(self.pending_len);
@@ -646,11 +669,37 @@ impl GroupState {
         events
     }
 
+    /// Gives up on one push's pairs still pending (or a broadcast still owed receipts): they are
+    /// remembered as lost and get GateLost receipts, returned for the caller to emit.
+    fn give_up_on(&mut self, message_id: u64, now: Instant) -> Vec<Event> {
+        let expires = now + LOST_MEMORY;
+        let gate_lost = |uid| Event::Receipt { message_id, uid, outcome: Outcome::GateLost };
+        if let Some(uids) = self.pending.remove(&message_id) {
+            self.pending_len -= uids.len();
+            let mut sorted: Vec<u64> = uids.iter().copied().collect();
+            sorted.sort_unstable();
+            self.lost.insert(message_id, Lost { targets: LostTargets::Uids(uids), expires });
+            return sorted.into_iter().map(gate_lost).collect();
+        }
+        match self.broadcasts.remove(&message_id) {
+            Some(b) if b.expires > now && b.outstanding() => {
+                self.lost.insert(message_id, Lost { targets: LostTargets::Broadcast(b.seen), expires });
+                vec![gate_lost(0)]
+            }
+            Some(b) => {
+                self.broadcasts.insert(message_id, b);
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
     /// Ends the group: nothing more is sent or reconnected, and the event queue disconnects
     /// once the threads holding a sender are gone.
     fn end(&mut self) {
         self.events = None;
         self.reconnecting = false;
+        self.unconfirmed.clear();
         self.pending.clear();
         self.pending_len = 0;
         self.broadcasts.clear();
@@ -715,16 +764,17 @@ impl Group {
                 p.message_id
             )));
         }
+        let ttl = if p.ttl_ms == 0 { DEFAULT_TTL_MS } else { p.ttl_ms.min(MAX_TTL_MS) };
+        let receipts_due = now + Duration::from_millis(u64::from(ttl)) + RECEIPT_SLACK;
         if p.broadcast != 0 {
-            let ttl = if p.ttl_ms == 0 { DEFAULT_TTL_MS } else { p.ttl_ms.min(MAX_TTL_MS) };
-            let expires = now + Duration::from_millis(u64::from(ttl)) + RECEIPT_SLACK + BROADCAST_GRACE;
+            let expires = receipts_due + BROADCAST_GRACE;
             st.broadcasts.insert(p.message_id, Broadcast { seen: HashSet::new(), targets: None, expires });
         } else if !p.uids.is_empty() {
             let uids: HashSet<u64> = p.uids.iter().copied().collect();
             st.pending_len += uids.len();
             st.pending.insert(p.message_id, uids);
         }
-        entry.in_flight.insert(seq, InFlight { message_id: p.message_id, waiter });
+        entry.in_flight.insert(seq, InFlight { message_id: p.message_id, waiter, receipts_due });
         Ok(())
     }
 
@@ -801,6 +851,9 @@ impl Group {
                 },
             };
             if joining.is_ok() {
+                if st.links.is_empty() {
+                    st.up_since = Instant::now();
+                }
                 st.links.insert(id, LinkEntry { link: Arc::clone(&link), in_flight: HashMap::new() });
             }
             joining
@@ -949,6 +1002,9 @@ impl AppServerConn {
                 pending_len: 0,
                 broadcasts: HashMap::new(),
                 lost: HashMap::new(),
+                unconfirmed: HashMap::new(),
+                watching: false,
+                up_since: Instant::now(),
             }),
         });
         let conn = AppServerConn::join_new(group, d)?;
@@ -1433,15 +1489,18 @@ impl Reader {
     fn finish(self, gone: bool) {
         let _ = self.link.ctl.shutdown(Shutdown::Both);
         let by_caller = self.link.closed_by_caller.load(Ordering::Acquire);
-        let (mut lost, after) = {
+        let (mut lost, watch, after) = {
             let mut st = lock(&self.group.state);
             let in_flight = st.links.remove(&self.link.id).map(|e| e.in_flight).unwrap_or_default();
-            // Dropping a waiter's sender here is what wakes its `push` with `Closed`.
-            let lost: Vec<(u32, u64)> = in_flight
-                .into_iter()
-                .filter(|(_, f)| f.waiter.is_none())
-                .map(|(seq, f)| (seq, f.message_id))
-                .collect();
+            let mut lost = Vec::new();
+            for (seq, f) in in_flight {
+                // The gate may never have read it: watched until its receipts are overdue.
+                st.unconfirmed.insert(f.message_id, f.receipts_due);
+                // Dropping a waiter's sender here is what wakes its `push` with `Closed`.
+                if f.waiter.is_none() {
+                    lost.push((seq, f.message_id));
+                }
+            }
             let after = if !st.links.is_empty() || st.events.is_none() || st.reconnecting {
                 AfterEnd::Nothing
             } else if gone {
@@ -1457,8 +1516,20 @@ impl Reader {
                 }
                 AfterEnd::Lost(events)
             };
-            (lost, after)
+            let watch = !st.unconfirmed.is_empty() && !st.watching && st.events.is_some();
+            st.watching |= watch;
+            (lost, watch, after)
         };
+        if watch {
+            let (group, events) = (Arc::clone(&self.group), self.events.clone());
+            let spawned = thread::Builder::new()
+                .name("fleetgate-sidecar-unconfirmed".to_owned())
+                .spawn(move || watch_unconfirmed(&group, &events));
+            if spawned.is_err() {
+                // Without the watch such pairs stay pending until the gate is lost.
+                lock(&self.group.state).watching = false;
+            }
+        }
         lost.sort_unstable();
         let conn = self.link.id;
         let lost_answer = ServerErrorInfo {
@@ -1582,6 +1653,46 @@ fn reconnect(group: &Arc<Group>, events: &SyncSender<Event>, lost_conn: u32) {
                 let _ = group.join(d, Some(slot), reconnected);
             }
             _ => {}
+        }
+    }
+}
+
+/// Watches pushes whose answer was lost with their connection: once the group has been
+/// connected for `UNCONFIRMED_GRACE` and such a push's receipts were due that long ago, the gate
+/// never read it or its receipts are gone: its pairs still pending end as GateLost (without
+/// `Event::GateLost`: the gate itself is fine). Ends when nothing is watched or the group ended.
+fn watch_unconfirmed(group: &Group, events: &SyncSender<Event>) {
+    loop {
+        thread::sleep(UNCONFIRMED_STEP);
+        let now = Instant::now();
+        let lost = {
+            let mut st = lock(&group.state);
+            if st.events.is_none() || st.unconfirmed.is_empty() {
+                st.watching = false;
+                return;
+            }
+            if st.reconnecting || st.links.is_empty() || now < st.up_since + UNCONFIRMED_GRACE {
+                continue;
+            }
+            let mut overdue: Vec<u64> = st
+                .unconfirmed
+                .iter()
+                .filter(|(_, &due)| now >= due + UNCONFIRMED_GRACE)
+                .map(|(&m, _)| m)
+                .collect();
+            overdue.sort_unstable();
+            let mut lost = Vec::new();
+            for m in overdue {
+                st.unconfirmed.remove(&m);
+                lost.extend(st.give_up_on(m, now));
+            }
+            lost
+        };
+        for ev in lost {
+            if events.send(ev).is_err() {
+                lock(&group.state).watching = false;
+                return;
+            }
         }
     }
 }
@@ -2288,6 +2399,45 @@ mod tests {
         // had their receipts (repeats).
         assert_eq!(next(&events), Event::Gps(Vec::new()));
         assert_eq!((again.late_receipts(), again.duplicate_receipts()), (3, 2));
+        gate.join().expect("fake gate");
+    }
+
+    #[test]
+    fn a_push_the_gate_may_never_have_read_ends_gate_lost_once_overdue() {
+        let (addr, gate) = fake_gate(|l| {
+            let mut g = accept(&l, 8 << 20).expect("hello");
+            // Read, never answered: the connection breaks first (the gate may or may not have
+            // taken it). The same process takes the reconnect and owes nothing for it.
+            let _ = g.read_push();
+            drop(g);
+            let mut g = accept(&l, 8 << 20).expect("the reconnect's hello");
+            g.s.set_read_timeout(Some(UNCONFIRMED_GRACE * 3)).expect("timeout");
+            let (p, message_id, _) = g.read_push();
+            assert_eq!(message_id, 2);
+            g.accept_push(&p, 2, 1);
+        });
+        let (conn, events) = AppServerConn::connect(addr, SECRET, "dispatch-1", T).expect("connect");
+        let mut short = spec(1, &[10]);
+        short.ttl_ms = 100;
+        let seq = conn.push_async(&short).expect("push 1");
+        let first = conn.conn_id();
+        assert!(matches!(
+            next(&events),
+            Event::PushAnswer { conn: c, seq: s, message_id: 1, result: Err(ServerErrorInfo { refused: false, .. }) }
+                if (c, s) == (first, seq)
+        ));
+        assert_eq!(next(&events), Event::ConnectionLost { conn: first });
+        assert!(matches!(next(&events), Event::Reconnected { incarnation: INCARNATION, .. }));
+        let reconnected = Instant::now();
+        assert_eq!(conn.pending_receipts(), 1);
+        // Overdue: receipts due 1.1 s after the push, plus the grace, with the group connected.
+        let ev = events.recv_timeout(UNCONFIRMED_GRACE * 2).expect("the overdue pair's outcome");
+        assert_eq!(ev, receipt(1, 10, Outcome::GateLost));
+        assert!(reconnected.elapsed() >= UNCONFIRMED_GRACE - Duration::from_millis(200));
+        assert_eq!(conn.pending_receipts(), 0);
+        // The gate itself is fine: no Event::GateLost, and pushes go on.
+        assert!(matches!(events.try_recv(), Err(TryRecvError::Empty)));
+        assert_eq!(conn.push(&spec(2, &[11])).expect("push 2").targets, 1);
         gate.join().expect("fake gate");
     }
 }
