@@ -1273,7 +1273,7 @@ struct Gone;
 enum AfterEnd {
     /// Nothing more: other connections carry on, a reconnect is under way, or the group ended.
     Nothing,
-    /// Its was the last connection: reconnect.
+    /// It was the last connection: reconnect.
     Reconnect,
     /// The gate is lost: these events (GateLost receipts, then `Event::GateLost`).
     Lost(Vec<Event>),
