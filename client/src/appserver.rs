@@ -15,9 +15,44 @@
 //! is shared by all connections of one group ([`AppServerConn::connect_another`] opens more). A
 //! receipt for a pair that is not pending was resolved before (or never pushed from here): it is
 //! dropped and counted in [`AppServerConn::duplicate_receipts`]. Each batch is acked after its
-//! receipts were handed to the event queue. When the group's last connection ends, whatever is
-//! still pending is reported as [`Outcome::GateLost`], then [`Event::GateLost`]: the caller sees
-//! exactly one final outcome per pair even when the gate goes away.
+//! receipts were handed to the event queue. A broadcast's targets are not known in advance: its
+//! receipts are emitted once per uid as they come, and [`PushAccepted`'s
+//! `targets`](Accepted::targets) tells when all came.
+//!
+//! The gate going away (PROTOCOL.md §9.9). The gate keeps every receipt it owes across
+//! app-server connection drops, and every Welcome carries the gate process's `incarnation`. When
+//! a connection ends while others of the group stay open, [`Event::ConnectionLost`] says so and
+//! the others carry on (the gate resends that connection's unacked batches on them). When the
+//! group's last connection ends without the caller closing it, the group reconnects to the same
+//! address: attempts with a jittered backoff (25 ms doubling to 1 s), at most
+//! [`MAX_RECONNECT_ATTEMPTS`] of them and only within
+//! [`ConnectOptions::reconnect_within`] (default [`DEFAULT_RECONNECT_WITHIN`], 10 s) of the loss.
+//! Each attempt re-does the hello and compares the incarnation with the one the group saw first:
+//!
+//! - the same (non-zero) incarnation is the same gate process: every pending pair stays pending,
+//!   the gate's resent batches resolve them (repeats are dropped as duplicates, and acked on the
+//!   new connection), and [`Event::Reconnected`] tells the caller. Every handle the caller has
+//!   not closed gets a new connection (its [`AppServerConn::conn_id`] changes).
+//! - a different incarnation (the gate restarted; 0, a gate that does not announce one, never
+//!   matches), or no such reconnect within the bound: the gate is lost. Every pair still pending
+//!   gets a [`Outcome::GateLost`] receipt, every broadcast whose receipts may still be owed one
+//!   receipt with uid 0 and GateLost (meaning: every target of that broadcast whose receipt has
+//!   not come), then [`Event::GateLost`].
+//!
+//! A push whose answer was lost with its connection may never have reached the gate, so the
+//! same gate owes nothing for it: once the group has been connected for [`UNCONFIRMED_GRACE`]
+//! and that long has passed since its receipts were due (sent + TTL + 1 s), its pairs still
+//! pending end as GateLost too (receipts only: the gate itself is fine).
+//!
+//! GateLost means "unknown": the push may or may not have been delivered, and no receipt will
+//! ever be emitted for that pair. The group remembers those pairs for [`LOST_MEMORY`]: a receipt
+//! for one that still comes (after [`AppServerConn::connect_another`] reopens the group to the
+//! same gate, which then sends the receipts it kept) is dropped, acked, and counted in
+//! [`AppServerConn::late_receipts`]. After `GateLost` the group has no connection until the caller
+//! opens one with `connect_another`; a group whose handles are all closed or dropped ends, and its
+//! event queue disconnects once its threads are gone. The caller closing the group's last open
+//! connection ([`AppServerConn::close`], or dropping its handle) does not reconnect: what is
+//! pending ends as GateLost at once.
 //!
 //! Bounds. The event queue holds [`EVENT_QUEUE`] events; when the caller falls behind, the
 //! reader threads block, stop reading, and the gate's outbound queue to this app-server fills:
@@ -25,16 +60,19 @@
 //! per connection are capped at [`MAX_IN_FLIGHT_PUSHES`]. The pending set holds one entry per
 //! (message_id, uid) the caller pushed and not yet resolved, so it is bounded by what the caller
 //! pushes within one TTL (at most 300 s, plus 1 s for the gate's last receipt); watch
-//! [`AppServerConn::pending_receipts`].
+//! [`AppServerConn::pending_receipts`]. The memory of lost pairs is bounded by what was pending
+//! at a loss, for [`LOST_MEMORY`].
 
 use crate::frame::{answers, FrameReader, OwnedFrame};
 use crate::ClientError;
 use schema::wire::{self, ErrorCode, Hop, Outcome, UidGpsPoint};
 use schema::{body_kind, Body, Cmd, Encoder, FrameError, FrameType, Limits, HEADER_LEN};
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
 use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvError, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -48,6 +86,31 @@ pub const EVENT_QUEUE: usize = 100_000;
 /// Most pushes one connection may have sent without an answer yet; past it `push_async`
 /// refuses with `ClientError::QueueFull`. Far more than one round trip of pipelining needs.
 pub const MAX_IN_FLIGHT_PUSHES: usize = 65_536;
+
+/// How long a group that lost its last connection tries to get back to the same gate before it
+/// declares the gate lost, unless [`ConnectOptions::reconnect_within`] says otherwise.
+pub const DEFAULT_RECONNECT_WITHIN: Duration = Duration::from_secs(10);
+
+/// Most reconnect attempts after one loss, whatever the time bound.
+pub const MAX_RECONNECT_ATTEMPTS: u32 = 50;
+
+/// How long pairs reported GateLost are remembered, so a receipt for one that still comes is
+/// counted as late instead of emitted: the longest TTL, with room for a gate that kept its
+/// receipts while no app-server was connected.
+pub const LOST_MEMORY: Duration = Duration::from_secs(600);
+
+/// First wait before a reconnect attempt; doubled after each failed one, up to `BACKOFF_MAX`,
+/// each wait jittered by ±50 % so app-servers do not come back in lockstep.
+const BACKOFF_MIN: Duration = Duration::from_millis(25);
+/// Longest wait between reconnect attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A push whose answer was lost with its connection may never have reached the gate. Once its
+/// receipts were due (sent + TTL + 1 s) this much ago, with the group connected for this long,
+/// its pairs still pending end as GateLost.
+pub const UNCONFIRMED_GRACE: Duration = Duration::from_secs(5);
+/// How often the watch over such pushes looks at them.
+const UNCONFIRMED_STEP: Duration = Duration::from_millis(250);
 
 /// The sequence-id of the hello; pushes count up from the next one.
 const HELLO_SEQ: u32 = 1;
@@ -71,13 +134,40 @@ pub struct Welcome {
     pub max_body: u32,
     /// Most uids one Push may name.
     pub max_targets: u32,
+    /// The gate process's random id, the same on every connection to it; another value after a
+    /// reconnect means the gate restarted. 0: a gate that does not announce one.
+    pub incarnation: u64,
+}
+
+/// How a group connects and how long it tries to get back to its gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// Bounds the connect, the hello, every write and every [`AppServerConn::push`].
+    pub timeout: Duration,
+    /// After the group's last connection ends (not closed by the caller), how long it tries to
+    /// reconnect to the same gate process before every pending pair ends as GateLost. Zero: no
+    /// reconnect, GateLost at once.
+    pub reconnect_within: Duration,
+}
+
+impl ConnectOptions {
+    /// `timeout`, and reconnects within [`DEFAULT_RECONNECT_WITHIN`].
+    pub fn new(timeout: Duration) -> ConnectOptions {
+        ConnectOptions { timeout, reconnect_within: DEFAULT_RECONNECT_WITHIN }
+    }
+
+    /// The same options with another reconnect bound.
+    pub fn reconnect_within(self, bound: Duration) -> ConnectOptions {
+        ConnectOptions { reconnect_within: bound, ..self }
+    }
 }
 
 /// One push to send.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PushSpec {
     /// The caller's id for the push; must be unique (apps show each id once). A push whose id
-    /// still has pending receipts here is refused locally.
+    /// still has pending receipts here (or was reported GateLost within [`LOST_MEMORY`]) is
+    /// refused locally.
     pub message_id: u64,
     /// The target users (duplicates count once); ignored by the gate when `broadcast` is set.
     pub uids: Vec<u64>,
@@ -99,8 +189,8 @@ pub struct PushSpec {
 pub struct Accepted {
     /// The push's id.
     pub message_id: u64,
-    /// How many receipts the gate will send for it (0 for a broadcast, whose targets are only
-    /// known as their receipts arrive).
+    /// How many receipts the gate will send for it. For a broadcast, a gate may announce 0 when
+    /// it does not count the targets at acceptance; the receipts tell them.
     pub targets: u32,
 }
 
@@ -121,7 +211,7 @@ pub struct ServerErrorInfo {
     /// True when the gate refused the push with an Error frame: it sends no receipts for it, and
     /// its pairs are no longer pending. False when no usable answer came (the connection ended
     /// first, or the answer did not verify): the push may have been accepted, so its pairs stay
-    /// pending and still end with a receipt (GateLost if the gate goes away).
+    /// pending and still end with a receipt (GateLost if the gate is lost).
     pub refused: bool,
 }
 
@@ -188,11 +278,13 @@ impl UpstreamRequest {
 /// Something the gate sent (or the end of the gate), in the order the reader threads saw it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The final outcome of one (message_id, uid) of a push, emitted once per pair.
+    /// The final outcome of one (message_id, uid) of a push, emitted once per pair. For a
+    /// broadcast, uid 0 with outcome GateLost stands for every target whose receipt has not come
+    /// (see the module docs).
     Receipt {
         /// The push's id.
         message_id: u64,
-        /// The target user.
+        /// The target user (0 in a broadcast's GateLost).
         uid: u64,
         /// How it ended; values this build does not know read as `Outcome::Unknown` (final,
         /// not delivered).
@@ -221,15 +313,28 @@ pub enum Event {
         /// How many receipts will follow, or why none will (see [`ServerErrorInfo::refused`]).
         result: Result<u32, ServerErrorInfo>,
     },
-    /// One connection of the group ended while others stay open; they carry on (the gate
-    /// resends unacked receipt batches on them). Its pushes still waiting for an answer got a
-    /// `PushAnswer` with a lost answer first.
+    /// One connection of the group ended. Its pushes still waiting for an answer got a
+    /// `PushAnswer` with a lost answer first, and upstream requests that came on it can no longer
+    /// be answered (the gate answered them NoAppServer). While other connections stay open they
+    /// carry on (the gate resends unacked receipt batches on them); if it was the last, the group
+    /// reconnects ([`Event::Reconnected`]) or declares the gate lost ([`Event::GateLost`]).
     ConnectionLost {
         /// The connection that ended.
         conn: u32,
     },
-    /// The group's last connection ended: every pair still pending got a GateLost receipt just
-    /// before this. Nothing follows; the queue disconnects once the reader threads are gone.
+    /// The group got back to the same gate process after losing every connection: pending pairs
+    /// stay pending and their receipts will come. One per handle given a new connection.
+    Reconnected {
+        /// The new connection (the handle's new [`AppServerConn::conn_id`]).
+        conn: u32,
+        /// The gate's incarnation, the same as before the loss.
+        incarnation: u64,
+    },
+    /// The gate is lost (restarted, unreachable for the reconnect bound, or the caller closed the
+    /// last connection): every pair still pending got a GateLost receipt just before this, and
+    /// every broadcast still owed receipts one with uid 0. No receipt will be emitted for those
+    /// pairs. The group has no connection now; [`AppServerConn::connect_another`] may reopen it.
+    /// The queue disconnects once every handle is closed or dropped and the threads are gone.
     GateLost,
 }
 
@@ -313,6 +418,9 @@ struct Link {
     seq: AtomicU32,
     /// Largest body to send: the Welcome's `max_body`.
     max_body: u32,
+    /// The caller closed it ([`AppServerConn::close`] or a dropped handle): its end does not
+    /// make the group reconnect.
+    closed_by_caller: AtomicBool,
 }
 
 impl Link {
@@ -365,6 +473,9 @@ struct InFlight {
     /// The `push` call waiting for the answer; `None` for `push_async` (and for a `push` that
     /// gave up waiting), whose answer becomes an event.
     waiter: Option<SyncSender<Answer>>,
+    /// When the gate would have sent its last receipt had it accepted the push (sent, TTL,
+    /// slack): for a push whose answer is lost with its connection.
+    receipts_due: Instant,
 }
 
 /// A connection's entry in the group.
@@ -379,17 +490,85 @@ struct LinkEntry {
 struct Broadcast {
     /// Users whose receipt was emitted, to drop resent ones.
     seen: HashSet<u64>,
+    /// The targets the gate announced in its PushAccepted; `None` until the answer came.
+    targets: Option<u32>,
     /// After this no receipt can come (TTL, slack, grace); the entry is dropped.
     expires: Instant,
+}
+
+impl Broadcast {
+    /// True while receipts may still be owed: no answer yet, an announced 0 (a gate that does
+    /// not count broadcast targets at acceptance), or fewer receipts than announced targets.
+    fn outstanding(&self) -> bool {
+        match self.targets {
+            None | Some(0) => true,
+            Some(t) => self.seen.len() < t as usize,
+        }
+    }
+}
+
+/// Which pairs of one push were reported GateLost.
+enum LostTargets {
+    /// A push to uids: these uids.
+    Uids(HashSet<u64>),
+    /// A broadcast: every uid except these, whose receipts had come.
+    Broadcast(HashSet<u64>),
+}
+
+/// Pairs of one push reported GateLost, remembered so that a receipt for one of them that still
+/// comes is counted as late instead of emitted.
+struct Lost {
+    /// The pairs.
+    targets: LostTargets,
+    /// Forgotten after this (`LOST_MEMORY` after the report).
+    expires: Instant,
+}
+
+/// What becomes of one receipt from the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolution {
+    /// Its pair was pending: emit it.
+    Fresh,
+    /// Its pair was resolved by an earlier receipt (a resent batch), or never pushed from here.
+    Duplicate,
+    /// Its pair was reported GateLost.
+    Late,
+}
+
+/// A handle's hold on a connection: the group gives it a new connection when it reconnects.
+struct Slot {
+    /// The connection the handle uses now.
+    link: Mutex<Arc<Link>>,
+    /// The caller closed the handle (or dropped it): the group never reconnects it.
+    closed: AtomicBool,
+}
+
+impl Slot {
+    /// The connection the handle uses now.
+    fn link(&self) -> Arc<Link> {
+        Arc::clone(&lock(&self.link))
+    }
+
+    /// False once the caller closed the handle.
+    fn open(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+    }
 }
 
 /// State shared by a group's connections, under one lock so that registering a push and a
 /// connection's end cannot interleave.
 struct GroupState {
-    /// Where the reader threads' event senders come from; `None` once the group ended.
+    /// Where the threads' event senders come from; `None` once the group ended.
     events: Option<SyncSender<Event>>,
     /// Open connections by id.
     links: HashMap<u32, LinkEntry>,
+    /// The handles the caller has not closed (closed ones are pruned when seen).
+    slots: Vec<Arc<Slot>>,
+    /// The incarnation of the gate process: from the first Welcome, or from the one that
+    /// reopened the group after GateLost.
+    incarnation: Option<u64>,
+    /// From the loss of the last connection until the reconnect succeeds or gives up.
+    reconnecting: bool,
     /// Pairs awaiting their final receipt: message_id -> uids. Bounded by what the caller
     /// pushes (see the module docs).
     pending: HashMap<u64, HashSet<u64>>,
@@ -398,24 +577,43 @@ struct GroupState {
     /// Broadcasts whose receipts may still come, by message_id; bounded by the broadcasts the
     /// caller sends within one TTL.
     broadcasts: HashMap<u64, Broadcast>,
+    /// Pushes with pairs reported GateLost, by message_id, for `LOST_MEMORY`.
+    lost: HashMap<u64, Lost>,
+    /// Pushes whose answer was lost with their connection (the gate may never have read them),
+    /// by message_id, with when their receipts were due.
+    unconfirmed: HashMap<u64, Instant>,
+    /// A thread watches `unconfirmed`.
+    watching: bool,
+    /// Since when the group has had a connection without a break.
+    up_since: Instant,
 }
 
 impl GroupState {
-    /// Takes the receipt for (message_id, uid) if it is the first one: true to emit it.
-    fn resolve(&mut self, message_id: u64, uid: u64, now: Instant) -> bool {
+    /// What the receipt for (message_id, uid) is: the first one for a pending pair (emit it), a
+    /// repeat, or one for a pair reported GateLost.
+    fn resolve(&mut self, message_id: u64, uid: u64, now: Instant) -> Resolution {
         if let Some(uids) = self.pending.get_mut(&message_id) {
             if !uids.remove(&uid) {
-                return false;
+                return Resolution::Duplicate;
             }
             self.pending_len -= 1;
             if uids.is_empty() {
                 self.pending.remove(&message_id);
             }
-            return true;
+            return Resolution::Fresh;
         }
-        match self.broadcasts.get_mut(&message_id) {
-            Some(b) if b.expires > now => b.seen.insert(uid),
-            _ => false,
+        if let Some(b) = self.broadcasts.get_mut(&message_id) {
+            if b.expires > now {
+                return if b.seen.insert(uid) { Resolution::Fresh } else { Resolution::Duplicate };
+            }
+        }
+        match self.lost.get(&message_id) {
+            Some(l) if l.expires > now => match &l.targets {
+                LostTargets::Uids(uids) if uids.contains(&uid) => Resolution::Late,
+                LostTargets::Broadcast(seen) if !seen.contains(&uid) => Resolution::Late,
+                _ => Resolution::Duplicate,
+            },
+            _ => Resolution::Duplicate,
         }
     }
 
@@ -426,22 +624,106 @@ impl GroupState {
         }
         self.broadcasts.remove(&message_id);
     }
+
+    /// True while a handle the caller has not closed remains.
+    fn has_open_slot(&mut self) -> bool {
+        self.slots.retain(|s| s.open());
+        !self.slots.is_empty()
+    }
+
+    /// Declares the gate lost: every pending pair and every broadcast still owed receipts is
+    /// remembered as lost and gets a GateLost receipt (a broadcast one with uid 0), then
+    /// `Event::GateLost`; returns those events in that order, for the caller to emit.
+    fn declare_lost(&mut self, now: Instant) -> Vec<Event> {
+        self.reconnecting = false;
+        self.unconfirmed.clear();
+        self.lost.retain(|_, l| l.expires > now);
+        let expires = now + LOST_MEMORY;
+        let mut pairs = Vec::with_capacity(self.pending_len);
+        for (message_id, uids) in std::mem::take(&mut self.pending) {
+            pairs.extend(uids.iter().map(|&uid| (message_id, uid)));
+            self.lost.insert(message_id, Lost { targets: LostTargets::Uids(uids), expires });
+        }
+        self.pending_len = 0;
+        pairs.sort_unstable();
+        let mut broadcasts = Vec::new();
+        let mut complete = HashMap::new();
+        for (message_id, b) in std::mem::take(&mut self.broadcasts) {
+            if b.expires <= now {
+                continue;
+            }
+            if b.outstanding() {
+                broadcasts.push(message_id);
+                self.lost.insert(message_id, Lost { targets: LostTargets::Broadcast(b.seen), expires });
+            } else {
+                // Kept to recognise repeats of its receipts.
+                complete.insert(message_id, b);
+            }
+        }
+        self.broadcasts = complete;
+        broadcasts.sort_unstable();
+        let gate_lost = |(message_id, uid)| Event::Receipt { message_id, uid, outcome: Outcome::GateLost };
+        let mut events: Vec<Event> = pairs.into_iter().map(gate_lost).collect();
+        events.extend(broadcasts.into_iter().map(|m| gate_lost((m, 0))));
+        events.push(Event::GateLost);
+        events
+    }
+
+    /// Gives up on one push's pairs still pending (or a broadcast still owed receipts): they are
+    /// remembered as lost and get GateLost receipts, returned for the caller to emit.
+    fn give_up_on(&mut self, message_id: u64, now: Instant) -> Vec<Event> {
+        let expires = now + LOST_MEMORY;
+        let gate_lost = |uid| Event::Receipt { message_id, uid, outcome: Outcome::GateLost };
+        if let Some(uids) = self.pending.remove(&message_id) {
+            self.pending_len -= uids.len();
+            let mut sorted: Vec<u64> = uids.iter().copied().collect();
+            sorted.sort_unstable();
+            self.lost.insert(message_id, Lost { targets: LostTargets::Uids(uids), expires });
+            return sorted.into_iter().map(gate_lost).collect();
+        }
+        match self.broadcasts.remove(&message_id) {
+            Some(b) if b.expires > now && b.outstanding() => {
+                self.lost.insert(message_id, Lost { targets: LostTargets::Broadcast(b.seen), expires });
+                vec![gate_lost(0)]
+            }
+            Some(b) => {
+                self.broadcasts.insert(message_id, b);
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Ends the group: nothing more is sent or reconnected, and the event queue disconnects
+    /// once the threads holding a sender are gone.
+    fn end(&mut self) {
+        self.events = None;
+        self.reconnecting = false;
+        self.unconfirmed.clear();
+        self.pending.clear();
+        self.pending_len = 0;
+        self.broadcasts.clear();
+    }
 }
 
 /// What connections of one app-server share.
 struct Group {
-    /// The gate's address, for `connect_another`.
+    /// The gate's address, for `connect_another` and reconnects.
     addr: SocketAddr,
-    /// The sidecar secret, for `connect_another`.
+    /// The sidecar secret, for `connect_another` and reconnects.
     secret: Vec<u8>,
-    /// The app-server's name, for `connect_another`.
+    /// The app-server's name, for `connect_another` and reconnects.
     name: String,
     /// Connect and hello timeout, write timeout, and the longest `push` waits.
     timeout: Duration,
+    /// How long to try to get back to the same gate after losing every connection.
+    reconnect_within: Duration,
     /// Last connection id handed out.
     next_conn: AtomicU32,
     /// Receipts dropped because their pair was not pending.
     duplicates: AtomicU64,
+    /// Receipts dropped because their pair had been reported GateLost.
+    late: AtomicU64,
     /// Pending pairs, connections and their unanswered pushes.
     state: Mutex<GroupState>,
 }
@@ -474,22 +756,25 @@ impl Group {
         if !st.broadcasts.is_empty() {
             st.broadcasts.retain(|_, b| b.expires > now);
         }
-        if st.pending.contains_key(&p.message_id) || st.broadcasts.contains_key(&p.message_id) {
+        let lost = st.lost.get(&p.message_id).is_some_and(|l| l.expires > now);
+        if st.pending.contains_key(&p.message_id) || st.broadcasts.contains_key(&p.message_id) || lost {
             return Err(ClientError::Unexpected(format!(
-                "message_id {} still awaits receipts; message ids must be unique",
+                "message_id {} still awaits receipts (or was reported GateLost); message ids must be \
+                 unique",
                 p.message_id
             )));
         }
+        let ttl = if p.ttl_ms == 0 { DEFAULT_TTL_MS } else { p.ttl_ms.min(MAX_TTL_MS) };
+        let receipts_due = now + Duration::from_millis(u64::from(ttl)) + RECEIPT_SLACK;
         if p.broadcast != 0 {
-            let ttl = if p.ttl_ms == 0 { DEFAULT_TTL_MS } else { p.ttl_ms.min(MAX_TTL_MS) };
-            let expires = now + Duration::from_millis(u64::from(ttl)) + RECEIPT_SLACK + BROADCAST_GRACE;
-            st.broadcasts.insert(p.message_id, Broadcast { seen: HashSet::new(), expires });
+            let expires = receipts_due + BROADCAST_GRACE;
+            st.broadcasts.insert(p.message_id, Broadcast { seen: HashSet::new(), targets: None, expires });
         } else if !p.uids.is_empty() {
             let uids: HashSet<u64> = p.uids.iter().copied().collect();
             st.pending_len += uids.len();
             st.pending.insert(p.message_id, uids);
         }
-        entry.in_flight.insert(seq, InFlight { message_id: p.message_id, waiter });
+        entry.in_flight.insert(seq, InFlight { message_id: p.message_id, waiter, receipts_due });
         Ok(())
     }
 
@@ -502,23 +787,162 @@ impl Group {
         }
         st.unregister(message_id);
     }
+
+    /// Makes a connection that said hello part of the group and starts its reader: `revive`'s
+    /// new connection, or a new handle's. A new handle is refused while the group reconnects, and
+    /// when another gate process answered while the group still has connections to the one it
+    /// knows; with none (after GateLost) it adopts the new incarnation. `joined` runs before the
+    /// reader starts, so whatever it emits comes before the connection's events.
+    fn join(
+        self: &Arc<Self>,
+        d: Dialed,
+        revive: Option<&Arc<Slot>>,
+        joined: impl FnOnce(u32),
+    ) -> Result<Arc<Slot>, ClientError> {
+        let Dialed { stream, frames, enc, out, welcome } = d;
+        let read_half = stream.try_clone()?;
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        let max_body = if welcome.max_body == 0 { Limits::SIDECAR.max_body } else { welcome.max_body };
+        let link = Arc::new(Link {
+            id,
+            ctl: stream.try_clone()?,
+            writer: Mutex::new(Writer { stream, enc, out }),
+            seq: AtomicU32::new(HELLO_SEQ),
+            max_body,
+            closed_by_caller: AtomicBool::new(false),
+        });
+        let joining = {
+            let mut guard = lock(&self.state);
+            let st = &mut *guard;
+            let joining = match st.events.clone() {
+                // The group ended meanwhile.
+                None => Err(ClientError::Closed),
+                Some(events) => match revive {
+                    Some(slot) if slot.open() => {
+                        *lock(&slot.link) = Arc::clone(&link);
+                        st.reconnecting = false;
+                        Ok((Arc::clone(slot), events))
+                    }
+                    Some(_) => Err(ClientError::Closed),
+                    None if st.reconnecting => Err(ClientError::Closed),
+                    None => match st.incarnation {
+                        Some(known)
+                            if !st.links.is_empty()
+                                && known != 0
+                                && welcome.incarnation != 0
+                                && known != welcome.incarnation =>
+                        {
+                            Err(ClientError::Unexpected(format!(
+                                "another gate process answered (incarnation {:016x}, the group's is \
+                                 {known:016x})",
+                                welcome.incarnation
+                            )))
+                        }
+                        _ => {
+                            st.incarnation = Some(welcome.incarnation);
+                            let slot = Arc::new(Slot {
+                                link: Mutex::new(Arc::clone(&link)),
+                                closed: AtomicBool::new(false),
+                            });
+                            st.slots.push(Arc::clone(&slot));
+                            Ok((slot, events))
+                        }
+                    },
+                },
+            };
+            if joining.is_ok() {
+                if st.links.is_empty() {
+                    st.up_since = Instant::now();
+                }
+                st.links.insert(id, LinkEntry { link: Arc::clone(&link), in_flight: HashMap::new() });
+            }
+            joining
+        };
+        let (slot, events) = match joining {
+            Ok(j) => j,
+            Err(e) => {
+                let _ = link.ctl.shutdown(Shutdown::Both);
+                return Err(e);
+            }
+        };
+        joined(id);
+        let reader = Reader { group: Arc::clone(self), link: Arc::clone(&link), events };
+        let spawned = thread::Builder::new()
+            .name(format!("fleetgate-sidecar-{id}"))
+            .spawn(move || reader.run(read_half, frames));
+        if let Err(e) = spawned {
+            // The reader (moved into the failed spawn) is gone; end the connection as its thread
+            // would have, so the group's bookkeeping stays whole.
+            let events = lock(&self.state).events.clone();
+            if let Some(events) = events {
+                Reader { group: Arc::clone(self), link, events }.finish(false);
+            }
+            return Err(ClientError::Io(e));
+        }
+        Ok(slot)
+    }
+}
+
+/// A connection that said hello, not yet part of a group.
+struct Dialed {
+    /// The socket, without a read timeout now.
+    stream: TcpStream,
+    /// What was read past the Welcome stays here.
+    frames: FrameReader,
+    /// The encoder the hello was built with.
+    enc: Encoder,
+    /// The buffer the hello was built in.
+    out: Vec<u8>,
+    /// The gate's Welcome.
+    welcome: Welcome,
+}
+
+/// Says hello on a fresh socket: `write_timeout` stays on the socket for every write, `wait`
+/// bounds the Welcome.
+fn hello(
+    stream: TcpStream,
+    secret: &[u8],
+    name: &str,
+    write_timeout: Duration,
+    wait: Duration,
+) -> Result<Dialed, ClientError> {
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(write_timeout))?;
+    stream.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+    let mut frames = FrameReader::new(Limits::SIDECAR);
+    let mut enc = Encoder::new();
+    let mut out = Vec::with_capacity(256);
+    enc.frame(&mut out, FrameType::Request, Cmd::AppServerHello, HELLO_SEQ, 0, |b| {
+        let secret = b.create_vector(secret);
+        let name = b.create_string(name);
+        wire::AppServerHello::create(b, &wire::AppServerHelloArgs { secret: Some(secret), name: Some(name) })
+    });
+    (&stream).write_all(&out)?;
+    let mut read_half = stream.try_clone()?;
+    let welcome = read_welcome(&frames.read_frame(&mut read_half)?)?;
+    // From now on the reader thread waits for the gate as long as it takes: the sidecar has no
+    // idle timeout, and `close` unblocks it.
+    stream.set_read_timeout(None)?;
+    Ok(Dialed { stream, frames, enc, out, welcome })
 }
 
 /// One sidecar connection to a gate. Cheap to share between threads by reference: every method
-/// takes `&self`. Dropping it closes the connection.
+/// takes `&self`. Dropping it closes the connection. When the group reconnects after losing
+/// every connection, the handle gets a new connection (and a new [`AppServerConn::conn_id`]).
 pub struct AppServerConn {
     /// What this connection shares with the others of its group.
     group: Arc<Group>,
-    /// This connection.
-    link: Arc<Link>,
-    /// The gate's Welcome on this connection.
+    /// This handle's connection, replaced when the group reconnects.
+    slot: Arc<Slot>,
+    /// The gate's Welcome on this handle's first connection.
     welcome: Welcome,
 }
 
 impl AppServerConn {
     /// Connects to the gate's sidecar port at `addr` (each resolved address in turn), says hello
     /// with `secret` and `name`, and starts the reader thread. `timeout` bounds the connect, the
-    /// hello, every write and every [`AppServerConn::push`].
+    /// hello, every write and every [`AppServerConn::push`]; a lost gate is reconnected within
+    /// [`DEFAULT_RECONNECT_WITHIN`] (see [`AppServerConn::connect_with`]).
     ///
     /// A refused hello is `ClientError::Server` with code BadSecret. The events of this
     /// connection, and of any opened with [`AppServerConn::connect_another`], arrive on the
@@ -529,6 +953,17 @@ impl AppServerConn {
         name: &str,
         timeout: Duration,
     ) -> Result<(AppServerConn, AppServerEvents), ClientError> {
+        AppServerConn::connect_with(addr, secret, name, ConnectOptions::new(timeout))
+    }
+
+    /// [`AppServerConn::connect`] with options: the timeout and the reconnect bound.
+    pub fn connect_with(
+        addr: impl ToSocketAddrs,
+        secret: &[u8],
+        name: &str,
+        options: ConnectOptions,
+    ) -> Result<(AppServerConn, AppServerEvents), ClientError> {
+        let timeout = options.timeout;
         let mut last = None;
         let mut dialed = None;
         for a in addr.to_socket_addrs()? {
@@ -546,94 +981,63 @@ impl AppServerConn {
                 None => ClientError::Unexpected("address resolved to nothing".to_owned()),
             });
         };
+        let d = hello(stream, secret, name, timeout, timeout)?;
         let (tx, rx) = mpsc::sync_channel(EVENT_QUEUE);
         let group = Arc::new(Group {
             addr,
             secret: secret.to_vec(),
             name: name.to_owned(),
             timeout,
+            reconnect_within: options.reconnect_within,
             next_conn: AtomicU32::new(0),
             duplicates: AtomicU64::new(0),
+            late: AtomicU64::new(0),
             state: Mutex::new(GroupState {
                 events: Some(tx),
                 links: HashMap::new(),
+                slots: Vec::new(),
+                incarnation: None,
+                reconnecting: false,
                 pending: HashMap::new(),
                 pending_len: 0,
                 broadcasts: HashMap::new(),
+                lost: HashMap::new(),
+                unconfirmed: HashMap::new(),
+                watching: false,
+                up_since: Instant::now(),
             }),
         });
-        let conn = AppServerConn::open(group, stream)?;
+        let conn = AppServerConn::join_new(group, d)?;
         Ok((conn, AppServerEvents { rx }))
     }
 
     /// Opens one more connection to the same gate with the same secret, name and timeout. It
     /// shares this one's pending receipts and event queue, as the gate spreads receipts,
-    /// upstream requests and GPS over all of an app-server's connections. `Closed` once the
-    /// group ended ([`Event::GateLost`]).
+    /// upstream requests and GPS over all of an app-server's connections.
+    ///
+    /// After [`Event::GateLost`] this reopens the group: if the gate is the same process, the
+    /// receipts it kept for pairs reported GateLost arrive and are counted in
+    /// [`AppServerConn::late_receipts`]. `Closed` while the group reconnects and once it ended
+    /// (every handle closed); `Unexpected` if another gate process answers while the group
+    /// still has connections to the one it knows.
     pub fn connect_another(&self) -> Result<AppServerConn, ClientError> {
-        if lock(&self.group.state).events.is_none() {
-            return Err(ClientError::Closed);
+        {
+            let st = lock(&self.group.state);
+            if st.events.is_none() || st.reconnecting {
+                return Err(ClientError::Closed);
+            }
         }
-        let stream = TcpStream::connect_timeout(&self.group.addr, self.group.timeout)?;
-        AppServerConn::open(Arc::clone(&self.group), stream)
+        let g = &self.group;
+        let stream = TcpStream::connect_timeout(&g.addr, g.timeout)?;
+        let d = hello(stream, &g.secret, &g.name, g.timeout, g.timeout)?;
+        AppServerConn::join_new(Arc::clone(g), d)
     }
 
-    /// Says hello on a fresh socket, joins the group and starts the reader thread.
-    fn open(group: Arc<Group>, stream: TcpStream) -> Result<AppServerConn, ClientError> {
-        stream.set_nodelay(true)?;
-        stream.set_write_timeout(Some(group.timeout))?;
-        stream.set_read_timeout(Some(group.timeout))?;
-        let mut frames = FrameReader::new(Limits::SIDECAR);
-        let mut enc = Encoder::new();
-        let mut out = Vec::with_capacity(256);
-        enc.frame(&mut out, FrameType::Request, Cmd::AppServerHello, HELLO_SEQ, 0, |b| {
-            let secret = b.create_vector(&group.secret);
-            let name = b.create_string(&group.name);
-            wire::AppServerHello::create(
-                b,
-                &wire::AppServerHelloArgs { secret: Some(secret), name: Some(name) },
-            )
-        });
-        (&stream).write_all(&out)?;
-        let mut read_half = stream.try_clone()?;
-        let welcome = read_welcome(&frames.read_frame(&mut read_half)?)?;
-        // From now on the reader thread waits for the gate as long as it takes: the sidecar has
-        // no idle timeout, and `close` unblocks it.
-        stream.set_read_timeout(None)?;
-
-        let id = group.next_conn.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-        let max_body = if welcome.max_body == 0 { Limits::SIDECAR.max_body } else { welcome.max_body };
-        let link = Arc::new(Link {
-            id,
-            ctl: stream.try_clone()?,
-            writer: Mutex::new(Writer { stream, enc, out }),
-            seq: AtomicU32::new(HELLO_SEQ),
-            max_body,
-        });
-        let events = {
-            let mut st = lock(&group.state);
-            let Some(events) = st.events.clone() else {
-                // The group ended while this connection said hello.
-                let _ = link.ctl.shutdown(Shutdown::Both);
-                return Err(ClientError::Closed);
-            };
-            st.links.insert(id, LinkEntry { link: Arc::clone(&link), in_flight: HashMap::new() });
-            events
-        };
-        let reader = Reader { group: Arc::clone(&group), link: Arc::clone(&link), events };
-        let spawned = thread::Builder::new()
-            .name(format!("fleetgate-sidecar-{id}"))
-            .spawn(move || reader.run(read_half, frames));
-        if let Err(e) = spawned {
-            // The reader (moved into the failed spawn) is gone; end the connection as its thread
-            // would have, so the group's bookkeeping stays whole.
-            let events = lock(&group.state).events.clone();
-            if let Some(events) = events {
-                Reader { group: Arc::clone(&group), link: Arc::clone(&link), events }.finish();
-            }
-            return Err(ClientError::Io(e));
-        }
-        Ok(AppServerConn { group, link, welcome })
+    /// A new handle for a connection that said hello.
+    fn join_new(group: Arc<Group>, d: Dialed) -> Result<AppServerConn, ClientError> {
+        let welcome = d.welcome.clone();
+        let slot = group.join(d, None, |_| {})?;
+        Ok(AppServerConn { group, slot, welcome })
     }
 
     /// Sends a push and waits (at most the connection's timeout) for the gate's answer.
@@ -642,12 +1046,14 @@ impl AppServerConn {
     /// receipts may arrive before the acceptance. A refusal (`ClientError::Server`: e.g.
     /// LimitExceeded, InvalidField, ShuttingDown) un-registers them: no receipts follow.
     /// On `Timeout` the pairs stay pending and the late answer arrives as
-    /// [`Event::PushAnswer`]; on `Closed` they stay pending too (the push may have been
-    /// accepted) and end with receipts, GateLost ones if the gate is gone; likewise on
-    /// `Unexpected` for an answer that did not verify.
+    /// [`Event::PushAnswer`]; on `Closed` after the frame was written they stay pending too (the
+    /// push may have been accepted) and end with receipts, GateLost ones if the gate is lost;
+    /// likewise on `Unexpected` for an answer that did not verify. `Closed` before anything was
+    /// written (this handle's connection is down: the group is reconnecting, or lost) registers
+    /// nothing.
     pub fn push(&self, p: &PushSpec) -> Result<Accepted, ClientError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        let seq = self.send_push(p, Some(tx))?;
+        let (link, seq) = self.send_push(p, Some(tx))?;
         let answer = match rx.recv_timeout(self.group.timeout) {
             Ok(answer) => answer,
             Err(RecvTimeoutError::Disconnected) => return Err(ClientError::Closed),
@@ -656,7 +1062,7 @@ impl AppServerConn {
                 // still in flight (and its answer will become an event) or the answer is
                 // already in the channel (or the connection ended).
                 let mut st = lock(&self.group.state);
-                let in_flight = st.links.get_mut(&self.link.id).and_then(|e| e.in_flight.get_mut(&seq));
+                let in_flight = st.links.get_mut(&link).and_then(|e| e.in_flight.get_mut(&seq));
                 if let Some(f) = in_flight {
                     f.waiter = None;
                     return Err(ClientError::Timeout);
@@ -677,15 +1083,16 @@ impl AppServerConn {
     /// registered as for [`AppServerConn::push`]. `QueueFull` past `MAX_IN_FLIGHT_PUSHES`
     /// unanswered pushes on this connection.
     pub fn push_async(&self, p: &PushSpec) -> Result<u32, ClientError> {
-        self.send_push(p, None)
+        self.send_push(p, None).map(|(_, seq)| seq)
     }
 
     /// Encodes, registers and writes a push; the write lock is held from encoding to writing, so
-    /// pushes go out in sequence-id order.
-    fn send_push(&self, p: &PushSpec, waiter: Option<SyncSender<Answer>>) -> Result<u32, ClientError> {
+    /// pushes go out in sequence-id order. Returns the connection id and the sequence-id.
+    fn send_push(&self, p: &PushSpec, waiter: Option<SyncSender<Answer>>) -> Result<(u32, u32), ClientError> {
         let sent_at_us = now_us();
-        let mut guard = lock(&self.link.writer);
-        let seq = self.link.next_seq();
+        let link = self.slot.link();
+        let mut guard = lock(&link.writer);
+        let seq = link.next_seq();
         let Writer { stream, enc, out } = &mut *guard;
         out.clear();
         enc.frame(out, FrameType::Request, Cmd::Push, seq, p.log_id, |b| {
@@ -704,14 +1111,14 @@ impl AppServerConn {
                 },
             )
         });
-        self.link.check_size(out)?;
-        self.group.register(self.link.id, seq, p, waiter)?;
-        if let Err(e) = self.link.write(stream, out) {
+        link.check_size(out)?;
+        self.group.register(link.id, seq, p, waiter)?;
+        if let Err(e) = link.write(stream, out) {
             drop(guard);
-            self.group.unregister_unsent(self.link.id, seq, p.message_id);
+            self.group.unregister_unsent(link.id, seq, p.message_id);
             return Err(e);
         }
-        Ok(seq)
+        Ok((link.id, seq))
     }
 
     /// Answers an upstream request: an Upstream Response with the request's sequence-id and
@@ -761,14 +1168,16 @@ impl AppServerConn {
         st.links.get(&req.conn).map(|e| Arc::clone(&e.link)).ok_or(ClientError::Closed)
     }
 
-    /// What the gate announced on this connection.
+    /// What the gate announced on this handle's first connection (a reconnect only ever goes on
+    /// with the same gate process).
     pub fn welcome(&self) -> &Welcome {
         &self.welcome
     }
 
-    /// This connection's id within its group (the `conn` of its events and upstream requests).
+    /// The id within its group of this handle's current connection (the `conn` of its events and
+    /// upstream requests); a new one after the group reconnected.
     pub fn conn_id(&self) -> u32 {
-        self.link.id
+        self.slot.link().id
     }
 
     /// Pairs of the group's pushes still awaiting their final receipt (broadcasts not included:
@@ -783,26 +1192,55 @@ impl AppServerConn {
         self.group.duplicates.load(Ordering::Relaxed)
     }
 
-    /// Pushes sent on this connection and not answered yet.
-    pub fn pushes_in_flight(&self) -> usize {
-        lock(&self.group.state).links.get(&self.link.id).map_or(0, |e| e.in_flight.len())
+    /// Receipts the group dropped (and acked) because their pair had been reported GateLost:
+    /// they came from a gate the group had given up on, e.g. after `connect_another` reopened
+    /// the group to the same gate process.
+    pub fn late_receipts(&self) -> u64 {
+        self.group.late.load(Ordering::Relaxed)
     }
 
-    /// Shuts both directions of this connection down. Its reader then reports the end:
-    /// [`Event::ConnectionLost`], or GateLost receipts and [`Event::GateLost`] if it was the
-    /// group's last connection.
+    /// Pushes sent on this handle's current connection and not answered yet.
+    pub fn pushes_in_flight(&self) -> usize {
+        let id = self.slot.link().id;
+        lock(&self.group.state).links.get(&id).map_or(0, |e| e.in_flight.len())
+    }
+
+    /// Closes this handle: shuts both directions of its connection down, and the group never
+    /// reconnects it. Its reader then reports the end: [`Event::ConnectionLost`], and if it was
+    /// the group's last open connection, GateLost receipts and [`Event::GateLost`] (no
+    /// reconnect: the caller asked for the end).
     pub fn close(&self) -> Result<(), ClientError> {
-        match self.link.ctl.shutdown(Shutdown::Both) {
+        self.slot.closed.store(true, Ordering::Release);
+        let link = {
+            let mut st = lock(&self.group.state);
+            // No connection and no reconnect under way (after GateLost): the last handle closed
+            // ends the group.
+            if st.links.is_empty() && !st.reconnecting && !st.has_open_slot() {
+                st.end();
+            }
+            // Read under the group lock: a reconnect gives a handle its new connection under it,
+            // and checks for a closed handle first.
+            self.slot.link()
+        };
+        link.closed_by_caller.store(true, Ordering::Release);
+        match link.ctl.shutdown(Shutdown::Both) {
             Err(e) if e.kind() != ErrorKind::NotConnected => Err(e.into()),
             _ => Ok(()),
         }
     }
+
+    /// Cuts this handle's connection as a network failure would: unlike [`AppServerConn::close`],
+    /// the group treats it as a drop it did not ask for, so if it was the last connection the
+    /// group reconnects. For tests and failover drills.
+    pub fn sever(&self) {
+        let _ = self.slot.link().ctl.shutdown(Shutdown::Both);
+    }
 }
 
 impl Drop for AppServerConn {
-    /// Closes the connection, so its reader thread ends instead of outliving the handle.
+    /// Closes the handle, so its reader thread ends instead of outliving it.
     fn drop(&mut self) {
-        let _ = self.link.ctl.shutdown(Shutdown::Both);
+        let _ = self.close();
     }
 }
 
@@ -822,6 +1260,7 @@ fn read_welcome(f: &OwnedFrame) -> Result<Welcome, ClientError> {
             node: w.node().unwrap_or("").to_owned(),
             max_body: w.max_body(),
             max_targets: w.max_targets(),
+            incarnation: w.incarnation(),
         }),
         _ => Err(ClientError::Unexpected(format!("expected an AppServerWelcome, got {:?}", f.cmd))),
     }
@@ -829,6 +1268,16 @@ fn read_welcome(f: &OwnedFrame) -> Result<Welcome, ClientError> {
 
 /// The receiver of events went away: the reader stops.
 struct Gone;
+
+/// What a connection's end leads to.
+enum AfterEnd {
+    /// Nothing more: other connections carry on, a reconnect is under way, or the group ended.
+    Nothing,
+    /// It was the last connection: reconnect.
+    Reconnect,
+    /// The gate is lost: these events (GateLost receipts, then `Event::GateLost`).
+    Lost(Vec<Event>),
+}
 
 /// A connection's reader thread.
 struct Reader {
@@ -843,20 +1292,20 @@ struct Reader {
 impl Reader {
     /// Reads and dispatches frames until the connection ends, then reports the end.
     fn run(self, mut stream: TcpStream, mut frames: FrameReader) {
-        loop {
+        let gone = loop {
             let step = match frames.read_frame(&mut stream) {
                 Ok(f) => self.dispatch(&f),
                 Err(ClientError::Rejected { header, error }) => self.rejected(header, &error),
                 // No read timeout is set after the hello; should one fire, nothing is lost.
                 Err(ClientError::Timeout) => Ok(()),
                 // EOF, reset, lost framing: the connection is over.
-                Err(_) => break,
+                Err(_) => break false,
             };
             if step.is_err() {
-                break;
+                break true;
             }
-        }
-        self.finish();
+        };
+        self.finish(gone);
     }
 
     /// Hands one event to the caller, waiting while the queue is full.
@@ -923,24 +1372,25 @@ impl Reader {
     fn receipts(&self, f: &OwnedFrame, r: wire::Receipts<'_>) -> Result<(), Gone> {
         let batch_id = r.batch_id();
         let mut fresh = Vec::new();
-        let mut duplicates = 0;
+        let (mut duplicates, mut late) = (0, 0);
         if let Some(list) = r.receipts() {
             let now = Instant::now();
             let mut st = lock(&self.group.state);
             for rc in list.iter() {
                 let (message_id, uid) = (rc.message_id(), rc.uid());
-                if st.resolve(message_id, uid, now) {
-                    fresh.push(Event::Receipt {
+                match st.resolve(message_id, uid, now) {
+                    Resolution::Fresh => fresh.push(Event::Receipt {
                         message_id,
                         uid,
                         outcome: known_outcome(Outcome(rc.outcome())),
-                    });
-                } else {
-                    duplicates += 1;
+                    }),
+                    Resolution::Duplicate => duplicates += 1,
+                    Resolution::Late => late += 1,
                 }
             }
         }
         self.group.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        self.group.late.fetch_add(late, Ordering::Relaxed);
         // Events are handed over without the lock held: a full queue must not stall pushes.
         for ev in fresh {
             self.emit(ev)?;
@@ -964,8 +1414,14 @@ impl Reader {
             let Some(f) = st.links.get_mut(&self.link.id).and_then(|e| e.in_flight.remove(&seq)) else {
                 return Ok(());
             };
-            if matches!(&answer, Err(e) if e.refused) {
-                st.unregister(f.message_id);
+            match &answer {
+                Err(e) if e.refused => st.unregister(f.message_id),
+                Ok(targets) => {
+                    if let Some(b) = st.broadcasts.get_mut(&f.message_id) {
+                        b.targets = Some(*targets);
+                    }
+                }
+                Err(_) => {}
             }
             // Handed over under the lock: `push` checks for it under the lock when it times out.
             let unclaimed = match f.waiter {
@@ -1026,29 +1482,54 @@ impl Reader {
     }
 
     /// Reports the connection's end: its unanswered async pushes get a lost answer (waiting
-    /// `push` calls wake up with `Closed`); then, if it was the group's last connection, every
-    /// pending pair gets a GateLost receipt and the group ends with `GateLost`.
-    fn finish(self) {
+    /// `push` calls wake up with `Closed`), then `ConnectionLost`. If it was the group's last
+    /// connection, the group reconnects in a thread of its own, unless the caller closed it,
+    /// reconnecting is off, or no handle is left open: then the gate is lost at once. `gone`:
+    /// the caller dropped the event queue, so the group ends.
+    fn finish(self, gone: bool) {
         let _ = self.link.ctl.shutdown(Shutdown::Both);
-        let (mut lost, pending) = {
+        let by_caller = self.link.closed_by_caller.load(Ordering::Acquire);
+        let (mut lost, watch, after) = {
             let mut st = lock(&self.group.state);
             let in_flight = st.links.remove(&self.link.id).map(|e| e.in_flight).unwrap_or_default();
-            // Dropping a waiter's sender here is what wakes its `push` with `Closed`.
-            let lost: Vec<(u32, u64)> = in_flight
-                .into_iter()
-                .filter(|(_, f)| f.waiter.is_none())
-                .map(|(seq, f)| (seq, f.message_id))
-                .collect();
-            let pending = if st.links.is_empty() {
-                st.events = None;
-                st.broadcasts.clear();
-                st.pending_len = 0;
-                Some(std::mem::take(&mut st.pending))
+            let mut lost = Vec::new();
+            for (seq, f) in in_flight {
+                // The gate may never have read it: watched until its receipts are overdue.
+                st.unconfirmed.insert(f.message_id, f.receipts_due);
+                // Dropping a waiter's sender here is what wakes its `push` with `Closed`.
+                if f.waiter.is_none() {
+                    lost.push((seq, f.message_id));
+                }
+            }
+            let after = if !st.links.is_empty() || st.events.is_none() || st.reconnecting {
+                AfterEnd::Nothing
+            } else if gone {
+                st.end();
+                AfterEnd::Nothing
+            } else if !by_caller && !self.group.reconnect_within.is_zero() && st.has_open_slot() {
+                st.reconnecting = true;
+                AfterEnd::Reconnect
             } else {
-                None
+                let events = st.declare_lost(Instant::now());
+                if !st.has_open_slot() {
+                    st.end();
+                }
+                AfterEnd::Lost(events)
             };
-            (lost, pending)
+            let watch = !st.unconfirmed.is_empty() && !st.watching && st.events.is_some();
+            st.watching |= watch;
+            (lost, watch, after)
         };
+        if watch {
+            let (group, events) = (Arc::clone(&self.group), self.events.clone());
+            let spawned = thread::Builder::new()
+                .name("fleetgate-sidecar-unconfirmed".to_owned())
+                .spawn(move || watch_unconfirmed(&group, &events));
+            if spawned.is_err() {
+                // Without the watch such pairs stay pending until the gate is lost.
+                lock(&self.group.state).watching = false;
+            }
+        }
         lost.sort_unstable();
         let conn = self.link.id;
         let lost_answer = ServerErrorInfo {
@@ -1059,26 +1540,191 @@ impl Reader {
             log_id: 0,
             refused: false,
         };
-        for (seq, message_id) in lost {
-            let result = Err(lost_answer.clone());
-            if self.emit(Event::PushAnswer { conn, seq, message_id, result }).is_err() {
-                return;
-            }
-        }
-        let Some(pending) = pending else {
-            let _ = self.emit(Event::ConnectionLost { conn });
+        let mut report = lost
+            .into_iter()
+            .map(|(seq, message_id)| Event::PushAnswer {
+                conn,
+                seq,
+                message_id,
+                result: Err(lost_answer.clone()),
+            })
+            .chain(std::iter::once(Event::ConnectionLost { conn }));
+        if report.try_for_each(|ev| self.emit(ev)).is_err() {
+            lock(&self.group.state).end();
             return;
+        }
+        match after {
+            AfterEnd::Nothing => {}
+            AfterEnd::Lost(events) => {
+                for ev in events {
+                    if self.emit(ev).is_err() {
+                        return;
+                    }
+                }
+            }
+            AfterEnd::Reconnect => {
+                let (group, events) = (Arc::clone(&self.group), self.events.clone());
+                let spawned = thread::Builder::new()
+                    .name("fleetgate-sidecar-reconnect".to_owned())
+                    .spawn(move || reconnect(&group, &events, conn));
+                if spawned.is_err() {
+                    give_up(&self.group, &self.events);
+                }
+            }
+        }
+    }
+}
+
+/// Gets a group that lost its last connection (`lost_conn`) back to the same gate process:
+/// attempts with a jittered backoff, bounded by `reconnect_within` and `MAX_RECONNECT_ATTEMPTS`,
+/// each a connect and a hello whose incarnation must be the one the group knows. On success the
+/// handle whose connection was lost (else any open one) gets the new connection, then every other
+/// open handle without one gets a connection too (one attempt each); otherwise the gate is lost.
+fn reconnect(group: &Arc<Group>, events: &SyncSender<Event>, lost_conn: u32) {
+    let deadline = Instant::now() + group.reconnect_within;
+    let known = lock(&group.state).incarnation.unwrap_or(0);
+    let mut backoff = BACKOFF_MIN;
+    let mut attempts = 0;
+    let dialed = loop {
+        let now = Instant::now();
+        if attempts >= MAX_RECONNECT_ATTEMPTS || now >= deadline {
+            break None;
+        }
+        {
+            let mut st = lock(&group.state);
+            if st.events.is_none() || !st.has_open_slot() {
+                break None;
+            }
+        }
+        thread::sleep(jitter(backoff).min(deadline - now));
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break None;
+        }
+        attempts += 1;
+        let wait = group.timeout.min(left);
+        let attempt = TcpStream::connect_timeout(&group.addr, wait)
+            .map_err(ClientError::from)
+            .and_then(|s| hello(s, &group.secret, &group.name, group.timeout, wait));
+        match attempt {
+            // The same process: what it owes will come.
+            Ok(d) if known != 0 && d.welcome.incarnation == known => break Some(d),
+            // Another process (the gate restarted): what the old one owed is gone.
+            Ok(_) => break None,
+            // Not up (yet), refused, or too slow: try again.
+            Err(_) => {}
+        }
+    };
+    let Some(d) = dialed else {
+        give_up(group, events);
+        return;
+    };
+    let slots = {
+        let mut st = lock(&group.state);
+        st.has_open_slot();
+        let mut slots = st.slots.clone();
+        // The handle whose connection was lost first.
+        slots.sort_by_key(|s| s.link().id != lost_conn);
+        slots
+    };
+    let Some((first, others)) = slots.split_first() else {
+        give_up(group, events);
+        return;
+    };
+    let reconnected = |conn| {
+        let _ = events.send(Event::Reconnected { conn, incarnation: known });
+    };
+    if group.join(d, Some(first), reconnected).is_err() {
+        give_up(group, events);
+        return;
+    }
+    for slot in others {
+        let down = !lock(&group.state).links.contains_key(&slot.link().id);
+        if !down || !slot.open() {
+            continue;
+        }
+        let again = TcpStream::connect_timeout(&group.addr, group.timeout)
+            .map_err(ClientError::from)
+            .and_then(|s| hello(s, &group.secret, &group.name, group.timeout, group.timeout));
+        match again {
+            Ok(d) if d.welcome.incarnation == known => {
+                // Best effort: a handle that gets no connection here answers `Closed`.
+                let _ = group.join(d, Some(slot), reconnected);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Watches pushes whose answer was lost with their connection: once the group has been
+/// connected for `UNCONFIRMED_GRACE` and such a push's receipts were due that long ago, the gate
+/// never read it or its receipts are gone: its pairs still pending end as GateLost (without
+/// `Event::GateLost`: the gate itself is fine). Ends when nothing is watched or the group ended.
+fn watch_unconfirmed(group: &Group, events: &SyncSender<Event>) {
+    loop {
+        thread::sleep(UNCONFIRMED_STEP);
+        let now = Instant::now();
+        let lost = {
+            let mut st = lock(&group.state);
+            if st.events.is_none() || st.unconfirmed.is_empty() {
+                st.watching = false;
+                return;
+            }
+            if st.reconnecting || st.links.is_empty() || now < st.up_since + UNCONFIRMED_GRACE {
+                continue;
+            }
+            let mut overdue: Vec<u64> = st
+                .unconfirmed
+                .iter()
+                .filter(|(_, &due)| now >= due + UNCONFIRMED_GRACE)
+                .map(|(&m, _)| m)
+                .collect();
+            overdue.sort_unstable();
+            let mut lost = Vec::new();
+            for m in overdue {
+                st.unconfirmed.remove(&m);
+                lost.extend(st.give_up_on(m, now));
+            }
+            lost
         };
-        let mut pairs: Vec<(u64, u64)> =
-            pending.into_iter().flat_map(|(m, uids)| uids.into_iter().map(move |u| (m, u))).collect();
-        pairs.sort_unstable();
-        for (message_id, uid) in pairs {
-            if self.emit(Event::Receipt { message_id, uid, outcome: Outcome::GateLost }).is_err() {
+        for ev in lost {
+            if events.send(ev).is_err() {
+                lock(&group.state).watching = false;
                 return;
             }
         }
-        let _ = self.emit(Event::GateLost);
     }
+}
+
+/// The reconnect failed (or could not start): the gate is lost. The group ends if no handle is
+/// left open.
+fn give_up(group: &Group, events: &SyncSender<Event>) {
+    let lost = {
+        let mut st = lock(&group.state);
+        if st.events.is_none() {
+            return;
+        }
+        let lost = st.declare_lost(Instant::now());
+        if !st.has_open_slot() {
+            st.end();
+        }
+        lost
+    };
+    for ev in lost {
+        if events.send(ev).is_err() {
+            return;
+        }
+    }
+}
+
+/// `d` scaled by a random factor in [0.5, 1.5), so app-servers that lost the same gate do not
+/// come back in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.as_nanos()));
+    let r = h.finish() % 1_000;
+    d.mul_f64(0.5 + r as f64 / 1_000.0)
 }
 
 /// An outcome as the caller should read it: values this build does not know are Unknown
@@ -1182,6 +1828,20 @@ mod tests {
             assert!(matches!(ack.body(), Body::ReceiptsAck(a) if a.batch_id() == batch_id), "{ack:?}");
         }
 
+        /// Reads the ack of a batch and a Push, in either order: a caller may push as soon as it
+        /// has the batch's receipts, before the reader thread wrote the ack. Returns the Push.
+        fn ack_and_push(&mut self, seq: u32, batch_id: u64) -> OwnedFrame {
+            let (a, b) = (self.read(), self.read());
+            let (ack, push) = if a.cmd == Cmd::ReceiptsAck { (a, b) } else { (b, a) };
+            assert_eq!(
+                (ack.cmd, ack.ty, ack.seq(), ack.log_id()),
+                (Cmd::ReceiptsAck, FrameType::Ack, seq, 0x5EC)
+            );
+            assert!(matches!(ack.body(), Body::ReceiptsAck(r) if r.batch_id() == batch_id), "{ack:?}");
+            assert_eq!((push.cmd, push.ty), (Cmd::Push, FrameType::Request), "{push:?}");
+            push
+        }
+
         #[allow(clippy::too_many_arguments)]
         fn upstream(
             &mut self,
@@ -1220,9 +1880,17 @@ mod tests {
         }
     }
 
+    /// The incarnation the fake gate announces unless a test says otherwise.
+    const INCARNATION: u64 = 0x1AC4_0000_0000_0007;
+
     /// Accepts one sidecar connection and answers its hello: a Welcome announcing `max_body`
     /// for the right secret; Error BadSecret and a close (then `None`) for a wrong one.
     fn accept(l: &TcpListener, max_body: u32) -> Option<Side> {
+        accept_as(l, max_body, INCARNATION)
+    }
+
+    /// [`accept`] for a gate process of the given incarnation.
+    fn accept_as(l: &TcpListener, max_body: u32, incarnation: u64) -> Option<Side> {
         let (s, _) = l.accept().expect("accept");
         s.set_read_timeout(Some(T)).expect("timeout");
         let mut side = Side { s, r: FrameReader::new(Limits::SIDECAR), e: Encoder::new(), out: Vec::new() };
@@ -1250,7 +1918,12 @@ mod tests {
                 let node = b.create_string("127.0.0.1:7100");
                 wire::AppServerWelcome::create(
                     b,
-                    &wire::AppServerWelcomeArgs { node: Some(node), max_body, max_targets: 50_000 },
+                    &wire::AppServerWelcomeArgs {
+                        node: Some(node),
+                        max_body,
+                        max_targets: 50_000,
+                        incarnation,
+                    },
                 )
             })
         });
@@ -1265,6 +1938,11 @@ mod tests {
 
     fn next(events: &AppServerEvents) -> Event {
         events.recv_timeout(T).expect("an event")
+    }
+
+    /// Options with a short reconnect bound, for fake gates that go away for good.
+    fn short_reconnect(timeout: Duration) -> ConnectOptions {
+        ConnectOptions::new(timeout).reconnect_within(Duration::from_millis(200))
     }
 
     fn spec(message_id: u64, uids: &[u64]) -> PushSpec {
@@ -1376,21 +2054,29 @@ mod tests {
                 });
             });
             g.receipts(5, 2, &[(5, 44, Outcome::TtlExpired), (99, 1, Outcome::Delivered)]);
-            g.expect_ack(5, 2);
 
             // A pipelined push whose first receipt beats its acceptance; then the gate goes away
-            // with its second receipt still owed.
-            let (p8, message_id, uids) = g.read_push();
-            assert_eq!((message_id, uids.as_slice()), (8, &[60, 61][..]));
+            // with its second receipt still owed. The client may send it before the ack of the
+            // batch above: the caller pushes as soon as it has that batch's receipt.
+            let p8 = g.ack_and_push(5, 2);
+            let Body::Push(push8) = p8.body() else { panic!("not a Push: {p8:?}") };
+            let uids: Vec<u64> = push8.uids().map(|u| u.iter().collect()).unwrap_or_default();
+            assert_eq!((push8.message_id(), uids.as_slice()), (8, &[60, 61][..]));
             g.receipts(6, 3, &[(8, 60, Outcome::Delivered)]);
             g.accept_push(&p8, 8, 2);
             g.expect_ack(6, 3);
         });
 
-        let (conn, events) = AppServerConn::connect(addr, SECRET, "dispatch-1", T).expect("connect");
+        let (conn, events) =
+            AppServerConn::connect_with(addr, SECRET, "dispatch-1", short_reconnect(T)).expect("connect");
         assert_eq!(
             conn.welcome(),
-            &Welcome { node: "127.0.0.1:7100".to_owned(), max_body: 8 << 20, max_targets: 50_000 }
+            &Welcome {
+                node: "127.0.0.1:7100".to_owned(),
+                max_body: 8 << 20,
+                max_targets: 50_000,
+                incarnation: INCARNATION
+            }
         );
         assert_eq!(
             conn.push(&spec(5, &[42, 43, 44])).expect("push 5"),
@@ -1446,17 +2132,21 @@ mod tests {
             next(&events),
             Event::PushAnswer { conn: conn.conn_id(), seq: seq8, message_id: 8, result: Ok(2) }
         );
+        // The gate went away for good: no reconnect within the bound.
+        assert_eq!(next(&events), Event::ConnectionLost { conn: conn.conn_id() });
         assert_eq!(next(&events), receipt(8, 61, Outcome::GateLost));
         assert_eq!(next(&events), Event::GateLost);
         gate.join().expect("fake gate");
 
-        // The group is over: nothing more arrives, and nothing more can be sent.
-        assert!(matches!(events.recv_timeout(T), Err(RecvTimeoutError::Disconnected)));
+        // The gate is lost: nothing can be sent, and the pairs are resolved.
         assert_eq!(conn.pending_receipts(), 0);
         assert!(matches!(conn.push(&spec(9, &[1])), Err(ClientError::Closed)));
         assert!(matches!(conn.reply(&req, 0, "late", b""), Err(ClientError::Closed)));
-        assert!(matches!(conn.connect_another(), Err(ClientError::Closed)));
+        assert!(matches!(conn.push(&spec(8, &[61])), Err(ClientError::Closed)));
+        // Closing the last handle ends the group: the queue disconnects.
         conn.close().expect("closing a closed connection is fine");
+        assert!(matches!(events.recv_timeout(T), Err(RecvTimeoutError::Disconnected)));
+        assert!(matches!(conn.connect_another(), Err(ClientError::Closed)));
     }
 
     #[test]
@@ -1478,7 +2168,8 @@ mod tests {
             let (p, _, _) = a.read_push();
             a.accept_push(&p, 2, 0);
         });
-        let (a, events) = AppServerConn::connect(addr, SECRET, "dispatch-1", T).expect("connect a");
+        let (a, events) =
+            AppServerConn::connect_with(addr, SECRET, "dispatch-1", short_reconnect(T)).expect("connect a");
         let b = a.connect_another().expect("connect b");
         assert_ne!(a.conn_id(), b.conn_id());
         assert_eq!(a.push(&spec(1, &[10, 11])).expect("push 1").targets, 2);
@@ -1492,6 +2183,7 @@ mod tests {
         assert!(matches!(b.push(&spec(3, &[1])), Err(ClientError::Closed)));
         assert_eq!(a.push(&spec(2, &[20])).expect("push 2").targets, 0);
         gate.join().expect("fake gate");
+        assert_eq!(next(&events), Event::ConnectionLost { conn: a.conn_id() });
         assert_eq!(next(&events), receipt(1, 11, Outcome::GateLost));
         assert_eq!(next(&events), receipt(2, 20, Outcome::GateLost));
         assert_eq!(next(&events), Event::GateLost);
@@ -1509,7 +2201,7 @@ mod tests {
             let (p, _, uids) = g.read_push();
             assert!(uids.is_empty());
             assert!(matches!(p.body(), Body::Push(b) if b.broadcast() == Role::Driver));
-            g.accept_push(&p, 2, 0);
+            g.accept_push(&p, 2, 2);
             let batch = [(2, 70, Outcome::Delivered), (2, 71, Outcome::Offline)];
             g.receipts(1, 1, &batch);
             g.expect_ack(1, 1);
@@ -1541,7 +2233,7 @@ mod tests {
 
         let mut all = spec(2, &[]);
         all.broadcast = Role::Driver.0;
-        assert_eq!(conn.push(&all).expect("broadcast").targets, 0);
+        assert_eq!(conn.push(&all).expect("broadcast").targets, 2);
         assert_eq!(next(&events), receipt(2, 70, Outcome::Delivered));
         assert_eq!(next(&events), receipt(2, 71, Outcome::Offline));
         assert!(matches!(conn.push(&all), Err(ClientError::Unexpected(_))), "a broadcast id is tracked too");
@@ -1549,9 +2241,203 @@ mod tests {
         assert_eq!(next(&events), Event::Gps(Vec::new()));
         assert_eq!(conn.duplicate_receipts(), 2);
         conn.close().expect("close");
-        // The broadcast owes nothing; push 1's receipt does.
+        // Closed by the caller: no reconnect. The broadcast owes nothing (both of its announced
+        // targets' receipts came); push 1's receipt does.
+        assert_eq!(next(&events), Event::ConnectionLost { conn: conn.conn_id() });
         assert_eq!(next(&events), receipt(1, 1, Outcome::GateLost));
         assert_eq!(next(&events), Event::GateLost);
+        gate.join().expect("fake gate");
+    }
+
+    #[test]
+    fn a_reconnect_to_the_same_gate_keeps_pairs_pending_until_their_receipts() {
+        let (addr, gate) = fake_gate(|l| {
+            let mut g = accept(&l, 8 << 20).expect("hello");
+            let (p, _, _) = g.read_push();
+            g.accept_push(&p, 1, 2);
+            g.receipts(2, 41, &[(1, 10, Outcome::Delivered)]);
+            // The connection breaks before the ack; the same gate process takes the reconnect,
+            // resends the unacked batch and then the receipt it kept.
+            drop(g);
+            let mut g = accept(&l, 8 << 20).expect("the reconnect's hello");
+            g.receipts(1, 41, &[(1, 10, Outcome::Delivered), (1, 11, Outcome::TtlExpired)]);
+            // The ack, and the reconnected handle's push on its new connection.
+            let p = g.ack_and_push(1, 41);
+            assert!(matches!(p.body(), Body::Push(b) if b.message_id() == 2), "{p:?}");
+            g.accept_push(&p, 2, 1);
+        });
+        let (conn, events) = AppServerConn::connect(addr, SECRET, "dispatch-1", T).expect("connect");
+        let first = conn.conn_id();
+        assert_eq!(conn.push(&spec(1, &[10, 11])).expect("push 1").targets, 2);
+        assert_eq!(next(&events), receipt(1, 10, Outcome::Delivered));
+        assert_eq!(next(&events), Event::ConnectionLost { conn: first });
+        let Event::Reconnected { conn: second, incarnation } = next(&events) else {
+            panic!("expected the reconnect")
+        };
+        assert_eq!((second, incarnation), (conn.conn_id(), INCARNATION));
+        assert_ne!(second, first);
+        // The pending pair got its real receipt, and the repeat of the first was dropped.
+        assert_eq!(next(&events), receipt(1, 11, Outcome::TtlExpired));
+        assert_eq!((conn.duplicate_receipts(), conn.late_receipts(), conn.pending_receipts()), (1, 0, 0));
+        assert_eq!(conn.push(&spec(2, &[12])).expect("push 2 after the reconnect").targets, 1);
+        gate.join().expect("fake gate");
+        conn.close().expect("close");
+        assert_eq!(next(&events), Event::ConnectionLost { conn: second });
+        assert_eq!(next(&events), receipt(2, 12, Outcome::GateLost));
+        assert_eq!(next(&events), Event::GateLost);
+        assert!(matches!(events.recv_timeout(T), Err(RecvTimeoutError::Disconnected)));
+    }
+
+    #[test]
+    fn a_restarted_gate_ends_pending_pairs_and_owed_broadcasts_as_gate_lost() {
+        let (addr, gate) = fake_gate(|l| {
+            let mut g = accept(&l, 8 << 20).expect("hello");
+            let (p, _, _) = g.read_push();
+            g.accept_push(&p, 1, 2);
+            // A broadcast announced with 0 targets (a gate that does not count them): one
+            // receipt came, more may be owed.
+            let (p, _, _) = g.read_push();
+            g.accept_push(&p, 2, 0);
+            g.receipts(1, 51, &[(2, 70, Outcome::Delivered)]);
+            // A broadcast whose one announced target's receipt came: it owes nothing.
+            let p = g.ack_and_push(1, 51);
+            g.accept_push(&p, 3, 1);
+            g.receipts(2, 52, &[(3, 71, Outcome::Offline)]);
+            // A push never answered: its pairs stay pending too.
+            let _ = g.ack_and_push(2, 52);
+            drop(g);
+            // Another process answers on the same address: the client closes it.
+            let mut g = accept_as(&l, 8 << 20, INCARNATION + 1).expect("the reconnect's hello");
+            assert!(matches!(g.r.read_frame(&mut g.s), Err(ClientError::Closed)));
+        });
+        let (conn, events) = AppServerConn::connect(addr, SECRET, "dispatch-1", T).expect("connect");
+        let started = Instant::now();
+        assert_eq!(conn.push(&spec(1, &[10, 11])).expect("push 1").targets, 2);
+        let broadcast = |message_id| {
+            let mut b = spec(message_id, &[]);
+            b.broadcast = Role::Driver.0;
+            conn.push(&b)
+        };
+        assert_eq!(broadcast(2).expect("broadcast 2").targets, 0);
+        assert_eq!(next(&events), receipt(2, 70, Outcome::Delivered));
+        assert_eq!(broadcast(3).expect("broadcast 3").targets, 1);
+        assert_eq!(next(&events), receipt(3, 71, Outcome::Offline));
+        let seq4 = conn.push_async(&spec(4, &[12])).expect("push 4");
+        let lost = ServerErrorInfo {
+            code: ErrorCode::Unknown,
+            origin: Hop::Unknown,
+            message: "the connection ended before the gate answered".to_owned(),
+            retry_after_ms: 0,
+            log_id: 0,
+            refused: false,
+        };
+        let first = conn.conn_id();
+        assert_eq!(
+            next(&events),
+            Event::PushAnswer { conn: first, seq: seq4, message_id: 4, result: Err(lost) }
+        );
+        assert_eq!(next(&events), Event::ConnectionLost { conn: first });
+        assert_eq!(next(&events), receipt(1, 10, Outcome::GateLost));
+        assert_eq!(next(&events), receipt(1, 11, Outcome::GateLost));
+        assert_eq!(next(&events), receipt(4, 12, Outcome::GateLost));
+        assert_eq!(next(&events), receipt(2, 0, Outcome::GateLost), "the broadcast still owed receipts");
+        assert_eq!(next(&events), Event::GateLost);
+        assert!(started.elapsed() < DEFAULT_RECONNECT_WITHIN, "a restart is known at once, not at the bound");
+        assert_eq!(conn.pending_receipts(), 0);
+        gate.join().expect("fake gate");
+        // Lost message ids are not reused.
+        assert!(matches!(conn.push(&spec(1, &[10])), Err(ClientError::Closed | ClientError::Unexpected(_))));
+    }
+
+    #[test]
+    fn receipts_for_pairs_reported_gate_lost_are_late_and_not_emitted() {
+        let (addr, gate) = fake_gate(|l| {
+            let mut g = accept(&l, 8 << 20).expect("hello");
+            let (p, _, _) = g.read_push();
+            g.accept_push(&p, 1, 2);
+            let (p, _, _) = g.read_push();
+            g.accept_push(&p, 2, 0);
+            g.receipts(1, 61, &[(1, 10, Outcome::Delivered), (2, 70, Outcome::Delivered)]);
+            g.expect_ack(1, 61);
+            drop(g);
+            // The caller reopens the group to the same process after GateLost; the gate sends
+            // what it kept: receipts for pairs already reported lost, and repeats.
+            let mut g = accept(&l, 8 << 20).expect("hello again");
+            let late = [
+                (1, 10, Outcome::Delivered),
+                (1, 11, Outcome::Delivered),
+                (2, 70, Outcome::Delivered),
+                (2, 71, Outcome::Offline),
+                (2, 72, Outcome::Delivered),
+            ];
+            g.receipts(1, 62, &late);
+            g.expect_ack(1, 62);
+            g.send(|e, o| {
+                e.frame(o, FrameType::Event, Cmd::GpsForward, 0, 0, |b| {
+                    wire::GpsForward::create(b, &wire::GpsForwardArgs { points: None })
+                })
+            });
+        });
+        // No reconnect at all: the first drop is GateLost at once.
+        let options = ConnectOptions::new(T).reconnect_within(Duration::ZERO);
+        let (conn, events) =
+            AppServerConn::connect_with(addr, SECRET, "dispatch-1", options).expect("connect");
+        conn.push(&spec(1, &[10, 11])).expect("push 1");
+        let mut all = spec(2, &[]);
+        all.broadcast = Role::Passenger.0;
+        conn.push(&all).expect("broadcast 2");
+        assert_eq!(next(&events), receipt(1, 10, Outcome::Delivered));
+        assert_eq!(next(&events), receipt(2, 70, Outcome::Delivered));
+        assert_eq!(next(&events), Event::ConnectionLost { conn: conn.conn_id() });
+        assert_eq!(next(&events), receipt(1, 11, Outcome::GateLost));
+        assert_eq!(next(&events), receipt(2, 0, Outcome::GateLost));
+        assert_eq!(next(&events), Event::GateLost);
+
+        let again = conn.connect_another().expect("reopen the group");
+        assert_eq!(again.welcome().incarnation, INCARNATION);
+        // Nothing of the batch is emitted: 11, 71 and 72 were reported lost (late), 10 and 70
+        // had their receipts (repeats).
+        assert_eq!(next(&events), Event::Gps(Vec::new()));
+        assert_eq!((again.late_receipts(), again.duplicate_receipts()), (3, 2));
+        gate.join().expect("fake gate");
+    }
+
+    #[test]
+    fn a_push_the_gate_may_never_have_read_ends_gate_lost_once_overdue() {
+        let (addr, gate) = fake_gate(|l| {
+            let mut g = accept(&l, 8 << 20).expect("hello");
+            // Read, never answered: the connection breaks first (the gate may or may not have
+            // taken it). The same process takes the reconnect and owes nothing for it.
+            let _ = g.read_push();
+            drop(g);
+            let mut g = accept(&l, 8 << 20).expect("the reconnect's hello");
+            g.s.set_read_timeout(Some(UNCONFIRMED_GRACE * 3)).expect("timeout");
+            let (p, message_id, _) = g.read_push();
+            assert_eq!(message_id, 2);
+            g.accept_push(&p, 2, 1);
+        });
+        let (conn, events) = AppServerConn::connect(addr, SECRET, "dispatch-1", T).expect("connect");
+        let mut short = spec(1, &[10]);
+        short.ttl_ms = 100;
+        let seq = conn.push_async(&short).expect("push 1");
+        let first = conn.conn_id();
+        assert!(matches!(
+            next(&events),
+            Event::PushAnswer { conn: c, seq: s, message_id: 1, result: Err(ServerErrorInfo { refused: false, .. }) }
+                if (c, s) == (first, seq)
+        ));
+        assert_eq!(next(&events), Event::ConnectionLost { conn: first });
+        assert!(matches!(next(&events), Event::Reconnected { incarnation: INCARNATION, .. }));
+        let reconnected = Instant::now();
+        assert_eq!(conn.pending_receipts(), 1);
+        // Overdue: receipts due 1.1 s after the push, plus the grace, with the group connected.
+        let ev = events.recv_timeout(UNCONFIRMED_GRACE * 2).expect("the overdue pair's outcome");
+        assert_eq!(ev, receipt(1, 10, Outcome::GateLost));
+        assert!(reconnected.elapsed() >= UNCONFIRMED_GRACE - Duration::from_millis(200));
+        assert_eq!(conn.pending_receipts(), 0);
+        // The gate itself is fine: no Event::GateLost, and pushes go on.
+        assert!(matches!(events.try_recv(), Err(TryRecvError::Empty)));
+        assert_eq!(conn.push(&spec(2, &[11])).expect("push 2").targets, 1);
         gate.join().expect("fake gate");
     }
 }

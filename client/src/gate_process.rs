@@ -29,6 +29,20 @@ impl GateProcess {
     /// Starts `bin` on 127.0.0.1 port 0 for every port, plus `args`, and waits at most
     /// `patience` for its ports file.
     pub fn start(bin: &Path, args: &[&str], patience: Duration) -> Result<GateProcess, String> {
+        GateProcess::start_at(bin, 0, 0, args, patience)
+    }
+
+    /// Like [`GateProcess::start`], with the app and sidecar ports given (0: a free one), e.g. to
+    /// restart a gate on the ports a previous one had. The admin port is always a free one.
+    pub fn start_at(
+        bin: &Path,
+        app_port: u16,
+        sidecar_port: u16,
+        args: &[&str],
+        patience: Duration,
+    ) -> Result<GateProcess, String> {
+        let app_listen = format!("127.0.0.1:{app_port}");
+        let sidecar_listen = format!("127.0.0.1:{sidecar_port}");
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let dir = std::env::temp_dir().join(format!("fleetgate-{}-{nanos}", std::process::id()));
@@ -39,7 +53,7 @@ impl GateProcess {
         let child = Command::new(bin)
             .arg("--ports-file")
             .arg(&ports)
-            .args(["--app-listen", "127.0.0.1:0", "--sidecar-listen", "127.0.0.1:0"])
+            .args(["--app-listen", &app_listen, "--sidecar-listen", &sidecar_listen])
             .args(["--admin-listen", "127.0.0.1:0"])
             .args(args)
             .env("FLEETGATE_LOG", "info")

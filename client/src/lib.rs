@@ -6,7 +6,9 @@
 //! - [`app`]: [`AppConn`], the app side (drivers, passengers): login, resume, keepalive, GPS,
 //!   pipelined business requests, pushes and their acks.
 //! - [`appserver`]: [`AppServerConn`], the app-server side (the sidecar port): hello, pushes
-//!   with one final receipt per (message id, uid), upstream requests and their replies, GPS forwards.
+//!   with one final receipt per (message id, uid), upstream requests and their replies, GPS
+//!   forwards; reconnects to the same gate process (compared by its incarnation) or reports the
+//!   gate lost.
 //! - [`session`]: [`AppSession`], an app session across dropped connections: resume on the
 //!   node that holds it, fall back to login, back off across gates, ack every push and return
 //!   each message id once.
@@ -22,8 +24,8 @@ pub mod session;
 
 pub use app::{AppConn, Reply, SessionInfo, MAX_QUEUED};
 pub use appserver::{
-    Accepted, AppServerConn, AppServerEvents, Event as AppServerEvent, PushSpec, ServerErrorInfo,
-    UpstreamRequest, Welcome,
+    Accepted, AppServerConn, AppServerEvents, ConnectOptions, Event as AppServerEvent, PushSpec,
+    ServerErrorInfo, UpstreamRequest, Welcome,
 };
 pub use error::ClientError;
 pub use frame::{write_raw_frame, DeliveryView, ErrorView, FrameReader, OwnedFrame, ReplyView};
@@ -47,6 +49,18 @@ pub fn dev_token(secret: &[u8], uid: u64, role: u8, ttl: Duration) -> Vec<u8> {
     schema::token::issue(secret, claims).to_vec()
 }
 
+/// The bytes of a token written as hex, as `gate token` prints it (surrounding whitespace
+/// ignored, either case), ready for [`AppConn::login`]; `None` for an odd length or a non-hex
+/// digit.
+pub fn token_from_hex(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim().as_bytes();
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    text.chunks_exact(2).map(|p| Some((digit(p[0])? << 4) | digit(p[1])?)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +71,14 @@ mod tests {
         let claims = schema::token::verify(b"s3cret", &t, now_ms()).expect("fresh token verifies");
         assert_eq!((claims.uid, claims.role), (42, 1));
         assert!(schema::token::verify(b"other", &t, now_ms()).is_err());
+    }
+
+    #[test]
+    fn token_from_hex_reads_what_gate_token_prints() {
+        assert_eq!(token_from_hex("00ab7F\n"), Some(vec![0x00, 0xab, 0x7f]));
+        assert_eq!(token_from_hex(""), Some(Vec::new()));
+        assert_eq!(token_from_hex("abc"), None);
+        assert_eq!(token_from_hex("zz"), None);
+        assert_eq!(token_from_hex("+1"), None);
     }
 }

@@ -89,7 +89,8 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
              Set auth.token_secret and sidecar.secret (or --token-secret / --sidecar-secret) in production."
         );
     }
-    tracing::info!(app = %app_bound, sidecar = %sidecar_bound, admin = %admin_bound, shards, cores = ?cores, node = %node, "gate listening");
+    let incarnation = draw_incarnation();
+    tracing::info!(app = %app_bound, sidecar = %sidecar_bound, admin = %admin_bound, shards, cores = ?cores, node = %node, incarnation = format_args!("{incarnation:016x}"), "gate listening");
     if let Some(path) = ports_file {
         write_ports(path, app_bound.port(), sidecar_bound.port(), admin_bound.port())
             .map_err(|e| StartError::Other(format!("cannot write ports file {}: {e}", path.display())))?;
@@ -104,6 +105,7 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
         sidecars: Arc::new(crate::sidecar::Registry::new(shards)),
         drained: Arc::new(AtomicUsize::new(0)),
         node,
+        incarnation,
     };
     watch_signals(mesh)?;
 
@@ -205,6 +207,18 @@ async fn drain(shard: &Rc<Shard>) {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     tracing::info!(shard = shard.id, left = shard.conns.borrow().len(), "shard drained");
+}
+
+/// A random non-zero incarnation for this process: the same on every sidecar connection, and a
+/// different one after a restart (a collision has odds of 2^-64), so an app-server that
+/// reconnects can tell whether the receipts it waits for can still come (PROTOCOL.md §9.9).
+fn draw_incarnation() -> u64 {
+    loop {
+        let n: u64 = rand::random();
+        if n != 0 {
+            return n;
+        }
+    }
 }
 
 fn write_ports(path: &Path, app: u16, sidecar: u16, admin: u16) -> std::io::Result<()> {

@@ -119,6 +119,9 @@ pub struct Shared {
     pub drained: Arc<std::sync::atomic::AtomicUsize>,
     /// host:port apps should reconnect to.
     pub node: String,
+    /// This process's incarnation: random, non-zero, drawn once at start-up and announced in
+    /// every AppServerWelcome, so an app-server can tell a restarted gate from the same one.
+    pub incarnation: u64,
 }
 
 /// Per-executor state shared by its tasks.
@@ -135,6 +138,8 @@ pub struct Shard {
     pub token_secret: Vec<u8>,
     /// host:port apps should reconnect to.
     pub node: String,
+    /// This process's incarnation (see [`Shared::incarnation`]).
+    pub incarnation: u64,
     /// Connections on this shard.
     pub conns: RefCell<Slab<Conn>>,
     /// Generation counter for slots.
@@ -212,7 +217,8 @@ impl std::fmt::Debug for Shard {
 impl Shard {
     /// A shard with no connections.
     pub fn new(id: u16, shared: Shared) -> Shard {
-        let Shared { cfg, mesh, metrics: all_metrics, gps_recent, sidecars, drained, node } = shared;
+        let Shared { cfg, mesh, metrics: all_metrics, gps_recent, sidecars, drained, node, incarnation } =
+            shared;
         let shards = mesh.len();
         let logic = logic::Shard::new(logic::ShardConfig {
             id,
@@ -238,6 +244,7 @@ impl Shard {
             mesh,
             all_metrics,
             node,
+            incarnation,
             conns: RefCell::new(Slab::new()),
             next_gen: Cell::new(1),
             app_conn_count: Cell::new(0),

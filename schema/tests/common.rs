@@ -155,7 +155,12 @@ pub fn all_frames() -> Vec<(&'static str, Vec<u8>)> {
             let node = b.create_string("127.0.0.1:7100");
             wire::AppServerWelcome::create(
                 b,
-                &wire::AppServerWelcomeArgs { node: Some(node), max_body: 8 << 20, max_targets: 50_000 },
+                &wire::AppServerWelcomeArgs {
+                    node: Some(node),
+                    max_body: 8 << 20,
+                    max_targets: 50_000,
+                    incarnation: 0x0123_4567_89AB_CDEF,
+                },
             )
         })
     });

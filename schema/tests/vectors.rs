@@ -107,6 +107,9 @@ fn bodies_read_back() {
         (wire::ErrorCode::NotLoggedIn, wire::Hop::App, 0x0010)
     );
     assert_eq!(e.message(), Some("log in first"));
+    let Body::AppServerWelcome(w) = frame("app_server_hello_response").0.body else { panic!("kind") };
+    assert_eq!((w.node(), w.max_body(), w.max_targets()), (Some("127.0.0.1:7100"), 8 << 20, 50_000));
+    assert_eq!(w.incarnation(), 0x0123_4567_89AB_CDEF);
     let Body::Push(p) = frame("push_request").0.body else { panic!("kind") };
     assert_eq!(p.uids().expect("uids").iter().collect::<Vec<_>>(), vec![42, 43, 44]);
     assert_eq!((p.message_id(), p.ttl_ms(), p.kind()), (5, 30_000, 1));

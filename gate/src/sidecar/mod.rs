@@ -455,13 +455,17 @@ pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
             shard.sidecars.per_shard[shard.id as usize].fetch_add(1, Relaxed);
             shard.outbound.borrow_mut().conns.push(me);
             tracing::info!(log_id = h.log_id, name, shard = shard.id, "app-server connected");
-            let (node, max_body, max_targets) =
-                (shard.node.as_str(), shard.cfg.sidecar.max_body, shard.cfg.sidecar.max_targets);
+            let (node, max_body, max_targets, incarnation) = (
+                shard.node.as_str(),
+                shard.cfg.sidecar.max_body,
+                shard.cfg.sidecar.max_targets,
+                shard.incarnation,
+            );
             shard.send_frame(me, FrameType::Response, Cmd::AppServerHello, h.seq, h.log_id, |b| {
                 let node = b.create_string(node);
                 wire::AppServerWelcome::create(
                     b,
-                    &wire::AppServerWelcomeArgs { node: Some(node), max_body, max_targets },
+                    &wire::AppServerWelcomeArgs { node: Some(node), max_body, max_targets, incarnation },
                 )
             });
             // Whatever waited for an app-server anywhere can come now.

@@ -29,6 +29,12 @@ impl std::ops::Deref for Gate {
 impl Gate {
     /// Starts a gate with test-friendly settings plus `extra` flags.
     pub fn start(extra: &[&str]) -> Gate {
+        Gate::start_at(0, 0, extra)
+    }
+
+    /// [`Gate::start`] on given app and sidecar ports (0: a free one), e.g. the ports of a gate
+    /// that was killed, to restart it where its clients look for it.
+    pub fn start_at(app_port: u16, sidecar_port: u16, extra: &[&str]) -> Gate {
         let token_secret = String::from_utf8_lossy(SECRET).into_owned();
         let sidecar_secret = String::from_utf8_lossy(SIDECAR_SECRET).into_owned();
         let mut args = vec!["--token-secret", &token_secret, "--sidecar-secret", &sidecar_secret];
@@ -37,8 +43,14 @@ impl Gate {
         }
         args.extend_from_slice(extra);
         Gate(
-            GateProcess::start(Path::new(env!("CARGO_BIN_EXE_gate")), &args, EVENTUALLY)
-                .expect("gate starts"),
+            GateProcess::start_at(
+                Path::new(env!("CARGO_BIN_EXE_gate")),
+                app_port,
+                sidecar_port,
+                &args,
+                EVENTUALLY,
+            )
+            .expect("gate starts"),
         )
     }
 
@@ -61,6 +73,22 @@ impl Gate {
     pub fn appserver(&self) -> (client::AppServerConn, client::AppServerEvents) {
         client::AppServerConn::connect(self.sidecar, SIDECAR_SECRET, "test-appserver", Duration::from_secs(5))
             .expect("app-server connects")
+    }
+
+    /// A connected app-server with the given options (timeout, reconnect bound).
+    pub fn appserver_with(
+        &self,
+        options: client::ConnectOptions,
+    ) -> (client::AppServerConn, client::AppServerEvents) {
+        client::AppServerConn::connect_with(self.sidecar, SIDECAR_SECRET, "test-appserver", options)
+            .expect("app-server connects")
+    }
+
+    /// Kills the process with SIGKILL (no drain, no receipts) and waits for it.
+    pub fn kill(&mut self) {
+        let mut child = self.0.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("wait");
     }
 
     /// GET on the admin port; returns the body.

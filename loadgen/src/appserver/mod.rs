@@ -85,7 +85,7 @@ struct Shared {
     start_pushing: AtomicBool,
     /// Stop pushing (the drain before the final audit).
     stop_pushing: AtomicBool,
-    /// The group ended before `finish` closed it: every connection is gone.
+    /// The client declared the gate lost before `finish` closed the connections.
     gate_lost: AtomicBool,
     /// `finish` is closing the connections: their end is not the gate's doing.
     closing: AtomicBool,
@@ -116,7 +116,7 @@ pub struct Outcome {
     pub unreachable_events: u64,
     /// Sidecar connections lost.
     pub connections_lost: u64,
-    /// Every sidecar connection was lost before the end.
+    /// The client declared the gate lost before the end.
     pub gate_lost: bool,
 }
 
@@ -214,7 +214,8 @@ impl AppServer {
         lock(&self.shared.audit).summary()
     }
 
-    /// True once every sidecar connection was lost.
+    /// True once the client declared the gate lost (every connection gone and no reconnect to
+    /// the same gate process within its bound).
     pub fn gate_lost(&self) -> bool {
         self.shared.gate_lost.load(Relaxed)
     }
@@ -401,9 +402,10 @@ fn on_event(conns: &[AppServerConn], shared: &Shared, cfg: &Config, d: &mut Disp
                 c.connections_lost.fetch_add(1, Relaxed);
             }
         }
+        // The client got back to the same gate: what is pending will still get its receipts.
+        AppServerEvent::Reconnected { .. } => {}
         AppServerEvent::GateLost => {
             if !shared.closing.load(Relaxed) {
-                c.connections_lost.fetch_add(1, Relaxed);
                 shared.gate_lost.store(true, Relaxed);
             }
         }

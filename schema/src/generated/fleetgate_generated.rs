@@ -3688,6 +3688,7 @@ impl<'a> AppServerWelcome<'a> {
   pub const VT_NODE: ::flatbuffers::VOffsetT = 4;
   pub const VT_MAX_BODY: ::flatbuffers::VOffsetT = 6;
   pub const VT_MAX_TARGETS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_INCARNATION: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3699,6 +3700,7 @@ impl<'a> AppServerWelcome<'a> {
     args: &'args AppServerWelcomeArgs<'args>
   ) -> ::flatbuffers::WIPOffset<AppServerWelcome<'bldr>> {
     let mut builder = AppServerWelcomeBuilder::new(_fbb);
+    builder.add_incarnation(args.incarnation);
     builder.add_max_targets(args.max_targets);
     builder.add_max_body(args.max_body);
     if let Some(x) = args.node { builder.add_node(x); }
@@ -3730,6 +3732,16 @@ impl<'a> AppServerWelcome<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(AppServerWelcome::VT_MAX_TARGETS, Some(0)).unwrap()}
   }
+  /// Random non-zero id of this gate process, drawn at start-up and the same on every sidecar
+  /// connection to it: a different value after a reconnect means the gate restarted and the
+  /// receipts it owed are lost (PROTOCOL.md §9.9). 0 means a gate that does not say.
+  #[inline]
+  pub fn incarnation(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(AppServerWelcome::VT_INCARNATION, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for AppServerWelcome<'_> {
@@ -3741,6 +3753,7 @@ impl ::flatbuffers::Verifiable for AppServerWelcome<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("node", Self::VT_NODE, false)?
      .visit_field::<u32>("max_body", Self::VT_MAX_BODY, false)?
      .visit_field::<u32>("max_targets", Self::VT_MAX_TARGETS, false)?
+     .visit_field::<u64>("incarnation", Self::VT_INCARNATION, false)?
      .finish();
     Ok(())
   }
@@ -3749,6 +3762,7 @@ pub struct AppServerWelcomeArgs<'a> {
     pub node: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub max_body: u32,
     pub max_targets: u32,
+    pub incarnation: u64,
 }
 impl<'a> Default for AppServerWelcomeArgs<'a> {
   #[inline]
@@ -3757,6 +3771,7 @@ impl<'a> Default for AppServerWelcomeArgs<'a> {
       node: None,
       max_body: 0,
       max_targets: 0,
+      incarnation: 0,
     }
   }
 }
@@ -3779,6 +3794,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AppServerWelcomeBuilder<'a, '
     self.fbb_.push_slot::<u32>(AppServerWelcome::VT_MAX_TARGETS, max_targets, 0);
   }
   #[inline]
+  pub fn add_incarnation(&mut self, incarnation: u64) {
+    self.fbb_.push_slot::<u64>(AppServerWelcome::VT_INCARNATION, incarnation, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AppServerWelcomeBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     AppServerWelcomeBuilder {
@@ -3799,6 +3818,7 @@ impl ::core::fmt::Debug for AppServerWelcome<'_> {
       ds.field("node", &self.node());
       ds.field("max_body", &self.max_body());
       ds.field("max_targets", &self.max_targets());
+      ds.field("incarnation", &self.incarnation());
       ds.finish()
   }
 }
