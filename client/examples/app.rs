@@ -32,7 +32,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             dev_token(DEV_SECRET, uid, 1, Duration::from_secs(3600))
         }
     };
-    let stop_at = flag("--seconds").map(|s| s.parse().map(|s| Instant::now() + Duration::from_secs(s))).transpose()?;
+    let stop_at =
+        flag("--seconds").map(|s| s.parse().map(|s| Instant::now() + Duration::from_secs(s))).transpose()?;
 
     let mut app = AppConn::connect(gate.as_str(), Duration::from_secs(5))?;
     let session = app.login(&token, "example app")?;

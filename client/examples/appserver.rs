@@ -25,7 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let text = flag("--text").unwrap_or_else(|| "hello from the app-server".into());
     let ttl_ms: u32 = flag("--ttl-ms").map_or(Ok(30_000), |t| t.parse())?;
 
-    let (srv, events) = AppServerConn::connect(sidecar.as_str(), secret.as_bytes(), "example", Duration::from_secs(5))?;
+    let (srv, events) =
+        AppServerConn::connect(sidecar.as_str(), secret.as_bytes(), "example", Duration::from_secs(5))?;
     let w = srv.welcome();
     println!("connected to gate {} (incarnation {:#x})", w.node, w.incarnation);
     // A message id the app has not seen: apps show each id once (docs/PROTOCOL.md §9.9).

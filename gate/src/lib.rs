@@ -6,19 +6,24 @@
 //!
 //! Where to look:
 //! - the login path: [`app::session`]; the GPS path: [`app::gps`]; the push path:
-//!   [`sidecar::push`] (accept, fan out), `logic::push` (receipts), [`app::push`] (deliver, ack);
-//!   app requests: [`app::upstream`]; the app-server port: [`sidecar`];
-//! - reading and writing a connection (both ports): [`conn`]; accepting apps: [`app::listener`];
-//! - shard state and its tasks: [`shard`]; starting and stopping: [`server`];
-//! - configuration and flags: [`config`]; `/metrics`: [`metrics`], [`admin`].
+//!   [`sidecar::push`] (accept, fan out), `logic::push` (receipts), [`app::push`] (deliver, ack),
+//!   [`delivery`] and [`sidecar`] (receipts to the app-server); app requests: [`app::upstream`];
+//! - the shard's one loop: [`event_loop`], over its state [`state`]; the sans-I/O machines beside
+//!   the logic shard: [`lifecycle`] (a connection's phases and timeouts) and [`delivery`];
+//! - the tasks that only move bytes (accepting, reading, blocked writes): [`io`];
+//! - starting and stopping: [`server`]; configuration and flags: [`config`]; `/metrics`:
+//!   [`metrics`], [`admin`].
 
 pub mod admin;
 pub mod app;
 pub mod config;
-pub mod conn;
+pub mod delivery;
+pub mod event_loop;
+pub mod io;
+pub mod lifecycle;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
 pub mod server;
-pub mod shard;
 pub mod sidecar;
+pub mod state;

@@ -2,7 +2,7 @@
 //! endpoint on shard 0. Rendered in the Prometheus text format with a `shard` label on every
 //! series, so one can see every shard serving.
 
-use schema::wire::{ErrorCode, GoAwayReason};
+use schema::wire::ErrorCode;
 use schema::Cmd;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -87,8 +87,7 @@ pub struct ShardMetrics {
     pub accepted: AtomicU64,
     /// Connections refused, by `Refusal`.
     pub refused: Counters<3>,
-    /// Connections closed, by `GoAwayReason` value (0 = the peer closed; `shard::LOGIN_TIMEOUT`
-    /// for a connection that never logged in).
+    /// Connections closed, by `lifecycle::CloseReason::slot`.
     pub closed: Counters<16>,
     /// Frames read, by `Cmd::slot`.
     pub frames_in: Counters<{ Cmd::SLOTS }>,
@@ -237,11 +236,7 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
         for v in 0..16u8 {
             let n = s.closed.get(v as usize);
             if n > 0 {
-                let name = match v {
-                    0 => "peer",
-                    v if GoAwayReason(v) == crate::shard::LOGIN_TIMEOUT => "LoginTimeout",
-                    v => GoAwayReason(v).variant_name().unwrap_or("other"),
-                };
+                let name = crate::lifecycle::CloseReason::slot_label(v as usize);
                 let _ =
                     writeln!(o, "fleetgate_connections_closed_total{{shard=\"{i}\",reason=\"{name}\"}} {n}");
             }

@@ -4,27 +4,25 @@
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
+use crate::io::{self, Events, Stop};
+use crate::lifecycle::Port;
 use crate::mesh::Mesh;
 use crate::metrics::ShardMetrics;
 use crate::net;
-use crate::shard::{self, Shard, Shared, SHARD};
+use crate::state::{Shard, Shared};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::collections::VecDeque;
 use std::io::Write as _;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::Path;
-use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 /// io_uring depth per executor. Every idle connection keeps a readiness poll pending, and the
 /// kernel sizes the table it searches them in by the ring's depth: glommio's default (128)
 /// leaves a handful of buckets for thousands of polls, and closing or cancelling one walks a
 /// long chain (it dominated a 15,000-session reconnect storm).
 const RING_DEPTH: usize = 4096;
-/// How long shards wait, after go-away, for their connections to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a gate could not start.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +100,7 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
         mesh: mesh.clone(),
         metrics: Arc::new((0..shards).map(|_| ShardMetrics::default()).collect()),
         gps_recent: Arc::new(Mutex::new(VecDeque::new())),
-        sidecars: Arc::new(crate::sidecar::Registry::new(shards)),
+        sidecars: Arc::new(crate::delivery::Registry::new(shards)),
         drained: Arc::new(AtomicUsize::new(0)),
         node,
         incarnation,
@@ -118,8 +116,7 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
             .name(&format!("shard-{id}"))
             .ring_depth(RING_DEPTH)
             .spawn(move || async move {
-                let shard = Rc::new(Shard::new(id as u16, shared));
-                shard_main(shard, listener, sidecar, admin).await
+                shard_main(Shard::new(id as u16, shared), listener, sidecar, admin).await
             })
             .map_err(|e| StartError::Other(format!("cannot start shard {id} on cpu {cpu}: {e}")))?;
         handles.push(h);
@@ -131,20 +128,30 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     Ok(())
 }
 
+/// One executor: its listeners and admin port as tasks that move bytes, and the shard's loop,
+/// which owns the state and returns once shutdown completes.
 async fn shard_main(
-    shard: Rc<Shard>,
+    shard: Shard,
     listener: std::net::TcpListener,
     sidecar: std::net::TcpListener,
     admin: Option<std::net::TcpListener>,
 ) {
-    SHARD.with(|s| *s.borrow_mut() = Some(shard.clone()));
+    let id = shard.id;
+    let events = Events::new();
+    let stop = Stop::new();
     // SAFETY: the fds are listening TCP sockets we own; glommio takes ownership of them.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
     let sidecar = unsafe { glommio::net::TcpListener::from_raw_fd(sidecar.into_raw_fd()) };
-    glommio::spawn_local(shard::run_inbox(shard.clone())).detach();
-    glommio::spawn_local(shard::run_logic_timer(shard.clone())).detach();
-    glommio::spawn_local(shard::run_sweeper(shard.clone())).detach();
-    glommio::spawn_local(crate::sidecar::run_listener(shard.clone(), sidecar)).detach();
+    let (e, s) = (events.clone(), stop.clone());
+    glommio::spawn_local(async move {
+        io::listener::run(Port::App, listener, e, async move { s.wait().await }).await
+    })
+    .detach();
+    let (e, s) = (events.clone(), stop.clone());
+    glommio::spawn_local(async move {
+        io::listener::run(Port::Sidecar, sidecar, e, async move { s.wait().await }).await
+    })
+    .detach();
     if let Some(admin) = admin {
         // SAFETY: as above.
         let admin = unsafe { glommio::net::TcpListener::from_raw_fd(admin.into_raw_fd()) };
@@ -153,60 +160,12 @@ async fn shard_main(
             mesh: shard.mesh.clone(),
             gps_recent: shard.gps_recent.clone(),
         };
-        let s = shard.clone();
-        glommio::spawn_local(async move {
-            admin::run(admin, state, async move { s.shutdown_begun().await }).await
-        })
-        .detach();
+        let s = stop.clone();
+        glommio::spawn_local(async move { admin::run(admin, state, async move { s.wait().await }).await })
+            .detach();
     }
-    tracing::debug!(shard = shard.id, "shard serving");
-    crate::app::listener::run(shard.clone(), listener).await;
-    drain(&shard).await;
-    SHARD.with(|s| s.borrow_mut().take());
-}
-
-/// Shutdown, after go-away went to every app: (1) wait (bounded) for app connections to close,
-/// which ends their pushes with `shutdown` receipts; (2) end whatever is still in flight on this
-/// logic shard; (3) wait until every shard did so and this shard's app-server connections have
-/// acked every receipt batch (bounded); (4) close the app-server connections.
-async fn drain(shard: &Rc<Shard>) {
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    while shard.app_conns() > 0 && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
-    }
-    shard.logic_input(logic::Input::Shutdown);
-    shard.flush_all();
-    shard.drained.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let shards = shard.mesh.len();
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    loop {
-        let all_drained = shard.drained.load(std::sync::atomic::Ordering::Acquire) >= shards;
-        let unacked = shard
-            .conns
-            .borrow()
-            .iter()
-            .any(|(_, c)| c.sidecar.as_ref().is_some_and(|s| !s.unacked.is_empty()) || !c.out.is_empty());
-        let waiting = shard.outbound.borrow().receipts_waiting() > 0 && shard.sidecars.any();
-        if (all_drained && !unacked && !waiting) || Instant::now() >= deadline {
-            break;
-        }
-        shard.flush_all();
-        glommio::timer::sleep(Duration::from_millis(10)).await;
-    }
-    let conns: Vec<logic::ConnRef> = shard
-        .conns
-        .borrow()
-        .iter()
-        .map(|(slot, c)| logic::ConnRef { shard: shard.id, slot: slot as u32, gen: c.gen })
-        .collect();
-    for c in conns {
-        shard.close(c, schema::wire::GoAwayReason::Shutdown);
-    }
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
-    }
-    tracing::info!(shard = shard.id, left = shard.conns.borrow().len(), "shard drained");
+    tracing::debug!(shard = id, "shard serving");
+    crate::event_loop::run(shard, events, stop).await;
 }
 
 /// A random non-zero incarnation for this process: the same on every sidecar connection, and a

@@ -89,6 +89,10 @@ pub enum Input {
         log_id: u64,
         /// The login request's sequence-id, echoed in the answer.
         seq: u32,
+        /// Wall-clock ms since the Unix epoch: a floor for the new session's epoch, so epochs
+        /// keep growing across restarts. (`now_ms` everywhere else is the gate's monotonic
+        /// clock, which deadlines use.)
+        wall_ms: u64,
     },
     /// A connection presented a valid resume token (the gate verified its MAC).
     Resume {
@@ -340,6 +344,28 @@ pub enum Output {
     GpsBatch(Vec<UidGpsPoint>),
 }
 
+impl Output {
+    /// The gate shard that must carry this output out: the one holding its connection (or the
+    /// broadcast's tally); `None` for what goes to the app-server side, which any shard can send.
+    pub fn gate_shard(&self) -> Option<u16> {
+        match self {
+            Output::LoginOk { conn, .. }
+            | Output::ResumeOk { conn, .. }
+            | Output::ResumeRefused { conn, .. }
+            | Output::Displaced { conn, .. }
+            | Output::LogoutOk { conn, .. }
+            | Output::Deliver { conn, .. }
+            | Output::Reply { conn, .. }
+            | Output::RequestFailed { conn, .. } => Some(conn.shard),
+            Output::BroadcastCounted { tally, .. } => Some(tally.shard),
+            Output::Receipt(_)
+            | Output::Upstream { .. }
+            | Output::GpsBatch(_)
+            | Output::Unreachable { .. } => None,
+        }
+    }
+}
+
 /// One logic shard.
 #[derive(Debug)]
 pub struct Shard {
@@ -381,8 +407,8 @@ impl Shard {
     /// Applies one input at `now_ms`, appending what to do to `out`.
     pub fn handle(&mut self, input: Input, now_ms: u64, out: &mut Vec<Output>) {
         match input {
-            Input::Login { uid, role, conn, log_id, seq } => {
-                let r = self.directory.login(uid, role, conn, now_ms);
+            Input::Login { uid, role, conn, log_id, seq, wall_ms } => {
+                let r = self.directory.login(uid, role, conn, wall_ms);
                 if let Some(mut old) = r.displaced {
                     old.pushes.drain_into(uid, outcome::DISPLACED, &mut self.ttl, &mut self.receipts);
                     if old.conn != conn {
@@ -694,7 +720,7 @@ mod tests {
 
     fn login(s: &mut Shard, uid: u64, conn: ConnRef) {
         let mut out = Vec::new();
-        s.handle(Input::Login { uid, role: 1, conn, log_id: 1, seq: 1 }, 0, &mut out);
+        s.handle(Input::Login { uid, role: 1, conn, log_id: 1, seq: 1, wall_ms: 0 }, 0, &mut out);
     }
 
     fn receipts(out: &[Output]) -> Vec<(u64, u64, u8)> {
@@ -719,10 +745,10 @@ mod tests {
     fn login_displace_logout() {
         let mut s = shard();
         let mut out = Vec::new();
-        s.handle(Input::Login { uid: 5, role: 1, conn: c(1), log_id: 10, seq: 1 }, 0, &mut out);
+        s.handle(Input::Login { uid: 5, role: 1, conn: c(1), log_id: 10, seq: 1, wall_ms: 0 }, 0, &mut out);
         assert!(matches!(out[..], [Output::LoginOk { uid: 5, seq: 1, log_id: 10, .. }]));
         out.clear();
-        s.handle(Input::Login { uid: 5, role: 1, conn: c(2), log_id: 11, seq: 1 }, 0, &mut out);
+        s.handle(Input::Login { uid: 5, role: 1, conn: c(2), log_id: 11, seq: 1, wall_ms: 0 }, 0, &mut out);
         assert!(matches!(out[0], Output::Displaced { conn, uid: 5, log_id: 11 } if conn == c(1)));
         assert!(matches!(out[1], Output::LoginOk { conn, .. } if conn == c(2)));
         out.clear();
@@ -806,7 +832,7 @@ mod tests {
         out.clear();
         s.handle(Input::PushAck { uid: 1, conn: c(1), seq: seqs[0].1 }, 10, &mut out);
         s.handle(Input::PushAck { uid: 1, conn: c(1), seq: seqs[0].1 }, 11, &mut out); // twice
-        s.handle(Input::Login { uid: 3, role: 1, conn: c(4), log_id: 2, seq: 1 }, 20, &mut out);
+        s.handle(Input::Login { uid: 3, role: 1, conn: c(4), log_id: 2, seq: 1, wall_ms: 20 }, 20, &mut out);
         s.tick(499, &mut out);
         s.tick(500, &mut out);
         s.handle(Input::PushAck { uid: 2, conn: c(2), seq: seqs[1].1 }, 600, &mut out); // too late
@@ -875,7 +901,7 @@ mod tests {
         login(&mut s, 1, c(1));
         login(&mut s, 2, c(2));
         let mut out = Vec::new();
-        s.handle(Input::Login { uid: 3, role: 2, conn: c(3), log_id: 1, seq: 1 }, 0, &mut out);
+        s.handle(Input::Login { uid: 3, role: 2, conn: c(3), log_id: 1, seq: 1, wall_ms: 0 }, 0, &mut out);
         out.clear();
         let tally = Tally { shard: 1, id: 77 };
         s.handle(Input::Broadcast { push: push(8, 100), role: 1, tally }, 0, &mut out);
@@ -907,7 +933,7 @@ mod tests {
     fn a_dropped_session_is_held_queues_and_replays_in_order_on_resume() {
         let mut s = held_shard();
         let mut out = Vec::new();
-        s.handle(Input::Login { uid: 1, role: 1, conn: c(1), log_id: 1, seq: 1 }, 0, &mut out);
+        s.handle(Input::Login { uid: 1, role: 1, conn: c(1), log_id: 1, seq: 1, wall_ms: 0 }, 0, &mut out);
         let epoch = match out[0] {
             Output::LoginOk { epoch, .. } => epoch,
             _ => panic!(),

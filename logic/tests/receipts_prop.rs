@@ -69,7 +69,7 @@ proptest! {
                     let c = ConnRef { shard: 0, slot: next_slot, gen: 1 };
                     uid_of_slot.insert(next_slot, uid);
                     conn_of.insert(uid, c);
-                    s.handle(Input::Login { uid, role: 1, conn: c, log_id: 0, seq: 1 }, now, &mut out);
+                    s.handle(Input::Login { uid, role: 1, conn: c, log_id: 0, seq: 1, wall_ms: now }, now, &mut out);
                 }
                 Op::Close(uid, r) => {
                     if let Some(c) = conn_of.remove(&uid) {

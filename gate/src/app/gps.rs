@@ -2,66 +2,52 @@
 //! frame), sent to the driver's logic shard in the shard's next batch, coalesced there, and
 //! flushed toward the app-server side on the flush interval.
 
-use crate::shard::{Shard, GPS_RECENT_MAX};
+use crate::state::{Shard, GPS_RECENT_MAX};
 use logic::{ConnRef, Input};
 use schema::wire::{self, ErrorCode, Hop};
 use schema::{Body, Frame};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Handles a GpsReport or GpsBatch from a logged-in app.
-pub fn on_frame(shard: &Shard, me: ConnRef, uid: u64, role: u8, f: &Frame<'_>) {
+pub fn on_frame(shard: &mut Shard, me: ConnRef, uid: u64, role: u8, f: &Frame<'_>) {
     if role != wire::Role::Driver.0 {
-        return super::session::error(
-            shard,
-            me,
-            &f.header,
-            ErrorCode::NotAllowed,
-            Hop::App,
-            "only drivers report GPS",
-        );
+        let message = "only drivers report GPS";
+        return super::session::error(shard, me, &f.header, ErrorCode::NotAllowed, Hop::App, message);
     }
-    let m = shard.metrics();
-    let invalid = |message: &str| {
-        tracing::info!(log_id = f.header.log_id, uid, message, "gps refused");
-        m.gps_invalid.fetch_add(1, Relaxed);
-        super::session::error(shard, me, &f.header, ErrorCode::InvalidField, Hop::App, message)
-    };
-    match f.body {
-        Body::GpsReport(r) => {
-            let Some(p) = r.point() else { return invalid("GpsReport has no point") };
-            if let Err(why) = check_point(p) {
-                return invalid(why);
-            }
-            tracing::debug!(log_id = f.header.log_id, uid, "gps point");
-            m.gps_in.fetch_add(1, Relaxed);
-            shard.to_logic(uid, Input::Gps { uid, point: *p });
-        }
+    let points = match f.body {
+        Body::GpsReport(r) => match r.point() {
+            Some(p) => check_point(p).map(|()| std::slice::from_ref(p).to_vec()),
+            None => Err("GpsReport has no point"),
+        },
         Body::GpsBatch(b) => {
             let points = b.points().unwrap_or_default();
-            if points.is_empty() {
-                return invalid("GpsBatch has no points");
-            }
             // A batch is taken whole or refused whole: the app resends it fixed, not a part.
-            if let Some(why) = points.iter().find_map(|p| check_point(p).err()) {
-                return invalid(why);
-            }
-            if points.len() > shard.cfg.gps.max_batch_points as usize {
-                return super::session::error(
-                    shard,
-                    me,
-                    &f.header,
-                    ErrorCode::InvalidField,
-                    Hop::App,
-                    "GpsBatch has more points than the gate accepts",
-                );
-            }
-            tracing::debug!(log_id = f.header.log_id, uid, points = points.len(), "gps batch");
-            m.gps_in.fetch_add(points.len() as u64, Relaxed);
-            for p in points.iter() {
-                shard.to_logic(uid, Input::Gps { uid, point: *p });
+            if points.is_empty() {
+                Err("GpsBatch has no points")
+            } else if points.len() > shard.cfg.gps.max_batch_points as usize {
+                Err("GpsBatch has more points than the gate accepts")
+            } else {
+                match points.iter().find_map(|p| check_point(p).err()) {
+                    Some(why) => Err(why),
+                    None => Ok(points.iter().copied().collect()),
+                }
             }
         }
-        _ => {}
+        _ => return,
+    };
+    match points {
+        Err(message) => {
+            tracing::info!(log_id = f.header.log_id, uid, message, "gps refused");
+            shard.metrics().gps_invalid.fetch_add(1, Relaxed);
+            super::session::error(shard, me, &f.header, ErrorCode::InvalidField, Hop::App, message)
+        }
+        Ok(points) => {
+            tracing::debug!(log_id = f.header.log_id, uid, points = points.len(), "gps points");
+            shard.metrics().gps_in.fetch_add(points.len() as u64, Relaxed);
+            for point in points {
+                shard.to_logic(uid, Input::Gps { uid, point });
+            }
+        }
     }
 }
 

@@ -2,13 +2,13 @@
 //! session's connection (the shared body behind a per-session header), and the app's PushAck goes
 //! back to the logic shard, which sends the `Delivered` receipt.
 
-use crate::shard::Shard;
+use crate::state::Shard;
 use logic::{ConnRef, Input, PushContent};
 use schema::{Cmd, FrameType, Header, HEADER_LEN};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Writes one push to a connection with the session's sequence-id for it.
-pub fn deliver(shard: &Shard, conn: ConnRef, seq: u32, push: &PushContent, redelivery: bool) {
+pub fn deliver(shard: &mut Shard, conn: ConnRef, seq: u32, push: &PushContent, redelivery: bool) {
     let mut header =
         Header::new(FrameType::Push, Cmd::PushDelivery as u16, seq, push.log_id, push.body.len() as u32);
     if redelivery {
@@ -33,7 +33,7 @@ pub fn deliver(shard: &Shard, conn: ConnRef, seq: u32, push: &PushContent, redel
 }
 
 /// The app acked the push it got with `seq`.
-pub fn on_ack(shard: &Shard, me: ConnRef, uid: u64, seq: u32, log_id: u64) {
+pub fn on_ack(shard: &mut Shard, me: ConnRef, uid: u64, seq: u32, log_id: u64) {
     tracing::debug!(log_id, uid, seq, "push acked");
     shard.metrics().push_acks.fetch_add(1, Relaxed);
     shard.to_logic(uid, Input::PushAck { uid, conn: me, seq });

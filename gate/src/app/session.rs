@@ -3,11 +3,13 @@
 //!
 //! Login: the gate verifies the token here (uid and role come from the token only), then asks
 //! the uid's logic shard to register the session; the answer (`LoginOk`, and `Displaced` for an
-//! older connection of the same uid) comes back through `apply_output`.
+//! older connection of the same uid) comes back as a logic output, which the shard's loop hands
+//! to [`login_ok`], [`resume_ok`], [`resume_refused`], [`displaced`] or [`logout_ok`].
 
+use crate::lifecycle::{CloseReason, Phase, Role};
 use crate::net;
-use crate::shard::{pre_login_error_budget_exhausted, ConnState, Shard};
-use logic::{ConnRef, Input, Output};
+use crate::state::Shard;
+use logic::{ConnRef, Input};
 use schema::decode::{FrameError, StreamError};
 use schema::token::{self, TokenError};
 use schema::wire::{self, ErrorCode, GoAwayReason, Hop};
@@ -16,11 +18,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 /// Handles one verified frame from an app.
-pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
+pub fn on_frame(shard: &mut Shard, me: ConnRef, f: &Frame<'_>) {
     shard.metrics().frames_in.add(f.cmd.slot(), 1);
-    let Some((state, uid, role)) = shard.with_conn(me, |c| (c.state, c.uid, c.role)) else { return };
+    let Some(phase) = shard.life(me).map(|l| l.phase) else { return };
     let h = &f.header;
-    match (f.body, state) {
+    match (f.body, phase) {
         // An Error is never answered with an Error (§8.2), whatever the state.
         (Body::Error(e), _) => log_peer_error(shard, me, h, e, "app"),
         (Body::Keepalive(k), _) if f.ty == FrameType::Request => {
@@ -29,45 +31,43 @@ pub fn on_frame(shard: &Shard, me: ConnRef, f: &Frame<'_>) {
                 wire::Keepalive::create(b, &wire::KeepaliveArgs { ts_ms: ts })
             });
         }
-        (Body::Login(l), ConnState::AwaitingLogin) => login(shard, me, h, l),
-        (Body::Login(_) | Body::Resume(_), _) if state != ConnState::AwaitingLogin => {
+        (Body::Login(l), Phase::AwaitingLogin) => login(shard, me, h, l),
+        (Body::Login(_) | Body::Resume(_), _) if phase != Phase::AwaitingLogin => {
             error(shard, me, h, ErrorCode::NotAllowed, Hop::App, "already logged in on this connection");
         }
-        (Body::Resume(r), ConnState::AwaitingLogin) => resume(shard, me, h, r),
-        (_, ConnState::AwaitingLogin | ConnState::LoggingIn) => {
-            let close = shard.with_conn(me, pre_login_error_budget_exhausted).unwrap_or(true);
+        (Body::Resume(r), Phase::AwaitingLogin) => resume(shard, me, h, r),
+        (_, Phase::AwaitingLogin | Phase::LoggingIn { .. } | Phase::AppServer) => {
+            let close = shard.life(me).is_none_or(|l| l.pre_login_error());
             error(shard, me, h, ErrorCode::NotLoggedIn, Hop::App, "log in first");
             if close {
-                shard.close(me, GoAwayReason::ProtocolError);
+                shard.close(me, CloseReason::GoAway(GoAwayReason::ProtocolError));
             }
         }
-        (Body::GpsReport(_) | Body::GpsBatch(_), ConnState::LoggedIn) => {
-            super::gps::on_frame(shard, me, uid, role, f)
+        (Body::GpsReport(_) | Body::GpsBatch(_), Phase::Live { uid, role }) => {
+            super::gps::on_frame(shard, me, uid, role.wire(), f)
         }
-        (Body::Logout(_), ConnState::LoggedIn) if f.ty == FrameType::Request => {
+        (Body::Logout(_), Phase::Live { uid, .. }) if f.ty == FrameType::Request => {
             tracing::info!(log_id = h.log_id, uid, shard = shard.id, "logout");
             shard.to_logic(uid, Input::Logout { uid, conn: me, log_id: h.log_id, seq: h.seq });
         }
-        (_, ConnState::LoggedIn) if f.cmd.is_upstream_request() && f.ty == FrameType::Request => {
-            super::upstream::on_request(shard, me, uid, role, f)
+        (_, Phase::Live { uid, role }) if f.cmd.is_upstream_request() && f.ty == FrameType::Request => {
+            super::upstream::on_request(shard, me, uid, role.wire(), f)
         }
-        (Body::PushAck(_), ConnState::LoggedIn) => super::push::on_ack(shard, me, uid, h.seq, h.log_id),
+        (Body::PushAck(_), Phase::Live { uid, .. }) => super::push::on_ack(shard, me, uid, h.seq, h.log_id),
         (_, _) => {
             error(shard, me, h, ErrorCode::NotAllowed, Hop::App, "this frame is not accepted from an app")
         }
     }
 }
 
-fn login(shard: &Shard, me: ConnRef, h: &Header, l: wire::Login<'_>) {
+fn login(shard: &mut Shard, me: ConnRef, h: &Header, l: wire::Login<'_>) {
     let tok = l.token().map(|t| t.bytes()).unwrap_or(&[]);
     match token::verify(&shard.token_secret, tok, net::now_ms()) {
         Ok(claims) => {
-            shard.with_conn(me, |c| {
-                c.state = ConnState::LoggingIn;
-                c.uid = claims.uid;
-                c.role = claims.role;
+            if let Some(c) = shard.conn(me) {
+                c.life.begin_login(claims.uid, Role::from_wire(claims.role));
                 c.login_started = Some(Instant::now());
-            });
+            }
             tracing::info!(
                 log_id = h.log_id,
                 uid = claims.uid,
@@ -75,10 +75,8 @@ fn login(shard: &Shard, me: ConnRef, h: &Header, l: wire::Login<'_>) {
                 shard = shard.id,
                 "login: token ok"
             );
-            shard.to_logic(
-                claims.uid,
-                Input::Login { uid: claims.uid, role: claims.role, conn: me, log_id: h.log_id, seq: h.seq },
-            );
+            let (uid, role, log_id, seq, wall_ms) = (claims.uid, claims.role, h.log_id, h.seq, net::now_ms());
+            shard.to_logic(uid, Input::Login { uid, role, conn: me, log_id, seq, wall_ms });
         }
         Err(e) => {
             let code = match e {
@@ -86,10 +84,10 @@ fn login(shard: &Shard, me: ConnRef, h: &Header, l: wire::Login<'_>) {
                 TokenError::BadSignature | TokenError::Malformed => ErrorCode::BadToken,
             };
             // The app may retry on this connection, within the pre-login error budget.
-            let close = shard.with_conn(me, pre_login_error_budget_exhausted).unwrap_or(true);
+            let close = shard.life(me).is_none_or(|l| l.pre_login_error());
             error(shard, me, h, code, Hop::App, &format!("login refused: {e}"));
             if close {
-                shard.close(me, GoAwayReason::ProtocolError);
+                shard.close(me, CloseReason::GoAway(GoAwayReason::ProtocolError));
             }
         }
     }
@@ -97,15 +95,14 @@ fn login(shard: &Shard, me: ConnRef, h: &Header, l: wire::Login<'_>) {
 
 /// The resume path: a held (or still attached) session continues on this connection, whichever
 /// shard it landed on; its logic shard decides whether the token is current.
-fn resume(shard: &Shard, me: ConnRef, h: &Header, r: wire::Resume<'_>) {
+fn resume(shard: &mut Shard, me: ConnRef, h: &Header, r: wire::Resume<'_>) {
     let tok = r.resume_token().map(|t| t.bytes()).unwrap_or(&[]);
     match token::verify_resume(&shard.token_secret, tok) {
         Ok(claims) => {
-            shard.with_conn(me, |c| {
-                c.state = ConnState::LoggingIn;
-                c.uid = claims.uid;
+            if let Some(c) = shard.conn(me) {
+                c.life.begin_login(claims.uid, None);
                 c.login_started = Some(Instant::now());
-            });
+            }
             tracing::info!(log_id = h.log_id, uid = claims.uid, shard = shard.id, "resume: token ok");
             shard.to_logic(
                 claims.uid,
@@ -120,10 +117,10 @@ fn resume(shard: &Shard, me: ConnRef, h: &Header, r: wire::Resume<'_>) {
             );
         }
         Err(e) => {
-            let close = shard.with_conn(me, pre_login_error_budget_exhausted).unwrap_or(true);
+            let close = shard.life(me).is_none_or(|l| l.pre_login_error());
             error(shard, me, h, ErrorCode::ResumeRefused, Hop::App, &format!("resume refused: {e}"));
             if close {
-                shard.close(me, GoAwayReason::ProtocolError);
+                shard.close(me, CloseReason::GoAway(GoAwayReason::ProtocolError));
             }
         }
     }
@@ -146,12 +143,12 @@ pub fn log_peer_error(shard: &Shard, me: ConnRef, h: &Header, e: wire::Error<'_>
 }
 
 /// Answers a frame with an error frame carrying its sequence-id and log-id.
-pub fn error(shard: &Shard, me: ConnRef, h: &Header, code: ErrorCode, origin: Hop, message: &str) {
+pub fn error(shard: &mut Shard, me: ConnRef, h: &Header, code: ErrorCode, origin: Hop, message: &str) {
     shard.send_error(me, h.seq, h.log_id, code, origin, h.cmd, message, 0);
 }
 
 /// A frame whose length was sound but whose content was not: error frame, connection stays.
-pub fn on_rejected(shard: &Shard, me: ConnRef, h: &Header, e: &FrameError) {
+pub fn on_rejected(shard: &mut Shard, me: ConnRef, h: &Header, e: &FrameError) {
     if h.cmd == Cmd::Error as u16 {
         // Even a corrupt Error frame is never answered with an Error (§8.2).
         tracing::info!(log_id = h.log_id, shard = shard.id, slot = me.slot, error = %e, "unreadable error frame from peer");
@@ -162,17 +159,15 @@ pub fn on_rejected(shard: &Shard, me: ConnRef, h: &Header, e: &FrameError) {
         FrameError::BadType { .. } => ErrorCode::NotAllowed,
         FrameError::CorruptBody { .. } => ErrorCode::CorruptBody,
     };
-    let close = shard
-        .with_conn(me, |c| c.state == ConnState::AwaitingLogin && pre_login_error_budget_exhausted(c))
-        .unwrap_or(true);
+    let close = shard.life(me).is_none_or(|l| l.pre_login_error());
     error(shard, me, h, code, Hop::App, &e.to_string());
     if close {
-        shard.close(me, GoAwayReason::ProtocolError);
+        shard.close(me, CloseReason::GoAway(GoAwayReason::ProtocolError));
     }
 }
 
 /// Framing is lost: one error frame, then close.
-pub fn on_stream_error(shard: &Shard, me: ConnRef, e: &StreamError) {
+pub fn on_stream_error(shard: &mut Shard, me: ConnRef, e: &StreamError) {
     let code = match e {
         StreamError::BadMagic(_) => ErrorCode::BadMagic,
         StreamError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
@@ -180,13 +175,13 @@ pub fn on_stream_error(shard: &Shard, me: ConnRef, e: &StreamError) {
         StreamError::Truncated { .. } => ErrorCode::CorruptBody,
     };
     shard.send_error(me, 0, 0, code, Hop::App, 0, &e.to_string(), 0);
-    shard.close(me, GoAwayReason::ProtocolError);
+    shard.close(me, CloseReason::GoAway(GoAwayReason::ProtocolError));
 }
 
 /// The session is live on `conn` (after a login or a resume): answer with its Session.
 #[allow(clippy::too_many_arguments)]
 fn session_live(
-    shard: &Shard,
+    shard: &mut Shard,
     conn: ConnRef,
     cmd: Cmd,
     uid: u64,
@@ -196,16 +191,9 @@ fn session_live(
     log_id: u64,
     seq: u32,
 ) {
-    let admitted = shard
-        .with_conn(conn, |c| {
-            if c.state != ConnState::LoggingIn || c.uid != uid || c.close.is_some() {
-                return None;
-            }
-            c.state = ConnState::LoggedIn;
-            c.role = role;
-            Some(c.login_started.take())
-        })
-        .flatten();
+    let Some(role_known) = Role::from_wire(role) else { return };
+    let admitted =
+        shard.conn(conn).and_then(|c| c.life.go_live(uid, role_known).then(|| c.login_started.take()));
     let Some(started) = admitted else {
         // The connection closed (or moved on) while the logic shard registered it: tell it, so
         // the session is held (or ended) instead of kept for a connection nobody has.
@@ -216,8 +204,9 @@ fn session_live(
         shard.metrics().login_us.observe_us(t.elapsed().as_micros() as u64);
     }
     shard.metrics().sessions_on_conns.fetch_add(1, Relaxed);
-    let app = &shard.cfg.app;
-    let node = shard.node.as_str();
+    let app = shard.cfg.app.clone();
+    let node = shard.node.clone();
+    let node = node.as_str();
     let resume_token = token::issue_resume(&shard.token_secret, token::ResumeClaims { uid, epoch, resumes });
     shard.send_frame(conn, FrameType::Response, cmd, seq, log_id, |b| {
         let node = b.create_string(node);
@@ -239,79 +228,72 @@ fn session_live(
     tracing::info!(log_id, uid, epoch, resumes, shard = shard.id, cmd = cmd.name(), "session live");
 }
 
-/// Carries out what a logic shard decided about a connection on this shard.
-pub fn apply_output(shard: &Shard, o: Output) {
-    match o {
-        Output::LoginOk { conn, uid, role, epoch, log_id, seq } => {
-            shard.metrics().logins.fetch_add(1, Relaxed);
-            session_live(shard, conn, Cmd::Login, uid, role, epoch, 0, log_id, seq)
-        }
-        Output::ResumeOk { conn, uid, role, epoch, resumes, log_id, seq, moved } => {
-            let m = shard.metrics();
-            m.resumes.fetch_add(1, Relaxed);
-            if moved {
-                m.resumes_moved.fetch_add(1, Relaxed);
-            }
-            session_live(shard, conn, Cmd::Resume, uid, role, epoch, resumes, log_id, seq)
-        }
-        Output::ResumeRefused { conn, log_id, seq, why } => {
-            tracing::info!(log_id, shard = shard.id, why = ?why, "resume refused");
-            shard.with_conn(conn, |c| {
-                if c.state == ConnState::LoggingIn {
-                    c.state = ConnState::AwaitingLogin;
-                    c.uid = 0;
-                }
-            });
-            let message = match why {
-                logic::directory::ResumeRefused::NoSession => {
-                    "no session to resume (expired or logged out): log in"
-                }
-                logic::directory::ResumeRefused::StaleEpoch => "the token names an older session: log in",
-                logic::directory::ResumeRefused::Replayed => "the token was already used: log in",
-            };
-            shard.send_error(
-                conn,
-                seq,
-                log_id,
-                ErrorCode::ResumeRefused,
-                Hop::App,
-                Cmd::Resume as u16,
-                message,
-                0,
-            );
-        }
-        Output::Displaced { conn, uid, log_id } => {
-            tracing::info!(log_id, uid, shard = shard.id, "displaced by a newer login");
-            shard.go_away(conn, log_id, GoAwayReason::Displaced, "logged in on another connection", 0);
-        }
-        Output::LogoutOk { conn, log_id, seq } => {
-            shard.send_frame(conn, FrameType::Response, Cmd::Logout, seq, log_id, |b| {
-                wire::Logout::create(b, &wire::LogoutArgs::default())
-            });
-            shard.with_conn(conn, |c| {
-                if c.state == ConnState::LoggedIn {
-                    shard.metrics().sessions_on_conns.fetch_sub(1, Relaxed);
-                }
-                // The session is gone: closing must not report it closed again.
-                c.state = ConnState::AwaitingLogin;
-            });
-            shard.go_away(conn, log_id, GoAwayReason::LoggedOut, "logged out", 0);
-        }
-        Output::Deliver { conn, seq, push, redelivery } => {
-            super::push::deliver(shard, conn, seq, &push, redelivery)
-        }
-        Output::Reply { conn, cmd, seq, log_id, reply } => {
-            super::upstream::reply(shard, conn, cmd, seq, log_id, &reply)
-        }
-        Output::RequestFailed { conn, cmd, seq, log_id, failure, message } => {
-            super::upstream::failed(shard, conn, cmd, seq, log_id, failure, &message)
-        }
-        Output::BroadcastCounted { tally, targets } => {
-            crate::sidecar::push::on_counted(shard, tally, targets)
-        }
-        o @ (Output::Receipt(_)
-        | Output::Upstream { .. }
-        | Output::GpsBatch(_)
-        | Output::Unreachable { .. }) => crate::sidecar::route(shard, o),
+/// The logic shard registered a login.
+pub fn login_ok(shard: &mut Shard, conn: ConnRef, uid: u64, role: u8, epoch: u64, log_id: u64, seq: u32) {
+    shard.metrics().logins.fetch_add(1, Relaxed);
+    session_live(shard, conn, Cmd::Login, uid, role, epoch, 0, log_id, seq)
+}
+
+/// The logic shard let a session resume on this connection.
+#[allow(clippy::too_many_arguments)]
+pub fn resume_ok(
+    shard: &mut Shard,
+    conn: ConnRef,
+    uid: u64,
+    role: u8,
+    epoch: u64,
+    resumes: u32,
+    log_id: u64,
+    seq: u32,
+    moved: bool,
+) {
+    let m = shard.metrics();
+    m.resumes.fetch_add(1, Relaxed);
+    if moved {
+        m.resumes_moved.fetch_add(1, Relaxed);
     }
+    session_live(shard, conn, Cmd::Resume, uid, role, epoch, resumes, log_id, seq)
+}
+
+/// The logic shard refused a resume: the app logs in afresh, on this connection if it likes.
+pub fn resume_refused(
+    shard: &mut Shard,
+    conn: ConnRef,
+    log_id: u64,
+    seq: u32,
+    why: logic::directory::ResumeRefused,
+) {
+    tracing::info!(log_id, shard = shard.id, why = ?why, "resume refused");
+    if let Some(l) = shard.life(conn) {
+        l.login_refused();
+    }
+    let message = match why {
+        logic::directory::ResumeRefused::NoSession => "no session to resume (expired or logged out): log in",
+        logic::directory::ResumeRefused::StaleEpoch => "the token names an older session: log in",
+        logic::directory::ResumeRefused::Replayed => "the token was already used: log in",
+    };
+    shard.send_error(conn, seq, log_id, ErrorCode::ResumeRefused, Hop::App, Cmd::Resume as u16, message, 0);
+}
+
+/// A newer login (or a resume) took this connection's session.
+pub fn displaced(shard: &mut Shard, conn: ConnRef, uid: u64, log_id: u64) {
+    tracing::info!(log_id, uid, shard = shard.id, "displaced by a newer login");
+    shard.go_away(conn, log_id, GoAwayReason::Displaced, "logged in on another connection", 0);
+}
+
+/// The session ended on the app's logout: answer, go away, close.
+pub fn logout_ok(shard: &mut Shard, conn: ConnRef, log_id: u64, seq: u32) {
+    shard.send_frame(conn, FrameType::Response, Cmd::Logout, seq, log_id, |b| {
+        wire::Logout::create(b, &wire::LogoutArgs::default())
+    });
+    let was_live = shard.life(conn).is_some_and(|l| {
+        let live = matches!(l.phase, Phase::Live { .. });
+        // The session is gone: closing must not report it closed again.
+        l.session_ended();
+        live
+    });
+    if was_live {
+        shard.metrics().sessions_on_conns.fetch_sub(1, Relaxed);
+    }
+    shard.go_away(conn, log_id, GoAwayReason::LoggedOut, "logged out", 0);
 }

@@ -2,13 +2,13 @@
 //! they go through the app's logic shard, which remembers them until the app-server answers or
 //! the deadline passes; the answer (or an error naming the hop) comes back here.
 
-use crate::shard::Shard;
+use crate::state::Shard;
 use logic::{ConnRef, Input, RequestFailure};
 use schema::wire::{ErrorCode, Hop};
 use schema::{Cmd, Frame, FrameType};
 
 /// Forwards a verified app request toward the app-server.
-pub fn on_request(shard: &Shard, me: ConnRef, uid: u64, role: u8, f: &Frame<'_>) {
+pub fn on_request(shard: &mut Shard, me: ConnRef, uid: u64, role: u8, f: &Frame<'_>) {
     let h = &f.header;
     if !shard.sidecars.any() {
         tracing::info!(log_id = h.log_id, uid, "request refused: no app-server connected");
@@ -37,7 +37,7 @@ pub fn on_request(shard: &Shard, me: ConnRef, uid: u64, role: u8, f: &Frame<'_>)
 }
 
 /// The app-server's answer: a Response with the app's cmd and sequence-id.
-pub fn reply(shard: &Shard, conn: ConnRef, cmd: u16, seq: u32, log_id: u64, reply: &[u8]) {
+pub fn reply(shard: &mut Shard, conn: ConnRef, cmd: u16, seq: u32, log_id: u64, reply: &[u8]) {
     let Some(cmd) = Cmd::from_u16(cmd) else { return };
     tracing::info!(log_id, seq, cmd = cmd.name(), "request: answered to app");
     shard.queue_raw(conn, cmd, |out| schema::write_frame(out, FrameType::Response, cmd, seq, log_id, reply));
@@ -46,7 +46,7 @@ pub fn reply(shard: &Shard, conn: ConnRef, cmd: u16, seq: u32, log_id: u64, repl
 /// A request that failed: an error frame naming the hop; `detail` (when not empty) replaces the
 /// standard text, e.g. with the app-server's own message.
 pub fn failed(
-    shard: &Shard,
+    shard: &mut Shard,
     conn: ConnRef,
     cmd: u16,
     seq: u32,

@@ -5,8 +5,8 @@
 
 use crate::app::session::error;
 use crate::mesh::Msg;
-use crate::shard::Shard;
-use logic::{ConnRef, Input, PushContent, Tally};
+use crate::state::{PendingBroadcast, Shard};
+use logic::{Input, PushContent, Tally};
 use schema::wire::{self, ErrorCode, Hop};
 use schema::{Cmd, Frame, FrameType};
 use std::sync::atomic::Ordering::Relaxed;
@@ -16,12 +16,11 @@ use std::sync::Arc;
 pub const MAX_PAYLOAD: usize = 16 * 1024;
 
 /// Validates and fans out one Push; answers PushAccepted or an error.
-pub fn accept(shard: &Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Push<'_>) {
+pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Push<'_>) {
     let h = &f.header;
     let cfg = &shard.cfg.sidecar;
     // The app-server's own frame is invalid: origin App (§8.1), on the sidecar too.
-    let refuse = |code, message: &str| error(shard, me, h, code, Hop::App, message);
-    if shard.shutting_down.get() {
+    if shard.shutting_down {
         return error(
             shard,
             me,
@@ -36,20 +35,27 @@ pub fn accept(shard: &Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Push<'_
     let payload = p.payload().map(|b| b.bytes()).unwrap_or(&[]);
     let broadcast = p.broadcast();
     if n_uids > cfg.max_targets as usize {
-        return refuse(ErrorCode::LimitExceeded, "more uids than sidecar.max_targets");
+        return error(shard, me, h, ErrorCode::LimitExceeded, Hop::App, "more uids than sidecar.max_targets");
     }
     if payload.len() > MAX_PAYLOAD {
-        return refuse(ErrorCode::LimitExceeded, "payload over 16 KiB");
+        return error(shard, me, h, ErrorCode::LimitExceeded, Hop::App, "payload over 16 KiB");
     }
     if p.ttl_ms() > cfg.max_ttl_ms {
-        return refuse(ErrorCode::InvalidField, "ttl_ms over sidecar.max_ttl_ms");
+        return error(shard, me, h, ErrorCode::InvalidField, Hop::App, "ttl_ms over sidecar.max_ttl_ms");
     }
     if broadcast != wire::Role::Unknown && (n_uids > 0 || broadcast.variant_name().is_none()) {
-        return refuse(ErrorCode::InvalidField, "a broadcast names a known role and no uids");
+        return error(
+            shard,
+            me,
+            h,
+            ErrorCode::InvalidField,
+            Hop::App,
+            "a broadcast names a known role and no uids",
+        );
     }
     let ttl_ms = if p.ttl_ms() == 0 { cfg.default_ttl_ms } else { p.ttl_ms() };
     let message_id = p.message_id();
-    let body: Arc<[u8]> = Arc::from(shard.enc.borrow_mut().body(|b| {
+    let body: Arc<[u8]> = Arc::from(shard.enc.body(|b| {
         let payload = b.create_vector(payload);
         wire::PushDelivery::create(
             b,
@@ -64,28 +70,21 @@ pub fn accept(shard: &Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Push<'_
     let push = Arc::new(PushContent { message_id, body, log_id: h.log_id, ttl_ms });
 
     let shards = shard.mesh.len();
-    let m = shard.metrics();
-    m.pushes.fetch_add(1, Relaxed);
+    shard.metrics().pushes.fetch_add(1, Relaxed);
     if broadcast != wire::Role::Unknown {
         // The targets are the role's sessions on every logic shard at acceptance: each shard
         // counts its own, and PushAccepted goes out once every count is in (`on_counted`).
-        let id = {
-            let mut ob = shard.outbound.borrow_mut();
-            ob.next_tally += 1;
-            let id = ob.next_tally;
-            ob.broadcasts.insert(
-                id,
-                PendingBroadcast {
-                    conn: me,
-                    seq: h.seq,
-                    log_id: h.log_id,
-                    message_id,
-                    waiting: shards,
-                    targets: 0,
-                },
-            );
-            id
+        shard.next_tally += 1;
+        let id = shard.next_tally;
+        let pending = PendingBroadcast {
+            conn: me,
+            seq: h.seq,
+            log_id: h.log_id,
+            message_id,
+            waiting: shards,
+            targets: 0,
         };
+        shard.broadcasts.insert(id, pending);
         let tally = Tally { shard: shard.id, id };
         for s in 0..shards {
             shard.to_shard(s, Msg::Logic(Input::Broadcast { push: push.clone(), role: broadcast.0, tally }));
@@ -115,42 +114,22 @@ pub fn accept(shard: &Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Push<'_
         }
         all.len() as u32
     };
-    m.push_targets.fetch_add(targets as u64, Relaxed);
+    shard.metrics().push_targets.fetch_add(targets as u64, Relaxed);
     tracing::info!(log_id = h.log_id, message_id, targets, ttl_ms, "push accepted");
     shard.send_frame(me, FrameType::Response, Cmd::Push, h.seq, h.log_id, |b| {
         wire::PushAccepted::create(b, &wire::PushAcceptedArgs { message_id, targets })
     });
 }
 
-/// A broadcast waiting for every logic shard's count of its targets.
-#[derive(Debug)]
-pub struct PendingBroadcast {
-    /// The app-server connection that sent it.
-    conn: ConnRef,
-    /// The push's sequence-id and log-id, for PushAccepted.
-    seq: u32,
-    log_id: u64,
-    /// The push's id.
-    message_id: u64,
-    /// Logic shards yet to count.
-    waiting: usize,
-    /// Targets counted so far.
-    targets: u32,
-}
-
 /// One logic shard counted a broadcast's targets on it; the last count answers PushAccepted.
-pub fn on_counted(shard: &Shard, tally: Tally, targets: u32) {
-    let done = {
-        let mut ob = shard.outbound.borrow_mut();
-        let Some(b) = ob.broadcasts.get_mut(&tally.id) else { return };
-        b.targets = b.targets.saturating_add(targets);
-        b.waiting -= 1;
-        if b.waiting > 0 {
-            return;
-        }
-        ob.broadcasts.remove(&tally.id)
-    };
-    let Some(b) = done else { return };
+pub fn on_counted(shard: &mut Shard, tally: Tally, targets: u32) {
+    let Some(b) = shard.broadcasts.get_mut(&tally.id) else { return };
+    b.targets = b.targets.saturating_add(targets);
+    b.waiting -= 1;
+    if b.waiting > 0 {
+        return;
+    }
+    let Some(b) = shard.broadcasts.remove(&tally.id) else { return };
     shard.metrics().push_targets.fetch_add(b.targets as u64, Relaxed);
     tracing::info!(
         log_id = b.log_id,

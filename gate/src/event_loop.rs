@@ -1,0 +1,681 @@
+//! The shard's one loop. It owns the shard's state (`&mut Shard`), and takes, in turn: what the
+//! I/O tasks post (accepted connections, bytes read, writes done, connections ended), the mesh's
+//! batches from other shards, and its deadlines (the logic shard's, the timeout sweep, the busy
+//! read tick, the receipt window, shutdown steps). It hands each frame to its flow (`app::*`,
+//! `sidecar::*`), feeds the logic shard, and carries out the logic shard's outputs — matched
+//! once, in [`apply`] — then writes what the turn produced.
+//!
+//! ```text
+//!   io tasks ──Events──▶ ┌───────────── loop (one per shard) ─────────────┐
+//!   other shards ─mesh─▶ │ on_event / on_msgs / on_time                    │──▶ sockets (send)
+//!   timer ─────────────▶ │   frames → app::*, sidecar::*  → logic inputs   │──▶ mesh batches
+//!                        │   logic::Shard::handle/tick    → apply(output)  │──▶ io tasks (ctl)
+//!                        └─────────────────────────────────────────────────┘
+//! ```
+
+use crate::io::{Command, Event, Events, Stop, INLINE};
+use crate::lifecycle::{CloseReason, Expiry, Port};
+use crate::mesh::Msg;
+use crate::metrics::Refusal;
+use crate::net::{self, Io};
+use crate::state::{jitter, mono_ms, Busy, Shard};
+use logic::{ConnRef, Output};
+use schema::wire::{self, GoAwayReason};
+use schema::{Decoded, Frames, Limits, HEADER_LEN};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+/// Mesh batches handled per turn before the loop serves its connections again.
+const MAX_BATCHES_PER_TURN: usize = 64;
+/// How often login, read and idle timeouts are checked while the shard has connections.
+const SWEEP_MS: u64 = 250;
+/// Read tick of busy app connections: GPS tolerates this much delay, and a busy connection
+/// then costs one recv per tick instead of a poll completion and a recv per segment.
+const READ_TICK_MS: u64 = 10;
+/// Frames closer together than this put a connection in busy mode.
+const BUSY_GAP_MS: u64 = 100;
+/// Most ticks a busy connection waits between reads (bounds the extra delay of its frames).
+const MAX_TICKS_PER_READ: u32 = 10;
+/// Empty reads before a busy connection goes back to waiting for readiness.
+const BUSY_TICKS: u8 = 4;
+/// At most this many extra `recv`s drain one readable burst, so one busy connection cannot
+/// starve the others on its shard.
+const MAX_DRAIN_READS: usize = 8;
+/// App-server connections per shard.
+const MAX_SIDECAR_CONNS_PER_SHARD: usize = 64;
+/// Rounds of handling what this shard sent itself in one flush: logic → app-server side →
+/// another logic input covers every chain the flows make.
+const OWN_ROUNDS: usize = 4;
+/// Each shutdown step waits at most this long.
+const DRAIN_TIMEOUT_MS: u64 = 3_000;
+
+/// Where a shard's shutdown stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shutdown {
+    Running,
+    /// Go-away sent to every app; waiting (bounded) for them to close.
+    WaitApps {
+        until: u64,
+    },
+    /// In-flight pushes ended; waiting for every shard to do so and for receipt acks.
+    WaitAcks {
+        until: u64,
+    },
+    /// Every connection told to close; waiting for them.
+    Closing {
+        until: u64,
+    },
+    Done,
+}
+
+/// The loop's clocks.
+struct Clocks {
+    next_sweep: Option<u64>,
+    next_read_tick: Option<u64>,
+    shutdown: Shutdown,
+}
+
+/// Runs the shard until its shutdown completes.
+pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
+    let mesh = shard.mesh.clone();
+    let inbox = &mesh.inboxes[shard.id as usize];
+    let mut batch = Vec::new();
+    let mut clocks = Clocks { next_sweep: None, next_read_tick: None, shutdown: Shutdown::Running };
+    let mut timer: Option<(u64, std::pin::Pin<Box<glommio::timer::Timer>>)> = None;
+    loop {
+        let due = next_deadline(&shard, &clocks);
+        let now = mono_ms();
+        if timer.as_ref().map(|t| t.0) != due {
+            timer = due.map(|d| {
+                (d, Box::pin(glommio::timer::Timer::new(Duration::from_millis(d.saturating_sub(now)))))
+            });
+        }
+        futures_lite::future::poll_fn(|cx| {
+            let mut ready = events.poll_ready(cx).is_ready();
+            inbox.waker.register(cx.waker());
+            ready |= !inbox.rx.is_empty() || inbox.shutdown.load(Acquire);
+            if let Some((_, t)) = timer.as_mut() {
+                ready |= std::future::Future::poll(t.as_mut(), cx).is_ready();
+            }
+            if ready {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        let now = mono_ms();
+        if timer.as_ref().is_some_and(|t| t.0 <= now) {
+            timer = None;
+        }
+        events.drain_into(&mut batch);
+        for e in batch.drain(..) {
+            on_event(&mut shard, e, now);
+        }
+        if inbox.shutdown.load(Acquire) && !shard.shutting_down {
+            begin_shutdown(&mut shard, &stop, &mut clocks, now);
+        }
+        for _ in 0..MAX_BATCHES_PER_TURN {
+            let Ok(b) = inbox.rx.try_recv() else { break };
+            shard.metrics().mesh_hop_us.observe_us(b.sent.elapsed().as_micros() as u64);
+            on_msgs(&mut shard, b.msgs, now);
+        }
+        on_time(&mut shard, &mut clocks, now);
+        flush(&mut shard, now);
+        if clocks.shutdown == Shutdown::Done {
+            tracing::info!(shard = shard.id, left = shard.conns.len(), "shard drained");
+            return;
+        }
+        // Let the connection tasks run before the next turn, however busy the loop is.
+        futures_lite::future::yield_now().await;
+    }
+}
+
+/// The earliest of the loop's deadlines (monotonic ms).
+fn next_deadline(shard: &Shard, clocks: &Clocks) -> Option<u64> {
+    let shutdown_tick = match clocks.shutdown {
+        Shutdown::Running | Shutdown::Done => None,
+        _ => Some(mono_ms() + 10),
+    };
+    [
+        shard.logic.next_deadline_ms(),
+        clocks.next_sweep,
+        clocks.next_read_tick,
+        shard.delivery.next_deadline(),
+        shard.outbox_retry_ms,
+        shutdown_tick,
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Events from the I/O tasks
+// ------------------------------------------------------------------------------------------------
+
+fn on_event(shard: &mut Shard, e: Event, now: u64) {
+    match e {
+        Event::Opened { port: Port::App, fd, ctl } => admit_app(shard, fd, ctl, now),
+        Event::Opened { port: Port::Sidecar, fd, ctl } => {
+            if shard.conns.len() - shard.app_conns() >= MAX_SIDECAR_CONNS_PER_SHARD || shard.shutting_down {
+                tracing::warn!(
+                    shard = shard.id,
+                    "sidecar connection refused: limit reached or shutting down"
+                );
+                ctl.refuse(Vec::new());
+                return;
+            }
+            let me = shard.add_conn(fd, Port::Sidecar, ctl.clone(), now);
+            ctl.admit(me, Duration::ZERO);
+        }
+        Event::Data { conn, len, buf } => {
+            let len = len as usize;
+            let Some(c) = shard.conn(conn) else { return };
+            let (port, gap) = (c.port, now.saturating_sub(c.last_read_ms));
+            c.last_read_ms = now;
+            // App-servers send large frames in bursts: drain them. App connections send small
+            // frames: when the inline buffer fills, the next read takes the rest.
+            let maybe_more = port == Port::Sidecar && len == INLINE;
+            if on_read(shard, conn, &buf[..len], maybe_more, now) == Read::Closed {
+                shard.close(conn, CloseReason::PeerGone);
+                return;
+            }
+            if port == Port::App && gap < BUSY_GAP_MS {
+                enter_busy(shard, conn, gap);
+            }
+        }
+        Event::Written { conn, ok } => shard.written(conn, ok),
+        Event::Closed { conn } => closed(shard, conn, now),
+    }
+}
+
+/// Admission of an app connection: shutdown, the per-shard limit, and the accept-rate token
+/// bucket whose overflow waits in a bounded queue.
+fn admit_app(shard: &mut Shard, fd: std::os::fd::RawFd, ctl: Rc<crate::io::ConnCtl>, now: u64) {
+    shard.metrics().accepted.fetch_add(1, Relaxed);
+    let refusal = if shard.shutting_down {
+        Some((Refusal::Shutdown, "gate shutting down"))
+    } else if shard.app_conns() >= shard.cfg.app.max_conns_per_shard as usize {
+        Some((Refusal::ConnLimit, "connection limit reached on this shard"))
+    } else {
+        None
+    };
+    let wait = match refusal {
+        Some(_) => None,
+        None => take_accept_token(shard),
+    };
+    match (refusal, wait) {
+        (None, Some(wait)) => {
+            let me = shard.add_conn(fd, Port::App, ctl.clone(), now);
+            ctl.admit(me, wait);
+        }
+        (refusal, _) => {
+            let (why, message) = refusal.unwrap_or((Refusal::AcceptRate, "accept rate limit: queue full"));
+            let m = shard.metrics();
+            m.refused.add(why as usize, 1);
+            let code = if matches!(why, Refusal::Shutdown) {
+                wire::ErrorCode::ShuttingDown
+            } else {
+                wire::ErrorCode::Overloaded
+            };
+            m.errors.add(code.0 as usize, 1);
+            let retry = jitter(shard.cfg.app.retry_after_ms);
+            let log_id = shard.new_log_id();
+            tracing::warn!(log_id, shard = shard.id, reason = ?why, retry_after_ms = retry, "connection refused");
+            let mut frame = Vec::new();
+            shard.enc.error(&mut frame, 0, log_id, code, wire::Hop::Gate, 0, message, retry);
+            ctl.refuse(frame);
+        }
+    }
+}
+
+/// Token bucket: one token per accept, refilled at the configured rate, holding at most one
+/// second's worth. Tokens may go negative down to `-accept_queue`: those accepts wait their turn.
+fn take_accept_token(shard: &mut Shard) -> Option<Duration> {
+    let rate = shard.cfg.app.accept_rate_per_shard as f64;
+    let now = Instant::now();
+    let elapsed = now.duration_since(shard.accept_refill).as_secs_f64();
+    shard.accept_refill = now;
+    let tokens = (shard.accept_tokens + elapsed * rate).min(rate);
+    if tokens - 1.0 < -(shard.cfg.app.accept_queue as f64) {
+        shard.accept_tokens = tokens;
+        return None;
+    }
+    let tokens = tokens - 1.0;
+    shard.accept_tokens = tokens;
+    Some(if tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-tokens / rate) })
+}
+
+/// A connection's task ended: forget it, and tell its logic shard or the app-server side.
+fn closed(shard: &mut Shard, c: ConnRef, now: u64) {
+    let Some(conn) = shard.take_conn(c) else { return };
+    match conn.port {
+        Port::Sidecar => crate::sidecar::closed(shard, c, &conn, now),
+        Port::App => {
+            if let Some(uid) = conn.life.uid() {
+                let reason = match conn.life.closing {
+                    Some(CloseReason::GoAway(GoAwayReason::SlowConsumer)) => logic::CloseReason::SlowConsumer,
+                    Some(CloseReason::GoAway(GoAwayReason::Shutdown)) => logic::CloseReason::Shutdown,
+                    _ => logic::CloseReason::Dropped,
+                };
+                shard.to_logic(uid, logic::Input::Closed { uid, conn: c, reason });
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reading and decoding
+// ------------------------------------------------------------------------------------------------
+
+/// What a read found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    /// Bytes came and were handled.
+    Data,
+    /// The socket had nothing.
+    Empty,
+    /// The peer closed.
+    Closed,
+}
+
+/// Handles bytes that arrived (`first`, then, with `maybe_more`, what else the socket holds).
+fn on_read(shard: &mut Shard, me: ConnRef, first: &[u8], maybe_more: bool, now: u64) -> Read {
+    let Some(c) = shard.conn(me) else { return Read::Closed };
+    if c.life.closing.is_some() {
+        // Closing: whatever else arrives is not decoded (its answers could not be sent anyway,
+        // and after a stream error its framing is lost).
+        return Read::Data;
+    }
+    let (fd, port, mut own) = (c.fd, c.port, std::mem::take(&mut c.partial));
+    let max_body = match port {
+        Port::App => shard.cfg.app.max_body,
+        Port::Sidecar => shard.cfg.sidecar.max_body,
+    };
+    let (eof, got, rest) = if own.is_empty() {
+        // The common case: decode from the shard's scratch; keep only an incomplete tail.
+        let mut scratch = std::mem::take(&mut shard.scratch);
+        scratch.clear();
+        let (eof, used) =
+            read_and_decode(shard, me, port, fd, &mut scratch, first, maybe_more, max_body, false);
+        let got = !scratch.is_empty();
+        let rest = scratch[used..].to_vec();
+        shard.scratch = scratch;
+        (eof, got, rest)
+    } else {
+        // A frame is half-read: it grows in its own buffer, so a large sidecar frame arriving in
+        // many reads is not copied again on each one.
+        let before = own.len();
+        let (eof, used) = read_and_decode(shard, me, port, fd, &mut own, first, maybe_more, max_body, true);
+        let got = own.len() > before;
+        own.drain(..used);
+        (eof, got, own)
+    };
+    if let Some(c) = shard.conn(me) {
+        if got {
+            c.life.on_input(now, !rest.is_empty());
+        }
+        c.partial = rest;
+    }
+    match (eof, got) {
+        (true, _) => Read::Closed,
+        (false, true) => Read::Data,
+        (false, false) => Read::Empty,
+    }
+}
+
+/// Appends `first` and what else the socket holds (bounded) to `buf`, then hands every whole
+/// frame in it to its flow. Returns (peer closed, bytes consumed).
+#[allow(clippy::too_many_arguments)]
+fn read_and_decode(
+    shard: &mut Shard,
+    me: ConnRef,
+    port: Port,
+    fd: std::os::fd::RawFd,
+    buf: &mut Vec<u8>,
+    first: &[u8],
+    maybe_more: bool,
+    max_body: u32,
+    grow: bool,
+) -> (bool, usize) {
+    let before = buf.len();
+    buf.extend_from_slice(first);
+    let mut eof = false;
+    if maybe_more {
+        for _ in 0..MAX_DRAIN_READS {
+            if buf.capacity() - buf.len() < 4096 {
+                if !grow {
+                    break;
+                }
+                // Room for the rest of the frame being read (bounded by the frame limit).
+                let need = buf.first_chunk::<HEADER_LEN>().map_or(64 * 1024, |h| {
+                    schema::Header::read(h).frame_len().min(HEADER_LEN + max_body as usize)
+                });
+                buf.reserve(need.saturating_sub(buf.len()).max(64 * 1024));
+            }
+            let spare = buf.capacity() - buf.len();
+            match net::recv_into(fd, buf) {
+                // A read that did not fill the room took everything queued: another would find
+                // the socket empty, a wasted syscall.
+                Ok(Io::Done(n)) if n < spare => break,
+                Ok(Io::Done(_)) => {}
+                Ok(Io::WouldBlock) => break,
+                Ok(Io::Eof) | Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+    }
+    shard.metrics().bytes_in.fetch_add((buf.len() - before) as u64, Relaxed);
+
+    let mut frames = Frames::new(buf, Limits { max_body });
+    for item in frames.by_ref() {
+        match item {
+            Ok(Decoded::Frame(mut f)) => {
+                // A flow started with log-id 0 gets a gate-assigned one at its first hop (§7),
+                // carried by every answer and log line from here on.
+                f.header.log_id = shard.log_id_or_new(f.header.log_id);
+                match port {
+                    Port::App => crate::app::session::on_frame(shard, me, &f),
+                    Port::Sidecar => crate::sidecar::on_frame(shard, me, &f),
+                }
+            }
+            Ok(Decoded::Rejected { mut header, error }) => {
+                header.log_id = shard.log_id_or_new(header.log_id);
+                crate::app::session::on_rejected(shard, me, &header, &error)
+            }
+            Err(e) => {
+                crate::app::session::on_stream_error(shard, me, &e);
+                return (eof, frames.consumed());
+            }
+        }
+        if shard.conn(me).is_none_or(|c| c.life.closing.is_some()) {
+            break;
+        }
+    }
+    (eof, frames.consumed())
+}
+
+/// A connection whose frames come closer together than `BUSY_GAP_MS` is read by the loop on
+/// its tick instead of through a readiness poll per segment.
+fn enter_busy(shard: &mut Shard, me: ConnRef, gap: u64) {
+    let Some(c) = shard.conn(me) else { return };
+    let ticks_per_read = ((gap / READ_TICK_MS) as u32).clamp(1, MAX_TICKS_PER_READ);
+    match &mut c.busy {
+        Some(b) => {
+            b.left = BUSY_TICKS;
+            b.ticks_per_read = ticks_per_read;
+        }
+        None => {
+            c.busy = Some(Busy { left: BUSY_TICKS, ticks_per_read, waited: 0 });
+            c.ctl.send(Command::Park);
+            shard.busy.push(me.slot as usize);
+        }
+    }
+}
+
+/// The read tick: every busy connection whose turn it is gets one direct read; one that found
+/// nothing `BUSY_TICKS` times goes back to readiness reads.
+fn read_tick(shard: &mut Shard, now: u64) {
+    let busy = std::mem::take(&mut shard.busy);
+    let mut keep = Vec::with_capacity(busy.len());
+    for slot in busy {
+        let Some(c) = shard.conns.get_mut(slot) else { continue };
+        let me = ConnRef { shard: shard.id, slot: slot as u32, gen: c.gen };
+        let Some(b) = c.busy.as_mut() else { continue };
+        if c.life.closing.is_some() {
+            continue;
+        }
+        b.waited += 1;
+        if b.waited < b.ticks_per_read {
+            keep.push(slot);
+            continue;
+        }
+        b.waited = 0;
+        match on_read(shard, me, &[], true, now) {
+            Read::Closed => shard.close(me, CloseReason::PeerGone),
+            Read::Data => {
+                if let Some(b) = shard.conn(me).and_then(|c| c.busy.as_mut()) {
+                    b.left = BUSY_TICKS;
+                }
+                keep.push(slot);
+            }
+            Read::Empty => {
+                let Some(c) = shard.conn(me) else { continue };
+                let Some(b) = c.busy.as_mut() else { continue };
+                b.left -= 1;
+                if b.left == 0 {
+                    c.busy = None;
+                    c.ctl.send(Command::Unpark);
+                } else {
+                    keep.push(slot);
+                }
+            }
+        }
+    }
+    // Connections that turned busy during the tick were pushed meanwhile.
+    keep.append(&mut shard.busy);
+    shard.busy = keep;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Messages, logic outputs, deadlines
+// ------------------------------------------------------------------------------------------------
+
+/// Handles one batch from the mesh (or from this shard itself).
+fn on_msgs(shard: &mut Shard, msgs: Vec<Msg>, now: u64) {
+    for msg in msgs {
+        match msg {
+            Msg::Logic(input) => logic_input(shard, input, now),
+            Msg::Conn(output) => apply(shard, output, now),
+            Msg::AppServer(m) => crate::sidecar::on_mesh(shard, m, now),
+        }
+    }
+}
+
+/// Feeds one input to this executor's logic shard and carries out what it decides.
+fn logic_input(shard: &mut Shard, input: logic::Input, now: u64) {
+    let mut out = Vec::new();
+    shard.logic.handle(input, now, &mut out);
+    for o in out {
+        apply(shard, o, now);
+    }
+}
+
+/// Carries out one logic output: the one place they are matched. An output for a connection on
+/// another gate shard goes there first.
+fn apply(shard: &mut Shard, o: Output, now: u64) {
+    if let Some(dest) = o.gate_shard() {
+        if dest != shard.id {
+            shard.to_shard(dest as usize, Msg::Conn(o));
+            return;
+        }
+    }
+    use crate::app::{push, session, upstream};
+    match o {
+        Output::LoginOk { conn, uid, role, epoch, log_id, seq } => {
+            session::login_ok(shard, conn, uid, role, epoch, log_id, seq)
+        }
+        Output::ResumeOk { conn, uid, role, epoch, resumes, log_id, seq, moved } => {
+            session::resume_ok(shard, conn, uid, role, epoch, resumes, log_id, seq, moved)
+        }
+        Output::ResumeRefused { conn, log_id, seq, why } => {
+            session::resume_refused(shard, conn, log_id, seq, why)
+        }
+        Output::Displaced { conn, uid, log_id } => session::displaced(shard, conn, uid, log_id),
+        Output::LogoutOk { conn, log_id, seq } => session::logout_ok(shard, conn, log_id, seq),
+        Output::Deliver { conn, seq, push, redelivery } => push::deliver(shard, conn, seq, &push, redelivery),
+        Output::Reply { conn, cmd, seq, log_id, reply } => {
+            upstream::reply(shard, conn, cmd, seq, log_id, &reply)
+        }
+        Output::RequestFailed { conn, cmd, seq, log_id, failure, message } => {
+            upstream::failed(shard, conn, cmd, seq, log_id, failure, &message)
+        }
+        Output::BroadcastCounted { tally, targets } => {
+            crate::sidecar::push::on_counted(shard, tally, targets)
+        }
+        Output::Receipt(r) => crate::sidecar::receipt(shard, r, now),
+        Output::Upstream { request_id, uid, role, cmd, body, log_id } => {
+            shard.delivery.upstream(crate::delivery::UpstreamOut { request_id, uid, role, cmd, body, log_id })
+        }
+        Output::GpsBatch(points) => {
+            crate::app::gps::remember(shard, &points);
+            shard.delivery.gps(&points);
+        }
+        Output::Unreachable { uid, outcome } => {
+            tracing::info!(uid, outcome, "session ended without logout: unreachable");
+            shard.delivery.unreachable(uid, outcome);
+        }
+    }
+}
+
+/// Runs what is due: the logic shard's deadlines, the timeout sweep, the busy read tick and
+/// shutdown's steps.
+fn on_time(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
+    if shard.logic.next_deadline_ms().is_some_and(|d| d <= now) {
+        let mut out = Vec::new();
+        shard.logic.tick(now, &mut out);
+        for o in out {
+            apply(shard, o, now);
+        }
+    }
+    clocks.next_sweep = match clocks.next_sweep {
+        _ if shard.conns.is_empty() => None,
+        Some(t) if t <= now => {
+            sweep(shard, now);
+            Some(now + SWEEP_MS)
+        }
+        Some(t) => Some(t),
+        None => Some(now + SWEEP_MS),
+    };
+    clocks.next_read_tick = match clocks.next_read_tick {
+        _ if shard.busy.is_empty() => None,
+        Some(t) if t <= now => {
+            read_tick(shard, now);
+            Some(now + READ_TICK_MS)
+        }
+        Some(t) => Some(t),
+        None => Some(now + READ_TICK_MS),
+    };
+    shutdown_step(shard, clocks, now);
+}
+
+/// Closes connections past their login, read, write-stall or idle timeout.
+fn sweep(shard: &mut Shard, now: u64) {
+    let (app_t, side_t) = (shard.timeouts(Port::App), shard.timeouts(Port::Sidecar));
+    let expired: Vec<(ConnRef, Expiry)> = shard
+        .conns
+        .iter()
+        .filter_map(|(slot, c)| {
+            let t = if c.port == Port::App { &app_t } else { &side_t };
+            c.life.expired(now, t).map(|e| (ConnRef { shard: shard.id, slot: slot as u32, gen: c.gen }, e))
+        })
+        .collect();
+    for (r, e) in expired {
+        match e {
+            Expiry::Login => {
+                let log_id = shard.new_log_id();
+                let (code, hop) = (wire::ErrorCode::NotLoggedIn, wire::Hop::App);
+                shard.send_error(r, 0, log_id, code, hop, 0, "no login within the login timeout", 0);
+                shard.close(r, CloseReason::LoginTimeout);
+            }
+            Expiry::Read => shard.go_away(
+                r,
+                0,
+                GoAwayReason::ReadTimeout,
+                "frame not completed within the read timeout",
+                0,
+            ),
+            // Pushes wait and the peer takes nothing: a slow consumer, whatever its queue.
+            Expiry::WriteStall => shard.close(r, CloseReason::GoAway(GoAwayReason::SlowConsumer)),
+            Expiry::Idle => {
+                shard.go_away(r, 0, GoAwayReason::IdleTimeout, "nothing heard within the idle timeout", 0)
+            }
+        }
+    }
+}
+
+/// Sends everything this turn produced: what the shard sent itself (handled in place), the
+/// app-server side, mesh batches to other shards, and every dirty connection's bytes.
+fn flush(shard: &mut Shard, now: u64) {
+    for _ in 0..OWN_ROUNDS {
+        let own = shard.take_own();
+        if !own.is_empty() {
+            on_msgs(shard, own, now);
+        }
+        crate::sidecar::flush(shard, now);
+    }
+    shard.send_outbox();
+    shard.flush_writes();
+    shard.refresh_logic_gauges();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Shutdown
+// ------------------------------------------------------------------------------------------------
+
+/// Begins graceful shutdown on this shard: stop accepting, tell every app to go away.
+fn begin_shutdown(shard: &mut Shard, stop: &Stop, clocks: &mut Clocks, now: u64) {
+    shard.shutting_down = true;
+    stop.fire();
+    tracing::info!(shard = shard.id, "shutting down: go-away to every connection");
+    let apps: Vec<ConnRef> = shard
+        .conns
+        .iter()
+        .filter(|(_, c)| c.port == Port::App)
+        .map(|(slot, c)| ConnRef { shard: shard.id, slot: slot as u32, gen: c.gen })
+        .collect();
+    let base = shard.cfg.app.retry_after_ms;
+    for c in apps {
+        shard.go_away(c, 0, GoAwayReason::Shutdown, "gate shutting down", jitter(base));
+    }
+    let mut out = Vec::new();
+    shard.logic.flush_gps(&mut out);
+    for o in out {
+        apply(shard, o, now);
+    }
+    clocks.shutdown = Shutdown::WaitApps { until: now + DRAIN_TIMEOUT_MS };
+}
+
+/// Shutdown, after go-away went to every app: (1) wait (bounded) for app connections to close,
+/// which ends their pushes with `shutdown` receipts; (2) end whatever is still in flight on this
+/// logic shard; (3) wait until every shard did so and this shard's app-server connections have
+/// acked every receipt batch (bounded); (4) close the app-server connections and wait for them.
+fn shutdown_step(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
+    match clocks.shutdown {
+        Shutdown::Running | Shutdown::Done => {}
+        Shutdown::WaitApps { until } => {
+            if shard.app_conns() == 0 || now >= until {
+                logic_input(shard, logic::Input::Shutdown, now);
+                shard.drained.fetch_add(1, AcqRel);
+                clocks.shutdown = Shutdown::WaitAcks { until: now + DRAIN_TIMEOUT_MS };
+            }
+        }
+        Shutdown::WaitAcks { until } => {
+            let all_drained = shard.drained.load(Acquire) >= shard.mesh.len();
+            let unacked =
+                shard.delivery.unacked_batches() > 0 || shard.conns.iter().any(|(_, c)| !c.out.is_empty());
+            let waiting = shard.delivery.receipts_waiting() > 0 && shard.sidecars.any();
+            if (all_drained && !unacked && !waiting) || now >= until {
+                let all: Vec<ConnRef> = shard
+                    .conns
+                    .iter()
+                    .map(|(slot, c)| ConnRef { shard: shard.id, slot: slot as u32, gen: c.gen })
+                    .collect();
+                for c in all {
+                    shard.close(c, CloseReason::GoAway(GoAwayReason::Shutdown));
+                }
+                clocks.shutdown = Shutdown::Closing { until: now + 1_000 };
+            }
+        }
+        Shutdown::Closing { until } => {
+            if shard.conns.is_empty() || now >= until {
+                clocks.shutdown = Shutdown::Done;
+            }
+        }
+    }
+}

@@ -1,0 +1,610 @@
+//! One executor's state, owned by its loop (`event_loop`) and lent `&mut` to the flows: the
+//! connection table, the logic shard, the app-server delivery, the out queues and the mesh
+//! outbox, with the primitives the flows use (send a frame, close a connection, send to a logic
+//! shard). Nothing here is shared or behind a `RefCell`; nothing here calls a flow.
+
+use crate::config::Config;
+use crate::delivery::Delivery;
+use crate::io::{Command, ConnCtl};
+use crate::lifecycle::{CloseReason, Lifecycle, Port, Timeouts};
+use crate::mesh::{Batch, Mesh, Msg, MAX_BATCH};
+use crate::metrics::ShardMetrics;
+use crate::net::{self, Io};
+use logic::ConnRef;
+use schema::wire::{self, GoAwayReason};
+use schema::{Cmd, Encoder, FrameType};
+use slab::Slab;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Size of the shard's drain buffer: bursts from one connection are read into it and decoded in
+/// place, so a connection owns no read buffer while idle.
+pub const SCRATCH_BYTES: usize = 256 * 1024;
+/// An app-server connection's out queue holds at most this many of its largest frames.
+const SIDECAR_OUT_FRAMES: usize = 8;
+/// Bound on the `/debug/gps` ring.
+pub const GPS_RECENT_MAX: usize = 4096;
+/// Low bits of a gate-assigned log-id that count.
+const LOG_ID_COUNTER_MASK: u64 = (1 << 48) - 1;
+
+/// Milliseconds on the gate's monotonic clock (since the process started): every deadline of
+/// the gate's own is on it; wall time is used only where tokens and session epochs need it.
+pub fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// A busy connection, read by the loop on its read tick instead of through its task.
+#[derive(Clone, Copy, Debug)]
+pub struct Busy {
+    /// Empty reads left before it goes back to readiness reads.
+    pub left: u8,
+    /// Ticks between reads: about the connection's gap between frames.
+    pub ticks_per_read: u32,
+    /// Ticks waited since the last read.
+    pub waited: u32,
+}
+
+/// One connection, as the shard sees it.
+#[derive(Debug)]
+pub struct Conn {
+    /// Generation of this slot, part of `ConnRef`.
+    pub gen: u32,
+    /// The port it came in on.
+    pub port: Port,
+    /// The socket, for non-blocking reads and writes (the task owns it and outlives this entry).
+    pub fd: RawFd,
+    /// The task's mailbox.
+    pub ctl: Rc<ConnCtl>,
+    /// Phase, close reason and timeouts.
+    pub life: Lifecycle,
+    /// Frames waiting to be written, coalesced into one write.
+    pub out: Vec<u8>,
+    /// Bytes handed to the task's blocked write (counted toward the slow-consumer bound); the
+    /// loop writes nothing else until the task says they are out.
+    pub out_inflight: usize,
+    /// Bytes of an incomplete frame kept between reads (empty and unallocated when idle).
+    pub partial: Vec<u8>,
+    /// Already listed in the dirty list.
+    pub dirty: bool,
+    /// When the login frame arrived, for the login latency histogram.
+    pub login_started: Option<Instant>,
+    /// The name an app-server gave in its hello, for logs.
+    pub peer_name: Option<Box<str>>,
+    /// When its last read came (monotonic ms), for busy mode.
+    pub last_read_ms: u64,
+    /// Read by the loop's tick while busy.
+    pub busy: Option<Busy>,
+    /// The close was handed to the task.
+    pub close_sent: bool,
+}
+
+/// What every executor shares (all `Sync`), handed to each shard at start.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Validated configuration.
+    pub cfg: Arc<Config>,
+    /// Inboxes of every executor.
+    pub mesh: Arc<Mesh>,
+    /// Every shard's metrics.
+    pub metrics: Arc<Vec<ShardMetrics>>,
+    /// Newest forwarded GPS points (for `/debug/gps`).
+    pub gps_recent: Arc<Mutex<VecDeque<wire::UidGpsPoint>>>,
+    /// Which shards hold app-server connections.
+    pub sidecars: Arc<crate::delivery::Registry>,
+    /// Shards that finished draining their logic at shutdown.
+    pub drained: Arc<std::sync::atomic::AtomicUsize>,
+    /// host:port apps should reconnect to.
+    pub node: String,
+    /// This process's incarnation, sent in every AppServerWelcome (PROTOCOL.md §9.8).
+    pub incarnation: u64,
+}
+
+/// A broadcast waiting for every logic shard's count of its targets.
+#[derive(Debug)]
+pub struct PendingBroadcast {
+    /// The app-server connection that sent it.
+    pub conn: ConnRef,
+    /// The push's sequence-id and log-id, for PushAccepted.
+    pub seq: u32,
+    /// The push's log-id.
+    pub log_id: u64,
+    /// The push's id.
+    pub message_id: u64,
+    /// Logic shards yet to count.
+    pub waiting: usize,
+    /// Targets counted so far.
+    pub targets: u32,
+}
+
+/// What appending to an out queue did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Appended {
+    /// The connection is gone or closing.
+    Refused,
+    /// Queued.
+    Yes,
+    /// Queued, and the queue is now past its bound: the connection is a slow consumer.
+    OverLimit,
+}
+
+/// Per-executor state.
+pub struct Shard {
+    /// This executor's index: gate shard and logic shard id.
+    pub id: u16,
+    /// Validated configuration.
+    pub cfg: Arc<Config>,
+    /// Inboxes of every executor.
+    pub mesh: Arc<Mesh>,
+    /// Every shard's metrics (this one's at `id`).
+    pub all_metrics: Arc<Vec<ShardMetrics>>,
+    /// Secret for login tokens.
+    pub token_secret: Vec<u8>,
+    /// host:port apps should reconnect to.
+    pub node: String,
+    /// This process's incarnation.
+    pub incarnation: u64,
+    /// Connections on this shard.
+    pub conns: Slab<Conn>,
+    next_gen: u32,
+    app_conn_count: usize,
+    /// The logic shard of this executor.
+    pub logic: logic::Shard,
+    /// Reused frame encoder.
+    pub enc: Encoder,
+    /// Drain buffer for reads (see `SCRATCH_BYTES`); taken while frames borrow it.
+    pub scratch: Vec<u8>,
+    /// Messages waiting to be sent to each executor (this one's included: handled in place).
+    outbox: Vec<Vec<Msg>>,
+    /// A full inbox kept a batch here: retry at this time (monotonic ms).
+    pub outbox_retry_ms: Option<u64>,
+    /// Connections with bytes in `out` to write.
+    dirty: Vec<usize>,
+    /// Delivery toward the app-server.
+    pub delivery: Delivery,
+    /// Broadcasts accepted here, waiting for every logic shard's count of their targets.
+    pub broadcasts: HashMap<u64, PendingBroadcast>,
+    /// Id of the last broadcast tally.
+    pub next_tally: u64,
+    /// The most recent forwarded GPS points of every shard, for `/debug/gps`.
+    pub gps_recent: Arc<Mutex<VecDeque<wire::UidGpsPoint>>>,
+    /// Which shards hold app-server connections.
+    pub sidecars: Arc<crate::delivery::Registry>,
+    /// Shards that finished draining their logic at shutdown.
+    pub drained: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set once shutdown began.
+    pub shutting_down: bool,
+    /// Accept-rate token bucket: tokens available (may go negative down to -accept_queue).
+    pub accept_tokens: f64,
+    /// When the bucket was last refilled.
+    pub accept_refill: Instant,
+    next_log_id: u64,
+    /// Busy connections' slots (read on the loop's tick).
+    pub busy: Vec<usize>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("id", &self.id)
+            .field("conns", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shard {
+    /// A shard with no connections.
+    pub fn new(id: u16, shared: Shared) -> Shard {
+        let Shared { cfg, mesh, metrics: all_metrics, gps_recent, sidecars, drained, node, incarnation } =
+            shared;
+        let shards = mesh.len();
+        let logic = logic::Shard::new(logic::ShardConfig {
+            id,
+            gps_flush_ms: cfg.gps.flush_ms as u64,
+            gps_forward: match cfg.gps.forward {
+                crate::config::GpsForward::Latest => logic::gps::Forward::Latest,
+                crate::config::GpsForward::All => logic::gps::Forward::All,
+            },
+            gps_max_buffered: 1 << 20,
+            push_queue_len: cfg.limits.push_queue_len as usize,
+            push_queue_bytes: cfg.limits.push_queue_bytes as usize,
+            hold_ms: cfg.app.hold_ms as u64,
+            max_held: cfg.limits.max_held_sessions_per_shard as usize,
+            max_pending_requests: cfg.limits.max_pending_requests_per_shard as usize,
+            request_timeout_ms: cfg.sidecar.request_timeout_ms as u64,
+        });
+        Shard {
+            id,
+            token_secret: cfg.token_secret().to_vec(),
+            accept_tokens: cfg.app.accept_rate_per_shard as f64,
+            accept_refill: Instant::now(),
+            cfg,
+            mesh,
+            all_metrics,
+            node,
+            incarnation,
+            conns: Slab::new(),
+            next_gen: 1,
+            app_conn_count: 0,
+            logic,
+            enc: Encoder::new(),
+            scratch: Vec::with_capacity(SCRATCH_BYTES),
+            outbox: (0..shards).map(|_| Vec::new()).collect(),
+            outbox_retry_ms: None,
+            dirty: Vec::new(),
+            delivery: Delivery::new(id),
+            broadcasts: HashMap::new(),
+            next_tally: 0,
+            gps_recent,
+            sidecars,
+            drained,
+            shutting_down: false,
+            // A random start, so two runs of a gate do not hand out the same ids.
+            next_log_id: rand::random::<u64>() & LOG_ID_COUNTER_MASK,
+            busy: Vec::new(),
+        }
+    }
+
+    /// This shard's metrics.
+    #[inline]
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.all_metrics[self.id as usize]
+    }
+
+    /// A fresh gate-assigned log-id (PROTOCOL §7): for flows an app or app-server started with
+    /// log-id 0 and for flows the gate starts itself. The top bit marks it gate-assigned, the
+    /// next 15 bits name the shard, and the low 48 bits count.
+    pub fn new_log_id(&mut self) -> u64 {
+        let n = self.next_log_id.wrapping_add(1) & LOG_ID_COUNTER_MASK;
+        self.next_log_id = n;
+        (1 << 63) | ((self.id as u64 & 0x7FFF) << 48) | n.max(1)
+    }
+
+    /// `log_id`, or a fresh gate-assigned one when it is 0 (none given).
+    #[inline]
+    pub fn log_id_or_new(&mut self, log_id: u64) -> u64 {
+        if log_id == 0 {
+            self.new_log_id()
+        } else {
+            log_id
+        }
+    }
+
+    /// The timeouts of a port's connections.
+    pub fn timeouts(&self, port: Port) -> Timeouts {
+        let app = &self.cfg.app;
+        Timeouts {
+            login_ms: app.login_timeout_ms as u64,
+            read_ms: app.read_timeout_ms as u64,
+            idle_ms: (port == Port::App).then_some(app.idle_timeout_ms as u64),
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Connections
+    // ------------------------------------------------------------------------------------------
+
+    /// Registers a new connection; returns its reference.
+    pub fn add_conn(&mut self, fd: RawFd, port: Port, ctl: Rc<ConnCtl>, now: u64) -> ConnRef {
+        let gen = self.next_gen;
+        self.next_gen = gen.wrapping_add(1).max(1);
+        let slot = self.conns.insert(Conn {
+            gen,
+            port,
+            fd,
+            ctl,
+            life: Lifecycle::new(now),
+            out: Vec::new(),
+            out_inflight: 0,
+            partial: Vec::new(),
+            dirty: false,
+            login_started: None,
+            peer_name: None,
+            last_read_ms: now,
+            busy: None,
+            close_sent: false,
+        });
+        if port == Port::App {
+            self.app_conn_count += 1;
+            self.metrics().conns_open.fetch_add(1, Relaxed);
+        }
+        ConnRef { shard: self.id, slot: slot as u32, gen }
+    }
+
+    /// Takes a connection whose task ended out of the table.
+    pub fn take_conn(&mut self, c: ConnRef) -> Option<Conn> {
+        match self.conns.get(c.slot as usize) {
+            Some(conn) if conn.gen == c.gen => {}
+            _ => return None,
+        }
+        let conn = self.conns.remove(c.slot as usize);
+        let m = &self.all_metrics[self.id as usize];
+        m.out_queue_bytes.fetch_sub(conn.out.len() as i64, Relaxed);
+        if conn.port == Port::App {
+            self.app_conn_count -= 1;
+            m.conns_open.fetch_sub(1, Relaxed);
+            m.closed.add(conn.life.closing.unwrap_or(CloseReason::PeerGone).slot(), 1);
+            if matches!(conn.life.phase, crate::lifecycle::Phase::Live { .. }) {
+                m.sessions_on_conns.fetch_sub(1, Relaxed);
+            }
+        }
+        self.busy.retain(|&s| s != c.slot as usize);
+        Some(conn)
+    }
+
+    /// App connections open on this shard.
+    pub fn app_conns(&self) -> usize {
+        self.app_conn_count
+    }
+
+    /// The connection `c` names, if it is still there.
+    pub fn conn(&mut self, c: ConnRef) -> Option<&mut Conn> {
+        match self.conns.get_mut(c.slot as usize) {
+            Some(conn) if conn.gen == c.gen => Some(conn),
+            _ => None,
+        }
+    }
+
+    /// The connection's phase and close state, if it is still there.
+    pub fn life(&mut self, c: ConnRef) -> Option<&mut Lifecycle> {
+        self.conn(c).map(|conn| &mut conn.life)
+    }
+
+    /// Appends a frame built by `build` to the connection's out queue.
+    pub fn send_frame<T>(
+        &mut self,
+        c: ConnRef,
+        ty: FrameType,
+        cmd: Cmd,
+        seq: u32,
+        log_id: u64,
+        build: impl FnOnce(
+            &mut schema::flatbuffers::FlatBufferBuilder<'static>,
+        ) -> schema::flatbuffers::WIPOffset<T>,
+    ) {
+        let mut enc = std::mem::take(&mut self.enc);
+        let body = enc.body(build);
+        self.queue_raw(c, cmd, |out| schema::write_frame(out, ty, cmd, seq, log_id, body));
+        self.enc = enc;
+    }
+
+    /// Appends an error frame answering a frame with `seq` and `log_id`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_error(
+        &mut self,
+        c: ConnRef,
+        seq: u32,
+        log_id: u64,
+        code: wire::ErrorCode,
+        origin: wire::Hop,
+        failed_cmd: u16,
+        message: &str,
+        retry_after_ms: u32,
+    ) {
+        tracing::info!(log_id, shard = self.id, slot = c.slot, code = ?code, origin = ?origin, failed_cmd, message, "error sent");
+        self.metrics().errors.add(code.0 as usize, 1);
+        let mut frame = Vec::new();
+        self.enc.error(&mut frame, seq, log_id, code, origin, failed_cmd, message, retry_after_ms);
+        self.queue_raw(c, Cmd::Error, |out| out.extend_from_slice(&frame));
+    }
+
+    /// Sends a go-away and closes the connection once it is written.
+    pub fn go_away(
+        &mut self,
+        c: ConnRef,
+        log_id: u64,
+        reason: GoAwayReason,
+        message: &str,
+        retry_after_ms: u32,
+    ) {
+        let log_id = self.log_id_or_new(log_id);
+        tracing::info!(log_id, shard = self.id, slot = c.slot, reason = ?reason, message, "go-away");
+        let mut frame = Vec::new();
+        self.enc.go_away(&mut frame, log_id, reason, message, "", retry_after_ms);
+        self.queue_raw(c, Cmd::GoAway, |out| out.extend_from_slice(&frame));
+        self.close(c, CloseReason::GoAway(reason));
+    }
+
+    /// Appends bytes written by `write` (whole frames of `cmd`) to the connection's out queue;
+    /// false when the connection is gone or closing. A queue past its bound closes the
+    /// connection as a slow consumer.
+    pub fn queue_raw(&mut self, c: ConnRef, cmd: Cmd, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let appended = self.append(c, cmd, write);
+        match appended {
+            Appended::Refused => false,
+            Appended::Yes | Appended::OverLimit => {
+                self.metrics().frames_out.add(cmd.slot(), 1);
+                if appended == Appended::OverLimit {
+                    self.close(c, CloseReason::GoAway(GoAwayReason::SlowConsumer));
+                }
+                true
+            }
+        }
+    }
+
+    fn append(&mut self, c: ConnRef, cmd: Cmd, write: impl FnOnce(&mut Vec<u8>)) -> Appended {
+        let limit_app = self.cfg.app.out_queue_bytes as usize;
+        // An app-server takes every shard's GPS flushes and receipts: one flush can pass an
+        // app's bound, so its connections are bounded by what a few of its largest frames take.
+        let limit_sidecar = SIDECAR_OUT_FRAMES * self.cfg.sidecar.max_body as usize;
+        let m = &self.all_metrics[self.id as usize];
+        let Some(conn) = (match self.conns.get_mut(c.slot as usize) {
+            Some(conn) if conn.gen == c.gen => Some(conn),
+            _ => None,
+        }) else {
+            return Appended::Refused;
+        };
+        let limit = if conn.port == Port::App { limit_app } else { limit_sidecar };
+        if conn.life.closing.is_some() && cmd != Cmd::GoAway && cmd != Cmd::Error {
+            return Appended::Refused;
+        }
+        let before = conn.out.len();
+        write(&mut conn.out);
+        m.out_queue_bytes.fetch_add((conn.out.len() - before) as i64, Relaxed);
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(c.slot as usize);
+        }
+        if conn.out.len() + conn.out_inflight > limit {
+            Appended::OverLimit
+        } else {
+            Appended::Yes
+        }
+    }
+
+    /// Marks the connection closing for `reason` (the first reason stands); the loop hands its
+    /// last bytes and the close to its task on the next flush.
+    pub fn close(&mut self, c: ConnRef, reason: CloseReason) {
+        if let Some(conn) = self.conn(c) {
+            if conn.life.close(reason) && !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(c.slot as usize);
+            }
+        }
+    }
+
+    /// Writes every dirty connection's out queue with one non-blocking send each; hands a full
+    /// socket's rest to its task, and a closing connection's last bytes with the close.
+    pub fn flush_writes(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        let now = mono_ms();
+        let m = &self.all_metrics[self.id as usize];
+        for slot in dirty.drain(..) {
+            let Some(conn) = self.conns.get_mut(slot) else { continue };
+            conn.dirty = false;
+            if conn.close_sent {
+                continue;
+            }
+            if conn.out_inflight == 0 && !conn.out.is_empty() {
+                match net::send(conn.fd, &conn.out) {
+                    Ok(Io::Done(n)) => {
+                        m.bytes_out.fetch_add(n as u64, Relaxed);
+                        m.out_queue_bytes.fetch_sub(n as i64, Relaxed);
+                        if n == conn.out.len() {
+                            // Idle connections, the great majority, keep no write buffer.
+                            conn.out = Vec::new();
+                        } else {
+                            conn.out.drain(..n);
+                        }
+                    }
+                    Ok(Io::WouldBlock) | Ok(Io::Eof) => {}
+                    Err(_) => {
+                        // The peer is gone: nothing more can be written.
+                        conn.life.close(CloseReason::PeerGone);
+                        m.out_queue_bytes.fetch_sub(conn.out.len() as i64, Relaxed);
+                        conn.out = Vec::new();
+                    }
+                }
+                if !conn.out.is_empty() && conn.life.closing.is_none() {
+                    // The socket is full: the task waits for it to take the rest.
+                    let rest = std::mem::take(&mut conn.out);
+                    conn.out_inflight = rest.len();
+                    conn.life.set_write_stalled(Some(now));
+                    conn.ctl.send(Command::Write(rest));
+                }
+            }
+            if conn.life.closing.is_some() && !conn.close_sent {
+                let last = std::mem::take(&mut conn.out);
+                m.out_queue_bytes.fetch_sub(last.len() as i64, Relaxed);
+                conn.close_sent = true;
+                conn.ctl.send(Command::Close(last));
+            }
+        }
+        if self.dirty.is_empty() {
+            // Keep the allocation for the next round.
+            self.dirty = dirty;
+        }
+    }
+
+    /// The task wrote what it was handed (or failed).
+    pub fn written(&mut self, c: ConnRef, ok: bool) {
+        let m = &self.all_metrics[self.id as usize];
+        let Some(conn) = (match self.conns.get_mut(c.slot as usize) {
+            Some(conn) if conn.gen == c.gen => Some(conn),
+            _ => None,
+        }) else {
+            return;
+        };
+        let n = std::mem::take(&mut conn.out_inflight);
+        m.out_queue_bytes.fetch_sub(n as i64, Relaxed);
+        if ok {
+            m.bytes_out.fetch_add(n as u64, Relaxed);
+            conn.life.set_write_stalled(None);
+        } else {
+            conn.life.close(CloseReason::PeerGone);
+        }
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(c.slot as usize);
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Mesh: to logic shards and back
+    // ------------------------------------------------------------------------------------------
+
+    /// Sends an input to the logic shard owning `uid`.
+    #[inline]
+    pub fn to_logic(&mut self, uid: u64, input: logic::Input) {
+        let dest = logic::shard_of(uid, self.mesh.len());
+        self.to_shard(dest, Msg::Logic(input));
+    }
+
+    /// Queues a message for `dest` (this shard included); it leaves at the end of the turn.
+    pub fn to_shard(&mut self, dest: usize, msg: Msg) {
+        self.outbox[dest].push(msg);
+        if dest != self.id as usize && self.outbox[dest].len() >= MAX_BATCH {
+            self.send_outbox_to(dest);
+        }
+    }
+
+    /// Takes what this shard sent itself, to handle in place (no channel, no wake-up).
+    pub fn take_own(&mut self) -> Vec<Msg> {
+        std::mem::take(&mut self.outbox[self.id as usize])
+    }
+
+    /// Sends every waiting batch to the other shards. A full inbox keeps its batch here and the
+    /// loop retries shortly.
+    pub fn send_outbox(&mut self) {
+        self.outbox_retry_ms = None;
+        for dest in 0..self.mesh.len() {
+            if dest != self.id as usize && !self.outbox[dest].is_empty() {
+                self.send_outbox_to(dest);
+            }
+        }
+    }
+
+    fn send_outbox_to(&mut self, dest: usize) {
+        let msgs = std::mem::take(&mut self.outbox[dest]);
+        self.metrics().mesh_batches.fetch_add(1, Relaxed);
+        if let Err(b) = self.mesh.try_send(dest, Batch { sent: Instant::now(), msgs }) {
+            self.metrics().mesh_full.fetch_add(1, Relaxed);
+            let mut back = b.msgs;
+            back.append(&mut self.outbox[dest]);
+            self.outbox[dest] = back;
+            self.outbox_retry_ms = Some(mono_ms() + 1);
+        }
+    }
+
+    /// Publishes the logic shard's gauges.
+    pub fn refresh_logic_gauges(&self) {
+        let m = self.metrics();
+        m.directory_sessions.store(self.logic.directory.len() as i64, Relaxed);
+        m.held_sessions.store(self.logic.directory.held_count() as i64, Relaxed);
+        m.pushes_in_flight.store(self.logic.pushes_in_flight() as i64, Relaxed);
+        m.requests_pending.store(self.logic.requests_pending() as i64, Relaxed);
+        let s = self.logic.gps_stats();
+        m.gps_forwarded.store(s.points_out, Relaxed);
+        m.gps_coalesced.store(s.coalesced, Relaxed);
+        m.gps_dropped.store(s.dropped, Relaxed);
+    }
+}
+
+/// `base` plus up to `base` of random jitter, so refused clients do not return in lockstep.
+pub fn jitter(base: u32) -> u32 {
+    base.saturating_add(rand::random_range(0..=base.max(1)))
+}
