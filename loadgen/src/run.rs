@@ -273,8 +273,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let shown: Vec<audit::Shown> = results.into_iter().map(|r| r.shown).collect();
     let total_counters = w.counters();
 
-    let mut rep =
-        Report { scenario: plan.scenario.name(), window_s: window.as_secs_f64(), ..Report::default() };
+    let mut rep = Report { scenario: plan.scenario, window_s: window.as_secs_f64(), ..Report::default() };
     let win = c1.since(&c0);
     let secs = window.as_secs_f64().max(1e-9);
     rep.connections = report::Connections {
@@ -296,7 +295,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     };
     if let Some(o) = &server_out {
         rep.set_audit(&o.audit);
-        rep.push.outcomes = o.outcomes.iter().copied().collect();
+        rep.push.outcomes = o.outcomes.iter().map(|&(k, n)| (k.to_owned(), n)).collect();
         let untracked = shown.iter().any(|s| s.untracked > 0);
         // Only uids simulated here can be checked: with several loadgen processes, offers may
         // go to drivers of another one.

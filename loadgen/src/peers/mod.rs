@@ -321,8 +321,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let server_out = server.map(appserver::PeerAppServer::finish);
     let total_counters = stats.iter().fold(Snapshot::default(), |acc, s| acc.add(&s.c.snapshot()));
 
-    let mut rep =
-        Report { scenario: plan.scenario.name(), window_s: window.as_secs_f64(), ..Report::default() };
+    let mut rep = Report { scenario: plan.scenario, window_s: window.as_secs_f64(), ..Report::default() };
     let win = c1.since(&c0);
     let secs = window.as_secs_f64().max(1e-9);
     rep.connections = report::Connections {

@@ -5,6 +5,7 @@
 
 use super::machine::{KernelMem, Machine};
 use super::plan::{si, Kind, Profile, RunSpec, Target};
+use loadgen::report::Report;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -198,7 +199,10 @@ pub struct RunResult {
     pub contention: Option<Contention>,
     /// Other work took ≥ [`CONTENDED_SHARE`] of the server's core (or steal did).
     pub contended: bool,
-    /// loadgen's JSON report as it printed it.
+    /// loadgen's JSON report as it printed it. Kept as JSON, not as a [`Report`]: results
+    /// written by earlier versions, whose reports had other fields, must still read back (to
+    /// draw their tables again); perf reads the figures from the typed report when it builds
+    /// this result.
     pub report: Value,
 }
 
@@ -255,30 +259,21 @@ pub struct Extras {
     pub storm_shares: Option<(f64, f64)>,
 }
 
-fn f64_at(v: &Value, path: &str) -> Option<f64> {
-    v.pointer(path).and_then(Value::as_f64)
-}
-
-fn u64_at(v: &Value, path: &str) -> u64 {
-    v.pointer(path).and_then(Value::as_u64).unwrap_or(0)
-}
-
-/// Builds a run's result from loadgen's report and perf's own readings.
-pub fn from_report(spec: &RunSpec, r: &Value, x: &Extras) -> RunResult {
-    let window_s = f64_at(r, "/window_s").unwrap_or(spec.window_s).max(1e-9);
-    let sent = u64_at(r, "/gps/sent");
+/// Builds a run's result from loadgen's report (`raw`: the same as it printed it, kept in the
+/// results) and perf's own readings.
+pub fn from_report(spec: &RunSpec, r: &Report, raw: Value, x: &Extras) -> RunResult {
+    let window_s = r.window_s.max(1e-9);
+    let sent = r.gps.sent;
     let delivered = match spec.target {
         // The ceiling's byte count is for the whole run; its share of what loadgen sent over
         // the whole run scales the window's count.
         Target::Ceiling => x.ceiling.map(|(bytes, _)| {
             // Ceiling runs send one 64-byte frame per point.
-            let total_sent = u64_at(r, "/counters/gps_points").max(1);
+            let total_sent = r.counters.gps_points.max(1);
             let read_points = bytes / u64::from(super::plan::GATE_GPS_FRAME_BYTES);
             ((sent as f64) * (read_points as f64 / total_sent as f64).min(1.0)) as u64
         }),
-        _ if r.pointer("/appserver/running").and_then(Value::as_bool) == Some(true) => {
-            Some(u64_at(r, "/gps/forwarded"))
-        }
+        _ if r.appserver.running => Some(r.gps.forwarded),
         _ => None,
     };
     let recvs_per_point = match (spec.target, x.ceiling) {
@@ -287,7 +282,7 @@ pub fn from_report(spec: &RunSpec, r: &Value, x: &Extras) -> RunResult {
         }
         _ => None,
     };
-    let cpu_s = f64_at(r, "/gate/cpu_s");
+    let cpu_s = r.gate.cpu_s;
     let (share, share_from) = match x.window_share {
         Some(s) => (Some(s), "window"),
         None if x.loadgen_wall_s > 0.0 => (Some(x.loadgen_cpu_s / x.loadgen_wall_s), "whole run"),
@@ -299,29 +294,29 @@ pub fn from_report(spec: &RunSpec, r: &Value, x: &Extras) -> RunResult {
         status: RunStatus::Ok,
         error: None,
         server: ServerFigures {
-            pid: r.pointer("/gate/pid").and_then(Value::as_u64).map(|p| p as u32),
+            pid: r.gate.pid,
             cpu_s,
-            cpu_percent: f64_at(r, "/gate/cpu_percent"),
-            rss_before_bytes: r.pointer("/gate/rss_before_bytes").and_then(Value::as_u64),
-            rss_bytes: r.pointer("/gate/rss_bytes").and_then(Value::as_u64),
+            cpu_percent: r.gate.cpu_percent,
+            rss_before_bytes: r.gate.rss_before_bytes,
+            rss_bytes: r.gate.rss_bytes,
         },
         gps: GpsFigures {
             sent,
             sent_per_s: sent as f64 / window_s,
             delivered,
             delivered_per_s: delivered.map(|d| d as f64 / window_s),
-            cpu_us_per_point: f64_at(r, "/gps/gate_cpu_us_per_point"),
+            cpu_us_per_point: r.gps.gate_cpu_us_per_point,
             wire_bytes_per_point: spec.target.gps_wire_bytes(),
-            behind: u64_at(r, "/gps/behind"),
+            behind: r.gps.behind,
             recvs_per_point,
-            delivered_whole_run_ratio: match (spec.target, u64_at(r, "/counters/gps_points")) {
+            delivered_whole_run_ratio: match (spec.target, r.counters.gps_points) {
                 (_, 0) => None,
                 (Target::Ceiling, total) => x.ceiling.map(|(bytes, _)| {
                     (bytes / u64::from(super::plan::GATE_GPS_FRAME_BYTES)) as f64 / total as f64
                 }),
                 // Each driver's latest point per flush is not meant to be every point.
                 _ if !spec.forward_all => None,
-                (_, total) => delivered.map(|_| u64_at(r, "/appserver/gps_points") as f64 / total as f64),
+                (_, total) => delivered.map(|_| r.appserver.gps_points as f64 / total as f64),
             },
         },
         push: None,
@@ -339,25 +334,26 @@ pub fn from_report(spec: &RunSpec, r: &Value, x: &Extras) -> RunResult {
         contended: x
             .contention
             .is_some_and(|c| c.other_on_server_core + c.steal_on_server_core >= CONTENDED_SHARE),
-        report: r.clone(),
+        report: raw,
     };
     if spec.fanout > 0 {
+        let p = &r.push;
         out.push = Some(PushFigures {
-            sent: u64_at(r, "/push/sent"),
-            received: u64_at(r, "/push/received"),
-            deliveries_per_s: f64_at(r, "/push/deliveries_per_s").unwrap_or(0.0),
-            count: u64_at(r, "/push/latency_us/count"),
-            p50_us: u64_at(r, "/push/latency_us/p50"),
-            p99_us: u64_at(r, "/push/latency_us/p99"),
-            p999_us: u64_at(r, "/push/latency_us/p999"),
-            max_us: u64_at(r, "/push/latency_us/max"),
-            lost: u64_at(r, "/push/lost"),
-            duplicates: u64_at(r, "/push/duplicates"),
+            sent: p.sent,
+            received: p.received,
+            deliveries_per_s: p.deliveries_per_s,
+            count: p.latency_us.count,
+            p50_us: p.latency_us.p50,
+            p99_us: p.latency_us.p99,
+            p999_us: p.latency_us.p999,
+            max_us: p.latency_us.max,
+            lost: p.lost,
+            duplicates: p.duplicates,
             curve: x.curve.clone(),
         });
     }
     if spec.kind == Kind::Idle {
-        let sessions = u64_at(r, "/idle/sessions");
+        let sessions = r.idle.sessions;
         let kernel = match (x.kernel_before, x.kernel_end) {
             (Some(a), Some(b)) if sessions > 0 => {
                 Some((b.bytes() as f64 - a.bytes() as f64) / sessions as f64)
@@ -366,21 +362,21 @@ pub fn from_report(spec: &RunSpec, r: &Value, x: &Extras) -> RunResult {
         };
         out.idle = Some(IdleFigures {
             sessions,
-            user_bytes_per_session: f64_at(r, "/idle/bytes_per_session"),
+            user_bytes_per_session: r.idle.bytes_per_session,
             kernel_bytes_per_session_both_ends: kernel,
             cpu_percent_no_connections: x.idle_cpu_percent,
-            cpu_percent_idle_sessions: f64_at(r, "/gate/cpu_percent"),
+            cpu_percent_idle_sessions: r.gate.cpu_percent,
         });
     }
     if spec.kind == Kind::Storm {
-        let all_back_ms = f64_at(r, "/storm/all_back_ms");
-        let back = u64_at(r, "/storm/back");
+        let st = &r.storm;
+        let (all_back_ms, back) = (st.all_back_ms, st.back);
         out.storm = Some(StormFigures {
-            dropped: u64_at(r, "/storm/dropped"),
+            dropped: st.dropped,
             back,
             all_back_ms,
-            resumed: u64_at(r, "/storm/resumed"),
-            relogin: u64_at(r, "/storm/relogin"),
+            resumed: st.resumed,
+            relogin: st.relogin,
             back_per_s: all_back_ms.filter(|ms| *ms > 0.0).map(|ms| back as f64 / (ms / 1000.0)),
             gate_cpu_s: cpu_s,
             cpu_us_per_session: cpu_s.filter(|_| back > 0).map(|c| c * 1e6 / back as f64),
@@ -1226,20 +1222,33 @@ fn siblings_any<'a>(runs: &'a [RunResult], r: &RunSpec) -> BTreeMap<Target, &'a 
 mod tests {
     use super::*;
     use crate::bench::plan::runs as plan_runs;
+    use crate::bench::runner::read_report;
     use serde_json::json;
 
-    fn report(cpu_s: f64, sent: u64, window: f64) -> Value {
-        json!({
-            "window_s": window,
-            "gps": {"sent": sent, "forwarded": sent, "gate_cpu_us_per_point": cpu_s * 1e6 / sent as f64, "behind": 0},
-            "gate": {"pid": 7, "cpu_s": cpu_s, "cpu_percent": cpu_s / window * 100.0, "rss_bytes": 2_000_000, "rss_before_bytes": 1_000_000},
-            "appserver": {"running": true},
-            "counters": {"gps_points": sent},
-            "push": {"sent": 0, "received": 0, "deliveries_per_s": 0.0, "lost": 0, "duplicates": 0,
-                     "latency_us": {"count": 0, "p50": 0, "p99": 0, "p999": 0, "max": 0}},
-            "idle": {"sessions": 1000, "bytes_per_session": 900.0},
-            "storm": {"dropped": 15000, "back": 15000, "all_back_ms": 500.0, "resumed": 15000, "relogin": 0},
-        })
+    fn report(cpu_s: f64, sent: u64, window: f64) -> Report {
+        let mut r = Report { window_s: window, ..Report::default() };
+        r.gps.sent = sent;
+        r.gps.forwarded = sent;
+        r.gps.gate_cpu_us_per_point = Some(cpu_s * 1e6 / sent as f64);
+        r.gate.pid = Some(7);
+        r.gate.cpu_s = Some(cpu_s);
+        r.gate.cpu_percent = Some(cpu_s / window * 100.0);
+        r.gate.rss_bytes = Some(2_000_000);
+        r.gate.rss_before_bytes = Some(1_000_000);
+        r.appserver.running = true;
+        r.counters.gps_points = sent;
+        r.idle.sessions = 1000;
+        r.idle.bytes_per_session = Some(900.0);
+        r.storm.dropped = 15000;
+        r.storm.back = 15000;
+        r.storm.all_back_ms = Some(500.0);
+        r.storm.resumed = 15000;
+        r
+    }
+
+    /// A result from `r`, its JSON kept as loadgen would have printed it.
+    fn result(s: &RunSpec, r: &Report, x: &Extras) -> RunResult {
+        from_report(s, r, serde_json::to_value(r).expect("json"), x)
     }
 
     fn extras(share: f64) -> Extras {
@@ -1258,7 +1267,7 @@ mod tests {
                 if s.target == Target::Ceiling {
                     x.ceiling = Some((1_000_000 * 64, 900_000));
                 }
-                from_report(s, &report(c, 1_000_000, 10.0), &x)
+                result(s, &report(c, 1_000_000, 10.0), &x)
             })
             .collect()
     }
@@ -1366,11 +1375,11 @@ mod tests {
         let mut x = extras(0.5);
         x.idle_cpu_percent = Some(0.1);
         let mut runs: Vec<RunResult> =
-            storm.iter().chain(&idle).map(|s| from_report(s, &report(1.5, 1, 10.0), &x)).collect();
+            storm.iter().chain(&idle).map(|s| result(s, &report(1.5, 1, 10.0), &x)).collect();
         for r in runs.iter_mut().filter(|r| r.spec.target == Target::Mosquitto) {
             r.idle.as_mut().expect("idle").user_bytes_per_session = Some(1100.0);
         }
-        runs.push(from_report(&batch[0], &report(9.8, 9_000_000, 10.0), &extras(0.99)));
+        runs.push(result(&batch[0], &report(9.8, 9_000_000, 10.0), &extras(0.99)));
         let g = goals(&runs, None);
         let status = |w: &str| g.iter().find(|g| g.goal.contains(w)).expect("row").status;
         assert_eq!(status("resume rate"), GoalStatus::NotMet, "15,000 back in 500 ms is 30k/s, below 50k/s");
@@ -1381,6 +1390,119 @@ mod tests {
         let storm_fig = runs[0].storm.as_ref().expect("storm");
         assert_eq!(storm_fig.back_per_s, Some(30_000.0));
         assert_eq!(storm_fig.cpu_us_per_session, Some(100.0));
+    }
+
+    /// A real report: `loadgen gps --drivers 20 --rate 1 --duration 2 --json` against a gate
+    /// started with `gate --cores 0 --app-listen 127.0.0.1:0 --sidecar-listen 127.0.0.1:0
+    /// --admin-listen 127.0.0.1:0 --ports-file ...`. Made again the same way when loadgen's
+    /// report gains a field.
+    const REAL_GPS_REPORT: &str = include_str!("../../tests/fixtures/loadgen-gps-report.json");
+
+    #[test]
+    fn a_real_loadgen_report_reads_as_typed_figures() {
+        let r = read_report(REAL_GPS_REPORT).expect("the fixture reads");
+        assert_eq!(r.scenario, loadgen::Scenario::Gps);
+        assert!(r.window_s > 1.0 && r.gps.sent > 0 && r.appserver.running, "{r:?}");
+        assert!(r.gate.pid.is_some() && r.gate.cpu_s.is_some(), "{:?}", r.gate);
+        let raw: Value = serde_json::from_str(REAL_GPS_REPORT).expect("json");
+        let spec = &plan_runs(&Profile::quick(), &[Kind::Gps], &[Target::Gate])[0];
+        let run = from_report(spec, &r, raw.clone(), &extras(0.2));
+        assert_eq!(run.gps.sent, r.gps.sent);
+        assert_eq!(run.gps.cpu_us_per_point, r.gps.gate_cpu_us_per_point);
+        assert_eq!(run.gps.delivered, Some(r.gps.forwarded));
+        assert_eq!(run.server.cpu_s, r.gate.cpu_s);
+        assert_eq!(run.report, raw, "the report is kept as loadgen printed it");
+    }
+
+    #[test]
+    fn a_report_with_a_renamed_or_missing_field_does_not_read() {
+        let raw: Value = serde_json::from_str(REAL_GPS_REPORT).expect("json");
+        let edit = |f: &dyn Fn(&mut Value)| {
+            let mut v = raw.clone();
+            f(&mut v);
+            read_report(&v.to_string()).expect_err("must not read").to_string()
+        };
+        let rename = |section: &'static str, from: &'static str, to: &'static str| {
+            edit(&move |v: &mut Value| {
+                let o = v.pointer_mut(section).and_then(Value::as_object_mut).expect("section");
+                let x = o.remove(from).expect("field");
+                o.insert(to.into(), x);
+            })
+        };
+        let e = rename("/push/latency_us", "p99", "p99_us");
+        assert!(e.contains("missing field `p99`"), "{e}");
+        // An `Option` figure too: renamed, it is missing, not "not measured".
+        let e = rename("/gps", "gate_cpu_us_per_point", "cpu_us_per_point");
+        assert!(e.contains("missing field `gate_cpu_us_per_point`"), "{e}");
+        let e = edit(&|v: &mut Value| {
+            v["gate"].as_object_mut().expect("gate").remove("cpu_s");
+        });
+        assert!(e.contains("missing field `cpu_s`") && e.contains("same sources"), "{e}");
+        let e = edit(&|v: &mut Value| v["gps"]["sent"] = Value::from("41"));
+        assert!(e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn results_keep_the_paths_readers_use() {
+        let p = Profile::quick();
+        let gps = &plan_runs(&p, &[Kind::Gps], &[Target::Gate])[0];
+        let idle = &plan_runs(&p, &[Kind::Idle], &[Target::Gate])[0];
+        let runs = vec![
+            result(gps, &report(1.0, 100_000, 10.0), &extras(0.5)),
+            result(idle, &report(0.1, 1, 10.0), &extras(0.95)),
+        ];
+        let b = BenchResults {
+            schema: SCHEMA.into(),
+            profile: p,
+            started_utc: String::new(),
+            finished_utc: String::new(),
+            machine: Machine::default(),
+            versions: BTreeMap::new(),
+            settings: BTreeMap::new(),
+            server_core: 0,
+            loadgen_core: 1,
+            message_bytes: BTreeMap::new(),
+            ratios: ratios(&runs),
+            goals: goals(&runs, None),
+            runs,
+            codec: None,
+        };
+        let v = serde_json::to_value(&b).expect("json");
+        for (run, path, want) in [
+            (0, "/status", json!("ok")),
+            (0, "/spec/kind", json!("gps")),
+            (0, "/spec/target", json!("gate")),
+            (0, "/spec/conns", json!(1000)),
+            (0, "/spec/offered_per_s", json!(25_000.0)),
+            (0, "/gps/sent", json!(100_000)),
+            (0, "/gps/behind", json!(0)),
+            (0, "/gps/cpu_us_per_point", json!(10.0)),
+            (0, "/loadgen/bound", json!(false)),
+            (1, "/spec/kind", json!("idle")),
+            (1, "/idle/user_bytes_per_session", json!(900.0)),
+            (1, "/loadgen/bound", json!(true)),
+        ] {
+            let at = format!("/runs/{run}{path}");
+            assert_eq!(v.pointer(&at), Some(&want), "{at}");
+        }
+    }
+
+    #[test]
+    fn stored_results_still_read_back() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .expect("perf/results")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        assert!(!files.is_empty(), "no results in {}", dir.display());
+        for f in files {
+            let text = std::fs::read_to_string(&f).expect("read");
+            let b: BenchResults =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            assert!(!b.runs.is_empty(), "{}", f.display());
+        }
     }
 
     #[test]
