@@ -11,12 +11,14 @@ use crate::audit::AuditSummary;
 use crate::bad::BadSummary;
 use crate::engine::stats::{Hists, Snapshot};
 use crate::plan::Scenario;
+use crate::procstat::ProcSample;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
+use std::time::Duration;
 
 /// Reads an `Option` field that must be present, `null` or not: serde takes a missing
 /// `Option` field for `None` unless told otherwise, which would read a renamed field as "not
@@ -240,6 +242,32 @@ pub struct Gate {
     pub rss_max_bytes: Option<u64>,
 }
 
+impl Gate {
+    /// The process `pid` over the window: `before` any connection, `g0` and `g1` at the
+    /// window's ends, `rss_max` the largest RSS seen so far; CPU rounded to the ms.
+    pub fn over_window(
+        pid: Option<u32>,
+        before: Option<ProcSample>,
+        g0: Option<ProcSample>,
+        g1: Option<ProcSample>,
+        rss_max: Option<u64>,
+        window: Duration,
+    ) -> Gate {
+        let cpu_s = match (g0, g1) {
+            (Some(a), Some(b)) => Some(((b.cpu_s - a.cpu_s) * 1000.0).round() / 1000.0),
+            _ => None,
+        };
+        Gate {
+            pid,
+            cpu_s,
+            cpu_percent: cpu_s.map(|c| (c / window.as_secs_f64().max(1e-9) * 1000.0).round() / 10.0),
+            rss_bytes: g1.map(|s| s.rss_bytes),
+            rss_before_bytes: before.map(|s| s.rss_bytes),
+            rss_max_bytes: rss_max.max(g1.map(|s| s.rss_bytes)),
+        }
+    }
+}
+
 /// loadgen itself.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Loadgen {
@@ -332,6 +360,14 @@ impl Report {
         p.gate_lost = a.gate_lost;
         p.lost = a.lost;
         p.extra_receipts = a.extra_receipts;
+    }
+
+    /// Sets the gate section, and from its CPU the gate CPU per GPS point.
+    pub fn set_gate(&mut self, gate: Gate) {
+        if let (Some(cpu), true) = (gate.cpu_s, self.gps.sent > 0) {
+            self.gps.gate_cpu_us_per_point = Some(cpu * 1e6 / self.gps.sent as f64);
+        }
+        self.gate = gate;
     }
 
     /// Fills the error kinds and total from the counters.
@@ -708,6 +744,31 @@ mod tests {
         let mut w = v;
         w["gate"]["cpu_s"] = serde_json::Value::Null;
         assert_eq!(serde_json::from_value::<Report>(w).expect("null is a value").gate.cpu_s, None);
+    }
+
+    #[test]
+    fn gate_figures_over_the_window() {
+        let at = |cpu_s, rss_bytes| Some(ProcSample { cpu_s, rss_bytes });
+        let g = Gate::over_window(
+            Some(9),
+            at(0.5, 100),
+            at(1.0, 150),
+            at(1.5004, 300),
+            Some(200),
+            Duration::from_secs(2),
+        );
+        assert_eq!((g.pid, g.cpu_s, g.cpu_percent), (Some(9), Some(0.5), Some(25.0)));
+        assert_eq!((g.rss_before_bytes, g.rss_bytes, g.rss_max_bytes), (Some(100), Some(300), Some(300)));
+        let none = Gate::over_window(None, None, None, at(1.0, 1), None, Duration::from_secs(2));
+        assert_eq!((none.cpu_s, none.cpu_percent, none.rss_max_bytes), (None, None, Some(1)));
+
+        let mut r = Report::default();
+        r.gps.sent = 1000;
+        r.set_gate(g);
+        assert_eq!(r.gps.gate_cpu_us_per_point, Some(500.0));
+        let mut quiet = Report::default();
+        quiet.set_gate(Gate { cpu_s: Some(1.0), ..Gate::default() });
+        assert_eq!(quiet.gps.gate_cpu_us_per_point, None, "no GPS point, no figure per point");
     }
 
     #[test]

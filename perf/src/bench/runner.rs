@@ -11,6 +11,7 @@
 
 use super::machine::KernelMem;
 use super::servers::pinned;
+use loadgen::procstat::clk_tck;
 use loadgen::report::Report;
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -96,17 +97,6 @@ pub struct WindowCpu {
     pub other_on_loadgen_core: f64,
     /// Share of the server's core stolen by the hypervisor.
     pub steal_on_server_core: f64,
-}
-
-/// Clock ticks per second of /proc/stat.
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf only reads a system value.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
 }
 
 /// Every `cpuN` line of /proc/stat, by N.
