@@ -1622,20 +1622,13 @@ mod tests {
         assert!(e.contains("invalid type"), "{e}");
     }
 
-    #[test]
-    fn results_keep_the_paths_readers_use() {
-        let p = Profile::quick();
-        let gps = &plan_runs(&p, &[Kind::Gps], &[Target::Gate])[0];
-        let idle = &plan_runs(&p, &[Kind::Idle], &[Target::Gate])[0];
-        let runs = vec![
-            result(gps, &report(1.0, 100_000, 10.0), &extras(0.5)),
-            result(idle, &report(0.1, 1, 10.0), &extras(0.95)),
-        ];
-        let b = BenchResults {
+    /// A quick bench's results of `runs`, with their ratios and goals.
+    fn bench(runs: Vec<RunResult>) -> BenchResults {
+        BenchResults {
             schema: SCHEMA.into(),
-            profile: p,
-            started_utc: String::new(),
-            finished_utc: String::new(),
+            profile: Profile::quick(),
+            started_utc: "2026-01-01T00:00:00Z".into(),
+            finished_utc: "2026-01-01T00:01:00Z".into(),
             machine: Machine::default(),
             versions: BTreeMap::new(),
             settings: BTreeMap::new(),
@@ -1646,7 +1639,19 @@ mod tests {
             goals: goals(&runs, None),
             runs,
             codec: None,
-        };
+        }
+    }
+
+    #[test]
+    fn results_keep_the_paths_readers_use() {
+        let p = Profile::quick();
+        let gps = &plan_runs(&p, &[Kind::Gps], &[Target::Gate])[0];
+        let idle = &plan_runs(&p, &[Kind::Idle], &[Target::Gate])[0];
+        let runs = vec![
+            result(gps, &report(1.0, 100_000, 10.0), &extras(0.5)),
+            result(idle, &report(0.1, 1, 10.0), &extras(0.95)),
+        ];
+        let b = bench(runs);
         let v = serde_json::to_value(&b).expect("json");
         for (run, path, want) in [
             (0, "/status", json!("ok")),
@@ -1696,22 +1701,7 @@ mod tests {
             ],
             0.5,
         );
-        let b = BenchResults {
-            schema: SCHEMA.into(),
-            profile: Profile::quick(),
-            started_utc: "2026-01-01T00:00:00Z".into(),
-            finished_utc: "2026-01-01T00:01:00Z".into(),
-            machine: Machine::default(),
-            versions: BTreeMap::new(),
-            settings: BTreeMap::new(),
-            server_core: 0,
-            loadgen_core: 1,
-            message_bytes: BTreeMap::new(),
-            ratios: ratios(&rs),
-            goals: goals(&rs, None),
-            runs: rs,
-            codec: None,
-        };
+        let b = bench(rs);
         let v = serde_json::to_value(&b).expect("json");
         for path in [
             "/schema",

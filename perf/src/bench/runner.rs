@@ -314,7 +314,10 @@ pub fn run(
 /// the field, rather than giving zeros.
 pub fn read_report(json: &str) -> Result<Report, String> {
     serde_json::from_str(json).map_err(|e| {
-        format!("its report does not read as this perf's loadgen report ({e}); is loadgen built from the same sources?")
+        format!(
+            "its report does not read as this perf's loadgen report ({e}); \
+             is loadgen built from the same sources?"
+        )
     })
 }
 
