@@ -19,7 +19,7 @@ use glommio::net::TcpStream;
 use rand::Rng;
 use schema::wire::{self, ErrorCode, GoAwayReason};
 use schema::{Body, Cmd, Decoded, FrameType, Frames, Limits};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -68,7 +68,7 @@ pub struct BadStats {
 }
 
 /// `BadStats` as plain numbers, for the report.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BadSummary {
     /// Slow readers logged in.
     pub slow_logins: u64,

@@ -7,10 +7,13 @@ use std::time::Duration;
 /// The gate's built-in development secret, for tokens and the sidecar hello alike.
 pub const DEV_SECRET: &str = "fleetgate-dev-secret-change-me";
 
-/// Which traffic a run produces and what its report stresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which traffic a run produces and what its report stresses. In the report's JSON it is its
+/// [`name`](Scenario::name) (`"gps"`, `"mixed"`, ...); `Default` is `Gps`, as [`Plan`]'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Scenario {
     /// GPS ingest: drivers report as fast as asked, an app-server takes the batches.
+    #[default]
     Gps,
     /// Push fan-out latency with GPS running underneath.
     Push,
@@ -25,6 +28,10 @@ pub enum Scenario {
 }
 
 impl Scenario {
+    /// Every scenario.
+    pub const ALL: [Scenario; 6] =
+        [Scenario::Gps, Scenario::Push, Scenario::Idle, Scenario::Storm, Scenario::Mixed, Scenario::Bad];
+
     /// The subcommand's name, as the report prints it.
     pub fn name(self) -> &'static str {
         match self {

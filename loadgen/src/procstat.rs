@@ -13,8 +13,8 @@ pub struct ProcSample {
     pub rss_bytes: u64,
 }
 
-/// Clock ticks per second, the unit of /proc/PID/stat's CPU times.
-fn clk_tck() -> f64 {
+/// Clock ticks per second, the unit of the CPU times in /proc/PID/stat and /proc/stat.
+pub fn clk_tck() -> f64 {
     // SAFETY: sysconf only reads a system value.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 {

@@ -1,18 +1,34 @@
 //! What a run reports: the [`Report`] (one JSON object with `--json`), the table for people,
 //! the live line each second, and .hgrm percentile files for plotting.
+//!
+//! The report's types read back from its JSON too (perf reads loadgen's output as a
+//! [`Report`]). Reading is strict: every field must be there, the `Option` ones included (they
+//! are written as `null` when loadgen could not measure them), so a report from a loadgen
+//! whose fields were renamed fails to read, naming the missing field, instead of reading 0 or
+//! nothing.
 
 use crate::audit::AuditSummary;
 use crate::bad::BadSummary;
 use crate::engine::stats::{Hists, Snapshot};
+use crate::plan::Scenario;
+use crate::procstat::ProcSample;
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
+use std::time::Duration;
+
+/// Reads an `Option` field that must be present, `null` or not: serde takes a missing
+/// `Option` field for `None` unless told otherwise, which would read a renamed field as "not
+/// measured" without a word.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    Option::deserialize(d)
+}
 
 /// Percentiles of one latency histogram, µs.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     /// Samples.
     pub count: u64,
@@ -49,7 +65,7 @@ impl Latency {
 }
 
 /// Apps and sessions.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Connections {
     /// Drivers simulated.
     pub drivers: u32,
@@ -68,7 +84,7 @@ pub struct Connections {
 }
 
 /// GPS ingest.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Gps {
     /// Points sent in the window.
     pub sent: u64,
@@ -78,14 +94,17 @@ pub struct Gps {
     pub rate_per_s: f64,
     /// Points the app-server received (coalesced by the gate: latest per driver per flush).
     pub forwarded: u64,
-    /// Gate CPU µs per point sent in the window.
+    /// Gate CPU µs over the window per point sent in it: all of the gate's CPU, whatever it
+    /// did. The cost of GPS alone only in the `gps` scenario, where GPS is the only traffic; in
+    /// the others it also pays for pushes, requests, logins and resumes.
+    #[serde(deserialize_with = "present")]
     pub gate_cpu_us_per_point: Option<f64>,
     /// Sends skipped because loadgen fell behind its schedule.
     pub behind: u64,
 }
 
 /// Pushes: the audit (per target uid) and the latency.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Push {
     /// Push frames sent.
     pub pushes: u64,
@@ -116,7 +135,7 @@ pub struct Push {
     /// Real receipts beyond a push's accepted targets.
     pub extra_receipts: u64,
     /// Receipts by outcome.
-    pub outcomes: BTreeMap<&'static str, u64>,
+    pub outcomes: BTreeMap<String, u64>,
     /// App-server send → app receive (first arrivals, no redelivery flag).
     pub latency_us: Latency,
     /// First arrivals per second over the window.
@@ -124,7 +143,7 @@ pub struct Push {
 }
 
 /// Business requests (PlaceOrder, GrabOrder).
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Request {
     /// Sent.
     pub sent: u64,
@@ -139,7 +158,7 @@ pub struct Request {
 }
 
 /// The order flow.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Orders {
     /// Orders placed (passengers' view).
     pub placed: u64,
@@ -156,7 +175,7 @@ pub struct Orders {
 }
 
 /// Drops and how sessions came back.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Reconnect {
     /// Sessions back after a drop.
     pub count: u64,
@@ -175,13 +194,14 @@ pub struct Reconnect {
 }
 
 /// The storm.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Storm {
     /// Sessions dropped at once.
     pub dropped: u64,
     /// Of those, back.
     pub back: u64,
     /// Storm → last one back, ms; `None` when not all came back (or no storm).
+    #[serde(deserialize_with = "present")]
     pub all_back_ms: Option<f64>,
     /// Back by resume.
     pub resumed: u64,
@@ -190,44 +210,78 @@ pub struct Storm {
 }
 
 /// Idle sessions.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Idle {
     /// Sessions up at the end of the window.
     pub sessions: u64,
     /// (gate RSS at the end of the window − before any connection) / sessions.
+    #[serde(deserialize_with = "present")]
     pub bytes_per_session: Option<f64>,
 }
 
 /// The gate process.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Gate {
     /// Its pid, if found.
+    #[serde(deserialize_with = "present")]
     pub pid: Option<u32>,
     /// CPU seconds over the window.
+    #[serde(deserialize_with = "present")]
     pub cpu_s: Option<f64>,
     /// CPU over the window, % of one core.
+    #[serde(deserialize_with = "present")]
     pub cpu_percent: Option<f64>,
     /// RSS at the end of the window.
+    #[serde(deserialize_with = "present")]
     pub rss_bytes: Option<u64>,
     /// RSS before loadgen connected anything.
+    #[serde(deserialize_with = "present")]
     pub rss_before_bytes: Option<u64>,
     /// Largest RSS seen during the run.
+    #[serde(deserialize_with = "present")]
     pub rss_max_bytes: Option<u64>,
 }
 
+impl Gate {
+    /// The process `pid` over the window: `before` any connection, `g0` and `g1` at the
+    /// window's ends, `rss_max` the largest RSS seen so far; CPU rounded to the ms.
+    pub fn over_window(
+        pid: Option<u32>,
+        before: Option<ProcSample>,
+        g0: Option<ProcSample>,
+        g1: Option<ProcSample>,
+        rss_max: Option<u64>,
+        window: Duration,
+    ) -> Gate {
+        let cpu_s = match (g0, g1) {
+            (Some(a), Some(b)) => Some(((b.cpu_s - a.cpu_s) * 1000.0).round() / 1000.0),
+            _ => None,
+        };
+        Gate {
+            pid,
+            cpu_s,
+            cpu_percent: cpu_s.map(|c| (c / window.as_secs_f64().max(1e-9) * 1000.0).round() / 10.0),
+            rss_bytes: g1.map(|s| s.rss_bytes),
+            rss_before_bytes: before.map(|s| s.rss_bytes),
+            rss_max_bytes: rss_max.max(g1.map(|s| s.rss_bytes)),
+        }
+    }
+}
+
 /// loadgen itself.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Loadgen {
     /// CPU seconds over the whole run.
     pub cpu_s: f64,
     /// Its own RSS at the end of the window.
+    #[serde(deserialize_with = "present")]
     pub rss_bytes: Option<u64>,
     /// Cores its executors ran on.
     pub cores: Vec<usize>,
 }
 
 /// The app-server side's own counts.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct AppServerReport {
     /// It ran.
     pub running: bool,
@@ -250,10 +304,10 @@ pub struct AppServerReport {
 }
 
 /// Everything a run found.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// The scenario.
-    pub scenario: &'static str,
+    pub scenario: Scenario,
     /// The audit is clean: no push lost or shown twice.
     pub ok: bool,
     /// Length of the measured window, s.
@@ -280,12 +334,14 @@ pub struct Report {
     pub loadgen: Loadgen,
     /// The app-server side.
     pub appserver: AppServerReport,
-    /// Bad peers (`bad` scenario).
+    /// Bad peers: `None` but in the `bad` scenario, the one that has them. Every report still
+    /// writes it (`null`), so reading requires it like the other fields.
+    #[serde(deserialize_with = "present")]
     pub bad: Option<BadSummary>,
     /// Failures (not chaos loadgen caused, not backpressure the gate asked for).
     pub errors: u64,
     /// Failures and other notable events by kind.
-    pub error_kinds: BTreeMap<&'static str, u64>,
+    pub error_kinds: BTreeMap<String, u64>,
     /// Every app counter over the whole run.
     pub counters: Snapshot,
 }
@@ -306,19 +362,31 @@ impl Report {
         p.extra_receipts = a.extra_receipts;
     }
 
+    /// Sets the gate section, and from its CPU the gate CPU per GPS point.
+    pub fn set_gate(&mut self, gate: Gate) {
+        if let (Some(cpu), true) = (gate.cpu_s, self.gps.sent > 0) {
+            self.gps.gate_cpu_us_per_point = Some(cpu * 1e6 / self.gps.sent as f64);
+        }
+        self.gate = gate;
+    }
+
     /// Fills the error kinds and total from the counters.
     pub fn set_errors(&mut self, c: &Snapshot) {
         let k = &mut self.error_kinds;
-        k.insert("connect", c.err_connect);
-        k.insert("login", c.err_login);
-        k.insert("session_timeout", c.err_session_timeout);
-        k.insert("protocol", c.err_protocol);
-        k.insert("unexpected", c.err_unexpected);
-        k.insert("write", c.err_write);
-        k.insert("request", c.request_errors);
-        k.insert("overloaded_retried", c.overloaded);
-        k.insert("resume_refused", c.resume_refused);
-        k.insert("go_aways", c.go_aways);
+        for (kind, n) in [
+            ("connect", c.err_connect),
+            ("login", c.err_login),
+            ("session_timeout", c.err_session_timeout),
+            ("protocol", c.err_protocol),
+            ("unexpected", c.err_unexpected),
+            ("write", c.err_write),
+            ("request", c.request_errors),
+            ("overloaded_retried", c.overloaded),
+            ("resume_refused", c.resume_refused),
+            ("go_aways", c.go_aways),
+        ] {
+            k.insert(kind.to_owned(), n);
+        }
         self.errors = c.errors();
     }
 
@@ -329,7 +397,7 @@ impl Report {
         let _ = writeln!(
             s,
             "loadgen {}: {:.1} s window, {} drivers, {} passengers, cores {:?}, ramp {:.1} s",
-            r.scenario,
+            r.scenario.name(),
             r.window_s,
             r.connections.drivers,
             r.connections.passengers,
@@ -443,7 +511,7 @@ impl Report {
                     mib(g.rss_bytes),
                     mib(g.rss_before_bytes),
                     mib(g.rss_max_bytes),
-                    r.gps.gate_cpu_us_per_point.map_or(String::new(), |u| format!(", {u:.2} µs CPU per GPS point"))
+                    r.gps.gate_cpu_us_per_point.map_or(String::new(), |u| gate_cpu_per_point(r.scenario, u))
                 );
             }
             _ => {
@@ -499,6 +567,16 @@ impl Report {
             }
         );
         s
+    }
+}
+
+/// The gate's CPU per GPS point for the table: GPS's own cost in the `gps` scenario; in the
+/// others the gate also served pushes, requests, logins or resumes, which the label says.
+fn gate_cpu_per_point(scenario: Scenario, us: f64) -> String {
+    if scenario == Scenario::Gps {
+        format!(", {us:.2} µs CPU per GPS point")
+    } else {
+        format!(", {us:.2} µs gate CPU per GPS point, all traffic included")
     }
 }
 
@@ -600,7 +678,7 @@ mod tests {
 
     #[test]
     fn report_serialises_with_the_documented_keys() {
-        let r = Report { scenario: "gps", ..Report::default() };
+        let r = Report { scenario: Scenario::Gps, ..Report::default() };
         let v = serde_json::to_value(&r).expect("json");
         for path in [
             "/gps/sent",
@@ -629,6 +707,83 @@ mod tests {
             "/errors",
         ] {
             assert!(v.pointer(path).is_some(), "missing {path}");
+        }
+    }
+
+    #[test]
+    fn the_scenario_is_written_by_its_name() {
+        for sc in Scenario::ALL {
+            let v = serde_json::to_value(Report { scenario: sc, ..Report::default() }).expect("json");
+            assert_eq!(v["scenario"], sc.name());
+        }
+    }
+
+    #[test]
+    fn a_report_reads_back_and_a_missing_field_is_an_error() {
+        let mut r = Report { scenario: Scenario::Mixed, window_s: 2.5, ..Report::default() };
+        r.push.latency_us.p99 = 1234;
+        r.gate.cpu_s = Some(0.25);
+        r.push.outcomes.insert("delivered".into(), 7);
+        r.set_errors(&Snapshot { err_login: 3, ..Snapshot::default() });
+        let v = serde_json::to_value(&r).expect("json");
+        let back: Report = serde_json::from_value(v.clone()).expect("reads back");
+        assert_eq!(serde_json::to_value(&back).expect("json"), v);
+        assert_eq!(
+            (back.scenario, back.push.latency_us.p99, back.gate.cpu_s),
+            (Scenario::Mixed, 1234, Some(0.25))
+        );
+
+        // A missing field, an `Option` one included, is named; `null` is not missing.
+        for (section, field) in [("push", "sent"), ("gate", "cpu_s"), ("storm", "all_back_ms"), ("", "bad")] {
+            let mut w = v.clone();
+            let obj = if section.is_empty() { &mut w } else { &mut w[section] };
+            obj.as_object_mut().expect("object").remove(field);
+            let e = serde_json::from_value::<Report>(w).expect_err("a field is missing").to_string();
+            assert!(e.contains(&format!("missing field `{field}`")), "{e}");
+        }
+        let mut w = v;
+        w["gate"]["cpu_s"] = serde_json::Value::Null;
+        assert_eq!(serde_json::from_value::<Report>(w).expect("null is a value").gate.cpu_s, None);
+    }
+
+    #[test]
+    fn gate_figures_over_the_window() {
+        let at = |cpu_s, rss_bytes| Some(ProcSample { cpu_s, rss_bytes });
+        let g = Gate::over_window(
+            Some(9),
+            at(0.5, 100),
+            at(1.0, 150),
+            at(1.5004, 300),
+            Some(200),
+            Duration::from_secs(2),
+        );
+        assert_eq!((g.pid, g.cpu_s, g.cpu_percent), (Some(9), Some(0.5), Some(25.0)));
+        assert_eq!((g.rss_before_bytes, g.rss_bytes, g.rss_max_bytes), (Some(100), Some(300), Some(300)));
+        let none = Gate::over_window(None, None, None, at(1.0, 1), None, Duration::from_secs(2));
+        assert_eq!((none.cpu_s, none.cpu_percent, none.rss_max_bytes), (None, None, Some(1)));
+
+        let mut r = Report::default();
+        r.gps.sent = 1000;
+        r.set_gate(g);
+        assert_eq!(r.gps.gate_cpu_us_per_point, Some(500.0));
+        let mut quiet = Report::default();
+        quiet.set_gate(Gate { cpu_s: Some(1.0), ..Gate::default() });
+        assert_eq!(quiet.gps.gate_cpu_us_per_point, None, "no GPS point, no figure per point");
+    }
+
+    #[test]
+    fn gate_cpu_per_gps_point_says_what_it_includes() {
+        let gate = Gate { pid: Some(1), cpu_s: Some(1.0), ..Gate::default() };
+        let gps = Gps { sent: 1000, gate_cpu_us_per_point: Some(1000.0), ..Gps::default() };
+        let table = |scenario| {
+            Report { scenario, gate: gate.clone(), gps: gps.clone(), ..Report::default() }
+                .table(&Hists::default())
+        };
+        let t = table(Scenario::Gps);
+        assert!(t.contains("1000.00 µs CPU per GPS point") && !t.contains("all traffic"), "{t}");
+        for sc in [Scenario::Mixed, Scenario::Push, Scenario::Storm] {
+            let t = table(sc);
+            assert!(t.contains("1000.00 µs gate CPU per GPS point, all traffic included"), "{t}");
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::bad::BadStats;
 use crate::engine::stats::{ExecStats, Hists, Snapshot};
 use crate::engine::{self, Control, Phase};
 use crate::plan::{Plan, Scenario, Target};
-use crate::procstat::{self, ProcSample};
+use crate::procstat;
 use crate::report::{self, Latency, Report};
 use std::net::TcpStream;
 use std::sync::atomic::Ordering::Relaxed;
@@ -273,8 +273,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let shown: Vec<audit::Shown> = results.into_iter().map(|r| r.shown).collect();
     let total_counters = w.counters();
 
-    let mut rep =
-        Report { scenario: plan.scenario.name(), window_s: window.as_secs_f64(), ..Report::default() };
+    let mut rep = Report { scenario: plan.scenario, window_s: window.as_secs_f64(), ..Report::default() };
     let win = c1.since(&c0);
     let secs = window.as_secs_f64().max(1e-9);
     rep.connections = report::Connections {
@@ -296,7 +295,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     };
     if let Some(o) = &server_out {
         rep.set_audit(&o.audit);
-        rep.push.outcomes = o.outcomes.iter().copied().collect();
+        rep.push.outcomes = o.outcomes.iter().map(|&(k, n)| (k.to_owned(), n)).collect();
         let untracked = shown.iter().any(|s| s.untracked > 0);
         // Only uids simulated here can be checked: with several loadgen processes, offers may
         // go to drivers of another one.
@@ -360,10 +359,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
             _ => None,
         };
     }
-    rep.gate = gate_figures(gate_pid, gate_before, g0, g1, w.rss_max, window);
-    if let (Some(cpu), true) = (rep.gate.cpu_s, rep.gps.sent > 0) {
-        rep.gps.gate_cpu_us_per_point = Some(cpu * 1e6 / rep.gps.sent as f64);
-    }
+    rep.set_gate(report::Gate::over_window(gate_pid, gate_before, g0, g1, w.rss_max, window));
     rep.loadgen = report::Loadgen {
         cpu_s: procstat::self_cpu_s() - cpu_start,
         rss_bytes: own_rss,
@@ -376,26 +372,4 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     rep.counters = total_counters;
     rep.ok = rep.push.lost == 0 && rep.push.duplicates == 0 && rep.push.delivered_unseen == 0;
     Ok(Outcome { report: rep, hists })
-}
-
-fn gate_figures(
-    pid: Option<u32>,
-    before: Option<ProcSample>,
-    g0: Option<ProcSample>,
-    g1: Option<ProcSample>,
-    rss_max: Option<u64>,
-    window: Duration,
-) -> report::Gate {
-    let cpu_s = match (g0, g1) {
-        (Some(a), Some(b)) => Some(((b.cpu_s - a.cpu_s) * 1000.0).round() / 1000.0),
-        _ => None,
-    };
-    report::Gate {
-        pid,
-        cpu_s,
-        cpu_percent: cpu_s.map(|c| (c / window.as_secs_f64().max(1e-9) * 1000.0).round() / 10.0),
-        rss_bytes: g1.map(|s| s.rss_bytes),
-        rss_before_bytes: before.map(|s| s.rss_bytes),
-        rss_max_bytes: rss_max.max(g1.map(|s| s.rss_bytes)),
-    }
 }

@@ -59,7 +59,7 @@ struct Order {
 }
 
 /// Counts for the report.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DispatchStats {
     /// Orders placed and offered.
     pub placed: u64,

@@ -17,7 +17,7 @@ macro_rules! counters {
         pub struct Counters { $($(#[$doc])* pub $name: AtomicU64,)* }
 
         /// The counters at one moment, summed over executors.
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
         pub struct Snapshot { $($(#[$doc])* pub $name: u64,)* }
 
         impl Counters {

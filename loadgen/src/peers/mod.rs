@@ -27,7 +27,7 @@ pub mod wire;
 use crate::engine::stats::{ExecStats, Snapshot};
 use crate::engine::{Control, Phase};
 use crate::plan::{Plan, Target};
-use crate::procstat::{self, ProcSample};
+use crate::procstat;
 use crate::report::{self, Latency, Report};
 use crate::run::{Outcome, RunError};
 use std::net::TcpStream;
@@ -321,8 +321,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let server_out = server.map(appserver::PeerAppServer::finish);
     let total_counters = stats.iter().fold(Snapshot::default(), |acc, s| acc.add(&s.c.snapshot()));
 
-    let mut rep =
-        Report { scenario: plan.scenario.name(), window_s: window.as_secs_f64(), ..Report::default() };
+    let mut rep = Report { scenario: plan.scenario, window_s: window.as_secs_f64(), ..Report::default() };
     let win = c1.since(&c0);
     let secs = window.as_secs_f64().max(1e-9);
     rep.connections = report::Connections {
@@ -371,10 +370,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
             _ => None,
         };
     }
-    rep.gate = server_figures(server_pid, before, g0, g1, rss_max, window);
-    if let (Some(cpu), true) = (rep.gate.cpu_s, rep.gps.sent > 0) {
-        rep.gps.gate_cpu_us_per_point = Some(cpu * 1e6 / rep.gps.sent as f64);
-    }
+    rep.set_gate(report::Gate::over_window(server_pid, before, g0, g1, rss_max, window));
     rep.loadgen = report::Loadgen {
         cpu_s: procstat::self_cpu_s() - cpu_start,
         rss_bytes: own_rss,
@@ -385,29 +381,6 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     // No receipts, so nothing to audit: a peer run is judged by sent against received.
     rep.ok = true;
     Ok(Outcome { report: rep, hists })
-}
-
-/// CPU and memory of the server at `--gate` over the window, rounded as the gate's are.
-fn server_figures(
-    pid: Option<u32>,
-    before: Option<ProcSample>,
-    g0: Option<ProcSample>,
-    g1: Option<ProcSample>,
-    rss_max: Option<u64>,
-    window: Duration,
-) -> report::Gate {
-    let cpu_s = match (g0, g1) {
-        (Some(a), Some(b)) => Some(((b.cpu_s - a.cpu_s) * 1000.0).round() / 1000.0),
-        _ => None,
-    };
-    report::Gate {
-        pid,
-        cpu_s,
-        cpu_percent: cpu_s.map(|c| (c / window.as_secs_f64().max(1e-9) * 1000.0).round() / 10.0),
-        rss_bytes: g1.map(|s| s.rss_bytes),
-        rss_before_bytes: before.map(|s| s.rss_bytes),
-        rss_max_bytes: rss_max.max(g1.map(|s| s.rss_bytes)),
-    }
 }
 
 #[cfg(test)]

@@ -258,7 +258,7 @@ fn execute(
     let cpu = lg.window_cpu(cfg.server_core, cfg.loadgen_core);
     let storm_shares = if spec.kind == Kind::Storm {
         let at = spec.storm_at_s();
-        let back = lg.report.pointer("/storm/all_back_ms").and_then(serde_json::Value::as_f64);
+        let back = lg.report.storm.all_back_ms;
         lg.shares_after_window_start(at, back.map_or(spec.window_s, |ms| at + ms / 1000.0))
     } else {
         None
@@ -270,7 +270,7 @@ fn execute(
             other_on_loadgen_core: c.other_on_loadgen_core,
             steal_on_server_core: c.steal_on_server_core,
         }),
-        loadgen_cpu_s: lg.report.pointer("/loadgen/cpu_s").and_then(serde_json::Value::as_f64).unwrap_or(0.0),
+        loadgen_cpu_s: lg.report.loadgen.cpu_s,
         loadgen_wall_s: lg.wall_s,
         exit_code: lg.exit_code,
         kernel_before,
@@ -280,7 +280,7 @@ fn execute(
         curve,
         storm_shares,
     };
-    Ok(results::from_report(spec, &lg.report, &x))
+    Ok(results::from_report(spec, &lg.report, lg.report_json, &x))
 }
 
 /// The server's CPU with no connection over `secs`, % of a core.

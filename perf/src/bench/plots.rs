@@ -3,7 +3,7 @@
 //! Curves are thinned to a bounded number of points so the files stay a few tens of KiB.
 
 use super::plan::{Kind, Target};
-use super::results::{BenchResults, RunStatus};
+use super::results::{BenchResults, Metric, RunStatus};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -159,8 +159,8 @@ fn gps_ingest(b: &BenchResults, path: &Path) -> Result<bool, Box<dyn std::error:
             })
             .collect()
     };
-    let cpu = series(|r| r.gps.cpu_us_per_point);
-    let delivered = series(|r| r.gps.delivered_per_s.map(|d| d / 1000.0));
+    let cpu = series(|r| Metric::GpsCpuUsPerPoint.of(r));
+    let delivered = series(|r| Metric::GpsDeliveredPerS.of(r).map(|d| d / 1000.0));
     if cpu.is_empty() {
         return Ok(false);
     }
@@ -206,7 +206,7 @@ fn gps_ingest(b: &BenchResults, path: &Path) -> Result<bool, Box<dyn std::error:
             .draw()?;
         Ok(())
     };
-    draw_panel(&panels[0], &cpu, "server CPU µs per point")?;
+    draw_panel(&panels[0], &cpu, Metric::GpsCpuUsPerPoint.name())?;
     draw_panel(&panels[1], &delivered, "delivered, k points/s")?;
     root.present()?;
     Ok(true)

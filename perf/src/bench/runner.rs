@@ -11,6 +11,8 @@
 
 use super::machine::KernelMem;
 use super::servers::pinned;
+use loadgen::procstat::clk_tck;
+use loadgen::report::Report;
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -68,8 +70,10 @@ pub struct Line {
 /// What one loadgen run gave.
 #[derive(Debug, Clone)]
 pub struct LoadgenRun {
-    /// The JSON report.
-    pub report: serde_json::Value,
+    /// Its report.
+    pub report: Report,
+    /// The same as it printed it (kept in the results).
+    pub report_json: serde_json::Value,
     /// Its exit status (0 clean, 1 audit failed).
     pub exit_code: i32,
     /// Wall time of the whole process, s.
@@ -93,17 +97,6 @@ pub struct WindowCpu {
     pub other_on_loadgen_core: f64,
     /// Share of the server's core stolen by the hypervisor.
     pub steal_on_server_core: f64,
-}
-
-/// Clock ticks per second of /proc/stat.
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf only reads a system value.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
 }
 
 /// Every `cpuN` line of /proc/stat, by N.
@@ -138,8 +131,7 @@ impl LoadgenRun {
     /// Where loadgen's window was on perf's clock (seconds since it was started): its start
     /// offset from the live lines, then its ramp and window from the report.
     pub fn window(&self) -> Option<(f64, f64)> {
-        let ramp = self.report.pointer("/connections/ramp_s")?.as_f64()?;
-        let window = self.report.pointer("/window_s")?.as_f64()?;
+        let (ramp, window) = (self.report.connections.ramp_s, self.report.window_s);
         // A line is read a little after it is printed; the smallest gap is the closest.
         let offset = self.lines.iter().map(|l| l.at - l.t).fold(f64::INFINITY, f64::min);
         let offset = if offset.is_finite() { offset.max(0.0) } else { 0.0 };
@@ -153,8 +145,7 @@ impl LoadgenRun {
         // samples end when loadgen does, shortly after its window.
         let b = b.min(self.ticks.last()?.t);
         let dt = b - a;
-        let window = self.report.pointer("/window_s")?.as_f64()?;
-        if dt < 0.3 || dt < 0.8 * window {
+        if dt < 0.3 || dt < 0.8 * self.report.window_s {
             return None;
         }
         let delta = |f: &dyn Fn(&Tick) -> f64| Some(at(&self.ticks, b, f)? - at(&self.ticks, a, f)?);
@@ -310,11 +301,24 @@ pub fn run(
         tail.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect::<Vec<_>>().join("\n");
     let status = status.map_err(|e| format!("{e}; loadgen's last words:\n{stderr_tail}"))?;
     let exit_code = status.code().unwrap_or(-1);
-    let report: serde_json::Value = serde_json::from_str(out.trim()).map_err(|e| {
+    let report_json: serde_json::Value = serde_json::from_str(out.trim()).map_err(|e| {
         format!("loadgen exited with {status} and no JSON report ({e}); its last words:\n{stderr_tail}")
     })?;
+    let report = read_report(out.trim()).map_err(|e| format!("{} ran, but {e}", loadgen.display()))?;
     let lines = std::mem::take(&mut *lines.lock().unwrap_or_else(PoisonError::into_inner));
-    Ok(LoadgenRun { report, exit_code, wall_s, ticks, lines, stderr_tail })
+    Ok(LoadgenRun { report, report_json, exit_code, wall_s, ticks, lines, stderr_tail })
+}
+
+/// Reads loadgen's JSON report as loadgen's own [`Report`]. Every field must be there (see
+/// [`loadgen::report`]): a report from a loadgen built from other sources fails here, naming
+/// the field, rather than giving zeros.
+pub fn read_report(json: &str) -> Result<Report, String> {
+    serde_json::from_str(json).map_err(|e| {
+        format!(
+            "its report does not read as this perf's loadgen report ({e}); \
+             is loadgen built from the same sources?"
+        )
+    })
 }
 
 #[cfg(test)]
@@ -359,12 +363,21 @@ mod tests {
                 }
             })
             .collect();
-        let report = serde_json::json!({"connections": {"ramp_s": 1.0}, "window_s": 5.0});
+        let mut report = Report { window_s: 5.0, ..Report::default() };
+        report.connections.ramp_s = 1.0;
         let lines = vec![
             Line { at: 1.25, t: 1.0, label: "ramp".into(), kernel: None },
             Line { at: 2.21, t: 2.0, label: "run".into(), kernel: None },
         ];
-        let r = LoadgenRun { report, exit_code: 0, wall_s: 10.0, ticks, lines, stderr_tail: String::new() };
+        let r = LoadgenRun {
+            report,
+            report_json: serde_json::Value::Null,
+            exit_code: 0,
+            wall_s: 10.0,
+            ticks,
+            lines,
+            stderr_tail: String::new(),
+        };
         let (a, b) = r.window().expect("placed");
         assert!((a - 1.21).abs() < 1e-9 && (b - 6.21).abs() < 1e-9, "{a} {b}");
         let w = r.window_cpu(0, 1).expect("cpu");
