@@ -82,6 +82,21 @@ pub struct UpstreamOut {
     pub log_id: u64,
 }
 
+/// What one executor sends another for its app-server connections.
+#[derive(Debug)]
+pub enum AppServerMsg {
+    /// Final receipts.
+    Receipts(Vec<Receipt>),
+    /// A request from an app.
+    Upstream(UpstreamOut),
+    /// Coalesced GPS.
+    Gps(Vec<UidGpsPoint>),
+    /// Sessions that ended without logout: (uid, outcome).
+    Unreachable(Vec<(u64, u8)>),
+    /// An app-server connected somewhere: send what waited.
+    Available,
+}
+
 /// A frame to write to one app-server connection.
 #[derive(Debug, PartialEq)]
 pub enum Out {

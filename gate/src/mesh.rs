@@ -27,7 +27,7 @@ pub enum Msg {
     /// For connections on the receiving executor's gate shard.
     Conn(logic::Output),
     /// For the app-server connections on the receiving executor.
-    AppServer(crate::sidecar::AppServerMsg),
+    AppServer(crate::delivery::AppServerMsg),
 }
 
 /// A batch with the time it was sent, for the hop-latency histogram.

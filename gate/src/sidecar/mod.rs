@@ -14,29 +14,14 @@
 pub mod push;
 
 use crate::app::session::error;
-use crate::delivery::{Out, UpstreamOut};
+use crate::delivery::{AppServerMsg, Out};
 use crate::lifecycle::{CloseReason, Phase};
 use crate::mesh::Msg;
 use crate::state::{Conn, Shard};
 use logic::{ConnRef, Receipt};
-use schema::wire::{self, ErrorCode, GoAwayReason, Hop, UidGpsPoint};
+use schema::wire::{self, ErrorCode, GoAwayReason, Hop};
 use schema::{Body, Cmd, Frame, FrameType};
 use std::sync::atomic::Ordering::Relaxed;
-
-/// What one executor sends another for its app-server connections.
-#[derive(Debug)]
-pub enum AppServerMsg {
-    /// Final receipts.
-    Receipts(Vec<Receipt>),
-    /// A request from an app.
-    Upstream(UpstreamOut),
-    /// Coalesced GPS.
-    Gps(Vec<UidGpsPoint>),
-    /// Sessions that ended without logout: (uid, outcome).
-    Unreachable(Vec<(u64, u8)>),
-    /// An app-server connected somewhere: send what waited.
-    Available,
-}
 
 /// A final receipt from this executor's logic shard: logged under its push's log-id, then it
 /// waits in the receipt window.
