@@ -13,7 +13,7 @@
 //!                        └─────────────────────────────────────────────────┘
 //! ```
 
-use crate::io::{Command, Event, Events, Stop, INLINE};
+use crate::io::{Command, Event, Events, Stop};
 use crate::lifecycle::{CloseReason, Expiry, Port};
 use crate::mesh::Msg;
 use crate::metrics::Refusal;
@@ -176,15 +176,20 @@ fn on_event(shard: &mut Shard, e: Event, now: u64) {
             let Some(c) = shard.conn(conn) else { return };
             let (port, gap) = (c.port, now.saturating_sub(c.last_read_ms));
             c.last_read_ms = now;
-            // App-servers send large frames in bursts: drain them. App connections send small
-            // frames: when the inline buffer fills, the next read takes the rest.
-            let maybe_more = port == Port::Sidecar && len == INLINE;
-            if on_read(shard, conn, &buf[..len], maybe_more, now) == Read::Closed {
+            // The task read these bytes and reads on: the loop must not read its socket too
+            // (the bytes would arrive out of order). When the inline buffer fills, the task's
+            // next read takes the rest.
+            if on_read(shard, conn, &buf[..len], false, now) == Read::Closed {
                 shard.close(conn, CloseReason::PeerGone);
                 return;
             }
             if port == Port::App && gap < BUSY_GAP_MS {
                 enter_busy(shard, conn, gap);
+            }
+        }
+        Event::Bulk { conn, bytes } => {
+            if on_read(shard, conn, &bytes, false, now) == Read::Closed {
+                shard.close(conn, CloseReason::PeerGone);
             }
         }
         Event::Written { conn, ok } => shard.written(conn, ok),

@@ -100,7 +100,7 @@ fn app_servers_churn_while_pushes_receipts_and_resumes_run() {
             while !stop.load(Ordering::Relaxed) {
                 let extra = srv.connect_another().expect("another connection");
                 std::thread::sleep(Duration::from_millis(50 + n * 31 % 200));
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     extra.sever();
                 } else {
                     let _ = extra.close();

@@ -6,7 +6,8 @@
 //! (one non-blocking `send` per connection per turn); only when the socket is full does the loop
 //! hand the rest to this task, which waits for the socket to take it.
 
-use super::{Command, ConnCtl, Event, Events, INLINE};
+use super::{Command, ConnCtl, Event, Events, BULK, INLINE};
+use crate::lifecycle::Port;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::net::Shutdown;
@@ -26,7 +27,7 @@ enum Step {
 
 /// Serves one accepted connection until it closes: waits for the loop's admission, then reads
 /// and posts until the peer or the loop ends it, then posts `Closed`.
-pub async fn serve(mut stream: TcpStream, ctl: Rc<ConnCtl>, events: Rc<Events>) {
+pub async fn serve(mut stream: TcpStream, ctl: Rc<ConnCtl>, events: Rc<Events>, port: Port) {
     let Some((me, wait)) = ctl.admitted().await else {
         // Refused: the loop queued the refusal's frame; write it if the socket takes it now.
         if let Command::Close(frame) = ctl.next().await {
@@ -40,20 +41,27 @@ pub async fn serve(mut stream: TcpStream, ctl: Rc<ConnCtl>, events: Rc<Events>) 
     }
     let _ = stream.set_nodelay(true);
     let mut inline = [0u8; INLINE];
+    // The loop never reads a socket whose task is reading (the bytes would arrive out of
+    // order), so an app-server's task reads in large pieces itself.
+    let mut bulk = if port == Port::Sidecar { vec![0u8; BULK] } else { Vec::new() };
     let mut parked = false;
     loop {
         let step = if parked {
             Step::Command(ctl.next().await)
         } else {
             // The mailbox first: a connection being closed must not read more of its input.
+            let buf: &mut [u8] = if bulk.is_empty() { &mut inline } else { &mut bulk };
             futures_lite::future::or(async { Step::Command(ctl.next().await) }, async {
-                Step::Read(stream.read(&mut inline).await)
+                Step::Read(stream.read(buf).await)
             })
             .await
         };
         match step {
             Step::Read(Ok(0)) | Step::Read(Err(_)) => break,
-            Step::Read(Ok(n)) => events.post(Event::Data { conn: me, len: n as u8, buf: inline }).await,
+            Step::Read(Ok(n)) if bulk.is_empty() => {
+                events.post(Event::Data { conn: me, len: n as u8, buf: inline }).await
+            }
+            Step::Read(Ok(n)) => events.post(Event::Bulk { conn: me, bytes: bulk[..n].to_vec() }).await,
             Step::Command(Command::Park) => parked = true,
             Step::Command(Command::Unpark) => parked = false,
             // The rare paths are boxed: an async fn's state is as large as its largest await

@@ -31,7 +31,7 @@ pub async fn run(
                 let fd = stream.as_raw_fd();
                 // Spawned directly (no wrapping async block): a wrapper would keep its own copy of
                 // the stream in every connection's task for the connection's whole life.
-                glommio::spawn_local(super::conn::serve(stream, ctl.clone(), events.clone())).detach();
+                glommio::spawn_local(super::conn::serve(stream, ctl.clone(), events.clone(), port)).detach();
                 events.post(Event::Opened { port, fd, ctl }).await;
             }
             Some(Err(e)) => {

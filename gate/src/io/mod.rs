@@ -22,6 +22,9 @@ use std::time::Duration;
 /// Inline read buffer: one GPS frame (64 bytes) fits, so the common segment is one read.
 pub const INLINE: usize = 128;
 
+/// Read buffer of an app-server connection's task.
+pub const BULK: usize = 64 * 1024;
+
 /// Events one shard's loop takes at most before connection tasks wait to post more.
 pub const MAX_EVENTS: usize = 65_536;
 
@@ -45,6 +48,14 @@ pub enum Event {
         len: u8,
         /// The bytes.
         buf: [u8; INLINE],
+    },
+    /// Bytes arrived on an app-server connection, read in large pieces (app-servers send large
+    /// frames in bursts; there are few of them, so a buffer each costs little).
+    Bulk {
+        /// The connection.
+        conn: ConnRef,
+        /// The bytes.
+        bytes: Vec<u8>,
     },
     /// A write handed to the task finished (`ok`) or failed.
     Written {
