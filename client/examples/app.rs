@@ -9,8 +9,8 @@
 //! - `--gate HOST:PORT`  the gate's app port (default 127.0.0.1:7100, what `make run` binds);
 //! - `--token HEX`       a login token, as `gate token --uid 42 --role driver` prints it;
 //! - `--uid N`           without `--token`: mint a driver token for this uid with the built-in
-//!                       development secret (only a gate running without a configured token
-//!                       secret, such as `make run`'s, accepts it);
+//!   development secret (only a gate running without a configured token
+//!   secret, such as `make run`'s, accepts it);
 //! - `--seconds N`       stop after this long (default: run until interrupted).
 
 use client::{dev_token, token_from_hex, AppConn, ClientError};

@@ -8,7 +8,7 @@
 //! Flags (all optional):
 //! - `--sidecar HOST:PORT`  the gate's sidecar port (default 127.0.0.1:7200, what `make run` binds);
 //! - `--secret S`           the sidecar secret (default: the built-in development secret, which
-//!                          `make run`'s gate uses);
+//!   `make run`'s gate uses);
 //! - `--uid N`              the driver to push to (default 42);
 //! - `--text T`             the payload (default "hello from the app-server");
 //! - `--ttl-ms N`           how long the push may wait for the app (default 30000).
