@@ -18,7 +18,8 @@ use crate::lifecycle::{CloseReason, Expiry, Port};
 use crate::mesh::Msg;
 use crate::metrics::Refusal;
 use crate::net::{self, Io};
-use crate::state::{jitter, mono_ms, Busy, Shard};
+use crate::state::{jitter, mono_ms, ring_token, Busy, ConnIo, RingConn, Shard};
+use crate::uring::Completion;
 use logic::{ConnRef, Output};
 use schema::wire::{self, GoAwayReason};
 use schema::{Decoded, Frames, Limits, HEADER_LEN};
@@ -50,6 +51,13 @@ const MAX_SIDECAR_CONNS_PER_SHARD: usize = 64;
 const OWN_ROUNDS: usize = 4;
 /// Each shutdown step waits at most this long.
 const DRAIN_TIMEOUT_MS: u64 = 3_000;
+/// App ring completions handled per turn at most (the rest wait for the next turn).
+const MAX_COMPLETIONS_PER_TURN: usize = 16_384;
+/// A closing ring connection's last bytes may take this long before it is cut.
+const CLOSE_WRITE_TIMEOUT_MS: u64 = 1_000;
+/// A closing ring connection's unread input is drained this long after its write side is shut,
+/// so closing sends FIN, not RST (an RST could destroy the last frame before the app reads it).
+const CLOSE_DRAIN_MS: u64 = 200;
 
 /// Where a shard's shutdown stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +82,9 @@ enum Shutdown {
 struct Clocks {
     next_sweep: Option<u64>,
     next_read_tick: Option<u64>,
+    /// While the app ring is busy: when to take its completions next, instead of waiting to be
+    /// woken.
+    ring_harvest: Option<Instant>,
     shutdown: Shutdown,
 }
 
@@ -82,8 +93,19 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
     let mesh = shard.mesh.clone();
     let inbox = &mesh.inboxes[shard.id as usize];
     let mut batch = Vec::new();
-    let mut clocks = Clocks { next_sweep: None, next_read_tick: None, shutdown: Shutdown::Running };
+    let mut clocks =
+        Clocks { next_sweep: None, next_read_tick: None, ring_harvest: None, shutdown: Shutdown::Running };
     let mut timer: Option<(u64, std::pin::Pin<Box<glommio::timer::Timer>>)> = None;
+    // The app ring wakes the loop through its eventfd, read with glommio: the loop sleeps in
+    // glommio's ring, never spins, and never polls on a timer while idle.
+    let ring_efd = shard.ring.as_ref().map(|r| {
+        // SAFETY: dup(2) of the ring's eventfd; the copy is owned by the BufferedFile.
+        let fd = unsafe { libc::dup(r.eventfd()) };
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        Rc::new(unsafe { <glommio::io::BufferedFile as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    });
+    let mut ring_wake: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> = None;
+    let mut harvest_timer: Option<std::pin::Pin<Box<glommio::timer::Timer>>> = None;
     loop {
         let due = next_deadline(&shard, &clocks);
         let now = mono_ms();
@@ -92,6 +114,27 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
                 (d, Box::pin(glommio::timer::Timer::new(Duration::from_millis(d.saturating_sub(now)))))
             });
         }
+        match (&ring_efd, clocks.ring_harvest) {
+            // Busy: take completions on the harvest window, not on every wake-up.
+            (Some(_), Some(at)) => {
+                ring_wake = None;
+                if harvest_timer.is_none() {
+                    let wait = at.saturating_duration_since(Instant::now());
+                    harvest_timer = Some(Box::pin(glommio::timer::Timer::new(wait)));
+                }
+            }
+            (Some(file), None) => {
+                harvest_timer = None;
+                if ring_wake.is_none() {
+                    let file = file.clone();
+                    ring_wake = Some(Box::pin(async move {
+                        let _ = file.read_at(0, 8).await;
+                    }));
+                }
+            }
+            (None, _) => {}
+        }
+        let mut ring_ready = false;
         futures_lite::future::poll_fn(|cx| {
             let mut ready = events.poll_ready(cx).is_ready();
             inbox.waker.register(cx.waker());
@@ -99,7 +142,13 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
             if let Some((_, t)) = timer.as_mut() {
                 ready |= std::future::Future::poll(t.as_mut(), cx).is_ready();
             }
-            if ready {
+            if let Some(w) = ring_wake.as_mut() {
+                ring_ready |= w.as_mut().poll(cx).is_ready();
+            }
+            if let Some(t) = harvest_timer.as_mut() {
+                ring_ready |= std::future::Future::poll(t.as_mut(), cx).is_ready();
+            }
+            if ready || ring_ready {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -109,6 +158,17 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
         let now = mono_ms();
         if timer.as_ref().is_some_and(|t| t.0 <= now) {
             timer = None;
+        }
+        if ring_ready {
+            ring_wake = None;
+            harvest_timer = None;
+        }
+        if shard.ring.is_some() && (ring_ready || clocks.ring_harvest.is_none()) {
+            // Harvest: with two or more completions the shard is busy and takes the next ones
+            // on the window; with fewer it waits to be woken again.
+            let n = ring_turn(&mut shard, now);
+            let window = shard.cfg.app.ring_window_us as u64;
+            clocks.ring_harvest = (n >= 2 && window > 0).then(|| Instant::now() + Duration::from_micros(window));
         }
         events.drain_into(&mut batch);
         for e in batch.drain(..) {
@@ -124,6 +184,12 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
         }
         on_time(&mut shard, &mut clocks, now);
         flush(&mut shard, now);
+        if let Some(ring) = shard.ring.as_mut() {
+            // Every send and re-arm of the turn in one system call.
+            if let Err(e) = ring.submit() {
+                tracing::error!(shard = shard.id, error = %e, "app ring: submit failed");
+            }
+        }
         if clocks.shutdown == Shutdown::Done {
             tracing::info!(shard = shard.id, left = shard.conns.len(), "shard drained");
             return;
@@ -139,8 +205,16 @@ fn next_deadline(shard: &Shard, clocks: &Clocks) -> Option<u64> {
         Shutdown::Running | Shutdown::Done => None,
         _ => Some(mono_ms() + 10),
     };
+    // Closing ring connections are looked at every 50 ms until they end.
+    let ring_close_tick = shard
+        .conns
+        .iter()
+        .any(|(_, c)| matches!(&c.io, ConnIo::Ring(r) if r.close_started.is_some() && !r.cancelled))
+        .then(|| mono_ms() + 50);
     [
         shard.logic.next_deadline_ms(),
+        ring_close_tick,
+        shard.ring_arms.iter().map(|(t, _)| *t).min(),
         clocks.next_sweep,
         clocks.next_read_tick,
         shard.delivery.next_deadline(),
@@ -158,7 +232,7 @@ fn next_deadline(shard: &Shard, clocks: &Clocks) -> Option<u64> {
 
 fn on_event(shard: &mut Shard, e: Event, now: u64) {
     match e {
-        Event::Opened { port: Port::App, fd, ctl } => admit_app(shard, fd, ctl, now),
+        Event::Opened { port: Port::App, fd, ctl } => admit_app(shard, fd, Some(ctl), now),
         Event::Opened { port: Port::Sidecar, fd, ctl } => {
             if shard.conns.len() - shard.app_conns() >= MAX_SIDECAR_CONNS_PER_SHARD || shard.shutting_down {
                 tracing::warn!(
@@ -168,7 +242,7 @@ fn on_event(shard: &mut Shard, e: Event, now: u64) {
                 ctl.refuse(Vec::new());
                 return;
             }
-            let me = shard.add_conn(fd, Port::Sidecar, ctl.clone(), now);
+            let me = shard.add_conn(fd, Port::Sidecar, ConnIo::Task(ctl.clone()), now);
             ctl.admit(me, Duration::ZERO);
         }
         Event::Data { conn, len, buf } => {
@@ -199,7 +273,7 @@ fn on_event(shard: &mut Shard, e: Event, now: u64) {
 
 /// Admission of an app connection: shutdown, the per-shard limit, and the accept-rate token
 /// bucket whose overflow waits in a bounded queue.
-fn admit_app(shard: &mut Shard, fd: std::os::fd::RawFd, ctl: Rc<crate::io::ConnCtl>, now: u64) {
+fn admit_app(shard: &mut Shard, fd: std::os::fd::RawFd, ctl: Option<Rc<crate::io::ConnCtl>>, now: u64) {
     shard.metrics().accepted.fetch_add(1, Relaxed);
     let refusal = if shard.shutting_down {
         Some((Refusal::Shutdown, "gate shutting down"))
@@ -213,10 +287,22 @@ fn admit_app(shard: &mut Shard, fd: std::os::fd::RawFd, ctl: Rc<crate::io::ConnC
         None => take_accept_token(shard),
     };
     match (refusal, wait) {
-        (None, Some(wait)) => {
-            let me = shard.add_conn(fd, Port::App, ctl.clone(), now);
-            ctl.admit(me, wait);
-        }
+        (None, Some(wait)) => match ctl {
+            Some(ctl) => {
+                let me = shard.add_conn(fd, Port::App, ConnIo::Task(ctl.clone()), now);
+                ctl.admit(me, wait);
+            }
+            None => {
+                let me = shard.add_conn(fd, Port::App, ConnIo::Ring(RingConn::default()), now);
+                if wait.is_zero() {
+                    if let Some(ring) = shard.ring.as_mut() {
+                        ring.arm_recv(fd, ring_token(me));
+                    }
+                } else {
+                    shard.ring_arms.push((now + wait.as_millis() as u64, me));
+                }
+            }
+        },
         (refusal, _) => {
             let (why, message) = refusal.unwrap_or((Refusal::AcceptRate, "accept rate limit: queue full"));
             let m = shard.metrics();
@@ -232,7 +318,16 @@ fn admit_app(shard: &mut Shard, fd: std::os::fd::RawFd, ctl: Rc<crate::io::ConnC
             tracing::warn!(log_id, shard = shard.id, reason = ?why, retry_after_ms = retry, "connection refused");
             let mut frame = Vec::new();
             shard.enc.error(&mut frame, 0, log_id, code, wire::Hop::Gate, 0, message, retry);
-            ctl.refuse(frame);
+            match ctl {
+                Some(ctl) => ctl.refuse(frame),
+                None => {
+                    // Best effort: a fresh socket's send buffer takes a small frame, and the peer
+                    // has sent nothing to drain, so closing now sends FIN, not RST.
+                    let _ = net::send(fd, &frame);
+                    // SAFETY: the accepted socket is ours and nothing else refers to it.
+                    unsafe { libc::close(fd) };
+                }
+            }
         }
     }
 }
@@ -268,6 +363,116 @@ fn closed(shard: &mut Shard, c: ConnRef, now: u64) {
                 };
                 shard.to_logic(uid, logic::Input::Closed { uid, conn: c, reason });
             }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The app ring
+// ------------------------------------------------------------------------------------------------
+
+/// Takes the app ring's completions; returns how many there were.
+fn ring_turn(shard: &mut Shard, now: u64) -> usize {
+    let Some(mut ring) = shard.ring.take() else { return 0 };
+    let mut done = Vec::new();
+    let n = ring.drain(MAX_COMPLETIONS_PER_TURN, |c| match c {
+        Completion::Accepted { fd } => done.push(RingDone::Accepted(fd)),
+        Completion::AcceptFailed { res } => {
+            tracing::warn!(shard = shard.id, error = %std::io::Error::from_raw_os_error(-res), "accept failed");
+        }
+        // The bytes are decoded here, inside the callback, straight from the kernel's buffer.
+        Completion::Data { token, bytes } => {
+            let conn = token_conn(shard.id, token);
+            let _ = on_read(shard, conn, bytes, false, now);
+        }
+        Completion::RecvEnded { token, res } => done.push(RingDone::RecvEnded(token_conn(shard.id, token), res)),
+        Completion::Sent { token, res, buf } => shard.ring_sent(token_conn(shard.id, token), res, buf),
+    });
+    shard.ring = Some(ring);
+    for d in done {
+        match d {
+            RingDone::Accepted(fd) => {
+                set_nodelay(fd);
+                admit_app(shard, fd, None, now);
+            }
+            RingDone::RecvEnded(c, res) if res == -libc::ENOBUFS => {
+                // The buffer ring ran dry (or the kernel ended the receive after data): the
+                // buffers were handed back as they were read, so re-arm; nothing was lost.
+                shard.metrics().ring_rearms.fetch_add(1, Relaxed);
+                if let Some(fd) = shard.conn(c).map(|conn| conn.fd) {
+                    if let Some(ring) = shard.ring.as_mut() {
+                        ring.arm_recv(fd, ring_token(c));
+                    }
+                }
+            }
+            // The peer closed, reset, or the receive was cancelled for a close: the connection
+            // ends here (nothing more can arrive for its token).
+            RingDone::RecvEnded(c, _) => ring_closed(shard, c, now),
+        }
+    }
+    n
+}
+
+/// What a ring completion leaves for after the drain.
+enum RingDone {
+    Accepted(std::os::fd::RawFd),
+    RecvEnded(ConnRef, i32),
+}
+
+fn token_conn(shard: u16, token: u64) -> ConnRef {
+    ConnRef { shard, slot: (token >> 32) as u32, gen: token as u32 }
+}
+
+fn set_nodelay(fd: std::os::fd::RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on an accepted socket with a valid pointer to an int of its size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+/// A ring connection ended: forget it, close its socket, tell its logic shard.
+fn ring_closed(shard: &mut Shard, c: ConnRef, now: u64) {
+    let Some(fd) = shard.conn(c).map(|conn| conn.fd) else { return };
+    if let Some(conn) = shard.conn(c) {
+        conn.life.close(CloseReason::PeerGone);
+    }
+    closed(shard, c, now);
+    // SAFETY: the connection's socket; its receive has ended, and a send still in flight holds
+    // its own reference to the file in the kernel.
+    unsafe { libc::close(fd) };
+}
+
+/// Ring connections that are closing: cut the last writes after `CLOSE_WRITE_TIMEOUT_MS`, and
+/// end the receive `CLOSE_DRAIN_MS` after the write side was shut.
+fn ring_closing(shard: &mut Shard, now: u64) {
+    let mut cancel = Vec::new();
+    for (slot, c) in shard.conns.iter_mut() {
+        let ConnIo::Ring(r) = &mut c.io else { continue };
+        if r.cancelled {
+            continue;
+        }
+        let drained = r.shut_at.is_some_and(|t| now.saturating_sub(t) >= CLOSE_DRAIN_MS);
+        let stuck = r.close_started.is_some_and(|t| now.saturating_sub(t) >= CLOSE_WRITE_TIMEOUT_MS);
+        if drained || stuck {
+            if stuck {
+                // SAFETY: shutdown(2) on the connection's own socket: a send stuck on a peer that
+                // reads nothing fails and hands its buffer back.
+                unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+            }
+            r.cancelled = true;
+            cancel.push(ring_token(ConnRef { shard: shard.id, slot: slot as u32, gen: c.gen }));
+        }
+    }
+    if let Some(ring) = shard.ring.as_mut() {
+        for t in cancel {
+            ring.cancel_recv(t);
         }
     }
 }
@@ -416,8 +621,10 @@ fn enter_busy(shard: &mut Shard, me: ConnRef, gap: u64) {
             b.ticks_per_read = ticks_per_read;
         }
         None => {
+            // Ring connections are never read by a task: the ring's harvest window batches them.
+            let Some(ctl) = c.ctl() else { return };
+            ctl.send(Command::Park);
             c.busy = Some(Busy { left: BUSY_TICKS, ticks_per_read, waited: 0 });
-            c.ctl.send(Command::Park);
             shard.busy.push(me.slot as usize);
         }
     }
@@ -455,7 +662,9 @@ fn read_tick(shard: &mut Shard, now: u64) {
                 b.left -= 1;
                 if b.left == 0 {
                     c.busy = None;
-                    c.ctl.send(Command::Unpark);
+                    if let Some(ctl) = c.ctl() {
+                        ctl.send(Command::Unpark);
+                    }
                 } else {
                     keep.push(slot);
                 }
@@ -566,6 +775,19 @@ fn on_time(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
         Some(t) => Some(t),
         None => Some(now + READ_TICK_MS),
     };
+    if !shard.ring_arms.is_empty() {
+        let (due, later): (Vec<_>, Vec<_>) = shard.ring_arms.drain(..).partition(|(t, _)| *t <= now);
+        shard.ring_arms = later;
+        for (_, c) in due {
+            let fd = shard.conns.get(c.slot as usize).filter(|x| x.gen == c.gen).map(|x| x.fd);
+            if let (Some(fd), Some(ring)) = (fd, shard.ring.as_mut()) {
+                ring.arm_recv(fd, ring_token(c));
+            }
+        }
+    }
+    if shard.ring.is_some() {
+        ring_closing(shard, now);
+    }
     shutdown_step(shard, clocks, now);
 }
 

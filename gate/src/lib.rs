@@ -10,7 +10,8 @@
 //!   [`delivery`] and [`sidecar`] (receipts to the app-server); app requests: [`app::upstream`];
 //! - the shard's one loop: [`event_loop`], over its state [`state`]; the sans-I/O machines beside
 //!   the logic shard: [`lifecycle`] (a connection's phases and timeouts) and [`delivery`];
-//! - the tasks that only move bytes (accepting, reading, blocked writes): [`io`];
+//! - the tasks that only move bytes (accepting, reading, blocked writes): [`io`]; the app port's
+//!   own io_uring (`app.io = "uring"`, every `unsafe` of the app port): [`uring`];
 //! - starting and stopping: [`server`]; configuration and flags: [`config`]; `/metrics`:
 //!   [`metrics`], [`admin`].
 
@@ -27,3 +28,4 @@ pub mod net;
 pub mod server;
 pub mod sidecar;
 pub mod state;
+pub mod uring;

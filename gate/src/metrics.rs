@@ -113,6 +113,9 @@ pub struct ShardMetrics {
     pub mesh_batches: AtomicU64,
     /// Mesh sends that found the destination inbox full and were retried.
     pub mesh_full: AtomicU64,
+    /// App ring receives re-armed after they ended (the buffer ring ran dry, or the kernel
+    /// ended them after data).
+    pub ring_rearms: AtomicU64,
     /// Time from a mesh batch's send to its processing here.
     pub mesh_hop_us: Histogram,
     /// Time from a login frame's arrival to the session answer being queued.
@@ -196,6 +199,7 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
     scalar!(counter, "gps_points_dropped_total", "GPS points dropped on a full buffer.", gps_dropped);
     scalar!(counter, "mesh_batches_total", "Cross-shard batches sent.", mesh_batches);
     scalar!(counter, "mesh_full_total", "Cross-shard sends retried on a full inbox.", mesh_full);
+    scalar!(counter, "ring_rearms_total", "App ring receives re-armed after they ended (buffers ran dry, or the kernel ended them after data).", ring_rearms);
     scalar!(gauge, "out_queue_bytes", "Bytes waiting to be written to apps.", out_queue_bytes);
     scalar!(counter, "logins_total", "Sessions created by login.", logins);
     scalar!(counter, "resumes_total", "Sessions resumed on this shard.", resumes);

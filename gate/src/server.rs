@@ -13,7 +13,7 @@ use crate::state::{Shard, Shared};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::collections::VecDeque;
 use std::io::Write as _;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,8 @@ use std::sync::{Arc, Mutex};
 /// leaves a handful of buckets for thousands of polls, and closing or cancelling one walks a
 /// long chain (it dominated a 15,000-session reconnect storm).
 const RING_DEPTH: usize = 4096;
+/// The app ring's submission queue: a turn's sends and re-arms; more are flushed as they come.
+const RING_SQ: u32 = 4096;
 
 /// Why a gate could not start.
 #[derive(Debug, thiserror::Error)]
@@ -139,14 +141,37 @@ async fn shard_main(
     let id = shard.id;
     let events = Events::new();
     let stop = Stop::new();
-    // SAFETY: the fds are listening TCP sockets we own; glommio takes ownership of them.
-    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    // SAFETY: the fd is a listening TCP socket we own; glommio takes ownership of it.
     let sidecar = unsafe { glommio::net::TcpListener::from_raw_fd(sidecar.into_raw_fd()) };
-    let (e, s) = (events.clone(), stop.clone());
-    glommio::spawn_local(async move {
-        io::listener::run(Port::App, listener, e, async move { s.wait().await }).await
-    })
-    .detach();
+    let mut shard = shard;
+    if shard.cfg.app.io == crate::config::AppIo::Uring {
+        // The app port on the shard's own io_uring: the loop owns the listener and its ring.
+        let app = &shard.cfg.app;
+        let cfg = crate::uring::RingConfig {
+            buffers: app.ring_buffers,
+            buffer_size: app.ring_buffer_size,
+            sq_entries: RING_SQ.min(app.ring_cq_entries),
+            cq_entries: app.ring_cq_entries,
+        };
+        match crate::uring::AppRing::new(listener.as_raw_fd(), cfg) {
+            Ok(ring) => {
+                shard.ring = Some(ring);
+                shard.app_listener = Some(listener);
+            }
+            Err(e) => {
+                tracing::error!(shard = id, error = %e, "cannot set up the app port's io_uring (needs Linux >= 5.19)");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        // SAFETY: the fd is a listening TCP socket we own; glommio takes ownership of it.
+        let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
+        let (e, s) = (events.clone(), stop.clone());
+        glommio::spawn_local(async move {
+            io::listener::run(Port::App, listener, e, async move { s.wait().await }).await
+        })
+        .detach();
+    }
     let (e, s) = (events.clone(), stop.clone());
     glommio::spawn_local(async move {
         io::listener::run(Port::Sidecar, sidecar, e, async move { s.wait().await }).await

@@ -58,8 +58,8 @@ pub struct Conn {
     pub port: Port,
     /// The socket, for non-blocking reads and writes (the task owns it and outlives this entry).
     pub fd: RawFd,
-    /// The task's mailbox.
-    pub ctl: Rc<ConnCtl>,
+    /// Who moves its bytes: its task (through a mailbox) or the shard's app ring.
+    pub io: ConnIo,
     /// Phase, close reason and timeouts.
     pub life: Lifecycle,
     /// Frames waiting to be written, coalesced into one write.
@@ -81,6 +81,43 @@ pub struct Conn {
     pub busy: Option<Busy>,
     /// The close was handed to the task.
     pub close_sent: bool,
+}
+
+/// Who moves a connection's bytes.
+#[derive(Debug)]
+pub enum ConnIo {
+    /// A glommio task, reached through its mailbox.
+    Task(Rc<ConnCtl>),
+    /// The shard's app ring (`crate::uring`): no task at all.
+    Ring(RingConn),
+}
+
+/// A ring-driven connection's I/O state.
+#[derive(Debug, Default)]
+pub struct RingConn {
+    /// A send is in flight (its bytes are in `out_inflight`).
+    pub sending: bool,
+    /// The write side was shut after the last bytes of a close (monotonic ms).
+    pub shut_at: Option<u64>,
+    /// The receive was cancelled: the connection ends when it reports so.
+    pub cancelled: bool,
+    /// When the loop first saw it closing (monotonic ms), to bound the last writes.
+    pub close_started: Option<u64>,
+}
+
+impl Conn {
+    /// The mailbox of a task-driven connection.
+    pub fn ctl(&self) -> Option<&Rc<ConnCtl>> {
+        match &self.io {
+            ConnIo::Task(ctl) => Some(ctl),
+            ConnIo::Ring(_) => None,
+        }
+    }
+}
+
+/// A connection's token on the app ring: its slot and generation.
+pub fn ring_token(c: ConnRef) -> u64 {
+    ((c.slot as u64) << 32) | c.gen as u64
 }
 
 /// What every executor shares (all `Sync`), handed to each shard at start.
@@ -185,6 +222,13 @@ pub struct Shard {
     next_log_id: u64,
     /// Busy connections' slots (read on the loop's tick).
     pub busy: Vec<usize>,
+    /// The app port's own io_uring, when `app.io = "uring"`.
+    pub ring: Option<crate::uring::AppRing>,
+    /// The app port's listener, kept open while the ring accepts on it.
+    pub app_listener: Option<std::net::TcpListener>,
+    /// Ring connections admitted by the accept-rate queue whose receive starts later:
+    /// (monotonic ms, connection).
+    pub ring_arms: Vec<(u64, ConnRef)>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -246,6 +290,9 @@ impl Shard {
             // A random start, so two runs of a gate do not hand out the same ids.
             next_log_id: rand::random::<u64>() & LOG_ID_COUNTER_MASK,
             busy: Vec::new(),
+            ring: None,
+            app_listener: None,
+            ring_arms: Vec::new(),
         }
     }
 
@@ -289,14 +336,14 @@ impl Shard {
     // ------------------------------------------------------------------------------------------
 
     /// Registers a new connection; returns its reference.
-    pub fn add_conn(&mut self, fd: RawFd, port: Port, ctl: Rc<ConnCtl>, now: u64) -> ConnRef {
+    pub fn add_conn(&mut self, fd: RawFd, port: Port, io: ConnIo, now: u64) -> ConnRef {
         let gen = self.next_gen;
         self.next_gen = gen.wrapping_add(1).max(1);
         let slot = self.conns.insert(Conn {
             gen,
             port,
             fd,
-            ctl,
+            io,
             life: Lifecycle::new(now),
             out: Vec::new(),
             out_inflight: 0,
@@ -479,6 +526,28 @@ impl Shard {
             if conn.close_sent {
                 continue;
             }
+            if let ConnIo::Ring(r) = &mut conn.io {
+                // The ring writes: one send in flight at a time, every turn's sends submitted
+                // together; a closing connection shuts its write side once its bytes are out.
+                if !r.sending && !conn.out.is_empty() {
+                    let bytes = std::mem::take(&mut conn.out);
+                    conn.out_inflight = bytes.len();
+                    r.sending = true;
+                    if let Some(ring) = self.ring.as_mut() {
+                        ring.send(conn.fd, ring_token(ConnRef { shard: self.id, slot: slot as u32, gen: conn.gen }), bytes);
+                    }
+                }
+                if conn.life.closing.is_some() && r.close_started.is_none() {
+                    r.close_started = Some(now);
+                }
+                if conn.life.closing.is_some() && !r.sending && conn.out.is_empty() && r.shut_at.is_none() {
+                    // SAFETY: shutdown(2) on a socket this connection owns; no memory involved.
+                    unsafe { libc::shutdown(conn.fd, libc::SHUT_WR) };
+                    r.shut_at = Some(now);
+                    conn.close_sent = true;
+                }
+                continue;
+            }
             if conn.out_inflight == 0 && !conn.out.is_empty() {
                 match net::send(conn.fd, &conn.out) {
                     Ok(Io::Done(n)) => {
@@ -504,19 +573,63 @@ impl Shard {
                     let rest = std::mem::take(&mut conn.out);
                     conn.out_inflight = rest.len();
                     conn.life.set_write_stalled(Some(now));
-                    conn.ctl.send(Command::Write(rest));
+                    if let Some(ctl) = conn.ctl() {
+                        ctl.send(Command::Write(rest));
+                    }
                 }
             }
             if conn.life.closing.is_some() && !conn.close_sent {
                 let last = std::mem::take(&mut conn.out);
                 m.out_queue_bytes.fetch_sub(last.len() as i64, Relaxed);
                 conn.close_sent = true;
-                conn.ctl.send(Command::Close(last));
+                if let Some(ctl) = conn.ctl() {
+                    ctl.send(Command::Close(last));
+                }
             }
         }
         if self.dirty.is_empty() {
             // Keep the allocation for the next round.
             self.dirty = dirty;
+        }
+    }
+
+    /// The ring finished a send of `buf` on a ring connection: `res` bytes went out (or the
+    /// socket failed). A partial send puts the rest back in front of what queued meanwhile.
+    pub fn ring_sent(&mut self, c: ConnRef, res: i32, mut buf: Vec<u8>) {
+        let now = mono_ms();
+        let m = &self.all_metrics[self.id as usize];
+        let Some(conn) = (match self.conns.get_mut(c.slot as usize) {
+            Some(conn) if conn.gen == c.gen => Some(conn),
+            _ => None,
+        }) else {
+            return;
+        };
+        let ConnIo::Ring(r) = &mut conn.io else { return };
+        r.sending = false;
+        conn.out_inflight = 0;
+        if res < 0 {
+            m.out_queue_bytes.fetch_sub(buf.len() as i64, Relaxed);
+            conn.life.close(CloseReason::PeerGone);
+        } else {
+            let n = (res as usize).min(buf.len());
+            m.bytes_out.fetch_add(n as u64, Relaxed);
+            m.out_queue_bytes.fetch_sub(n as i64, Relaxed);
+            if n < buf.len() {
+                // The socket took part: the rest goes first on the next turn, and the stall
+                // clock runs (a peer that reads nothing becomes a slow consumer).
+                buf.drain(..n);
+                buf.append(&mut conn.out);
+                conn.out = buf;
+                if conn.life.closing.is_none() {
+                    conn.life.set_write_stalled(Some(now));
+                }
+            } else {
+                conn.life.set_write_stalled(None);
+            }
+        }
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(c.slot as usize);
         }
     }
 

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use clap::{ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 
-pub use values::{group_digits, toml_quote, Cores, GpsForward, LogFormat, LogLevel, Secret, SettingValue};
+pub use values::{group_digits, toml_quote, AppIo, Cores, GpsForward, LogFormat, LogLevel, Secret, SettingValue};
 
 /// The secret used for app tokens and the sidecar when none is configured. It is public, so a
 /// gate running on it is fit for development only; [`Config::uses_dev_secret`] lets the gate
@@ -198,6 +198,16 @@ settings! {
             "Base delay refused apps are told to wait before retrying, in milliseconds; the gate adds jitter so they do not all come back at once."
         hold_ms: u32 = 60_000, value "MS", alias "hold-ms", example "5000";
             "Milliseconds a session is held after its connection drops; pushes queue meanwhile and are delivered on resume, and when the hold expires the app-server is told. 0: sessions end when their connection drops."
+        io: AppIo = AppIo::Readiness, value "IO", example "uring";
+            "How the app port does its I/O: \"readiness\" (a glommio task per connection) or \"uring\" (the shard's own io_uring with multishot receives into a provided-buffer ring; a connection is a table entry)."
+        ring_buffers: u32 = 4_096, value "N", example "64", check |v| if v.is_power_of_two() && *v <= 32_768 { Ok(()) } else { Err("must be a power of two from 1 to 32768".into()) };
+            "Receive buffers of the app port's io_uring per shard (uring only): sized to a burst of completions, not to the connections; when they run out, receives wait and resume, nothing is lost."
+        ring_buffer_size: u32 = 2_048, value "BYTES", example "1024", check |v| range(*v, 256, 65_536, "bytes");
+            "Bytes per receive buffer of the app port's io_uring (uring only)."
+        ring_cq_entries: u32 = 32_768, value "N", example "64", check |v| if v.is_power_of_two() && (16..=65_536).contains(v) { Ok(()) } else { Err("must be a power of two from 16 to 65536".into()) };
+            "Completion queue entries of the app port's io_uring (uring only); past them completions wait on the kernel's overflow list and are taken on the next harvest, more slowly."
+        ring_window_us: u32 = 1_000, value "US", example "250", check |v| range(*v, 0, 1_000, "microseconds");
+            "While the shard is busy, it takes the app port's completions every this many microseconds instead of being woken for each batch (uring only; at most 1 ms, 0: woken every time); when a harvest finds fewer than two, it waits to be woken again."
     }
     [sidecar] SidecarConfig "The port the app-server connects to." {
         listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7200)), value "ADDR", example "127.0.0.1:0";
