@@ -1238,3 +1238,636 @@ impl Core {
         Some(self.requests.remove(i))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schema::{Frames, FLAG_REDELIVERY};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A machine, its output buffer, and a fake gate's encoder.
+    struct Rig {
+        m: AppProto,
+        enc: Encoder,
+        out: Vec<u8>,
+        gate: Encoder,
+        now: Instant,
+    }
+
+    /// A frame the machine wrote, copied out.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Sent {
+        cmd: Cmd,
+        ty: FrameType,
+        seq: u32,
+        log_id: u64,
+        /// Login: the token; Resume: the resume token; PushAck: the message id (8 bytes LE).
+        detail: Vec<u8>,
+    }
+
+    /// Owned copy of the events that matter to these tests.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Ev {
+        LoginNeeded(bool),
+        Up { resumed: bool, relogin: bool },
+        Push(u64, bool),
+        Repeat(u64, bool),
+        Reply(u32, u8, u16),
+        Failed(u32, u8, ErrorCode),
+        TimedOut(u32, u8),
+        LoggedOut,
+        GoAway(GoAwayReason, u32),
+        CloseError(ErrorCode, bool),
+        SessionTimeout,
+        Stream,
+        Unmatched(Cmd, u32),
+        Rejected(u32),
+    }
+
+    impl Rig {
+        fn new(cfg: Config) -> Rig {
+            let now = Instant::now();
+            Rig {
+                m: AppProto::new(cfg, 7, now),
+                enc: Encoder::new(),
+                out: Vec::new(),
+                gate: Encoder::new(),
+                now,
+            }
+        }
+
+        fn connect(&mut self) {
+            let now = self.now;
+            let (m, mut out) = (&mut self.m, Out::new(&mut self.enc, &mut self.out));
+            m.on_connected(now, &mut out).expect("not displaced");
+        }
+
+        fn login(&mut self, token: &[u8]) {
+            let now = self.now;
+            let (m, mut out) = (&mut self.m, Out::new(&mut self.enc, &mut self.out));
+            m.login(now, token, "test", &mut out).expect("a token was asked for");
+        }
+
+        fn advance(&mut self, d: Duration) {
+            self.now += d;
+            let now = self.now;
+            let (m, mut out) = (&mut self.m, Out::new(&mut self.enc, &mut self.out));
+            m.handle_timeout(now, &mut out);
+        }
+
+        /// Feeds the gate's bytes and collects every event.
+        fn feed(&mut self, bytes: &[u8]) -> Vec<Ev> {
+            self.m.handle_input(bytes);
+            self.events()
+        }
+
+        fn events(&mut self) -> Vec<Ev> {
+            let now = self.now;
+            let mut evs = Vec::new();
+            let mut out = Out::new(&mut self.enc, &mut self.out);
+            while let Some(e) = self.m.poll_event(now, &mut out) {
+                evs.push(match e {
+                    Event::LoginNeeded { resume_refused } => Ev::LoginNeeded(resume_refused),
+                    Event::SessionUp { resumed, relogin } => Ev::Up { resumed, relogin },
+                    Event::Push { delivery, .. } => Ev::Push(delivery.message_id, delivery.redelivery),
+                    Event::Repeat { message_id, redelivery } => Ev::Repeat(message_id, redelivery),
+                    Event::Reply { seq, tag, reply, .. } => Ev::Reply(seq, tag, reply.code),
+                    Event::Failed { seq, tag, error, .. } => Ev::Failed(seq, tag, error.code),
+                    Event::TimedOut { seq, tag, .. } => Ev::TimedOut(seq, tag),
+                    Event::LoggedOut => Ev::LoggedOut,
+                    Event::Close(Close::GoAway { reason, retry_after_ms, .. }) => {
+                        Ev::GoAway(reason, retry_after_ms)
+                    }
+                    Event::Close(Close::Error { error, answered_login, .. }) => {
+                        Ev::CloseError(error.code, answered_login)
+                    }
+                    Event::Close(Close::SessionTimeout) => Ev::SessionTimeout,
+                    Event::Close(Close::Stream(_)) => Ev::Stream,
+                    Event::Unmatched(f) => Ev::Unmatched(f.cmd, f.header.seq),
+                    Event::Rejected { header, .. } => Ev::Rejected(header.seq),
+                });
+            }
+            evs
+        }
+
+        /// The frames the machine wrote since the last call.
+        fn sent(&mut self) -> Vec<Sent> {
+            let mut frames = Vec::new();
+            for item in Frames::new(&self.out, Limits::APP) {
+                let Ok(Decoded::Frame(f)) = item else { panic!("the machine wrote a bad frame: {item:?}") };
+                let detail = match f.body {
+                    Body::Login(l) => l.token().map(|t| t.bytes().to_vec()).unwrap_or_default(),
+                    Body::Resume(r) => r.resume_token().map(|t| t.bytes().to_vec()).unwrap_or_default(),
+                    Body::PushAck(a) => a.message_id().to_le_bytes().to_vec(),
+                    _ => Vec::new(),
+                };
+                frames.push(Sent {
+                    cmd: f.cmd,
+                    ty: f.ty,
+                    seq: f.header.seq,
+                    log_id: f.header.log_id,
+                    detail,
+                });
+            }
+            self.out.clear();
+            frames
+        }
+
+        fn session(&mut self, answering: &Sent, token: &[u8], heartbeat_ms: u32) -> Vec<u8> {
+            let mut b = Vec::new();
+            self.gate.frame(
+                &mut b,
+                FrameType::Response,
+                answering.cmd,
+                answering.seq,
+                answering.log_id,
+                |fb| {
+                    let resume_token = fb.create_vector(token);
+                    let node = fb.create_string("10.0.0.1:7100");
+                    wire::Session::create(
+                        fb,
+                        &wire::SessionArgs {
+                            uid: 42,
+                            role: wire::Role::Driver,
+                            heartbeat_ms,
+                            idle_timeout_ms: 90_000,
+                            session_epoch: 9,
+                            resume_token: Some(resume_token),
+                            node: Some(node),
+                            hold_ms: 60_000,
+                        },
+                    )
+                },
+            );
+            b
+        }
+
+        fn error(&mut self, seq: u32, code: ErrorCode, retry_after_ms: u32) -> Vec<u8> {
+            let mut b = Vec::new();
+            self.gate.error(&mut b, seq, 5, code, wire::Hop::Gate, 0, "no", retry_after_ms);
+            b
+        }
+
+        fn push(&mut self, seq: u32, message_id: u64, redelivery: bool) -> Vec<u8> {
+            let mut b = Vec::new();
+            self.gate.frame(&mut b, FrameType::Push, Cmd::PushDelivery, seq, 0x100 + message_id, |fb| {
+                let payload = fb.create_vector(b"offer");
+                wire::PushDelivery::create(
+                    fb,
+                    &wire::PushDeliveryArgs { message_id, payload: Some(payload), sent_at_us: 1, kind: 1 },
+                )
+            });
+            if redelivery {
+                b[3] |= FLAG_REDELIVERY;
+            }
+            b
+        }
+
+        fn go_away(&mut self, reason: GoAwayReason, reconnect: &str, retry_after_ms: u32) -> Vec<u8> {
+            let mut b = Vec::new();
+            self.gate.go_away(&mut b, 1, reason, "bye", reconnect, retry_after_ms);
+            b
+        }
+
+        /// Connects and logs in with a fresh machine state; returns the Login frame.
+        fn live(&mut self, token: &[u8], heartbeat_ms: u32) -> Sent {
+            self.connect();
+            assert_eq!(self.events(), vec![Ev::LoginNeeded(false)]);
+            self.login(b"login-token");
+            let login = self.sent().pop().expect("login");
+            let answer = self.session(&login, token, heartbeat_ms);
+            assert!(matches!(self.feed(&answer)[..], [Ev::Up { resumed: false, .. }]));
+            login
+        }
+    }
+
+    fn ack_ids(sent: &[Sent]) -> Vec<(u32, u64)> {
+        sent.iter()
+            .filter(|s| s.cmd == Cmd::PushAck)
+            .map(|s| (s.seq, u64::from_le_bytes(s.detail[..8].try_into().expect("8 bytes"))))
+            .collect()
+    }
+
+    #[test]
+    fn dedup_is_bounded_and_forgets_the_oldest() {
+        let mut d = Dedup::new(3);
+        assert!(d.insert(1) && d.insert(2) && d.insert(3));
+        assert!(!d.insert(2), "a repeat is not new");
+        assert_eq!(d.len(), 3);
+        assert!(d.insert(4), "a fourth id evicts the oldest");
+        assert_eq!(d.len(), 3);
+        assert!(!d.contains(1) && d.contains(2) && d.contains(3) && d.contains(4));
+        // 2 was first seen before 3 and 4: its repeat above did not make it younger.
+        assert!(d.insert(5));
+        assert!(!d.contains(2) && d.contains(3));
+        assert!(d.insert(1), "an evicted id is new again");
+        // 0 is an id like any other (no sentinel).
+        assert!(d.insert(0) && !d.insert(0));
+
+        let mut one = Dedup::new(0);
+        assert_eq!(one.capacity(), 1);
+        assert!(one.insert(7) && !one.insert(7) && one.insert(8) && one.insert(7));
+
+        let mut big = Dedup::new(DEFAULT_DEDUP_CAPACITY);
+        for id in 0..10_000u64 {
+            assert!(big.insert(id));
+        }
+        assert_eq!(big.len(), DEFAULT_DEDUP_CAPACITY);
+        assert!(big.ids.capacity() <= DEFAULT_DEDUP_CAPACITY, "the ring never holds more than asked");
+        assert!(!big.contains(10_000 - DEFAULT_DEDUP_CAPACITY as u64 - 1));
+        assert!(big.contains(10_000 - DEFAULT_DEDUP_CAPACITY as u64));
+    }
+
+    #[test]
+    fn backoff_stays_within_bounds_grows_and_is_zero_without_failures() {
+        let (min, max) = (Duration::from_millis(50), Duration::from_secs(5));
+        let mut rng = Rng(1);
+        assert_eq!(
+            backoff_delay(0, min, max, u64::MAX),
+            Duration::ZERO,
+            "a dropped live session comes back at once"
+        );
+        for failures in 1..40 {
+            let cap = min.saturating_mul(1u32 << failures.min(31)).min(max);
+            let low = (cap / 2).max(min);
+            for _ in 0..200 {
+                let d = backoff_delay(failures, min, max, rng.next_u64());
+                assert!(d >= low && d <= cap, "{d:?} outside [{low:?}, {cap:?}] after {failures}");
+            }
+        }
+        // The roll spans the whole range: 0 is the floor, u64::MAX the (growing) cap.
+        assert_eq!(backoff_delay(1, min, max, 0), min);
+        assert_eq!(backoff_delay(1, min, max, u64::MAX), Duration::from_millis(100));
+        assert_eq!(backoff_delay(3, min, max, 0), Duration::from_millis(200));
+        assert_eq!(backoff_delay(3, min, max, u64::MAX), Duration::from_millis(400));
+        assert_eq!(backoff_delay(30, min, max, 0), max / 2);
+        assert_eq!(backoff_delay(30, min, max, u64::MAX), max);
+        // max below min is read as min.
+        assert_eq!(backoff_delay(5, min, Duration::ZERO, u64::MAX), min);
+    }
+
+    #[test]
+    fn retry_after_is_a_floor_spread_by_a_quarter_and_capped() {
+        let ceiling = RETRY_AFTER_CEILING;
+        let ra = Duration::from_millis(1500);
+        assert_eq!(retry_floor(ra, ceiling, 0), ra);
+        assert_eq!(retry_floor(ra, ceiling, u64::MAX), Duration::from_millis(1875));
+        let mut rng = Rng(3);
+        for _ in 0..1000 {
+            let f = retry_floor(ra, ceiling, rng.next_u64());
+            assert!(f >= ra && f <= ra + ra / 4);
+        }
+        assert_eq!(retry_floor(Duration::from_secs(86_400), ceiling, 0), ceiling, "absurd values are capped");
+        assert_eq!(
+            retry_floor(Duration::from_secs(59), ceiling, u64::MAX),
+            ceiling,
+            "the spread stops at the ceiling"
+        );
+        assert_eq!(retry_floor(Duration::ZERO, ceiling, u64::MAX), Duration::ZERO);
+    }
+
+    #[test]
+    fn resumes_with_the_latest_token_and_logs_in_after_a_refusal() {
+        let mut r = Rig::new(Config::default());
+        assert_eq!(r.m.resume_token(), None);
+        let login = r.live(&[1; 37], 30_000);
+        assert_eq!((login.cmd, login.detail.as_slice()), (Cmd::Login, &b"login-token"[..]));
+        assert_eq!(r.m.resume_token(), Some(&[1u8; 37][..]));
+        assert_eq!(r.m.node(), Some("10.0.0.1:7100"));
+        assert_eq!(r.m.session().map(|s| (s.uid, s.session_epoch)), Some((42, 9)));
+
+        // The live session drops: back at once, with a Resume carrying the token.
+        assert_eq!(r.m.on_disconnected(Lost::Remote).reconnect, Reconnect::After(Duration::ZERO));
+        r.connect();
+        assert_eq!(r.events(), vec![]);
+        let resume = r.sent().pop().expect("resume");
+        assert_eq!((resume.cmd, resume.detail.as_slice()), (Cmd::Resume, &[1u8; 37][..]));
+        let answer = r.session(&resume, &[2; 37], 30_000);
+        assert_eq!(r.feed(&answer), vec![Ev::Up { resumed: true, relogin: false }]);
+        assert_eq!(r.m.resume_token(), Some(&[2u8; 37][..]), "the token rotates");
+
+        // The next resume is refused: a login on the same connection replaces the session.
+        r.m.on_disconnected(Lost::Remote);
+        r.connect();
+        let resume = r.sent().pop().expect("resume");
+        assert_eq!(resume.detail, vec![2; 37]);
+        let refusal = r.error(resume.seq, ErrorCode::ResumeRefused, 0);
+        assert_eq!(r.feed(&refusal), vec![Ev::LoginNeeded(true)]);
+        assert_eq!(r.m.resume_token(), None);
+        r.login(b"fresh");
+        let login = r.sent().pop().expect("login");
+        assert_eq!((login.cmd, login.detail.as_slice()), (Cmd::Login, &b"fresh"[..]));
+        assert_ne!(login.seq, resume.seq);
+        let answer = r.session(&login, &[3; 37], 30_000);
+        assert_eq!(r.feed(&answer), vec![Ev::Up { resumed: false, relogin: true }]);
+
+        // A Session without a token cannot be resumed: the next connection logs in.
+        r.m.on_disconnected(Lost::Remote);
+        r.connect();
+        let resume = r.sent().pop().expect("resume");
+        let answer = r.session(&resume, &[], 30_000);
+        assert_eq!(r.feed(&answer), vec![Ev::Up { resumed: true, relogin: false }]);
+        r.m.on_disconnected(Lost::Remote);
+        r.connect();
+        assert_eq!(r.events(), vec![Ev::LoginNeeded(false)]);
+        assert!(r.sent().is_empty());
+
+        // After logout nothing is resumed and nothing is a relogin.
+        r.login(b"again");
+        let login = r.sent().pop().expect("login");
+        let answer = r.session(&login, &[4; 37], 30_000);
+        assert_eq!(r.feed(&answer), vec![Ev::Up { resumed: false, relogin: true }]);
+        let now = r.now;
+        let (m, mut out) = (&mut r.m, Out::new(&mut r.enc, &mut r.out));
+        let seq = m.logout(now, "done", &mut out).expect("live");
+        let mut answer = Vec::new();
+        r.gate.frame(&mut answer, FrameType::Response, Cmd::Logout, seq, 1, |b| {
+            wire::Logout::create(b, &wire::LogoutArgs { reason: None })
+        });
+        let bye = r.go_away(GoAwayReason::LoggedOut, "", 0);
+        answer.extend_from_slice(&bye);
+        assert_eq!(r.feed(&answer), vec![Ev::LoggedOut, Ev::GoAway(GoAwayReason::LoggedOut, 0)]);
+        assert_eq!(r.m.on_disconnected(Lost::Remote).reconnect, Reconnect::Never);
+        assert_eq!((r.m.resume_token(), r.m.session()), (None, None));
+        r.connect();
+        assert_eq!(r.events(), vec![Ev::LoginNeeded(false)]);
+        r.login(b"new");
+        let login = r.sent().pop().expect("login");
+        let answer = r.session(&login, &[5; 37], 30_000);
+        assert_eq!(r.feed(&answer), vec![Ev::Up { resumed: false, relogin: false }]);
+    }
+
+    #[test]
+    fn every_delivery_is_acked_and_each_message_id_shown_once() {
+        let mut r = Rig::new(Config { dedup_capacity: 2, ..Config::default() });
+        r.live(&[1; 37], 30_000);
+        r.sent();
+        let mut bytes = r.push(1, 5, false);
+        bytes.extend(r.push(1, 5, true));
+        bytes.extend(r.push(2, 6, false));
+        // A push cmd this build does not know, then an unknown cmd of another type.
+        crate::frame::write_raw_frame(&mut bytes, FrameType::Push as u8, 0x00EE, 3, 9, &[]).expect("raw");
+        crate::frame::write_raw_frame(&mut bytes, FrameType::Event as u8, 0x00EF, 0, 9, &[]).expect("raw");
+        bytes.extend(r.push(4, 7, false));
+        bytes.extend(r.push(5, 5, false));
+        assert_eq!(
+            r.feed(&bytes),
+            vec![
+                Ev::Push(5, false),
+                Ev::Repeat(5, true),
+                Ev::Push(6, false),
+                Ev::Push(7, false),
+                Ev::Push(5, false)
+            ],
+            "with room for two ids, 5 is forgotten once 6 and 7 came"
+        );
+        let sent = r.sent();
+        assert_eq!(ack_ids(&sent), vec![(1, 5), (1, 5), (2, 6), (3, 0), (4, 7), (5, 5)]);
+        // An ack carries the push's log-id: the flow stays one in the gate's log.
+        assert_eq!(sent[0].log_id, 0x105);
+        assert!(sent.iter().all(|s| s.ty == FrameType::Ack));
+    }
+
+    #[test]
+    fn frames_split_anywhere_come_out_the_same() {
+        let mut whole = Rig::new(Config::default());
+        whole.live(&[1; 37], 30_000);
+        let mut bytes = Vec::new();
+        for i in 1..=4u32 {
+            bytes.extend(whole.push(i, u64::from(i), false));
+        }
+        let expected = whole.feed(&bytes);
+        for cut in 1..bytes.len() {
+            let mut r = Rig::new(Config { read_chunk: 7, ..Config::default() });
+            r.live(&[1; 37], 30_000);
+            let mut got = r.feed(&bytes[..cut]);
+            // The rest through the zero-copy path, in small reads.
+            for chunk in bytes[cut..].chunks(5) {
+                let buf = r.m.read_buf();
+                assert!(buf.len() >= chunk.len());
+                buf[..chunk.len()].copy_from_slice(chunk);
+                r.m.read_done(chunk.len());
+                got.extend(r.events());
+            }
+            assert_eq!(got, expected, "cut at {cut}");
+            assert!(r.m.unprocessed().is_empty());
+        }
+    }
+
+    #[test]
+    fn keepalive_goes_out_after_half_a_heartbeat_without_sending() {
+        let mut r = Rig::new(Config::default());
+        r.live(&[1; 37], 4_000);
+        r.sent();
+        assert_eq!(r.m.poll_timeout(), Some(r.now + Duration::from_secs(2)));
+        r.advance(Duration::from_millis(1_999));
+        assert!(r.sent().is_empty());
+        r.advance(Duration::from_millis(1));
+        let ka = r.sent();
+        assert_eq!(
+            ka.iter().map(|s| (s.cmd, s.ty)).collect::<Vec<_>>(),
+            vec![(Cmd::Keepalive, FrameType::Request)]
+        );
+        assert_eq!(r.m.poll_timeout(), Some(r.now + Duration::from_secs(2)));
+        // Its answer is the machine's own business.
+        let mut answer = Vec::new();
+        r.gate.keepalive(&mut answer, FrameType::Response, ka[0].seq, ka[0].log_id, 1);
+        assert_eq!(r.feed(&answer), vec![]);
+        // Anything the shell sends puts the next keepalive off.
+        r.advance(Duration::from_millis(1_500));
+        r.m.sent(r.now);
+        r.advance(Duration::from_millis(1_500));
+        assert!(r.sent().is_empty());
+        assert_eq!(r.m.poll_timeout(), Some(r.now + Duration::from_millis(500)));
+        // A gate announcing no heartbeat gets the default; an absurdly small one gets 1 s.
+        let mut r = Rig::new(Config { default_heartbeat: Duration::from_secs(10), ..Config::default() });
+        r.live(&[1; 37], 0);
+        assert_eq!(r.m.poll_timeout(), Some(r.now + Duration::from_secs(5)));
+        let mut r = Rig::new(Config::default());
+        r.live(&[1; 37], 1);
+        assert_eq!(r.m.poll_timeout(), Some(r.now + Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn requests_pipeline_match_by_seq_bound_and_time_out() {
+        let cfg = Config { max_requests: 3, request_timeout: Duration::from_secs(10), ..Config::default() };
+        let mut r = Rig::new(cfg);
+        let now = r.now;
+        let grab = |b: &mut FlatBufferBuilder<'static>| {
+            wire::GrabOrder::create(b, &wire::GrabOrderArgs { order_id: 1, payload: None })
+        };
+        let mut out = Out::new(&mut r.enc, &mut r.out);
+        assert_eq!(r.m.request(now, &mut out, Cmd::GrabOrder, 1, grab), Err(RequestError::NotLive));
+        r.live(&[1; 37], 30_000);
+        r.sent();
+        let mut out = Out::new(&mut r.enc, &mut r.out);
+        let a = r.m.request(now, &mut out, Cmd::GrabOrder, 1, grab).expect("a");
+        let b = r.m.request(now, &mut out, Cmd::GrabOrder, 2, grab).expect("b");
+        let c = r.m.request(now, &mut out, Cmd::GrabOrder, 3, grab).expect("c");
+        assert_eq!(r.m.request(now, &mut out, Cmd::GrabOrder, 4, grab), Err(RequestError::Full));
+        assert_eq!(
+            r.m.request(now, &mut out, Cmd::Login, 4, |b| wire::Login::create(
+                b,
+                &wire::LoginArgs::default()
+            )),
+            Err(RequestError::NotARequest)
+        );
+        assert_eq!(out.frames(), 3);
+        let sent = r.sent();
+        assert_eq!(sent.iter().map(|s| s.seq).collect::<Vec<_>>(), vec![a.seq, b.seq, c.seq]);
+        assert_eq!(sent[1].log_id, b.log_id);
+        assert!(a.seq < b.seq && b.seq < c.seq);
+        // Answers in any order, by sequence-id; an error is an answer too.
+        let mut bytes = Vec::new();
+        r.gate.frame(&mut bytes, FrameType::Response, Cmd::GrabOrder, c.seq, c.log_id, |fb| {
+            wire::Reply::create(fb, &wire::ReplyArgs { code: 409, ..Default::default() })
+        });
+        r.gate.error(&mut bytes, a.seq, a.log_id, ErrorCode::Timeout, wire::Hop::AppServer, 0x21, "slow", 0);
+        assert_eq!(r.feed(&bytes), vec![Ev::Reply(c.seq, 3, 409), Ev::Failed(a.seq, 1, ErrorCode::Timeout)]);
+        assert_eq!(r.m.requests_pending(), 1);
+        // b times out; its late answer is nobody's.
+        assert_eq!(r.m.poll_timeout(), Some(now + Duration::from_secs(10)));
+        r.advance(Duration::from_secs(10));
+        assert_eq!(r.events(), vec![Ev::TimedOut(b.seq, 2)]);
+        let mut late = Vec::new();
+        r.gate.frame(&mut late, FrameType::Response, Cmd::GrabOrder, b.seq, b.log_id, |fb| {
+            wire::Reply::create(fb, &wire::ReplyArgs::default())
+        });
+        assert_eq!(r.feed(&late), vec![Ev::Unmatched(Cmd::GrabOrder, b.seq)]);
+        // A drop cuts what is outstanding.
+        let mut out = Out::new(&mut r.enc, &mut r.out);
+        r.m.request(r.now, &mut out, Cmd::GrabOrder, 5, grab).expect("d");
+        assert_eq!(r.m.on_disconnected(Lost::Remote).requests_cut, 1);
+        assert_eq!(r.m.requests_pending(), 0);
+    }
+
+    #[test]
+    fn a_go_away_is_honoured_and_displaced_or_logged_out_never_come_back() {
+        let mut r = Rig::new(Config::default());
+        r.live(&[1; 37], 30_000);
+        let bye = r.go_away(GoAwayReason::Shutdown, "10.0.0.2:7100", 2_000);
+        assert_eq!(r.feed(&bye), vec![Ev::GoAway(GoAwayReason::Shutdown, 2_000)]);
+        assert_eq!(r.m.redirect(), Some("10.0.0.2:7100"));
+        // Nothing after a GoAway is read.
+        let more = r.push(1, 1, false);
+        assert_eq!(r.feed(&more), vec![]);
+        let Reconnect::After(wait) = r.m.on_disconnected(Lost::Remote).reconnect else {
+            panic!("must come back")
+        };
+        assert!(wait >= Duration::from_millis(2_000) && wait <= Duration::from_millis(2_500), "{wait:?}");
+        // Still resumable; the redirect lasts until a session is up.
+        r.connect();
+        let resume = r.sent().pop().expect("resume");
+        assert_eq!(resume.cmd, Cmd::Resume);
+        let answer = r.session(&resume, &[2; 37], 30_000);
+        r.feed(&answer);
+        assert_eq!(r.m.redirect(), None);
+
+        let bye = r.go_away(GoAwayReason::Displaced, "", 0);
+        assert_eq!(r.feed(&bye), vec![Ev::GoAway(GoAwayReason::Displaced, 0)]);
+        assert!(r.m.displaced() && r.m.resume_token().is_none());
+        assert_eq!(r.m.on_disconnected(Lost::Remote).reconnect, Reconnect::Never);
+        let mut out = Out::new(&mut r.enc, &mut r.out);
+        assert_eq!(r.m.on_connected(r.now, &mut out), Err(NotNow));
+        r.m.forget_session();
+        assert!(!r.m.displaced() && r.m.session().is_none());
+        r.connect();
+        assert_eq!(r.events(), vec![Ev::LoginNeeded(false)]);
+    }
+
+    #[test]
+    fn failed_attempts_back_off_and_a_refusal_waits_its_retry_after() {
+        let cfg = Config {
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            session_timeout: Duration::from_secs(5),
+            ..Config::default()
+        };
+        let mut r = Rig::new(cfg);
+        // Refused at accept: Error Overloaded with sequence-id 0, before the login.
+        r.connect();
+        assert_eq!(r.events(), vec![Ev::LoginNeeded(false)]);
+        r.login(b"t");
+        let refusal = r.error(0, ErrorCode::Overloaded, 3_000);
+        assert_eq!(r.feed(&refusal), vec![Ev::CloseError(ErrorCode::Overloaded, false)]);
+        let Reconnect::After(wait) = r.m.on_disconnected(Lost::Remote).reconnect else { panic!() };
+        assert!(wait >= Duration::from_secs(3) && wait <= Duration::from_millis(3_750), "{wait:?}");
+        // Connects that fail, and a connection that dies before its Session: growing waits.
+        let mut waits = Vec::new();
+        for i in 0..6 {
+            if i % 2 == 0 {
+                r.connect();
+                r.events();
+            }
+            let Reconnect::After(wait) = r.m.on_disconnected(Lost::Remote).reconnect else { panic!() };
+            waits.push(wait);
+        }
+        for (i, w) in waits.iter().enumerate() {
+            // The refusal was failure 1; these are failures 2 to 7.
+            let cap = Duration::from_millis(100 << (i + 2)).min(Duration::from_secs(2));
+            assert!(*w >= (cap / 2).max(Duration::from_millis(100)) && *w <= cap, "{i}: {w:?}");
+        }
+        // The shell's own close of an attempt is not a failure; a Session resets the count.
+        r.connect();
+        r.events();
+        assert_eq!(r.m.on_disconnected(Lost::Local).reconnect, Reconnect::After(Duration::ZERO));
+        // No Session within the session timeout: a failure.
+        r.connect();
+        r.events();
+        r.advance(Duration::from_secs(5));
+        assert_eq!(r.events(), vec![Ev::SessionTimeout]);
+        assert_eq!(r.m.poll_timeout(), None);
+        let Reconnect::After(wait) = r.m.on_disconnected(Lost::Local).reconnect else { panic!() };
+        assert!(wait >= Duration::from_millis(100) && wait <= Duration::from_millis(200), "{wait:?}");
+        // A refused login waits at least refused_login_wait.
+        r.connect();
+        r.events();
+        r.login(b"expired");
+        let login = r.sent().pop().expect("login");
+        let refusal = r.error(login.seq, ErrorCode::TokenExpired, 0);
+        assert_eq!(r.feed(&refusal), vec![Ev::CloseError(ErrorCode::TokenExpired, true)]);
+        let Reconnect::After(wait) = r.m.on_disconnected(Lost::Remote).reconnect else { panic!() };
+        assert!(wait >= Duration::from_secs(1), "{wait:?}");
+        // Informational errors and a late Session are not the machine's.
+        r.live(&[1; 37], 30_000);
+        let mut bytes = r.error(0, ErrorCode::CorruptBody, 0);
+        bytes.extend(r.error(77, ErrorCode::NotAllowed, 0));
+        let stray = Sent { cmd: Cmd::Login, ty: FrameType::Request, seq: 1, log_id: 1, detail: Vec::new() };
+        bytes.extend(r.session(&stray, &[9; 37], 30_000));
+        assert_eq!(
+            r.feed(&bytes),
+            vec![Ev::Unmatched(Cmd::Error, 0), Ev::Unmatched(Cmd::Error, 77), Ev::Unmatched(Cmd::Login, 1)]
+        );
+        assert_eq!(r.m.resume_token(), Some(&[1u8; 37][..]), "a stray Session changes nothing");
+    }
+
+    #[test]
+    fn lost_framing_and_corrupt_bodies() {
+        let mut r = Rig::new(Config::default());
+        r.live(&[1; 37], 30_000);
+        let mut bytes = Vec::new();
+        crate::frame::write_raw_frame(
+            &mut bytes,
+            FrameType::Push as u8,
+            Cmd::PushDelivery as u16,
+            8,
+            1,
+            &[0xFF; 9],
+        )
+        .expect("raw");
+        assert_eq!(r.feed(&bytes), vec![Ev::Rejected(8)], "a corrupt body is that frame's problem");
+        assert!(r.sent().is_empty(), "nothing to ack without a message id");
+        assert!(r.m.is_live());
+        assert_eq!(r.feed(b"GET / HTTP/1.1\r\n"), vec![Ev::Stream]);
+        assert!(!r.m.is_live());
+        let Reconnect::After(wait) = r.m.on_disconnected(Lost::Remote).reconnect else { panic!() };
+        assert!(wait > Duration::ZERO && wait < HOUR, "lost framing is a failure: {wait:?}");
+    }
+
+    #[test]
+    fn machine_state_stays_small() {
+        // Tens of thousands of these live in one load generator.
+        assert!(std::mem::size_of::<AppProto>() <= 512, "{}", std::mem::size_of::<AppProto>());
+    }
+}
