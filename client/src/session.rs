@@ -137,15 +137,15 @@ enum Failure {
 }
 
 /// What one look at the machine found.
-enum Got {
-    /// An event for the app.
-    Event(AppEvent),
-    /// An error for the app; the connection stays.
-    Error(ClientError),
-    /// The machine ended the connection: this error, or this event (a GoAway).
-    Closed(Result<AppEvent, ClientError>),
-    /// Something the app is not told (a repeat, an event of another phase): look again.
+enum Step<T> {
+    /// What the caller waits for; the connection ends after it when `closing`.
+    Picked(T, bool),
+    /// The machine ended the connection, and the caller had nothing to say about it.
+    Closed,
+    /// Something the machine or this shell handled: look again.
     Again,
+    /// Nothing until the socket or a timer says more.
+    Idle,
 }
 
 /// An app session that survives dropped connections. Blocking, like [`AppConn`].
@@ -292,51 +292,24 @@ impl AppSession {
             self.lose_conn(Lost::Local);
             return Err(Failure::Fatal(ClientError::Unexpected("the session was displaced".to_owned())));
         }
-        self.flush().map_err(Failure::Retry)?;
-        loop {
-            let now = Instant::now();
-            let mut out = Out::new(&mut self.enc, &mut self.out);
-            let step = match self.proto.poll_event(now, &mut out) {
-                None => None,
-                Some(Event::LoginNeeded { .. }) => {
-                    let token = (self.cfg.token)();
-                    // The machine is waiting for exactly this.
-                    let _ = self.proto.login(now, &token, &self.cfg.device, &mut out);
-                    Some(Ok(None))
-                }
-                Some(Event::SessionUp { resumed, relogin }) => Some(Ok(Some(if resumed {
-                    self.resumed += 1;
-                    Outcome::Resumed
-                } else {
-                    self.logins += 1;
-                    self.relogins += u64::from(relogin);
-                    Outcome::LoggedIn
-                }))),
-                Some(Event::Close(close)) => Some(Err(attempt_failure(close))),
-                // Nothing else comes before the session; whatever does is not the app's.
-                Some(_) => Some(Ok(None)),
-            };
-            self.flush().map_err(Failure::Retry)?;
-            match step {
-                Some(Ok(Some(outcome))) => return Ok(outcome),
-                Some(Ok(None)) => continue,
-                Some(Err(failure)) => {
-                    self.lose_conn(Lost::Local);
-                    return Err(failure);
-                }
-                None => {}
+        // The machine's session timeout bounds the wait.
+        let up = self.pump(None, |ev| match ev {
+            Event::SessionUp { resumed, relogin } => Some(Ok((resumed, relogin))),
+            Event::Close(close) => Some(Err(attempt_failure(close))),
+            // Nothing else comes before the session; whatever does is not the app's.
+            _ => None,
+        });
+        match up.map_err(Failure::Retry)? {
+            Ok((true, _)) => {
+                self.resumed += 1;
+                Ok(Outcome::Resumed)
             }
-            let until = self.proto.poll_timeout().unwrap_or(now + self.cfg.read_timeout);
-            if now >= until {
-                let mut out = Out::new(&mut self.enc, &mut self.out);
-                self.proto.handle_timeout(now, &mut out);
-                self.flush().map_err(Failure::Retry)?;
-                continue;
+            Ok((false, relogin)) => {
+                self.logins += 1;
+                self.relogins += u64::from(relogin);
+                Ok(Outcome::LoggedIn)
             }
-            if let Err(e) = self.read_some(until) {
-                self.lose_conn(Lost::Remote);
-                return Err(Failure::Retry(e));
-            }
+            Err(failure) => Err(failure),
         }
     }
 
@@ -365,80 +338,106 @@ impl AppSession {
     /// [`AppSession::connect`].
     pub fn recv(&mut self) -> Result<AppEvent, ClientError> {
         self.reclaim();
-        // Repeats are skipped without returning, so a gate replaying the same ids must not keep
-        // this call busy forever.
         let deadline = Instant::now() + self.cfg.read_timeout;
+        self.pump(Some(deadline), |ev| match ev {
+            Event::Push { delivery: d, .. } => Some(Ok(AppEvent::Push {
+                message_id: d.message_id,
+                kind: d.kind,
+                payload: d.payload.to_vec(),
+                sent_at_us: d.sent_at_us,
+                redelivery: d.redelivery,
+            })),
+            Event::Unmatched(f) => Some(Ok(AppEvent::Frame(OwnedFrame::from_frame(&f)))),
+            Event::Rejected { header, error } => Some(Err(ClientError::Rejected { header, error })),
+            Event::Close(Close::GoAway { reason, retry_after_ms, .. }) => {
+                Some(Ok(AppEvent::GoAway(reason, retry_after_ms)))
+            }
+            Event::Close(Close::Error { error, log_id, .. }) => Some(Err(server_error(error, log_id))),
+            Event::Close(Close::SessionTimeout) => Some(Err(ClientError::Timeout)),
+            Event::Close(Close::Stream(e)) => Some(Err(ClientError::Protocol(e))),
+            _ => None,
+        })?
+    }
+
+    /// Runs the machine on the current connection until `pick` takes one of its events: writes
+    /// what the machine writes, reads the socket, fires the machine's timers, gives it a login
+    /// token when it asks, counts repeats. The connection ends after a Close event. `Timeout`
+    /// once `until` passes (repeats do not keep it waiting); an error of the connection ends it.
+    /// When a write fails right after the picked event, the event is returned all the same (a
+    /// push is the app's even if its ack was lost: the gate replays it, and the repeat is
+    /// hidden); the next call finds no connection.
+    fn pump<T>(
+        &mut self,
+        until: Option<Instant>,
+        mut pick: impl FnMut(Event<'_>) -> Option<T>,
+    ) -> Result<T, ClientError> {
         loop {
             if self.conn.is_none() {
                 return Err(ClientError::Closed);
             }
             let now = Instant::now();
             let mut out = Out::new(&mut self.enc, &mut self.out);
-            let got = match self.proto.poll_event(now, &mut out) {
-                None => None,
-                Some(Event::Push { delivery: d, .. }) => Some(Got::Event(AppEvent::Push {
-                    message_id: d.message_id,
-                    kind: d.kind,
-                    payload: d.payload.to_vec(),
-                    sent_at_us: d.sent_at_us,
-                    redelivery: d.redelivery,
-                })),
+            let step = match self.proto.poll_event(now, &mut out) {
+                None => Step::Idle,
+                Some(Event::LoginNeeded { .. }) => {
+                    let token = (self.cfg.token)();
+                    // The machine is waiting for exactly this.
+                    let _ = self.proto.login(now, &token, &self.cfg.device, &mut out);
+                    Step::Again
+                }
                 Some(Event::Repeat { .. }) => {
                     self.duplicates += 1;
-                    Some(Got::Again)
+                    Step::Again
                 }
-                Some(Event::Unmatched(f)) => Some(Got::Event(AppEvent::Frame(OwnedFrame::from_frame(&f)))),
-                Some(Event::Rejected { header, error }) => {
-                    Some(Got::Error(ClientError::Rejected { header, error }))
-                }
-                Some(Event::Close(close)) => Some(Got::Closed(match close {
-                    Close::GoAway { reason, retry_after_ms, .. } => {
-                        Ok(AppEvent::GoAway(reason, retry_after_ms))
+                Some(ev) => {
+                    let closing = matches!(ev, Event::Close(_));
+                    match pick(ev) {
+                        Some(t) => Step::Picked(t, closing),
+                        None if closing => Step::Closed,
+                        None => Step::Again,
                     }
-                    Close::Error { error, log_id, .. } => Err(server_error(error, log_id)),
-                    Close::SessionTimeout => Err(ClientError::Timeout),
-                    Close::Stream(e) => Err(ClientError::Protocol(e)),
-                })),
-                Some(_) => Some(Got::Again),
+                }
             };
-            if let Err(e) = self.flush() {
-                // A new push is the app's all the same: the gate replays it unacked on resume,
-                // and the de-duplication hides that repeat.
-                return match got {
-                    Some(Got::Event(ev @ AppEvent::Push { .. })) => Ok(ev),
-                    _ => Err(e),
-                };
-            }
-            match got {
-                Some(Got::Event(ev)) => return Ok(ev),
-                Some(Got::Error(e)) => return Err(e),
-                Some(Got::Closed(r)) => {
-                    self.lose_conn(Lost::Local);
-                    return r;
-                }
-                Some(Got::Again) => {
-                    if Instant::now() >= deadline {
-                        return Err(ClientError::Timeout);
+            let flushed = self.flush();
+            let again = match step {
+                Step::Picked(t, closing) => {
+                    if closing && self.conn.is_some() {
+                        self.lose_conn(Lost::Local);
                     }
-                    continue;
+                    return Ok(t);
                 }
-                None => {}
+                Step::Closed => {
+                    if self.conn.is_some() {
+                        self.lose_conn(Lost::Local);
+                    }
+                    return Err(ClientError::Closed);
+                }
+                Step::Again => true,
+                Step::Idle => false,
+            };
+            flushed?;
+            if again {
+                if until.is_some_and(|u| now >= u) {
+                    return Err(ClientError::Timeout);
+                }
+                continue;
             }
-            let due = self.proto.poll_timeout().filter(|&t| t <= now);
-            if due.is_some() {
+            if self.proto.poll_timeout().is_some_and(|t| t <= now) {
                 let mut out = Out::new(&mut self.enc, &mut self.out);
                 self.proto.handle_timeout(now, &mut out);
                 self.flush()?;
                 continue;
             }
-            if now >= deadline {
+            if until.is_some_and(|u| now >= u) {
                 return Err(ClientError::Timeout);
             }
-            let until = self.proto.poll_timeout().map_or(deadline, |t| t.min(deadline));
-            if let Err(e) = self.read_some(until) {
-                if !matches!(e, ClientError::Timeout) {
-                    self.lose_conn(Lost::Remote);
-                }
+            let wake = match (self.proto.poll_timeout(), until) {
+                (Some(t), Some(u)) => t.min(u),
+                (Some(t), None) | (None, Some(t)) => t,
+                (None, None) => now + self.cfg.read_timeout,
+            };
+            if let Err(e) = self.read_some(wake) {
+                self.lose_conn(Lost::Remote);
                 return Err(e);
             }
         }
@@ -570,48 +569,27 @@ impl AppSession {
         let now = Instant::now();
         let mut out = Out::new(&mut self.enc, &mut self.out);
         let sent = self.proto.logout(now, "logout", &mut out);
-        if self.conn.is_none() || sent.is_err() {
+        let (Some(_), Ok(seq)) = (self.conn.as_ref(), sent) else {
             // Whatever happens, this side is done: the token must not bring the session back.
             if !self.proto.displaced() {
                 self.proto.forget_session();
             }
             self.drop_connection();
             return Err(ClientError::Closed);
-        }
-        let seq = sent.unwrap_or(0);
-        self.flush()?;
-        let deadline = now + self.cfg.read_timeout;
-        loop {
-            let now = Instant::now();
-            let mut out = Out::new(&mut self.enc, &mut self.out);
-            let done = match self.proto.poll_event(now, &mut out) {
-                None => None,
-                Some(Event::LoggedOut) => Some(Ok(())),
-                Some(Event::Unmatched(f)) if f.header.seq == seq => match f.body {
-                    schema::Body::Error(e) => Some(Err(server_error(ErrorView::of(e), f.header.log_id))),
-                    _ => None,
-                },
-                Some(Event::Close(Close::Error { error, log_id, .. })) => {
-                    Some(Err(server_error(error, log_id)))
-                }
-                Some(Event::Close(_)) => Some(Err(ClientError::Closed)),
-                // Pushes meanwhile are acked by the machine; nothing else matters now.
-                Some(_) => continue,
-            };
-            self.flush()?;
-            if let Some(result) = done {
-                self.drop_connection();
-                return result;
-            }
-            if now >= deadline {
-                self.drop_connection();
-                return Err(ClientError::Timeout);
-            }
-            if let Err(e) = self.read_some(deadline) {
-                self.drop_connection();
-                return Err(e);
-            }
-        }
+        };
+        let answer = self.pump(Some(now + self.cfg.read_timeout), |ev| match ev {
+            Event::LoggedOut => Some(Ok(())),
+            Event::Unmatched(f) if f.header.seq == seq => match f.body {
+                schema::Body::Error(e) => Some(Err(server_error(ErrorView::of(e), f.header.log_id))),
+                _ => None,
+            },
+            Event::Close(Close::Error { error, log_id, .. }) => Some(Err(server_error(error, log_id))),
+            Event::Close(_) => Some(Err(ClientError::Closed)),
+            // Pushes meanwhile are acked by the machine; nothing else matters now.
+            _ => None,
+        });
+        self.drop_connection();
+        answer?
     }
 
     /// Forgets the session (resume token, Session, displacement) and drops the connection, so
