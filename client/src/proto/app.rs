@@ -921,9 +921,6 @@ impl AppProto {
             if let Some(event) = self.core.on_item(now, item, out) {
                 return Some(event);
             }
-            if !self.core.notes.is_empty() {
-                return self.core.notes.pop_front().map(Note::event);
-            }
         }
     }
 
