@@ -1162,11 +1162,9 @@ impl Core {
         let (seq, log_id) = (f.header.seq, f.header.log_id);
         let error = ErrorView::of(e);
         let retry_after = Duration::from_millis(u64::from(error.retry_after_ms));
-        if let Link::Opening { step: Step::Resume { seq: s } | Step::Login { seq: s }, .. } = self.link {
-            if s == seq {
-                if error.code == ErrorCode::ResumeRefused
-                    && matches!(self.link, Link::Opening { step: Step::Resume { .. }, .. })
-                {
+        if let Link::Opening { step, .. } = self.link {
+            match step {
+                Step::Resume { seq: s } if s == seq && error.code == ErrorCode::ResumeRefused => {
                     // The session is gone (hold expired, gate restarted) or the token was used:
                     // no gate will take it, and this connection is good for a login (§9.13).
                     self.standing = Standing::Lost;
@@ -1174,13 +1172,16 @@ impl Core {
                     self.link = Link::Opening { step: Step::AwaitToken, deadline };
                     return Some(Event::LoginNeeded { resume_refused: true });
                 }
-                let ending = match error.code {
-                    ErrorCode::Overloaded | ErrorCode::ShuttingDown => Ending::Refused { retry_after },
-                    ErrorCode::BadToken | ErrorCode::TokenExpired => Ending::LoginRefused,
-                    _ => Ending::Failed,
-                };
-                self.link = Link::Closing(ending);
-                return Some(Event::Close(Close::Error { error, log_id, answered_login: true }));
+                Step::Resume { seq: s } | Step::Login { seq: s } if s == seq => {
+                    let ending = match error.code {
+                        ErrorCode::Overloaded | ErrorCode::ShuttingDown => Ending::Refused { retry_after },
+                        ErrorCode::BadToken | ErrorCode::TokenExpired => Ending::LoginRefused,
+                        _ => Ending::Failed,
+                    };
+                    self.link = Link::Closing(ending);
+                    return Some(Event::Close(Close::Error { error, log_id, answered_login: true }));
+                }
+                _ => {}
             }
         }
         if seq == 0 {
