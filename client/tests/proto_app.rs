@@ -393,7 +393,7 @@ impl H {
             (Cmd::Login, FrameType::Request, Detail::Token(t)) => {
                 let c = token::verify(SECRET, &t, 0).expect("the app's token verifies");
                 self.shard.handle(
-                    Input::Login { uid: c.uid, role: c.role, conn, log_id, seq },
+                    Input::Login { uid: c.uid, role: c.role, conn, log_id, seq, wall_ms: now },
                     now,
                     &mut outs,
                 );
