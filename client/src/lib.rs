@@ -20,6 +20,7 @@ pub mod appserver;
 mod error;
 pub mod frame;
 pub mod gate_process;
+pub mod proto;
 pub mod session;
 
 pub use app::{AppConn, Reply, SessionInfo, MAX_QUEUED};
