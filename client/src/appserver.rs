@@ -791,3 +791,186 @@ fn now_us() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
+
+/// The shell's own duties, against a fake gate on a real socket: answers reach the waiting call
+/// or become events, a lost answer wakes the waiting call, the group reconnects, the event queue
+/// disconnects when the group ends, and dropping it ends the group. The protocol's rules are
+/// tested on the machine (`proto::appserver`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{FrameReader, OwnedFrame};
+    use schema::wire::{self, Outcome, Receipt};
+    use schema::{Body, Cmd, Encoder, FrameType, Limits};
+    use std::net::TcpListener;
+    use std::thread::JoinHandle;
+
+    const T: Duration = Duration::from_secs(5);
+    const INCARNATION: u64 = 0x1AC4_0000_0000_0007;
+
+    /// The fake gate's end of one connection.
+    struct Side {
+        s: TcpStream,
+        r: FrameReader,
+        e: Encoder,
+    }
+
+    impl Side {
+        /// Accepts one connection and answers its hello with a Welcome.
+        fn accept(l: &TcpListener) -> Side {
+            let (s, _) = l.accept().expect("accept");
+            s.set_read_timeout(Some(T)).expect("timeout");
+            let mut side = Side { s, r: FrameReader::new(Limits::SIDECAR), e: Encoder::new() };
+            let hello = side.read();
+            assert_eq!((hello.cmd, hello.seq()), (Cmd::AppServerHello, 1));
+            side.send(|e, o| {
+                e.frame(o, FrameType::Response, Cmd::AppServerHello, 1, 0, |b| {
+                    let args = wire::AppServerWelcomeArgs {
+                        node: None,
+                        max_body: 0,
+                        max_targets: 50_000,
+                        incarnation: INCARNATION,
+                    };
+                    wire::AppServerWelcome::create(b, &args)
+                })
+            });
+            side
+        }
+
+        fn read(&mut self) -> OwnedFrame {
+            self.r.read_frame(&mut self.s).expect("a frame from the client")
+        }
+
+        fn send(&mut self, build: impl FnOnce(&mut Encoder, &mut Vec<u8>)) {
+            let mut out = Vec::new();
+            build(&mut self.e, &mut out);
+            self.s.write_all(&out).expect("write to the client");
+        }
+
+        fn accept_push(&mut self, push: &OwnedFrame, targets: u32) {
+            let Body::Push(p) = push.body() else { panic!("not a push: {push:?}") };
+            let message_id = p.message_id();
+            self.send(|e, o| {
+                e.frame(o, FrameType::Response, Cmd::Push, push.seq(), 0, |b| {
+                    wire::PushAccepted::create(b, &wire::PushAcceptedArgs { message_id, targets })
+                })
+            });
+        }
+
+        fn receipt(&mut self, seq: u32, message_id: u64, uid: u64) {
+            let rs = [Receipt::new(message_id, uid, Outcome::Delivered.0, 0, 0, 0)];
+            self.send(|e, o| {
+                e.frame(o, FrameType::Push, Cmd::Receipts, seq, 0, |b| {
+                    let receipts = b.create_vector(&rs);
+                    wire::Receipts::create(
+                        b,
+                        &wire::ReceiptsArgs { batch_id: u64::from(seq), receipts: Some(receipts) },
+                    )
+                })
+            });
+        }
+
+        /// True once the client closed the connection.
+        fn closed(&mut self) -> bool {
+            matches!(self.r.read_frame(&mut self.s), Err(ClientError::Closed))
+        }
+    }
+
+    fn fake_gate(script: impl FnOnce(TcpListener) + Send + 'static) -> (SocketAddr, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        (addr, thread::spawn(move || script(listener)))
+    }
+
+    fn spec(message_id: u64) -> PushSpec {
+        PushSpec { message_id, uids: vec![10], ttl_ms: 30_000, ..PushSpec::default() }
+    }
+
+    fn next(events: &AppServerEvents) -> Event {
+        events.recv_timeout(T).expect("an event")
+    }
+
+    #[test]
+    fn a_late_answer_becomes_an_event_and_the_queue_disconnects_when_the_group_ends() {
+        let (go_on, wait) = mpsc::channel::<()>();
+        let (addr, gate) = fake_gate(move |l| {
+            let mut g = Side::accept(&l);
+            let p1 = g.read();
+            wait.recv().expect("the client gave up waiting");
+            g.accept_push(&p1, 1);
+            let p2 = g.read();
+            g.receipt(7, 1, 10);
+            let ack = g.read();
+            assert_eq!((ack.cmd, ack.seq()), (Cmd::ReceiptsAck, 7));
+            g.accept_push(&p2, 1);
+            assert!(g.closed());
+        });
+        let options = ConnectOptions::new(Duration::from_millis(300));
+        let (conn, events) = AppServerConn::connect_with(addr, b"s", "dispatch-1", options).expect("connect");
+        assert_eq!(conn.welcome().incarnation, INCARNATION);
+        assert!(matches!(conn.push(&spec(1)), Err(ClientError::Timeout)));
+        assert_eq!((conn.pending_receipts(), conn.pushes_in_flight()), (1, 1));
+        go_on.send(()).expect("gate waits");
+        assert!(matches!(next(&events), Event::PushAnswer { message_id: 1, result: Ok(1), .. }));
+        let seq2 = conn.push_async(&spec(2)).expect("push 2");
+        assert_eq!(next(&events), Event::Receipt { message_id: 1, uid: 10, outcome: Outcome::Delivered });
+        assert_eq!(
+            next(&events),
+            Event::PushAnswer { conn: conn.conn_id(), seq: seq2, message_id: 2, result: Ok(1) }
+        );
+        let c = conn.conn_id();
+        drop(conn);
+        assert_eq!(next(&events), Event::ConnectionLost { conn: c });
+        assert_eq!(next(&events), Event::Receipt { message_id: 2, uid: 10, outcome: Outcome::GateLost });
+        assert_eq!(next(&events), Event::GateLost);
+        assert!(matches!(events.recv_timeout(T), Err(RecvTimeoutError::Disconnected)));
+        gate.join().expect("fake gate");
+    }
+
+    #[test]
+    fn a_waiting_push_whose_connection_ends_is_closed_and_the_group_reconnects() {
+        let (addr, gate) = fake_gate(|l| {
+            let mut g = Side::accept(&l);
+            let _ = g.read();
+            drop(g);
+            // The same process takes the reconnect and delivers the receipt it owed.
+            let mut g = Side::accept(&l);
+            g.receipt(1, 1, 10);
+            let ack = g.read();
+            assert_eq!((ack.cmd, ack.seq()), (Cmd::ReceiptsAck, 1));
+        });
+        let (conn, events) = AppServerConn::connect(addr, b"s", "dispatch-1", T).expect("connect");
+        let first = conn.conn_id();
+        assert!(matches!(conn.push(&spec(1)), Err(ClientError::Closed)));
+        assert_eq!(next(&events), Event::ConnectionLost { conn: first });
+        let Event::Reconnected { conn: second, incarnation } = next(&events) else {
+            panic!("expected the reconnect")
+        };
+        assert_eq!((second, incarnation), (conn.conn_id(), INCARNATION));
+        assert_ne!(second, first);
+        assert_eq!(next(&events), Event::Receipt { message_id: 1, uid: 10, outcome: Outcome::Delivered });
+        assert_eq!(conn.pending_receipts(), 0);
+        gate.join().expect("fake gate");
+    }
+
+    #[test]
+    fn dropping_the_event_queue_ends_the_group_at_its_next_event() {
+        let (dropped, wait) = mpsc::channel::<()>();
+        let (addr, gate) = fake_gate(move |l| {
+            let mut g = Side::accept(&l);
+            wait.recv().expect("the client dropped its queue");
+            g.send(|e, o| {
+                e.frame(o, FrameType::Event, Cmd::GpsForward, 0, 0, |b| {
+                    wire::GpsForward::create(b, &wire::GpsForwardArgs { points: None })
+                })
+            });
+            assert!(g.closed(), "the group closed its connection");
+        });
+        let (conn, events) = AppServerConn::connect(addr, b"s", "dispatch-1", T).expect("connect");
+        drop(events);
+        dropped.send(()).expect("gate waits");
+        gate.join().expect("fake gate");
+        assert!(matches!(conn.push(&spec(1)), Err(ClientError::Closed)));
+        assert!(matches!(conn.connect_another(), Err(ClientError::Closed)));
+    }
+}
