@@ -258,6 +258,52 @@ impl Fake {
     }
 }
 
+/// What a session keeps, counted (tests only).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Sizes {
+    /// Pending pairs.
+    pending: usize,
+    /// Pushes with pending pairs.
+    pending_pushes: usize,
+    /// Broadcast entries and their expiries.
+    broadcasts: usize,
+    /// Lost entries, their expiries and their weight.
+    lost: usize,
+    /// Pushes watched for being overdue.
+    unconfirmed: usize,
+    /// Pushes in flight over every connection.
+    in_flight: usize,
+    /// Upstream requests awaiting a reply, and their order.
+    upstream: usize,
+    /// Events, actions, held acks and hello outcomes not taken.
+    queued: usize,
+    /// Bytes buffered in and out.
+    buffered: usize,
+}
+
+impl Session {
+    /// The size of everything the session keeps, for tests of its bounds.
+    fn sizes(&self) -> Sizes {
+        let l = &self.ledger;
+        Sizes {
+            pending: l.pending_len,
+            pending_pushes: l.pending.len(),
+            broadcasts: l.broadcasts.len() + l.broadcast_expiry.len(),
+            lost: l.lost.len() + l.lost_expiry.len() + l.lost_len,
+            unconfirmed: l.unconfirmed.len(),
+            in_flight: self.conns.values().filter_map(Conn::up).map(|u| u.in_flight.len()).sum(),
+            upstream: self
+                .conns
+                .values()
+                .filter_map(Conn::up)
+                .map(|u| u.upstream.by_seq.len() + u.upstream.order.len())
+                .sum(),
+            queued: self.events.len() + self.actions.len() + self.held_acks.len() + self.opened.len(),
+            buffered: self.conns.values().map(|c| c.inbox.len() + c.outbox.len()).sum(),
+        }
+    }
+}
+
 fn spec(message_id: u64, uids: &[u64]) -> PushSpec {
     PushSpec {
         message_id,
