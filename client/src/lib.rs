@@ -21,7 +21,6 @@ pub mod app;
 pub mod appserver;
 mod error;
 pub mod frame;
-pub mod gate_process;
 pub mod proto;
 pub mod session;
 
