@@ -110,6 +110,9 @@ impl Events {
     }
 
     /// Posts an event at once when there is room; gives it back when the queue is full.
+    // The event comes back by value on purpose: boxing it would cost an allocation on the rare
+    // full-queue path of every read, for nothing.
+    #[allow(clippy::result_large_err)]
     pub fn try_post(&self, e: Event) -> Result<(), Event> {
         let mut q = self.queue.borrow_mut();
         if q.len() >= MAX_EVENTS {
