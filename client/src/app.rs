@@ -1,11 +1,20 @@
-//! The app side of the protocol (drivers, passengers) over one blocking TCP connection.
+//! The app side of the protocol (drivers, passengers) over one blocking TCP connection: the raw,
+//! low-level client that gate tests drive frame by frame.
 //!
 //! Requests are pipelined: send several, then wait for their answers in any order. Frames that
 //! arrive while a call waits for its own answer (pushes, go-aways, other answers) are queued and
 //! handed out later by [`AppConn::recv`] or [`AppConn::wait_response`], so nothing the gate sends
 //! is lost to whoever happens to be reading.
+//!
+//! It stays a raw tool on purpose: it acks only when asked ([`AppConn::ack_push`]), shows
+//! repeats, sends no keepalive, and never reconnects, so a test can do anything a broken app
+//! might. The protocol's rules live in [`crate::proto::app`]: the frames this type writes for
+//! them (Login, Resume, PushAck), the reading of a Session answer ([`SessionInfo`]), and its
+//! sequence-ids and log-ids are that module's; [`crate::AppSession`] is the app that follows
+//! every rule, a shell over [`crate::proto::app::AppProto`].
 
 use crate::frame::{answers, write_raw_frame, FrameReader, OwnedFrame};
+use crate::proto::app::{mix64, write_login, write_push_ack, write_resume, LogIds, SeqIds};
 use crate::{now_ms, ClientError};
 use schema::flatbuffers::{FlatBufferBuilder, WIPOffset};
 use schema::wire;
@@ -16,30 +25,11 @@ use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub use crate::proto::app::SessionInfo;
+
 /// Most frames held for later while a call waits for its own answer. Past it the app is not
 /// reading what the gate sends, and growing without bound would only hide that.
 pub const MAX_QUEUED: usize = 10_000;
-
-/// What the gate says about a session in its Login or Resume answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionInfo {
-    /// The user id, from the signed token.
-    pub uid: u64,
-    /// `wire::Role` value: 1 driver, 2 passenger.
-    pub role: u8,
-    /// Send something (a keepalive if nothing else) at least this often.
-    pub heartbeat_ms: u32,
-    /// The gate closes the connection after this long without input.
-    pub idle_timeout_ms: u32,
-    /// Grows with every new session of this uid.
-    pub session_epoch: u64,
-    /// Present it in Resume after a dropped connection; rotated on every resume.
-    pub resume_token: Vec<u8>,
-    /// host:port of the gate node holding the session.
-    pub node: String,
-    /// How long the session is held after the connection drops.
-    pub hold_ms: u32,
-}
 
 impl SessionInfo {
     /// Reads a Login or Resume Response; an Error frame becomes `ClientError::Server`.
@@ -48,16 +38,7 @@ impl SessionInfo {
             return Err(e);
         }
         match f.body() {
-            Body::Session(s) if f.ty == FrameType::Response => Ok(SessionInfo {
-                uid: s.uid(),
-                role: s.role().0,
-                heartbeat_ms: s.heartbeat_ms(),
-                idle_timeout_ms: s.idle_timeout_ms(),
-                session_epoch: s.session_epoch(),
-                resume_token: s.resume_token().map(|t| t.bytes().to_vec()).unwrap_or_default(),
-                node: s.node().unwrap_or("").to_owned(),
-                hold_ms: s.hold_ms(),
-            }),
+            Body::Session(s) if f.ty == FrameType::Response => Ok(SessionInfo::from_wire(&s)),
             _ => Err(unexpected("a Session response", f)),
         }
     }
@@ -110,10 +91,10 @@ pub struct AppConn {
     out: Vec<u8>,
     /// Frames received while waiting for something else, oldest first.
     queue: VecDeque<OwnedFrame>,
-    /// Last sequence-id handed out (0 is never used, so a request never matches an event).
-    seq: u32,
-    /// State of the log-id generator.
-    log_state: u64,
+    /// Sequence-ids (0 is never used, so a request never matches an event).
+    seqs: SeqIds,
+    /// Log-ids.
+    logs: LogIds,
     /// The log-id of the last request sent by a typed helper.
     last_log_id: u64,
     /// Longest a call waits for its answer; also the socket's per-read timeout.
@@ -154,8 +135,8 @@ impl AppConn {
             enc: Encoder::new(),
             out: Vec::with_capacity(256),
             queue: VecDeque::new(),
-            seq: 0,
-            log_state: log_seed(),
+            seqs: SeqIds::default(),
+            logs: LogIds::new(log_seed()),
             last_log_id: 0,
             read_timeout: Duration::from_secs(30),
             session: None,
@@ -172,11 +153,10 @@ impl AppConn {
 
     /// Logs in with a signed token; `device` is a free-form description for the gate's logs.
     pub fn login(&mut self, token: &[u8], device: &str) -> Result<SessionInfo, ClientError> {
-        let seq = self.request(Cmd::Login, |b| {
-            let token = b.create_vector(token);
-            let device = b.create_string(device);
-            wire::Login::create(b, &wire::LoginArgs { token: Some(token), device: Some(device) })
-        })?;
+        let (seq, log_id) = self.fresh_ids();
+        self.out.clear();
+        write_login(&mut self.enc, &mut self.out, seq, log_id, token, device);
+        self.flush()?;
         let info = SessionInfo::from_frame(&self.wait_response(seq)?)?;
         self.session = Some(info.clone());
         Ok(info)
@@ -184,10 +164,10 @@ impl AppConn {
 
     /// Resumes a held session with the resume token of its last Session answer.
     pub fn resume(&mut self, resume_token: &[u8]) -> Result<SessionInfo, ClientError> {
-        let seq = self.request(Cmd::Resume, |b| {
-            let resume_token = b.create_vector(resume_token);
-            wire::Resume::create(b, &wire::ResumeArgs { resume_token: Some(resume_token) })
-        })?;
+        let (seq, log_id) = self.fresh_ids();
+        self.out.clear();
+        write_resume(&mut self.enc, &mut self.out, seq, log_id, resume_token);
+        self.flush()?;
         let info = SessionInfo::from_frame(&self.wait_response(seq)?)?;
         self.session = Some(info.clone());
         Ok(info)
@@ -250,9 +230,7 @@ impl AppConn {
         if body_kind(cmd, FrameType::Request).is_none() {
             return Err(ClientError::Unexpected(format!("{cmd:?} has no Request form")));
         }
-        let seq = self.next_seq();
-        let log_id = self.new_log_id();
-        self.last_log_id = log_id;
+        let (seq, log_id) = self.fresh_ids();
         self.out.clear();
         self.enc.frame(&mut self.out, FrameType::Request, cmd, seq, log_id, build);
         self.flush()?;
@@ -370,14 +348,7 @@ impl AppConn {
         };
         let message_id = d.message_id;
         self.out.clear();
-        self.enc.frame(
-            &mut self.out,
-            FrameType::Ack,
-            Cmd::PushAck,
-            frame.header.seq,
-            frame.header.log_id,
-            |b| wire::PushAck::create(b, &wire::PushAckArgs { message_id }),
-        );
+        write_push_ack(&mut self.enc, &mut self.out, frame.header.seq, frame.header.log_id, message_id);
         self.flush()
     }
 
@@ -430,21 +401,48 @@ impl AppConn {
 
     /// A fresh sequence-id (never 0), for frames built by hand.
     pub fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        if self.seq == 0 {
-            self.seq = 1;
-        }
-        self.seq
+        self.seqs.fresh()
     }
 
-    /// A fresh nonzero log-id. Seeded per connection from the clock, the process id and a
-    /// process-wide counter, so ids from many connections and processes do not collide in logs.
+    /// A fresh nonzero log-id below 2^63 (§7). Seeded per connection from the clock, the
+    /// process id and a process-wide counter, so ids from many connections and processes do not
+    /// collide in logs.
     pub fn new_log_id(&mut self) -> u64 {
-        self.log_state = self.log_state.wrapping_add(GOLDEN);
-        match mix64(self.log_state) {
-            0 => 1,
-            id => id,
+        self.logs.fresh()
+    }
+
+    /// A fresh sequence-id and log-id for a request; the log-id is remembered for
+    /// [`AppConn::last_log_id`].
+    fn fresh_ids(&mut self) -> (u32, u64) {
+        let seq = self.next_seq();
+        self.last_log_id = self.new_log_id();
+        (seq, self.last_log_id)
+    }
+
+    /// The sequence-id counter, handed to another sender of this connection (an
+    /// [`crate::AppSession`]'s machine) so the two never use one id twice.
+    pub(crate) fn seq_ids(&self) -> SeqIds {
+        self.seqs
+    }
+
+    /// Takes the sequence-id counter back from another sender of this connection.
+    pub(crate) fn set_seq_ids(&mut self, seqs: SeqIds) {
+        self.seqs = seqs;
+    }
+
+    /// Moves what was received and not handed out (queued frames, then bytes read but not yet
+    /// decoded) to `into`, in arrival order, for another reader of this connection.
+    pub(crate) fn take_unread(&mut self, into: &mut Vec<u8>) {
+        for f in self.queue.drain(..) {
+            f.write_to(into);
         }
+        self.reader.take_buffered(into);
+    }
+
+    /// Gives back bytes another reader took from this connection and did not use; they are read
+    /// before anything still in the socket.
+    pub(crate) fn give_unread(&mut self, bytes: &[u8]) {
+        self.reader.feed(bytes);
     }
 
     /// The log-id of the last request sent by [`AppConn::request`] or a typed helper.
@@ -468,22 +466,12 @@ impl AppConn {
     }
 }
 
-/// Weyl-sequence step of the log-id generator (2^64 / golden ratio).
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// SplitMix64's finaliser: spreads a counter into well-mixed bits.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// A per-connection seed for log-ids.
 fn log_seed() -> u64 {
     static CONNS: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let n = CONNS.fetch_add(1, Ordering::Relaxed);
-    mix64(nanos ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(GOLDEN))
+    mix64(nanos ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 #[cfg(test)]
@@ -762,7 +750,7 @@ mod tests {
         let mut a = AppConn::from_stream(s.try_clone().expect("clone")).expect("wrap");
         let mut b = AppConn::from_stream(s).expect("wrap");
         assert_ne!(a.new_log_id(), b.new_log_id());
-        a.seq = u32::MAX;
+        a.seqs = SeqIds::after(u32::MAX);
         assert_eq!(a.next_seq(), 1);
         let ids: std::collections::HashSet<u64> = (0..1000).map(|_| a.new_log_id()).collect();
         assert_eq!(ids.len(), 1000);

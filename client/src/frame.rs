@@ -71,6 +71,43 @@ pub struct DeliveryView<'a> {
     pub redelivery: bool,
 }
 
+impl<'a> ErrorView<'a> {
+    /// The fields of an Error table.
+    pub fn of(e: wire::Error<'a>) -> ErrorView<'a> {
+        ErrorView {
+            code: e.code(),
+            origin: e.origin(),
+            failed_cmd: e.failed_cmd(),
+            message: e.message().unwrap_or(""),
+            retry_after_ms: e.retry_after_ms(),
+        }
+    }
+}
+
+impl<'a> ReplyView<'a> {
+    /// The fields of a Reply table.
+    pub fn of(r: wire::Reply<'a>) -> ReplyView<'a> {
+        ReplyView {
+            code: r.code(),
+            message: r.message().unwrap_or(""),
+            payload: r.payload().map_or(&[][..], |p| p.bytes()),
+        }
+    }
+}
+
+impl<'a> DeliveryView<'a> {
+    /// The fields of a PushDelivery table, with the header's `flags`.
+    pub fn of(d: wire::PushDelivery<'a>, flags: u8) -> DeliveryView<'a> {
+        DeliveryView {
+            message_id: d.message_id(),
+            kind: d.kind(),
+            payload: d.payload().map_or(&[][..], |p| p.bytes()),
+            sent_at_us: d.sent_at_us(),
+            redelivery: flags & FLAG_REDELIVERY != 0,
+        }
+    }
+}
+
 impl OwnedFrame {
     /// Copies a verified frame out of the read buffer.
     pub fn from_frame(f: &schema::Frame<'_>) -> OwnedFrame {
@@ -119,13 +156,7 @@ impl OwnedFrame {
     /// The Error table's fields, if this is an Error frame.
     pub fn error(&self) -> Option<ErrorView<'_>> {
         match self.body() {
-            Body::Error(e) => Some(ErrorView {
-                code: e.code(),
-                origin: e.origin(),
-                failed_cmd: e.failed_cmd(),
-                message: e.message().unwrap_or(""),
-                retry_after_ms: e.retry_after_ms(),
-            }),
+            Body::Error(e) => Some(ErrorView::of(e)),
             _ => None,
         }
     }
@@ -145,11 +176,7 @@ impl OwnedFrame {
     /// BusinessRequest).
     pub fn reply(&self) -> Option<ReplyView<'_>> {
         match self.body() {
-            Body::Reply(r) => Some(ReplyView {
-                code: r.code(),
-                message: r.message().unwrap_or(""),
-                payload: r.payload().map_or(&[][..], |p| p.bytes()),
-            }),
+            Body::Reply(r) => Some(ReplyView::of(r)),
             _ => None,
         }
     }
@@ -157,13 +184,7 @@ impl OwnedFrame {
     /// The PushDelivery's fields, if this is one.
     pub fn delivery(&self) -> Option<DeliveryView<'_>> {
         match self.body() {
-            Body::PushDelivery(d) => Some(DeliveryView {
-                message_id: d.message_id(),
-                kind: d.kind(),
-                payload: d.payload().map_or(&[][..], |p| p.bytes()),
-                sent_at_us: d.sent_at_us(),
-                redelivery: self.is_redelivery(),
-            }),
+            Body::PushDelivery(d) => Some(DeliveryView::of(d, self.header.flags)),
             _ => None,
         }
     }
@@ -260,6 +281,32 @@ impl FrameReader {
     /// Bytes read but not yet returned as frames.
     pub fn buffered(&self) -> usize {
         self.end - self.start
+    }
+
+    /// Moves the bytes read but not yet returned as frames to `into` (another reader takes the
+    /// stream over).
+    pub(crate) fn take_buffered(&mut self, into: &mut Vec<u8>) {
+        into.extend_from_slice(&self.buf[self.start..self.end]);
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Adds bytes another reader took from the stream, as if read after the buffered ones.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.buf.len() - self.end < bytes.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.buf.len() - self.end < bytes.len() {
+                self.buf.resize(self.end + bytes.len(), 0);
+            }
+        }
+        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
     }
 
     /// Frames skipped so far because their cmd or type is unknown to this build.

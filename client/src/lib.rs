@@ -12,6 +12,8 @@
 //! - [`session`]: [`AppSession`], an app session across dropped connections: resume on the
 //!   node that holds it, fall back to login, back off across gates, ack every push and return
 //!   each message id once.
+//! - [`proto`]: the protocol's rules as sans-I/O state machines; [`AppSession`] and loadgen
+//!   are shells over [`proto::app::AppProto`].
 //! - [`ClientError`]: every failure, with the server's own error frames as
 //!   [`ClientError::Server`].
 
@@ -19,7 +21,7 @@ pub mod app;
 pub mod appserver;
 mod error;
 pub mod frame;
-pub mod gate_process;
+pub mod proto;
 pub mod session;
 
 pub use app::{AppConn, Reply, SessionInfo, MAX_QUEUED};

@@ -1,39 +1,36 @@
 //! The app's reconnecting session: one gate session carried across many TCP connections.
 //!
 //! The gate holds a session for `hold_ms` after its connection drops and replays every unacked
-//! push when the app resumes (§9.13), so an app that reconnects quickly loses nothing. This
-//! module does the app's half of that: it keeps the latest resume token and the node that
-//! issued it, reconnects to that node first and resumes, falls back to a fresh login when the
-//! resume is refused, backs off (honouring the gate's `retry_after_ms`) across a fallback list of
-//! gates, and turns the gate's at-least-once pushes into exactly-once events for the app: every
-//! delivery is acked, each message id is returned once.
+//! push when the app resumes (§9.13), so an app that reconnects quickly loses nothing.
+//! [`AppSession`] is a blocking shell over [`AppProto`], which has every rule of the app's
+//! half of that: the latest resume token and the node that issued it, resume else login, the
+//! backoff (honouring the gate's `retry_after_ms`), keepalives, an ack for every delivery and
+//! each message id shown once. This module only moves bytes between a `std::net` socket and the
+//! machine, reads the clock, sleeps, and walks a fallback list of gates.
 //!
 //! It never reconnects on its own: [`AppSession::recv`] returns the connection's error and the
 //! caller decides when to call [`AppSession::connect`] again. Tests and the load generator need
 //! to control that moment, and an app may want to wait for network connectivity first.
 
 use crate::app::{AppConn, SessionInfo};
-use crate::frame::OwnedFrame;
+use crate::frame::{ErrorView, OwnedFrame};
+use crate::proto::app::{self as proto, AppProto, Close, Event, Lost, Out, Reconnect};
 use crate::ClientError;
 use schema::wire::{ErrorCode, GoAwayReason};
-use std::collections::{HashSet, VecDeque};
+use schema::Encoder;
 use std::fmt;
+use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Shortest wait between two connection attempts, by default.
-pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(50);
-/// Longest wait between two connection attempts that this side picks, by default (a gate's
-/// `retry_after_ms` may ask for longer).
-pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub use crate::proto::app::{
+    backoff_delay, Dedup as DedupSet, DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN, DEFAULT_DEDUP_CAPACITY,
+    RETRY_AFTER_CEILING,
+};
+
 /// Connection attempts in one [`AppSession::connect`], by default.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
-/// Message ids remembered for de-duplication, by default.
-pub const DEFAULT_DEDUP_CAPACITY: usize = 4096;
-/// Longest `retry_after_ms` honoured. Gates ask for a few seconds at most; a larger value can
-/// only be corrupt or hostile, and must not park a thread for days.
-pub const RETRY_AFTER_CEILING: Duration = Duration::from_secs(60);
 /// Most addresses taken from one gate node name; a name resolving to more adds nothing but
 /// attempts that max_attempts would cut anyway.
 const MAX_RESOLVED: usize = 4;
@@ -131,139 +128,46 @@ pub enum AppEvent {
     GoAway(GoAwayReason, u32),
 }
 
-/// The last `capacity` message ids seen, in arrival order; the oldest is forgotten first.
-#[derive(Debug, Clone)]
-pub struct DedupSet {
-    /// For the membership test.
-    seen: HashSet<u64>,
-    /// The same ids, oldest first, to know which one to forget.
-    order: VecDeque<u64>,
-    /// Most ids held.
-    capacity: usize,
-}
-
-impl DedupSet {
-    /// An empty set holding at most `capacity` ids (at least 1).
-    pub fn new(capacity: usize) -> DedupSet {
-        let capacity = capacity.max(1);
-        // Memory grows with use, so a generous capacity costs nothing until ids arrive.
-        let initial = capacity.min(DEFAULT_DEDUP_CAPACITY);
-        DedupSet { seen: HashSet::with_capacity(initial), order: VecDeque::with_capacity(initial), capacity }
-    }
-
-    /// Remembers `id`; true when it was not remembered already. A repeat does not refresh an
-    /// id's age: it is forgotten when its first sighting is the oldest.
-    pub fn insert(&mut self, id: u64) -> bool {
-        if self.seen.contains(&id) {
-            return false;
-        }
-        if self.order.len() >= self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.seen.remove(&oldest);
-            }
-        }
-        self.seen.insert(id);
-        self.order.push_back(id);
-        true
-    }
-
-    /// True when `id` is remembered.
-    pub fn contains(&self, id: u64) -> bool {
-        self.seen.contains(&id)
-    }
-
-    /// Ids remembered now.
-    pub fn len(&self) -> usize {
-        self.order.len()
-    }
-
-    /// True when no id is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
-    }
-
-    /// Most ids remembered.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-}
-
-/// The wait before the next attempt after `failures` failed ones (1 for the first retry):
-/// exponential with full jitter, `roll` picking uniformly in `[min, min(max, min · 2^failures)]`,
-/// and never less than the gate's `retry_after` (capped at [`RETRY_AFTER_CEILING`]), which may
-/// exceed `max`: the gate's word wins. Jitter spreads the reconnects of many apps that lost the
-/// same gate at the same moment.
-pub fn backoff_delay(
-    failures: u32,
-    min: Duration,
-    max: Duration,
-    retry_after: Option<Duration>,
-    roll: u64,
-) -> Duration {
-    let max = max.max(min);
-    let cap = min.saturating_mul(1u32 << failures.min(31)).min(max);
-    let span = u64::try_from((cap - min).as_nanos()).unwrap_or(u64::MAX);
-    // Multiply-shift maps a 64-bit roll onto 0..=span without modulo bias worth speaking of.
-    let offset = ((u128::from(roll) * (u128::from(span) + 1)) >> 64) as u64;
-    let jittered = min + Duration::from_nanos(offset);
-    jittered.max(retry_after.map_or(Duration::ZERO, |r| r.min(RETRY_AFTER_CEILING)))
-}
-
-/// SplitMix64: enough randomness for jitter, without a dependency.
-#[derive(Debug)]
-struct Jitter(u64);
-
-impl Jitter {
-    /// Seeded from the clock, the process and a process-wide counter, so sessions started
-    /// together (a load generator's) do not back off in lockstep.
-    fn new() -> Jitter {
-        static SESSIONS: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let n = SESSIONS.fetch_add(1, Ordering::Relaxed);
-        Jitter(nanos ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
 /// Why one connection attempt did not give a session.
 enum Failure {
-    /// Another attempt (maybe on another gate) may succeed; wait at least `retry_after`.
-    Retry { error: ClientError, retry_after: Option<Duration> },
+    /// Another attempt (maybe on another gate) may succeed.
+    Retry(ClientError),
     /// Every gate would say the same (a bad or expired token, say): stop now.
     Fatal(ClientError),
+}
+
+/// What one look at the machine found.
+enum Step<T> {
+    /// What the caller waits for; the connection ends after it when `closing`.
+    Picked(T, bool),
+    /// The machine ended the connection, and the caller had nothing to say about it.
+    Closed,
+    /// Something the machine or this shell handled: look again.
+    Again,
+    /// Nothing until the socket or a timer says more.
+    Idle,
 }
 
 /// An app session that survives dropped connections. Blocking, like [`AppConn`].
 pub struct AppSession {
     /// Addresses, token source, timeouts and bounds.
     cfg: SessionConfig,
+    /// The protocol's rules.
+    proto: AppProto,
     /// The current connection; `None` until connected, and after it died or was dropped.
     conn: Option<AppConn>,
-    /// The last Session the gate sent (kept while disconnected; cleared by logout).
-    info: Option<SessionInfo>,
-    /// The latest resume token; `None` when there is no session to resume.
-    resume_token: Option<Vec<u8>>,
-    /// host:port of the gate that issued the latest Session: it holds the session.
-    node: Option<String>,
-    /// Where the last GoAway asked to reconnect; tried first by the next connect.
-    redirect: Option<String>,
-    /// The last GoAway's retry_after: the next connect waits this long first.
-    wait_first: Option<Duration>,
-    /// Set by GoAway Displaced: another device took the session over.
-    displaced: bool,
-    /// True once a session existed and was not logged out: a login then replaces a lost one.
-    had_session: bool,
-    /// Message ids already returned by `recv`.
-    dedup: DedupSet,
-    /// Randomness for backoff.
-    jitter: Jitter,
+    /// Builds the machine's frames.
+    enc: Encoder,
+    /// The machine's frames, until written to the socket.
+    out: Vec<u8>,
+    /// Unread bytes on their way between the machine and the connection's own reader.
+    scratch: Vec<u8>,
+    /// `conn()` lent the connection out: its reader and sequence-ids may have moved on.
+    lent: bool,
+    /// The socket's read timeout differs from `read_timeout` (set for a shorter wait).
+    timeout_changed: bool,
+    /// The next connection attempt waits until then (backoff, a gate's retry-after).
+    not_before: Option<Instant>,
     /// Successful resumes.
     resumed: u64,
     /// Successful logins.
@@ -276,22 +180,37 @@ pub struct AppSession {
     duplicates: u64,
 }
 
+impl fmt::Debug for AppSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppSession")
+            .field("cfg", &self.cfg)
+            .field("proto", &self.proto)
+            .field("connected", &self.conn.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl AppSession {
     /// A session with no connection yet; [`AppSession::connect`] makes one.
     pub fn new(cfg: SessionConfig) -> AppSession {
-        let dedup = DedupSet::new(cfg.dedup_capacity);
+        let pcfg = proto::Config {
+            dedup_capacity: cfg.dedup_capacity,
+            session_timeout: cfg.read_timeout,
+            request_timeout: cfg.read_timeout,
+            backoff_min: cfg.backoff_min,
+            backoff_max: cfg.backoff_max,
+            ..proto::Config::default()
+        };
         AppSession {
             cfg,
+            proto: AppProto::new(pcfg, seed(), Instant::now()),
             conn: None,
-            info: None,
-            resume_token: None,
-            node: None,
-            redirect: None,
-            wait_first: None,
-            displaced: false,
-            had_session: false,
-            dedup,
-            jitter: Jitter::new(),
+            enc: Encoder::new(),
+            out: Vec::with_capacity(256),
+            scratch: Vec::new(),
+            lent: false,
+            timeout_changed: false,
+            not_before: None,
             resumed: 0,
             logins: 0,
             relogins: 0,
@@ -306,16 +225,19 @@ impl AppSession {
     /// With a resume token it resumes, on the node that issued the token first; a refused
     /// resume (ResumeRefused) becomes a login with a fresh token on the same connection. A
     /// connection that fails, closes, times out or is refused for load (Overloaded,
-    /// ShuttingDown) is followed by a backoff (at least the gate's `retry_after_ms`) and an
-    /// attempt on the next address: the node, then `gates` in order, round and round, at most
-    /// `max_attempts` in all; the last failure is returned then. A login the gate refuses
-    /// (BadToken, TokenExpired...) is returned at once: another gate would refuse it too.
+    /// ShuttingDown) is followed by the machine's backoff (at least the gate's
+    /// `retry_after_ms`) and an attempt on the next address: the node, then `gates` in order,
+    /// round and round, at most `max_attempts` in all; the last failure is returned then. A
+    /// login the gate refuses (BadToken, TokenExpired...) is returned at once: another gate
+    /// would refuse it too. A wait the last connection's end asked for (a GoAway's
+    /// retry-after, a backoff) is kept before the first attempt.
     ///
     /// After a GoAway Displaced it refuses with `Unexpected` until
     /// [`AppSession::forget_session`]: another device holds the session, and taking it back
     /// automatically would only displace that one in turn.
     pub fn connect(&mut self) -> Result<Outcome, ClientError> {
-        if self.displaced {
+        self.reclaim();
+        if self.proto.displaced() {
             return Err(ClientError::Unexpected(
                 "the session was displaced by a login elsewhere; forget_session() before logging in again"
                     .to_owned(),
@@ -327,90 +249,75 @@ impl AppSession {
                 "connect_timeout and read_timeout must not be zero".to_owned(),
             ));
         }
-        self.conn = None;
+        if self.conn.is_some() {
+            self.lose_conn(Lost::Local);
+        }
         let candidates = self.candidates();
         if candidates.is_empty() {
             return Err(ClientError::Unexpected("no gate address to connect to".to_owned()));
         }
-        let attempts = self.cfg.max_attempts.max(1);
-        let mut wait = self.wait_first.take().map(|w| w.min(RETRY_AFTER_CEILING));
         let mut last = None;
-        for attempt in 0..attempts {
-            if let Some(w) = wait.take() {
-                std::thread::sleep(w);
+        for attempt in 0..self.cfg.max_attempts.max(1) {
+            if let Some(at) = self.not_before.take() {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
             }
             let addr = candidates[attempt as usize % candidates.len()];
             self.attempts += 1;
             match self.try_once(addr) {
                 Ok(outcome) => return Ok(outcome),
                 Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Retry { error, retry_after }) => {
-                    last = Some(error);
-                    let roll = self.jitter.next_u64();
-                    wait = Some(backoff_delay(
-                        attempt + 1,
-                        self.cfg.backoff_min,
-                        self.cfg.backoff_max,
-                        retry_after,
-                        roll,
-                    ));
-                }
+                Err(Failure::Retry(e)) => last = Some(e),
             }
         }
         Err(last.unwrap_or(ClientError::Closed))
     }
 
-    /// One attempt on `addr`: connect, resume if there is a token, else (or when refused) log in.
+    /// One attempt on `addr`: connect, then whatever the machine asks for (Resume, or Login with
+    /// a fresh token) until the session is up or the attempt failed.
     fn try_once(&mut self, addr: SocketAddr) -> Result<Outcome, Failure> {
-        let mut conn = AppConn::connect(addr, self.cfg.connect_timeout).map_err(|e| classify(e, None))?;
-        conn.set_read_timeout(self.cfg.read_timeout).map_err(|e| classify(e, None))?;
-        if let Some(token) = self.resume_token.clone() {
-            match conn.resume(&token) {
-                Ok(info) => {
-                    self.adopt(conn, info);
-                    self.resumed += 1;
-                    return Ok(Outcome::Resumed);
-                }
-                Err(ClientError::Server { code: ErrorCode::ResumeRefused, .. }) => {
-                    // The session is gone (hold expired, gate restarted) or this token was
-                    // already used: no gate will take it, and the connection is good for a login.
-                    self.resume_token = None;
-                }
-                Err(e) => return Err(classify(e, Some(&mut conn))),
+        let conn = AppConn::connect(addr, self.cfg.connect_timeout).and_then(|mut c| {
+            c.set_read_timeout(self.cfg.read_timeout)?;
+            Ok(c)
+        });
+        match conn {
+            Ok(c) => self.conn = Some(c),
+            Err(e) => {
+                self.lose_conn(Lost::Remote);
+                return Err(Failure::Retry(e));
             }
         }
-        let token = (self.cfg.token)();
-        match conn.login(&token, &self.cfg.device) {
-            Ok(info) => {
-                if self.had_session {
-                    self.relogins += 1;
-                }
+        self.timeout_changed = false;
+        let mut out = Out::new(&mut self.enc, &mut self.out);
+        if self.proto.on_connected(Instant::now(), &mut out).is_err() {
+            self.lose_conn(Lost::Local);
+            return Err(Failure::Fatal(ClientError::Unexpected("the session was displaced".to_owned())));
+        }
+        // The machine's session timeout bounds the wait.
+        let up = self.pump(None, |ev| match ev {
+            Event::SessionUp { resumed, relogin } => Some(Ok((resumed, relogin))),
+            Event::Close(close) => Some(Err(attempt_failure(close))),
+            // Nothing else comes before the session; whatever does is not the app's.
+            _ => None,
+        });
+        match up.map_err(Failure::Retry)? {
+            Ok((true, _)) => {
+                self.resumed += 1;
+                Ok(Outcome::Resumed)
+            }
+            Ok((false, relogin)) => {
                 self.logins += 1;
-                self.adopt(conn, info);
+                self.relogins += u64::from(relogin);
                 Ok(Outcome::LoggedIn)
             }
-            Err(e) => Err(classify(e, Some(&mut conn))),
+            Err(failure) => Err(failure),
         }
-    }
-
-    /// Takes a fresh session's connection and remembers where and how to resume it.
-    fn adopt(&mut self, conn: AppConn, info: SessionInfo) {
-        // An empty token cannot resume anything (a gate without hold sends none).
-        self.resume_token = (!info.resume_token.is_empty()).then(|| info.resume_token.clone());
-        if !info.node.is_empty() {
-            self.node = Some(info.node.clone());
-        }
-        self.info = Some(info);
-        self.conn = Some(conn);
-        self.had_session = true;
-        self.redirect = None;
     }
 
     /// Addresses in the order one connect cycle tries them: where the last GoAway pointed, the
     /// node holding the session, then the configured gates; each once.
     fn candidates(&self) -> Vec<SocketAddr> {
         let mut out: Vec<SocketAddr> = Vec::with_capacity(self.cfg.gates.len() + 2 * MAX_RESOLVED);
-        let named = self.redirect.iter().chain(self.node.iter()).flat_map(|n| resolve(n));
+        let named = self.proto.redirect().into_iter().chain(self.proto.node()).flat_map(resolve);
         for a in named.chain(self.cfg.gates.iter().copied()) {
             if !out.contains(&a) {
                 out.push(a);
@@ -422,79 +329,203 @@ impl AppSession {
     /// The next event of the current connection. Pushes are acked (every delivery, repeats
     /// included: the ack of an earlier one may have been lost, and only an ack gets the
     /// app-server its Delivered receipt) and returned once per message id; repeats are counted
-    /// in [`AppSession::duplicates_suppressed`] and skipped.
+    /// in [`AppSession::duplicates_suppressed`] and skipped. Keepalives go out while it waits.
     ///
-    /// Errors are the connection's: `Closed` (also when there is no connection), `Io` and
-    /// `Protocol` end it (`conn()` is `None` then); `Timeout` (nothing for `read_timeout`, or
-    /// only repeats) and `Rejected` leave it. Nothing reconnects here: call
+    /// Errors are the connection's: `Closed` (also when there is no connection), `Io`,
+    /// `Protocol` and an error frame that ends the connection end it (`conn()` is `None`
+    /// then), and so does a GoAway (returned as an event); `Timeout` (nothing for
+    /// `read_timeout`, or only repeats) and `Rejected` leave it. Nothing reconnects here: call
     /// [`AppSession::connect`].
     pub fn recv(&mut self) -> Result<AppEvent, ClientError> {
-        // Repeats are skipped without returning, so a gate replaying the same ids must not keep
-        // this call busy forever.
+        self.reclaim();
         let deadline = Instant::now() + self.cfg.read_timeout;
+        self.pump(Some(deadline), |ev| match ev {
+            Event::Push { delivery: d, .. } => Some(Ok(AppEvent::Push {
+                message_id: d.message_id,
+                kind: d.kind,
+                payload: d.payload.to_vec(),
+                sent_at_us: d.sent_at_us,
+                redelivery: d.redelivery,
+            })),
+            Event::Unmatched(f) => Some(Ok(AppEvent::Frame(OwnedFrame::from_frame(&f)))),
+            Event::Rejected { header, error } => Some(Err(ClientError::Rejected { header, error })),
+            Event::Close(Close::GoAway { reason, retry_after_ms, .. }) => {
+                Some(Ok(AppEvent::GoAway(reason, retry_after_ms)))
+            }
+            Event::Close(Close::Error { error, log_id, .. }) => Some(Err(server_error(error, log_id))),
+            Event::Close(Close::SessionTimeout) => Some(Err(ClientError::Timeout)),
+            Event::Close(Close::Stream(e)) => Some(Err(ClientError::Protocol(e))),
+            _ => None,
+        })?
+    }
+
+    /// Runs the machine on the current connection until `pick` takes one of its events: writes
+    /// what the machine writes, reads the socket, fires the machine's timers, gives it a login
+    /// token when it asks, counts repeats. The connection ends after a Close event. `Timeout`
+    /// once `until` passes (repeats do not keep it waiting); an error of the connection ends it.
+    /// When a write fails right after the picked event, the event is returned all the same (a
+    /// push is the app's even if its ack was lost: the gate replays it, and the repeat is
+    /// hidden); the next call finds no connection.
+    fn pump<T>(
+        &mut self,
+        until: Option<Instant>,
+        mut pick: impl FnMut(Event<'_>) -> Option<T>,
+    ) -> Result<T, ClientError> {
         loop {
-            let Some(conn) = self.conn.as_mut() else { return Err(ClientError::Closed) };
-            let f = match conn.recv() {
-                Ok(f) => f,
-                Err(e) => {
-                    if is_dead(&e) {
-                        self.conn = None;
+            if self.conn.is_none() {
+                return Err(ClientError::Closed);
+            }
+            let now = Instant::now();
+            let mut out = Out::new(&mut self.enc, &mut self.out);
+            let step = match self.proto.poll_event(now, &mut out) {
+                None => Step::Idle,
+                Some(Event::LoginNeeded { .. }) => {
+                    let token = (self.cfg.token)();
+                    // The machine is waiting for exactly this.
+                    let _ = self.proto.login(now, &token, &self.cfg.device, &mut out);
+                    Step::Again
+                }
+                Some(Event::Repeat { .. }) => {
+                    self.duplicates += 1;
+                    Step::Again
+                }
+                Some(ev) => {
+                    let closing = matches!(ev, Event::Close(_));
+                    match pick(ev) {
+                        Some(t) => Step::Picked(t, closing),
+                        None if closing => Step::Closed,
+                        None => Step::Again,
                     }
-                    return Err(e);
                 }
             };
-            if let Some(d) = f.delivery() {
-                let acked = conn.ack_push(&f);
-                let event = self.dedup.insert(d.message_id).then(|| AppEvent::Push {
-                    message_id: d.message_id,
-                    kind: d.kind,
-                    payload: d.payload.to_vec(),
-                    sent_at_us: d.sent_at_us,
-                    redelivery: d.redelivery,
-                });
-                if let Err(e) = acked {
-                    if is_dead(&e) {
-                        self.conn = None;
+            let flushed = self.flush();
+            let again = match step {
+                Step::Picked(t, closing) => {
+                    if closing && self.conn.is_some() {
+                        self.lose_conn(Lost::Local);
                     }
-                    // A new push is the app's all the same; the gate replays it unacked on
-                    // resume, and the de-dup set hides that repeat.
-                    if event.is_none() {
-                        return Err(e);
+                    return Ok(t);
+                }
+                Step::Closed => {
+                    if self.conn.is_some() {
+                        self.lose_conn(Lost::Local);
                     }
+                    return Err(ClientError::Closed);
                 }
-                match event {
-                    Some(ev) => return Ok(ev),
-                    None => self.duplicates += 1,
-                }
-                if Instant::now() >= deadline {
+                Step::Again => true,
+                Step::Idle => false,
+            };
+            flushed?;
+            if again {
+                if until.is_some_and(|u| now >= u) {
                     return Err(ClientError::Timeout);
                 }
                 continue;
             }
-            if let Some(g) = f.go_away() {
-                let (reason, retry_after_ms) = (g.reason(), g.retry_after_ms());
-                let reconnect = g.reconnect().unwrap_or("").to_owned();
-                self.on_go_away(reason, retry_after_ms, reconnect);
-                return Ok(AppEvent::GoAway(reason, retry_after_ms));
+            if self.proto.poll_timeout().is_some_and(|t| t <= now) {
+                let mut out = Out::new(&mut self.enc, &mut self.out);
+                self.proto.handle_timeout(now, &mut out);
+                self.flush()?;
+                continue;
             }
-            return Ok(AppEvent::Frame(f));
+            if until.is_some_and(|u| now >= u) {
+                return Err(ClientError::Timeout);
+            }
+            let wake = match (self.proto.poll_timeout(), until) {
+                (Some(t), Some(u)) => t.min(u),
+                (Some(t), None) | (None, Some(t)) => t,
+                (None, None) => now + self.cfg.read_timeout,
+            };
+            if let Err(e) = self.read_some(wake) {
+                self.lose_conn(Lost::Remote);
+                return Err(e);
+            }
         }
     }
 
-    /// Records what a GoAway means for the next connect.
-    fn on_go_away(&mut self, reason: GoAwayReason, retry_after_ms: u32, reconnect: String) {
-        self.wait_first = Some(Duration::from_millis(u64::from(retry_after_ms)));
-        match reason {
-            GoAwayReason::Displaced => {
-                // Its resume tokens are refused from now on (§9.4).
-                self.displaced = true;
-                self.resume_token = None;
+    /// One read from the socket into the machine, waiting until `until` at most (`Ok` also
+    /// when nothing came by then). The end of the stream is `Closed`, or `Protocol` when it cut
+    /// a frame short.
+    fn read_some(&mut self, until: Instant) -> Result<(), ClientError> {
+        let Some(conn) = self.conn.as_mut() else { return Err(ClientError::Closed) };
+        // Whole milliseconds, at least one: zero would mean "forever" to the socket.
+        let wait = until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        conn.stream_mut().set_read_timeout(Some(wait))?;
+        self.timeout_changed = true;
+        loop {
+            match conn.stream_mut().read(self.proto.read_buf()) {
+                Ok(0) => {
+                    return Err(match schema::decode::finish(self.proto.unprocessed()) {
+                        Ok(()) => ClientError::Closed,
+                        Err(e) => ClientError::Protocol(e),
+                    })
+                }
+                Ok(n) => {
+                    self.proto.read_done(n);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return match ClientError::from(e) {
+                        ClientError::Timeout => Ok(()),
+                        other => Err(other),
+                    }
+                }
             }
-            GoAwayReason::LoggedOut => {
-                self.resume_token = None;
-                self.had_session = false;
+        }
+    }
+
+    /// Writes what the machine wrote; a failed write ends the connection.
+    fn flush(&mut self) -> Result<(), ClientError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let written = match self.conn.as_mut() {
+            Some(conn) => conn.send_raw(&self.out),
+            None => Err(ClientError::Closed),
+        };
+        self.out.clear();
+        if let Err(e) = written {
+            if self.conn.is_some() {
+                self.lose_conn(Lost::Remote);
             }
-            _ => self.redirect = (!reconnect.is_empty()).then_some(reconnect),
+            return Err(e);
+        }
+        let now = Instant::now();
+        self.proto.sent(now);
+        Ok(())
+    }
+
+    /// Ends the current connection (if any) and tells the machine, which says when the next
+    /// attempt may start.
+    fn lose_conn(&mut self, how: Lost) {
+        if let Some(conn) = self.conn.take() {
+            if how == Lost::Local {
+                // A socket the peer already closed fails this with NotConnected: nothing left
+                // to do.
+                let _ = conn.shutdown();
+            }
+        }
+        self.out.clear();
+        self.lent = false;
+        let d = self.proto.on_disconnected(how);
+        self.not_before = match d.reconnect {
+            Reconnect::After(wait) => Some(Instant::now() + wait),
+            Reconnect::Never => None,
+        };
+    }
+
+    /// After `conn()` lent the connection out: takes back what its reader holds (queued frames,
+    /// bytes read) and its sequence-ids.
+    fn reclaim(&mut self) {
+        if !std::mem::take(&mut self.lent) {
+            return;
+        }
+        if let Some(conn) = self.conn.as_mut() {
+            self.proto.set_seq_ids(conn.seq_ids());
+            self.scratch.clear();
+            conn.take_unread(&mut self.scratch);
+            self.proto.handle_input(&self.scratch);
         }
     }
 
@@ -502,16 +533,28 @@ impl AppSession {
     /// holds the session, and the resume token is kept for [`AppSession::connect`]. Frames read
     /// but not yet handed out are dropped; unacked pushes among them are replayed on resume.
     pub fn drop_connection(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            // A socket the peer already closed fails this with NotConnected: nothing left to do.
-            let _ = conn.shutdown();
+        if self.conn.is_some() {
+            self.lose_conn(Lost::Local);
         }
     }
 
     /// The current connection, for GPS and requests. Pushes read through it bypass the acks and
-    /// the de-duplication of [`AppSession::recv`].
+    /// the de-duplication of [`AppSession::recv`]; what it reads and does not hand out goes back
+    /// to the session with the next call on the session.
     pub fn conn(&mut self) -> Option<&mut AppConn> {
-        self.conn.as_mut()
+        let conn = self.conn.as_mut()?;
+        if !self.lent {
+            self.scratch.clear();
+            self.proto.take_unprocessed(&mut self.scratch);
+            conn.give_unread(&self.scratch);
+            conn.set_seq_ids(self.proto.seq_ids());
+            if std::mem::take(&mut self.timeout_changed) {
+                // The connection's own waits are bounded by its read timeout again.
+                let _ = conn.set_read_timeout(self.cfg.read_timeout);
+            }
+            self.lent = true;
+        }
+        Some(conn)
     }
 
     /// True while there is a connection (it may still turn out dead on its next read).
@@ -522,43 +565,58 @@ impl AppSession {
     /// Logs out and ends the session: no hold, nothing to resume. Without a connection the
     /// session is only forgotten here (the gate's hold then runs out) and the answer is `Closed`.
     pub fn logout(&mut self) -> Result<(), ClientError> {
-        // Whatever the gate answers, this side is done: the token must not bring it back.
-        self.resume_token = None;
-        self.info = None;
-        self.had_session = false;
-        let Some(mut conn) = self.conn.take() else { return Err(ClientError::Closed) };
-        conn.logout()
+        self.reclaim();
+        let now = Instant::now();
+        let mut out = Out::new(&mut self.enc, &mut self.out);
+        let sent = self.proto.logout(now, "logout", &mut out);
+        let (Some(_), Ok(seq)) = (self.conn.as_ref(), sent) else {
+            // Whatever happens, this side is done: the token must not bring the session back.
+            if !self.proto.displaced() {
+                self.proto.forget_session();
+            }
+            self.drop_connection();
+            return Err(ClientError::Closed);
+        };
+        let answer = self.pump(Some(now + self.cfg.read_timeout), |ev| match ev {
+            Event::LoggedOut => Some(Ok(())),
+            Event::Unmatched(f) if f.header.seq == seq => match f.body {
+                schema::Body::Error(e) => Some(Err(server_error(ErrorView::of(e), f.header.log_id))),
+                _ => None,
+            },
+            Event::Close(Close::Error { error, log_id, .. }) => Some(Err(server_error(error, log_id))),
+            Event::Close(_) => Some(Err(ClientError::Closed)),
+            // Pushes meanwhile are acked by the machine; nothing else matters now.
+            _ => None,
+        });
+        self.drop_connection();
+        answer?
     }
 
     /// Forgets the session (resume token, Session, displacement) and drops the connection, so
     /// the next connect logs in afresh. The de-dup set and the counters stay.
     pub fn forget_session(&mut self) {
         self.drop_connection();
-        self.resume_token = None;
-        self.info = None;
-        self.displaced = false;
-        self.had_session = false;
-        self.redirect = None;
+        self.proto.forget_session();
     }
 
     /// The latest resume token (replaced on every resume), if a session can be resumed.
     pub fn resume_token(&self) -> Option<&[u8]> {
-        self.resume_token.as_deref()
+        self.proto.resume_token()
     }
 
     /// host:port of the gate holding the session, from the latest Session.
     pub fn node(&self) -> Option<&str> {
-        self.node.as_deref()
+        self.proto.node()
     }
 
     /// The latest Session (kept while disconnected, cleared by logout).
     pub fn session_info(&self) -> Option<&SessionInfo> {
-        self.info.as_ref()
+        self.proto.session()
     }
 
     /// True after a GoAway Displaced: connect refuses until [`AppSession::forget_session`].
     pub fn displaced(&self) -> bool {
-        self.displaced
+        self.proto.displaced()
     }
 
     /// The fallback list of gates.
@@ -598,9 +656,44 @@ impl AppSession {
     }
 }
 
-/// True for errors after which the connection cannot carry another frame.
-fn is_dead(e: &ClientError) -> bool {
-    matches!(e, ClientError::Closed | ClientError::Io(_) | ClientError::Protocol(_))
+/// An error frame's fields as a [`ClientError::Server`].
+fn server_error(e: ErrorView<'_>, log_id: u64) -> ClientError {
+    ClientError::Server {
+        code: e.code,
+        origin: e.origin,
+        message: e.message.to_owned(),
+        retry_after_ms: e.retry_after_ms,
+        log_id,
+    }
+}
+
+/// Sorts a failed attempt into retry or stop: a Login or Resume the gate answered with an error
+/// other than Overloaded or ShuttingDown stops; anything else is worth another attempt.
+fn attempt_failure(close: Close<'_>) -> Failure {
+    match close {
+        Close::Error { error, log_id, answered_login } => {
+            let retry =
+                !answered_login || matches!(error.code, ErrorCode::Overloaded | ErrorCode::ShuttingDown);
+            let e = server_error(error, log_id);
+            if retry {
+                Failure::Retry(e)
+            } else {
+                Failure::Fatal(e)
+            }
+        }
+        Close::GoAway { .. } => Failure::Retry(ClientError::Closed),
+        Close::SessionTimeout => Failure::Retry(ClientError::Timeout),
+        Close::Stream(e) => Failure::Retry(ClientError::Protocol(e)),
+    }
+}
+
+/// A seed for the machine's jitter and log-ids, from the clock, the process and a process-wide
+/// counter, so sessions started together (a load generator's) do not back off in lockstep.
+fn seed() -> u64 {
+    static SESSIONS: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let n = SESSIONS.fetch_add(1, Ordering::Relaxed);
+    proto::mix64(nanos ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// A node name's addresses: parsed when it is an address, else resolved (a gate may advertise
@@ -610,42 +703,6 @@ fn resolve(node: &str) -> Vec<SocketAddr> {
         return vec![a];
     }
     node.to_socket_addrs().map(|it| it.take(MAX_RESOLVED).collect()).unwrap_or_default()
-}
-
-/// Sorts a failed attempt into retry or stop. A gate that refuses a connection for load sends
-/// Error Overloaded (or ShuttingDown) with sequence-id 0 and closes, so the login or resume
-/// sees only `Closed`; the reason sits among the connection's queued frames and is dug out here.
-fn classify(error: ClientError, conn: Option<&mut AppConn>) -> Failure {
-    match error {
-        ClientError::Server {
-            code: ErrorCode::Overloaded | ErrorCode::ShuttingDown, retry_after_ms, ..
-        } => Failure::Retry { error, retry_after: Some(Duration::from_millis(u64::from(retry_after_ms))) },
-        ClientError::Server { .. } => Failure::Fatal(error),
-        other => match conn.and_then(refusal_in_queue) {
-            Some((said, retry_after)) => {
-                Failure::Retry { error: said.unwrap_or(other), retry_after: Some(retry_after) }
-            }
-            None => Failure::Retry { error: other, retry_after: None },
-        },
-    }
-}
-
-/// The gate's last word among the frames queued on a failed connection: an Error Overloaded or
-/// ShuttingDown (as the error to report) or a GoAway, with its retry_after.
-fn refusal_in_queue(conn: &mut AppConn) -> Option<(Option<ClientError>, Duration)> {
-    let mut found = None;
-    // Only what is already queued (bounded by MAX_QUEUED): recv serves the queue first.
-    for _ in 0..conn.queued() {
-        let Ok(f) = conn.recv() else { break };
-        if let Some(e) = f.error() {
-            if matches!(e.code, ErrorCode::Overloaded | ErrorCode::ShuttingDown) {
-                found = Some((f.server_error(), Duration::from_millis(u64::from(e.retry_after_ms))));
-            }
-        } else if let Some(g) = f.go_away() {
-            found = Some((None, Duration::from_millis(u64::from(g.retry_after_ms()))));
-        }
-    }
-    found
 }
 
 #[cfg(test)]
@@ -659,60 +716,6 @@ mod tests {
     use std::thread;
 
     const T: Duration = Duration::from_secs(5);
-
-    #[test]
-    fn dedup_set_is_bounded_and_forgets_the_oldest() {
-        let mut d = DedupSet::new(3);
-        assert!(d.insert(1) && d.insert(2) && d.insert(3));
-        assert!(!d.insert(2), "a repeat is not new");
-        assert_eq!(d.len(), 3);
-        assert!(d.insert(4), "a fourth id evicts the oldest");
-        assert_eq!(d.len(), 3);
-        assert!(!d.contains(1) && d.contains(2) && d.contains(3) && d.contains(4));
-        // 2 was first seen before 3 and 4: its repeat above did not make it younger.
-        assert!(d.insert(5));
-        assert!(!d.contains(2) && d.contains(3));
-        assert!(d.insert(1), "an evicted id is new again");
-
-        let mut one = DedupSet::new(0);
-        assert_eq!(one.capacity(), 1);
-        assert!(one.insert(7) && !one.insert(7) && one.insert(8) && one.insert(7));
-
-        let mut big = DedupSet::new(DEFAULT_DEDUP_CAPACITY);
-        for id in 0..10_000u64 {
-            assert!(big.insert(id));
-        }
-        assert_eq!(big.len(), DEFAULT_DEDUP_CAPACITY);
-        assert!(!big.contains(10_000 - DEFAULT_DEDUP_CAPACITY as u64 - 1));
-        assert!(big.contains(10_000 - DEFAULT_DEDUP_CAPACITY as u64));
-    }
-
-    #[test]
-    fn backoff_stays_within_bounds_grows_and_honours_retry_after() {
-        let (min, max) = (Duration::from_millis(50), Duration::from_secs(5));
-        let mut j = Jitter::new();
-        for failures in 0..40 {
-            let cap = min.saturating_mul(1u32 << failures.min(31)).min(max);
-            for _ in 0..200 {
-                let d = backoff_delay(failures, min, max, None, j.next_u64());
-                assert!(d >= min && d <= cap, "{d:?} outside [{min:?}, {cap:?}] after {failures}");
-            }
-        }
-        // The roll spans the whole range: 0 is the floor, u64::MAX the (growing) cap.
-        assert_eq!(backoff_delay(1, min, max, None, 0), min);
-        assert_eq!(backoff_delay(1, min, max, None, u64::MAX), Duration::from_millis(100));
-        assert_eq!(backoff_delay(3, min, max, None, u64::MAX), Duration::from_millis(400));
-        assert_eq!(backoff_delay(30, min, max, None, u64::MAX), max);
-        // The gate's retry_after is a floor, even past max; absurd values are capped.
-        let ra = Duration::from_millis(1500);
-        assert!(backoff_delay(1, min, max, Some(ra), u64::MAX) == ra);
-        assert_eq!(backoff_delay(30, min, max, Some(Duration::from_secs(7)), 0), Duration::from_secs(7));
-        assert_eq!(backoff_delay(1, min, max, Some(Duration::from_secs(86_400)), 0), RETRY_AFTER_CEILING);
-        // A short retry_after does not shorten the backoff.
-        assert_eq!(backoff_delay(30, min, max, Some(Duration::from_millis(1)), u64::MAX), max);
-        // max below min is read as min.
-        assert_eq!(backoff_delay(5, min, Duration::ZERO, None, u64::MAX), min);
-    }
 
     /// Writes a Session answer naming `node` and the token `[n; 37]`.
     fn session_answer(out: &mut Vec<u8>, req: &OwnedFrame, node: &str, n: u8) {

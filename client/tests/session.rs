@@ -6,13 +6,13 @@
 //! folder and built there first when missing.
 
 use client::appserver::{AppServerConn, AppServerEvents, Event, PushSpec};
-use client::gate_process::{workspace_gate_bin, GateProcess};
 use client::session::{AppEvent, AppSession, Outcome, SessionConfig};
 use client::{dev_token, AppConn, ClientError};
 use schema::wire::{ErrorCode, Outcome as Receipt};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use testkit::{workspace_gate_bin, GateProcess};
 
 /// Key of the gate's app login tokens.
 const TOKEN_SECRET: &[u8] = b"session-test-token-secret";

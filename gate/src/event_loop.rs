@@ -174,6 +174,9 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
         for e in batch.drain(..) {
             on_event(&mut shard, e, now);
         }
+        if batch.capacity() > crate::io::KEEP_EVENTS {
+            batch.shrink_to(crate::io::KEEP_EVENTS);
+        }
         if inbox.shutdown.load(Acquire) && !shard.shutting_down {
             begin_shutdown(&mut shard, &stop, &mut clocks, now);
         }

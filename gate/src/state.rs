@@ -73,8 +73,9 @@ pub struct Conn {
     pub dirty: bool,
     /// When the login frame arrived, for the login latency histogram.
     pub login_started: Option<Instant>,
-    /// The name an app-server gave in its hello, for logs.
-    pub peer_name: Option<Box<str>>,
+    /// The name an app-server gave in its hello, for logs (kept in its own box: apps, the great
+    /// majority, pay one pointer).
+    pub peer_name: Option<Box<Box<str>>>,
     /// When its last read came (monotonic ms), for busy mode.
     pub last_read_ms: u64,
     /// Read by the loop's tick while busy.
@@ -720,4 +721,18 @@ impl Shard {
 /// `base` plus up to `base` of random jitter, so refused clients do not return in lockstep.
 pub fn jitter(base: u32) -> u32 {
     base.saturating_add(rand::random_range(0..=base.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        eprintln!(
+            "Conn {} Lifecycle {} ConnCtl {} Event {}",
+            std::mem::size_of::<super::Conn>(),
+            std::mem::size_of::<crate::lifecycle::Lifecycle>(),
+            std::mem::size_of::<crate::io::ConnCtl>(),
+            std::mem::size_of::<crate::io::Event>()
+        );
+    }
 }

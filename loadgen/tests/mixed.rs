@@ -1,11 +1,11 @@
 //! End to end: a real gate process on free ports, loadgen's binary against it, and the JSON it
 //! prints. Small fleets (under 100 connections) so the tests stay quick on a shared machine.
 
-use client::gate_process::{workspace_gate_bin, GateProcess};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use testkit::{workspace_gate_bin, GateProcess};
 
 /// Secret for tokens and the sidecar hello, passed to both sides.
 const SECRET: &str = "loadgen-test-secret";

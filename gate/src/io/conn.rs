@@ -59,16 +59,24 @@ pub async fn serve(mut stream: TcpStream, ctl: Rc<ConnCtl>, events: Rc<Events>, 
         match step {
             Step::Read(Ok(0)) | Step::Read(Err(_)) => break,
             Step::Read(Ok(n)) if bulk.is_empty() => {
-                events.post(Event::Data { conn: me, len: n as u8, buf: inline }).await
+                if let Some(wait) = events.send(Event::Data { conn: me, len: n as u8, buf: inline }) {
+                    wait.await
+                }
             }
-            Step::Read(Ok(n)) => events.post(Event::Bulk { conn: me, bytes: bulk[..n].to_vec() }).await,
+            Step::Read(Ok(n)) => {
+                if let Some(wait) = events.send(Event::Bulk { conn: me, bytes: bulk[..n].to_vec() }) {
+                    wait.await
+                }
+            }
             Step::Command(Command::Park) => parked = true,
             Step::Command(Command::Unpark) => parked = false,
             // The rare paths are boxed: an async fn's state is as large as its largest await
             // point, and every idle connection would otherwise carry their buffers and timers.
             Step::Command(Command::Write(bytes)) => {
                 let ok = Box::pin(write_blocked(&mut stream, &ctl, bytes)).await;
-                events.post(Event::Written { conn: me, ok }).await;
+                if let Some(wait) = events.send(Event::Written { conn: me, ok }) {
+                    wait.await
+                };
                 if !ok {
                     // Failed, or the loop asked for a close meanwhile: the close comes next.
                     if let Command::Close(_) = ctl.next().await {
@@ -83,7 +91,9 @@ pub async fn serve(mut stream: TcpStream, ctl: Rc<ConnCtl>, events: Rc<Events>, 
             }
         }
     }
-    events.post(Event::Closed { conn: me }).await;
+    if let Some(wait) = events.send(Event::Closed { conn: me }) {
+        wait.await
+    };
     drop(stream);
 }
 

@@ -25,6 +25,9 @@ pub const INLINE: usize = 128;
 /// Read buffer of an app-server connection's task.
 pub const BULK: usize = 64 * 1024;
 
+/// Events' capacity the queue keeps between bursts.
+pub const KEEP_EVENTS: usize = 256;
+
 /// Events one shard's loop takes at most before connection tasks wait to post more.
 pub const MAX_EVENTS: usize = 65_536;
 
@@ -106,6 +109,36 @@ impl Events {
         .await
     }
 
+    /// Posts an event at once when there is room; gives it back when the queue is full.
+    // The event comes back by value on purpose: boxing it would cost an allocation on the rare
+    // full-queue path of every read, for nothing.
+    #[allow(clippy::result_large_err)]
+    pub fn try_post(&self, e: Event) -> Result<(), Event> {
+        let mut q = self.queue.borrow_mut();
+        if q.len() >= MAX_EVENTS {
+            return Err(e);
+        }
+        q.push_back(e);
+        drop(q);
+        if let Some(w) = self.reader.borrow_mut().take() {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// Posts an event at once, or returns the boxed wait for room when the queue is full: a
+    /// connection task awaits only the box, so its state does not carry an event's room for its
+    /// whole life.
+    pub fn send<'a>(
+        &'a self,
+        e: Event,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>> {
+        match self.try_post(e) {
+            Ok(()) => None,
+            Err(e) => Some(Box::pin(self.post(e))),
+        }
+    }
+
     /// Ready when an event waits; registers the loop's waker otherwise.
     pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.queue.borrow().is_empty() {
@@ -118,7 +151,13 @@ impl Events {
 
     /// Moves every waiting event into `out` and lets waiting tasks post again.
     pub fn drain_into(&self, out: &mut Vec<Event>) {
-        out.extend(self.queue.borrow_mut().drain(..));
+        let mut q = self.queue.borrow_mut();
+        out.extend(q.drain(..));
+        // A burst (a login storm) grows the queue; an idle gate must not keep that memory.
+        if q.capacity() > KEEP_EVENTS {
+            q.shrink_to(KEEP_EVENTS);
+        }
+        drop(q);
         for w in self.writers.borrow_mut().drain(..) {
             w.wake();
         }
@@ -143,7 +182,7 @@ pub enum Command {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Admission {
     Waiting,
-    Admitted { conn: ConnRef, wait: Duration },
+    Admitted { conn: ConnRef, wait_ms: u32 },
     Refused,
 }
 
@@ -174,7 +213,8 @@ impl ConnCtl {
 
     /// The loop admitted the connection as `conn`; its task starts reading after `wait`.
     pub fn admit(&self, conn: ConnRef, wait: Duration) {
-        self.admission.set(Admission::Admitted { conn, wait });
+        let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
+        self.admission.set(Admission::Admitted { conn, wait_ms });
         self.wake();
     }
 
@@ -203,7 +243,9 @@ impl ConnCtl {
                 *self.waker.borrow_mut() = Some(cx.waker().clone());
                 Poll::Pending
             }
-            Admission::Admitted { conn, wait } => Poll::Ready(Some((conn, wait))),
+            Admission::Admitted { conn, wait_ms } => {
+                Poll::Ready(Some((conn, Duration::from_millis(u64::from(wait_ms)))))
+            }
             Admission::Refused => Poll::Ready(None),
         })
         .await
@@ -211,11 +253,20 @@ impl ConnCtl {
 
     /// Resolves with the next command.
     async fn next(&self) -> Command {
-        futures_lite::future::poll_fn(|cx| match self.commands.borrow_mut().pop_front() {
-            Some(c) => Poll::Ready(c),
-            None => {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
+        futures_lite::future::poll_fn(|cx| {
+            let mut commands = self.commands.borrow_mut();
+            match commands.pop_front() {
+                Some(c) => {
+                    if commands.is_empty() {
+                        // Idle connections (the great majority) keep no command buffer.
+                        *commands = VecDeque::new();
+                    }
+                    Poll::Ready(c)
+                }
+                None => {
+                    *self.waker.borrow_mut() = Some(cx.waker().clone());
+                    Poll::Pending
+                }
             }
         })
         .await

@@ -166,7 +166,7 @@ pub fn on_frame(shard: &mut Shard, me: ConnRef, f: &Frame<'_>) {
             }
             if let Some(c) = shard.conn(me) {
                 c.life.app_server_ready();
-                c.peer_name = Some(name.clone().into_boxed_str());
+                c.peer_name = Some(Box::new(name.clone().into_boxed_str()));
             }
             shard.sidecars.count(shard.id as usize, true);
             shard.delivery.link_up(me);
@@ -283,7 +283,7 @@ pub fn closed(shard: &mut Shard, c: ConnRef, conn: &Conn, now: u64) {
         }
     }
     tracing::warn!(
-        name = conn.peer_name.as_deref().unwrap_or(""),
+        name = conn.peer_name.as_deref().map_or("", |n| &**n),
         slot = c.slot,
         shard = shard.id,
         unacked_receipts = dropped.unacked_receipts,

@@ -1,11 +1,11 @@
 //! Starting a real gate process on free ports for integration tests.
 #![allow(dead_code)]
 
-pub use client::gate_process::sum_metric;
-use client::gate_process::GateProcess;
 use client::{dev_token, AppConn};
 use std::path::Path;
 use std::time::{Duration, Instant};
+pub use testkit::sum_metric;
+use testkit::GateProcess;
 
 /// The token secret the test gates use.
 pub const SECRET: &[u8] = b"test-token-secret";

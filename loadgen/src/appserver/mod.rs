@@ -293,12 +293,12 @@ fn push(
         let conn = &conns[(start + i) % conns.len()];
         match conn.push_async(&spec) {
             Ok(_) => return true,
-            // That connection is gone (or its pipeline is full): the push was not written, so
-            // another connection may carry it.
-            Err(ClientError::Closed | ClientError::QueueFull) => continue,
-            // A write that failed midway: the gate may have read the push, so its pairs stay
-            // pending in the client and end with receipts (GateLost if need be).
-            Err(ClientError::Io(_) | ClientError::Timeout) => return true,
+            // That connection is gone, its pipeline is full, or the write failed before the
+            // push's last byte (so the gate cannot have read it): the client registered nothing,
+            // and another connection may carry the push.
+            Err(ClientError::Closed | ClientError::QueueFull | ClientError::Io(_) | ClientError::Timeout) => {
+                continue
+            }
             Err(_) => break,
         }
     }

@@ -4,7 +4,6 @@
 use super::driver::{CENTER, RADIUS_DEG};
 use super::Exec;
 use schema::wire;
-use schema::{Cmd, Encoder, FrameType};
 use std::time::{Duration, Instant};
 
 /// A passenger's order schedule.
@@ -27,25 +26,20 @@ impl Passenger {
         Passenger { next_order: Instant::now() + phase }
     }
 
-    /// Appends a PlaceOrder request with `seq` (pickup and destination anywhere in the city)
-    /// and schedules the next one.
-    pub fn write_order(&mut self, ex: &Exec, enc: &mut Encoder, out: &mut Vec<u8>, seq: u32, log_id: u64) {
+    /// The next order's body (pickup and destination anywhere in the city); schedules the one
+    /// after.
+    pub fn next_order(&mut self, ex: &Exec) -> wire::PlaceOrderArgs<'static> {
         let e7 = |deg: f64| (deg * 1e7) as i32;
         let from = (CENTER.0 + ex.rand(-RADIUS_DEG..RADIUS_DEG), CENTER.1 + ex.rand(-RADIUS_DEG..RADIUS_DEG));
         let to = (CENTER.0 + ex.rand(-RADIUS_DEG..RADIUS_DEG), CENTER.1 + ex.rand(-RADIUS_DEG..RADIUS_DEG));
-        enc.frame(out, FrameType::Request, Cmd::PlaceOrder, seq, log_id, |b| {
-            wire::PlaceOrder::create(
-                b,
-                &wire::PlaceOrderArgs {
-                    from_lat_e7: e7(from.0),
-                    from_lon_e7: e7(from.1),
-                    to_lat_e7: e7(to.0),
-                    to_lon_e7: e7(to.1),
-                    payload: None,
-                },
-            )
-        });
         self.schedule(ex);
+        wire::PlaceOrderArgs {
+            from_lat_e7: e7(from.0),
+            from_lon_e7: e7(from.1),
+            to_lat_e7: e7(to.0),
+            to_lon_e7: e7(to.1),
+            payload: None,
+        }
     }
 
     /// Moves the next order one jittered interval on (also when an order was skipped).

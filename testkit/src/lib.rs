@@ -1,5 +1,5 @@
-//! A local gate process on free loopback ports, for integration tests and benchmarks of every
-//! crate: starts the `gate` binary with `--ports-file`, waits for the ports it bound (so nothing
+//! Test support, a dev-dependency of the crates' tests only: a local gate process on free
+//! loopback ports: starts the `gate` binary with `--ports-file`, waits for the ports it bound (so nothing
 //! pre-picks a port that a stale gate could share through `SO_REUSEPORT`), and kills it on drop.
 
 use std::io::{Read, Write};
@@ -144,8 +144,9 @@ pub fn sum_metric(text: &str, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
-/// The workspace's debug `gate` binary under `target_dir` (or `<workspace_root>/target`), built
-/// with cargo first when it is missing (the gate is not a dependency of the other crates).
+/// The workspace's debug `gate` binary under `CARGO_TARGET_DIR` (or `<workspace_root>/target`).
+/// It must be built already: `make test` builds every target before it runs the tests (by hand:
+/// `cargo build --workspace`); a test that ran cargo itself would spend half a minute building.
 pub fn workspace_gate_bin(workspace_root: &Path) -> Result<PathBuf, String> {
     let target = match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
         Some(t) if t.is_relative() => workspace_root.join(t),
@@ -153,20 +154,12 @@ pub fn workspace_gate_bin(workspace_root: &Path) -> Result<PathBuf, String> {
         None => workspace_root.join("target"),
     };
     let bin = target.join("debug").join("gate");
-    if !bin.exists() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "gate"])
-            .current_dir(workspace_root)
-            .status()
-            .map_err(|e| format!("cargo: {e}"))?;
-        if !status.success() {
-            return Err(format!("cargo build -p gate failed: {status}"));
-        }
-    }
     if bin.exists() {
         Ok(bin)
     } else {
-        Err(format!("no gate binary at {}", bin.display()))
+        Err(format!(
+            "no gate binary at {}: build the workspace first (cargo build --workspace, or make test)",
+            bin.display()
+        ))
     }
 }
