@@ -155,6 +155,13 @@ async fn shard_main(
         };
         match crate::uring::AppRing::new(listener.as_raw_fd(), cfg) {
             Ok(ring) => {
+                tracing::info!(
+                    shard = id,
+                    buffers = cfg.buffers,
+                    buffer_size = cfg.buffer_size,
+                    cq_entries = cfg.cq_entries,
+                    "app port on the shard's own io_uring (multishot accept and receive)"
+                );
                 shard.ring = Some(ring);
                 shard.app_listener = Some(listener);
             }
