@@ -168,7 +168,8 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
             // on the window; with fewer it waits to be woken again.
             let n = ring_turn(&mut shard, now);
             let window = shard.cfg.app.ring_window_us as u64;
-            clocks.ring_harvest = (n >= 2 && window > 0).then(|| Instant::now() + Duration::from_micros(window));
+            clocks.ring_harvest =
+                (n >= 2 && window > 0).then(|| Instant::now() + Duration::from_micros(window));
         }
         events.drain_into(&mut batch);
         for e in batch.drain(..) {

@@ -199,7 +199,12 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
     scalar!(counter, "gps_points_dropped_total", "GPS points dropped on a full buffer.", gps_dropped);
     scalar!(counter, "mesh_batches_total", "Cross-shard batches sent.", mesh_batches);
     scalar!(counter, "mesh_full_total", "Cross-shard sends retried on a full inbox.", mesh_full);
-    scalar!(counter, "ring_rearms_total", "App ring receives re-armed after they ended (buffers ran dry, or the kernel ended them after data).", ring_rearms);
+    scalar!(
+        counter,
+        "ring_rearms_total",
+        "App ring receives re-armed after they ended (buffers ran dry, or the kernel ended them after data).",
+        ring_rearms
+    );
     scalar!(gauge, "out_queue_bytes", "Bytes waiting to be written to apps.", out_queue_bytes);
     scalar!(counter, "logins_total", "Sessions created by login.", logins);
     scalar!(counter, "resumes_total", "Sessions resumed on this shard.", resumes);

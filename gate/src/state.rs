@@ -535,7 +535,11 @@ impl Shard {
                     conn.out_inflight = bytes.len();
                     r.sending = true;
                     if let Some(ring) = self.ring.as_mut() {
-                        ring.send(conn.fd, ring_token(ConnRef { shard: self.id, slot: slot as u32, gen: conn.gen }), bytes);
+                        ring.send(
+                            conn.fd,
+                            ring_token(ConnRef { shard: self.id, slot: slot as u32, gen: conn.gen }),
+                            bytes,
+                        );
                     }
                 }
                 if conn.life.closing.is_some() && r.close_started.is_none() {

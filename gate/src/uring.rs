@@ -125,7 +125,14 @@ impl AppRing {
             .or_else(|_| IoUring::builder().setup_cqsize(cfg.cq_entries).build(cfg.sq_entries))?;
         let bufs = BufRing::new(cfg.buffers, cfg.buffer_size)?;
         // SAFETY: the mapping lives as long as `bufs`, which outlives `ring` (field order).
-        unsafe { ring.submitter().register_buf_ring_with_flags(bufs.ring as u64, cfg.buffers as u16, BUF_GROUP, 0)? };
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                bufs.ring as u64,
+                cfg.buffers as u16,
+                BUF_GROUP,
+                0,
+            )?
+        };
         // Blocking on purpose: the loop reads it through glommio's ring, which waits on a blocking
         // file and would return EAGAIN at once on a non-blocking one.
         // SAFETY: eventfd has no memory arguments.
@@ -134,7 +141,8 @@ impl AppRing {
             return Err(io::Error::last_os_error());
         }
         ring.submitter().register_eventfd(efd)?;
-        let mut me = AppRing { ring, bufs, sends: Slab::new(), listen_fd, efd, accept_armed: false, overflows: 0 };
+        let mut me =
+            AppRing { ring, bufs, sends: Slab::new(), listen_fd, efd, accept_armed: false, overflows: 0 };
         me.arm_accept();
         me.submit()?;
         Ok(me)
@@ -168,7 +176,9 @@ impl AppRing {
 
     /// Arms the multishot receive of the connection `token` on `fd`.
     pub fn arm_recv(&mut self, fd: RawFd, token: u64) {
-        let e = opcode::RecvMulti::new(Fd(fd), BUF_GROUP).build().user_data((OP_RECV << OP_SHIFT) | (token & SUBJECT));
+        let e = opcode::RecvMulti::new(Fd(fd), BUF_GROUP)
+            .build()
+            .user_data((OP_RECV << OP_SHIFT) | (token & SUBJECT));
         self.push(&e);
     }
 

@@ -99,10 +99,9 @@ fn pushes_reach_ring_connections_and_a_slow_reader_is_closed() {
     // The slow reader never reads: once the kernel's buffers are full its queue passes the bound
     // and it is closed; the fast one keeps getting every push.
     let t0 = Instant::now();
-    let slow_closed =
-        || gate.metric("fleetgate_connections_closed_total", "reason=\"SlowConsumer\"") >= 1.0;
+    let slow_closed = || gate.metric("fleetgate_connections_closed_total", "reason=\"SlowConsumer\"") >= 1.0;
     let mut id = 0u64;
-    while !(id % 50 == 0 && id > 0 && slow_closed()) {
+    while !(id.is_multiple_of(50) && id > 0 && slow_closed()) {
         id += 1;
         assert!(id <= 4_000 && t0.elapsed() < EVENTUALLY, "the slow reader was never closed");
         let mut spec = common::push_spec(id, &[7, 8], 30_000);

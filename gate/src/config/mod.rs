@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use clap::{ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 
-pub use values::{group_digits, toml_quote, AppIo, Cores, GpsForward, LogFormat, LogLevel, Secret, SettingValue};
+pub use values::{
+    group_digits, toml_quote, AppIo, Cores, GpsForward, LogFormat, LogLevel, Secret, SettingValue,
+};
 
 /// The secret used for app tokens and the sidecar when none is configured. It is public, so a
 /// gate running on it is fit for development only; [`Config::uses_dev_secret`] lets the gate
