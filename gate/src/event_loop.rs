@@ -85,6 +85,8 @@ struct Clocks {
     /// While the app ring is busy: when to take its completions next, instead of waiting to be
     /// woken.
     ring_harvest: Option<Instant>,
+    /// When a harvest last found completions.
+    ring_last_data: Option<Instant>,
     shutdown: Shutdown,
 }
 
@@ -93,8 +95,13 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
     let mesh = shard.mesh.clone();
     let inbox = &mesh.inboxes[shard.id as usize];
     let mut batch = Vec::new();
-    let mut clocks =
-        Clocks { next_sweep: None, next_read_tick: None, ring_harvest: None, shutdown: Shutdown::Running };
+    let mut clocks = Clocks {
+        next_sweep: None,
+        next_read_tick: None,
+        ring_harvest: None,
+        ring_last_data: None,
+        shutdown: Shutdown::Running,
+    };
     let mut timer: Option<(u64, std::pin::Pin<Box<glommio::timer::Timer>>)> = None;
     // The app ring wakes the loop through its eventfd, read with glommio: the loop sleeps in
     // glommio's ring, never spins, and never polls on a timer while idle.
@@ -164,12 +171,20 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
             harvest_timer = None;
         }
         if shard.ring.is_some() && (ring_ready || clocks.ring_harvest.is_none()) {
-            // Harvest: with two or more completions the shard is busy and takes the next ones
-            // on the window; with fewer it waits to be woken again.
+            // Harvest. The shard is busy, and takes the next completions on the window instead of
+            // being woken for each, when this harvest found two or more, or found one within two
+            // windows of the last harvest that found any (many connections each sending rarely:
+            // one completion per wake-up, but wake-ups close together). A harvest that finds
+            // nothing, or one lone completion after a quiet spell, goes back to waiting to be
+            // woken: an idle shard takes no timer.
             let n = ring_turn(&mut shard, now);
-            let window = shard.cfg.app.ring_window_us as u64;
-            clocks.ring_harvest =
-                (n >= 2 && window > 0).then(|| Instant::now() + Duration::from_micros(window));
+            let window = Duration::from_micros(shard.cfg.app.ring_window_us as u64);
+            let at = Instant::now();
+            let recent = clocks.ring_last_data.is_some_and(|t| at.duration_since(t) < window * 2);
+            if n > 0 {
+                clocks.ring_last_data = Some(at);
+            }
+            clocks.ring_harvest = (!window.is_zero() && (n >= 2 || (n == 1 && recent))).then(|| at + window);
         }
         events.drain_into(&mut batch);
         for e in batch.drain(..) {
@@ -210,11 +225,7 @@ fn next_deadline(shard: &Shard, clocks: &Clocks) -> Option<u64> {
         _ => Some(mono_ms() + 10),
     };
     // Closing ring connections are looked at every 50 ms until they end.
-    let ring_close_tick = shard
-        .conns
-        .iter()
-        .any(|(_, c)| matches!(&c.io, ConnIo::Ring(r) if r.close_started.is_some() && !r.cancelled))
-        .then(|| mono_ms() + 50);
+    let ring_close_tick = (!shard.ring_closing.is_empty()).then(|| mono_ms() + 50);
     [
         shard.logic.next_deadline_ms(),
         ring_close_tick,
@@ -457,8 +468,12 @@ fn ring_closed(shard: &mut Shard, c: ConnRef, now: u64) {
 /// end the receive `CLOSE_DRAIN_MS` after the write side was shut.
 fn ring_closing(shard: &mut Shard, now: u64) {
     let mut cancel = Vec::new();
-    for (slot, c) in shard.conns.iter_mut() {
-        let ConnIo::Ring(r) = &mut c.io else { continue };
+    let closing = std::mem::take(&mut shard.ring_closing);
+    let mut keep = Vec::with_capacity(closing.len());
+    for c in closing {
+        let Some(conn) = shard.conn(c) else { continue };
+        let fd = conn.fd;
+        let ConnIo::Ring(r) = &mut conn.io else { continue };
         if r.cancelled {
             continue;
         }
@@ -468,12 +483,16 @@ fn ring_closing(shard: &mut Shard, now: u64) {
             if stuck {
                 // SAFETY: shutdown(2) on the connection's own socket: a send stuck on a peer that
                 // reads nothing fails and hands its buffer back.
-                unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
             }
             r.cancelled = true;
-            cancel.push(ring_token(ConnRef { shard: shard.id, slot: slot as u32, gen: c.gen }));
+            cancel.push(ring_token(c));
+        } else {
+            keep.push(c);
         }
     }
+    keep.append(&mut shard.ring_closing);
+    shard.ring_closing = keep;
     if let Some(ring) = shard.ring.as_mut() {
         for t in cancel {
             ring.cancel_recv(t);
@@ -789,7 +808,7 @@ fn on_time(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
             }
         }
     }
-    if shard.ring.is_some() {
+    if !shard.ring_closing.is_empty() {
         ring_closing(shard, now);
     }
     shutdown_step(shard, clocks, now);

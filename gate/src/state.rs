@@ -225,6 +225,9 @@ pub struct Shard {
     pub busy: Vec<usize>,
     /// The app port's own io_uring, when `app.io = "uring"`.
     pub ring: Option<crate::uring::AppRing>,
+    /// Ring connections that are closing (looked at every 50 ms until their receive is
+    /// cancelled): a list, so no turn scans the whole table.
+    pub ring_closing: Vec<ConnRef>,
     /// The app port's listener, kept open while the ring accepts on it.
     pub app_listener: Option<std::net::TcpListener>,
     /// Ring connections admitted by the accept-rate queue whose receive starts later:
@@ -293,6 +296,7 @@ impl Shard {
             busy: Vec::new(),
             ring: None,
             app_listener: None,
+            ring_closing: Vec::new(),
             ring_arms: Vec::new(),
         }
     }
@@ -544,6 +548,7 @@ impl Shard {
                 }
                 if conn.life.closing.is_some() && r.close_started.is_none() {
                     r.close_started = Some(now);
+                    self.ring_closing.push(ConnRef { shard: self.id, slot: slot as u32, gen: conn.gen });
                 }
                 if conn.life.closing.is_some() && !r.sending && conn.out.is_empty() && r.shut_at.is_none() {
                     // SAFETY: shutdown(2) on a socket this connection owns; no memory involved.
