@@ -901,6 +901,9 @@ fn shutdown_step(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
         Shutdown::WaitApps { until } => {
             if shard.app_conns() == 0 || now >= until {
                 logic_input(shard, logic::Input::Shutdown, now);
+                // What the shutdown produced leaves before this shard counts as drained: another
+                // shard that sees every shard drained must find these receipts in its inbox.
+                flush(shard, now);
                 shard.drained.fetch_add(1, AcqRel);
                 clocks.shutdown = Shutdown::WaitAcks { until: now + DRAIN_TIMEOUT_MS };
             }
@@ -909,7 +912,8 @@ fn shutdown_step(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
             let all_drained = shard.drained.load(Acquire) >= shard.mesh.len();
             let unacked =
                 shard.delivery.unacked_batches() > 0 || shard.conns.iter().any(|(_, c)| !c.out.is_empty());
-            let waiting = shard.delivery.receipts_waiting() > 0 && shard.sidecars.any();
+            let waiting = (shard.delivery.receipts_waiting() > 0 && shard.sidecars.any())
+                || shard.mesh.depth(shard.id as usize) > 0;
             if (all_drained && !unacked && !waiting) || now >= until {
                 let all: Vec<ConnRef> = shard
                     .conns

@@ -144,6 +144,7 @@ async fn shard_main(
     // SAFETY: the fd is a listening TCP socket we own; glommio takes ownership of it.
     let sidecar = unsafe { glommio::net::TcpListener::from_raw_fd(sidecar.into_raw_fd()) };
     let mut shard = shard;
+    let mut listener = Some(listener);
     if shard.cfg.app.io == crate::config::AppIo::Uring {
         // The app port on the shard's own io_uring: the loop owns the listener and its ring.
         let app = &shard.cfg.app;
@@ -153,7 +154,8 @@ async fn shard_main(
             sq_entries: RING_SQ.min(app.ring_cq_entries),
             cq_entries: app.ring_cq_entries,
         };
-        match crate::uring::AppRing::new(listener.as_raw_fd(), cfg) {
+        let fd = listener.as_ref().map_or(-1, |l| l.as_raw_fd());
+        match crate::uring::AppRing::new(fd, cfg) {
             Ok(ring) => {
                 tracing::info!(
                     shard = id,
@@ -163,14 +165,17 @@ async fn shard_main(
                     "app port on the shard's own io_uring (multishot accept and receive)"
                 );
                 shard.ring = Some(ring);
-                shard.app_listener = Some(listener);
+                shard.app_listener = listener.take();
             }
-            Err(e) => {
-                tracing::error!(shard = id, error = %e, "cannot set up the app port's io_uring (needs Linux >= 5.19)");
-                std::process::exit(1);
-            }
+            Err(e) => tracing::warn!(
+                shard = id,
+                error = %e,
+                "app port: io_uring multishot receive into a buffer ring is not available here \
+                 (needs Linux >= 5.19); using glommio's readiness path instead"
+            ),
         }
-    } else {
+    }
+    if let Some(listener) = listener {
         // SAFETY: the fd is a listening TCP socket we own; glommio takes ownership of it.
         let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
         let (e, s) = (events.clone(), stop.clone());

@@ -200,8 +200,8 @@ settings! {
             "Base delay refused apps are told to wait before retrying, in milliseconds; the gate adds jitter so they do not all come back at once."
         hold_ms: u32 = 60_000, value "MS", alias "hold-ms", example "5000";
             "Milliseconds a session is held after its connection drops; pushes queue meanwhile and are delivered on resume, and when the hold expires the app-server is told. 0: sessions end when their connection drops."
-        io: AppIo = AppIo::Readiness, value "IO", example "uring";
-            "How the app port does its I/O: \"readiness\" (a glommio task per connection) or \"uring\" (the shard's own io_uring with multishot receives into a provided-buffer ring; a connection is a table entry)."
+        io: AppIo = AppIo::Uring, value "IO", example "readiness";
+            "How the app port does its I/O: \"uring\" (the shard's own io_uring with multishot receives into a provided-buffer ring; a connection is a table entry; where the kernel lacks it, readiness is used, with a warning) or \"readiness\" (a glommio task per connection)."
         ring_buffers: u32 = 4_096, value "N", example "64", check |v| if v.is_power_of_two() && *v <= 32_768 { Ok(()) } else { Err("must be a power of two from 1 to 32768".into()) };
             "Receive buffers of the app port's io_uring per shard (uring only): sized to a burst of completions, not to the connections; when they run out, receives wait and resume, nothing is lost."
         ring_buffer_size: u32 = 2_048, value "BYTES", example "1024", check |v| range(*v, 256, 65_536, "bytes");

@@ -204,10 +204,10 @@ setting_enum! {
     /// How the app port does its I/O.
     AppIo {
         /// glommio's readiness path: a task per connection, a poll armed per read.
-        #[default]
         Readiness = "readiness",
         /// The shard's own io_uring: multishot accept and receive into a provided-buffer ring,
         /// sends submitted together; a connection is a table entry, not a task.
+        #[default]
         Uring = "uring",
     }
 }
