@@ -87,6 +87,8 @@ struct Clocks {
     ring_harvest: Option<Instant>,
     /// When a harvest last found completions.
     ring_last_data: Option<Instant>,
+    /// The ring is harvested on its window (its eventfd is off meanwhile).
+    ring_busy: bool,
     shutdown: Shutdown,
 }
 
@@ -100,18 +102,32 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
         next_read_tick: None,
         ring_harvest: None,
         ring_last_data: None,
+        ring_busy: false,
         shutdown: Shutdown::Running,
     };
     let mut timer: Option<(u64, std::pin::Pin<Box<glommio::timer::Timer>>)> = None;
-    // The app ring wakes the loop through its eventfd, read with glommio: the loop sleeps in
-    // glommio's ring, never spins, and never polls on a timer while idle.
-    let ring_efd = shard.ring.as_ref().map(|r| {
+    // The app ring wakes the loop through its eventfd, read by a small task of its own with
+    // glommio (so the loop sleeps in glommio's ring, never spins, never polls on a timer while
+    // idle); the task hands each wake-up to the loop through a `Notify`. glommio's file read keeps
+    // a waker per poll, so it must be polled only by a task it wakes, never by the loop's turns.
+    let ring_wake = crate::io::Notify::new();
+    if let Some(r) = shard.ring.as_ref() {
         // SAFETY: dup(2) of the ring's eventfd; the copy is owned by the BufferedFile.
         let fd = unsafe { libc::dup(r.eventfd()) };
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        Rc::new(unsafe { <glommio::io::BufferedFile as std::os::fd::FromRawFd>::from_raw_fd(fd) })
-    });
-    let mut ring_wake: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> = None;
+        let file = unsafe { <glommio::io::BufferedFile as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let wake = ring_wake.clone();
+        // Ends with the executor, when the loop returns.
+        glommio::spawn_local(async move {
+            loop {
+                if file.read_at(0, 8).await.is_err() {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                wake.notify();
+            }
+        })
+        .detach();
+    }
     let mut harvest_timer: Option<std::pin::Pin<Box<glommio::timer::Timer>>> = None;
     loop {
         let due = next_deadline(&shard, &clocks);
@@ -121,25 +137,14 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
                 (d, Box::pin(glommio::timer::Timer::new(Duration::from_millis(d.saturating_sub(now)))))
             });
         }
-        match (&ring_efd, clocks.ring_harvest) {
+        match clocks.ring_harvest {
             // Busy: take completions on the harvest window, not on every wake-up.
-            (Some(_), Some(at)) => {
-                ring_wake = None;
-                if harvest_timer.is_none() {
-                    let wait = at.saturating_duration_since(Instant::now());
-                    harvest_timer = Some(Box::pin(glommio::timer::Timer::new(wait)));
-                }
+            Some(at) if harvest_timer.is_none() => {
+                let wait = at.saturating_duration_since(Instant::now());
+                harvest_timer = Some(Box::pin(glommio::timer::Timer::new(wait)));
             }
-            (Some(file), None) => {
-                harvest_timer = None;
-                if ring_wake.is_none() {
-                    let file = file.clone();
-                    ring_wake = Some(Box::pin(async move {
-                        let _ = file.read_at(0, 8).await;
-                    }));
-                }
-            }
-            (None, _) => {}
+            Some(_) => {}
+            None => harvest_timer = None,
         }
         let mut ring_ready = false;
         futures_lite::future::poll_fn(|cx| {
@@ -149,9 +154,7 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
             if let Some((_, t)) = timer.as_mut() {
                 ready |= std::future::Future::poll(t.as_mut(), cx).is_ready();
             }
-            if let Some(w) = ring_wake.as_mut() {
-                ring_ready |= w.as_mut().poll(cx).is_ready();
-            }
+            ring_ready |= ring_wake.poll_take(cx).is_ready();
             if let Some(t) = harvest_timer.as_mut() {
                 ring_ready |= std::future::Future::poll(t.as_mut(), cx).is_ready();
             }
@@ -167,7 +170,6 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
             timer = None;
         }
         if ring_ready {
-            ring_wake = None;
             harvest_timer = None;
         }
         if shard.ring.is_some() && (ring_ready || clocks.ring_harvest.is_none()) {
@@ -177,14 +179,32 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
             // one completion per wake-up, but wake-ups close together). A harvest that finds
             // nothing, or one lone completion after a quiet spell, goes back to waiting to be
             // woken: an idle shard takes no timer.
-            let n = ring_turn(&mut shard, now);
+            let mut n = ring_turn(&mut shard, now);
             let window = Duration::from_micros(shard.cfg.app.ring_window_us as u64);
             let at = Instant::now();
             let recent = clocks.ring_last_data.is_some_and(|t| at.duration_since(t) < window * 2);
             if n > 0 {
                 clocks.ring_last_data = Some(at);
             }
-            clocks.ring_harvest = (!window.is_zero() && (n >= 2 || (n == 1 && recent))).then(|| at + window);
+            let mut busy = !window.is_zero() && (n >= 2 || (n == 1 && recent));
+            if let Some(ring) = shard.ring.as_mut() {
+                if busy != clocks.ring_busy {
+                    ring.set_eventfd(!busy);
+                }
+            }
+            if !busy && clocks.ring_busy {
+                // Back from the window to the eventfd: what completed while it was off would
+                // signal nothing, so take it now.
+                n = ring_turn(&mut shard, now);
+                if n > 0 {
+                    busy = true;
+                    if let Some(ring) = shard.ring.as_mut() {
+                        ring.set_eventfd(false);
+                    }
+                }
+            }
+            clocks.ring_busy = busy;
+            clocks.ring_harvest = busy.then(|| at + window);
         }
         events.drain_into(&mut batch);
         for e in batch.drain(..) {

@@ -148,6 +148,17 @@ impl AppRing {
         Ok(me)
     }
 
+    /// Whether the kernel signals the eventfd on completions: off while the loop harvests on its
+    /// window anyway, so a busy shard is not woken for each batch.
+    pub fn set_eventfd(&mut self, on: bool) {
+        let cq = self.ring.completion();
+        if on {
+            cq.enable_eventfd();
+        } else {
+            cq.disable_eventfd();
+        }
+    }
+
     /// The eventfd the kernel signals when completions are posted.
     pub fn eventfd(&self) -> RawFd {
         self.efd

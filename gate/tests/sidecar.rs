@@ -218,7 +218,7 @@ fn shutdown_gives_every_pending_push_its_receipt() {
     srv.push(&push_spec(5, &[31, 32], 60_000)).expect("push");
     let _ = next_push(&mut d); // never acked
     let st = gate.terminate();
-    assert!(st.success());
+    assert!(st.success(), "the gate exited with {st}; log:\n{}", gate.log_text());
     let mut got = HashMap::new();
     collect_events(&ev, |e| {
         if let AppServerEvent::Receipt { message_id, uid, outcome } = e {

@@ -73,7 +73,7 @@ fn closes_cancel_the_receive_and_free_the_slot() {
     let mut silent = gate.connect();
     let f = silent.recv().expect("the login timeout's error");
     assert_eq!(f.error().map(|e| e.code), Some(ErrorCode::NotLoggedIn));
-    gate.eventually("every connection ended", || gate.metric("fleetgate_connections_open", "") == 0.0);
+    gate.eventually("every connection ended", || gate.metric("fleetgate_connections", "") == 0.0);
     // The slots are reused cleanly.
     let mut again = gate.login(3, 1);
     again.keepalive().expect("a new connection serves");
@@ -117,4 +117,28 @@ fn pushes_reach_ring_connections_and_a_slow_reader_is_closed() {
         fast.ack_push(&f).expect("ack");
     }
     drop(slow);
+}
+
+#[test]
+fn the_loop_turns_many_times_while_the_ring_waits() {
+    // Every round trip on the sidecar is a turn of the shard's loop while the app ring has
+    // nothing to report: the ring's wake-up must not be re-polled (and its waker kept) on each
+    // turn, or a task's waker count overflows after 32,767 turns and the gate stops.
+    let gate = uring_gate(&[]);
+    let mut app = gate.login(9, 1);
+    let mut s = TcpStream::connect(gate.sidecar).expect("sidecar");
+    s.set_nodelay(true).expect("nodelay");
+    s.set_read_timeout(Some(EVENTUALLY)).expect("timeout");
+    let mut enc = schema::Encoder::new();
+    let mut reader = client::FrameReader::new(schema::Limits::SIDECAR);
+    let mut out = Vec::new();
+    for seq in 1..=40_000u32 {
+        out.clear();
+        enc.keepalive(&mut out, schema::FrameType::Request, seq, 0, 1);
+        s.write_all(&out).expect("write");
+        let f = reader.read_frame(&mut s).expect("an answer");
+        assert_eq!(f.seq(), seq);
+    }
+    app.keepalive().expect("the app port still serves");
+    assert!(gate.metric("fleetgate_connections", "") >= 1.0);
 }

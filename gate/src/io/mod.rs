@@ -96,7 +96,10 @@ impl Events {
         futures_lite::future::poll_fn(|cx| {
             let mut q = self.queue.borrow_mut();
             if q.len() >= MAX_EVENTS {
-                self.writers.borrow_mut().push(cx.waker().clone());
+                let mut writers = self.writers.borrow_mut();
+                if !writers.iter().any(|w| w.will_wake(cx.waker())) {
+                    writers.push(cx.waker().clone());
+                }
                 return Poll::Pending;
             }
             q.push_back(e.take().expect("posted once"));
@@ -313,10 +316,47 @@ impl Stop {
             if self.set.get() {
                 Poll::Ready(())
             } else {
-                self.wakers.borrow_mut().push(cx.waker().clone());
+                // One waker per waiting task, however often it is polled.
+                let mut wakers = self.wakers.borrow_mut();
+                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    wakers.push(cx.waker().clone());
+                }
                 Poll::Pending
             }
         })
         .await
+    }
+}
+
+/// A wake-up from one task to the loop, kept until the loop takes it: one waker, replaced, never
+/// accumulated however often the loop polls.
+#[derive(Debug, Default)]
+pub struct Notify {
+    set: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Notify {
+    /// A notify with nothing pending.
+    pub fn new() -> Rc<Notify> {
+        Rc::new(Notify::default())
+    }
+
+    /// Sets it and wakes the loop.
+    pub fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Ready (and cleared) when set; registers the loop's waker otherwise.
+    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.set.replace(false) {
+            Poll::Ready(())
+        } else {
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }
     }
 }
