@@ -114,13 +114,13 @@ impl AppRing {
         if !cfg.buffers.is_power_of_two() || cfg.buffers > MAX_BUFFERS || cfg.buffer_size == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "buffers: a power of two up to 32768"));
         }
-        // Single issuer (only the shard's thread submits) and cooperative task work: the kernel
-        // posts completions when the thread enters it anyway (glommio does, every turn) instead
-        // of interrupting it for each one.
+        // Single issuer: only the shard's thread submits. Not cooperative task work: with it the
+        // kernel posts completions only when the thread enters the kernel for this ring, and the
+        // thread sleeps in glommio's ring, so completions (an app's ack, a request) waited for
+        // the next unrelated wake-up, up to hundreds of milliseconds.
         let ring = IoUring::builder()
             .setup_cqsize(cfg.cq_entries)
             .setup_single_issuer()
-            .setup_coop_taskrun()
             .build(cfg.sq_entries)
             .or_else(|_| IoUring::builder().setup_cqsize(cfg.cq_entries).build(cfg.sq_entries))?;
         let bufs = BufRing::new(cfg.buffers, cfg.buffer_size)?;
