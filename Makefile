@@ -73,11 +73,17 @@ clippy: ## lint every crate
 clean:
 	$(CARGO) clean
 
-# Benchmarks (perf/): the gate against mosquitto, nats-server and the io_uring ceiling, one run.
+# Benchmarks (perf/): the gate against mosquitto, rumqttd, nats-server and the io_uring ceiling, one run.
 .PHONY: bench bench-quick bench-deps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+RUMQTTD_VERSION := 0.20.0
+# Where `cargo install` puts rumqttd (perf looks there too).
+CARGO_BIN := $(or $(CARGO_HOME),$(HOME)/.cargo)/bin
 
-bench-deps: ## install the peers the benchmarks measure when missing (mosquitto, nats-server)
+# rumqttd 0.20.0's own lock file pins metrics 0.22.1, which this toolchain rejects (E0521), so it
+# is installed without --locked: cargo takes the newest compatible releases (metrics 0.22.4
+# builds). A failed install is not fatal: the bench marks rumqttd's runs "not installed".
+bench-deps: ## install the peers the benchmarks measure when missing (mosquitto, nats-server, rumqttd 0.20)
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing="$$missing nats-server"; \
@@ -85,8 +91,14 @@ bench-deps: ## install the peers the benchmarks measure when missing (mosquitto,
 		echo "installing$$missing"; \
 		$(SUDO) apt-get update && $(SUDO) apt-get install -y $$missing; \
 	fi
+	@r=$$(command -v rumqttd || echo "$(CARGO_BIN)/rumqttd"); \
+	if ! "$$r" --version 2>/dev/null | grep -q "$(RUMQTTD_VERSION)"; then \
+		echo "installing rumqttd $(RUMQTTD_VERSION) with cargo install (it compiles for several minutes)"; \
+		$(CARGO) install rumqttd --version $(RUMQTTD_VERSION) \
+			|| echo "rumqttd $(RUMQTTD_VERSION) did not install: the bench runs without it (\"not installed\")"; \
+	fi
 
-bench: bench-deps ## full benchmark vs mosquitto, nats-server, ceiling (~10 min); writes perf/results/
+bench: bench-deps ## full benchmark vs mosquitto, rumqttd, nats-server, ceiling (~15 min); writes perf/results/
 	$(CARGO) build --release -p gate -p loadgen -p perf
 	./target/release/bench $(ARGS)
 

@@ -99,8 +99,13 @@ pub struct Gps {
     /// the others it also pays for pushes, requests, logins and resumes.
     #[serde(deserialize_with = "present")]
     pub gate_cpu_us_per_point: Option<f64>,
-    /// Sends skipped because loadgen fell behind its schedule.
+    /// Sends more than a second behind their schedule: the driver's schedule starts afresh
+    /// rather than burst (these are in `late` too).
     pub behind: u64,
+    /// Sends that left more than 10 ms after their schedule
+    /// ([`GPS_LATE`](crate::engine::driver::GPS_LATE)): loadgen did not offer the rate it was
+    /// asked for, on time.
+    pub late: u64,
 }
 
 /// Pushes: the audit (per target uid) and the latency.
@@ -412,12 +417,18 @@ impl Report {
         if r.gps.sent > 0 || r.gps.forwarded > 0 {
             let _ = writeln!(
                 s,
-                "gps          {} pts/s ({} points in {} frames), forwarded to the app-server {}{}",
+                "gps          {} pts/s ({} points in {} frames), forwarded to the app-server {}; \
+             {} sends over 10 ms late{}",
                 num(r.gps.rate_per_s as u64),
                 num(r.gps.sent),
                 num(r.gps.frames),
                 num(r.gps.forwarded),
-                if r.gps.behind > 0 { format!(", {} sends late", num(r.gps.behind)) } else { String::new() }
+                num(r.gps.late),
+                if r.gps.behind > 0 {
+                    format!(" ({} over 1 s behind, rescheduled)", num(r.gps.behind))
+                } else {
+                    String::new()
+                }
             );
         }
         let p = &r.push;
@@ -683,6 +694,8 @@ mod tests {
         for path in [
             "/gps/sent",
             "/gps/rate_per_s",
+            "/gps/behind",
+            "/gps/late",
             "/push/sent",
             "/push/accepted",
             "/push/delivered",
@@ -769,6 +782,16 @@ mod tests {
         let mut quiet = Report::default();
         quiet.set_gate(Gate { cpu_s: Some(1.0), ..Gate::default() });
         assert_eq!(quiet.gps.gate_cpu_us_per_point, None, "no GPS point, no figure per point");
+    }
+
+    #[test]
+    fn the_gps_line_counts_late_sends() {
+        let gps = Gps { sent: 100, frames: 100, late: 3, behind: 1, ..Gps::default() };
+        let t = Report { scenario: Scenario::Gps, gps, ..Report::default() }.table(&Hists::default());
+        assert!(t.contains("; 3 sends over 10 ms late (1 over 1 s behind, rescheduled)\n"), "{t}");
+        let gps = Gps { sent: 100, frames: 100, ..Gps::default() };
+        let t = Report { scenario: Scenario::Gps, gps, ..Report::default() }.table(&Hists::default());
+        assert!(t.contains("; 0 sends over 10 ms late\n"), "{t}");
     }
 
     #[test]

@@ -292,6 +292,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
         forwarded: server_gps1 - server_gps0,
         gate_cpu_us_per_point: None,
         behind: win.gps_behind,
+        late: win.gps_late,
     };
     if let Some(o) = &server_out {
         rep.set_audit(&o.audit);

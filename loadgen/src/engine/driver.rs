@@ -12,6 +12,14 @@ pub const CENTER: (f64, f64) = (39.9042, 116.4074);
 pub const RADIUS_DEG: f64 = 0.1;
 /// Metres per degree of latitude.
 const M_PER_DEG: f64 = 111_320.0;
+/// A GPS send that leaves more than this after its schedule is counted late (`gps.late` in
+/// the report): the rate loadgen offered was not the one asked for, on time.
+pub const GPS_LATE: Duration = Duration::from_millis(10);
+
+/// True when a send due at `scheduled` and leaving at `now` is late (over [`GPS_LATE`]).
+pub fn is_late(scheduled: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(scheduled) > GPS_LATE
+}
 
 /// A driver's position and GPS schedule.
 #[derive(Debug, Clone)]
@@ -102,13 +110,32 @@ impl Driver {
             }
             enc.gps_batch(out, log_id, &points);
         }
+        let c = &ex.stats().c;
+        if is_late(self.next_gps, now) {
+            c.gps_late.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         // Keep the rate on average with ±20 % jitter; more than a second behind (the executor
         // is saturated), start afresh rather than burst.
         self.next_gps += interval.mul_f64(ex.rand(0.8..1.2));
         if self.next_gps + Duration::from_secs(1) < now {
             self.next_gps = now + interval.mul_f64(ex.rand(0.0..1.0));
-            ex.stats().c.gps_behind.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            c.gps_behind.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_send_is_late_past_ten_ms_after_its_schedule() {
+        let t = Instant::now();
+        assert!(!is_late(t, t));
+        assert!(!is_late(t + Duration::from_millis(5), t), "early is not late");
+        assert!(!is_late(t, t + Duration::from_millis(10)), "10 ms is the bound, not past it");
+        assert!(is_late(t, t + Duration::from_millis(11)));
+        assert!(is_late(t, t + Duration::from_secs(2)), "behind by a second is late too");
     }
 }

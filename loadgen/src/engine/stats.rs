@@ -48,6 +48,9 @@ counters! {
     gps_frames,
     /// GPS sends skipped because the executor fell more than a second behind its schedule.
     gps_behind,
+    /// GPS sends that left more than [`GPS_LATE`](crate::engine::driver::GPS_LATE) after their
+    /// schedule (the ones over a second behind included).
+    gps_late,
     /// Frames written by simulated apps.
     frames_out,
     /// Frames read by simulated apps.

@@ -10,7 +10,7 @@
 use super::wire::{PeerConn, PeerError};
 use super::{mqtt, nats, Proto, GPS_POINT_BYTES, KEEPALIVE};
 use crate::engine::conn::{self, Io};
-use crate::engine::driver::{gps_interval, CENTER};
+use crate::engine::driver::{gps_interval, is_late, CENTER};
 use crate::engine::stats::{ExecStats, Hists};
 use crate::engine::{Control, Phase};
 use crate::plan::Plan;
@@ -434,6 +434,9 @@ fn send_due(
         c.gps_frames.fetch_add(1, Relaxed);
         c.gps_points.fetch_add(u64::from(batch), Relaxed);
         c.frames_out.fetch_add(1, Relaxed);
+        if is_late(gps.next, now) {
+            c.gps_late.fetch_add(1, Relaxed);
+        }
         // Keep the rate on average with ±20 % jitter; more than a second behind (the executor
         // is saturated), start afresh rather than burst, and count it.
         if let Some(interval) = gps_interval(ex.plan.rate, batch) {

@@ -340,6 +340,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
         forwarded: in1 - in0,
         gate_cpu_us_per_point: None,
         behind: win.gps_behind,
+        late: win.gps_late,
     };
     if let Some(o) = &server_out {
         rep.push.pushes = o.pushes;

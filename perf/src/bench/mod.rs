@@ -1,5 +1,5 @@
-//! `bench`: one command that measures fleetgate, its peers (mosquitto, nats-server) and the
-//! machine's ceiling on the same traffic, in one run, and writes the results.
+//! `bench`: one command that measures fleetgate, its peers (mosquitto, rumqttd, nats-server)
+//! and the machine's ceiling on the same traffic, in one run, and writes the results.
 //!
 //! Each run starts its server afresh, pinned to the server core, on free loopback ports
 //! ([`servers`]); runs the loadgen binary pinned to the other core with the run's flags
@@ -151,6 +151,7 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<Written, String> {
         out.push(r);
     }
     machine_info.loadavg_end = machine::loadavg();
+    results::add_idle_slopes(&mut out);
     let codec = codec_figure(&cfg.root);
     let mut message_bytes = BTreeMap::new();
     message_bytes.insert("gate_gps_frame".to_owned(), plan::GATE_GPS_FRAME_BYTES);
@@ -335,8 +336,14 @@ fn one_line(r: &RunResult) -> String {
             c.other_on_loadgen_core * 100.0
         ));
     }
+    if r.gps.sent > 0 && r.gps.late > 0 {
+        s.push_str(&format!("; {} GPS sends over 10 ms late", loadgen::report::num(r.gps.late)));
+    }
     if r.loadgen.bound {
         s.push_str("; LOADGEN-BOUND");
+    }
+    if r.late {
+        s.push_str("; LATE (not quoted)");
     }
     if r.contended {
         s.push_str("; CONTENDED");
@@ -354,6 +361,7 @@ fn versions(cfg: &Config) -> BTreeMap<String, String> {
     put("gate", machine::first_line(&cfg.bins.gate, &["--version"]));
     put("loadgen", machine::first_line(&cfg.bins.loadgen, &["--version"]));
     put("mosquitto", cfg.bins.mosquitto.as_deref().and_then(|m| machine::first_line(m, &["-h"])));
+    put("rumqttd", cfg.bins.rumqttd.as_deref().and_then(|r| machine::first_line(r, &["--version"])));
     put("nats-server", cfg.bins.nats.as_deref().and_then(|n| machine::first_line(n, &["--version"])));
     put("rustc", machine::first_line(Path::new("rustc"), &["--version"]));
     v

@@ -15,6 +15,8 @@ pub enum Target {
     Gate,
     /// mosquitto (MQTT 3.1.1, QoS 0).
     Mosquitto,
+    /// rumqttd 0.20 (MQTT 3.1.1, QoS 0), the same MQTT traffic as mosquitto.
+    Rumqttd,
     /// nats-server.
     NatsServer,
     /// perf's io_uring read-and-discard server.
@@ -23,13 +25,18 @@ pub enum Target {
 
 impl Target {
     /// Every target, in table order.
-    pub const ALL: [Target; 4] = [Target::Gate, Target::Mosquitto, Target::NatsServer, Target::Ceiling];
+    pub const ALL: [Target; 5] =
+        [Target::Gate, Target::Mosquitto, Target::Rumqttd, Target::NatsServer, Target::Ceiling];
+
+    /// The peers: the other brokers the gate is compared with.
+    pub const PEERS: [Target; 3] = [Target::Mosquitto, Target::Rumqttd, Target::NatsServer];
 
     /// Its name in tables, JSON and the command line.
     pub fn name(self) -> &'static str {
         match self {
             Target::Gate => "gate",
             Target::Mosquitto => "mosquitto",
+            Target::Rumqttd => "rumqttd",
             Target::NatsServer => "nats-server",
             Target::Ceiling => "ceiling",
         }
@@ -39,7 +46,7 @@ impl Target {
     pub fn loadgen_target(self) -> &'static str {
         match self {
             Target::Gate => "gate",
-            Target::Mosquitto => "mqtt",
+            Target::Mosquitto | Target::Rumqttd => "mqtt",
             Target::NatsServer => "nats",
             Target::Ceiling => "ceiling",
         }
@@ -50,20 +57,23 @@ impl Target {
         match s.trim() {
             "gate" => Ok(Target::Gate),
             "mosquitto" | "mqtt" => Ok(Target::Mosquitto),
+            "rumqttd" => Ok(Target::Rumqttd),
             "nats-server" | "nats" => Ok(Target::NatsServer),
             "ceiling" => Ok(Target::Ceiling),
-            other => Err(format!("unknown target {other:?}: gate, mosquitto, nats-server or ceiling")),
+            other => {
+                Err(format!("unknown target {other:?}: gate, mosquitto, rumqttd, nats-server or ceiling"))
+            }
         }
     }
 
     /// Bytes one GPS point puts on the wire to this target (application bytes, one point per
-    /// TCP segment): the gate and the ceiling get the gate's 64-byte GPS frame; MQTT a PUBLISH
-    /// of a 40-byte point to `gps/<uid>` (2 + 2 + 11 + 40); NATS `PUB gps.<uid> 40` (20 + 40 + 2),
+    /// TCP segment): the gate and the ceiling get the gate's 64-byte GPS frame; MQTT (mosquitto,
+    /// rumqttd) a PUBLISH of a 40-byte point to `gps/<uid>` (2 + 2 + 11 + 40); NATS `PUB gps.<uid> 40` (20 + 40 + 2),
     /// for the 7-digit uids loadgen gives.
     pub fn gps_wire_bytes(self) -> u32 {
         match self {
             Target::Gate | Target::Ceiling => GATE_GPS_FRAME_BYTES,
-            Target::Mosquitto => 2 + 2 + 11 + PEER_POINT_BYTES,
+            Target::Mosquitto | Target::Rumqttd => 2 + 2 + 11 + PEER_POINT_BYTES,
             Target::NatsServer => 20 + PEER_POINT_BYTES + 2,
         }
     }
@@ -124,7 +134,9 @@ impl Kind {
     pub fn targets(self) -> &'static [Target] {
         match self {
             Kind::Gps | Kind::GpsMany => &Target::ALL,
-            Kind::Push | Kind::Fanout | Kind::Idle => &[Target::Gate, Target::Mosquitto, Target::NatsServer],
+            Kind::Push | Kind::Fanout | Kind::Idle => {
+                &[Target::Gate, Target::Mosquitto, Target::Rumqttd, Target::NatsServer]
+            }
             Kind::Batch | Kind::Storm => &[Target::Gate],
         }
     }
@@ -141,10 +153,12 @@ pub struct Profile {
     pub gps_conns: u32,
     /// Offered GPS rates, points/s over all connections.
     pub gps_rates: Vec<f64>,
-    /// Connections of the many-connection GPS run, and its offered rate.
+    /// Connections of the many-connection GPS runs (the real fleet's size).
     pub many_conns: u32,
-    /// See `many_conns`.
-    pub many_rate: f64,
+    /// Points/s each of those connections sends, one run per rate (one point per segment).
+    /// Results written before this field have `many_rate` (the total) instead; it is ignored.
+    #[serde(default)]
+    pub many_rates_per_conn: Vec<f64>,
     /// Connections of the batch run, and the points/s offered (10 per frame).
     pub batch_conns: u32,
     /// See `batch_conns`.
@@ -159,9 +173,12 @@ pub struct Profile {
     pub fanouts: Vec<u32>,
     /// Deliveries/s offered in the fan-out runs (push rate = this / fan-out).
     pub fanout_offered: f64,
-    /// Idle sessions, and how long they idle before memory is read.
-    pub idle_sessions: u32,
-    /// See `idle_sessions`.
+    /// Idle sessions of each idle run, smallest first: with two sizes the tables give the
+    /// slope between them (bytes each added session costs) beside the average. Results written
+    /// before this field have `idle_sessions` (one size) instead; it is ignored.
+    #[serde(default)]
+    pub idle_sizes: Vec<u32>,
+    /// How long the idle sessions idle before memory is read.
     pub idle_window_s: f64,
     /// How long the server runs with no connection before idle CPU is read, s.
     pub idle_cpu_s: f64,
@@ -186,8 +203,9 @@ impl Profile {
             // One loadgen core offers about 100k segments/s (the kernel's loopback path is
             // charged to the sender); 25k and 50k keep verdicts where loadgen is not bound.
             gps_rates: vec![25_000.0, 50_000.0, 100_000.0, 200_000.0],
+            // The real fleet: 15,000 drivers at 3 points/s (45k/s) and at 1 point/s (15k/s).
             many_conns: 15_000,
-            many_rate: 45_000.0,
+            many_rates_per_conn: vec![3.0, 1.0],
             batch_conns: 1000,
             batch_rate: 2_000_000.0,
             push_drivers: 15_000,
@@ -195,7 +213,9 @@ impl Profile {
             push_rate: 200.0,
             fanouts: vec![1000, 10_000],
             fanout_offered: 200_000.0,
-            idle_sessions: MAX_CONNS,
+            // The slope between 9,250 and 18,500 sessions is what one more session costs,
+            // whatever the server allocated up front.
+            idle_sizes: vec![MAX_CONNS / 2, MAX_CONNS],
             idle_window_s: 30.0,
             idle_cpu_s: 3.0,
             storm_sessions: 15_000,
@@ -210,7 +230,7 @@ impl Profile {
             gps_conns: 1000,
             gps_rates: vec![25_000.0, 50_000.0, 100_000.0],
             many_conns: 5000,
-            many_rate: 15_000.0,
+            many_rates_per_conn: vec![3.0],
             batch_conns: 1000,
             batch_rate: 2_000_000.0,
             push_drivers: 5000,
@@ -218,7 +238,7 @@ impl Profile {
             push_rate: 200.0,
             fanouts: vec![1000, 5000],
             fanout_offered: 200_000.0,
-            idle_sessions: 5000,
+            idle_sizes: vec![5000],
             idle_window_s: 4.0,
             idle_cpu_s: 1.0,
             storm_sessions: 5000,
@@ -232,7 +252,7 @@ impl Profile {
         self.many_conns = n;
         self.batch_conns = n;
         self.push_drivers = n;
-        self.idle_sessions = n;
+        self.idle_sizes = vec![n];
         self.storm_sessions = n;
         for f in &mut self.fanouts {
             *f = (*f).min(n);
@@ -399,11 +419,15 @@ pub fn runs(profile: &Profile, kinds: &[Kind], targets: &[Target]) -> Vec<RunSpe
                     specs.push(RunSpec { conns: profile.gps_conns, offered_per_s: r, ..base.clone() });
                 }
             }
-            Kind::GpsMany => specs.push(RunSpec {
-                conns: profile.many_conns,
-                offered_per_s: profile.many_rate,
-                ..base.clone()
-            }),
+            Kind::GpsMany => {
+                for &per_conn in &profile.many_rates_per_conn {
+                    specs.push(RunSpec {
+                        conns: profile.many_conns,
+                        offered_per_s: per_conn * f64::from(profile.many_conns),
+                        ..base.clone()
+                    });
+                }
+            }
             Kind::Batch => specs.push(RunSpec {
                 conns: profile.batch_conns,
                 offered_per_s: profile.batch_rate,
@@ -432,11 +456,11 @@ pub fn runs(profile: &Profile, kinds: &[Kind], targets: &[Target]) -> Vec<RunSpe
                     });
                 }
             }
-            Kind::Idle => specs.push(RunSpec {
-                conns: profile.idle_sessions,
-                window_s: profile.idle_window_s,
-                ..base.clone()
-            }),
+            Kind::Idle => {
+                for &n in &profile.idle_sizes {
+                    specs.push(RunSpec { conns: n, window_s: profile.idle_window_s, ..base.clone() });
+                }
+            }
             Kind::Storm => specs.push(RunSpec {
                 conns: profile.storm_sessions,
                 // Pushes through the storm: every one must still end in one receipt.
@@ -504,13 +528,18 @@ mod tests {
     fn run_lists_follow_the_scenarios_and_targets() {
         let full = runs(&Profile::full(), &Kind::ALL, &Target::ALL);
         let count = |k: Kind| full.iter().filter(|r| r.kind == k).count();
-        assert_eq!(count(Kind::Gps), 4 * 4);
-        assert_eq!(count(Kind::GpsMany), 4);
+        assert_eq!(count(Kind::Gps), 4 * 5);
+        assert_eq!(count(Kind::GpsMany), 2 * 5);
         assert_eq!(count(Kind::Batch), 1);
-        assert_eq!(count(Kind::Push), 3);
-        assert_eq!(count(Kind::Fanout), 2 * 3);
-        assert_eq!(count(Kind::Idle), 3);
+        assert_eq!(count(Kind::Push), 4);
+        assert_eq!(count(Kind::Fanout), 2 * 4);
+        assert_eq!(count(Kind::Idle), 2 * 4);
         assert_eq!(count(Kind::Storm), 1);
+        for t in Target::PEERS {
+            for k in [Kind::Gps, Kind::GpsMany, Kind::Push, Kind::Fanout, Kind::Idle] {
+                assert!(full.iter().any(|r| r.kind == k && r.target == t), "{t:?} has no {k:?} run");
+            }
+        }
         assert!(full.iter().all(|r| r.conns <= MAX_CONNS));
         let fan = full.iter().find(|r| r.kind == Kind::Fanout && r.fanout == 10_000).expect("10k fan-out");
         assert_eq!(fan.push_rate, 20.0);
@@ -518,6 +547,34 @@ mod tests {
         assert_eq!(only.len(), 3);
         assert!(only.iter().all(|r| r.conns == 50 && r.target == Target::Gate));
         assert_eq!(Profile::quick().with_conns(50).fanouts, vec![50]);
+    }
+
+    #[test]
+    fn the_real_fleet_rows() {
+        let full = runs(&Profile::full(), &[Kind::GpsMany], &[Target::Gate]);
+        let rows: Vec<(u32, f64, f64)> =
+            full.iter().map(|r| (r.conns, r.offered_per_s, r.per_conn_rate())).collect();
+        assert_eq!(rows, vec![(15_000, 45_000.0, 3.0), (15_000, 15_000.0, 1.0)]);
+        assert!(full.iter().all(|r| r.batch == 1 && r.forward_all), "one point per segment, every point");
+        let quick = runs(&Profile::quick(), &[Kind::GpsMany], &Target::ALL);
+        assert!(!quick.is_empty() && quick.iter().all(|r| r.conns < 15_000), "the quick fleet is smaller");
+        // A tiny bench keeps the rows' rates per connection.
+        let tiny = runs(&Profile::full().with_conns(200), &[Kind::GpsMany], &[Target::Gate]);
+        let offered: Vec<f64> = tiny.iter().map(|r| r.offered_per_s).collect();
+        assert_eq!(offered, vec![600.0, 200.0]);
+
+        let idle = runs(&Profile::full(), &[Kind::Idle], &[Target::Gate, Target::Rumqttd]);
+        let sizes: Vec<(u32, Target)> = idle.iter().map(|r| (r.conns, r.target)).collect();
+        assert_eq!(
+            sizes,
+            vec![
+                (9_250, Target::Gate),
+                (9_250, Target::Rumqttd),
+                (18_500, Target::Gate),
+                (18_500, Target::Rumqttd)
+            ]
+        );
+        assert_eq!(runs(&Profile::quick(), &[Kind::Idle], &[Target::Gate]).len(), 1);
     }
 
     #[test]
@@ -530,7 +587,10 @@ mod tests {
         }
         assert_eq!(Target::parse("nats"), Ok(Target::NatsServer));
         assert!(Target::parse("redis").is_err() && Kind::parse("x").is_err());
+        assert_eq!(Target::parse("rumqttd"), Ok(Target::Rumqttd));
+        assert_eq!(Target::Rumqttd.loadgen_target(), "mqtt");
         assert_eq!(Target::Mosquitto.gps_wire_bytes(), 55);
+        assert_eq!(Target::Rumqttd.gps_wire_bytes(), 55);
         assert_eq!(Target::NatsServer.gps_wire_bytes(), 62);
     }
 }

@@ -17,6 +17,7 @@ fn colour(t: Target) -> RGBColor {
     match t {
         Target::Gate => RGBColor(0xD6, 0x27, 0x28),
         Target::Mosquitto => RGBColor(0x1F, 0x77, 0xB4),
+        Target::Rumqttd => RGBColor(0xFF, 0x7F, 0x0E),
         Target::NatsServer => RGBColor(0x2C, 0xA0, 0x2C),
         Target::Ceiling => RGBColor(0x7F, 0x7F, 0x7F),
     }
@@ -44,7 +45,7 @@ pub fn thin(v: &[(f64, f64)], max: usize) -> Vec<(f64, f64)> {
 }
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
-/// One target's points: (offered k points/s, value, loadgen-bound).
+/// One target's points: (offered k points/s, value, not quoted: loadgen-bound or late).
 type Series = (Target, Vec<(f64, f64, bool)>);
 
 /// Writes every plot the results allow into `dir` as `<stamp>-*.svg`; returns the files.
@@ -143,7 +144,7 @@ fn trim(v: f64) -> String {
 /// Two panels over the offered rate of the GPS runs (the profile's GPS connections): server
 /// CPU µs per point, and points/s delivered. False if no data.
 fn gps_ingest(b: &BenchResults, path: &Path) -> Result<bool, Box<dyn std::error::Error>> {
-    // Each point: (offered k/s, value, loadgen-bound); bound points are drawn hollow.
+    // Each point: (offered k/s, value, not quoted); those not quoted are drawn hollow.
     let series = |f: fn(&super::results::RunResult) -> Option<f64>| -> Vec<Series> {
         Target::ALL
             .iter()
@@ -152,7 +153,7 @@ fn gps_ingest(b: &BenchResults, path: &Path) -> Result<bool, Box<dyn std::error:
                     .runs
                     .iter()
                     .filter(|r| r.spec.kind == Kind::Gps && r.spec.target == t && r.status == RunStatus::Ok)
-                    .filter_map(|r| Some((r.spec.offered_per_s / 1000.0, f(r)?, r.loadgen.bound)))
+                    .filter_map(|r| Some((r.spec.offered_per_s / 1000.0, f(r)?, !r.quotable())))
                     .collect();
                 pts.sort_by(|a, b| a.0.total_cmp(&b.0));
                 (!pts.is_empty()).then_some((t, pts))
@@ -169,7 +170,7 @@ fn gps_ingest(b: &BenchResults, path: &Path) -> Result<bool, Box<dyn std::error:
     root.fill(&WHITE)?;
     let root = root.titled(
         &format!(
-            "GPS ingest, one point per TCP segment, {} connections (hollow: loadgen-bound)",
+            "GPS ingest, one point per TCP segment, {} connections (hollow: loadgen-bound or late)",
             loadgen::report::num(u64::from(conns))
         ),
         ("sans-serif", 20),

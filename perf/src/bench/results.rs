@@ -16,6 +16,14 @@ pub const SCHEMA: &str = "fleetgate-bench/1";
 /// loadgen at or above this share of its core is the bottleneck: its figures are not the
 /// server's and are not quoted as such.
 pub const LOADGEN_BOUND_SHARE: f64 = 0.90;
+/// A run whose GPS points sent over 10 ms after their schedule (loadgen's `gps.late`) are more
+/// than this share of the points sent did not offer its rate on time: it is marked late and
+/// not quoted as the server's figure.
+pub const LATE_SHARE: f64 = 0.01;
+/// A run whose points delivered to the app-server side (forwarded by the gate, received by the
+/// peers' subscriber, read by the ceiling) are below this share of the offered points is marked
+/// late too: the traffic measured is not the traffic offered.
+pub const DELIVERED_SHARE: f64 = 0.99;
 
 /// How a run went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,8 +68,17 @@ pub struct GpsFigures {
     pub cpu_us_per_point: Option<f64>,
     /// Application bytes one point puts on the wire to this target.
     pub wire_bytes_per_point: u32,
-    /// Reports loadgen sent late (it fell behind its schedule).
+    /// Reports loadgen sent over a second behind their schedule (it started the driver's
+    /// schedule afresh).
     pub behind: u64,
+    /// Reports loadgen sent more than 10 ms after their schedule (`behind` ones included).
+    /// Absent from results written before it was measured.
+    #[serde(default)]
+    pub late: u64,
+    /// `delivered_per_s` (else `sent_per_s`) / the offered rate: below [`DELIVERED_SHARE`] the
+    /// run is marked late.
+    #[serde(default)]
+    pub delivered_of_offered: Option<f64>,
     /// The ceiling: receive completions per point (below 1 when segments coalesce).
     pub recvs_per_point: Option<f64>,
     /// Points the app-server side got over the whole run (drain included) per point sent:
@@ -110,6 +127,14 @@ pub struct IdleFigures {
     pub cpu_percent_no_connections: Option<f64>,
     /// Server CPU with the idle sessions (keepalives every 15 s each), % of a core.
     pub cpu_percent_idle_sessions: Option<f64>,
+    /// User-space bytes each added session cost between the profile's smaller idle run and
+    /// this one: (bytes here − bytes there) / (sessions here − sessions there). Only on the
+    /// larger run of a target, when the profile has two sizes ([`add_idle_slopes`]).
+    #[serde(default)]
+    pub user_bytes_slope: Option<f64>,
+    /// The sessions of the smaller run the slope starts from.
+    #[serde(default)]
+    pub slope_from_sessions: Option<u64>,
 }
 
 /// Storm figures.
@@ -199,6 +224,12 @@ pub struct RunResult {
     pub contention: Option<Contention>,
     /// Other work took ≥ [`CONTENDED_SHARE`] of the server's core (or steal did).
     pub contended: bool,
+    /// The GPS traffic was not the one offered ([`late_traffic`]): more than [`LATE_SHARE`] of
+    /// the points left over 10 ms late, or fewer than [`DELIVERED_SHARE`] of the offered points
+    /// were delivered. Not quoted as the server's figure. Absent (false) in results written
+    /// before the rule.
+    #[serde(default)]
+    pub late: bool,
     /// loadgen's JSON report as it printed it. Kept as JSON, not as a [`Report`]: results
     /// written by earlier versions, whose reports had other fields, must still read back (to
     /// draw their tables again); perf reads the figures from the typed report when it builds
@@ -222,14 +253,77 @@ impl RunResult {
             loadgen: LoadgenFigures::default(),
             contention: None,
             contended: false,
+            late: false,
             report: Value::Null,
         }
     }
 
-    /// True when its figures may be quoted: it ran, and loadgen was not the bottleneck.
+    /// True when its figures may be quoted: it ran, loadgen was not the bottleneck, and the
+    /// traffic was the one offered (not late).
     pub fn quotable(&self) -> bool {
-        self.status == RunStatus::Ok && !self.loadgen.bound
+        self.status == RunStatus::Ok && self.not_quoted().is_none()
     }
+
+    /// Why a run that ran is not quoted, if it is not: loadgen-bound first (a saturated loadgen
+    /// is late too), then late.
+    pub fn not_quoted(&self) -> Option<NotQuoted> {
+        if self.loadgen.bound {
+            Some(NotQuoted::LoadgenBound)
+        } else if self.late {
+            Some(NotQuoted::Late)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why a run's figures are not quoted as the server's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NotQuoted {
+    /// loadgen used ≥ [`LOADGEN_BOUND_SHARE`] of its core in the window.
+    LoadgenBound,
+    /// The GPS traffic was late or short ([`late_traffic`]).
+    Late,
+}
+
+impl NotQuoted {
+    /// Its words in the tables and goals.
+    pub fn words(self) -> &'static str {
+        match self {
+            NotQuoted::LoadgenBound => "loadgen-bound",
+            NotQuoted::Late => "late",
+        }
+    }
+
+    /// The goals' verdict when no figure is quotable for this reason.
+    pub fn status(self) -> GoalStatus {
+        match self {
+            NotQuoted::LoadgenBound => GoalStatus::LoadgenBound,
+            NotQuoted::Late => GoalStatus::Late,
+        }
+    }
+
+    /// Of several reasons, the one to give: loadgen-bound if any run was (it explains the
+    /// rest), else late.
+    fn worst(reasons: impl IntoIterator<Item = NotQuoted>) -> Option<NotQuoted> {
+        reasons.into_iter().min()
+    }
+}
+
+/// The late rule: a run that offered GPS (the batch run aside, whose offer is past what the
+/// gate takes on purpose) is late when more than [`LATE_SHARE`] of the points it sent left over
+/// 10 ms after their schedule, or when the points delivered to the app-server side (the points
+/// sent where nothing is delivered: the gate's latest-point forwarding) are below
+/// [`DELIVERED_SHARE`] of the offered rate.
+pub fn late_traffic(spec: &RunSpec, gps: &GpsFigures) -> bool {
+    if spec.offered_per_s <= 0.0 || spec.kind == Kind::Batch {
+        return false;
+    }
+    let late_points = gps.late.saturating_mul(u64::from(spec.batch.max(1)));
+    let late = late_points as f64 > LATE_SHARE * gps.sent as f64;
+    let short = gps.delivered_of_offered.is_none_or(|d| d < DELIVERED_SHARE);
+    late || short
 }
 
 /// What perf read itself, beside loadgen's report.
@@ -308,6 +402,14 @@ pub fn from_report(spec: &RunSpec, r: &Report, raw: Value, x: &Extras) -> RunRes
             cpu_us_per_point: r.gps.gate_cpu_us_per_point,
             wire_bytes_per_point: spec.target.gps_wire_bytes(),
             behind: r.gps.behind,
+            late: r.gps.late,
+            delivered_of_offered: (spec.offered_per_s > 0.0).then(|| {
+                let got = match delivered {
+                    Some(d) if spec.forward_all => d,
+                    _ => sent,
+                };
+                got as f64 / window_s / spec.offered_per_s
+            }),
             recvs_per_point,
             delivered_whole_run_ratio: match (spec.target, r.counters.gps_points) {
                 (_, 0) => None,
@@ -334,8 +436,10 @@ pub fn from_report(spec: &RunSpec, r: &Report, raw: Value, x: &Extras) -> RunRes
         contended: x
             .contention
             .is_some_and(|c| c.other_on_server_core + c.steal_on_server_core >= CONTENDED_SHARE),
+        late: false,
         report: raw,
     };
+    out.late = late_traffic(spec, &out.gps);
     if spec.fanout > 0 {
         let p = &r.push;
         out.push = Some(PushFigures {
@@ -366,6 +470,8 @@ pub fn from_report(spec: &RunSpec, r: &Report, raw: Value, x: &Extras) -> RunRes
             kernel_bytes_per_session_both_ends: kernel,
             cpu_percent_no_connections: x.idle_cpu_percent,
             cpu_percent_idle_sessions: r.gate.cpu_percent,
+            user_bytes_slope: None,
+            slope_from_sessions: None,
         });
     }
     if spec.kind == Kind::Storm {
@@ -391,6 +497,51 @@ pub fn from_report(spec: &RunSpec, r: &Report, raw: Value, x: &Extras) -> RunRes
         }
     }
     out
+}
+
+/// User-space bytes a server held for its idle sessions: RSS at the end of the window less RSS
+/// before any connection (else the report's average times the sessions).
+fn idle_user_bytes(r: &RunResult) -> Option<f64> {
+    match (r.server.rss_bytes, r.server.rss_before_bytes) {
+        (Some(end), Some(before)) => Some(end as f64 - before as f64),
+        _ => {
+            let i = r.idle.as_ref()?;
+            Some(i.user_bytes_per_session? * i.sessions as f64)
+        }
+    }
+}
+
+/// For each target with idle runs at two sizes or more: on its largest run, the user-space
+/// bytes each added session cost from its smallest run to it (the slope; the average of a run
+/// also carries what the server allocated up front).
+pub fn add_idle_slopes(runs: &mut [RunResult]) {
+    for t in Target::ALL {
+        let idle = |r: &RunResult| {
+            r.spec.kind == Kind::Idle && r.spec.target == t && r.status == RunStatus::Ok && r.idle.is_some()
+        };
+        let sized: Vec<(usize, u64)> = runs
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| idle(r))
+            .filter_map(|(i, r)| Some((i, r.idle.as_ref()?.sessions)))
+            .collect();
+        let (Some(&(lo, lo_n)), Some(&(hi, hi_n))) =
+            (sized.iter().min_by_key(|x| x.1), sized.iter().max_by_key(|x| x.1))
+        else {
+            continue;
+        };
+        if hi_n <= lo_n {
+            continue;
+        }
+        let slope = match (idle_user_bytes(&runs[lo]), idle_user_bytes(&runs[hi])) {
+            (Some(a), Some(b)) => Some((b - a) / (hi_n - lo_n) as f64),
+            _ => None,
+        };
+        if let Some(i) = runs[hi].idle.as_mut() {
+            i.user_bytes_slope = slope;
+            i.slope_from_sessions = Some(lo_n);
+        }
+    }
 }
 
 /// A measured quantity: what a ratio compares and what a DESIGN goal is judged on. Its
@@ -522,8 +673,12 @@ pub struct Ratio {
     pub other: f64,
     /// gate / other.
     pub ratio: f64,
-    /// Both runs are quotable (neither failed nor loadgen-bound).
+    /// Both runs are quotable (neither failed, loadgen-bound nor late).
     pub quotable: bool,
+    /// Why not, when not: loadgen-bound if either run was, else late. Absent in results
+    /// written before the late rule.
+    #[serde(default)]
+    pub not_quoted: Option<NotQuoted>,
 }
 
 /// The runs of the same scenario and sizes as `r`, by target.
@@ -561,6 +716,9 @@ pub fn ratios(runs: &[RunResult]) -> Vec<Ratio> {
                             other: o,
                             ratio: g / o,
                             quotable: gate.quotable() && other.quotable(),
+                            not_quoted: NotQuoted::worst(
+                                gate.not_quoted().into_iter().chain(other.not_quoted()),
+                            ),
                         });
                     }
                 }
@@ -584,6 +742,8 @@ pub enum GoalStatus {
     NotMeasured,
     /// Measured only where loadgen was the bottleneck: no verdict.
     LoadgenBound,
+    /// Measured only where the GPS traffic was late or short (the late rule): no verdict.
+    Late,
 }
 
 impl GoalStatus {
@@ -595,6 +755,7 @@ impl GoalStatus {
             GoalStatus::NotBuilt => "not built",
             GoalStatus::NotMeasured => "not measured",
             GoalStatus::LoadgenBound => "no verdict (loadgen-bound)",
+            GoalStatus::Late => "no verdict (late traffic)",
         }
     }
 }
@@ -638,9 +799,9 @@ impl Inputs<'_> {
         self.runs.iter().filter(move |r| r.spec.kind == k && r.status == RunStatus::Ok)
     }
 
-    /// The gate's run of scenario `k`, if it ran.
+    /// The gate's run of scenario `k` (the largest, when there are several sizes), if it ran.
     fn gate(&self, k: Kind) -> Option<&RunResult> {
-        self.ok(k).find(|r| r.spec.target == Target::Gate)
+        self.ok(k).filter(|r| r.spec.target == Target::Gate).max_by_key(|r| r.spec.conns)
     }
 }
 
@@ -662,7 +823,7 @@ pub const GOALS: &[Goal] = &[
     Goal {
         metric: Metric::GpsCpuUsPerPoint,
         goal: "GPS ingest, one point per TCP segment: gate CPU per point",
-        target: "≤ 1.25× ceiling, ≤ 0.5× mosquitto and nats-server, same offered rate",
+        target: "≤ 1.25× ceiling, ≤ 0.5× each peer's (mosquitto, rumqttd, nats-server), same offered rate",
         judge: gps_ingest,
     },
     Goal {
@@ -750,7 +911,8 @@ pub fn goals(runs: &[RunResult], codec: Option<&CodecFigure>) -> Vec<GoalRow> {
 /// GPS ingest, one point per segment, at each offered rate of the 1,000-connection runs.
 fn gps_ingest(metric: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
     let mut parts = Vec::new();
-    let (mut met, mut missed, mut unquotable) = (0, 0, 0);
+    let (mut met, mut missed) = (0, 0);
+    let mut unquoted = Vec::new();
     for gate in i.ok(Kind::Gps).chain(i.ok(Kind::GpsMany)).filter(|r| r.spec.target == Target::Gate) {
         let rs: Vec<&Ratio> =
             i.ratios.iter().filter(|x| x.label == gate.label && x.metric == metric).collect();
@@ -759,31 +921,38 @@ fn gps_ingest(metric: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
         }
         let limit = |t: Target| if t == Target::Ceiling { 1.25 } else { 0.5 };
         let text: Vec<String> = rs.iter().map(|x| format!("{:.2}× {}", x.ratio, x.versus.name())).collect();
-        let quotable = rs.iter().all(|x| x.quotable);
+        let why = NotQuoted::worst(rs.iter().filter_map(|x| unquoted_why(x)));
         let pass = rs.iter().all(|x| x.ratio <= limit(x.versus));
         parts.push(format!(
             "{} conns @ {}/s: {}{}",
             loadgen::report::num(u64::from(gate.spec.conns)),
             si(gate.spec.offered_per_s),
             text.join(", "),
-            if quotable { "" } else { " (loadgen-bound)" }
+            why.map_or(String::new(), |w| format!(" ({})", w.words()))
         ));
-        match (quotable, pass) {
-            (false, _) => unquotable += 1,
-            (true, true) => met += 1,
-            (true, false) => missed += 1,
+        match (why, pass) {
+            (Some(w), _) => unquoted.push(w),
+            (None, true) => met += 1,
+            (None, false) => missed += 1,
         }
     }
     let status = if missed > 0 {
         GoalStatus::NotMet
     } else if met > 0 {
         GoalStatus::Met
-    } else if unquotable > 0 {
-        GoalStatus::LoadgenBound
     } else {
-        GoalStatus::NotMeasured
+        NotQuoted::worst(unquoted).map_or(GoalStatus::NotMeasured, NotQuoted::status)
     };
     (if parts.is_empty() { "no comparable runs".into() } else { parts.join("; ") }, status)
+}
+
+/// Why a ratio is not quoted (`None` when it is); results written before the late rule say
+/// only that it is not, which was loadgen-bound then.
+fn unquoted_why(x: &Ratio) -> Option<NotQuoted> {
+    match (x.quotable, x.not_quoted) {
+        (true, _) => None,
+        (false, why) => Some(why.unwrap_or(NotQuoted::LoadgenBound)),
+    }
 }
 
 /// Batches of 10 on one gate core: points the gate took per second (TCP backpressure holds
@@ -830,17 +999,29 @@ fn decode(_: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
 
 /// Idle memory, the gate's beside the peers'.
 fn idle_memory(metric: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
-    let by: BTreeMap<Target, &RunResult> = i.ok(Kind::Idle).map(|r| (r.spec.target, r)).collect();
+    // Each target's largest run: the goal is at 19,000 sessions.
+    let mut by: BTreeMap<Target, &RunResult> = BTreeMap::new();
+    for r in i.ok(Kind::Idle) {
+        let e = by.entry(r.spec.target).or_insert(r);
+        if r.spec.conns > e.spec.conns {
+            *e = r;
+        }
+    }
     let bytes = |t: Target| by.get(&t).and_then(|r| metric.of(r));
+    let slope = |t: Target| {
+        by.get(&t)
+            .and_then(|r| r.idle.as_ref()?.user_bytes_slope)
+            .map_or(String::new(), |s| format!(" (slope {s:.0} B)"))
+    };
     let Some(g) = bytes(Target::Gate) else { return ("not run".into(), GoalStatus::NotMeasured) };
     let sessions = by.get(&Target::Gate).and_then(|r| r.idle.as_ref()).map_or(0, |i| i.sessions);
-    let mut m = format!("{g:.0} B per session at {} sessions", loadgen::report::num(sessions));
+    let mut m =
+        format!("{g:.0} B per session at {} sessions{}", loadgen::report::num(sessions), slope(Target::Gate));
     let mq = bytes(Target::Mosquitto);
-    if let Some(mq) = mq {
-        let _ = write!(m, "; mosquitto {mq:.0} B");
-    }
-    if let Some(n) = bytes(Target::NatsServer) {
-        let _ = write!(m, "; nats-server {n:.0} B");
+    for t in Target::PEERS {
+        if let Some(b) = bytes(t) {
+            let _ = write!(m, "; {} {b:.0} B{}", t.name(), slope(t));
+        }
     }
     let status = if g <= 1024.0 && mq.is_none_or(|mq| g < mq) { GoalStatus::Met } else { GoalStatus::NotMet };
     (m, status)
@@ -860,8 +1041,8 @@ fn push_latency(metric: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
                 si(r.spec.offered_per_s),
                 r.spec.fanout
             );
-            let status = if !r.quotable() {
-                GoalStatus::LoadgenBound
+            let status = if let Some(why) = r.not_quoted() {
+                why.status()
             } else if p99 <= 1000.0 {
                 GoalStatus::Met
             } else {
@@ -886,7 +1067,7 @@ fn fanout(metric: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
                 x.ratio,
                 si(x.gate),
                 si(x.other),
-                if x.quotable { "" } else { " loadgen-bound" }
+                unquoted_why(x).map_or(String::new(), |w| format!(" {}", w.words()))
             )
         })
         .collect();
@@ -897,7 +1078,8 @@ fn fanout(metric: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
     } else if fan.iter().any(|x| x.quotable) {
         GoalStatus::Met
     } else {
-        GoalStatus::LoadgenBound
+        NotQuoted::worst(fan.iter().filter_map(|x| unquoted_why(x)))
+            .map_or(GoalStatus::NotMeasured, NotQuoted::status)
     };
     (if parts.is_empty() { "not run".into() } else { parts.join("; ") }, status)
 }
@@ -1034,12 +1216,16 @@ fn fig(v: f64) -> String {
     }
 }
 
-fn mark(r: &RunResult) -> &'static str {
-    match (r.loadgen.bound, r.contended) {
-        (true, true) => " ‡†",
-        (true, false) => " ‡",
-        (false, true) => " †",
-        (false, false) => "",
+/// A run's marks after its figure: ‡ loadgen-bound, † contended, § late.
+fn mark(r: &RunResult) -> String {
+    let marks: String = [(r.loadgen.bound, '‡'), (r.contended, '†'), (r.late, '§')]
+        .into_iter()
+        .filter_map(|(on, c)| on.then_some(c))
+        .collect();
+    if marks.is_empty() {
+        marks
+    } else {
+        format!(" {marks}")
     }
 }
 
@@ -1064,10 +1250,11 @@ pub fn table(b: &BenchResults) -> String {
     );
     let _ = writeln!(
         s,
-        "Versions: {} ({}), {}, {}. One GPS point: the gate's 64-byte frame (the ceiling gets the same); a 40-byte message to the peers ({} B on the wire to mosquitto, {} B to nats-server).",
+        "Versions: {} ({}), {}, {}, {}. One GPS point: the gate's 64-byte frame (the ceiling gets the same); a 40-byte message to the peers ({} B on the wire to mosquitto and rumqttd, {} B to nats-server).",
         v("gate"),
         v("source"),
         v("mosquitto"),
+        v("rumqttd"),
         v("nats-server"),
         Target::Mosquitto.gps_wire_bytes(),
         Target::NatsServer.gps_wire_bytes()
@@ -1075,7 +1262,9 @@ pub fn table(b: &BenchResults) -> String {
     let _ = writeln!(
         s,
         "‡ loadgen-bound: loadgen used ≥ 90 % of its core in the window; the figure is not quoted as the server's. \
-         † contended: other processes (or the hypervisor) took ≥ 10 % of the server's core in the window.\n"
+         † contended: other processes (or the hypervisor) took ≥ 10 % of the server's core in the window. \
+         § late: more than 1 % of the GPS points left loadgen over 10 ms after their schedule, or fewer than 99 % \
+         of the offered points reached the app-server side; the figure is not quoted as the server's.\n"
     );
 
     let cell = |r: Option<&&RunResult>, f: &dyn Fn(&RunResult) -> Option<String>| match r {
@@ -1097,8 +1286,8 @@ pub fn table(b: &BenchResults) -> String {
     };
     if !gps_heads.is_empty() {
         let _ = writeln!(s, "**GPS ingest, one point per TCP segment**: server CPU µs per point · points/s delivered to the app-server side\n");
-        let _ = writeln!(s, "| conns | offered/s | gate | mosquitto | nats-server | ceiling | gate/ceiling | gate/mosquitto | gate/nats |");
-        let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let _ = writeln!(s, "| conns | offered/s | gate | mosquitto | rumqttd | nats-server | ceiling | gate/ceiling | gate/mosquitto | gate/rumqttd | gate/nats |");
+        let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         let mut seen = Vec::new();
         for head in gps_heads {
             let key = (head.spec.kind, head.spec.conns, head.spec.offered_per_s.to_bits());
@@ -1126,15 +1315,17 @@ pub fn table(b: &BenchResults) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 loadgen::report::num(u64::from(head.spec.conns)),
                 si(head.spec.offered_per_s),
                 c(Target::Gate),
                 c(Target::Mosquitto),
+                c(Target::Rumqttd),
                 c(Target::NatsServer),
                 c(Target::Ceiling),
                 ratio(Target::Ceiling),
                 ratio(Target::Mosquitto),
+                ratio(Target::Rumqttd),
                 ratio(Target::NatsServer)
             );
         }
@@ -1229,9 +1420,9 @@ pub fn table(b: &BenchResults) -> String {
             writeln!(s, "**Push fan-out**: deliveries/s received by drivers (received/sent) · server CPU\n");
         let _ = writeln!(
             s,
-            "| fan-out | drivers | offered/s | gate | mosquitto | nats-server | gate/nats | gate/mosquitto |"
+            "| fan-out | drivers | offered/s | gate | mosquitto | rumqttd | nats-server | gate/nats | gate/mosquitto | gate/rumqttd |"
         );
-        let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         for head in fan {
             let sib = siblings_any(&b.runs, &head.spec);
             let c = |t: Target| {
@@ -1252,15 +1443,17 @@ pub fn table(b: &BenchResults) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 loadgen::report::num(u64::from(head.spec.fanout)),
                 loadgen::report::num(u64::from(head.spec.conns)),
                 si(head.spec.push_rate * f64::from(head.spec.fanout)),
                 c(Target::Gate),
                 c(Target::Mosquitto),
+                c(Target::Rumqttd),
                 c(Target::NatsServer),
                 ratio(Target::NatsServer),
-                ratio(Target::Mosquitto)
+                ratio(Target::Mosquitto),
+                ratio(Target::Rumqttd)
             );
         }
         s.push('\n');
@@ -1269,24 +1462,40 @@ pub fn table(b: &BenchResults) -> String {
     let idle: Vec<&RunResult> = b.runs.iter().filter(|r| r.spec.kind == Kind::Idle).collect();
     if !idle.is_empty() {
         let _ = writeln!(s, "**Idle sessions** after {} s idle\n", b.profile.idle_window_s);
-        let _ = writeln!(s, "| target | sessions | user-space bytes/session | kernel bytes/session (both ends) | CPU, no connection | CPU, idle sessions |");
-        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: |");
+        let _ = writeln!(s, "| target | sessions | user-space bytes/session | user-space bytes per added session (slope) | kernel bytes/session (both ends) | CPU, no connection | CPU, idle sessions |");
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
         for r in idle {
             match (&r.idle, r.status) {
                 (Some(i), RunStatus::Ok) => {
+                    let slope = match (i.user_bytes_slope, i.slope_from_sessions) {
+                        (Some(b), Some(from)) => format!(
+                            "{b:.0} ({} → {})",
+                            loadgen::report::num(from),
+                            loadgen::report::num(i.sessions)
+                        ),
+                        _ => "—".into(),
+                    };
                     let _ = writeln!(
                         s,
-                        "| {} | {} | {} | {} | {} | {} |",
+                        "| {}{} | {} | {} | {} | {} | {} | {} |",
                         r.spec.target.name(),
+                        mark(r),
                         loadgen::report::num(i.sessions),
                         i.user_bytes_per_session.map_or("?".into(), |b| format!("{b:.0}")),
+                        slope,
                         i.kernel_bytes_per_session_both_ends.map_or("?".into(), |b| format!("{b:.0}")),
                         i.cpu_percent_no_connections.map_or("?".into(), |c| format!("{c:.2} %")),
                         i.cpu_percent_idle_sessions.map_or("?".into(), |c| format!("{c:.1} %"))
                     );
                 }
                 _ => {
-                    let _ = writeln!(s, "| {} | {} | | | | |", r.spec.target.name(), r.status_words());
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | | | | |",
+                        r.spec.target.name(),
+                        loadgen::report::num(u64::from(r.spec.conns)),
+                        r.status_words()
+                    );
                 }
             }
         }
@@ -1347,6 +1556,9 @@ impl RunResult {
         match self.status {
             RunStatus::Ok => "ok",
             RunStatus::Failed => "failed",
+            RunStatus::Skipped if self.error.as_deref().is_some_and(|e| e.contains("is not installed")) => {
+                "not installed"
+            }
             RunStatus::Skipped => "skipped",
         }
     }
@@ -1413,7 +1625,7 @@ mod tests {
     }
 
     /// One GPS run per target at 100k/s with the given CPU seconds over a 10 s window.
-    fn gps_runs(cpu: [(Target, f64); 4], share: f64) -> Vec<RunResult> {
+    fn gps_runs(cpu: [(Target, f64); 5], share: f64) -> Vec<RunResult> {
         let specs = plan_runs(&Profile::full(), &[Kind::Gps], &Target::ALL);
         specs
             .iter()
@@ -1435,6 +1647,7 @@ mod tests {
             [
                 (Target::Gate, 6.0),
                 (Target::Mosquitto, 10.0),
+                (Target::Rumqttd, 10.0),
                 (Target::NatsServer, 10.0),
                 (Target::Ceiling, 5.0),
             ],
@@ -1457,6 +1670,7 @@ mod tests {
             [
                 (Target::Gate, 6.0),
                 (Target::Mosquitto, 13.0),
+                (Target::Rumqttd, 12.5),
                 (Target::NatsServer, 12.5),
                 (Target::Ceiling, 5.0),
             ],
@@ -1474,6 +1688,7 @@ mod tests {
             [
                 (Target::Gate, 9.0),
                 (Target::Mosquitto, 10.0),
+                (Target::Rumqttd, 10.0),
                 (Target::NatsServer, 10.0),
                 (Target::Ceiling, 5.0),
             ],
@@ -1488,6 +1703,7 @@ mod tests {
             [
                 (Target::Gate, 6.0),
                 (Target::Mosquitto, 13.0),
+                (Target::Rumqttd, 13.0),
                 (Target::NatsServer, 13.0),
                 (Target::Ceiling, 5.0),
             ],
@@ -1572,10 +1788,11 @@ mod tests {
         assert_eq!(storm_fig.cpu_us_per_session, Some(100.0));
     }
 
-    /// A real report: `loadgen gps --drivers 20 --rate 1 --duration 2 --json` against a gate
-    /// started with `gate --cores 0 --app-listen 127.0.0.1:0 --sidecar-listen 127.0.0.1:0
-    /// --admin-listen 127.0.0.1:0 --ports-file ...`. Made again the same way when loadgen's
-    /// report gains a field.
+    /// A real report: `loadgen gps --gate 127.0.0.1:APP --sidecar 127.0.0.1:SIDECAR --drivers 20
+    /// --rate 1 --duration 2 --json` against a debug gate started with `gate --cores 0
+    /// --app-listen 127.0.0.1:0 --sidecar-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
+    /// --ports-file /tmp/p` (APP and SIDECAR from that file). Made again the same way when
+    /// loadgen's report gains a field (last: `gps.late`).
     const REAL_GPS_REPORT: &str = include_str!("../../tests/fixtures/loadgen-gps-report.json");
 
     #[test]
@@ -1584,6 +1801,7 @@ mod tests {
         assert_eq!(r.scenario, loadgen::Scenario::Gps);
         assert!(r.window_s > 1.0 && r.gps.sent > 0 && r.appserver.running, "{r:?}");
         assert!(r.gate.pid.is_some() && r.gate.cpu_s.is_some(), "{:?}", r.gate);
+        assert!(r.gps.late <= r.gps.frames && r.gps.behind <= r.gps.late, "{:?}", r.gps);
         let raw: Value = serde_json::from_str(REAL_GPS_REPORT).expect("json");
         let spec = &plan_runs(&Profile::quick(), &[Kind::Gps], &[Target::Gate])[0];
         let run = from_report(spec, &r, raw.clone(), &extras(0.2));
@@ -1614,6 +1832,8 @@ mod tests {
         // An `Option` figure too: renamed, it is missing, not "not measured".
         let e = rename("/gps", "gate_cpu_us_per_point", "cpu_us_per_point");
         assert!(e.contains("missing field `gate_cpu_us_per_point`"), "{e}");
+        let e = rename("/gps", "late", "late_sends");
+        assert!(e.contains("missing field `late`"), "{e}");
         let e = edit(&|v: &mut Value| {
             v["gate"].as_object_mut().expect("gate").remove("cpu_s");
         });
@@ -1661,6 +1881,7 @@ mod tests {
             (0, "/spec/offered_per_s", json!(25_000.0)),
             (0, "/gps/sent", json!(100_000)),
             (0, "/gps/behind", json!(0)),
+            (0, "/gps/late", json!(0)),
             (0, "/gps/cpu_us_per_point", json!(10.0)),
             (0, "/loadgen/bound", json!(false)),
             (1, "/spec/kind", json!("idle")),
@@ -1696,6 +1917,7 @@ mod tests {
             [
                 (Target::Gate, 6.0),
                 (Target::Mosquitto, 13.0),
+                (Target::Rumqttd, 12.5),
                 (Target::NatsServer, 12.5),
                 (Target::Ceiling, 5.0),
             ],
@@ -1728,7 +1950,186 @@ mod tests {
         assert_eq!(back, b);
         let t = table(&b);
         assert!(t.contains("| 1,000 | 100k | 6.00 µs · 100k |"), "{t}");
-        assert!(t.contains("| 1.20× | 0.46× | 0.48× |"), "{t}");
+        assert!(t.contains("| 1.20× | 0.46× | 0.48× | 0.48× |"), "{t}");
         assert!(t.contains("DESIGN goals"), "{t}");
+    }
+
+    /// The gate's GPS run at 100k/s over 10 s (1,000,000 points sent), `late` sends over 10 ms
+    /// late and `delivered` points delivered.
+    fn gps_run(late: u64, delivered: u64, share: f64) -> RunResult {
+        let spec = plan_runs(&Profile::full(), &[Kind::Gps], &[Target::Gate])
+            .into_iter()
+            .find(|s| s.offered_per_s == 100_000.0)
+            .expect("a 100k/s run");
+        let mut r = report(6.0, 1_000_000, 10.0);
+        r.gps.late = late;
+        r.gps.forwarded = delivered;
+        result(&spec, &r, &extras(share))
+    }
+
+    #[test]
+    fn the_late_rule() {
+        // 1 % late is within the rule; past it, or under 99 % delivered, the run is late.
+        let ok = gps_run(10_000, 1_000_000, 0.5);
+        assert!(!ok.late && ok.quotable() && ok.not_quoted().is_none(), "{:?}", ok.gps);
+        assert_eq!(ok.gps.late, 10_000);
+        assert_eq!(ok.gps.delivered_of_offered, Some(1.0));
+        let late = gps_run(10_001, 1_000_000, 0.5);
+        assert!(late.late && !late.quotable(), "{:?}", late.gps);
+        assert_eq!(late.not_quoted(), Some(NotQuoted::Late));
+        let short = gps_run(0, 989_999, 0.5);
+        assert!(short.late && !short.quotable(), "{:?}", short.gps);
+        assert!(!gps_run(0, 990_000, 0.5).late, "99 % delivered is enough");
+        // Sent short of the offer is short too, even when all of it arrives.
+        let p = Profile::full();
+        let spec = plan_runs(&p, &[Kind::Gps], &[Target::Gate])[0].clone();
+        let under = result(&spec, &report(1.0, spec.offered_per_s as u64 * 9, 10.0), &extras(0.5));
+        assert!(under.late, "90 % of the offer sent: {:?}", under.gps);
+        // loadgen-bound explains lateness: that is the reason given.
+        let both = gps_run(50_000, 900_000, 0.95);
+        assert!(both.late && both.loadgen.bound);
+        assert_eq!(both.not_quoted(), Some(NotQuoted::LoadgenBound));
+
+        // Runs with no GPS offered, and the batch run (offered past the gate's core on
+        // purpose), are not judged by it.
+        let idle = &plan_runs(&p, &[Kind::Idle], &[Target::Gate])[0];
+        assert!(!result(idle, &report(0.1, 1, 10.0), &extras(0.5)).late);
+        let batch = &plan_runs(&p, &[Kind::Batch], &[Target::Gate])[0];
+        let mut r = report(9.0, 9_000_000, 10.0);
+        r.gps.late = 900_000;
+        assert!(!result(batch, &r, &extras(0.5)).late);
+        // The push runs' GPS is judged: late GPS means late pushes too.
+        let push = &plan_runs(&p, &[Kind::Push], &[Target::Gate])[0];
+        let sent = (push.offered_per_s * 10.0) as u64;
+        let mut r = report(3.0, sent, 10.0);
+        r.gps.late = sent / 50;
+        let push_run = result(push, &r, &extras(0.5));
+        assert!(push_run.late);
+
+        // Marked in the tables, with the legend; kept in the JSON.
+        let b = bench(vec![late.clone()]);
+        let t = table(&b);
+        assert!(t.contains("6.00 µs · 100k §"), "{t}");
+        assert!(t.contains("§ late: more than 1 % of the GPS points"), "{t}");
+        let v = serde_json::to_value(&b).expect("json");
+        assert_eq!(v.pointer("/runs/0/late"), Some(&json!(true)));
+        assert_eq!(v.pointer("/runs/0/gps/late"), Some(&json!(10_001)));
+        let back: BenchResults = serde_json::from_value(v).expect("reads back");
+        assert_eq!(back, b);
+        assert_eq!(mark(&both), " ‡§");
+    }
+
+    #[test]
+    fn goals_give_no_verdict_on_late_runs() {
+        // Every target's GPS run meets the goal's ratios, but the gate's run is late.
+        let mut rs = gps_runs(
+            [
+                (Target::Gate, 6.0),
+                (Target::Mosquitto, 13.0),
+                (Target::Rumqttd, 13.0),
+                (Target::NatsServer, 13.0),
+                (Target::Ceiling, 5.0),
+            ],
+            0.5,
+        );
+        assert_eq!(row(&goals(&rs, None), Metric::GpsCpuUsPerPoint).status, GoalStatus::Met);
+        rs[0].late = true;
+        let rows = goals(&rs, None);
+        let g = row(&rows, Metric::GpsCpuUsPerPoint);
+        assert_eq!(g.status, GoalStatus::Late, "{}", g.measured);
+        assert!(g.measured.contains("(late)"), "{}", g.measured);
+        assert_eq!(g.status.words(), "no verdict (late traffic)");
+        assert!(ratios(&rs).iter().all(|x| !x.quotable && x.not_quoted == Some(NotQuoted::Late)));
+        // A peer's late run takes the verdict away from that row too.
+        rs[0].late = false;
+        rs.iter_mut().find(|r| r.spec.target == Target::Rumqttd).expect("rumqttd").late = true;
+        assert_eq!(row(&goals(&rs, None), Metric::GpsCpuUsPerPoint).status, GoalStatus::Late);
+        // Loadgen-bound rows keep their own verdict.
+        rs[0].loadgen.bound = true;
+        assert_eq!(row(&goals(&rs, None), Metric::GpsCpuUsPerPoint).status, GoalStatus::LoadgenBound);
+
+        // Push latency: a late gate run has no verdict either.
+        let push = &plan_runs(&Profile::full(), &[Kind::Push], &[Target::Gate])[0];
+        let mut r = report(3.0, 300_000, 10.0);
+        r.push.latency_us.count = 1000;
+        r.push.latency_us.p99 = 500;
+        let mut run = result(push, &r, &extras(0.5));
+        assert!(!run.late);
+        assert_eq!(row(&goals(std::slice::from_ref(&run), None), Metric::PushP99Us).status, GoalStatus::Met);
+        run.late = true;
+        assert_eq!(row(&goals(&[run], None), Metric::PushP99Us).status, GoalStatus::Late);
+    }
+
+    #[test]
+    fn ratios_from_results_before_the_late_rule_read_as_loadgen_bound() {
+        let v = json!({"label": "x", "metric": "server CPU µs per point", "versus": "nats-server",
+            "gate": 1.0, "other": 2.0, "ratio": 0.5, "quotable": false});
+        let x: Ratio = serde_json::from_value(v).expect("an old ratio reads");
+        assert_eq!((x.not_quoted, unquoted_why(&x)), (None, Some(NotQuoted::LoadgenBound)));
+    }
+
+    #[test]
+    fn idle_slopes_between_two_sizes() {
+        let p = Profile::full();
+        let idle = plan_runs(&p, &[Kind::Idle], &[Target::Gate, Target::Rumqttd]);
+        let mut runs: Vec<RunResult> = idle
+            .iter()
+            .map(|s| {
+                let n = u64::from(s.conns);
+                // 4 MB up front at either size, then 1,000 B (gate) or 3,000 B (rumqttd) each.
+                let each = if s.target == Target::Gate { 1000 } else { 3000 };
+                let mut r = report(0.1, 1, 30.0);
+                r.idle.sessions = n;
+                r.gate.rss_before_bytes = Some(10_000_000);
+                r.gate.rss_bytes = Some(10_000_000 + 4_000_000 + each * n);
+                r.idle.bytes_per_session = Some((4_000_000 + each * n) as f64 / n as f64);
+                result(s, &r, &extras(0.3))
+            })
+            .collect();
+        add_idle_slopes(&mut runs);
+        let at = |t: Target, n: u32| {
+            runs.iter()
+                .find(|r| r.spec.target == t && r.spec.conns == n)
+                .and_then(|r| r.idle.clone())
+                .expect("idle run")
+        };
+        let (small, large) = (at(Target::Gate, 9_250), at(Target::Gate, 18_500));
+        assert_eq!((small.user_bytes_slope, small.slope_from_sessions), (None, None));
+        assert!((large.user_bytes_slope.expect("slope") - 1000.0).abs() < 1e-6, "{large:?}");
+        assert_eq!(large.slope_from_sessions, Some(9_250));
+        assert!(large.user_bytes_per_session.expect("average") > 1200.0, "the average carries the 4 MB");
+        let r = at(Target::Rumqttd, 18_500);
+        assert!((r.user_bytes_slope.expect("slope") - 3000.0).abs() < 1e-6, "{r:?}");
+
+        let b = bench(runs.clone());
+        let t = table(&b);
+        assert!(t.contains("| 1000 (9,250 → 18,500) |"), "{t}");
+        assert!(t.contains("| 3000 (9,250 → 18,500) |"), "{t}");
+        let g = row(&b.goals, Metric::IdleUserBytesPerSession);
+        assert!(g.measured.contains("at 18,500 sessions (slope 1000 B)"), "{}", g.measured);
+        assert!(g.measured.contains("rumqttd 3216 B (slope 3000 B)"), "{}", g.measured);
+        let v = serde_json::to_value(&b).expect("json");
+        let larger = b.runs.iter().position(|r| r.spec.conns == 18_500).expect("larger");
+        assert_eq!(v.pointer(&format!("/runs/{larger}/idle/user_bytes_slope")), Some(&json!(1000.0)));
+
+        // One size: no slope.
+        let mut one = vec![runs[0].clone()];
+        add_idle_slopes(&mut one);
+        assert_eq!(one[0].idle.as_ref().and_then(|i| i.user_bytes_slope), None);
+    }
+
+    #[test]
+    fn a_peer_not_installed_says_so() {
+        let spec = &plan_runs(&Profile::quick(), &[Kind::Gps], &[Target::Rumqttd])[0];
+        let r = RunResult::not_run(
+            spec,
+            RunStatus::Skipped,
+            "rumqttd is not installed (cargo install rumqttd --version 0.20.0 --locked)".into(),
+        );
+        let t = table(&bench(vec![r.clone()]));
+        assert!(t.contains("| not installed |"), "{t}");
+        assert!(t.contains("(rumqttd): not installed rumqttd is not installed"), "{t}");
+        let v = serde_json::to_value(&r).expect("json");
+        assert_eq!(v.pointer("/status"), Some(&json!("skipped")), "the status keeps its values");
     }
 }

@@ -31,13 +31,16 @@ pub struct Bins {
     pub ceiling: PathBuf,
     /// mosquitto, if installed.
     pub mosquitto: Option<PathBuf>,
+    /// rumqttd, if installed (`cargo install` puts it in cargo's own bin folder).
+    pub rumqttd: Option<PathBuf>,
     /// nats-server, if installed.
     pub nats: Option<PathBuf>,
 }
 
 impl Bins {
     /// The project's binaries in `dir`, the peers from PATH (and /usr/sbin, where Debian puts
-    /// mosquitto, which is not on every PATH).
+    /// mosquitto, which is not on every PATH; and cargo's bin folder, where `cargo install`
+    /// puts rumqttd).
     pub fn find(dir: &Path) -> Result<Bins, String> {
         let own = |name: &str| {
             let p = dir.join(name);
@@ -55,6 +58,7 @@ impl Bins {
             loadgen: own("loadgen")?,
             ceiling: own("ceiling")?,
             mosquitto: which("mosquitto"),
+            rumqttd: which("rumqttd"),
             nats: which("nats-server"),
         })
     }
@@ -68,6 +72,11 @@ impl Bins {
                 .mosquitto
                 .as_deref()
                 .ok_or_else(|| "mosquitto is not installed (apt-get install -y mosquitto)".into()),
+            Target::Rumqttd => self.rumqttd.as_deref().ok_or_else(|| {
+                format!(
+                    "rumqttd is not installed (cargo install rumqttd --version {RUMQTTD_VERSION} --locked)"
+                )
+            }),
             Target::NatsServer => self
                 .nats
                 .as_deref()
@@ -76,11 +85,20 @@ impl Bins {
     }
 }
 
-/// `program` on PATH, /usr/sbin or /usr/bin.
+/// The rumqttd release the bench measures (`make bench-deps` installs it).
+pub const RUMQTTD_VERSION: &str = "0.20.0";
+
+/// `program` on PATH, /usr/sbin, /usr/bin or cargo's bin folder (`$CARGO_HOME/bin`, else
+/// `~/.cargo/bin`).
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|c| c.join("bin"));
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .chain(cargo_bin)
         .map(|d| d.join(program))
         .find(|p| p.is_file())
 }
@@ -181,6 +199,16 @@ impl Server {
                 std::fs::write(&conf, &text).map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
                 cmd.arg("-c").arg(&conf);
                 (format!("mosquitto -c mosquitto.conf:\n{text}"), Some(port), None)
+            }
+            Target::Rumqttd => {
+                let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+                // rumqttd reads its configuration by file name, the format from the extension.
+                let conf = dir.join("rumqttd.toml");
+                let text = rumqttd_conf(port);
+                std::fs::write(&conf, &text).map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+                // -q: no banner; no -v: warnings and errors only in the log.
+                cmd.arg("-q").arg("-c").arg(&conf);
+                (format!("rumqttd -q -c rumqttd.toml:\n{text}"), Some(port), None)
             }
             Target::NatsServer => {
                 let port = free_port().map_err(|e| format!("no free port: {e}"))?;
@@ -286,6 +314,35 @@ pub fn mosquitto_conf(port: u16) -> String {
     )
 }
 
+/// rumqttd's configuration (its own `rumqttd.toml` format): one MQTT 3.1.1 listener on
+/// loopback, its router's defaults (commit log segments of 100 MiB, 10 kept) but for room for
+/// every session the bench opens, and no pause between accepts (its default of 1 ms would hold
+/// the ramp to 1,000 connections/s). No console, no metrics, no websocket or v5 listener.
+/// rumqttd has no TCP_NODELAY setting: it writes with Nagle on.
+pub fn rumqttd_conf(port: u16) -> String {
+    format!(
+        "# written by perf's bench\n\
+         id = 0\n\
+         \n\
+         [router]\n\
+         max_connections = 20000\n\
+         max_outgoing_packet_count = 200\n\
+         max_segment_size = 104857600\n\
+         max_segment_count = 10\n\
+         \n\
+         [v4.1]\n\
+         name = \"v4-1\"\n\
+         listen = \"127.0.0.1:{port}\"\n\
+         next_connection_delay_ms = 0\n\
+         \n\
+         [v4.1.connections]\n\
+         connection_timeout_ms = 60000\n\
+         max_payload_size = 20480\n\
+         max_inflight_count = 100\n\
+         dynamic_filters = true\n"
+    )
+}
+
 /// `app=` (and `sidecar=`) from a ports file, once it is whole.
 fn read_ports(path: &Path) -> Option<(u16, Option<u16>)> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -325,5 +382,19 @@ mod tests {
     fn mosquitto_listens_on_loopback_only() {
         let c = mosquitto_conf(18831);
         assert!(c.contains("listener 18831 127.0.0.1\n") && c.contains("persistence false"));
+    }
+
+    #[test]
+    fn rumqttd_listens_on_loopback_only_with_room_for_every_session() {
+        let c = rumqttd_conf(18832);
+        assert!(c.contains("[v4.1]\n") && c.contains("listen = \"127.0.0.1:18832\"\n"), "{c}");
+        assert!(c.contains("next_connection_delay_ms = 0\n") && c.contains("dynamic_filters = true"), "{c}");
+        let max: u32 = c
+            .lines()
+            .find_map(|l| l.strip_prefix("max_connections = "))
+            .and_then(|v| v.parse().ok())
+            .expect("max_connections");
+        assert!(max > super::super::plan::MAX_CONNS, "{max}");
+        assert!(!c.contains("[v5") && !c.contains("[ws") && !c.contains("[console"), "{c}");
     }
 }
