@@ -124,7 +124,9 @@ fn the_loop_turns_many_times_while_the_ring_waits() {
     // Every round trip on the sidecar is a turn of the shard's loop while the app ring has
     // nothing to report: the ring's wake-up must not be re-polled (and its waker kept) on each
     // turn, or a task's waker count overflows after 32,767 turns and the gate stops.
-    let gate = uring_gate(&[]);
+    // The raw sidecar connection never says hello (keepalives are allowed before it): the login
+    // timeout must outlast the 40,000 round trips on a loaded machine.
+    let gate = uring_gate(&["--login-timeout-ms", "600000"]);
     let mut app = gate.login(9, 1);
     let mut s = TcpStream::connect(gate.sidecar).expect("sidecar");
     s.set_nodelay(true).expect("nodelay");
@@ -136,8 +138,10 @@ fn the_loop_turns_many_times_while_the_ring_waits() {
         out.clear();
         enc.keepalive(&mut out, schema::FrameType::Request, seq, 0, 1);
         s.write_all(&out).expect("write");
-        let f = reader.read_frame(&mut s).expect("an answer");
-        assert_eq!(f.seq(), seq);
+        let f = reader
+            .read_frame(&mut s)
+            .unwrap_or_else(|e| panic!("keepalive {seq}: {e}; gate log:\n{}", gate.log_text()));
+        assert_eq!(f.seq(), seq, "{f:?}");
     }
     app.keepalive().expect("the app port still serves");
     assert!(gate.metric("fleetgate_connections", "") >= 1.0);
