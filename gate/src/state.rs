@@ -395,10 +395,7 @@ impl Shard {
 
     /// The connection `c` names, if it is still there.
     pub fn conn(&mut self, c: ConnRef) -> Option<&mut Conn> {
-        match self.conns.get_mut(c.slot as usize) {
-            Some(conn) if conn.gen == c.gen => Some(conn),
-            _ => None,
-        }
+        conn_mut(&mut self.conns, c)
     }
 
     /// The connection's phase and close state, if it is still there.
@@ -484,10 +481,7 @@ impl Shard {
         // app's bound, so its connections are bounded by what a few of its largest frames take.
         let limit_sidecar = SIDECAR_OUT_FRAMES * self.cfg.sidecar.max_body as usize;
         let m = &self.all_metrics[self.id as usize];
-        let Some(conn) = (match self.conns.get_mut(c.slot as usize) {
-            Some(conn) if conn.gen == c.gen => Some(conn),
-            _ => None,
-        }) else {
+        let Some(conn) = conn_mut(&mut self.conns, c) else {
             return Appended::Refused;
         };
         let limit = if conn.port == Port::App { limit_app } else { limit_sidecar };
@@ -608,10 +602,7 @@ impl Shard {
     pub fn ring_sent(&mut self, c: ConnRef, res: i32, mut buf: Vec<u8>) {
         let now = mono_ms();
         let m = &self.all_metrics[self.id as usize];
-        let Some(conn) = (match self.conns.get_mut(c.slot as usize) {
-            Some(conn) if conn.gen == c.gen => Some(conn),
-            _ => None,
-        }) else {
+        let Some(conn) = conn_mut(&mut self.conns, c) else {
             return;
         };
         let ConnIo::Ring(r) = &mut conn.io else { return };
@@ -646,10 +637,7 @@ impl Shard {
     /// The task wrote what it was handed (or failed).
     pub fn written(&mut self, c: ConnRef, ok: bool) {
         let m = &self.all_metrics[self.id as usize];
-        let Some(conn) = (match self.conns.get_mut(c.slot as usize) {
-            Some(conn) if conn.gen == c.gen => Some(conn),
-            _ => None,
-        }) else {
+        let Some(conn) = conn_mut(&mut self.conns, c) else {
             return;
         };
         let n = std::mem::take(&mut conn.out_inflight);
@@ -725,6 +713,12 @@ impl Shard {
         m.gps_coalesced.store(s.coalesced, Relaxed);
         m.gps_dropped.store(s.dropped, Relaxed);
     }
+}
+
+/// The connection `c` names in `conns`, if it is still there (its slot may hold a newer one).
+/// A free function, so a method can hold it beside other fields of the shard.
+fn conn_mut(conns: &mut Slab<Conn>, c: ConnRef) -> Option<&mut Conn> {
+    conns.get_mut(c.slot as usize).filter(|conn| conn.gen == c.gen)
 }
 
 /// `base` plus up to `base` of random jitter, so refused clients do not return in lockstep.

@@ -18,6 +18,7 @@
 use io_uring::types::{BufRingEntry, Fd};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use slab::Slab;
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -94,6 +95,8 @@ pub struct AppRing {
     ring: IoUring,
     bufs: BufRing,
     sends: Slab<(u64, Vec<u8>)>,
+    /// Entries that found the submission queue full, in order (see `push`).
+    backlog: VecDeque<squeue::Entry>,
     listen_fd: RawFd,
     efd: RawFd,
     accept_armed: bool,
@@ -141,8 +144,16 @@ impl AppRing {
             return Err(io::Error::last_os_error());
         }
         ring.submitter().register_eventfd(efd)?;
-        let mut me =
-            AppRing { ring, bufs, sends: Slab::new(), listen_fd, efd, accept_armed: false, overflows: 0 };
+        let mut me = AppRing {
+            ring,
+            bufs,
+            sends: Slab::new(),
+            backlog: VecDeque::new(),
+            listen_fd,
+            efd,
+            accept_armed: false,
+            overflows: 0,
+        };
         me.arm_accept();
         me.submit()?;
         Ok(me)
@@ -165,14 +176,31 @@ impl AppRing {
     }
 
     fn push(&mut self, e: &squeue::Entry) {
+        // Entries wait in order behind any that could not be queued yet.
+        if self.backlog.is_empty() && Self::try_queue(&mut self.ring, e) {
+            return;
+        }
+        // Full: hand what is queued to the kernel and move the waiting ones in; what still does
+        // not fit waits for the next submit. Nothing is dropped: a dropped receive would leave a
+        // connection deaf, a dropped send its buffer stranded. Bounded: a connection has at most
+        // one receive, one send and one cancel outstanding.
+        self.backlog.push_back(e.clone());
+        let _ = self.ring.submit();
+        self.move_backlog();
+    }
+
+    fn try_queue(ring: &mut IoUring, e: &squeue::Entry) -> bool {
         // SAFETY: invariant 4 (and 2 for sends, queued by `send`).
-        if unsafe { self.ring.submission().push(e) }.is_err() {
-            // Full: hand what is queued to the kernel and try again.
-            let _ = self.ring.submit();
-            // SAFETY: as above.
-            if unsafe { self.ring.submission().push(e) }.is_err() {
-                tracing::error!("app ring: submission queue full after a submit; operation dropped");
+        unsafe { ring.submission().push(e) }.is_ok()
+    }
+
+    /// Moves waiting entries into the submission queue while it has room.
+    fn move_backlog(&mut self) {
+        while let Some(e) = self.backlog.front() {
+            if !Self::try_queue(&mut self.ring, e) {
+                break;
             }
+            self.backlog.pop_front();
         }
     }
 
@@ -213,14 +241,26 @@ impl AppRing {
 
     /// Hands every queued entry to the kernel (one system call for all of a turn's work).
     pub fn submit(&mut self) -> io::Result<()> {
-        if self.ring.submission().is_empty() && !self.ring.submission().cq_overflow() {
-            return Ok(());
+        // Bounded: each round hands the kernel a full queue or ends.
+        for _ in 0..=self.backlog.len() / 1024 + 1 {
+            self.move_backlog();
+            if self.ring.submission().is_empty() && !self.ring.submission().cq_overflow() {
+                return Ok(());
+            }
+            match self.ring.submit() {
+                Ok(_) => {}
+                // The kernel is busy (its completion queue is backed up): the rest waits for
+                // the next turn, after this one's harvest.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINTR | libc::EAGAIN)) => {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            }
+            if self.backlog.is_empty() {
+                return Ok(());
+            }
         }
-        match self.ring.submit() {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINTR | libc::EAGAIN)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        Ok(())
     }
 
     /// Takes at most `max` completions, calling `f` for each; returns how many there were.
