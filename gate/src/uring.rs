@@ -127,15 +127,8 @@ impl AppRing {
             .build(cfg.sq_entries)
             .or_else(|_| IoUring::builder().setup_cqsize(cfg.cq_entries).build(cfg.sq_entries))?;
         let bufs = BufRing::new(cfg.buffers, cfg.buffer_size)?;
-        // SAFETY: the mapping lives as long as `bufs`, which outlives `ring` (field order).
-        unsafe {
-            ring.submitter().register_buf_ring_with_flags(
-                bufs.ring as u64,
-                cfg.buffers as u16,
-                BUF_GROUP,
-                0,
-            )?
-        };
+        // SAFETY: `bufs` outlives `ring` (field order, invariant 1).
+        unsafe { bufs.register(&ring, BUF_GROUP)? };
         // Blocking on purpose: the loop reads it through glommio's ring, which waits on a blocking
         // file and would return EAGAIN at once on a non-blocking one.
         // SAFETY: eventfd has no memory arguments.
@@ -335,8 +328,9 @@ impl Drop for AppRing {
 }
 
 /// Provided buffers: one anonymous mapping for the ring of descriptors the kernel picks from,
-/// one for the buffers themselves.
-struct BufRing {
+/// one for the buffers themselves. Shared with perf's ceiling server, which receives the same way.
+#[derive(Debug)]
+pub struct BufRing {
     ring: *mut BufRingEntry,
     ring_len: usize,
     data: *mut u8,
@@ -347,7 +341,8 @@ struct BufRing {
 }
 
 impl BufRing {
-    fn new(entries: u32, buf_size: u32) -> io::Result<BufRing> {
+    /// `entries` buffers (a power of two) of `buf_size` bytes, every one handed to the kernel.
+    pub fn new(entries: u32, buf_size: u32) -> io::Result<BufRing> {
         let ring_len = entries as usize * std::mem::size_of::<BufRingEntry>();
         let data_len = entries as usize * buf_size as usize;
         let ring = map_anonymous(ring_len)?.cast::<BufRingEntry>();
@@ -367,8 +362,20 @@ impl BufRing {
         Ok(bufs)
     }
 
+    /// Registers the ring with `ring` as buffer group `group`.
+    ///
+    /// # Safety
+    /// `ring` must be dropped (or the group unregistered) before `self`: the kernel writes into
+    /// these mappings for as long as the group is registered.
+    pub unsafe fn register(&self, ring: &IoUring, group: u16) -> io::Result<()> {
+        // SAFETY: the caller keeps the mappings alive as long as the registration (above).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(self.ring as u64, self.entries as u16, group, 0)
+        }
+    }
+
     /// The first `len` bytes of buffer `bid`.
-    fn get(&self, bid: u16, len: usize) -> &[u8] {
+    pub fn get(&self, bid: u16, len: usize) -> &[u8] {
         if u32::from(bid) >= self.entries {
             return &[];
         }
@@ -379,7 +386,8 @@ impl BufRing {
         unsafe { std::slice::from_raw_parts(self.data.add(bid as usize * self.buf_size as usize), len) }
     }
 
-    fn recycle(&mut self, bid: u16) {
+    /// Hands buffer `bid` back to the kernel.
+    pub fn recycle(&mut self, bid: u16) {
         if u32::from(bid) < self.entries {
             self.put(bid);
             self.publish();

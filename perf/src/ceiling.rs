@@ -13,11 +13,12 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
+use gate::uring::BufRing;
+use io_uring::types::{Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring, SubmissionQueue, Submitter};
 
 /// The kernel refuses provided-buffer rings larger than this.
@@ -183,7 +184,8 @@ pub fn run(config: &Config) -> Result<Stats, Error> {
     let (mut ring, mode) = build_ring().map_err(|e| {
         Error::io("io_uring setup failed (multishot accept/recv and buffer rings need Linux >= 5.19)", e)
     })?;
-    bufs.register(&ring).map_err(|e| {
+    // SAFETY: `ring` is dropped before `bufs` (see the drop order above).
+    unsafe { bufs.register(&ring, BUF_GROUP) }.map_err(|e| {
         Error::io(
             "cannot register the provided-buffer ring (IORING_REGISTER_PBUF_RING needs Linux >= 5.19)",
             e,
@@ -395,108 +397,6 @@ fn build_ring() -> io::Result<(IoUring, &'static str)> {
         Ok(ring) => Ok((ring, "single issuer, deferred task work")),
         Err(_) => Ok((IoUring::builder().setup_cqsize(CQ_ENTRIES).build(SQ_ENTRIES)?, "default task work")),
     }
-}
-
-/// Provided buffers: one anonymous mapping for the ring of descriptors the kernel picks from,
-/// one for the buffers themselves.
-struct BufRing {
-    ring: *mut BufRingEntry,
-    ring_len: usize,
-    data: *mut u8,
-    data_len: usize,
-    buf_size: u32,
-    entries: u32,
-    tail: u16,
-}
-
-impl BufRing {
-    fn new(entries: u32, buf_size: u32) -> io::Result<Self> {
-        let ring_len = entries as usize * std::mem::size_of::<BufRingEntry>();
-        let data_len = entries as usize * buf_size as usize;
-        // mmap gives the page alignment the kernel requires of the ring, and MAP_POPULATE keeps
-        // first-touch page faults out of the measurement.
-        let ring = map_anonymous(ring_len)?.cast::<BufRingEntry>();
-        let data = match map_anonymous(data_len) {
-            Ok(data) => data,
-            Err(e) => {
-                // SAFETY: `ring` was mapped just above with this length.
-                unsafe { libc::munmap(ring.cast(), ring_len) };
-                return Err(e);
-            }
-        };
-        let mut bufs = BufRing { ring, ring_len, data, data_len, buf_size, entries, tail: 0 };
-        for bid in 0..entries {
-            bufs.put(bid as u16);
-        }
-        bufs.publish();
-        Ok(bufs)
-    }
-
-    fn register(&self, ring: &IoUring) -> io::Result<()> {
-        // SAFETY: the mapping lives until `self` drops, and `run` drops the ring first.
-        unsafe {
-            ring.submitter().register_buf_ring_with_flags(self.ring as u64, self.entries as u16, BUF_GROUP, 0)
-        }
-    }
-
-    /// Hands a buffer the kernel filled back to it; the ring never runs dry because every
-    /// buffer is returned as soon as its completion is counted.
-    fn recycle(&mut self, bid: u16) {
-        if u32::from(bid) >= self.entries {
-            return; // not one of ours; the kernel only returns ids it was given
-        }
-        self.put(bid);
-        self.publish();
-    }
-
-    fn put(&mut self, bid: u16) {
-        let mask = (self.entries - 1) as u16;
-        let slot = usize::from(self.tail & mask);
-        // SAFETY: `slot` < entries, inside the ring mapping. The setters write addr, len and bid,
-        // never the `resv` field that doubles as the tail in the first entry.
-        let entry = unsafe { &mut *self.ring.add(slot) };
-        entry.set_addr(self.data as u64 + u64::from(bid) * u64::from(self.buf_size));
-        entry.set_len(self.buf_size);
-        entry.set_bid(bid);
-        self.tail = self.tail.wrapping_add(1);
-    }
-
-    /// Makes the entries written so far visible to the kernel.
-    fn publish(&self) {
-        // SAFETY: the tail is a u16 at a 2-byte aligned offset of the first entry, shared with
-        // the kernel, which only reads it; a release store orders the entries before it.
-        let tail = unsafe { &*BufRingEntry::tail(self.ring).cast::<AtomicU16>() };
-        tail.store(self.tail, Ordering::Release);
-    }
-}
-
-impl Drop for BufRing {
-    fn drop(&mut self) {
-        // SAFETY: both were mapped in `new` with these lengths, and nothing refers to them any
-        // more: the ring that read them is dropped first.
-        unsafe {
-            libc::munmap(self.ring.cast(), self.ring_len);
-            libc::munmap(self.data.cast(), self.data_len);
-        }
-    }
-}
-
-fn map_anonymous(len: usize) -> io::Result<*mut u8> {
-    // SAFETY: a fresh private anonymous mapping aliases nothing.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-            -1,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(ptr.cast())
 }
 
 fn validate(config: &Config) -> Result<(), Error> {
