@@ -30,8 +30,6 @@ use std::time::{Duration, Instant};
 
 /// Mesh batches handled per turn before the loop serves its connections again.
 const MAX_BATCHES_PER_TURN: usize = 64;
-/// How often login, read and idle timeouts are checked while the shard has connections.
-const SWEEP_MS: u64 = 250;
 /// Read tick of busy app connections: GPS tolerates this much delay, and a busy connection
 /// then costs one recv per tick instead of a poll completion and a recv per segment.
 const READ_TICK_MS: u64 = 10;
@@ -80,7 +78,6 @@ enum Shutdown {
 
 /// The loop's clocks.
 struct Clocks {
-    next_sweep: Option<u64>,
     next_read_tick: Option<u64>,
     /// While the app ring is busy: when to take its completions next, instead of waiting to be
     /// woken.
@@ -98,7 +95,6 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
     let inbox = &mesh.inboxes[shard.id as usize];
     let mut batch = Vec::new();
     let mut clocks = Clocks {
-        next_sweep: None,
         next_read_tick: None,
         ring_harvest: None,
         ring_last_data: None,
@@ -250,7 +246,7 @@ fn next_deadline(shard: &Shard, clocks: &Clocks) -> Option<u64> {
         shard.logic.next_deadline_ms(),
         ring_close_tick,
         shard.ring_arms.iter().map(|(t, _)| *t).min(),
-        clocks.next_sweep,
+        shard.next_sweep(),
         clocks.next_read_tick,
         shard.delivery.next_deadline(),
         shard.outbox_retry_ms,
@@ -567,11 +563,17 @@ fn on_read(shard: &mut Shard, me: ConnRef, first: &[u8], maybe_more: bool, now: 
         own.drain(..used);
         (eof, got, own)
     };
+    let mut half_read = false;
     if let Some(c) = shard.conn(me) {
         if got {
-            c.life.on_input(now, !rest.is_empty());
+            half_read = !rest.is_empty();
+            c.life.on_input(now, half_read);
         }
         c.partial = rest;
+    }
+    if half_read {
+        // The read timeout may now come before the deadline it is filed under.
+        shard.watch(me);
     }
     match (eof, got) {
         (true, _) => Read::Closed,
@@ -800,15 +802,9 @@ fn on_time(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
             apply(shard, o, now);
         }
     }
-    clocks.next_sweep = match clocks.next_sweep {
-        _ if shard.conns.is_empty() => None,
-        Some(t) if t <= now => {
-            sweep(shard, now);
-            Some(now + SWEEP_MS)
-        }
-        Some(t) => Some(t),
-        None => Some(now + SWEEP_MS),
-    };
+    if shard.next_sweep().is_some_and(|t| t <= now) {
+        sweep(shard, now);
+    }
     clocks.next_read_tick = match clocks.next_read_tick {
         _ if shard.busy.is_empty() => None,
         Some(t) if t <= now => {
@@ -837,14 +833,16 @@ fn on_time(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
 /// Closes connections past their login, read, write-stall or idle timeout.
 fn sweep(shard: &mut Shard, now: u64) {
     let (app_t, side_t) = (shard.timeouts(Port::App), shard.timeouts(Port::Sidecar));
-    let expired: Vec<(ConnRef, Expiry)> = shard
-        .conns
-        .iter()
-        .filter_map(|(slot, c)| {
-            let t = if c.port == Port::App { &app_t } else { &side_t };
-            c.life.expired(now, t).map(|e| (ConnRef { shard: shard.id, slot: slot as u32, gen: c.gen }, e))
-        })
-        .collect();
+    let mut expired = Vec::new();
+    for r in shard.sweep_due(now) {
+        let Some(c) = shard.conn(r) else { continue };
+        let t = if c.port == Port::App { &app_t } else { &side_t };
+        match c.life.expired(now, t) {
+            Some(e) => expired.push((r, e)),
+            // Its deadline moved later meanwhile (it read, or logged in): filed again there.
+            None => shard.watch(r),
+        }
+    }
     for (r, e) in expired {
         match e {
             Expiry::Login => {

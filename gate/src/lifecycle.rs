@@ -241,6 +241,25 @@ impl Lifecycle {
         }
     }
 
+    /// The earliest time (monotonic ms) after which `expired` reports a timeout, given the
+    /// connection stays as it is; none for a closing connection or one with no deadline. The
+    /// sweep files each connection under it, so a deadline that moves earlier (a frame left
+    /// half-read, a write stall, a refused login) must be filed again (`Shard::watch`).
+    pub fn next_deadline(&self, t: &Timeouts) -> Option<u64> {
+        if self.closing.is_some() {
+            return None;
+        }
+        [
+            (self.phase == Phase::AwaitingLogin).then_some(self.accepted_ms + t.login_ms),
+            self.partial_since_ms.map(|s| s + t.read_ms),
+            self.write_stalled_ms.map(|s| s + t.read_ms),
+            t.idle_ms.map(|idle| self.last_rx_ms + idle),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
     /// The timeout that expired by `now`, if any (the first in the order login, read, write
     /// stall, idle). A closing connection has none.
     pub fn expired(&self, now: u64, t: &Timeouts) -> Option<Expiry> {
@@ -325,6 +344,40 @@ mod tests {
     }
 
     proptest! {
+        /// `next_deadline` is exactly where `expired` turns on: nothing expires at it, something
+        /// does just after, whatever the state (the sweep relies on both halves).
+        #[test]
+        fn next_deadline_is_where_expiry_begins(
+            accepted in 0u64..1_000,
+            input in proptest::option::of((0u64..20_000, any::<bool>())),
+            stalled in proptest::option::of(0u64..20_000),
+            live in any::<bool>(),
+            refused in any::<bool>(),
+            idle in any::<bool>(),
+            closing in any::<bool>(),
+        ) {
+            let t = Timeouts { idle_ms: idle.then_some(5_000), ..T };
+            let mut l = Lifecycle::new(accepted);
+            if let Some((at, partial)) = input {
+                l.on_input(accepted + at, partial);
+            }
+            l.set_write_stalled(stalled.map(|s| accepted + s));
+            if live {
+                l.begin_login(1, Some(Role::Driver));
+                if refused { l.login_refused() } else { l.go_live(1, Role::Driver); }
+            }
+            if closing {
+                l.close(CloseReason::PeerGone);
+            }
+            match l.next_deadline(&t) {
+                None => prop_assert_eq!(l.expired(u64::MAX / 2, &t), None),
+                Some(d) => {
+                    prop_assert_eq!(l.expired(d, &t), None);
+                    prop_assert!(l.expired(d + 1, &t).is_some());
+                }
+            }
+        }
+
         /// Checked on a sweep every `sweep` ms, every timeout is caught within one sweep of its
         /// deadline, and never before it.
         #[test]

@@ -82,6 +82,9 @@ pub struct Conn {
     pub busy: Option<Busy>,
     /// The close was handed to the task.
     pub close_sent: bool,
+    /// The sweep tick its one live entry in `Shard::sweep_wheel` is filed under (`u32::MAX`:
+    /// none; 32 bits of 250 ms ticks last 34 years).
+    pub sweep_tick: u32,
 }
 
 /// Who moves a connection's bytes.
@@ -233,7 +236,18 @@ pub struct Shard {
     /// Ring connections admitted by the accept-rate queue whose receive starts later:
     /// (monotonic ms, connection).
     pub ring_arms: Vec<(u64, ConnRef)>,
+    /// The timeout sweep's wheel: connections (slot, generation) by the sweep tick
+    /// (`SWEEP_MS` long) at which to look at them next, no later than their earliest deadline.
+    /// A connection is looked at about once per idle timeout, not on every sweep: 18,500 idle
+    /// connections cost a couple of hundred looks a second instead of a walk of all of them four
+    /// times a second. An entry whose tick is not its connection's `sweep_tick` is stale (the
+    /// connection was filed earlier since, or is gone) and is dropped when its tick comes.
+    pub sweep_wheel: std::collections::BTreeMap<u32, Vec<(u32, u32)>>,
 }
+
+/// The timeout sweep's tick: deadlines fire on the first sweep after them, within this much
+/// (docs/PROTOCOL.md §11.1 promises 300 ms).
+pub const SWEEP_MS: u64 = 250;
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -294,6 +308,7 @@ impl Shard {
             // A random start, so two runs of a gate do not hand out the same ids.
             next_log_id: rand::random::<u64>() & LOG_ID_COUNTER_MASK,
             busy: Vec::new(),
+            sweep_wheel: Default::default(),
             ring: None,
             app_listener: None,
             ring_closing: Vec::new(),
@@ -328,12 +343,7 @@ impl Shard {
 
     /// The timeouts of a port's connections.
     pub fn timeouts(&self, port: Port) -> Timeouts {
-        let app = &self.cfg.app;
-        Timeouts {
-            login_ms: app.login_timeout_ms as u64,
-            read_ms: app.read_timeout_ms as u64,
-            idle_ms: (port == Port::App).then_some(app.idle_timeout_ms as u64),
-        }
+        timeouts(&self.cfg, port)
     }
 
     // ------------------------------------------------------------------------------------------
@@ -359,12 +369,49 @@ impl Shard {
             last_read_ms: now,
             busy: None,
             close_sent: false,
+            sweep_tick: u32::MAX,
         });
         if port == Port::App {
             self.app_conn_count += 1;
             self.metrics().conns_open.fetch_add(1, Relaxed);
         }
-        ConnRef { shard: self.id, slot: slot as u32, gen }
+        let me = ConnRef { shard: self.id, slot: slot as u32, gen };
+        self.watch(me);
+        me
+    }
+
+    /// Files `c` on the sweep's wheel under its earliest deadline, unless it is filed under an
+    /// earlier tick already. Called when a connection starts and wherever a deadline can move
+    /// earlier (see `Lifecycle::next_deadline`).
+    pub fn watch(&mut self, c: ConnRef) {
+        if let Some(conn) = conn_mut(&mut self.conns, c) {
+            file(&mut self.sweep_wheel, conn, c.slot, &timeouts(&self.cfg, conn.port));
+        }
+    }
+
+    /// The connections whose sweep tick has come by `now`, taken off the wheel (bounded by the
+    /// connections and their re-filings).
+    pub fn sweep_due(&mut self, now: u64) -> Vec<ConnRef> {
+        let mut due = Vec::new();
+        while let Some(e) = self.sweep_wheel.first_entry() {
+            if *e.key() as u64 * SWEEP_MS > now {
+                break;
+            }
+            let (tick, list) = e.remove_entry();
+            for (slot, gen) in list {
+                let c = ConnRef { shard: self.id, slot, gen };
+                if let Some(conn) = conn_mut(&mut self.conns, c).filter(|x| x.sweep_tick == tick) {
+                    conn.sweep_tick = u32::MAX;
+                    due.push(c);
+                }
+            }
+        }
+        due
+    }
+
+    /// When the sweep must next look (monotonic ms).
+    pub fn next_sweep(&self) -> Option<u64> {
+        self.sweep_wheel.first_key_value().map(|(tick, _)| *tick as u64 * SWEEP_MS)
     }
 
     /// Takes a connection whose task ended out of the table.
@@ -577,6 +624,7 @@ impl Shard {
                     let rest = std::mem::take(&mut conn.out);
                     conn.out_inflight = rest.len();
                     conn.life.set_write_stalled(Some(now));
+                    file(&mut self.sweep_wheel, conn, slot as u32, &timeouts(&self.cfg, conn.port));
                     if let Some(ctl) = conn.ctl() {
                         ctl.send(Command::Write(rest));
                     }
@@ -623,6 +671,7 @@ impl Shard {
                 conn.out = buf;
                 if conn.life.closing.is_none() {
                     conn.life.set_write_stalled(Some(now));
+                    file(&mut self.sweep_wheel, conn, c.slot, &timeouts(&self.cfg, conn.port));
                 }
             } else {
                 conn.life.set_write_stalled(None);
@@ -717,6 +766,32 @@ impl Shard {
 
 /// The connection `c` names in `conns`, if it is still there (its slot may hold a newer one).
 /// A free function, so a method can hold it beside other fields of the shard.
+/// The timeouts of a port's connections.
+fn timeouts(cfg: &Config, port: Port) -> Timeouts {
+    Timeouts {
+        login_ms: cfg.app.login_timeout_ms as u64,
+        read_ms: cfg.app.read_timeout_ms as u64,
+        idle_ms: (port == Port::App).then_some(cfg.app.idle_timeout_ms as u64),
+    }
+}
+
+/// Files `conn` (at `slot`) on the sweep's wheel under its earliest deadline, unless it is filed
+/// under an earlier tick already.
+fn file(
+    wheel: &mut std::collections::BTreeMap<u32, Vec<(u32, u32)>>,
+    conn: &mut Conn,
+    slot: u32,
+    t: &Timeouts,
+) {
+    let Some(deadline) = conn.life.next_deadline(t) else { return };
+    // The first tick strictly after the deadline: `expired` is true there.
+    let tick = (deadline / SWEEP_MS + 1).min(u32::MAX as u64 - 1) as u32;
+    if tick < conn.sweep_tick {
+        conn.sweep_tick = tick;
+        wheel.entry(tick).or_default().push((slot, conn.gen));
+    }
+}
+
 fn conn_mut(conns: &mut Slab<Conn>, c: ConnRef) -> Option<&mut Conn> {
     conns.get_mut(c.slot as usize).filter(|conn| conn.gen == c.gen)
 }

@@ -216,6 +216,26 @@ fn login_timeout_fires_on_time_behind_a_longer_ttl() {
 }
 
 #[test]
+fn a_refused_resume_leaves_the_login_timeout_running_from_accept() {
+    let gate = gate(&["--login-timeout-ms", "1500"]);
+    let mut first = gate.login(9, 1);
+    let token = first.session().expect("session").resume_token.clone();
+    first.logout().expect("logout");
+    let t0 = Instant::now();
+    let mut again = gate.connect();
+    match again.resume(&token) {
+        Err(client::ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::ResumeRefused),
+        other => panic!("a logged-out session resumed: {other:?}"),
+    }
+    // Awaiting a login again, with the clock still running from the accept.
+    let f = again.recv().expect("the login timeout's error");
+    assert_eq!(f.error().map(|e| (e.code, f.seq())), Some((ErrorCode::NotLoggedIn, 0)));
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(1_500), "the login timeout fired early, after {took:?}");
+    assert!(took < Duration::from_millis(1_500) + LATE, "1.5 s login timeout fired after {took:?}");
+}
+
+#[test]
 fn read_and_idle_timeouts_fire_on_time_behind_a_longer_ttl() {
     let gate = gate(&["--read-timeout-ms", "1000", "--idle-timeout-ms", "1500", "--heartbeat-ms", "500"]);
     let (mut side, _) = RawSidecar::connect(&gate);

@@ -267,6 +267,8 @@ pub fn resume_refused(
     if let Some(l) = shard.life(conn) {
         l.login_refused();
     }
+    // Awaiting a login again: the login timeout (from accept) is its deadline once more.
+    shard.watch(conn);
     let message = match why {
         logic::directory::ResumeRefused::NoSession => "no session to resume (expired or logged out): log in",
         logic::directory::ResumeRefused::StaleEpoch => "the token names an older session: log in",
