@@ -15,12 +15,13 @@
 
 use crate::frame::{answers, write_raw_frame, FrameReader, OwnedFrame};
 use crate::proto::app::{mix64, write_login, write_push_ack, write_resume, LogIds, SeqIds};
+use crate::secure::SecureStream;
 use crate::{now_ms, ClientError};
 use schema::flatbuffers::{FlatBufferBuilder, WIPOffset};
 use schema::wire;
 use schema::{body_kind, Body, Cmd, Encoder, FrameType, Limits};
 use std::collections::VecDeque;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -79,10 +80,50 @@ fn unexpected(wanted: &str, f: &OwnedFrame) -> ClientError {
     ClientError::Unexpected(format!("expected {wanted}, got {:?} {:?} (seq {})", f.cmd, f.ty, f.header.seq))
 }
 
+/// The socket, in plaintext or inside the secure channel.
+enum Link {
+    Plain(TcpStream),
+    Secure(Box<SecureStream>),
+}
+
+impl Link {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Link::Plain(t) => t,
+            Link::Secure(s) => s.tcp(),
+        }
+    }
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(t) => t.read(buf),
+            Link::Secure(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(t) => t.write(buf),
+            Link::Secure(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Link::Plain(t) => t.flush(),
+            Link::Secure(s) => s.flush(),
+        }
+    }
+}
+
 /// One app connection to a gate.
 pub struct AppConn {
     /// The socket; TCP_NODELAY is on, since every frame is small and latency-bound.
-    stream: TcpStream,
+    stream: Link,
     /// Incoming bytes and frame decoding.
     reader: FrameReader,
     /// Reused FlatBuffers builder for outgoing bodies.
@@ -125,12 +166,26 @@ impl AppConn {
         })
     }
 
+    /// Connects like [`AppConn::connect`], then speaks the secure channel (docs/PROTOCOL.md
+    /// §14) with the gate whose public key is `server_key`: the first Login or Resume travels in
+    /// the handshake, every frame after it in Data records.
+    pub fn connect_secure(
+        addr: impl ToSocketAddrs,
+        timeout: Duration,
+        server_key: channel::PublicKey,
+    ) -> Result<AppConn, ClientError> {
+        let mut conn = AppConn::connect(addr, timeout)?;
+        let tcp = conn.stream.tcp().try_clone()?;
+        conn.stream = Link::Secure(Box::new(SecureStream::new(tcp, server_key)));
+        Ok(conn)
+    }
+
     /// Wraps a connected stream, turning TCP_NODELAY on. The stream's own timeouts are kept;
     /// waits for answers are bounded by 30 s until [`AppConn::set_read_timeout`] says otherwise.
     pub fn from_stream(stream: TcpStream) -> Result<AppConn, ClientError> {
         stream.set_nodelay(true)?;
         Ok(AppConn {
-            stream,
+            stream: Link::Plain(stream),
             reader: FrameReader::new(Limits::APP),
             enc: Encoder::new(),
             out: Vec::with_capacity(256),
@@ -146,7 +201,7 @@ impl AppConn {
     /// Sets the socket's read timeout and the longest a call waits for its answer. Zero is
     /// refused by the socket (it would mean "forever").
     pub fn set_read_timeout(&mut self, timeout: Duration) -> Result<(), ClientError> {
-        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.tcp().set_read_timeout(Some(timeout))?;
         self.read_timeout = timeout;
         Ok(())
     }
@@ -157,20 +212,47 @@ impl AppConn {
         self.out.clear();
         write_login(&mut self.enc, &mut self.out, seq, log_id, token, device);
         self.flush()?;
-        let info = SessionInfo::from_frame(&self.wait_response(seq)?)?;
+        self.session_answer(seq)
+    }
+
+    /// Resumes `s`: on the secure channel with its resumption secret (a ResumeHello, no static
+    /// key exchange), in plaintext with its resume token alone.
+    pub fn resume_session(&mut self, s: &SessionInfo) -> Result<SessionInfo, ClientError> {
+        if let (Link::Secure(sec), Some(secret)) = (&mut self.stream, s.resume_secret) {
+            if !sec.is_open() {
+                sec.resume_with(&s.resume_token, channel::ResumeSecret(secret));
+            }
+        }
+        self.resume(&s.resume_token)
+    }
+
+    /// Reads the Session answering `seq`; on the secure channel it takes the handshake's
+    /// resumption secret with it.
+    fn session_answer(&mut self, seq: u32) -> Result<SessionInfo, ClientError> {
+        let mut info = SessionInfo::from_frame(&self.wait_response(seq)?)?;
+        if let Link::Secure(sec) = &self.stream {
+            info.resume_secret = sec.resume_secret().map(|s| s.0);
+        }
         self.session = Some(info.clone());
         Ok(info)
     }
 
-    /// Resumes a held session with the resume token of its last Session answer.
+    /// The gate's new public key, when it said the one this connection used is being retired.
+    pub fn new_server_key(&self) -> Option<channel::PublicKey> {
+        match &self.stream {
+            Link::Secure(s) => s.new_server_key().copied(),
+            Link::Plain(_) => None,
+        }
+    }
+
+    /// Resumes a held session with the resume token of its last Session answer (plaintext; on
+    /// the secure channel see [`AppConn::resume_session`]).
     pub fn resume(&mut self, resume_token: &[u8]) -> Result<SessionInfo, ClientError> {
         let (seq, log_id) = self.fresh_ids();
         self.out.clear();
         write_resume(&mut self.enc, &mut self.out, seq, log_id, resume_token);
         self.flush()?;
-        let info = SessionInfo::from_frame(&self.wait_response(seq)?)?;
-        self.session = Some(info.clone());
-        Ok(info)
+        self.session_answer(seq)
     }
 
     /// Sends a keepalive stamped with the wall clock and waits for it; returns the echoed stamp.
@@ -352,7 +434,8 @@ impl AppConn {
         self.flush()
     }
 
-    /// Writes `bytes` as they are (hostile-input tests).
+    /// Writes `bytes` as they are (hostile-input tests); on the secure channel, inside it (use
+    /// [`AppConn::send_wire`] for bytes past the channel).
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.stream.write_all(bytes)?;
         Ok(())
@@ -374,24 +457,34 @@ impl AppConn {
 
     /// Shuts both directions of the socket down; the gate sees the connection drop (no logout).
     pub fn shutdown(&self) -> Result<(), ClientError> {
-        self.stream.shutdown(Shutdown::Both)?;
+        self.stream.tcp().shutdown(Shutdown::Both)?;
         Ok(())
     }
 
     /// The connection's local address.
     pub fn local_addr(&self) -> Result<SocketAddr, ClientError> {
-        Ok(self.stream.local_addr()?)
+        Ok(self.stream.tcp().local_addr()?)
     }
 
     /// The gate's address.
     pub fn peer_addr(&self) -> Result<SocketAddr, ClientError> {
-        Ok(self.stream.peer_addr()?)
+        Ok(self.stream.tcp().peer_addr()?)
     }
 
     /// The socket, for options this type does not cover. Reading from it directly bypasses the
     /// frame reader and loses framing.
     pub fn stream_mut(&mut self) -> &mut TcpStream {
-        &mut self.stream
+        match &mut self.stream {
+            Link::Plain(t) => t,
+            Link::Secure(s) => s.tcp_mut(),
+        }
+    }
+
+    /// Writes `bytes` straight to the socket, past the secure channel if there is one
+    /// (records forged, replayed or cut by hostile-input tests).
+    pub fn send_wire(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.stream_mut().write_all(bytes)?;
+        Ok(())
     }
 
     /// The session from the last successful login or resume (cleared by logout).
@@ -609,6 +702,7 @@ mod tests {
                 resume_token: vec![9; 16],
                 node: "127.0.0.1:7100".into(),
                 hold_ms: 60_000,
+                resume_secret: None,
             }
         );
         assert_eq!(app.session(), Some(&info));

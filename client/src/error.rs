@@ -47,6 +47,10 @@ pub enum ClientError {
     /// Too many frames arrived that nobody has claimed yet (see `MAX_QUEUED`).
     #[error("too many unclaimed frames queued")]
     QueueFull,
+    /// The secure channel failed: the gate refused the handshake (a Reject, for example an
+    /// unknown key), or a record did not authenticate. The connection cannot go on.
+    #[error("secure channel: {0}")]
+    Channel(channel::ChannelError),
     /// The peer sent something valid on the wire but not what this call expects.
     #[error("unexpected: {0}")]
     Unexpected(String),
@@ -56,6 +60,10 @@ impl From<std::io::Error> for ClientError {
     /// Timeouts and a peer that went away get their own variants, since callers (and tests)
     /// act on them differently from other socket failures.
     fn from(e: std::io::Error) -> ClientError {
+        // The secure stream reports channel failures through `Read` and `Write`.
+        if let Some(c) = e.get_ref().and_then(|inner| inner.downcast_ref::<channel::ChannelError>()) {
+            return ClientError::Channel(c.clone());
+        }
         match e.kind() {
             ErrorKind::WouldBlock | ErrorKind::TimedOut => ClientError::Timeout,
             ErrorKind::ConnectionReset

@@ -14,6 +14,8 @@
 //!   each message id once.
 //! - [`proto`]: the protocol's rules as sans-I/O state machines; [`AppSession`] and loadgen
 //!   are shells over [`proto::app::AppProto`].
+//! - [`secure`]: [`secure::SecureStream`], the app side of the secure channel over a blocking
+//!   socket ([`AppConn::connect_secure`]).
 //! - [`ClientError`]: every failure, with the server's own error frames as
 //!   [`ClientError::Server`].
 
@@ -22,6 +24,7 @@ pub mod appserver;
 mod error;
 pub mod frame;
 pub mod proto;
+pub mod secure;
 pub mod session;
 
 pub use app::{AppConn, Reply, SessionInfo, MAX_QUEUED};

@@ -393,7 +393,15 @@ impl H {
             (Cmd::Login, FrameType::Request, Detail::Token(t)) => {
                 let c = token::verify(SECRET, &t, 0).expect("the app's token verifies");
                 self.shard.handle(
-                    Input::Login { uid: c.uid, role: c.role, conn, log_id, seq, wall_ms: now },
+                    Input::Login {
+                        uid: c.uid,
+                        role: c.role,
+                        conn,
+                        log_id,
+                        seq,
+                        wall_ms: now,
+                        resume_secret: None,
+                    },
                     now,
                     &mut outs,
                 );
@@ -413,8 +421,15 @@ impl H {
                     );
                 } else {
                     let c = token::verify_resume(SECRET, &t).expect("the app returns the token unchanged");
-                    let input =
-                        Input::Resume { uid: c.uid, epoch: c.epoch, resumes: c.resumes, conn, log_id, seq };
+                    let input = Input::Resume {
+                        uid: c.uid,
+                        epoch: c.epoch,
+                        resumes: Some(c.resumes),
+                        conn,
+                        log_id,
+                        seq,
+                        resume_secret: None,
+                    };
                     self.shard.handle(input, now, &mut outs);
                 }
             }

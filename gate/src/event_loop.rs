@@ -348,7 +348,13 @@ fn admit_app(shard: &mut Shard, fd: std::os::fd::RawFd, ctl: Option<Rc<crate::io
             let log_id = shard.new_log_id();
             tracing::warn!(log_id, shard = shard.id, reason = ?why, retry_after_ms = retry, "connection refused");
             let mut frame = Vec::new();
-            shard.enc.error(&mut frame, 0, log_id, code, wire::Hop::Gate, 0, message, retry);
+            if shard.cfg.app.plaintext {
+                shard.enc.error(&mut frame, 0, log_id, code, wire::Hop::Gate, 0, message, retry);
+            } else {
+                // No channel yet: the refusal is a Reject record (PROTOCOL.md §14).
+                let why = format!("{message}; retry after {retry} ms");
+                channel::handshake::write_reject(&mut frame, channel::RejectReason::Overloaded, &why);
+            }
             match ctl {
                 Some(ctl) => ctl.refuse(frame),
                 None => {
@@ -537,6 +543,68 @@ fn on_read(shard: &mut Shard, me: ConnRef, first: &[u8], maybe_more: bool, now: 
     if c.life.closing.is_some() {
         // Closing: whatever else arrives is not decoded (its answers could not be sent anyway,
         // and after a stream error its framing is lost).
+        return Read::Data;
+    }
+    if c.secure.is_some() {
+        return on_secure_read(shard, me, first, maybe_more, now);
+    }
+    on_frames(shard, me, first, maybe_more, now)
+}
+
+/// Bytes from an app on the secure channel: records first (`app::secure`), then the frames they
+/// carried, exactly as a plaintext connection's.
+fn on_secure_read(shard: &mut Shard, me: ConnRef, first: &[u8], maybe_more: bool, now: u64) -> Read {
+    let Some(fd) = shard.conn(me).map(|c| c.fd) else { return Read::Closed };
+    let mut raw = first.to_vec();
+    let mut eof = false;
+    if maybe_more {
+        for _ in 0..MAX_DRAIN_READS {
+            raw.reserve(16 * 1024);
+            let spare = raw.capacity() - raw.len();
+            match net::recv_into(fd, &mut raw) {
+                Ok(Io::Done(n)) if n < spare => break,
+                Ok(Io::Done(_)) => {}
+                Ok(Io::WouldBlock) => break,
+                Ok(Io::Eof) | Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+    }
+    if raw.is_empty() {
+        return if eof { Read::Closed } else { Read::Empty };
+    }
+    let Some(plain) = crate::app::secure::on_bytes(shard, me, &raw) else {
+        // The channel failed and the connection is closing.
+        return Read::Data;
+    };
+    // The frame path counts the frame bytes; the records' headers and tags are counted here.
+    shard.metrics().bytes_in.fetch_add(raw.len().saturating_sub(plain.len()) as u64, Relaxed);
+    if !plain.is_empty() {
+        on_frames(shard, me, &plain, false, now);
+    }
+    // Bytes came: the idle clock restarts, and a record (or frame) left half-read runs the read
+    // timeout.
+    let half_read = shard.conn(me).is_some_and(|c| {
+        let half = !c.partial.is_empty() || c.secure.as_ref().is_some_and(|s| s.partial());
+        c.life.on_input(now, half);
+        half
+    });
+    if half_read {
+        shard.watch(me);
+    }
+    if eof {
+        Read::Closed
+    } else {
+        Read::Data
+    }
+}
+
+/// Frame bytes that arrived (`first`, then, with `maybe_more`, what else the socket holds).
+fn on_frames(shard: &mut Shard, me: ConnRef, first: &[u8], maybe_more: bool, now: u64) -> Read {
+    let Some(c) = shard.conn(me) else { return Read::Closed };
+    if c.life.closing.is_some() {
         return Read::Data;
     }
     let (fd, port, mut own) = (c.fd, c.port, std::mem::take(&mut c.partial));
@@ -765,6 +833,7 @@ fn apply(shard: &mut Shard, o: Output, now: u64) {
         Output::ResumeRefused { conn, log_id, seq, why } => {
             session::resume_refused(shard, conn, log_id, seq, why)
         }
+        Output::ResumeSecret { conn, secret } => crate::app::secure::on_resume_secret(shard, conn, secret),
         Output::Displaced { conn, uid, log_id } => session::displaced(shard, conn, uid, log_id),
         Output::LogoutOk { conn, log_id, seq } => session::logout_ok(shard, conn, log_id, seq),
         Output::Deliver { conn, seq, push, redelivery } => push::deliver(shard, conn, seq, &push, redelivery),

@@ -19,6 +19,16 @@ fn main() {
                 std::process::exit(EXIT_BAD_CONFIG);
             }
         },
+        Some(Command::Keygen(args)) => match args.run() {
+            Ok(kp) => {
+                println!("{}", hex(kp.public()));
+                return;
+            }
+            Err(e) => {
+                eprintln!("gate keygen: {e}");
+                std::process::exit(1);
+            }
+        },
         Some(Command::Token(args)) => {
             let cfg = match cli.load() {
                 Ok(c) => c,
@@ -83,7 +93,9 @@ fn main() {
     if let Err(e) = gate::server::run(cfg, cli.ports_file.as_deref()) {
         tracing::error!("{e}");
         eprintln!("gate: {e}");
-        std::process::exit(1);
+        // A setting that could not be used (a key file, the cores) is the operator's to fix.
+        let bad_setting = matches!(e, gate::server::StartError::Config(_));
+        std::process::exit(if bad_setting { EXIT_BAD_CONFIG } else { 1 });
     }
 }
 

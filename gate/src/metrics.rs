@@ -57,6 +57,16 @@ impl<const N: usize> Counters<N> {
     }
 }
 
+/// Kinds of secure-channel failures, as the `kind` label of
+/// `fleetgate_channel_errors_total` names them (see `app::secure::error_kind`).
+pub const CHANNEL_ERRORS: [&str; 5] = [
+    "malformed",      // not a record stream: unknown type, oversized length, truncated at close
+    "unexpected",     // a record not allowed now (Data before the handshake, a second Hello)
+    "refused",        // the handshake was refused: unknown key, bad handshake, unknown session
+    "authentication", // a Data record failed authentication: tampered, replayed, reordered, truncated
+    "other",          // nonces exhausted, or a state the gate could not continue from
+];
+
 /// Why a connection was refused at accept.
 #[derive(Clone, Copy, Debug)]
 pub enum Refusal {
@@ -87,6 +97,10 @@ pub struct ShardMetrics {
     pub accepted: AtomicU64,
     /// Connections refused, by `Refusal`.
     pub refused: Counters<3>,
+    /// Secure-channel handshakes answered with an Accept: [login (IK), resume (NNpsk0)].
+    pub handshakes: Counters<2>,
+    /// Secure channels that ended in an error, by `CHANNEL_ERRORS`.
+    pub channel_errors: Counters<{ CHANNEL_ERRORS.len() }>,
     /// Connections closed, by `lifecycle::CloseReason::slot`.
     pub closed: Counters<16>,
     /// Frames read, by `Cmd::slot`.
@@ -237,6 +251,30 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
                 o,
                 "fleetgate_connections_refused_total{{shard=\"{i}\",reason=\"{name}\"}} {}",
                 s.refused.get(r as usize)
+            );
+        }
+    }
+    counter(&mut o, "fleetgate_handshakes_total", "Secure-channel handshakes accepted, by kind.");
+    for (i, s) in shards.iter().enumerate() {
+        for (k, name) in ["login", "resume"].iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "fleetgate_handshakes_total{{shard=\"{i}\",kind=\"{name}\"}} {}",
+                s.handshakes.get(k)
+            );
+        }
+    }
+    counter(
+        &mut o,
+        "fleetgate_channel_errors_total",
+        "Secure channels closed for an error, by kind (each also logged with its reason).",
+    );
+    for (i, s) in shards.iter().enumerate() {
+        for (k, name) in CHANNEL_ERRORS.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "fleetgate_channel_errors_total{{shard=\"{i}\",kind=\"{name}\"}} {}",
+                s.channel_errors.get(k)
             );
         }
     }

@@ -50,6 +50,8 @@ pub enum StartError {
 /// Runs a gate until it is told to stop; returns once every shard has drained.
 pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     let cores = cfg.resolved_cores()?;
+    // Keys before ports: a missing or malformed key file stops the gate before it binds.
+    let keys = Arc::new(cfg.key_ring(crate::net::now_ms())?);
     let shards = cores.len();
     let app_addr = cfg.app.listen;
     let app = net::listen_all(app_addr, cfg.app.backlog, shards).map_err(|source| StartError::Bind {
@@ -89,6 +91,18 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
              Set auth.token_secret and sidecar.secret (or --token-secret / --sidecar-secret) in production."
         );
     }
+    if cfg.app.plaintext {
+        tracing::warn!(
+            "THE APP PORT IS IN PLAINTEXT MODE (app.plaintext): login tokens and every frame cross the network \
+             readable and forgeable by anyone on the path. Use it on trusted networks and for capacity tests only."
+        );
+    } else if keys.current().is_dev() {
+        tracing::warn!(
+            "USING THE BUILT-IN DEVELOPMENT KEY PAIR for the secure channel: its private key is public, so anyone \
+             can read and impersonate this gate. Write a key pair with `gate keygen --out PATH` and set \
+             channel.key_file in production."
+        );
+    }
     let incarnation = draw_incarnation();
     tracing::info!(app = %app_bound, sidecar = %sidecar_bound, admin = %admin_bound, shards, cores = ?cores, node = %node, incarnation = format_args!("{incarnation:016x}"), "gate listening");
     if let Some(path) = ports_file {
@@ -105,6 +119,7 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
         sidecars: Arc::new(crate::delivery::Registry::new(shards)),
         drained: Arc::new(AtomicUsize::new(0)),
         node,
+        keys: keys.clone(),
         incarnation,
     };
     watch_signals(mesh)?;

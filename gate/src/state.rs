@@ -82,6 +82,8 @@ pub struct Conn {
     pub busy: Option<Busy>,
     /// The close was handed to the task.
     pub close_sent: bool,
+    /// The secure channel of an app connection (none on the sidecar port or in plaintext mode).
+    pub secure: Option<Box<crate::app::secure::Secure>>,
     /// The sweep tick its one live entry in `Shard::sweep_wheel` is filed under (`u32::MAX`:
     /// none; 32 bits of 250 ms ticks last 34 years).
     pub sweep_tick: u32,
@@ -110,6 +112,20 @@ pub struct RingConn {
 }
 
 impl Conn {
+    /// The whole out queue was handed to a write: nothing in it is sealed any more.
+    fn out_taken(&mut self) {
+        if let Some(sec) = self.secure.as_deref_mut() {
+            sec.sealed = 0;
+        }
+    }
+
+    /// `n` bytes at the front of the out queue went out (they were sealed).
+    fn out_sent(&mut self, n: usize) {
+        if let Some(sec) = self.secure.as_deref_mut() {
+            sec.sealed = sec.sealed.saturating_sub(n);
+        }
+    }
+
     /// The mailbox of a task-driven connection.
     pub fn ctl(&self) -> Option<&Rc<ConnCtl>> {
         match &self.io {
@@ -141,6 +157,8 @@ pub struct Shared {
     pub drained: Arc<std::sync::atomic::AtomicUsize>,
     /// host:port apps should reconnect to.
     pub node: String,
+    /// The secure channel's keys: the current pair and the previous one, if any.
+    pub keys: Arc<channel::KeyRing>,
     /// This process's incarnation, sent in every AppServerWelcome (PROTOCOL.md §9.8).
     pub incarnation: u64,
 }
@@ -187,6 +205,8 @@ pub struct Shard {
     pub token_secret: Vec<u8>,
     /// host:port apps should reconnect to.
     pub node: String,
+    /// The secure channel's keys.
+    pub keys: Arc<channel::KeyRing>,
     /// This process's incarnation.
     pub incarnation: u64,
     /// Connections on this shard.
@@ -261,8 +281,17 @@ impl std::fmt::Debug for Shard {
 impl Shard {
     /// A shard with no connections.
     pub fn new(id: u16, shared: Shared) -> Shard {
-        let Shared { cfg, mesh, metrics: all_metrics, gps_recent, sidecars, drained, node, incarnation } =
-            shared;
+        let Shared {
+            cfg,
+            mesh,
+            metrics: all_metrics,
+            gps_recent,
+            sidecars,
+            drained,
+            node,
+            keys,
+            incarnation,
+        } = shared;
         let shards = mesh.len();
         let logic = logic::Shard::new(logic::ShardConfig {
             id,
@@ -288,6 +317,7 @@ impl Shard {
             mesh,
             all_metrics,
             node,
+            keys,
             incarnation,
             conns: Slab::new(),
             next_gen: 1,
@@ -354,6 +384,7 @@ impl Shard {
     pub fn add_conn(&mut self, fd: RawFd, port: Port, io: ConnIo, now: u64) -> ConnRef {
         let gen = self.next_gen;
         self.next_gen = gen.wrapping_add(1).max(1);
+        let secure = crate::app::secure::new_conn(self, port);
         let slot = self.conns.insert(Conn {
             gen,
             port,
@@ -370,6 +401,7 @@ impl Shard {
             busy: None,
             close_sent: false,
             sweep_tick: u32::MAX,
+            secure,
         });
         if port == Port::App {
             self.app_conn_count += 1;
@@ -549,6 +581,16 @@ impl Shard {
         }
     }
 
+    /// Lists the connection for the next flush (its queue changed outside `send_frame`).
+    pub fn mark_dirty(&mut self, c: ConnRef) {
+        if let Some(conn) = conn_mut(&mut self.conns, c) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(c.slot as usize);
+            }
+        }
+    }
+
     /// Marks the connection closing for `reason` (the first reason stands); the loop hands its
     /// last bytes and the close to its task on the next flush.
     pub fn close(&mut self, c: ConnRef, reason: CloseReason) {
@@ -572,11 +614,20 @@ impl Shard {
             if conn.close_sent {
                 continue;
             }
+            // On the secure channel the frames queued since the last flush become Data records
+            // here: everything one flush writes, in as few records as fit.
+            let grew = crate::app::secure::seal_out(conn);
+            if grew != 0 {
+                m.out_queue_bytes.fetch_add(grew as i64, Relaxed);
+            }
             if let ConnIo::Ring(r) = &mut conn.io {
                 // The ring writes: one send in flight at a time, every turn's sends submitted
                 // together; a closing connection shuts its write side once its bytes are out.
                 if !r.sending && !conn.out.is_empty() {
                     let bytes = std::mem::take(&mut conn.out);
+                    if let Some(sec) = conn.secure.as_deref_mut() {
+                        sec.sealed = 0;
+                    }
                     conn.out_inflight = bytes.len();
                     r.sending = true;
                     if let Some(ring) = self.ring.as_mut() {
@@ -610,6 +661,7 @@ impl Shard {
                         } else {
                             conn.out.drain(..n);
                         }
+                        conn.out_sent(n);
                     }
                     Ok(Io::WouldBlock) | Ok(Io::Eof) => {}
                     Err(_) => {
@@ -622,6 +674,7 @@ impl Shard {
                 if !conn.out.is_empty() && conn.life.closing.is_none() {
                     // The socket is full: the task waits for it to take the rest.
                     let rest = std::mem::take(&mut conn.out);
+                    conn.out_taken();
                     conn.out_inflight = rest.len();
                     conn.life.set_write_stalled(Some(now));
                     file(&mut self.sweep_wheel, conn, slot as u32, &timeouts(&self.cfg, conn.port));
@@ -632,6 +685,7 @@ impl Shard {
             }
             if conn.life.closing.is_some() && !conn.close_sent {
                 let last = std::mem::take(&mut conn.out);
+                conn.out_taken();
                 m.out_queue_bytes.fetch_sub(last.len() as i64, Relaxed);
                 conn.close_sent = true;
                 if let Some(ctl) = conn.ctl() {
@@ -667,6 +721,10 @@ impl Shard {
                 // The socket took part: the rest goes first on the next turn, and the stall
                 // clock runs (a peer that reads nothing becomes a slow consumer).
                 buf.drain(..n);
+                // The unsent rest is records already (sealed before the send).
+                if let Some(sec) = conn.secure.as_deref_mut() {
+                    sec.sealed += buf.len();
+                }
                 buf.append(&mut conn.out);
                 conn.out = buf;
                 if conn.life.closing.is_none() {

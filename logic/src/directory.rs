@@ -22,7 +22,13 @@ pub struct Entry {
     pub held_until_ms: Option<u64>,
     /// Resumes so far; a resume token is valid only for the current count (rotation).
     pub resumes: u32,
+    /// The secure channel's resumption secret: the psk the next resume must prove (none for a
+    /// session that came over plaintext). It lives here, with the session, so it moves with it.
+    pub resume_secret: Option<ResumeSecret>,
 }
+
+/// A secure channel's resumption secret (`channel::ResumeSecret`'s bytes).
+pub type ResumeSecret = [u8; 32];
 
 /// What a resume found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,14 +78,28 @@ const MAX_RETIRED: usize = 1 << 20;
 
 impl Directory {
     /// Registers a new session of `uid` on `conn` at `now_ms`.
-    pub fn login(&mut self, uid: u64, role: u8, conn: ConnRef, now_ms: u64) -> LoginResult {
+    pub fn login(
+        &mut self,
+        uid: u64,
+        role: u8,
+        conn: ConnRef,
+        now_ms: u64,
+        resume_secret: Option<ResumeSecret>,
+    ) -> LoginResult {
         let prev = self.entries.remove(&uid);
         let last_epoch = prev.as_ref().map(|e| e.epoch).or_else(|| self.retired.remove(&uid)).unwrap_or(0);
         // A time floor keeps epochs growing even when the retired map was pruned or the
         // process restarted: ms since the epoch, shifted to leave room for many logins per ms.
         let epoch = (last_epoch + 1).max(now_ms << 8);
-        let entry =
-            Entry { conn, role, epoch, pushes: PushState::default(), held_until_ms: None, resumes: 0 };
+        let entry = Entry {
+            conn,
+            role,
+            epoch,
+            pushes: PushState::default(),
+            held_until_ms: None,
+            resumes: 0,
+            resume_secret,
+        };
         self.entries.insert(uid, entry);
         if let Some(until) = prev.as_ref().and_then(|p| p.held_until_ms) {
             self.held.remove(&(until, uid));
@@ -118,22 +138,27 @@ impl Directory {
         }
     }
 
-    /// Attaches the session of `uid` to `conn` if the token's epoch and resume count are current.
+    /// Attaches the session of `uid` to `conn` if the token's epoch and resume count are current
+    /// (`resumes: None`: the secure channel proved it current), and gives it `resume_secret`.
     pub fn resume(
         &mut self,
         uid: u64,
         epoch: u64,
-        resumes: u32,
+        resumes: Option<u32>,
         conn: ConnRef,
+        resume_secret: Option<ResumeSecret>,
     ) -> Result<Resumed, ResumeRefused> {
         let e = self.entries.get_mut(&uid).ok_or(ResumeRefused::NoSession)?;
         if e.epoch != epoch {
             return Err(ResumeRefused::StaleEpoch);
         }
-        if e.resumes != resumes {
+        if resumes.is_some_and(|r| r != e.resumes) {
             return Err(ResumeRefused::Replayed);
         }
         e.resumes = e.resumes.wrapping_add(1);
+        if resume_secret.is_some() {
+            e.resume_secret = resume_secret;
+        }
         let previous = std::mem::replace(&mut e.conn, conn);
         let held = e.held_until_ms.take();
         if let Some(until) = held {
@@ -213,9 +238,9 @@ mod tests {
     #[test]
     fn second_login_displaces_and_grows_the_epoch() {
         let mut d = Directory::default();
-        let a = d.login(7, 1, c(1), 0);
+        let a = d.login(7, 1, c(1), 0, None);
         assert!(a.displaced.is_none());
-        let b = d.login(7, 1, c(2), 0);
+        let b = d.login(7, 1, c(2), 0, None);
         assert_eq!(b.displaced.map(|e| e.conn), Some(c(1)));
         assert!(b.epoch > a.epoch);
         // The displaced connection's late close does not end the new session.
@@ -226,10 +251,10 @@ mod tests {
     #[test]
     fn epochs_keep_growing_across_logout() {
         let mut d = Directory::default();
-        let a = d.login(7, 1, c(1), 0);
+        let a = d.login(7, 1, c(1), 0, None);
         assert!(d.remove_if(7, c(1)).is_some());
         assert!(d.is_empty());
-        let b = d.login(7, 1, c(2), 0);
+        let b = d.login(7, 1, c(2), 0, None);
         assert!(b.epoch > a.epoch);
         assert!(b.displaced.is_none());
     }

@@ -2,6 +2,7 @@
 //! inputs and a clock.
 
 use crate::directory::Directory;
+use crate::directory::ResumeSecret;
 use crate::gps::{Coalescer, Forward, GpsStats};
 use crate::push::{outcome, Inflight, PushContent, Receipt, TtlIndex};
 use crate::upstream::{Pending, Requests};
@@ -93,6 +94,9 @@ pub enum Input {
         /// keep growing across restarts. (`now_ms` everywhere else is the gate's monotonic
         /// clock, which deadlines use.)
         wall_ms: u64,
+        /// The resumption secret of the secure channel the login came over (none in plaintext):
+        /// the psk of the session's next resume.
+        resume_secret: Option<ResumeSecret>,
     },
     /// A connection presented a valid resume token (the gate verified its MAC).
     Resume {
@@ -100,14 +104,28 @@ pub enum Input {
         uid: u64,
         /// The session epoch the token was issued for.
         epoch: u64,
-        /// The session's resume count the token was issued for.
-        resumes: u32,
+        /// The session's resume count the token was issued for; `None` when the secure channel
+        /// already proved the resume current (its psk is the session's newest secret, and a
+        /// resume whose answer was lost must still work with the token the app holds).
+        resumes: Option<u32>,
         /// The new connection.
         conn: ConnRef,
         /// The resume request's log-id.
         log_id: u64,
         /// The resume request's sequence-id.
         seq: u32,
+        /// The secure channel's new resumption secret, the session's from now on (none in
+        /// plaintext).
+        resume_secret: Option<ResumeSecret>,
+    },
+    /// A ResumeHello on the secure channel names this session: its resumption secret, please.
+    ResumeSecret {
+        /// The user.
+        uid: u64,
+        /// The session's epoch, from the resume token.
+        epoch: u64,
+        /// The connection that asks.
+        conn: ConnRef,
     },
     /// The app logged out.
     Logout {
@@ -259,6 +277,14 @@ pub enum Output {
         /// Why.
         why: crate::directory::ResumeRefused,
     },
+    /// The answer to `Input::ResumeSecret`: the session's resumption secret, or none (no such
+    /// session, another epoch, or a session that came over plaintext).
+    ResumeSecret {
+        /// The connection that asked.
+        conn: ConnRef,
+        /// The secret.
+        secret: Option<ResumeSecret>,
+    },
     /// Tell the app-server a uid's session ended without logout.
     Unreachable {
         /// The user.
@@ -352,6 +378,7 @@ impl Output {
             Output::LoginOk { conn, .. }
             | Output::ResumeOk { conn, .. }
             | Output::ResumeRefused { conn, .. }
+            | Output::ResumeSecret { conn, .. }
             | Output::Displaced { conn, .. }
             | Output::LogoutOk { conn, .. }
             | Output::Deliver { conn, .. }
@@ -407,8 +434,8 @@ impl Shard {
     /// Applies one input at `now_ms`, appending what to do to `out`.
     pub fn handle(&mut self, input: Input, now_ms: u64, out: &mut Vec<Output>) {
         match input {
-            Input::Login { uid, role, conn, log_id, seq, wall_ms } => {
-                let r = self.directory.login(uid, role, conn, wall_ms);
+            Input::Login { uid, role, conn, log_id, seq, wall_ms, resume_secret } => {
+                let r = self.directory.login(uid, role, conn, wall_ms, resume_secret);
                 if let Some(mut old) = r.displaced {
                     old.pushes.drain_into(uid, outcome::DISPLACED, &mut self.ttl, &mut self.receipts);
                     if old.conn != conn {
@@ -440,8 +467,13 @@ impl Shard {
                     }
                 }
             }
-            Input::Resume { uid, epoch, resumes, conn, log_id, seq } => {
-                match self.directory.resume(uid, epoch, resumes, conn) {
+            Input::ResumeSecret { uid, epoch, conn } => {
+                let secret =
+                    self.directory.get(uid).filter(|e| e.epoch == epoch).and_then(|e| e.resume_secret);
+                out.push(Output::ResumeSecret { conn, secret });
+            }
+            Input::Resume { uid, epoch, resumes, conn, log_id, seq, resume_secret } => {
+                match self.directory.resume(uid, epoch, resumes, conn, resume_secret) {
                     Err(why) => out.push(Output::ResumeRefused { conn, log_id, seq, why }),
                     Ok(r) => {
                         if r.was_attached {
@@ -720,7 +752,11 @@ mod tests {
 
     fn login(s: &mut Shard, uid: u64, conn: ConnRef) {
         let mut out = Vec::new();
-        s.handle(Input::Login { uid, role: 1, conn, log_id: 1, seq: 1, wall_ms: 0 }, 0, &mut out);
+        s.handle(
+            Input::Login { uid, role: 1, conn, log_id: 1, seq: 1, wall_ms: 0, resume_secret: None },
+            0,
+            &mut out,
+        );
     }
 
     fn receipts(out: &[Output]) -> Vec<(u64, u64, u8)> {
@@ -745,10 +781,18 @@ mod tests {
     fn login_displace_logout() {
         let mut s = shard();
         let mut out = Vec::new();
-        s.handle(Input::Login { uid: 5, role: 1, conn: c(1), log_id: 10, seq: 1, wall_ms: 0 }, 0, &mut out);
+        s.handle(
+            Input::Login { uid: 5, role: 1, conn: c(1), log_id: 10, seq: 1, wall_ms: 0, resume_secret: None },
+            0,
+            &mut out,
+        );
         assert!(matches!(out[..], [Output::LoginOk { uid: 5, seq: 1, log_id: 10, .. }]));
         out.clear();
-        s.handle(Input::Login { uid: 5, role: 1, conn: c(2), log_id: 11, seq: 1, wall_ms: 0 }, 0, &mut out);
+        s.handle(
+            Input::Login { uid: 5, role: 1, conn: c(2), log_id: 11, seq: 1, wall_ms: 0, resume_secret: None },
+            0,
+            &mut out,
+        );
         assert!(matches!(out[0], Output::Displaced { conn, uid: 5, log_id: 11 } if conn == c(1)));
         assert!(matches!(out[1], Output::LoginOk { conn, .. } if conn == c(2)));
         out.clear();
@@ -832,7 +876,11 @@ mod tests {
         out.clear();
         s.handle(Input::PushAck { uid: 1, conn: c(1), seq: seqs[0].1 }, 10, &mut out);
         s.handle(Input::PushAck { uid: 1, conn: c(1), seq: seqs[0].1 }, 11, &mut out); // twice
-        s.handle(Input::Login { uid: 3, role: 1, conn: c(4), log_id: 2, seq: 1, wall_ms: 20 }, 20, &mut out);
+        s.handle(
+            Input::Login { uid: 3, role: 1, conn: c(4), log_id: 2, seq: 1, wall_ms: 20, resume_secret: None },
+            20,
+            &mut out,
+        );
         s.tick(499, &mut out);
         s.tick(500, &mut out);
         s.handle(Input::PushAck { uid: 2, conn: c(2), seq: seqs[1].1 }, 600, &mut out); // too late
@@ -901,7 +949,11 @@ mod tests {
         login(&mut s, 1, c(1));
         login(&mut s, 2, c(2));
         let mut out = Vec::new();
-        s.handle(Input::Login { uid: 3, role: 2, conn: c(3), log_id: 1, seq: 1, wall_ms: 0 }, 0, &mut out);
+        s.handle(
+            Input::Login { uid: 3, role: 2, conn: c(3), log_id: 1, seq: 1, wall_ms: 0, resume_secret: None },
+            0,
+            &mut out,
+        );
         out.clear();
         let tally = Tally { shard: 1, id: 77 };
         s.handle(Input::Broadcast { push: push(8, 100), role: 1, tally }, 0, &mut out);
@@ -933,7 +985,11 @@ mod tests {
     fn a_dropped_session_is_held_queues_and_replays_in_order_on_resume() {
         let mut s = held_shard();
         let mut out = Vec::new();
-        s.handle(Input::Login { uid: 1, role: 1, conn: c(1), log_id: 1, seq: 1, wall_ms: 0 }, 0, &mut out);
+        s.handle(
+            Input::Login { uid: 1, role: 1, conn: c(1), log_id: 1, seq: 1, wall_ms: 0, resume_secret: None },
+            0,
+            &mut out,
+        );
         let epoch = match out[0] {
             Output::LoginOk { epoch, .. } => epoch,
             _ => panic!(),
@@ -948,11 +1004,31 @@ mod tests {
         // A replayed or stale token is refused; the current one resumes, on another shard too.
         let other = ConnRef { shard: 0, slot: 9, gen: 1 };
         s.handle(
-            Input::Resume { uid: 1, epoch: epoch - 1, resumes: 0, conn: other, log_id: 2, seq: 1 },
+            Input::Resume {
+                uid: 1,
+                epoch: epoch - 1,
+                resumes: Some(0),
+                conn: other,
+                log_id: 2,
+                seq: 1,
+                resume_secret: None,
+            },
             30,
             &mut out,
         );
-        s.handle(Input::Resume { uid: 1, epoch, resumes: 5, conn: other, log_id: 2, seq: 1 }, 30, &mut out);
+        s.handle(
+            Input::Resume {
+                uid: 1,
+                epoch,
+                resumes: Some(5),
+                conn: other,
+                log_id: 2,
+                seq: 1,
+                resume_secret: None,
+            },
+            30,
+            &mut out,
+        );
         assert!(matches!(
             out[0],
             Output::ResumeRefused { why: crate::directory::ResumeRefused::StaleEpoch, .. }
@@ -962,12 +1038,36 @@ mod tests {
             Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }
         ));
         out.clear();
-        s.handle(Input::Resume { uid: 1, epoch, resumes: 0, conn: other, log_id: 2, seq: 1 }, 30, &mut out);
+        s.handle(
+            Input::Resume {
+                uid: 1,
+                epoch,
+                resumes: Some(0),
+                conn: other,
+                log_id: 2,
+                seq: 1,
+                resume_secret: None,
+            },
+            30,
+            &mut out,
+        );
         assert!(matches!(out[0], Output::ResumeOk { resumes: 1, .. }));
         assert_eq!(deliveries(&out), vec![(1, 1, true), (2, 2, false)]);
         out.clear();
         // The same token again is a replay.
-        s.handle(Input::Resume { uid: 1, epoch, resumes: 0, conn: c(3), log_id: 2, seq: 1 }, 40, &mut out);
+        s.handle(
+            Input::Resume {
+                uid: 1,
+                epoch,
+                resumes: Some(0),
+                conn: c(3),
+                log_id: 2,
+                seq: 1,
+                resume_secret: None,
+            },
+            40,
+            &mut out,
+        );
         assert!(matches!(
             out[0],
             Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }

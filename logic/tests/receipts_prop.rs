@@ -69,7 +69,7 @@ proptest! {
                     let c = ConnRef { shard: 0, slot: next_slot, gen: 1 };
                     uid_of_slot.insert(next_slot, uid);
                     conn_of.insert(uid, c);
-                    s.handle(Input::Login { uid, role: 1, conn: c, log_id: 0, seq: 1, wall_ms: now }, now, &mut out);
+                    s.handle(Input::Login { uid, role: 1, conn: c, log_id: 0, seq: 1, wall_ms: now, resume_secret: None }, now, &mut out);
                 }
                 Op::Close(uid, r) => {
                     if let Some(c) = conn_of.remove(&uid) {
@@ -107,7 +107,7 @@ proptest! {
                         let c = ConnRef { shard: 0, slot: next_slot, gen: 1 };
                         uid_of_slot.insert(next_slot, uid);
                         let resumes = if stale { resumes.wrapping_sub(1) } else { resumes };
-                        s.handle(Input::Resume { uid, epoch, resumes, conn: c, log_id: 0, seq: 1 }, now, &mut out);
+                        s.handle(Input::Resume { uid, epoch, resumes: Some(resumes), conn: c, log_id: 0, seq: 1, resume_secret: None }, now, &mut out);
                         if out.iter().any(|o| matches!(o, Output::ResumeOk { .. })) {
                             conn_of.insert(uid, c);
                             // Deliveries on the old connection can no longer be acked there.

@@ -55,6 +55,8 @@ impl GateProcess {
             .arg(&ports)
             .args(["--app-listen", &app_listen, "--sidecar-listen", &sidecar_listen])
             .args(["--admin-listen", "127.0.0.1:0"])
+            // Plaintext unless the test says otherwise (`--app-plaintext false`).
+            .args(if args.iter().any(|a| a.contains("plaintext")) { &[][..] } else { &["--plaintext"][..] })
             .args(args)
             .env("FLEETGATE_LOG", "info")
             .stdin(Stdio::null())
@@ -127,6 +129,16 @@ impl Drop for GateProcess {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            // A failing test's gate log is what explains it: print its tail.
+            if let Ok(log) = std::fs::read_to_string(self.dir.join("gate.log")) {
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- last lines of the gate's log ---");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

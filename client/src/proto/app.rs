@@ -130,6 +130,10 @@ pub struct SessionInfo {
     pub node: String,
     /// How long the session is held after the connection drops.
     pub hold_ms: u32,
+    /// On the secure channel: the resumption secret of the handshake that carried this answer,
+    /// the psk of the session's next resume (docs/PROTOCOL.md §14). Not on the wire in frames:
+    /// the channel sets it.
+    pub resume_secret: Option<[u8; 32]>,
 }
 
 impl SessionInfo {
@@ -144,6 +148,7 @@ impl SessionInfo {
             resume_token: s.resume_token().map(|t| t.bytes().to_vec()).unwrap_or_default(),
             node: s.node().unwrap_or("").to_owned(),
             hold_ms: s.hold_ms(),
+            resume_secret: None,
         }
     }
 

@@ -76,7 +76,9 @@ fn login(shard: &mut Shard, me: ConnRef, h: &Header, l: wire::Login<'_>) {
                 "login: token ok"
             );
             let (uid, role, log_id, seq, wall_ms) = (claims.uid, claims.role, h.log_id, h.seq, net::now_ms());
-            shard.to_logic(uid, Input::Login { uid, role, conn: me, log_id, seq, wall_ms });
+            // Over the secure channel the session takes the handshake's resumption secret.
+            let resume_secret = shard.conn(me).and_then(|c| c.secure.as_ref()).and_then(|s| s.secret());
+            shard.to_logic(uid, Input::Login { uid, role, conn: me, log_id, seq, wall_ms, resume_secret });
         }
         Err(e) => {
             let code = match e {
@@ -104,15 +106,21 @@ fn resume(shard: &mut Shard, me: ConnRef, h: &Header, r: wire::Resume<'_>) {
                 c.login_started = Some(Instant::now());
             }
             tracing::info!(log_id = h.log_id, uid = claims.uid, shard = shard.id, "resume: token ok");
+            // A channel opened with this session's secret proved the resume current: the token's
+            // resume count may be one behind (its Session answer was lost after the commit).
+            let sec = shard.conn(me).and_then(|c| c.secure.as_ref());
+            let proved = sec.is_some_and(|s| s.proved(claims.uid, claims.epoch));
+            let resume_secret = sec.and_then(|s| s.secret());
             shard.to_logic(
                 claims.uid,
                 Input::Resume {
                     uid: claims.uid,
                     epoch: claims.epoch,
-                    resumes: claims.resumes,
+                    resumes: (!proved).then_some(claims.resumes),
                     conn: me,
                     log_id: h.log_id,
                     seq: h.seq,
+                    resume_secret,
                 },
             );
         }

@@ -208,6 +208,8 @@ settings! {
             "Bytes per receive buffer of the app port's io_uring (uring only)."
         ring_cq_entries: u32 = 32_768, value "N", example "64", check |v| if v.is_power_of_two() && (16..=65_536).contains(v) { Ok(()) } else { Err("must be a power of two from 16 to 65536".into()) };
             "Completion queue entries of the app port's io_uring (uring only); past them completions wait on the kernel's overflow list and are taken on the next harvest, more slowly."
+        plaintext: bool = false, value "BOOL", alias "plaintext", example "true";
+            "Serve apps without the secure channel (docs/PROTOCOL.md §14), for trusted networks and capacity tests only: tokens and every frame cross the network readable by anyone on the path. `--plaintext` alone means true."
         ring_window_us: u32 = 1_000, value "US", example "250", check |v| range(*v, 0, 1_000, "microseconds");
             "While the shard is busy, it takes the app port's completions every this many microseconds instead of being woken for each batch (uring only; at most 1 ms, 0: woken every time); when a harvest finds fewer than two, it waits to be woken again."
     }
@@ -226,6 +228,14 @@ settings! {
             "Lifetime of a push that names none, in milliseconds."
         max_ttl_ms: u32 = 300_000, value "MS", example "60000", check positive;
             "Longest lifetime a push may ask for, in milliseconds; at least default_ttl_ms. Bounds how long queued pushes pin memory."
+    }
+    [channel] ChannelConfig "The app port's secure channel (docs/PROTOCOL.md §14): the gate's static key pair, and the one it replaced." {
+        key_file: String = String::new(), value "PATH", example "/etc/fleetgate/gate.key";
+            "The gate's private key file, as `gate keygen` writes it; apps ship the matching public key. Empty: the built-in development key pair, public and not fit for production."
+        previous_key_file: String = String::new(), value "PATH", example "/etc/fleetgate/gate-old.key";
+            "The private key the current one replaced: apps that know only its public key still connect, and are told the new one, for previous_key_overlap_s after the gate starts. Empty: none."
+        previous_key_overlap_s: u32 = 604_800, value "SECONDS", example "3600", check positive;
+            "Seconds after start during which the previous key is still accepted."
     }
     [auth] AuthConfig "Verification of the tokens apps log in with." {
         token_secret: Secret = Secret::default(), value "SECRET", alias "token-secret", example "tok-secret";
@@ -417,6 +427,31 @@ impl Config {
     /// not fit for production.
     pub fn uses_dev_secret(&self) -> bool {
         self.token_secret() == DEV_SECRET.as_bytes() || self.sidecar_secret() == DEV_SECRET.as_bytes()
+    }
+
+    /// The secure channel's key ring: `channel.key_file` (or the development pair) and, for
+    /// `channel.previous_key_overlap_s` from `now_ms`, `channel.previous_key_file`.
+    pub fn key_ring(&self, now_ms: u64) -> Result<channel::KeyRing, ConfigError> {
+        let load = |key: &str, path: &str| {
+            channel::keys::load_private(Path::new(path)).map_err(|e| ConfigError::Invalid {
+                key: key.into(),
+                value: toml_quote(path),
+                origin: Origin::File,
+                reason: e.to_string(),
+            })
+        };
+        let current = match self.channel.key_file.as_str() {
+            "" => channel::Keypair::dev(),
+            path => load("channel.key_file", path)?,
+        };
+        Ok(match self.channel.previous_key_file.as_str() {
+            "" => channel::KeyRing::new(current),
+            path => {
+                let previous = load("channel.previous_key_file", path)?;
+                let until = now_ms.saturating_add(self.channel.previous_key_overlap_s as u64 * 1000);
+                channel::KeyRing::with_previous(current, previous, until)
+            }
+        })
     }
 
     /// The cores to run shards on, checked against the cores this process may use.
@@ -644,6 +679,34 @@ pub enum Command {
     /// stderr). Stdout gets the 50-byte token as one line of lowercase hex, nothing else. A bad
     /// flag exits 64 with the flag named.
     Token(TokenArgs),
+    /// Write a new key pair for the app port's secure channel and exit
+    ///
+    /// Writes the private key to PATH (mode 0600) and the public key to PATH.pub, refusing to
+    /// replace either, and prints the public key's hex on stdout. Name PATH in
+    /// `channel.key_file`; ship PATH.pub (or the printed hex) with the apps. To rotate, move the
+    /// old file to `channel.previous_key_file` and write a new one here.
+    Keygen(KeygenArgs),
+}
+
+/// `gate keygen`: where to write the key pair.
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct KeygenArgs {
+    /// The private key file to write; the public key goes to the same path with `.pub` added
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+}
+
+impl KeygenArgs {
+    /// Writes a fresh key pair; returns it.
+    pub fn run(&self) -> Result<channel::Keypair, channel::KeyError> {
+        let kp = channel::Keypair::generate();
+        let mut public = self.out.clone().into_os_string();
+        public.push(".pub");
+        // The public file first: a failure then leaves no private key without its public half.
+        kp.save_public(Path::new(&public))?;
+        kp.save_private(&self.out)?;
+        Ok(kp)
+    }
 }
 
 /// `gate token`: the claims of the token to print.
@@ -716,6 +779,10 @@ impl Cli {
                 .global(true);
             for alias in s.aliases {
                 arg = arg.visible_alias(*alias);
+            }
+            if s.value_name == "BOOL" {
+                // A switch: `--plaintext` alone says true; `--plaintext false` still parses.
+                arg = arg.num_args(0..=1).default_missing_value("true");
             }
             cmd = cmd.arg(arg);
         }

@@ -27,6 +27,19 @@ impl SettingValue for u32 {
     }
 }
 
+impl SettingValue for bool {
+    fn parse_setting(text: &str) -> Result<bool, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err("must be true or false".into()),
+        }
+    }
+    fn to_toml(&self) -> String {
+        self.to_string()
+    }
+}
+
 impl SettingValue for String {
     fn parse_setting(text: &str) -> Result<String, String> {
         Ok(text.to_string())

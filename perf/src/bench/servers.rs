@@ -177,6 +177,8 @@ impl Server {
                     // One line per login would be the gate's main cost in a storm; the peers
                     // log errors only, so the gate does too.
                     "--log-level", "warn",
+                    // The ratio rows measure the reactor: plaintext, as the peers run here.
+                    "--plaintext",
                     "--app-listen", "127.0.0.1:0",
                     "--sidecar-listen", "127.0.0.1:0",
                     "--admin-listen", "127.0.0.1:0",
