@@ -159,6 +159,7 @@ fn resume_round_trips_and_the_secret_moves_on_each_time() {
         let mut gate = Gate::new(keys.clone());
         assert_eq!(gate.feed(&app.take_out()).unwrap(), [format!("resume {}", hex(&id))]);
         assert_eq!(gate.ch.state(), ServerState::AwaitingSecret);
+        assert_eq!(gate.ch.resume_id(), Some(&id[..]));
         gate.ch.resume(Some(&secret), &mut gate.plain, &mut gate.out).unwrap();
         assert_eq!(gate.take_plain(), b"RESUME");
         let gate_secret = gate.ch.accept(b"SESSION", &mut gate.out).unwrap();
