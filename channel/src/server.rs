@@ -126,6 +126,15 @@ impl ServerChannel {
         self.phase.state()
     }
 
+    /// The waiting ResumeHello's resume_id (state `AwaitingSecret`), for a lookup that
+    /// finishes after the event's borrow ended.
+    pub fn resume_id(&self) -> Option<&[u8]> {
+        match &self.phase {
+            Phase::AwaitingSecret(body) => Some(resume_id(body)),
+            _ => None,
+        }
+    }
+
     /// True once the app's first Data record authenticated.
     pub fn is_committed(&self) -> bool {
         matches!(self.phase, Phase::Open(_))
@@ -156,8 +165,7 @@ impl ServerChannel {
             (Phase::AwaitingHello, RecordType::ResumeHello) => {
                 parse_resume_hello(record.body).map_err(|r| refuse(r, out))?;
                 self.phase = Phase::AwaitingSecret(record.body.into());
-                let Phase::AwaitingSecret(body) = &self.phase else { unreachable!("set just above") };
-                Ok(ServerEvent::ResumeHello { resume_id: resume_id(body) })
+                Ok(ServerEvent::ResumeHello { resume_id: self.resume_id().unwrap_or_default() })
             }
             (Phase::AwaitingConfirm(mut t), RecordType::Data) => {
                 t.open_into(record.body, plain)?;
