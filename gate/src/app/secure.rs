@@ -85,6 +85,10 @@ pub fn on_bytes(shard: &mut Shard, me: ConnRef, mut input: &[u8]) -> Option<Vec<
                 Ok(Some(r)) => r,
                 Ok(None) => break,
                 Err(e) => {
+                    // Before a transport exists, say why (a plaintext app on a secure port
+                    // lands here): a Reject, which `reject` writes only while there is none.
+                    let why = "not a secure-channel record: this port speaks the secure channel (PROTOCOL.md §14)";
+                    sec.chan.reject(RejectReason::BadHandshake, why, &mut out);
                     result = Err(ChannelError::Record(e));
                     break;
                 }
