@@ -36,11 +36,15 @@ test: test-deps ## install what the tests need if missing, then run every test
 	@if command -v cargo-nextest >/dev/null; then \
 		$(CARGO) test --workspace --doc -q && $(CARGO) nextest run --workspace --no-fail-fast \
 		&& echo "== the gate's tests again, app port on glommio's readiness path" \
-		&& FLEETGATE_APP_IO=readiness $(CARGO) nextest run -p gate --no-fail-fast; \
+		&& FLEETGATE_APP_IO=readiness $(CARGO) nextest run -p gate --no-fail-fast \
+		&& echo "== the gate's tests again, app port in plaintext (app.plaintext)" \
+		&& FLEETGATE_APP_PLAINTEXT=true $(CARGO) nextest run -p gate --no-fail-fast; \
 	else \
 		$(CARGO) test --workspace --no-fail-fast \
 		&& echo "== the gate's tests again, app port on glommio's readiness path" \
-		&& FLEETGATE_APP_IO=readiness $(CARGO) test -p gate --no-fail-fast; \
+		&& FLEETGATE_APP_IO=readiness $(CARGO) test -p gate --no-fail-fast \
+		&& echo "== the gate's tests again, app port in plaintext (app.plaintext)" \
+		&& FLEETGATE_APP_PLAINTEXT=true $(CARGO) test -p gate --no-fail-fast; \
 	fi
 
 schema: test-deps ## regenerate schema/src/generated from schema/fbs with flatc $(FLATC_VERSION)

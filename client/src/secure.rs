@@ -108,9 +108,15 @@ impl SecureStream {
             let mut input = &self.raw[..n];
             let mut out = Vec::new();
             while let Some(rec) = self.records.next(&mut input).map_err(|e| fail(ChannelError::Record(e)))? {
-                let chan = self.chan.as_mut().ok_or_else(|| {
-                    fail(ChannelError::Unexpected { kind: rec.kind, state: "before the Hello" })
-                })?;
+                let Some(chan) = self.chan.as_mut() else {
+                    // A gate may refuse a connection before the app said anything (load, a
+                    // login timeout): a Reject says why.
+                    if rec.kind == channel::RecordType::Reject {
+                        let (reason, message) = channel::handshake::parse_reject(rec.body);
+                        return Err(fail(ChannelError::RejectedByGate { reason, message }));
+                    }
+                    return Err(fail(ChannelError::Unexpected { kind: rec.kind, state: "before the Hello" }));
+                };
                 match chan.on_record(rec, &mut self.plain, &mut out).map_err(fail)? {
                     ClientEvent::Accepted { new_server_key, resume_secret } => {
                         self.secret = Some(resume_secret);

@@ -379,7 +379,7 @@ fn resumes_work_on_every_shard() {
 #[test]
 fn plaintext_is_refused_by_default() {
     let gate = secure_gate(&[]);
-    let mut plain = gate.connect();
+    let mut plain = AppConn::connect(gate.app, Duration::from_secs(5)).expect("connect");
     assert!(plain.login(&token(80, 1), "plaintext").is_err(), "a plaintext login on the secure port");
     assert_eq!(gate.metric("fleetgate_channel_errors_total", "kind=\"malformed\""), 1.0);
 }

@@ -28,10 +28,21 @@ struct Seen {
 
 /// One app: receives and acks every push; now and then drops its connection and resumes (or
 /// logs in afresh when the resume is refused).
-fn app(gate_addr: std::net::SocketAddr, uid: u64, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
+fn app(
+    gate_addr: std::net::SocketAddr,
+    secure: bool,
+    uid: u64,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+) {
     // Answers are waited for patiently; pushes are polled every 100 ms.
     let connect = || {
-        let mut c = AppConn::connect(gate_addr, Duration::from_secs(5)).expect("connect");
+        let mut c = if secure {
+            let key = *channel::Keypair::dev().public();
+            AppConn::connect_secure(gate_addr, Duration::from_secs(5), key).expect("connect")
+        } else {
+            AppConn::connect(gate_addr, Duration::from_secs(5)).expect("connect")
+        };
         c.set_read_timeout(EVENTUALLY).expect("timeout");
         c
     };
@@ -49,9 +60,15 @@ fn app(gate_addr: std::net::SocketAddr, uid: u64, stop: Arc<AtomicBool>, seen: A
             next_drop = Instant::now() + Duration::from_millis(400 + rng % 900);
             let _ = conn.shutdown();
             conn = connect();
-            session = match conn.resume(&session.resume_token) {
+            session = match conn.resume_session(&session) {
                 Ok(s) => s,
                 Err(ClientError::Server { .. }) => conn.login(&token(uid, 1), "stress").expect("login"),
+                // The channel refused the resume (its secret was replaced by a commit this app
+                // did not see confirmed): a new connection logs in afresh.
+                Err(ClientError::Channel(_)) => {
+                    conn = connect();
+                    conn.login(&token(uid, 1), "stress").expect("login")
+                }
                 Err(e) => panic!("uid {uid}: resume failed: {e}"),
             };
             polling(&mut conn);
@@ -85,8 +102,9 @@ fn app_servers_churn_while_pushes_receipts_and_resumes_run() {
     let seen: Vec<Arc<Mutex<Seen>>> = (0..APPS).map(|_| Arc::new(Mutex::new(Seen::default()))).collect();
     let apps: Vec<_> = (0..APPS)
         .map(|i| {
-            let (addr, stop, seen) = (gate.app, stop.clone(), seen[i as usize].clone());
-            std::thread::spawn(move || app(addr, 1_000 + i, stop, seen))
+            let (addr, secure, stop, seen) =
+                (gate.app, gate.secure(), stop.clone(), seen[i as usize].clone());
+            std::thread::spawn(move || app(addr, secure, 1_000 + i, stop, seen))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));

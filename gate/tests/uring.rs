@@ -71,8 +71,7 @@ fn closes_cancel_the_receive_and_free_the_slot() {
     let mut c = gate.login(3, 1);
     c.logout().expect("logout");
     let mut silent = gate.connect();
-    let f = silent.recv().expect("the login timeout's error");
-    assert_eq!(f.error().map(|e| e.code), Some(ErrorCode::NotLoggedIn));
+    common::expect_refusal(&mut silent, ErrorCode::NotLoggedIn);
     gate.eventually("every connection ended", || gate.metric("fleetgate_connections", "") == 0.0);
     // The slots are reused cleanly.
     let mut again = gate.login(3, 1);

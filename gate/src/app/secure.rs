@@ -87,7 +87,8 @@ pub fn on_bytes(shard: &mut Shard, me: ConnRef, mut input: &[u8]) -> Option<Vec<
                 Err(e) => {
                     // Before a transport exists, say why (a plaintext app on a secure port
                     // lands here): a Reject, which `reject` writes only while there is none.
-                    let why = "not a secure-channel record: this port speaks the secure channel (PROTOCOL.md §14)";
+                    let why =
+                        "not a secure-channel record: this port speaks the secure channel (PROTOCOL.md §14)";
                     sec.chan.reject(RejectReason::BadHandshake, why, &mut out);
                     result = Err(ChannelError::Record(e));
                     break;
@@ -215,7 +216,12 @@ pub fn seal_out(c: &mut Conn) -> isize {
             c.life.close(CloseReason::GoAway(GoAwayReason::ProtocolError));
         }
     } else if c.life.closing.is_some() && sec.sealed == 0 {
-        sec.chan.reject(RejectReason::BadHandshake, "closed before a handshake completed", &mut c.out);
+        let why = match c.life.closing {
+            Some(CloseReason::LoginTimeout) => "no handshake within the login timeout",
+            Some(CloseReason::GoAway(GoAwayReason::Shutdown)) => "gate shutting down",
+            _ => "closed before a handshake completed",
+        };
+        sec.chan.reject(RejectReason::BadHandshake, why, &mut c.out);
     }
     sec.sealed = c.out.len();
     c.out.len() as isize - before as isize

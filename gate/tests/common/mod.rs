@@ -16,14 +16,22 @@ pub const SIDECAR_SECRET: &[u8] = b"test-sidecar-secret";
 /// "Eventually" bound for anything the tests wait for.
 pub const EVENTUALLY: Duration = Duration::from_secs(15);
 
-/// A gate process (the shared test launcher) with the helpers these tests use.
-pub struct Gate(GateProcess);
+/// A gate process (the shared test launcher) with the helpers these tests use. Its app port
+/// speaks the secure channel (the gate's default) with the development key, and [`Gate::connect`]
+/// does too; `FLEETGATE_APP_PLAINTEXT=true` runs the same tests in plaintext (`make test` does
+/// both), and a test that passes a `plaintext` flag itself gets what it asked for.
+pub struct Gate(GateProcess, bool);
 
 impl std::ops::Deref for Gate {
     type Target = GateProcess;
     fn deref(&self) -> &GateProcess {
         &self.0
     }
+}
+
+/// True when this test run asks for plaintext gates.
+pub fn plaintext_run() -> bool {
+    std::env::var("FLEETGATE_APP_PLAINTEXT").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes" | "on"))
 }
 
 impl Gate {
@@ -41,6 +49,14 @@ impl Gate {
         if !extra.contains(&"--gps-flush-ms") {
             args.extend_from_slice(&["--gps-flush-ms", "100"]);
         }
+        let asked = extra.iter().position(|a| a.contains("plaintext"));
+        let secure = match asked {
+            Some(i) => extra.get(i + 1).is_some_and(|v| *v == "false"),
+            None => !plaintext_run(),
+        };
+        if asked.is_none() && secure {
+            args.extend_from_slice(&["--app-plaintext", "false"]);
+        }
         args.extend_from_slice(extra);
         Gate(
             GateProcess::start_at(
@@ -51,14 +67,25 @@ impl Gate {
                 EVENTUALLY,
             )
             .expect("gate starts"),
+            secure,
         )
     }
 
     /// A connected app client.
     pub fn connect(&self) -> AppConn {
-        let mut c = AppConn::connect(self.app, Duration::from_secs(5)).expect("connect");
+        let mut c = if self.1 {
+            let key = *channel::Keypair::dev().public();
+            AppConn::connect_secure(self.app, Duration::from_secs(5), key).expect("connect")
+        } else {
+            AppConn::connect(self.app, Duration::from_secs(5)).expect("connect")
+        };
         c.set_read_timeout(EVENTUALLY).expect("timeout");
         c
+    }
+
+    /// True when the app port speaks the secure channel.
+    pub fn secure(&self) -> bool {
+        self.1
     }
 
     /// A connected, logged-in app client for `uid` (1 driver, 2 passenger).
@@ -174,4 +201,38 @@ pub fn push_spec(message_id: u64, uids: &[u64], ttl_ms: u32) -> client::PushSpec
 /// A GPS point at time `ts`.
 pub fn point(ts: u64, lat: i32) -> schema::wire::GpsPoint {
     schema::wire::GpsPoint::new(ts, lat, 1_164_074_000, 100, 9000, 30, 0)
+}
+
+/// Reads the gate's answer to a connection it ends before any login and checks it stands for
+/// `code`: in plaintext the Error frame itself; on the secure channel, where nothing can be
+/// sealed before a handshake, the Reject that says the same (Overloaded for Overloaded and
+/// ShuttingDown, BadHandshake for NotLoggedIn). Returns the retry-after it carried, in ms.
+pub fn expect_refusal(c: &mut AppConn, code: schema::wire::ErrorCode) -> u32 {
+    refusal(c.recv(), code)
+}
+
+/// [`expect_refusal`] on what a `recv` returned.
+pub fn refusal(got: Result<client::OwnedFrame, client::ClientError>, code: schema::wire::ErrorCode) -> u32 {
+    use schema::wire::ErrorCode;
+    match got {
+        Ok(f) => {
+            let e = f.error().expect("an error frame");
+            assert_eq!(e.code, code);
+            e.retry_after_ms
+        }
+        Err(client::ClientError::Channel(channel::ChannelError::RejectedByGate { reason, message })) => {
+            let want = match code {
+                ErrorCode::Overloaded | ErrorCode::ShuttingDown => channel::RejectReason::Overloaded,
+                _ => channel::RejectReason::BadHandshake,
+            };
+            assert_eq!(reason, want, "{message}");
+            message
+                .split("retry after ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        }
+        Err(e) => panic!("expected {code:?} (or its Reject): {e}"),
+    }
 }
