@@ -151,6 +151,35 @@ impl ClientChannel {
         }
     }
 
+    /// Seals `buf[from..]` (frame bytes already in the caller's output buffer) in place into
+    /// Data records; `buf[..from]` is kept. See [`Transport::seal_in_place`].
+    pub fn seal_in_place(&mut self, buf: &mut Vec<u8>, from: usize) -> Result<(), ChannelError> {
+        match &mut self.phase {
+            Phase::Open(t) => {
+                t.seal_in_place(buf, from)?;
+                Ok(())
+            }
+            other => Err(ChannelError::NotReady { op: "seal", state: other.state().describe() }),
+        }
+    }
+
+    /// Opens the body of a Data record in place, for a caller that keeps the gate's bytes in a
+    /// buffer of its own: the plaintext is `body[..n]` for the returned `n`. Same rules as
+    /// [`ClientChannel::on_record`] with a Data record: before the Accept it ends the channel.
+    pub fn open_in_place(&mut self, body: &mut [u8]) -> Result<usize, ChannelError> {
+        let phase = std::mem::replace(&mut self.phase, Phase::Closed);
+        match phase {
+            Phase::Open(mut t) => {
+                let n = t.open_in_place(body)?.len();
+                self.phase = Phase::Open(t);
+                Ok(n)
+            }
+            phase => {
+                Err(ChannelError::Unexpected { kind: RecordType::Data, state: phase.state().describe() })
+            }
+        }
+    }
+
     /// The transport, once open (for its counters).
     pub fn transport(&self) -> Option<&Transport> {
         match &self.phase {
