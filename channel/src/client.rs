@@ -164,18 +164,18 @@ impl ClientChannel {
     }
 
     /// Opens the body of a Data record in place, for a caller that keeps the gate's bytes in a
-    /// buffer of its own: the plaintext is `body[..n]` for the returned `n`. Same rules as
-    /// [`ClientChannel::on_record`] with a Data record: before the Accept it ends the channel.
+    /// buffer of its own: the plaintext is `body[..n]` for the returned `n`. Before the Accept
+    /// it ends the channel, as [`ClientChannel::on_record`] does. A record that does not
+    /// authenticate is an error that changes nothing here (`body` is garbage then): the caller
+    /// must close the connection (§14.4) and open nothing more, but may still seal the answers
+    /// to the frames that came before it.
     pub fn open_in_place(&mut self, body: &mut [u8]) -> Result<usize, ChannelError> {
-        let phase = std::mem::replace(&mut self.phase, Phase::Closed);
-        match phase {
-            Phase::Open(mut t) => {
-                let n = t.open_in_place(body)?.len();
-                self.phase = Phase::Open(t);
-                Ok(n)
-            }
+        match &mut self.phase {
+            Phase::Open(t) => Ok(t.open_in_place(body)?.len()),
             phase => {
-                Err(ChannelError::Unexpected { kind: RecordType::Data, state: phase.state().describe() })
+                let state = phase.state().describe();
+                self.phase = Phase::Closed;
+                Err(ChannelError::Unexpected { kind: RecordType::Data, state })
             }
         }
     }

@@ -170,12 +170,19 @@ fn an_app_may_seal_and_open_in_its_own_buffers() {
     assert_eq!(kind, RecordType::Data);
     let n = app.ch.open_in_place(&mut body).unwrap();
     assert_eq!(&body[..n], b"PUSH");
-    // The same record again is a replay.
-    gate.ch.seal(b"PUSH", &mut gate.out).unwrap();
-    let (_, mut again) = one(&gate.take_out());
-    again[0] ^= 1;
-    assert!(matches!(app.ch.open_in_place(&mut again), Err(ChannelError::Transport(_))));
-    assert_eq!(app.ch.state(), ClientState::Closed);
+    // A record changed on the path fails and counts nothing; sealing still works.
+    gate.ch.seal(b"PUSH2", &mut gate.out).unwrap();
+    let (_, good) = one(&gate.take_out());
+    let mut bad = good.clone();
+    bad[0] ^= 1;
+    assert!(matches!(app.ch.open_in_place(&mut bad), Err(ChannelError::Transport(_))));
+    let mut good2 = good.clone();
+    assert_eq!(app.ch.open_in_place(&mut good2).unwrap(), 5, "the genuine record at that nonce");
+    let mut again = good;
+    assert!(matches!(app.ch.open_in_place(&mut again), Err(ChannelError::Transport(_))), "a replay");
+    let mut buf = b"ACK".to_vec();
+    app.ch.seal_in_place(&mut buf, 0).unwrap();
+    assert_eq!(gate.feed(&buf).unwrap(), ["data"]);
 }
 
 #[test]

@@ -294,7 +294,7 @@ impl AppSession {
         }
         // The machine's session timeout bounds the wait.
         let up = self.pump(None, |ev| match ev {
-            Event::SessionUp { resumed, relogin } => Some(Ok((resumed, relogin))),
+            Event::SessionUp { resumed, relogin, .. } => Some(Ok((resumed, relogin))),
             Event::Close(close) => Some(Err(attempt_failure(close))),
             // Nothing else comes before the session; whatever does is not the app's.
             _ => None,
@@ -354,7 +354,7 @@ impl AppSession {
             }
             Event::Close(Close::Error { error, log_id, .. }) => Some(Err(server_error(error, log_id))),
             Event::Close(Close::SessionTimeout) => Some(Err(ClientError::Timeout)),
-            Event::Close(Close::Stream(e)) => Some(Err(ClientError::Protocol(e))),
+            Event::Close(Close::Stream(e)) => Some(Err(e.into())),
             _ => None,
         })?
     }
@@ -683,7 +683,7 @@ fn attempt_failure(close: Close<'_>) -> Failure {
         }
         Close::GoAway { .. } => Failure::Retry(ClientError::Closed),
         Close::SessionTimeout => Failure::Retry(ClientError::Timeout),
-        Close::Stream(e) => Failure::Retry(ClientError::Protocol(e)),
+        Close::Stream(e) => Failure::Retry(e.into()),
     }
 }
 
