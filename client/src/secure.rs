@@ -8,10 +8,11 @@
 //! and its answer arrives as frames. The Accept's resumption secret, and a new gate key if the
 //! Hello used the previous one, are kept for the caller.
 //!
-//! A stream made with [`SecureStream::lendable`] belongs to a connection whose channel lives in
-//! an [`crate::proto::app::AppProto`] (an [`crate::AppSession`]'s): its bytes pass through as
-//! they are (the machine reads and writes records itself) until the machine lends it its open
-//! channel for a while, and the stream gives the channel back with what it read and did not use.
+//! An [`crate::AppSession`]'s connection has a stream of a third kind, whose channel lives in the
+//! session's [`crate::proto::app::AppProto`]: its bytes pass through as they are (the machine
+//! reads and writes records itself) until the machine lends it its open channel for a while
+//! ([`crate::AppSession::conn`]), and the stream gives the channel back with what it read and
+//! did not use.
 
 use channel::{ChannelError, ClientChannel, ClientEvent, Keypair, PublicKey, RecordReader, ResumeSecret};
 use std::io::{self, Read, Write};
