@@ -81,7 +81,8 @@
 //! - frames written before the gate's Accept wait inside the machine; reading the Accept writes
 //!   the commit record (§14.3) and then those frames, sealed;
 //! - secrets (§14.6): the newest Accept's secret is kept with the session, and until a frame
-//!   after that Accept arrives (the gate committed), the one before it too. A ResumeHello that
+//!   after that Accept arrives (the gate committed), the one its ResumeHello was made with too
+//!   (the gate's until the commit). A ResumeHello that
 //!   the gate refuses with Reject UnknownSession is made once more with the previous secret
 //!   (the commit may never have reached the gate), then the app logs in afresh, as after
 //!   ResumeRefused ([`Event::LoginNeeded`] says the resume was refused); neither is a failed
