@@ -151,6 +151,35 @@ impl ClientChannel {
         }
     }
 
+    /// Seals `buf[from..]` (frame bytes already in the caller's output buffer) in place into
+    /// Data records; `buf[..from]` is kept. See [`Transport::seal_in_place`].
+    pub fn seal_in_place(&mut self, buf: &mut Vec<u8>, from: usize) -> Result<(), ChannelError> {
+        match &mut self.phase {
+            Phase::Open(t) => {
+                t.seal_in_place(buf, from)?;
+                Ok(())
+            }
+            other => Err(ChannelError::NotReady { op: "seal", state: other.state().describe() }),
+        }
+    }
+
+    /// Opens the body of a Data record in place, for a caller that keeps the gate's bytes in a
+    /// buffer of its own: the plaintext is `body[..n]` for the returned `n`. Before the Accept
+    /// it ends the channel, as [`ClientChannel::on_record`] does. A record that does not
+    /// authenticate is an error that changes nothing here (`body` is garbage then): the caller
+    /// must close the connection (§14.4) and open nothing more, but may still seal the answers
+    /// to the frames that came before it.
+    pub fn open_in_place(&mut self, body: &mut [u8]) -> Result<usize, ChannelError> {
+        match &mut self.phase {
+            Phase::Open(t) => Ok(t.open_in_place(body)?.len()),
+            phase => {
+                let state = phase.state().describe();
+                self.phase = Phase::Closed;
+                Err(ChannelError::Unexpected { kind: RecordType::Data, state })
+            }
+        }
+    }
+
     /// The transport, once open (for its counters).
     pub fn transport(&self) -> Option<&Transport> {
         match &self.phase {

@@ -186,6 +186,19 @@ impl RecordReader {
         self.hdr_len > 0 && !self.release
     }
 
+    /// Moves the bytes of the record in progress (its header and the body so far) to `into`
+    /// and forgets them, for a caller that hands the rest of the stream to another reader: fed
+    /// to that reader first, they give the same records. Nothing after an error.
+    pub fn take_partial(&mut self, into: &mut Vec<u8>) {
+        if self.failed.is_none() && self.in_record() {
+            into.extend_from_slice(&self.hdr[..self.hdr_len as usize]);
+            into.extend_from_slice(&self.body);
+        }
+        self.body = Vec::new();
+        self.hdr_len = 0;
+        self.release = false;
+    }
+
     /// Call at end of stream: an error if it ended inside a record.
     pub fn finish(&self) -> Result<(), RecordError> {
         if let Some(e) = self.failed {
@@ -299,6 +312,33 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2000),
                                        cuts in prop::collection::vec(any::<usize>(), 0..10)) {
             let _ = read_in_pieces(&bytes, &cuts);
+        }
+
+        #[test]
+        fn a_partial_record_taken_out_continues_in_another_reader(
+            recs in prop::collection::vec(arb_record(), 1..6),
+            cut in any::<usize>(),
+        ) {
+            let stream: Vec<u8> = recs.iter().flat_map(|(k, b)| rec(*k, b)).collect();
+            let cut = cut % (stream.len() + 1);
+            let mut first = RecordReader::new();
+            let mut got = Vec::new();
+            let mut input = &stream[..cut];
+            while let Some(r) = first.next(&mut input).unwrap() {
+                got.push((r.kind, r.body.to_vec()));
+            }
+            let mut rest = Vec::new();
+            first.take_partial(&mut rest);
+            prop_assert!(!first.in_record());
+            rest.extend_from_slice(&stream[cut..]);
+            let mut second = RecordReader::new();
+            let mut input = &rest[..];
+            while let Some(r) = second.next(&mut input).unwrap() {
+                got.push((r.kind, r.body.to_vec()));
+            }
+            second.finish().unwrap();
+            let want: Vec<_> = recs.iter().map(|(k, b)| (RecordType::from_u8(*k).unwrap(), b.clone())).collect();
+            prop_assert_eq!(got, want);
         }
 
         #[test]

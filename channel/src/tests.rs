@@ -148,6 +148,44 @@ fn login_round_trip_then_data_both_ways() {
 }
 
 #[test]
+fn an_app_may_seal_and_open_in_its_own_buffers() {
+    let gate_key = Keypair::generate();
+    let keys = KeyRing::new(gate_key.clone());
+    // Opening in place before the Accept ends the channel, like a Data record fed to on_record.
+    let mut early = App::login(gate_key.public(), b"LOGIN");
+    let e = early.ch.open_in_place(&mut [0; 20]).unwrap_err();
+    assert!(matches!(e, ChannelError::Unexpected { kind: RecordType::Data, .. }), "{e:?}");
+    assert_eq!(early.ch.state(), ClientState::Closed);
+    assert!(matches!(early.ch.seal_in_place(&mut vec![1], 0), Err(ChannelError::NotReady { .. })));
+
+    let (mut app, mut gate, _, _) = login(&keys, gate_key.public());
+    let mut buf = b"GPS1GPS2".to_vec();
+    app.ch.seal_in_place(&mut buf, 4).unwrap();
+    assert_eq!(&buf[..4], b"GPS1", "bytes before `from` are kept");
+    assert_eq!(gate.feed(&buf[4..]).unwrap(), ["data"]);
+    assert_eq!(gate.take_plain(), b"GPS2");
+
+    gate.ch.seal(b"PUSH", &mut gate.out).unwrap();
+    let (kind, mut body) = one(&gate.take_out());
+    assert_eq!(kind, RecordType::Data);
+    let n = app.ch.open_in_place(&mut body).unwrap();
+    assert_eq!(&body[..n], b"PUSH");
+    // A record changed on the path fails and counts nothing; sealing still works.
+    gate.ch.seal(b"PUSH2", &mut gate.out).unwrap();
+    let (_, good) = one(&gate.take_out());
+    let mut bad = good.clone();
+    bad[0] ^= 1;
+    assert!(matches!(app.ch.open_in_place(&mut bad), Err(ChannelError::Transport(_))));
+    let mut good2 = good.clone();
+    assert_eq!(app.ch.open_in_place(&mut good2).unwrap(), 5, "the genuine record at that nonce");
+    let mut again = good;
+    assert!(matches!(app.ch.open_in_place(&mut again), Err(ChannelError::Transport(_))), "a replay");
+    let mut buf = b"ACK".to_vec();
+    app.ch.seal_in_place(&mut buf, 0).unwrap();
+    assert_eq!(gate.feed(&buf).unwrap(), ["data"]);
+}
+
+#[test]
 fn resume_round_trips_and_the_secret_moves_on_each_time() {
     let gate_key = Keypair::generate();
     let keys = KeyRing::new(gate_key.clone());

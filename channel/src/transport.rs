@@ -102,6 +102,44 @@ impl Transport {
         Ok(records)
     }
 
+    /// Seals `buf[from..]` (plaintext) in place into Data records, as [`seal_into`](Self::seal_into)
+    /// would append them: `buf[..from]` is kept, and `buf[from..]` becomes the records. For a
+    /// caller whose frames are already in its output buffer (no second buffer, no allocation
+    /// once the buffer has room for the headers and tags). Returns the number of records.
+    /// On error `buf` is unchanged.
+    pub fn seal_in_place(&mut self, buf: &mut Vec<u8>, from: usize) -> Result<usize, TransportError> {
+        let from = from.min(buf.len());
+        let plain_len = buf.len() - from;
+        let records = plain_len.div_ceil(MAX_PLAINTEXT).max(1);
+        if self.send_n.checked_add(records as u64).is_none() {
+            return Err(TransportError::NonceExhausted);
+        }
+        buf.resize(from + Self::sealed_len(plain_len), 0);
+        const RECORD: usize = HEADER_LEN + MAX_PLAINTEXT + TAG_LEN;
+        // Move each chunk to its place, last first (every chunk moves right, by 19 bytes per
+        // record before it, so going backwards never overwrites a chunk not yet moved).
+        for i in (0..records).rev() {
+            let src = from + i * MAX_PLAINTEXT;
+            let len = (plain_len - i * MAX_PLAINTEXT).min(MAX_PLAINTEXT);
+            let dst = from + i * RECORD + HEADER_LEN;
+            buf.copy_within(src..src + len, dst);
+        }
+        let key = less_safe_key(&self.send_key);
+        for i in 0..records {
+            let at = from + i * RECORD;
+            let len = (plain_len - i * MAX_PLAINTEXT).min(MAX_PLAINTEXT);
+            buf[at] = RecordType::Data as u8;
+            buf[at + 1..at + HEADER_LEN].copy_from_slice(&((len + TAG_LEN) as u16).to_be_bytes());
+            let body = at + HEADER_LEN;
+            let tag = key
+                .seal_in_place_separate_tag(nonce(self.send_n), Aad::empty(), &mut buf[body..body + len])
+                .expect("a record is far below ChaCha20-Poly1305's length limit");
+            buf[body + len..body + len + TAG_LEN].copy_from_slice(tag.as_ref());
+            self.send_n += 1;
+        }
+        Ok(records)
+    }
+
     /// Opens a Data record's body in place and returns its plaintext (the body's first
     /// `len − 16` bytes). On error nothing is counted and `body` is garbage.
     pub fn open_in_place<'b>(&mut self, body: &'b mut [u8]) -> Result<&'b mut [u8], TransportError> {
@@ -249,6 +287,25 @@ mod tests {
         assert_eq!(c.seal_into(&vec![0; MAX_PLAINTEXT + 1], &mut wire), Err(TransportError::NonceExhausted));
     }
 
+    #[test]
+    fn sealing_in_place_empty_and_at_the_record_limit() {
+        for len in [0, 1, MAX_PLAINTEXT - 1, MAX_PLAINTEXT, MAX_PLAINTEXT + 1, 2 * MAX_PLAINTEXT] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let (mut a, _) = pair();
+            let mut want = b"kept".to_vec();
+            let want_records = a.clone().seal_into(&data, &mut want).unwrap();
+            let mut buf = b"kept".to_vec();
+            buf.extend_from_slice(&data);
+            assert_eq!(a.seal_in_place(&mut buf, 4).unwrap(), want_records);
+            assert_eq!(buf, want, "{len} bytes");
+        }
+        let (mut a, _) = pair();
+        a.send_n = u64::MAX - 1;
+        let mut buf = vec![1; MAX_PLAINTEXT + 1];
+        assert_eq!(a.seal_in_place(&mut buf, 0), Err(TransportError::NonceExhausted));
+        assert_eq!(buf, vec![1; MAX_PLAINTEXT + 1], "unchanged");
+    }
+
     proptest! {
         #[test]
         fn seal_open_round_trip_and_nonces_never_repeat(writes in prop::collection::vec(
@@ -273,6 +330,24 @@ mod tests {
                 b.open_into(body, &mut plain).unwrap();
             }
             prop_assert_eq!(plain, writes.concat());
+        }
+
+        #[test]
+        fn sealing_in_place_equals_sealing_into(
+            head in prop::collection::vec(any::<u8>(), 0..40),
+            writes in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40_000), 1..4),
+        ) {
+            let (mut a, _) = pair();
+            let mut b = a.clone();
+            let (mut into, mut in_place) = (head.clone(), head.clone());
+            for w in &writes {
+                let n = a.seal_into(w, &mut into).unwrap();
+                let from = in_place.len();
+                in_place.extend_from_slice(w);
+                prop_assert_eq!(b.seal_in_place(&mut in_place, from).unwrap(), n);
+            }
+            prop_assert_eq!(into, in_place);
+            prop_assert_eq!(a, b);
         }
 
         #[test]

@@ -5,16 +5,23 @@
 //! cargo run -p client --example app -- --uid 42
 //! ```
 //!
+//! It speaks the secure channel (docs/PROTOCOL.md §14), like the gate by default.
+//!
 //! Flags (all optional):
-//! - `--gate HOST:PORT`  the gate's app port (default 127.0.0.1:7100, what `make run` binds);
-//! - `--token HEX`       a login token, as `gate token --uid 42 --role driver` prints it;
-//! - `--uid N`           without `--token`: mint a driver token for this uid with the built-in
+//! - `--gate HOST:PORT`    the gate's app port (default 127.0.0.1:7100, what `make run` binds);
+//! - `--token HEX`         a login token, as `gate token --uid 42 --role driver` prints it;
+//! - `--uid N`             without `--token`: mint a driver token for this uid with the built-in
 //!   development secret (only a gate running without a configured token
 //!   secret, such as `make run`'s, accepts it);
-//! - `--seconds N`       stop after this long (default: run until interrupted).
+//! - `--server-key KEY`    the gate's public key: 64 hex digits, or the path of the public key
+//!   file `gate keygen` wrote (default: the development key, which a gate
+//!   without a configured key, such as `make run`'s, uses);
+//! - `--plaintext`         speak plaintext frames, to a gate run with `--plaintext`;
+//! - `--seconds N`         stop after this long (default: run until interrupted).
 
 use client::{dev_token, token_from_hex, AppConn, ClientError};
 use schema::Cmd;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The development secret a gate uses when none is configured (docs/PROTOCOL.md §10.1).
@@ -34,13 +41,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let stop_at =
         flag("--seconds").map(|s| s.parse().map(|s| Instant::now() + Duration::from_secs(s))).transpose()?;
+    let plaintext = args.iter().any(|a| a == "--plaintext");
+    let server_key = match flag("--server-key") {
+        Some(k) => server_key(&k)?,
+        None => *channel::Keypair::dev().public(),
+    };
 
-    let mut app = AppConn::connect(gate.as_str(), Duration::from_secs(5))?;
-    let session = app.login(&token, "example app")?;
+    let timeout = Duration::from_secs(5);
+    let mut app = if plaintext {
+        AppConn::connect(gate.as_str(), timeout)?
+    } else {
+        AppConn::connect_secure(gate.as_str(), timeout, server_key)?
+    };
+    let session = match app.login(&token, "example app") {
+        Err(ClientError::Channel(channel::ChannelError::RejectedByGate { reason, message })) => {
+            return Err(format!(
+                "the gate refused the secure channel ({reason}: {message}); is --server-key its public key, \
+                 or does it run with --plaintext?"
+            )
+            .into());
+        }
+        // A frame's magic byte where a record was due: the gate speaks plaintext.
+        Err(ClientError::Channel(channel::ChannelError::Record(channel::RecordError::UnknownType(
+            schema::MAGIC,
+        )))) => {
+            return Err("the gate speaks plaintext frames (it runs with --plaintext): add --plaintext".into());
+        }
+        // A Reject record's first byte, read as a frame: the gate speaks the secure channel.
+        Err(ClientError::Protocol(schema::StreamError::BadMagic(0x04))) if plaintext => {
+            return Err("the gate speaks the secure channel: drop --plaintext".into());
+        }
+        other => other?,
+    };
     println!(
-        "logged in: uid {} role {} epoch {} node {} (heartbeat every {} ms)",
-        session.uid, session.role, session.session_epoch, session.node, session.heartbeat_ms
+        "logged in{}: uid {} role {} epoch {} node {} (heartbeat every {} ms)",
+        if plaintext { " (plaintext)" } else { " over the secure channel" },
+        session.uid,
+        session.role,
+        session.session_epoch,
+        session.node,
+        session.heartbeat_ms
     );
+    if let Some(k) = app.new_server_key() {
+        // The key this app was given is being retired: a real app stores the new one.
+        print!("the gate has a new key; use it from now on: {}", channel::keys::public_file_text(&k));
+    }
     // Wake at least twice per heartbeat to send a keepalive when nothing else went out.
     let beat = Duration::from_millis(u64::from(session.heartbeat_ms.max(1000)) / 2);
     // Reads wake at least every second, so --seconds is honoured on a quiet connection.
@@ -82,4 +127,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// `--server-key`: 64 hex digits, or the path of a public key file.
+fn server_key(arg: &str) -> Result<channel::PublicKey, Box<dyn std::error::Error>> {
+    let hex = arg.trim();
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let text = format!("{} public {hex}", channel::keys::KEY_FILE_MAGIC);
+        return Ok(channel::keys::parse_public(&text)?);
+    }
+    Ok(channel::keys::load_public(Path::new(arg))?)
 }

@@ -180,6 +180,20 @@ impl AppConn {
         Ok(conn)
     }
 
+    /// Connects like [`AppConn::connect`] for a connection whose secure channel an
+    /// [`crate::proto::app::AppProto`] keeps (an [`crate::AppSession`]'s): the socket's bytes
+    /// pass through as they are until the machine lends this connection its open channel
+    /// ([`AppConn::lend_channel`]).
+    pub(crate) fn connect_lendable(addr: SocketAddr, timeout: Duration) -> Result<AppConn, ClientError> {
+        let conn = AppConn::connect(addr, timeout)?;
+        Ok(match conn.stream {
+            Link::Plain(tcp) => {
+                AppConn { stream: Link::Secure(Box::new(SecureStream::lendable(tcp))), ..conn }
+            }
+            stream => AppConn { stream, ..conn },
+        })
+    }
+
     /// Wraps a connected stream, turning TCP_NODELAY on. The stream's own timeouts are kept;
     /// waits for answers are bounded by 30 s until [`AppConn::set_read_timeout`] says otherwise.
     pub fn from_stream(stream: TcpStream) -> Result<AppConn, ClientError> {
@@ -524,12 +538,34 @@ impl AppConn {
     }
 
     /// Moves what was received and not handed out (queued frames, then bytes read but not yet
-    /// decoded) to `into`, in arrival order, for another reader of this connection.
+    /// decoded, then frame bytes the secure channel opened and the reader did not take yet) to
+    /// `into`, in arrival order, for another reader of this connection.
     pub(crate) fn take_unread(&mut self, into: &mut Vec<u8>) {
         for f in self.queue.drain(..) {
             f.write_to(into);
         }
         self.reader.take_buffered(into);
+        if let Link::Secure(s) = &mut self.stream {
+            s.take_plain(into);
+        }
+    }
+
+    /// A connection made with [`AppConn::connect_lendable`] takes its machine's open channel and
+    /// the bytes received on it and not yet opened: its calls speak the secure channel until
+    /// [`AppConn::take_channel`].
+    pub(crate) fn lend_channel(&mut self, chan: channel::ClientChannel, raw: Vec<u8>) {
+        if let Link::Secure(s) = &mut self.stream {
+            s.lend(chan, raw);
+        }
+    }
+
+    /// Gives the channel lent with [`AppConn::lend_channel`] back, with the bytes received on it
+    /// and not yet opened; take the frames read and not handed out with `take_unread` first.
+    pub(crate) fn take_channel(&mut self) -> Option<(channel::ClientChannel, Vec<u8>)> {
+        match &mut self.stream {
+            Link::Secure(s) => s.take_lent(),
+            Link::Plain(_) => None,
+        }
     }
 
     /// Gives back bytes another reader took from this connection and did not use; they are read

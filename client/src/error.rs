@@ -56,6 +56,15 @@ pub enum ClientError {
     Unexpected(String),
 }
 
+impl From<crate::proto::app::Fault> for ClientError {
+    fn from(f: crate::proto::app::Fault) -> ClientError {
+        match f {
+            crate::proto::app::Fault::Frames(e) => ClientError::Protocol(e),
+            crate::proto::app::Fault::Channel(e) => ClientError::Channel(e),
+        }
+    }
+}
+
 impl From<std::io::Error> for ClientError {
     /// Timeouts and a peer that went away get their own variants, since callers (and tests)
     /// act on them differently from other socket failures.

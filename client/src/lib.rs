@@ -11,11 +11,13 @@
 //!   gate lost.
 //! - [`session`]: [`AppSession`], an app session across dropped connections: resume on the
 //!   node that holds it, fall back to login, back off across gates, ack every push and return
-//!   each message id once.
+//!   each message id once; over the secure channel by default ([`SessionConfig::server_key`]).
 //! - [`proto`]: the protocol's rules as sans-I/O state machines; [`AppSession`] and loadgen
-//!   are shells over [`proto::app::AppProto`].
+//!   are shells over [`proto::app::AppProto`], which speaks the secure channel inside (its
+//!   shells move bytes only).
 //! - [`secure`]: [`secure::SecureStream`], the app side of the secure channel over a blocking
-//!   socket ([`AppConn::connect_secure`]).
+//!   socket ([`AppConn::connect_secure`]), which can also carry an [`AppSession`]'s channel
+//!   while [`AppSession::conn`] lends the connection out.
 //! - [`ClientError`]: every failure, with the server's own error frames as
 //!   [`ClientError::Server`].
 

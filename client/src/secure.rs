@@ -7,6 +7,12 @@
 //! Data record, here carrying whatever waited), after which the gate runs the login or resume
 //! and its answer arrives as frames. The Accept's resumption secret, and a new gate key if the
 //! Hello used the previous one, are kept for the caller.
+//!
+//! An [`crate::AppSession`]'s connection has a stream of a third kind, whose channel lives in the
+//! session's [`crate::proto::app::AppProto`]: its bytes pass through as they are (the machine
+//! reads and writes records itself) until the machine lends it its open channel for a while
+//! ([`crate::AppSession::conn`]), and the stream gives the channel back with what it read and
+//! did not use.
 
 use channel::{ChannelError, ClientChannel, ClientEvent, Keypair, PublicKey, RecordReader, ResumeSecret};
 use std::io::{self, Read, Write};
@@ -18,8 +24,9 @@ pub struct SecureStream {
     tcp: TcpStream,
     /// The gate key the app knows.
     server_key: PublicKey,
-    /// The app's own static key (IK sends it; the gate does not authenticate apps by it).
-    app_key: Keypair,
+    /// The app's own static key (IK sends it; the gate does not authenticate apps by it); none
+    /// on a lendable stream, which never says hello.
+    app_key: Option<Keypair>,
     /// For the next first flight: resume this session instead of logging in.
     resume: Option<(Vec<u8>, ResumeSecret)>,
     /// The channel, from the first write on.
@@ -31,8 +38,12 @@ pub struct SecureStream {
     /// Frame bytes decrypted and not yet read: `plain[pos..]`.
     plain: Vec<u8>,
     pos: usize,
-    /// Raw bytes from the socket.
+    /// Raw bytes from the socket (allocated at the first read).
     raw: Vec<u8>,
+    /// Raw bytes to handle before reading the socket (a lent channel's record in progress).
+    pending: Vec<u8>,
+    /// The channel lives elsewhere: without a lent one, bytes pass through.
+    lendable: bool,
     /// The resumption secret of the last Accept.
     secret: Option<ResumeSecret>,
     /// The gate's new key, when the Hello used its previous one.
@@ -48,20 +59,69 @@ impl std::fmt::Debug for SecureStream {
 impl SecureStream {
     /// Wraps a connected socket; `server_key` is the gate's public key, shipped with the app.
     pub fn new(tcp: TcpStream, server_key: PublicKey) -> SecureStream {
+        SecureStream { app_key: Some(Keypair::generate()), lendable: false, ..SecureStream::lendable(tcp) }
+            .with_server_key(server_key)
+    }
+
+    /// Wraps a connected socket whose channel an [`crate::proto::app::AppProto`] keeps: bytes
+    /// pass through until [`SecureStream::lend`].
+    pub(crate) fn lendable(tcp: TcpStream) -> SecureStream {
         SecureStream {
             tcp,
-            server_key,
-            app_key: Keypair::generate(),
+            server_key: [0; 32],
+            app_key: None,
             resume: None,
             chan: None,
             early: Vec::new(),
             records: RecordReader::new(),
             plain: Vec::new(),
             pos: 0,
-            raw: vec![0; 16 * 1024],
+            raw: Vec::new(),
+            pending: Vec::new(),
+            lendable: true,
             secret: None,
             new_server_key: None,
         }
+    }
+
+    fn with_server_key(mut self, server_key: PublicKey) -> SecureStream {
+        self.server_key = server_key;
+        self
+    }
+
+    /// A lendable stream takes an open channel and the bytes received on it and not yet opened
+    /// (read before the socket).
+    pub(crate) fn lend(&mut self, chan: ClientChannel, raw: Vec<u8>) {
+        self.chan = Some(chan);
+        self.records = RecordReader::new();
+        self.pending = raw;
+    }
+
+    /// Gives a lent channel back, with the bytes received on it and not yet opened (a record's
+    /// first part); the stream passes bytes through again. Frame bytes opened and not yet read
+    /// are [`SecureStream::take_plain`]'s.
+    pub(crate) fn take_lent(&mut self) -> Option<(ClientChannel, Vec<u8>)> {
+        if !self.lendable {
+            return None;
+        }
+        let chan = self.chan.take()?;
+        let mut raw = Vec::new();
+        self.records.take_partial(&mut raw);
+        raw.append(&mut self.pending);
+        self.records = RecordReader::new();
+        Some((chan, raw))
+    }
+
+    /// Moves frame bytes opened and not yet read to `into`.
+    pub(crate) fn take_plain(&mut self, into: &mut Vec<u8>) {
+        into.extend_from_slice(&self.plain[self.pos..]);
+        self.plain.clear();
+        self.pos = 0;
+    }
+
+    /// True while bytes pass through (a lendable stream with no channel lent).
+    fn passing(&self) -> bool {
+        self.lendable && self.chan.is_none()
     }
 
     /// Makes the first flight a ResumeHello for the session whose resume token is `resume_id`
@@ -98,14 +158,22 @@ impl SecureStream {
     /// Reads records until some frame bytes are decrypted; false at end of stream.
     fn fill(&mut self) -> io::Result<bool> {
         loop {
-            let n = self.tcp.read(&mut self.raw)?;
+            let pending = std::mem::take(&mut self.pending);
+            let n = if pending.is_empty() {
+                if self.raw.is_empty() {
+                    self.raw = vec![0; 16 * 1024];
+                }
+                self.tcp.read(&mut self.raw)?
+            } else {
+                pending.len()
+            };
             if n == 0 {
                 return match self.records.finish() {
                     Ok(()) => Ok(false),
                     Err(e) => Err(fail(ChannelError::Record(e))),
                 };
             }
-            let mut input = &self.raw[..n];
+            let mut input = if pending.is_empty() { &self.raw[..n] } else { &pending[..] };
             let mut out = Vec::new();
             while let Some(rec) = self.records.next(&mut input).map_err(|e| fail(ChannelError::Record(e)))? {
                 let Some(chan) = self.chan.as_mut() else {
@@ -142,6 +210,9 @@ impl SecureStream {
 
 impl Read for SecureStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.passing() {
+            return self.tcp.read(buf);
+        }
         if self.pos == self.plain.len() {
             self.plain.clear();
             self.pos = 0;
@@ -158,12 +229,16 @@ impl Read for SecureStream {
 
 impl Write for SecureStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.passing() {
+            return self.tcp.write(buf);
+        }
         let mut out = Vec::new();
         match self.chan.as_mut() {
             None => {
+                let app_key = self.app_key.get_or_insert_with(Keypair::generate);
                 let chan = match self.resume.take() {
                     Some((id, secret)) => ClientChannel::resume(&id, &secret, buf, &mut out),
-                    None => ClientChannel::login(&self.server_key, &self.app_key, buf, &mut out),
+                    None => ClientChannel::login(&self.server_key, app_key, buf, &mut out),
                 };
                 self.chan = Some(chan.map_err(fail)?);
             }

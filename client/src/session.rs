@@ -11,11 +11,20 @@
 //! It never reconnects on its own: [`AppSession::recv`] returns the connection's error and the
 //! caller decides when to call [`AppSession::connect`] again. Tests and the load generator need
 //! to control that moment, and an app may want to wait for network connectivity first.
+//!
+//! With a gate key ([`SessionConfig::server_key`], the development key by default) it speaks the
+//! secure channel (docs/PROTOCOL.md §14), all of it inside the machine: the socket's bytes go
+//! into the machine's read buffer as they come (records), and what the machine returns from
+//! [`AppProto::wire`] goes to the socket as it is. A resume is a ResumeHello with the
+//! session's resumption secret; a gate that does not hold the key is a configuration error that
+//! [`AppSession::connect`] returns at once (and the next `connect` waits about a minute before
+//! trying again).
 
 use crate::app::{AppConn, SessionInfo};
 use crate::frame::{ErrorView, OwnedFrame};
-use crate::proto::app::{self as proto, AppProto, Close, Event, Lost, Out, Reconnect};
+use crate::proto::app::{self as proto, AppProto, Close, Event, Lost, Out, Reconnect, SecureConfig};
 use crate::ClientError;
+use channel::PublicKey;
 use schema::wire::{ErrorCode, GoAwayReason};
 use schema::Encoder;
 use std::fmt;
@@ -58,11 +67,16 @@ pub struct SessionConfig {
     /// Message ids remembered to suppress repeats (at least 1). §9.10 asks apps to remember
     /// acked ids for the longest TTL (300 s); size it for the pushes one uid gets in that time.
     pub dedup_capacity: usize,
+    /// The gate's public key for the secure channel (docs/PROTOCOL.md §14), as the app ships
+    /// it; `None`: plaintext frames, for a gate run with `app.plaintext`.
+    pub server_key: Option<PublicKey>,
 }
 
 impl SessionConfig {
     /// A configuration with the defaults: device "fleetgate-client", 5 s connect timeout,
-    /// 30 s read timeout, backoff 50 ms to 5 s, 10 attempts, 4096 remembered ids.
+    /// 30 s read timeout, backoff 50 ms to 5 s, 10 attempts, 4096 remembered ids, and the
+    /// secure channel with the development gate key (`channel::Keypair::dev()`'s public half,
+    /// what a gate without a configured key uses; a production app sets its gate's key).
     pub fn new(gates: Vec<SocketAddr>, token: impl FnMut() -> Vec<u8> + Send + 'static) -> SessionConfig {
         SessionConfig {
             gates,
@@ -74,6 +88,7 @@ impl SessionConfig {
             backoff_max: DEFAULT_BACKOFF_MAX,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             dedup_capacity: DEFAULT_DEDUP_CAPACITY,
+            server_key: Some(channel::keys::DEV_PUBLIC_KEY),
         }
     }
 }
@@ -90,6 +105,7 @@ impl fmt::Debug for SessionConfig {
             .field("backoff_max", &self.backoff_max)
             .field("max_attempts", &self.max_attempts)
             .field("dedup_capacity", &self.dedup_capacity)
+            .field("server_key", &self.server_key.as_ref().map(channel::keys::public_file_text))
             .finish_non_exhaustive()
     }
 }
@@ -201,9 +217,10 @@ impl AppSession {
             backoff_max: cfg.backoff_max,
             ..proto::Config::default()
         };
+        let secure = cfg.server_key.map(SecureConfig::new);
         AppSession {
+            proto: AppProto::with_secure(pcfg, secure, seed(), Instant::now()),
             cfg,
-            proto: AppProto::new(pcfg, seed(), Instant::now()),
             conn: None,
             enc: Encoder::new(),
             out: Vec::with_capacity(256),
@@ -229,8 +246,14 @@ impl AppSession {
     /// `retry_after_ms`) and an attempt on the next address: the node, then `gates` in order,
     /// round and round, at most `max_attempts` in all; the last failure is returned then. A
     /// login the gate refuses (BadToken, TokenExpired...) is returned at once: another gate
-    /// would refuse it too. A wait the last connection's end asked for (a GoAway's
-    /// retry-after, a backoff) is kept before the first attempt.
+    /// would refuse it too; so is a gate that does not hold the configured key, or speaks
+    /// another channel version (`Channel(RejectedByGate { UnknownKey | Version })`). A wait the
+    /// last connection's end asked for (a GoAway's retry-after, a backoff, about a minute after
+    /// such a configuration error) is kept before the first attempt.
+    ///
+    /// On the secure channel a Reject UnknownSession (the gate does not know the resumption
+    /// secret) is followed at once by a resume with the previous secret, then by a login
+    /// (docs/PROTOCOL.md §14.6): each is one attempt.
     ///
     /// After a GoAway Displaced it refuses with `Unexpected` until
     /// [`AppSession::forget_session`]: another device holds the session, and taking it back
@@ -275,7 +298,12 @@ impl AppSession {
     /// One attempt on `addr`: connect, then whatever the machine asks for (Resume, or Login with
     /// a fresh token) until the session is up or the attempt failed.
     fn try_once(&mut self, addr: SocketAddr) -> Result<Outcome, Failure> {
-        let conn = AppConn::connect(addr, self.cfg.connect_timeout).and_then(|mut c| {
+        let conn = if self.proto.is_secure() {
+            AppConn::connect_lendable(addr, self.cfg.connect_timeout)
+        } else {
+            AppConn::connect(addr, self.cfg.connect_timeout)
+        };
+        let conn = conn.and_then(|mut c| {
             c.set_read_timeout(self.cfg.read_timeout)?;
             Ok(c)
         });
@@ -288,13 +316,15 @@ impl AppSession {
         }
         self.timeout_changed = false;
         let mut out = Out::new(&mut self.enc, &mut self.out);
-        if self.proto.on_connected(Instant::now(), &mut out).is_err() {
+        let connected = self.proto.on_connected(Instant::now(), &mut out);
+        self.proto.wire(&mut out);
+        if connected.is_err() {
             self.lose_conn(Lost::Local);
             return Err(Failure::Fatal(ClientError::Unexpected("the session was displaced".to_owned())));
         }
         // The machine's session timeout bounds the wait.
         let up = self.pump(None, |ev| match ev {
-            Event::SessionUp { resumed, relogin } => Some(Ok((resumed, relogin))),
+            Event::SessionUp { resumed, relogin, .. } => Some(Ok((resumed, relogin))),
             Event::Close(close) => Some(Err(attempt_failure(close))),
             // Nothing else comes before the session; whatever does is not the app's.
             _ => None,
@@ -354,7 +384,7 @@ impl AppSession {
             }
             Event::Close(Close::Error { error, log_id, .. }) => Some(Err(server_error(error, log_id))),
             Event::Close(Close::SessionTimeout) => Some(Err(ClientError::Timeout)),
-            Event::Close(Close::Stream(e)) => Some(Err(ClientError::Protocol(e))),
+            Event::Close(Close::Stream(e)) => Some(Err(e.into())),
             _ => None,
         })?
     }
@@ -398,6 +428,7 @@ impl AppSession {
                     }
                 }
             };
+            self.proto.wire(&mut out);
             let flushed = self.flush();
             let again = match step {
                 Step::Picked(t, closing) => {
@@ -425,6 +456,7 @@ impl AppSession {
             if self.proto.poll_timeout().is_some_and(|t| t <= now) {
                 let mut out = Out::new(&mut self.enc, &mut self.out);
                 self.proto.handle_timeout(now, &mut out);
+                self.proto.wire(&mut out);
                 self.flush()?;
                 continue;
             }
@@ -444,8 +476,9 @@ impl AppSession {
     }
 
     /// One read from the socket into the machine, waiting until `until` at most (`Ok` also
-    /// when nothing came by then). The end of the stream is `Closed`, or `Protocol` when it cut
-    /// a frame short.
+    /// when nothing came by then). The bytes are the socket's as they are (records on the secure
+    /// channel, which the machine opens). The end of the stream is `Closed`, or `Protocol` (or
+    /// `Channel`) when it cut a frame (or a record) short.
     fn read_some(&mut self, until: Instant) -> Result<(), ClientError> {
         let Some(conn) = self.conn.as_mut() else { return Err(ClientError::Closed) };
         // Whole milliseconds, at least one: zero would mean "forever" to the socket.
@@ -455,9 +488,9 @@ impl AppSession {
         loop {
             match conn.stream_mut().read(self.proto.read_buf()) {
                 Ok(0) => {
-                    return Err(match schema::decode::finish(self.proto.unprocessed()) {
+                    return Err(match self.proto.finish_input() {
                         Ok(()) => ClientError::Closed,
-                        Err(e) => ClientError::Protocol(e),
+                        Err(fault) => fault.into(),
                     })
                 }
                 Ok(n) => {
@@ -475,13 +508,14 @@ impl AppSession {
         }
     }
 
-    /// Writes what the machine wrote; a failed write ends the connection.
+    /// Writes what the machine wrote (wire bytes: `wire` was called on them), straight to the
+    /// socket; a failed write ends the connection.
     fn flush(&mut self) -> Result<(), ClientError> {
         if self.out.is_empty() {
             return Ok(());
         }
         let written = match self.conn.as_mut() {
-            Some(conn) => conn.send_raw(&self.out),
+            Some(conn) => conn.send_wire(&self.out),
             None => Err(ClientError::Closed),
         };
         self.out.clear();
@@ -516,7 +550,8 @@ impl AppSession {
     }
 
     /// After `conn()` lent the connection out: takes back what its reader holds (queued frames,
-    /// bytes read) and its sequence-ids.
+    /// bytes read), its sequence-ids and, on the secure channel, the channel with what it
+    /// received and did not open yet.
     fn reclaim(&mut self) {
         if !std::mem::take(&mut self.lent) {
             return;
@@ -525,7 +560,10 @@ impl AppSession {
             self.proto.set_seq_ids(conn.seq_ids());
             self.scratch.clear();
             conn.take_unread(&mut self.scratch);
-            self.proto.handle_input(&self.scratch);
+            self.proto.give_unprocessed(&self.scratch);
+            if let Some((chan, raw)) = conn.take_channel() {
+                self.proto.return_channel(chan, &raw);
+            }
         }
     }
 
@@ -540,10 +578,16 @@ impl AppSession {
 
     /// The current connection, for GPS and requests. Pushes read through it bypass the acks and
     /// the de-duplication of [`AppSession::recv`]; what it reads and does not hand out goes back
-    /// to the session with the next call on the session.
+    /// to the session with the next call on the session. On the secure channel the session lends
+    /// it the open channel meanwhile (`None` if the channel is not open).
     pub fn conn(&mut self) -> Option<&mut AppConn> {
         let conn = self.conn.as_mut()?;
         if !self.lent {
+            if self.proto.is_secure() {
+                let mut raw = Vec::new();
+                let chan = self.proto.lend_channel(&mut raw)?;
+                conn.lend_channel(chan, raw);
+            }
             self.scratch.clear();
             self.proto.take_unprocessed(&mut self.scratch);
             conn.give_unread(&self.scratch);
@@ -569,6 +613,7 @@ impl AppSession {
         let now = Instant::now();
         let mut out = Out::new(&mut self.enc, &mut self.out);
         let sent = self.proto.logout(now, "logout", &mut out);
+        self.proto.wire(&mut out);
         let (Some(_), Ok(seq)) = (self.conn.as_ref(), sent) else {
             // Whatever happens, this side is done: the token must not bring the session back.
             if !self.proto.displaced() {
@@ -617,6 +662,13 @@ impl AppSession {
     /// True after a GoAway Displaced: connect refuses until [`AppSession::forget_session`].
     pub fn displaced(&self) -> bool {
         self.proto.displaced()
+    }
+
+    /// The gate key the secure channel uses now (`None` in plaintext): the configured one, or
+    /// the gate's new key once an Accept named it (the configured one is being retired). Store
+    /// it where the app keeps its gate key.
+    pub fn server_key(&self) -> Option<PublicKey> {
+        self.proto.server_key().copied()
     }
 
     /// The fallback list of gates.
@@ -683,7 +735,9 @@ fn attempt_failure(close: Close<'_>) -> Failure {
         }
         Close::GoAway { .. } => Failure::Retry(ClientError::Closed),
         Close::SessionTimeout => Failure::Retry(ClientError::Timeout),
-        Close::Stream(e) => Failure::Retry(ClientError::Protocol(e)),
+        // A gate that does not hold the key this app was given: so would the next.
+        Close::Stream(f) if f.misconfigured().is_some() => Failure::Fatal(f.into()),
+        Close::Stream(f) => Failure::Retry(f.into()),
     }
 }
 
@@ -834,6 +888,7 @@ mod tests {
             format!("token-{n}").into_bytes()
         });
         cfg.read_timeout = T;
+        cfg.server_key = None; // these fake gates speak plaintext
         cfg.backoff_min = Duration::from_millis(1);
         cfg.backoff_max = Duration::from_millis(10);
         cfg.max_attempts = 3;
@@ -878,6 +933,7 @@ mod tests {
         });
         let mut cfg = SessionConfig::new(vec![addr], Vec::new);
         cfg.read_timeout = T;
+        cfg.server_key = None;
         let mut s = AppSession::new(cfg);
         assert_eq!(s.connect().expect("connect"), Outcome::LoggedIn);
         assert_eq!(s.recv().expect("go-away"), AppEvent::GoAway(wire::GoAwayReason::Displaced, 0));

@@ -45,6 +45,9 @@ fn wait_metric(gate: &GateProcess, name: &str, at_least: f64) {
 fn session_config(gates: Vec<SocketAddr>) -> SessionConfig {
     let mut cfg = SessionConfig::new(gates, || dev_token(TOKEN_SECRET, UID, 1, Duration::from_secs(3600)));
     cfg.device = "session-test".to_owned();
+    // The gate below runs in plaintext (the launcher's default); tests/secure_session.rs runs
+    // the same flows over the secure channel.
+    cfg.server_key = None;
     cfg.read_timeout = Duration::from_secs(5);
     cfg.backoff_min = Duration::from_millis(20);
     cfg.backoff_max = Duration::from_millis(200);

@@ -3,14 +3,15 @@
 //! thread. Its shell hands it what came in and what time it is, and carries out what it says:
 //!
 //! - **bytes in**: [`AppProto::read_buf`] and [`AppProto::read_done`] (read straight into the
-//!   machine's buffer), or [`AppProto::handle_input`] (copied in);
+//!   machine's buffer), or [`AppProto::handle_input`] (copied in); at the end of the stream,
+//!   [`AppProto::finish_input`] says whether it was cut inside a frame (or a record);
 //! - **the connection's life**: [`AppProto::on_connected`] when a transport is up,
 //!   [`AppProto::on_disconnected`] when it is gone (the answer says when to connect again);
 //! - **time**: [`AppProto::poll_timeout`] is the next moment the machine has something to do,
 //!   [`AppProto::handle_timeout`] does it;
 //! - **bytes out**: every call that may write takes an [`Out`], the caller's encoder and buffer
-//!   (a load generator shares one of each among thousands of machines); the shell writes the
-//!   buffer to its transport;
+//!   (a load generator shares one of each among thousands of machines); the shell calls
+//!   [`AppProto::wire`] last and writes the bytes it returns to its transport;
 //! - **events**: [`AppProto::poll_event`] until `None` after every input: the session is up, a
 //!   push to show, answers to requests by sequence-id, a login token is needed, the connection
 //!   must close (and why), frames that are not the machine's.
@@ -32,20 +33,87 @@
 //! - requests: sequence-ids (§6), pipelining up to a bound, answers matched by sequence-id in any
 //!   order, and a timeout for each;
 //! - the gate's errors and go-aways: which end the connection, which are answers, which are
-//!   only information (§8, §9.5).
+//!   only information (§8, §9.5);
+//! - the secure channel (§14), below.
+//!
+//! # The secure channel
+//!
+//! A machine made with [`AppProto::with_secure`] speaks the secure channel (§14) inside: every
+//! byte its shell moves is a record, and the shell does nothing about it but what it does in
+//! plaintext. The shell's contract, the same in both modes:
+//!
+//! - **out**: make an [`Out`] for each step (a wake-up, a read), pass it to every call of the
+//!   step, [`Out::put`] the shell's own frames into it, then call [`AppProto::wire`] last and
+//!   send the bytes it returns. The machine appends frames as they are and turns them into
+//!   records in place, in the caller's buffer (no second buffer, no copy): at `wire`, at the end
+//!   of each of its own calls, and when [`AppProto::poll_event`] returns `None` or a
+//!   [`Event::Close`], each time what was written since the last time in one Data record (as
+//!   few as fit: the acks of a burst of pushes share one). An `Out` made
+//!   anew takes the bytes its buffer holds already for wire bytes, so the frames of a step must
+//!   not outlive its `Out`: a shell that forgot `wire` after [`Out::put`] sends plaintext, which
+//!   the gate refuses and closes (loudly, on the first frame).
+//! - **in**: read into [`AppProto::read_buf`] as before; the bytes are records, opened in
+//!   place in that buffer (no second buffer). [`AppProto::unprocessed`] and
+//!   [`AppProto::take_unprocessed`] are frame bytes; [`AppProto::give_unprocessed`] gives frame
+//!   bytes back, [`AppProto::handle_input`] takes wire bytes.
+//! - **events**: channel failures close the connection like a stream error,
+//!   [`Close::Stream`] with a [`Fault::Channel`]: after the frames that came before the failure,
+//!   whose answers are still sealed and sent. The gate holds the session; the next connection
+//!   resumes it. [`Fault::misconfigured`] tells a configuration error (Reject UnknownKey or
+//!   Version) apart; [`Event::SessionUp`] carries a new gate key to store.
+//! - **lending**: a shell that lets another reader and writer use the connection for a while
+//!   (as [`crate::AppSession::conn`] does) lends the open channel with
+//!   [`AppProto::lend_channel`] and takes it back with [`AppProto::return_channel`].
+//!
+//! ```text
+//!   on_connected(now, out) / login / request / handle_timeout / poll_event … (out)
+//!   out.put(gps frame)                        the shell's own frames, plaintext for now
+//!   let bytes = proto.wire(&mut out);         records: send them
+//!   socket.read(proto.read_buf()) → read_done(n); poll_event(now, out) until None; wire; send
+//! ```
+//!
+//! The rules it owns there:
+//!
+//! - the first flight: the connection's first frame (the Login, or the Resume) goes in a Hello
+//!   (Noise IK, to the configured gate key) or, when the session has a resume token and a
+//!   resumption secret, in a ResumeHello (NNpsk0, resume_id = the resume token, psk = the
+//!   secret): no static-key work on a resume;
+//! - frames written before the gate's Accept wait inside the machine; reading the Accept writes
+//!   the commit record (§14.3) and then those frames, sealed;
+//! - secrets (§14.6): the newest Accept's secret is kept with the session, and until a frame
+//!   after that Accept arrives (the gate committed), the one its ResumeHello was made with too
+//!   (the gate's until the commit). A ResumeHello that
+//!   the gate refuses with Reject UnknownSession is made once more with the previous secret
+//!   (the commit may never have reached the gate), then the app logs in afresh, as after
+//!   ResumeRefused ([`Event::LoginNeeded`] says the resume was refused); neither is a failed
+//!   attempt, so the next connection comes at once. A Reject is unauthenticated: nothing is
+//!   deleted because of one;
+//! - Reject UnknownKey or Version is a configuration error: a failed attempt that waits about
+//!   [`Config::retry_after_ceiling`], never a tight loop; Reject Overloaded waits the retry-after
+//!   its message names, like Error Overloaded;
+//! - an Accept naming the gate's new key (the old one is being retired) replaces the key for the
+//!   next Hello, and the next [`Event::SessionUp`] carries it;
+//! - any other channel failure (a record that does not parse or authenticate, an Accept that
+//!   does not, a record out of order, the stream cut inside a record) is a failed attempt.
 //!
 //! Jitter and log-ids come from a seed given to the constructor, so a test replays exactly.
 //! State is kept small for a load generator that runs tens of thousands of these per process:
 //! no allocation per frame once the buffers have their working size, a fixed-capacity ring for
-//! de-duplication, and enums for every state.
+//! de-duplication, and enums for every state. The secure channel's state is one boxed value per
+//! machine (about 320 bytes, and the handshake's while one is under way).
 
 use crate::frame::{DeliveryView, ErrorView, ReplyView};
+use channel::handshake::{parse_reject, MAX_RESUME_ID};
+use channel::record::{HEADER_LEN as RECORD_HEADER, MAX_BODY as MAX_RECORD_BODY};
+use channel::{
+    ChannelError, ClientChannel, ClientEvent, ClientState, Keypair, PublicKey, Record, RecordError,
+    RecordType, RejectReason, ResumeSecret,
+};
 use schema::flatbuffers::{FlatBufferBuilder, WIPOffset};
 use schema::wire::{self, ErrorCode, GoAwayReason};
 use schema::{
     body_kind, Body, Cmd, Decoded, Encoder, Frame, FrameError, FrameType, Header, Limits, StreamError,
 };
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// Shortest wait between two failed connection attempts, by default.
@@ -108,6 +176,26 @@ impl Default for Config {
             refused_login_wait: Duration::from_secs(1),
             read_chunk: 16 * 1024,
         }
+    }
+}
+
+/// The secure channel's settings (docs/PROTOCOL.md §14); give them to
+/// [`AppProto::with_secure`]. Without them the machine speaks plaintext frames.
+#[derive(Debug, Clone)]
+pub struct SecureConfig {
+    /// The gate's static public key, shipped with the app. The machine replaces it with the
+    /// gate's current key when an Accept names one (the Hello used the key the gate is retiring);
+    /// [`Event::SessionUp`] then carries the new key for the app to store.
+    pub server_key: PublicKey,
+    /// This app's static key pair, which IK sends (the gate does not authenticate apps by it;
+    /// the token does): one per machine, made once with [`Keypair::generate`].
+    pub app_key: Keypair,
+}
+
+impl SecureConfig {
+    /// The settings for a gate whose public key is `server_key`, with a fresh app key pair.
+    pub fn new(server_key: PublicKey) -> SecureConfig {
+        SecureConfig { server_key, app_key: Keypair::generate() }
     }
 }
 
@@ -176,16 +264,17 @@ pub struct Dedup {
     /// The ids; grows to `capacity`, then the oldest is overwritten at `next`.
     ids: Vec<u64>,
     /// Where the next id goes once the ring is full.
-    next: usize,
+    next: u32,
     /// Most ids held.
-    capacity: usize,
+    capacity: u32,
 }
 
 impl Dedup {
     /// An empty ring holding at most `capacity` ids (at least 1). Memory grows with use, up to
     /// `capacity` ids.
     pub fn new(capacity: usize) -> Dedup {
-        Dedup { ids: Vec::new(), next: 0, capacity: capacity.max(1) }
+        let capacity = u32::try_from(capacity).unwrap_or(u32::MAX).max(1);
+        Dedup { ids: Vec::new(), next: 0, capacity }
     }
 
     /// Remembers `id`; true when it was not remembered already.
@@ -193,15 +282,16 @@ impl Dedup {
         if self.contains(id) {
             return false;
         }
-        if self.ids.len() < self.capacity {
+        let capacity = self.capacity();
+        if self.ids.len() < capacity {
             if self.ids.len() == self.ids.capacity() {
                 // Doubling, but never past the capacity.
-                let more = self.ids.len().max(4).min(self.capacity - self.ids.len());
+                let more = self.ids.len().max(4).min(capacity - self.ids.len());
                 self.ids.reserve_exact(more);
             }
             self.ids.push(id);
         } else {
-            self.ids[self.next] = id;
+            self.ids[self.next as usize] = id;
             self.next = (self.next + 1) % self.capacity;
         }
         true
@@ -224,7 +314,7 @@ impl Dedup {
 
     /// Most ids remembered.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.capacity as usize
     }
 }
 
@@ -361,25 +451,36 @@ pub fn write_logout(enc: &mut Encoder, out: &mut Vec<u8>, seq: u32, log_id: u64,
     });
 }
 
-/// Where a machine writes frames: the caller's encoder and buffer. Frames are appended; the
-/// caller sends the buffer and clears it.
+/// Where a machine writes: the caller's encoder and buffer. What is written is appended; the
+/// caller sends the bytes [`AppProto::wire`] returns (the whole buffer) and clears it.
+///
+/// Frames are appended as they are; on the secure channel the machine turns them into records
+/// in place (sealed once the channel is open; held inside the machine before the gate's Accept)
+/// at [`AppProto::wire`], and at the end of its own calls. `Out` remembers where the frames not
+/// yet turned into records start; the bytes the buffer held when the `Out` was made are taken
+/// to be the caller's own, ready to send.
 #[derive(Debug)]
 pub struct Out<'a> {
     /// Builds bodies.
     enc: &'a mut Encoder,
-    /// Receives whole frames.
+    /// Receives whole frames and records.
     buf: &'a mut Vec<u8>,
     /// Frames appended through this `Out`.
     frames: u32,
+    /// `buf[plain..]` are frames written since the machine last made the buffer wire bytes.
+    plain: usize,
 }
 
 impl<'a> Out<'a> {
     /// Frames go to `buf`, built with `enc`.
     pub fn new(enc: &'a mut Encoder, buf: &'a mut Vec<u8>) -> Out<'a> {
-        Out { enc, buf, frames: 0 }
+        let plain = buf.len();
+        Out { enc, buf, frames: 0, plain }
     }
 
-    /// Appends a frame with `write` (the shell's own frames: GPS, say) and counts it.
+    /// Appends a frame with `write` (the shell's own frames: GPS, say) and counts it. On the
+    /// secure channel it becomes wire bytes at the machine's next call with this `Out` (at the
+    /// latest [`AppProto::wire`]).
     pub fn put(&mut self, write: impl FnOnce(&mut Encoder, &mut Vec<u8>)) {
         write(self.enc, self.buf);
         self.frames += 1;
@@ -390,7 +491,8 @@ impl<'a> Out<'a> {
         self.frames
     }
 
-    /// The buffer's bytes (earlier ones included).
+    /// The buffer's bytes (earlier ones included). On the secure channel they are wire bytes
+    /// only after [`AppProto::wire`]; send what that returns.
     pub fn bytes(&self) -> &[u8] {
         self.buf
     }
@@ -482,8 +584,48 @@ pub enum Close<'a> {
     },
     /// No Session answer within [`Config::session_timeout`].
     SessionTimeout,
-    /// The gate's bytes lost the framing.
-    Stream(StreamError),
+    /// The gate's bytes cannot be used any more: the frames lost their framing, or (secure
+    /// channel) the channel failed or the gate refused the handshake. See [`Fault`].
+    Stream(Fault),
+}
+
+/// Why the bytes from the gate cannot be used any more ([`Close::Stream`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The frame stream lost its framing (§8.3).
+    Frames(StreamError),
+    /// The secure channel ended (§14.7): a record that does not parse or authenticate, an
+    /// Accept that does not, a record out of order, or the gate's Reject
+    /// ([`ChannelError::RejectedByGate`], unauthenticated: a hint only). The gate holds the
+    /// session: the next connection resumes it. A Reject UnknownSession makes the next
+    /// connection try the previous resumption secret, then log in (§14.6); UnknownKey and
+    /// Version are configuration errors ([`Fault::misconfigured`]) and wait long before the
+    /// next attempt.
+    Channel(ChannelError),
+}
+
+impl Fault {
+    /// The gate refused the handshake for this side's configuration: it does not hold the
+    /// gate key this app was given (UnknownKey), or speaks another channel version. Another
+    /// attempt fails the same way until the app (or the gate) is set up differently.
+    pub fn misconfigured(&self) -> Option<RejectReason> {
+        match self {
+            Fault::Channel(ChannelError::RejectedByGate {
+                reason: r @ (RejectReason::UnknownKey | RejectReason::Version),
+                ..
+            }) => Some(*r),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Frames(e) => write!(f, "frames: {e}"),
+            Fault::Channel(e) => write!(f, "secure channel: {e}"),
+        }
+    }
 }
 
 /// What the machine tells its shell. Events borrow the machine's input buffer: copy out what
@@ -503,6 +645,10 @@ pub enum Event<'a> {
         /// A login that replaced a session that could not be resumed (not the first login,
         /// nor one after logout): pushes to the old one ended without Delivered.
         relogin: bool,
+        /// Secure channel: the gate's current public key, when an Accept since the last
+        /// SessionUp said the key this app had is being retired. The machine uses it from now
+        /// on; store it in place of the old one (§14.5).
+        new_server_key: Option<PublicKey>,
     },
     /// A push to show: acked already, and never reported twice for one message id.
     Push {
@@ -570,8 +716,8 @@ pub enum Event<'a> {
 /// [`AppProto::poll_event`].
 #[derive(Debug, Clone, Copy)]
 enum Note {
-    /// [`Event::LoginNeeded`] without a refusal.
-    LoginNeeded,
+    /// [`Event::LoginNeeded`].
+    LoginNeeded { resume_refused: bool },
     /// [`Event::TimedOut`].
     TimedOut { seq: u32, tag: u8, sent: Instant },
     /// [`Close::SessionTimeout`].
@@ -581,7 +727,7 @@ enum Note {
 impl Note {
     fn event(self) -> Event<'static> {
         match self {
-            Note::LoginNeeded => Event::LoginNeeded { resume_refused: false },
+            Note::LoginNeeded { resume_refused } => Event::LoginNeeded { resume_refused },
             Note::TimedOut { seq, tag, sent } => Event::TimedOut { seq, tag, sent },
             Note::SessionTimeout => Event::Close(Close::SessionTimeout),
         }
@@ -624,6 +770,12 @@ enum Ending {
     LoginRefused,
     /// Any other failure of the attempt.
     Failed,
+    /// The gate refused the resumption secret (Reject UnknownSession): the next connection
+    /// tries the previous secret, or logs in. Not a failure: at once.
+    Again,
+    /// The gate refused the handshake for this side's configuration (Reject UnknownKey or
+    /// Version): a failed attempt; wait about [`Config::retry_after_ceiling`].
+    Misconfigured,
 }
 
 /// The current connection.
@@ -652,45 +804,219 @@ struct Pending {
     sent: Instant,
 }
 
-/// Bytes received and not yet made into events: `buf[start..end]`.
+/// Bytes received and not yet made into events, in one buffer:
+///
+/// ```text
+/// buf: [ decoded | frames start..end | gap end..raw | records raw..raw_end | free ]
+/// ```
+///
+/// In plaintext the bytes read are frames (`raw == raw_end == end`). On the secure channel
+/// they are records: each is opened in place where it arrived and its plaintext moved down to
+/// `end` (the gap is the headers and tags of the records opened since the last move), so the
+/// frame decoder sees one frame stream and nothing is copied to a second buffer.
 #[derive(Debug, Default)]
 struct Inbound {
     /// Fully initialised; its length is the buffer's size.
     buf: Vec<u8>,
-    /// First byte not yet decoded.
+    /// First frame byte not yet decoded.
     start: usize,
-    /// End of the bytes received.
+    /// End of the frame bytes.
     end: usize,
+    /// Secure channel: first byte of the records not yet opened.
+    raw: usize,
+    /// End of the bytes received.
+    raw_end: usize,
 }
 
 impl Inbound {
-    /// At least `want` free bytes after `end`: moves unread bytes to the front, grows when that
-    /// is not enough, and gives a buffer grown for a large frame back once it is empty.
+    /// At least `want` free bytes after `raw_end`: moves unread bytes to the front (closing the
+    /// gap), grows when that is not enough, and gives a buffer grown for a large frame back once
+    /// it is empty.
     fn reserve(&mut self, want: usize, chunk: usize) {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
+        if self.start == self.end && self.raw == self.raw_end {
+            self.clear();
             if self.buf.len() > 8 * chunk.max(want) {
                 self.buf = Vec::new();
             }
         }
-        if self.buf.len() - self.end >= want {
+        if self.buf.len() - self.raw_end >= want {
             return;
         }
-        if self.start > 0 {
+        if self.start > 0 || self.raw > self.end {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
+            self.buf.copy_within(self.raw..self.raw_end, self.end);
+            self.raw_end = self.end + (self.raw_end - self.raw);
+            self.raw = self.end;
         }
-        if self.buf.len() - self.end < want {
-            let size = (self.end + want).max(self.buf.len().saturating_mul(2).min(MAX_FRAME + chunk));
+        if self.buf.len() - self.raw_end < want {
+            let cap = MAX_FRAME + RECORD_HEADER + MAX_RECORD_BODY + chunk;
+            let size = (self.raw_end + want).max(self.buf.len().saturating_mul(2).min(cap));
             self.buf.resize(size, 0);
+        }
+    }
+
+    /// `n` bytes arrived at `raw_end`; in plaintext they are frame bytes at once.
+    fn received(&mut self, n: usize, records: bool) {
+        self.raw_end = (self.raw_end + n).min(self.buf.len());
+        if !records {
+            self.end = self.raw_end;
+            self.raw = self.raw_end;
+        }
+    }
+
+    /// Appends received bytes.
+    fn push(&mut self, data: &[u8], chunk: usize, records: bool) {
+        self.reserve(data.len(), chunk);
+        let at = self.raw_end;
+        self.buf[at..at + data.len()].copy_from_slice(data);
+        self.received(data.len(), records);
+    }
+
+    /// Puts frame bytes after the frames held, before any record not yet opened.
+    fn push_frames(&mut self, data: &[u8], chunk: usize) {
+        self.reserve(data.len(), chunk);
+        // After `reserve` the gap is closed unless there was room already; make room for `data`.
+        if self.raw < self.end + data.len() {
+            let to = self.end + data.len();
+            self.buf.copy_within(self.raw..self.raw_end, to);
+            self.raw_end = to + (self.raw_end - self.raw);
+            self.raw = to;
+        }
+        self.buf[self.end..self.end + data.len()].copy_from_slice(data);
+        self.end += data.len();
+    }
+
+    /// The frame bytes were all used (or dropped): when no record is waiting either, the gap
+    /// goes.
+    fn frames_done(&mut self) {
+        self.start = self.end;
+        if self.raw == self.raw_end {
+            self.clear();
         }
     }
 
     fn clear(&mut self) {
         self.start = 0;
         self.end = 0;
+        self.raw = 0;
+        self.raw_end = 0;
+    }
+}
+
+/// The secure channel's state (docs/PROTOCOL.md §14): the keys, the session's resumption
+/// secrets across connections, and the current connection's channel.
+#[derive(Debug)]
+struct Secure {
+    /// The gate's key and this app's.
+    cfg: SecureConfig,
+    /// The current connection's channel, from its first flight on.
+    chan: Option<ClientChannel>,
+    /// Frame bytes written before the Accept: sealed right after the commit record.
+    early: Vec<u8>,
+    /// The resumption secret of the newest Accept.
+    newest: Option<ResumeSecret>,
+    /// The secret before `newest`, kept until a frame after the newest Accept proves that the
+    /// gate committed it (§14.6).
+    previous: Option<ResumeSecret>,
+    /// The secret this connection's ResumeHello used.
+    used: Used,
+    /// The gate did not know `newest`: the next ResumeHello uses `previous`.
+    try_previous: bool,
+    /// An Accept named a new gate key that no [`Event::SessionUp`] reported yet.
+    key_news: bool,
+    /// The channel failed; reported by [`AppProto::poll_event`] after the frames before it.
+    fault: Option<ChannelError>,
+}
+
+/// Which resumption secret a connection's ResumeHello used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Used {
+    /// None: a Hello, or no handshake yet.
+    None,
+    /// [`Secure::newest`].
+    Newest,
+    /// [`Secure::previous`].
+    Previous,
+}
+
+impl Secure {
+    fn new(cfg: SecureConfig) -> Secure {
+        Secure {
+            cfg,
+            chan: None,
+            early: Vec::new(),
+            newest: None,
+            previous: None,
+            used: Used::None,
+            try_previous: false,
+            key_news: false,
+            fault: None,
+        }
+    }
+
+    /// Forgets the connection's channel.
+    fn end_connection(&mut self) {
+        self.chan = None;
+        self.early = Vec::new();
+        self.used = Used::None;
+        self.fault = None;
+    }
+
+    /// Forgets the session's secrets.
+    fn forget_secrets(&mut self) {
+        self.newest = None;
+        self.previous = None;
+        self.try_previous = false;
+    }
+
+    /// The channel failed: it is gone, and the failure waits to be reported.
+    fn fail(&mut self, e: ChannelError) {
+        self.chan = None;
+        self.early = Vec::new();
+        self.fault.get_or_insert(e);
+    }
+
+    /// An Accept authenticated: the next resume's secret is `secret`, and the one this
+    /// connection resumed with stays until the gate shows it committed (§14.6).
+    fn accepted(&mut self, new_server_key: Option<PublicKey>, secret: ResumeSecret) {
+        if let Some(k) = new_server_key {
+            self.cfg.server_key = k;
+            self.key_news = true;
+        }
+        self.previous = match self.used {
+            Used::Newest => self.newest.take(),
+            Used::Previous => self.previous.take(),
+            Used::None => None,
+        };
+        self.newest = Some(secret);
+        self.try_previous = false;
+    }
+
+    /// Writes the first flight, `frames`, in a Hello or (with `resume_id` and a secret) a
+    /// ResumeHello, appended to `out`.
+    fn open(&mut self, resume_id: Option<&[u8]>, frames: &[u8], out: &mut Vec<u8>) {
+        let secret = match (self.try_previous, &self.previous, &self.newest) {
+            (true, Some(s), _) => Some((s, Used::Previous)),
+            (_, _, Some(s)) => Some((s, Used::Newest)),
+            _ => None,
+        };
+        let chan = match (resume_id, secret) {
+            (Some(id), Some((s, used))) if id.len() <= MAX_RESUME_ID => {
+                self.used = used;
+                ClientChannel::resume(id, s, frames, out)
+            }
+            // A Resume without a secret (or with a resume id too long to name) rides in a Hello.
+            _ => {
+                self.used = Used::None;
+                ClientChannel::login(&self.cfg.server_key, &self.cfg.app_key, frames, out)
+            }
+        };
+        match chan {
+            Ok(c) => self.chan = Some(c),
+            Err(e) => self.fail(e),
+        }
     }
 }
 
@@ -733,15 +1059,27 @@ struct Core {
     /// Requests waiting for their answers, oldest first.
     requests: Vec<Pending>,
     /// Events made outside frames, oldest first.
-    notes: VecDeque<Note>,
+    notes: Vec<Note>,
     /// Frames decoded since [`AppProto::take_frames_in`].
     frames_in: u32,
+    /// The secure channel, when the machine speaks it.
+    secure: Option<Box<Secure>>,
+    /// The gate did not know the session (Reject UnknownSession for both secrets): the next
+    /// connection's [`Event::LoginNeeded`] says the resume was refused.
+    resume_refused: bool,
 }
 
 impl AppProto {
-    /// A machine with no connection and no session. `seed` drives jitter and log-ids (give each
-    /// machine its own); `now` is the time origin of keepalive timestamps.
+    /// A machine with no connection and no session, speaking plaintext frames. `seed` drives
+    /// jitter and log-ids (give each machine its own); `now` is the time origin of keepalive
+    /// timestamps.
     pub fn new(cfg: Config, seed: u64, now: Instant) -> AppProto {
+        AppProto::with_secure(cfg, None, seed, now)
+    }
+
+    /// A machine like [`AppProto::new`] that speaks the secure channel with `secure`'s keys
+    /// (`None`: plaintext). Bytes in and out are then records; see the module documentation.
+    pub fn with_secure(cfg: Config, secure: Option<SecureConfig>, seed: u64, now: Instant) -> AppProto {
         let dedup = Dedup::new(cfg.dedup_capacity);
         AppProto {
             inbound: Inbound::default(),
@@ -759,8 +1097,10 @@ impl AppProto {
                 rng: Rng(mix64(seed)),
                 dedup,
                 requests: Vec::new(),
-                notes: VecDeque::new(),
+                notes: Vec::new(),
                 frames_in: 0,
+                secure: secure.map(|s| Box::new(Secure::new(s))),
+                resume_refused: false,
             },
         }
     }
@@ -776,20 +1116,30 @@ impl AppProto {
         self.inbound.clear();
         c.notes.clear();
         c.requests.clear();
+        if let Some(sec) = c.secure.as_deref_mut() {
+            sec.end_connection();
+        }
         let deadline = now + c.cfg.session_timeout;
+        // Opening, so that frames the shell wrote meanwhile wait for the channel.
+        c.link = Link::Opening { step: Step::AwaitToken, deadline };
         let step = match (&c.standing, &c.info) {
             (Standing::Resumable, Some(info)) => {
                 let (seq, log_id) = (c.seqs.fresh(), c.logs.fresh());
-                out.put(|enc, buf| write_resume(enc, buf, seq, log_id, &info.resume_token));
+                let token = &info.resume_token;
+                first_flight(c.secure.as_deref_mut(), out, Some(token), |enc, buf| {
+                    write_resume(enc, buf, seq, log_id, token)
+                });
                 c.last_tx = now;
                 Step::Resume { seq }
             }
             _ => {
-                c.notes.push_back(Note::LoginNeeded);
+                let resume_refused = std::mem::take(&mut c.resume_refused);
+                c.notes.push(Note::LoginNeeded { resume_refused });
                 Step::AwaitToken
             }
         };
         c.link = Link::Opening { step, deadline };
+        c.settle(out);
         Ok(())
     }
 
@@ -805,9 +1155,12 @@ impl AppProto {
         let c = &mut self.core;
         let Link::Opening { step: Step::AwaitToken, deadline } = c.link else { return Err(NotNow) };
         let (seq, log_id) = (c.seqs.fresh(), c.logs.fresh());
-        out.put(|enc, buf| write_login(enc, buf, seq, log_id, token, device));
+        first_flight(c.secure.as_deref_mut(), out, None, |enc, buf| {
+            write_login(enc, buf, seq, log_id, token, device)
+        });
         c.last_tx = now;
         c.link = Link::Opening { step: Step::Login { seq }, deadline };
+        c.settle(out);
         Ok(())
     }
 
@@ -820,11 +1173,15 @@ impl AppProto {
         }
         let (seq, log_id) = (c.seqs.fresh(), c.logs.fresh());
         out.put(|enc, buf| write_logout(enc, buf, seq, log_id, reason));
+        c.settle(out);
         c.last_tx = now;
         c.link = Link::LoggingOut { seq };
         c.standing = Standing::Fresh;
         c.info = None;
         c.redirect = None;
+        if let Some(sec) = c.secure.as_deref_mut() {
+            sec.forget_secrets();
+        }
         Ok(seq)
     }
 
@@ -853,6 +1210,7 @@ impl AppProto {
         }
         let (seq, log_id) = (c.seqs.fresh(), c.logs.fresh());
         out.put(|enc, buf| enc.frame(buf, FrameType::Request, cmd, seq, log_id, build));
+        c.settle(out);
         c.last_tx = now;
         c.requests.push(Pending { seq, tag, sent: now });
         Ok(Sent { seq, log_id })
@@ -865,65 +1223,165 @@ impl AppProto {
     }
 
     /// Up to [`Config::read_chunk`] bytes (at least) to read the transport into; then
-    /// [`AppProto::read_done`] with how many came.
+    /// [`AppProto::read_done`] with how many came. The bytes are what the socket carries:
+    /// records on the secure channel.
     pub fn read_buf(&mut self) -> &mut [u8] {
         let chunk = self.core.cfg.read_chunk.max(1);
         self.inbound.reserve(chunk, chunk);
-        let end = self.inbound.end;
-        &mut self.inbound.buf[end..]
+        let at = self.inbound.raw_end;
+        &mut self.inbound.buf[at..]
     }
 
     /// `n` bytes were read into [`AppProto::read_buf`].
     pub fn read_done(&mut self, n: usize) {
-        self.inbound.end = (self.inbound.end + n).min(self.inbound.buf.len());
+        let records = self.core.secure.is_some();
+        self.inbound.received(n, records);
     }
 
-    /// Bytes received from the gate, copied in.
+    /// Bytes received from the gate (records on the secure channel), copied in.
     pub fn handle_input(&mut self, data: &[u8]) {
         let chunk = self.core.cfg.read_chunk.max(1);
-        self.inbound.reserve(data.len(), chunk);
-        let end = self.inbound.end;
-        self.inbound.buf[end..end + data.len()].copy_from_slice(data);
-        self.inbound.end += data.len();
+        let records = self.core.secure.is_some();
+        self.inbound.push(data, chunk, records);
     }
 
-    /// Bytes received and not yet made into events (a frame's first part, or frames after the
-    /// event being handled).
+    /// Frame bytes received and not yet made into events (a frame's first part, or frames after
+    /// the event being handled); on the secure channel, from the records opened so far.
     pub fn unprocessed(&self) -> &[u8] {
         &self.inbound.buf[self.inbound.start..self.inbound.end]
     }
 
-    /// Moves the unprocessed bytes to `into`, for a shell that lets another reader take the
-    /// connection's byte stream over for a while ([`AppProto::handle_input`] gives them back).
+    /// Moves the unprocessed frame bytes to `into`, for a shell that lets another reader take
+    /// the connection's frame stream over for a while ([`AppProto::give_unprocessed`] gives them
+    /// back; on the secure channel see [`AppProto::lend_channel`] too).
     pub fn take_unprocessed(&mut self, into: &mut Vec<u8>) {
         into.extend_from_slice(self.unprocessed());
-        self.inbound.clear();
+        self.inbound.frames_done();
+    }
+
+    /// Gives back frame bytes taken with [`AppProto::take_unprocessed`] and not used (in
+    /// plaintext the same as [`AppProto::handle_input`]; on the secure channel they are frames,
+    /// not records, and go before any record not yet opened).
+    pub fn give_unprocessed(&mut self, frames: &[u8]) {
+        let chunk = self.core.cfg.read_chunk.max(1);
+        self.inbound.push_frames(frames, chunk);
+    }
+
+    /// The stream from the gate ended: `Err` when it ended inside a frame or (secure channel)
+    /// inside a record.
+    pub fn finish_input(&self) -> Result<(), Fault> {
+        let i = &self.inbound;
+        if i.raw < i.raw_end {
+            let raw = &i.buf[i.raw..i.raw_end];
+            let need = match raw.first_chunk::<RECORD_HEADER>() {
+                Some(h) => RECORD_HEADER + usize::from(u16::from_be_bytes([h[1], h[2]])),
+                None => RECORD_HEADER,
+            };
+            let (have, need) = (raw.len() as u32, need as u32);
+            return Err(Fault::Channel(ChannelError::Record(RecordError::Truncated { have, need })));
+        }
+        schema::decode::finish(self.unprocessed()).map_err(Fault::Frames)
+    }
+
+    /// Makes what was written to `out` wire bytes and returns the buffer to send, whole. Call
+    /// it last, after every call of a step, and send what it returns.
+    ///
+    /// In plaintext nothing changes. On the secure channel, frames written since the machine's
+    /// last call with this `out` (the shell's own, [`Out::put`]) are sealed into a Data record
+    /// in place, or held inside the machine while the gate's Accept has not come (they follow
+    /// the commit record then); without a channel to send them on they are dropped.
+    pub fn wire<'b>(&mut self, out: &'b mut Out<'_>) -> &'b [u8] {
+        self.core.settle(out);
+        out.buf
+    }
+
+    /// True when the machine speaks the secure channel.
+    pub fn is_secure(&self) -> bool {
+        self.core.secure.is_some()
+    }
+
+    /// Secure channel: the gate key the next Hello uses (the configured one, or the current key
+    /// an Accept named since).
+    pub fn server_key(&self) -> Option<&PublicKey> {
+        self.core.secure.as_deref().map(|s| &s.cfg.server_key)
+    }
+
+    /// Secure channel: lends the connection's open channel, with the bytes received and not
+    /// yet opened (appended to `raw`), to a shell that lets another reader and writer use the
+    /// connection for a while (with [`AppProto::take_unprocessed`] for the frames opened
+    /// already). Give both back with [`AppProto::return_channel`] before any other call that
+    /// reads or writes. `None` in plaintext or while the channel is not open.
+    pub fn lend_channel(&mut self, raw: &mut Vec<u8>) -> Option<ClientChannel> {
+        let sec = self.core.secure.as_deref_mut()?;
+        if sec.chan.as_ref().map(ClientChannel::state) != Some(ClientState::Open) {
+            return None;
+        }
+        let i = &mut self.inbound;
+        raw.extend_from_slice(&i.buf[i.raw..i.raw_end]);
+        i.raw = i.raw_end;
+        if i.start == i.end {
+            i.clear();
+        }
+        sec.chan.take()
+    }
+
+    /// Takes back a channel lent with [`AppProto::lend_channel`] and the bytes received on it
+    /// and not yet opened (a record's first part).
+    pub fn return_channel(&mut self, chan: ClientChannel, raw: &[u8]) {
+        if let Some(sec) = self.core.secure.as_deref_mut() {
+            sec.chan = Some(chan);
+            self.handle_input(raw);
+        }
     }
 
     /// The next event, handling the bytes received so far one frame at a time (acks and the
     /// login after a refused resume are written to `out` as they are decided). Call until
     /// `None` after every input, timeout and connect.
+    ///
+    /// On the secure channel it first opens the records received: an Accept writes the commit
+    /// record (and the frames held for it) to `out`, Data records become frames; a channel
+    /// failure is reported (as [`Close::Stream`]) after the frames that came before it. What
+    /// `out` holds is wire bytes once this returns `None` or a [`Event::Close`].
     pub fn poll_event(&mut self, now: Instant, out: &mut Out<'_>) -> Option<Event<'_>> {
-        if let Some(note) = self.core.notes.pop_front() {
-            return Some(note.event());
+        if !self.core.notes.is_empty() {
+            // A few at most (timed-out requests): oldest first.
+            return Some(self.core.notes.remove(0).event());
         }
         if matches!(self.core.link, Link::Down | Link::Closing(_)) {
+            self.core.settle(out);
             return None;
+        }
+        if self.core.secure.is_some() {
+            open_records(&mut self.inbound, &mut self.core, out);
         }
         loop {
             let bytes = &self.inbound.buf[self.inbound.start..self.inbound.end];
             let (item, n) = match schema::decode(bytes, &Limits::APP) {
-                Ok(None) => return None,
+                Ok(None) => {
+                    let fault = self.core.secure.as_deref_mut().and_then(|s| s.fault.take());
+                    let Some(e) = fault else {
+                        self.core.settle(out);
+                        return None;
+                    };
+                    let ending = self.core.channel_ending(&e);
+                    self.core.link = Link::Closing(ending);
+                    self.core.settle(out);
+                    return Some(Event::Close(Close::Stream(Fault::Channel(e))));
+                }
                 Ok(Some(found)) => found,
                 Err(e) => {
                     self.inbound.start = self.inbound.end;
                     self.core.link = Link::Closing(Ending::Failed);
-                    return Some(Event::Close(Close::Stream(e)));
+                    self.core.settle(out);
+                    return Some(Event::Close(Close::Stream(Fault::Frames(e))));
                 }
             };
             self.inbound.start += n;
             self.core.frames_in = self.core.frames_in.wrapping_add(1);
             if let Some(event) = self.core.on_item(now, item, out) {
+                if matches!(event, Event::Close(_)) {
+                    self.core.settle(out);
+                }
                 return Some(event);
             }
         }
@@ -953,7 +1411,7 @@ impl AppProto {
         match c.link {
             Link::Opening { deadline, .. } if now >= deadline => {
                 c.link = Link::Closing(Ending::Failed);
-                c.notes.push_back(Note::SessionTimeout);
+                c.notes.push(Note::SessionTimeout);
                 return;
             }
             Link::Live { keepalive } if now >= c.last_tx + keepalive => {
@@ -961,6 +1419,7 @@ impl AppProto {
                 let ts_ms =
                     u64::try_from(now.saturating_duration_since(c.epoch).as_millis()).unwrap_or(u64::MAX);
                 out.put(|enc, buf| enc.keepalive(buf, FrameType::Request, seq, log_id, ts_ms));
+                c.settle(out);
                 c.last_tx = now;
             }
             _ => {}
@@ -968,7 +1427,7 @@ impl AppProto {
         let timeout = c.cfg.request_timeout;
         while let Some(p) = c.requests.first().copied().filter(|p| now >= p.sent + timeout) {
             c.requests.remove(0);
-            c.notes.push_back(Note::TimedOut { seq: p.seq, tag: p.tag, sent: p.sent });
+            c.notes.push(Note::TimedOut { seq: p.seq, tag: p.tag, sent: p.sent });
         }
     }
 
@@ -980,6 +1439,9 @@ impl AppProto {
         let c = &mut self.core;
         self.inbound.clear();
         c.notes.clear();
+        if let Some(sec) = c.secure.as_deref_mut() {
+            sec.end_connection();
+        }
         let requests_cut = u32::try_from(c.requests.len()).unwrap_or(u32::MAX);
         c.requests.clear();
         let link = std::mem::replace(&mut c.link, Link::Down);
@@ -995,6 +1457,13 @@ impl AppProto {
             }
             Link::Closing(Ending::LoginRefused) => (true, Some(c.cfg.refused_login_wait)),
             Link::Closing(Ending::Failed) => (true, None),
+            Link::Closing(Ending::Again) => (false, None),
+            Link::Closing(Ending::Misconfigured) => {
+                // Three quarters of the ceiling and up to a quarter more: not a tight loop, and
+                // apps refused together do not come back together.
+                let ceiling = c.cfg.retry_after_ceiling;
+                (true, Some((ceiling * 3 / 4 + spread(ceiling / 4, c.rng.next_u64())).min(ceiling)))
+            }
             Link::Opening { .. } | Link::Down => (how == Lost::Remote, None),
             Link::LoggingOut { .. } => return Disconnected { reconnect: Reconnect::Never, requests_cut },
             Link::Live { .. } => (false, None),
@@ -1015,6 +1484,10 @@ impl AppProto {
         c.standing = Standing::Fresh;
         c.info = None;
         c.redirect = None;
+        c.resume_refused = false;
+        if let Some(sec) = c.secure.as_deref_mut() {
+            sec.forget_secrets();
+        }
     }
 
     /// The latest Session (kept while disconnected; cleared by logout and forget).
@@ -1144,6 +1617,14 @@ impl Core {
             Some(info) => info.update(s),
             None => self.info = Some(SessionInfo::from_wire(s)),
         }
+        let mut new_server_key = None;
+        if let (Some(sec), Some(info)) = (self.secure.as_deref_mut(), self.info.as_mut()) {
+            // The session takes the secret of the handshake that carried it (§14.6).
+            info.resume_secret = sec.newest.as_ref().map(|s| s.0);
+            if std::mem::take(&mut sec.key_news) {
+                new_server_key = Some(sec.cfg.server_key);
+            }
+        }
         // An empty token cannot resume anything (a gate without hold sends none).
         self.standing = match s.resume_token() {
             Some(t) if !t.is_empty() => Standing::Resumable,
@@ -1158,7 +1639,7 @@ impl Core {
         // Half the heartbeat: one late frame does not let the gate's idle timeout fire.
         self.link = Link::Live { keepalive: heartbeat / 2 };
         self.last_tx = now;
-        Some(Event::SessionUp { resumed, relogin })
+        Some(Event::SessionUp { resumed, relogin, new_server_key })
     }
 
     /// An Error frame: the answer to the Login or Resume, a refusal of the connection, the
@@ -1235,11 +1716,196 @@ impl Core {
         })
     }
 
+    /// Makes what was written to `out` since its last settle wire bytes (secure channel): sealed
+    /// in place once the channel is open, held for the commit before the Accept (and before the
+    /// first flight while the connection opens), dropped when there is no channel to send it on.
+    fn settle(&mut self, out: &mut Out<'_>) {
+        let from = out.plain.min(out.buf.len());
+        out.plain = out.buf.len();
+        let Some(sec) = self.secure.as_deref_mut() else { return };
+        if from == out.buf.len() {
+            return;
+        }
+        let opening = matches!(self.link, Link::Opening { .. });
+        match sec.chan.as_mut() {
+            Some(chan) if chan.state() == ClientState::Open => {
+                if let Err(e) = chan.seal_in_place(out.buf, from) {
+                    // Only the nonces running out (2^64 records): the connection cannot go on.
+                    out.buf.truncate(from);
+                    sec.fail(e);
+                }
+            }
+            Some(chan) if chan.state() == ClientState::AwaitingAccept => {
+                sec.early.extend_from_slice(&out.buf[from..]);
+                out.buf.truncate(from);
+            }
+            None if opening && sec.fault.is_none() => {
+                sec.early.extend_from_slice(&out.buf[from..]);
+                out.buf.truncate(from);
+            }
+            _ => out.buf.truncate(from),
+        }
+        out.plain = out.buf.len();
+    }
+
+    /// How a connection whose channel failed with `e` ends, and what the next one does.
+    fn channel_ending(&mut self, e: &ChannelError) -> Ending {
+        let Some(sec) = self.secure.as_deref_mut() else { return Ending::Failed };
+        let ChannelError::RejectedByGate { reason, message } = e else { return Ending::Failed };
+        match reason {
+            RejectReason::UnknownSession if sec.used == Used::Newest && sec.previous.is_some() => {
+                // The connection that brought the newest secret may have died before the gate
+                // read its commit: the gate still has the previous one (§14.6).
+                sec.try_previous = true;
+                Ending::Again
+            }
+            RejectReason::UnknownSession if sec.used != Used::None => {
+                // Neither secret opens the session: log in afresh, as after ResumeRefused
+                // (§9.13). The Reject is unauthenticated, so the secrets stay until a new
+                // session replaces them.
+                sec.try_previous = false;
+                if self.standing == Standing::Resumable {
+                    self.standing = Standing::Lost;
+                    self.resume_refused = true;
+                }
+                Ending::Again
+            }
+            RejectReason::UnknownKey | RejectReason::Version => Ending::Misconfigured,
+            RejectReason::Overloaded => Ending::Refused { retry_after: retry_after_in(message) },
+            _ => Ending::Failed,
+        }
+    }
+
     /// Removes and returns the outstanding request with `seq`.
     fn take_request(&mut self, seq: u32) -> Option<Pending> {
         let i = self.requests.iter().position(|p| p.seq == seq)?;
         Some(self.requests.remove(i))
     }
+}
+
+/// Writes a connection's first frame (Login or Resume) with `write`: in plaintext as it is; on
+/// the secure channel, when the connection has no channel yet, inside its Hello or (with
+/// `resume_id`, when a resumption secret is known) its ResumeHello. Frames the shell wrote
+/// before it wait for the commit.
+fn first_flight(
+    sec: Option<&mut Secure>,
+    out: &mut Out<'_>,
+    resume_id: Option<&[u8]>,
+    write: impl FnOnce(&mut Encoder, &mut Vec<u8>),
+) {
+    let Some(sec) = sec.filter(|s| s.chan.is_none() && s.fault.is_none()) else {
+        out.put(write);
+        return;
+    };
+    let from = out.plain.min(out.buf.len());
+    sec.early.extend_from_slice(&out.buf[from..]);
+    out.buf.truncate(from);
+    let mut frames = Vec::new();
+    write(out.enc, &mut frames);
+    out.frames += 1;
+    sec.open(resume_id, &frames, out.buf);
+    out.plain = out.buf.len();
+}
+
+/// Opens every whole record received, in place: Data records' plaintext joins the frame bytes,
+/// an Accept writes the commit record and the frames held for it to `out`. A failure is kept in
+/// [`Secure::fault`] (reported after the frames before it) and stops the opening.
+fn open_records(inb: &mut Inbound, c: &mut Core, out: &mut Out<'_>) {
+    while c.secure.as_deref().is_some_and(|s| s.fault.is_none()) {
+        match open_record(inb, c, out) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                // The channel stays for sealing the answers to the frames before the failure
+                // (when it can still seal); nothing after it is read.
+                if let Some(sec) = c.secure.as_deref_mut() {
+                    sec.fault.get_or_insert(e);
+                }
+                inb.raw = inb.raw_end;
+            }
+        }
+    }
+}
+
+/// Opens the record at `inb.raw` if it is whole; `Ok(false)` when it is not (yet).
+fn open_record(inb: &mut Inbound, c: &mut Core, out: &mut Out<'_>) -> Result<bool, ChannelError> {
+    let avail = &inb.buf[inb.raw..inb.raw_end];
+    let Some(&first) = avail.first() else { return Ok(false) };
+    // Refused on its first byte, as the frame decoder refuses a bad magic.
+    let kind = RecordType::from_u8(first).ok_or(RecordError::UnknownType(first))?;
+    let Some(hdr) = avail.first_chunk::<RECORD_HEADER>() else { return Ok(false) };
+    let len = usize::from(u16::from_be_bytes([hdr[1], hdr[2]]));
+    if len > MAX_RECORD_BODY {
+        return Err(RecordError::TooLong { kind, len: len as u32, max: MAX_RECORD_BODY as u32 }.into());
+    }
+    if avail.len() < RECORD_HEADER + len {
+        return Ok(false);
+    }
+    let body = inb.raw + RECORD_HEADER..inb.raw + RECORD_HEADER + len;
+    let next = body.end;
+    let Some(sec) = c.secure.as_deref_mut() else { return Ok(false) };
+    match (kind, sec.chan.as_mut()) {
+        (RecordType::Data, Some(chan)) => {
+            let n = chan.open_in_place(&mut inb.buf[body.clone()])?;
+            inb.buf.copy_within(body.start..body.start + n, inb.end);
+            inb.end += n;
+            if n > 0 {
+                // A frame after the Accept: the gate committed, so the secret before the
+                // newest one is of no use any more (§14.6).
+                sec.previous = None;
+            }
+        }
+        (_, Some(chan)) => {
+            // Frames written since the last settle were written before the Accept.
+            if chan.state() == ClientState::AwaitingAccept {
+                let from = out.plain.min(out.buf.len());
+                sec.early.extend_from_slice(&out.buf[from..]);
+                out.buf.truncate(from);
+            }
+            let mut frames = Vec::new();
+            let record = Record { kind, body: &inb.buf[body] };
+            // An Accept appends the commit record; a Reject or a record the gate may not send
+            // now fails.
+            match chan.on_record(record, &mut frames, out.buf)? {
+                ClientEvent::Accepted { new_server_key, resume_secret } => {
+                    let early = std::mem::take(&mut sec.early);
+                    if !early.is_empty() {
+                        chan.seal(&early, out.buf)?;
+                    }
+                    out.plain = out.buf.len();
+                    sec.accepted(new_server_key, resume_secret);
+                }
+                ClientEvent::Data => {}
+            }
+            // Frames the Accept carried (this gate sends none there): a record is longer than
+            // its plaintext, so they fit in the bytes it took.
+            inb.buf[inb.end..inb.end + frames.len()].copy_from_slice(&frames);
+            inb.end += frames.len();
+        }
+        (RecordType::Reject, None) => {
+            // Refused before the first flight went out: at accept, for load.
+            let (reason, message) = parse_reject(&inb.buf[body]);
+            return Err(ChannelError::RejectedByGate { reason, message });
+        }
+        (kind, None) => return Err(ChannelError::Unexpected { kind, state: "before the Hello" }),
+    }
+    inb.raw = next;
+    if inb.raw == inb.raw_end {
+        inb.raw = inb.end;
+        inb.raw_end = inb.end;
+    }
+    Ok(true)
+}
+
+/// The wait a gate's Reject Overloaded asks for: its message ends with "retry after N ms"
+/// (unauthenticated, like every Reject; bounded by the retry-after ceiling). Zero if absent.
+fn retry_after_in(message: &str) -> Duration {
+    let ms = message
+        .rsplit_once("retry after ")
+        .and_then(|(_, rest)| rest.strip_suffix(" ms"))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Duration::from_millis(ms)
 }
 
 #[cfg(test)]
@@ -1332,7 +1998,7 @@ mod tests {
             while let Some(e) = self.m.poll_event(now, &mut out) {
                 evs.push(match e {
                     Event::LoginNeeded { resume_refused } => Ev::LoginNeeded(resume_refused),
-                    Event::SessionUp { resumed, relogin } => Ev::Up { resumed, relogin },
+                    Event::SessionUp { resumed, relogin, .. } => Ev::Up { resumed, relogin },
                     Event::Push { delivery, .. } => Ev::Push(delivery.message_id, delivery.redelivery),
                     Event::Repeat { message_id, redelivery } => Ev::Repeat(message_id, redelivery),
                     Event::Reply { seq, tag, reply, .. } => Ev::Reply(seq, tag, reply.code),
@@ -1356,8 +2022,24 @@ mod tests {
 
         /// The frames the machine wrote since the last call.
         fn sent(&mut self) -> Vec<Sent> {
+            let frames = parse_sent(&self.out);
+            self.out.clear();
+            frames
+        }
+
+        /// The wire bytes the machine has for the gate (after [`AppProto::wire`]), taken.
+        fn wire(&mut self) -> Vec<u8> {
+            let (m, mut out) = (&mut self.m, Out::new(&mut self.enc, &mut self.out));
+            m.wire(&mut out);
+            std::mem::take(&mut self.out)
+        }
+    }
+
+    /// The frames in `bytes`, copied out.
+    fn parse_sent(bytes: &[u8]) -> Vec<Sent> {
+        {
             let mut frames = Vec::new();
-            for item in Frames::new(&self.out, Limits::APP) {
+            for item in Frames::new(bytes, Limits::APP) {
                 let Ok(Decoded::Frame(f)) = item else { panic!("the machine wrote a bad frame: {item:?}") };
                 let detail = match f.body {
                     Body::Login(l) => l.token().map(|t| t.bytes().to_vec()).unwrap_or_default(),
@@ -1373,10 +2055,11 @@ mod tests {
                     detail,
                 });
             }
-            self.out.clear();
             frames
         }
+    }
 
+    impl Rig {
         fn session(&mut self, answering: &Sent, token: &[u8], heartbeat_ms: u32) -> Vec<u8> {
             let mut b = Vec::new();
             self.gate.frame(
@@ -1866,6 +2549,677 @@ mod tests {
         assert!(!r.m.is_live());
         let Reconnect::After(wait) = r.m.on_disconnected(Lost::Remote).reconnect else { panic!() };
         assert!(wait > Duration::ZERO && wait < HOUR, "lost framing is a failure: {wait:?}");
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // The secure channel (docs/PROTOCOL.md §14), against a gate-side `channel::ServerChannel`.
+
+    use channel::{KeyRing, RecordReader, ServerChannel, ServerEvent};
+    use proptest::prelude::*;
+
+    /// A gate as far as the channel goes: it holds the first flight until the commit, keeps
+    /// the session's resumption secret and replaces it only at the commit (§14.3, §14.6).
+    struct FakeGate {
+        keys: KeyRing,
+        ch: ServerChannel,
+        reader: RecordReader,
+        /// The Login or Resume, held until the commit.
+        held: Vec<u8>,
+        /// Frames received after the commit, not yet taken.
+        plain: Vec<u8>,
+        /// Records for the app, not yet taken.
+        out: Vec<u8>,
+        /// The held session's secret.
+        secret: Option<ResumeSecret>,
+        /// The Accept's secret, until the commit.
+        tentative: Option<ResumeSecret>,
+        /// Hellos and ResumeHellos read.
+        hellos: u32,
+        resume_hellos: u32,
+    }
+
+    impl FakeGate {
+        fn new(keys: KeyRing) -> FakeGate {
+            FakeGate {
+                keys,
+                ch: ServerChannel::new(),
+                reader: RecordReader::new(),
+                held: Vec::new(),
+                plain: Vec::new(),
+                out: Vec::new(),
+                secret: None,
+                tentative: None,
+                hellos: 0,
+                resume_hellos: 0,
+            }
+        }
+
+        /// A new connection.
+        fn accept_conn(&mut self) {
+            self.ch = ServerChannel::new();
+            self.reader = RecordReader::new();
+            self.held.clear();
+            self.plain.clear();
+            self.out.clear();
+            self.tentative = None;
+        }
+
+        /// Reads the app's bytes; `Err` when the channel failed (a Reject may be in `out`).
+        fn read(&mut self, wire: &[u8]) -> Result<(), ChannelError> {
+            let FakeGate { keys, ch, reader, held, plain, out, secret, tentative, .. } = self;
+            let mut input = wire;
+            while let Some(rec) = reader.next(&mut input)? {
+                let mut got = Vec::new();
+                let kind = match ch.on_record(keys, 0, rec, &mut got, out)? {
+                    ServerEvent::Hello { .. } => 0,
+                    ServerEvent::ResumeHello { .. } => 1,
+                    ServerEvent::Committed => 2,
+                    ServerEvent::Data => 3,
+                };
+                match kind {
+                    0 => {
+                        self.hellos += 1;
+                        *held = got;
+                        *tentative = Some(ch.accept(&[], out)?);
+                    }
+                    1 => {
+                        self.resume_hellos += 1;
+                        ch.resume(secret.as_ref(), held, out)?;
+                        *tentative = Some(ch.accept(&[], out)?);
+                    }
+                    2 => {
+                        *secret = tentative.take();
+                        plain.append(held);
+                        plain.extend_from_slice(&got);
+                    }
+                    _ => plain.extend_from_slice(&got),
+                }
+            }
+            Ok(())
+        }
+
+        /// The frames received since the last call.
+        fn frames(&mut self) -> Vec<Sent> {
+            let sent = parse_sent(&self.plain);
+            self.plain.clear();
+            sent
+        }
+
+        /// Seals frames for the app.
+        fn send(&mut self, frames: &[u8]) {
+            self.ch.seal(frames, &mut self.out).expect("the Accept went out");
+        }
+
+        fn take_out(&mut self) -> Vec<u8> {
+            std::mem::take(&mut self.out)
+        }
+    }
+
+    /// A secure machine and a fake gate.
+    struct Sec {
+        r: Rig,
+        g: FakeGate,
+    }
+
+    impl Sec {
+        fn new(cfg: Config) -> Sec {
+            Sec::with_keys(cfg, Keypair::dev(), KeyRing::new(Keypair::dev()))
+        }
+
+        fn with_keys(cfg: Config, known: Keypair, ring: KeyRing) -> Sec {
+            let mut r = Rig::new(cfg.clone());
+            r.m = AppProto::with_secure(cfg, Some(SecureConfig::new(*known.public())), 7, r.now);
+            Sec { r, g: FakeGate::new(ring) }
+        }
+
+        /// The machine's bytes go to the gate.
+        fn up(&mut self) -> Result<(), ChannelError> {
+            let w = self.r.wire();
+            self.g.read(&w)
+        }
+
+        /// The gate's bytes go to the machine; its events.
+        fn down(&mut self) -> Vec<Ev> {
+            let b = self.g.take_out();
+            self.r.feed(&b)
+        }
+
+        /// A new connection: the gate accepts it, the machine is told. What the last one did not
+        /// send died with it.
+        fn connect(&mut self) -> Vec<Ev> {
+            self.g.accept_conn();
+            self.r.out.clear();
+            self.r.connect();
+            self.r.events()
+        }
+
+        /// A whole handshake and Session from a connected machine whose first flight is out:
+        /// returns the events of the Session.
+        fn finish_open(&mut self, token: &[u8]) -> Vec<Ev> {
+            self.up().expect("the gate reads the first flight");
+            assert!(self.down().is_empty(), "the Accept carries no events");
+            self.up().expect("the gate reads the commit");
+            let first = self.g.frames().into_iter().next().expect("the held Login or Resume");
+            let answer = self.r.session(&first, token, 30_000);
+            self.g.send(&answer);
+            self.down()
+        }
+
+        /// Connects and logs in; the session's token is `token`.
+        fn live(&mut self, token: &[u8]) {
+            assert_eq!(self.connect(), vec![Ev::LoginNeeded(false)]);
+            self.r.login(b"login-token");
+            assert_eq!(self.finish_open(token), vec![Ev::Up { resumed: false, relogin: false }]);
+        }
+
+        /// The machine's channel failure, as the event says.
+        fn fault(&mut self) -> Option<ChannelError> {
+            let (now, mut out) = (self.r.now, Out::new(&mut self.r.enc, &mut self.r.out));
+            let mut fault = None;
+            while let Some(ev) = self.r.m.poll_event(now, &mut out) {
+                if let Event::Close(Close::Stream(Fault::Channel(e))) = ev {
+                    fault = Some(e);
+                }
+            }
+            fault
+        }
+
+        fn secrets(&self) -> (Option<ResumeSecret>, Option<ResumeSecret>) {
+            let s = self.r.m.core.secure.as_deref().expect("secure");
+            (s.newest.clone(), s.previous.clone())
+        }
+    }
+
+    /// The record types in `wire`.
+    fn record_kinds(wire: &[u8]) -> Vec<RecordType> {
+        let mut reader = RecordReader::new();
+        let mut input = wire;
+        let mut kinds = Vec::new();
+        while let Some(r) = reader.next(&mut input).expect("records") {
+            kinds.push(r.kind);
+        }
+        assert!(!reader.in_record());
+        kinds
+    }
+
+    #[test]
+    fn login_and_resume_go_in_the_handshake_and_every_byte_is_a_record() {
+        let mut s = Sec::new(Config::default());
+        assert_eq!(s.connect(), vec![Ev::LoginNeeded(false)]);
+        assert!(s.r.wire().is_empty(), "nothing before the token");
+        s.r.login(b"login-token");
+        let hello = s.r.wire();
+        assert_eq!(record_kinds(&hello), vec![RecordType::Hello]);
+        s.g.read(&hello).expect("hello");
+        assert!(s.g.frames().is_empty(), "the Login waits for the commit");
+        let accept = s.g.take_out();
+        assert_eq!(record_kinds(&accept), vec![RecordType::Accept]);
+        assert!(s.r.feed(&accept).is_empty());
+        let commit = s.r.wire();
+        assert_eq!(record_kinds(&commit), vec![RecordType::Data], "the commit record, at once");
+        s.g.read(&commit).expect("commit");
+        let login = s.g.frames().pop().expect("the held Login, run at the commit");
+        assert_eq!((login.cmd, login.detail.as_slice()), (Cmd::Login, &b"login-token"[..]));
+        let answer = s.r.session(&login, &[1; 37], 30_000);
+        s.g.send(&answer);
+        assert_eq!(s.down(), vec![Ev::Up { resumed: false, relogin: false }]);
+        let secret = s.g.secret.clone().expect("committed");
+        assert_eq!(s.r.m.session().and_then(|i| i.resume_secret), Some(secret.0));
+
+        // A push and its ack, sealed both ways.
+        let push = s.r.push(1, 5, false);
+        s.g.send(&push);
+        assert_eq!(s.down(), vec![Ev::Push(5, false)]);
+        let acks = s.r.wire();
+        assert_eq!(record_kinds(&acks), vec![RecordType::Data]);
+        s.g.read(&acks).expect("ack");
+        assert_eq!(ack_ids(&s.g.frames()), vec![(1, 5)]);
+
+        // The shell's own frames are sealed by `wire`.
+        let mut out = Out::new(&mut s.r.enc, &mut s.r.out);
+        out.put(|enc, buf| enc.gps_report(buf, 9, &wire::GpsPoint::new(1, 2, 3, 4, 5, 6, 0)));
+        let gps = s.r.m.wire(&mut out).to_vec();
+        s.r.out.clear();
+        assert_eq!(record_kinds(&gps), vec![RecordType::Data]);
+        s.g.read(&gps).expect("gps");
+        assert_eq!(s.g.frames().iter().map(|f| f.cmd).collect::<Vec<_>>(), vec![Cmd::GpsReport]);
+
+        // The connection drops: the next one resumes with a ResumeHello (no static key).
+        s.r.m.on_disconnected(Lost::Remote);
+        assert!(s.connect().is_empty());
+        let first = s.r.wire();
+        assert_eq!(record_kinds(&first), vec![RecordType::ResumeHello]);
+        s.g.read(&first).expect("resume hello");
+        assert!(s.down().is_empty());
+        s.up().expect("commit");
+        let resume = s.g.frames().pop().expect("the held Resume");
+        assert_eq!((resume.cmd, resume.detail.as_slice()), (Cmd::Resume, &[1u8; 37][..]));
+        let answer = s.r.session(&resume, &[2; 37], 30_000);
+        s.g.send(&answer);
+        assert_eq!(s.down(), vec![Ev::Up { resumed: true, relogin: false }]);
+        assert_eq!((s.g.hellos, s.g.resume_hellos), (1, 1));
+        assert_ne!(s.g.secret, Some(secret), "the secret moved on");
+        assert_eq!(s.secrets(), (s.g.secret.clone(), None), "the frame after the Accept confirmed it");
+    }
+
+    #[test]
+    fn frames_written_before_the_accept_wait_and_follow_the_commit() {
+        let mut s = Sec::new(Config::default());
+        s.connect();
+        s.r.login(b"t");
+        s.up().expect("hello");
+        // The shell writes before the Accept: nothing goes out yet.
+        let mut out = Out::new(&mut s.r.enc, &mut s.r.out);
+        out.put(|enc, buf| enc.keepalive(buf, FrameType::Request, 77, 1, 2));
+        assert!(s.r.m.wire(&mut out).is_empty(), "held inside the machine");
+        // The Accept comes; the commit record goes first, then what waited.
+        let accept = s.g.take_out();
+        assert!(s.r.feed(&accept).is_empty());
+        let sent = s.r.wire();
+        assert_eq!(record_kinds(&sent), vec![RecordType::Data, RecordType::Data]);
+        s.g.read(&sent).expect("commit and the held keepalive");
+        let frames = s.g.frames();
+        assert_eq!(
+            frames.iter().map(|f| (f.cmd, f.seq)).collect::<Vec<_>>(),
+            vec![(Cmd::Login, frames[0].seq), (Cmd::Keepalive, 77)]
+        );
+
+        // Frames written before the first flight wait too (the Hello carries the Login only).
+        let mut s = Sec::new(Config::default());
+        s.connect();
+        let now = s.r.now;
+        let mut out = Out::new(&mut s.r.enc, &mut s.r.out);
+        out.put(|enc, buf| enc.keepalive(buf, FrameType::Request, 78, 1, 2));
+        s.r.m.login(now, b"t", "test", &mut out).expect("asked for");
+        let hello = s.r.m.wire(&mut out).to_vec();
+        assert_eq!(record_kinds(&hello), vec![RecordType::Hello]);
+        s.r.out.clear();
+        // After the commit: the Login (it rode in the Hello), then what waited.
+        s.g.read(&hello).expect("hello");
+        s.down();
+        s.up().expect("commit");
+        let frames = s.g.frames();
+        assert_eq!(frames.iter().map(|f| f.cmd).collect::<Vec<_>>(), vec![Cmd::Login, Cmd::Keepalive]);
+    }
+
+    #[test]
+    fn an_accept_lost_changes_nothing_the_resume_is_made_again() {
+        let mut s = Sec::new(Config::default());
+        s.live(&[1; 37]);
+        let before = s.secrets();
+        s.r.m.on_disconnected(Lost::Remote);
+        s.connect();
+        s.up().expect("resume hello");
+        // The Accept is lost with its connection: the gate committed nothing.
+        s.g.take_out();
+        assert!(matches!(s.r.m.on_disconnected(Lost::Remote).reconnect, Reconnect::After(_)));
+        assert_eq!(s.secrets(), before);
+        s.connect();
+        assert_eq!(s.finish_open(&[2; 37]), vec![Ev::Up { resumed: true, relogin: false }]);
+        assert_eq!(s.g.resume_hellos, 2);
+    }
+
+    #[test]
+    fn a_commit_lost_is_retried_once_with_the_previous_secret() {
+        let mut s = Sec::new(Config::default());
+        s.live(&[1; 37]);
+        let s0 = s.g.secret.clone();
+        s.r.m.on_disconnected(Lost::Remote);
+        s.connect();
+        s.up().expect("resume hello");
+        assert!(s.down().is_empty(), "the Accept is read");
+        // The commit record is written but the connection dies before the gate reads it.
+        assert_eq!(record_kinds(&s.r.wire()), vec![RecordType::Data]);
+        let (s1, prev) = s.secrets();
+        assert_eq!(prev, s0, "the previous secret is kept until the gate shows it committed");
+        assert_ne!(s1, s0);
+        s.r.m.on_disconnected(Lost::Remote);
+
+        // The newest secret is unknown to the gate: Reject UnknownSession, and at once again.
+        s.connect();
+        let e = s.up().expect_err("the gate cannot decrypt it");
+        assert!(matches!(e, ChannelError::Refused(_)), "{e:?}");
+        let fault = s.down_fault();
+        assert!(
+            matches!(fault, Some(ChannelError::RejectedByGate { reason: RejectReason::UnknownSession, .. })),
+            "{fault:?}"
+        );
+        assert_eq!(s.r.m.on_disconnected(Lost::Remote).reconnect, Reconnect::After(Duration::ZERO));
+        // Then with the previous one: resumed, nothing lost.
+        assert!(s.connect().is_empty());
+        assert_eq!(s.finish_open(&[2; 37]), vec![Ev::Up { resumed: true, relogin: false }]);
+        assert_eq!(s.secrets(), (s.g.secret.clone(), None));
+    }
+
+    #[test]
+    fn a_session_answer_lost_after_the_commit_resumes_with_the_newest_secret() {
+        let mut s = Sec::new(Config::default());
+        s.live(&[1; 37]);
+        s.r.m.on_disconnected(Lost::Remote);
+        s.connect();
+        s.up().expect("resume hello");
+        s.down();
+        s.up().expect("the gate commits");
+        let committed = s.g.secret.clone();
+        s.g.frames();
+        // The Session answer is lost: the app still has token [1; 37] and both secrets.
+        s.r.m.on_disconnected(Lost::Remote);
+        assert_eq!(s.secrets().0, committed);
+        s.connect();
+        assert_eq!(s.finish_open(&[3; 37]), vec![Ev::Up { resumed: true, relogin: false }]);
+        assert_eq!(s.g.resume_hellos, 2);
+    }
+
+    #[test]
+    fn a_session_the_gate_does_not_know_falls_back_to_a_login() {
+        let mut s = Sec::new(Config::default());
+        s.live(&[1; 37]);
+        // The gate lost the session (restarted): no secret opens it.
+        s.g.secret = None;
+        s.r.m.on_disconnected(Lost::Remote);
+        assert!(s.connect().is_empty());
+        assert!(s.up().is_err());
+        let fault = s.down_fault();
+        assert!(matches!(
+            fault,
+            Some(ChannelError::RejectedByGate { reason: RejectReason::UnknownSession, .. })
+        ));
+        // No previous secret (the last one was confirmed): log in on the next connection.
+        assert_eq!(s.r.m.on_disconnected(Lost::Remote).reconnect, Reconnect::After(Duration::ZERO));
+        assert_eq!(s.r.m.resume_token(), None);
+        assert_eq!(s.connect(), vec![Ev::LoginNeeded(true)]);
+        s.r.login(b"again");
+        assert_eq!(record_kinds(&s.r.out), vec![RecordType::Hello]);
+        assert_eq!(s.finish_open(&[4; 37]), vec![Ev::Up { resumed: false, relogin: true }]);
+
+        // With a previous secret: both tried, then the login.
+        let mut s = Sec::new(Config::default());
+        s.live(&[1; 37]);
+        s.r.m.on_disconnected(Lost::Remote);
+        s.connect();
+        s.up().expect("resume hello");
+        s.down();
+        s.r.wire(); // the commit, lost
+        s.r.m.on_disconnected(Lost::Remote);
+        s.g.secret = None;
+        for _ in 0..2 {
+            assert!(s.connect().is_empty());
+            assert!(s.up().is_err());
+            assert!(s.down_fault().is_some());
+            assert_eq!(s.r.m.on_disconnected(Lost::Remote).reconnect, Reconnect::After(Duration::ZERO));
+        }
+        assert_eq!(s.connect(), vec![Ev::LoginNeeded(true)]);
+    }
+
+    #[test]
+    fn a_wrong_gate_key_is_a_configuration_error_that_waits() {
+        let wrong = Keypair::generate();
+        let mut s = Sec::with_keys(Config::default(), wrong.clone(), KeyRing::new(Keypair::dev()));
+        s.connect();
+        s.r.login(b"t");
+        assert!(s.up().is_err());
+        let b = s.g.take_out();
+        s.r.m.handle_input(&b);
+        let (now, mut out) = (s.r.now, Out::new(&mut s.r.enc, &mut s.r.out));
+        let Some(Event::Close(Close::Stream(fault))) = s.r.m.poll_event(now, &mut out) else {
+            panic!("the Reject ends the connection")
+        };
+        assert_eq!(fault.misconfigured(), Some(RejectReason::UnknownKey), "{fault}");
+        let Reconnect::After(wait) = s.r.m.on_disconnected(Lost::Remote).reconnect else { panic!() };
+        assert!(wait >= RETRY_AFTER_CEILING * 3 / 4 && wait <= RETRY_AFTER_CEILING, "{wait:?}");
+        assert_eq!(s.r.m.server_key(), Some(wrong.public()), "a Reject is a hint: the key is kept");
+    }
+
+    #[test]
+    fn a_new_gate_key_is_used_and_reported_once() {
+        let (old, new) = (Keypair::generate(), Keypair::generate());
+        let ring = KeyRing::with_previous(new.clone(), old.clone(), u64::MAX);
+        let mut s = Sec::with_keys(Config::default(), old, ring);
+        s.connect();
+        s.r.login(b"t");
+        s.up().expect("hello with the previous key");
+        s.down();
+        s.up().expect("commit");
+        let login = s.g.frames().pop().expect("login");
+        let answer = s.r.session(&login, &[1; 37], 30_000);
+        s.g.send(&answer);
+        let b = s.g.take_out();
+        s.r.m.handle_input(&b);
+        let (now, mut out) = (s.r.now, Out::new(&mut s.r.enc, &mut s.r.out));
+        match s.r.m.poll_event(now, &mut out) {
+            Some(Event::SessionUp { new_server_key, .. }) => assert_eq!(new_server_key, Some(*new.public())),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.r.m.server_key(), Some(new.public()));
+        // The next login says hello to the new key only.
+        s.r.m.forget_session();
+        s.r.m.on_disconnected(Lost::Local);
+        s.g.keys = KeyRing::new(new);
+        s.connect();
+        s.r.login(b"t");
+        s.up().expect("hello with the new key");
+        s.down();
+        s.up().expect("commit");
+        let login = s.g.frames().pop().expect("login");
+        let answer = s.r.session(&login, &[2; 37], 30_000);
+        s.g.send(&answer);
+        let b = s.g.take_out();
+        s.r.m.handle_input(&b);
+        let (now, mut out) = (s.r.now, Out::new(&mut s.r.enc, &mut s.r.out));
+        assert!(matches!(
+            s.r.m.poll_event(now, &mut out),
+            Some(Event::SessionUp { new_server_key: None, .. })
+        ));
+    }
+
+    #[test]
+    fn a_record_that_does_not_authenticate_ends_the_connection_and_the_session_resumes() {
+        let mut s = Sec::new(Config::default());
+        s.live(&[1; 37]);
+        // A push, then a record changed on the path: the push is handed out first.
+        let push = s.r.push(1, 5, false);
+        s.g.send(&push);
+        s.g.send(&push);
+        let mut b = s.g.take_out();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        s.r.m.handle_input(&b);
+        let (now, mut out) = (s.r.now, Out::new(&mut s.r.enc, &mut s.r.out));
+        assert!(matches!(s.r.m.poll_event(now, &mut out), Some(Event::Push { .. })));
+        match s.r.m.poll_event(now, &mut out) {
+            Some(Event::Close(Close::Stream(Fault::Channel(ChannelError::Transport(_))))) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(s.r.m.poll_event(now, &mut out).is_none());
+        // The ack of the push before it still goes out, sealed.
+        s.g.read(&s.r.wire()).expect("the ack");
+        assert_eq!(ack_ids(&s.g.frames()), vec![(1, 5)]);
+        let Reconnect::After(wait) = s.r.m.on_disconnected(Lost::Local).reconnect else { panic!() };
+        assert!(wait > Duration::ZERO, "a failed connection backs off");
+        assert!(s.connect().is_empty());
+        assert_eq!(record_kinds(&s.r.out), vec![RecordType::ResumeHello]);
+
+        // Plaintext frames where records are due: refused on their first byte.
+        let mut s = Sec::new(Config::default());
+        s.live(&[1; 37]);
+        let plain = s.r.push(2, 6, false);
+        s.r.m.handle_input(&plain);
+        let fault = s.fault();
+        assert_eq!(fault, Some(ChannelError::Record(RecordError::UnknownType(schema::MAGIC))));
+    }
+
+    #[test]
+    fn a_reject_for_load_before_the_first_flight_waits_its_retry_after() {
+        let mut s = Sec::new(Config::default());
+        assert_eq!(s.connect(), vec![Ev::LoginNeeded(false)]);
+        let mut reject = Vec::new();
+        channel::handshake::write_reject(
+            &mut reject,
+            RejectReason::Overloaded,
+            "queue full; retry after 3000 ms",
+        );
+        s.r.m.handle_input(&reject);
+        let fault = s.fault();
+        assert!(matches!(fault, Some(ChannelError::RejectedByGate { reason: RejectReason::Overloaded, .. })));
+        let Reconnect::After(wait) = s.r.m.on_disconnected(Lost::Remote).reconnect else { panic!() };
+        assert!(wait >= Duration::from_secs(3) && wait <= Duration::from_millis(3_750), "{wait:?}");
+        assert_eq!(retry_after_in("no number"), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_end_of_the_stream_inside_a_record_is_truncation() {
+        let mut s = Sec::new(Config::default());
+        s.live(&[1; 37]);
+        let push = s.r.push(1, 5, false);
+        s.g.send(&push);
+        let b = s.g.take_out();
+        s.r.m.handle_input(&b[..10]);
+        assert!(s.r.events().is_empty());
+        assert!(matches!(
+            s.r.m.finish_input(),
+            Err(Fault::Channel(ChannelError::Record(RecordError::Truncated { have: 10, .. })))
+        ));
+    }
+
+    #[test]
+    fn the_channel_lent_out_and_given_back_goes_on() {
+        let mut s = Sec::new(Config::default());
+        s.live(&[1; 37]);
+        // Pushes 5 and 6 in one record, push 7 in the next, of which the end comes later.
+        let both = [s.r.push(1, 5, false), s.r.push(2, 6, false)].concat();
+        s.g.send(&both);
+        let seven = s.r.push(3, 7, false);
+        s.g.send(&seven);
+        let bytes = s.g.take_out();
+        let cut = bytes.len() - 7;
+        s.r.m.handle_input(&bytes[..cut]);
+        let (now, mut out) = (s.r.now, Out::new(&mut s.r.enc, &mut s.r.out));
+        assert!(matches!(s.r.m.poll_event(now, &mut out), Some(Event::Push { .. })), "push 5");
+        let ack = s.r.m.wire(&mut out).to_vec();
+        s.r.out.clear();
+        s.g.read(&ack).expect("its ack");
+        // Lent with push 6 opened and push 7's record half-read.
+        let mut frames = Vec::new();
+        s.r.m.take_unprocessed(&mut frames);
+        assert_eq!(frames, s.r.push(2, 6, false));
+        let mut raw = Vec::new();
+        let mut chan = s.r.m.lend_channel(&mut raw).expect("open");
+        assert_eq!(raw, bytes[bytes.len() - seven.len() - 19..cut]);
+        assert!(s.r.m.lend_channel(&mut Vec::new()).is_none(), "lent once");
+        // The borrower seals a frame of its own.
+        let mut ka = Vec::new();
+        s.r.gate.keepalive(&mut ka, FrameType::Request, 99, 1, 1);
+        let mut sealed = Vec::new();
+        chan.seal(&ka, &mut sealed).expect("seal");
+        s.g.read(&sealed).expect("the borrower's frame");
+        // Given back: push 6 comes out, then the rest of push 7's record arrives.
+        s.r.m.give_unprocessed(&frames);
+        s.r.m.return_channel(chan, &raw);
+        assert_eq!(s.r.feed(&bytes[cut..]), vec![Ev::Push(6, false), Ev::Push(7, false)]);
+        s.g.read(&s.r.wire()).expect("acks");
+        let sent = s.g.frames();
+        assert_eq!(sent[1].seq, 99);
+        assert_eq!(ack_ids(&sent), vec![(1, 5), (2, 6), (3, 7)]);
+    }
+
+    impl Sec {
+        /// The gate's bytes (a Reject) go to the machine; the channel failure they caused.
+        fn down_fault(&mut self) -> Option<ChannelError> {
+            let b = self.g.take_out();
+            self.r.m.handle_input(&b);
+            self.fault()
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn records_split_anywhere_come_out_the_same(cuts in prop::collection::vec(any::<usize>(), 0..12)) {
+            let mut s = Sec::new(Config { read_chunk: 7, ..Config::default() });
+            s.live(&[1; 37]);
+            for i in 1..=4u32 {
+                let p = s.r.push(i, u64::from(i), false);
+                s.g.send(&p);
+            }
+            let bytes = s.g.take_out();
+            let mut ends: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            ends.push(bytes.len());
+            ends.sort_unstable();
+            let mut got = Vec::new();
+            let mut at = 0;
+            for end in ends {
+                let mut piece = &bytes[at..end];
+                at = end;
+                // Through the zero-copy path, a read at a time.
+                while !piece.is_empty() {
+                    let buf = s.r.m.read_buf();
+                    let n = buf.len().min(piece.len());
+                    buf[..n].copy_from_slice(&piece[..n]);
+                    s.r.m.read_done(n);
+                    piece = &piece[n..];
+                }
+                got.extend(s.r.events());
+            }
+            prop_assert_eq!(got, (1..=4).map(|i| Ev::Push(i, false)).collect::<Vec<_>>());
+            prop_assert!(s.r.m.unprocessed().is_empty());
+            prop_assert!(s.r.m.finish_input().is_ok());
+            s.g.read(&s.r.wire()).expect("acks");
+            prop_assert_eq!(ack_ids(&s.g.frames()).len(), 4);
+        }
+
+        /// Connections cut at any step of the resume (§14.3, §14.6) never lose a session the
+        /// gate holds: once connections work again the app is back within two of them, resumed,
+        /// without a login, and both sides agree on the secret.
+        #[test]
+        fn cuts_anywhere_in_a_resume_never_lose_the_session(cuts in prop::collection::vec(0u8..4, 0..8)) {
+            let mut s = Sec::new(Config::default());
+            s.live(&[1; 37]);
+            let mut token = 1u8;
+            for cut in cuts {
+                s.r.m.on_disconnected(Lost::Remote);
+                prop_assert!(s.connect().is_empty(), "no login is asked for");
+                // 0: the gate never reads the first flight; 1: the app never reads the answer;
+                // 2: the gate never reads the commit; 3: the Session answer is lost.
+                if cut == 0 {
+                    continue;
+                }
+                let refused = s.up().is_err();
+                if cut == 1 {
+                    continue;
+                }
+                if refused {
+                    prop_assert!(s.down_fault().is_some());
+                    continue;
+                }
+                prop_assert!(s.down().is_empty());
+                let commit = s.r.wire();
+                if cut == 2 {
+                    continue;
+                }
+                s.g.read(&commit).expect("commit");
+                token += 1;
+                s.g.frames();
+            }
+            s.r.m.on_disconnected(Lost::Remote);
+            let mut up = None;
+            for _ in 0..2 {
+                prop_assert!(s.connect().is_empty(), "no login is asked for");
+                if s.up().is_err() {
+                    prop_assert!(s.down_fault().is_some());
+                    prop_assert_eq!(s.r.m.on_disconnected(Lost::Remote).reconnect, Reconnect::After(Duration::ZERO));
+                    continue;
+                }
+                prop_assert!(s.down().is_empty());
+                s.up().expect("commit");
+                let resume = s.g.frames().pop().expect("the Resume");
+                prop_assert_eq!(&resume.detail, &vec![1; 37], "the token the app last got");
+                let answer = s.r.session(&resume, &[token + 1; 37], 30_000);
+                s.g.send(&answer);
+                up = Some(s.down());
+                break;
+            }
+            prop_assert_eq!(up, Some(vec![Ev::Up { resumed: true, relogin: false }]));
+            prop_assert_eq!(s.secrets(), (s.g.secret.clone(), None));
+        }
     }
 
     #[test]
