@@ -42,6 +42,13 @@ pub const MAX_BLOCKED: usize = 256 * 1024;
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the loop looks at the main thread's orders (phase, storms, drops) and the ramp.
 pub const CONTROL_TICK: Duration = Duration::from_millis(10);
+/// Most connections the ramp keeps opening at once (connecting, or connected with the session
+/// or handshake not up yet). A server slower than the connect rate then sets the ramp's pace:
+/// past its listen backlog the kernel drops SYNs, which come back only after 1, 3, 7 s, and a
+/// handshake that waits out its timeout is retried, so the server does it twice (measured with
+/// rumqttd at 5,000 connects/s: stalls of seconds and thousands of handshake timeouts).
+/// Reconnects are not held back: a storm measures how fast everyone comes back.
+pub const MAX_OPENING: usize = 512;
 /// Longest wait in epoll while connections are still being started.
 const RAMP_TICK: Duration = Duration::from_millis(5);
 /// Readiness events taken per wait; more stay in the kernel for the next turn.
@@ -143,6 +150,8 @@ struct Slot<C> {
     armed: Option<u64>,
     /// When to connect again (while `Down` and not done).
     retry_at: Option<Instant>,
+    /// Counted in the loop's `opening`: a connect started and the session is not up yet.
+    opening: bool,
 }
 
 /// The loop of one core.
@@ -164,6 +173,8 @@ pub struct Loop<C: Client> {
     started: usize,
     /// Slots started per second while ramping.
     connect_rate: f64,
+    /// Slots whose connect started and whose session is not up yet.
+    opening: usize,
     /// Slots not yet done.
     running: usize,
 }
@@ -174,7 +185,13 @@ impl<C: Client> Loop<C> {
         let running = clients.len();
         let slots = clients
             .into_iter()
-            .map(|client| Slot { client, link: Link::Down { done: false }, armed: None, retry_at: None })
+            .map(|client| Slot {
+                client,
+                link: Link::Down { done: false },
+                armed: None,
+                retry_at: None,
+                opening: false,
+            })
             .collect();
         Ok(Loop {
             poll: Poll::new()?,
@@ -188,6 +205,7 @@ impl<C: Client> Loop<C> {
             epoch: Instant::now(),
             started: 0,
             connect_rate: connect_rate.max(1.0),
+            opening: 0,
             running,
         })
     }
@@ -243,10 +261,10 @@ impl<C: Client> Loop<C> {
         until.saturating_duration_since(now)
     }
 
-    /// Starts the slots the connect rate allows by now.
+    /// Starts the slots the connect rate allows by now, at most [`MAX_OPENING`] opening at once.
     fn ramp(&mut self, sh: &C::Shared, now: Instant) {
         let allowed = ((now - self.epoch).as_secs_f64() * self.connect_rate) as usize + 1;
-        while self.started < allowed.min(self.slots.len()) {
+        while self.started < allowed.min(self.slots.len()) && self.opening < MAX_OPENING {
             let i = self.started;
             self.started += 1;
             self.connect(sh, i, now);
@@ -380,6 +398,10 @@ impl<C: Client> Loop<C> {
     fn connect(&mut self, sh: &C::Shared, i: usize, now: Instant) {
         let slot = &mut self.slots[i];
         slot.client.on_connecting(now);
+        if !slot.opening {
+            slot.opening = true;
+            self.opening += 1;
+        }
         let (addr, source) = slot.client.addr(sh);
         let started = super::net::connect(addr, source, slot.client.rcvbuf(sh)).and_then(|s| {
             let mut stream = TcpStream::from_std(std::net::TcpStream::from(s));
@@ -533,6 +555,8 @@ impl<C: Client> Loop<C> {
         let slot = &mut self.slots[i];
         // Dropping the stream closes the socket, which also takes it out of epoll.
         slot.link = Link::Down { done: false };
+        self.settle(i);
+        let slot = &mut self.slots[i];
         match slot.client.on_ended(sh, how, now) {
             Some(wait) if how != Ended::Stop => {
                 slot.retry_at = Some(now + wait);
@@ -564,9 +588,20 @@ impl<C: Client> Loop<C> {
         }
     }
 
+    /// Takes slot `i` out of the opening count once its session is up or its connection gone.
+    fn settle(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        if slot.opening && (slot.client.live() || matches!(slot.link, Link::Down { .. })) {
+            slot.opening = false;
+            self.opening -= 1;
+        }
+    }
+
     /// Arms slot `i`'s wheel entry for its earliest deadline, if that is earlier than the one
-    /// armed (a later one is found when the armed entry fires and finds nothing due).
+    /// armed (a later one is found when the armed entry fires and finds nothing due). Every
+    /// handled event ends here, so this is also where an opening slot is settled.
     fn rearm(&mut self, sh: &C::Shared, i: usize) {
+        self.settle(i);
         let slot = &self.slots[i];
         let due = match &slot.link {
             Link::Down { done: true } => None,
