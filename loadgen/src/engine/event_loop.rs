@@ -49,6 +49,11 @@ pub const CONTROL_TICK: Duration = Duration::from_millis(10);
 /// rumqttd at 5,000 connects/s: stalls of seconds and thousands of handshake timeouts).
 /// Reconnects are not held back: a storm measures how fast everyone comes back.
 pub const MAX_OPENING: usize = 512;
+/// Most connects the ramp starts in one turn. A connect costs the sender the whole loopback
+/// handshake (tens of µs); started by the thousand in one turn (after a stall, or when the
+/// opening window frees up) they held the turn for hundreds of ms, and the GPS of drivers
+/// already up went out late into the measured window.
+const RAMP_PER_TURN: usize = 32;
 /// Longest wait in epoll while connections are still being started.
 const RAMP_TICK: Duration = Duration::from_millis(5);
 /// Readiness events taken per wait; more stay in the kernel for the next turn.
@@ -261,10 +266,12 @@ impl<C: Client> Loop<C> {
         until.saturating_duration_since(now)
     }
 
-    /// Starts the slots the connect rate allows by now, at most [`MAX_OPENING`] opening at once.
+    /// Starts the slots the connect rate allows by now, at most [`MAX_OPENING`] opening at once
+    /// and [`RAMP_PER_TURN`] in this turn.
     fn ramp(&mut self, sh: &C::Shared, now: Instant) {
         let allowed = ((now - self.epoch).as_secs_f64() * self.connect_rate) as usize + 1;
-        while self.started < allowed.min(self.slots.len()) && self.opening < MAX_OPENING {
+        let allowed = allowed.min(self.slots.len()).min(self.started + RAMP_PER_TURN);
+        while self.started < allowed && self.opening < MAX_OPENING {
             let i = self.started;
             self.started += 1;
             self.connect(sh, i, now);
@@ -346,7 +353,9 @@ impl<C: Client> Loop<C> {
                 continue;
             }
             self.slots[i].armed = None;
-            self.due(sh, i, now);
+            // The clock is read again for each: a send is stamped (and judged late or not)
+            // when it leaves, not when the turn began.
+            self.due(sh, i, Instant::now());
         }
         fired.clear();
         self.fired = fired;
