@@ -9,20 +9,27 @@
 //! - **half-open connections** send half a frame header and then nothing; the gate's read (or
 //!   login) timeout must close them.
 //!
-//! Each runs as a task on the executors beside the fleet, in a loop until Stop, and counts what
-//! the gate did in [`BadStats`].
+//! Each runs as a task in a loop until Stop, on glommio executors of their own pinned beside the
+//! fleet's loops (they are few, and each is a plain sequence of connect, write, wait, read), and
+//! counts what the gate did in [`BadStats`].
 
-use crate::engine::conn::{self, Io};
-use crate::engine::{Exec, Phase};
-use futures_lite::AsyncReadExt;
+use crate::engine::net;
+use crate::engine::stats::ExecStats;
+use crate::engine::{Control, Phase};
+use crate::plan::Plan;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use rand::Rng;
+use glommio::{LocalExecutorBuilder, Placement};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use schema::wire::{self, ErrorCode, GoAwayReason};
 use schema::{Body, Cmd, Decoded, FrameType, Frames, Limits};
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Receive buffer of slow readers, so the gate's queue toward them fills quickly.
@@ -35,6 +42,10 @@ const DRAIN_TIME: Duration = Duration::from_secs(3);
 const DRAIN_MAX: usize = 64 << 20;
 /// Pause between rounds of one bad peer.
 const PAUSE: Duration = Duration::from_millis(200);
+/// Longest a write (or the connect under it) may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest an executor waits for its bad peers to end after Stop.
+const STOP_PATIENCE: Duration = Duration::from_secs(15);
 
 /// What the bad peers saw.
 #[derive(Debug, Default)]
@@ -120,8 +131,90 @@ impl BadStats {
     }
 }
 
-/// Spawns this executor's share of the bad peers (peer `k` on executor `k % n`).
-pub fn spawn(ex: &Rc<Exec>) {
+/// What one executor's bad peers share.
+pub struct Exec {
+    /// Executor index.
+    id: usize,
+    /// The run.
+    plan: Arc<Plan>,
+    /// Orders from the main thread.
+    control: Arc<Control>,
+    /// Every core's numbers (this one's at `id`): bad peers count in its `tasks` gauge.
+    all_stats: Arc<Vec<ExecStats>>,
+    /// Garbage bytes.
+    rng: RefCell<SmallRng>,
+    /// What they saw.
+    bad: Arc<BadStats>,
+}
+
+impl Exec {
+    fn stats(&self) -> &ExecStats {
+        &self.all_stats[self.id]
+    }
+}
+
+/// The bad peers' executors, running.
+pub struct Running {
+    handles: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits for every executor (after `Phase::Stop`).
+    pub fn join(self) {
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Starts one executor per plan core for the plan's bad peers (peer `k` on executor `k % n`);
+/// `None` when the plan has none.
+pub fn start(
+    plan: &Arc<Plan>,
+    control: &Arc<Control>,
+    stats: &Arc<Vec<ExecStats>>,
+    bad: &Arc<BadStats>,
+) -> Result<Option<Running>, String> {
+    let b = &plan.bad;
+    if b.slow_readers + b.garbage + b.half_open == 0 {
+        return Ok(None);
+    }
+    let mut handles = Vec::new();
+    for (id, &cpu) in plan.cores.iter().enumerate() {
+        let (plan, control, all_stats, bad) = (plan.clone(), control.clone(), stats.clone(), bad.clone());
+        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("loadgen-bad-{id}"))
+            .spawn(move || async move {
+                let ex = Rc::new(Exec {
+                    id,
+                    plan,
+                    control,
+                    all_stats,
+                    rng: RefCell::new(SmallRng::from_os_rng()),
+                    bad,
+                });
+                spawn(&ex);
+                // Peers end after Stop; bounded in case one is stuck in a write.
+                let mut stopped_at = None;
+                loop {
+                    glommio::timer::sleep(Duration::from_millis(20)).await;
+                    if running(&ex) {
+                        continue;
+                    }
+                    let t = *stopped_at.get_or_insert_with(Instant::now);
+                    if ex.stats().g.tasks.load(Relaxed) <= 0 || t.elapsed() > STOP_PATIENCE {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start an executor on core {cpu}: {e}"))?;
+        handles.push(h);
+    }
+    Ok(Some(Running { handles }))
+}
+
+/// Spawns this executor's share of the bad peers.
+fn spawn(ex: &Rc<Exec>) {
     let n = ex.plan.cores.len() as u32;
     let mine = |count: u32| (0..count).filter(move |k| k % n == ex.id as u32);
     let g = &ex.stats().g;
@@ -161,16 +254,21 @@ async fn pause(ex: &Exec, d: Duration) -> bool {
     false
 }
 
-/// Connects and writes `bytes`; `None` (counted) if that failed.
+/// Connects and writes `bytes` (the write waits for the connect); `None` (counted) if that
+/// failed or took longer than [`WRITE_TIMEOUT`].
 async fn open(ex: &Exec, bytes: &[u8], rcvbuf: Option<usize>) -> Option<TcpStream> {
     let source = ex.plan.source_ips.first().copied();
-    let Ok(mut stream) = conn::connect(ex.plan.gate, source, rcvbuf) else {
+    let Ok(sock) = net::connect(ex.plan.gate, source, rcvbuf) else {
         ex.bad.connect_errors.fetch_add(1, Relaxed);
         return None;
     };
-    let mut io = Io { fd: stream.as_raw_fd(), ..Io::default() };
-    io.write(bytes);
-    if io.dead || (!io.blocked.is_empty() && !conn::write_blocked(&mut stream, &mut io).await) {
+    let mut stream = net::into_glommio(sock);
+    let written = futures_lite::future::or(async { Some(stream.write_all(bytes).await) }, async {
+        glommio::timer::sleep(WRITE_TIMEOUT).await;
+        None
+    })
+    .await;
+    if !matches!(written, Some(Ok(()))) {
         ex.bad.connect_errors.fetch_add(1, Relaxed);
         return None;
     }
@@ -288,7 +386,7 @@ async fn slow_reader(ex: Rc<Exec>, k: u32) {
             schema::Encoder::new().frame(&mut logout, FrameType::Request, Cmd::Logout, 2, uid, |b| {
                 wire::Logout::create(b, &wire::LogoutArgs { reason: None })
             });
-            let _ = conn::send(stream.as_raw_fd(), &logout);
+            let _ = net::send(stream.as_raw_fd(), &logout);
             return;
         }
         // Look at what the gate did meanwhile: a GoAway SlowConsumer, then the end of stream.

@@ -5,8 +5,8 @@
 //! - [`cli`]: the command line (one subcommand per scenario) and its parsers.
 //! - [`plan`]: [`Plan`], everything one run needs; benchmarks build one and call [`run`].
 //! - [`run`](mod@run): one run from ramp to report.
-//! - [`engine`]: the simulated apps, thread-per-core on pinned glommio executors, one task
-//!   per connection speaking raw frames.
+//! - [`engine`]: the simulated apps, thread-per-core: one pinned event loop per core owning all
+//!   its connections (a slot each, deadlines on a timing wheel, epoll), speaking raw frames.
 //! - [`appserver`]: the app-server side (over `client::AppServerConn`): GPS sink, pushes,
 //!   and the dispatch rules in [`appserver::dispatch`].
 //! - [`audit`]: per (message id, uid): pushed, accepted, shown by apps, receipts.

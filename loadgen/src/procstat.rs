@@ -39,6 +39,21 @@ pub fn self_cpu_s() -> f64 {
         .map_or(0.0, |t| t as f64 / clk_tck())
 }
 
+/// The calling thread's id (its `/proc/self/task` entry).
+pub fn current_tid() -> Option<u32> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
+}
+
+/// CPU seconds of thread `tid` of this process so far; `None` for 0 or a thread that is gone.
+pub fn thread_cpu_s(tid: u32) -> Option<f64> {
+    if tid == 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    Some(parse_stat_ticks(&stat)? as f64 / clk_tck())
+}
+
 /// utime + stime from a /proc/PID/stat line. The command name (field 2) may hold spaces and
 /// parentheses, so fields are counted after its last `)`.
 pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
@@ -134,6 +149,13 @@ mod tests {
         assert_eq!(parse_listen_inodes(t, 7100), vec![777]);
         assert_eq!(parse_listen_inodes(t, 7200), vec![779]);
         assert!(parse_listen_inodes(t, 7300).is_empty());
+    }
+
+    #[test]
+    fn reads_this_threads_cpu() {
+        let tid = current_tid().expect("a tid");
+        assert!(thread_cpu_s(tid).is_some_and(|s| s >= 0.0));
+        assert_eq!(thread_cpu_s(0), None);
     }
 
     #[test]

@@ -281,8 +281,31 @@ pub struct Loadgen {
     /// Its own RSS at the end of the window.
     #[serde(deserialize_with = "present")]
     pub rss_bytes: Option<u64>,
-    /// Cores its executors ran on.
+    /// Cores its event loops ran on.
     pub cores: Vec<usize>,
+    /// CPU seconds of the whole process in the window (the app-server side included).
+    #[serde(deserialize_with = "present")]
+    pub window_cpu_s: Option<f64>,
+    /// CPU seconds of the event loops' threads in the window: the simulated apps alone.
+    #[serde(deserialize_with = "present")]
+    pub loops_window_cpu_s: Option<f64>,
+    /// `loops_window_cpu_s` per GPS frame sent in the window, µs: what one send cost loadgen's
+    /// loops (the kernel's loopback work for the receiver included, see `perf/examples/send_floor.rs`).
+    #[serde(deserialize_with = "present")]
+    pub loops_us_per_send: Option<f64>,
+}
+
+impl Loadgen {
+    /// The window's figures from the CPU read at its ends (`None` where one was not read).
+    pub fn set_window(&mut self, cpu: (f64, f64), loops: (Option<f64>, Option<f64>), frames: u64) {
+        self.window_cpu_s = Some(cpu.1 - cpu.0);
+        self.loops_window_cpu_s = match loops {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        self.loops_us_per_send =
+            self.loops_window_cpu_s.filter(|_| frames > 0).map(|s| s * 1e6 / frames as f64);
+    }
 }
 
 /// The app-server side's own counts.
@@ -557,6 +580,12 @@ impl Report {
             );
         }
         let _ = writeln!(s, "loadgen      cpu {:.2} s, rss {}", r.loadgen.cpu_s, mib(r.loadgen.rss_bytes));
+        if let (Some(all), Some(loops)) = (r.loadgen.window_cpu_s, r.loadgen.loops_window_cpu_s) {
+            let per_send =
+                r.loadgen.loops_us_per_send.map_or(String::new(), |u| format!(", {u:.2} µs per GPS send"));
+            let _ =
+                writeln!(s, "             window: cpu {all:.2} s, of which its loops {loops:.2} s{per_send}");
+        }
         let kinds: Vec<String> =
             r.error_kinds.iter().filter(|(_, &n)| n > 0).map(|(k, n)| format!("{k} {}", num(*n))).collect();
         let _ = writeln!(

@@ -223,6 +223,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let live_at_start = w.live();
     let c0 = w.counters();
     let g0 = gate_pid.and_then(procstat::sample);
+    let own0 = (procstat::self_cpu_s(), crate::engine::stats::loops_cpu_s(&stats));
     let server_gps0 = server.as_ref().map_or(0, |s| s.counters().gps_points.load(Relaxed));
     let t0 = Instant::now();
     let storm_due = (plan.storm_percent > 0.0).then_some(t0 + plan.storm_at);
@@ -238,6 +239,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let window = t0.elapsed();
     let c1 = w.counters();
     let g1 = gate_pid.and_then(procstat::sample);
+    let own1 = (procstat::self_cpu_s(), crate::engine::stats::loops_cpu_s(&stats));
     let server_gps1 = server.as_ref().map_or(0, |s| s.counters().gps_points.load(Relaxed));
     let live_at_end = w.live();
     let own_rss = procstat::sample(std::process::id()).map(|s| s.rss_bytes);
@@ -365,7 +367,9 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
         cpu_s: procstat::self_cpu_s() - cpu_start,
         rss_bytes: own_rss,
         cores: plan.cores.clone(),
+        ..report::Loadgen::default()
     };
+    rep.loadgen.set_window((own0.0, own1.0), (own0.1, own1.1), win.gps_frames);
     if plan.scenario == Scenario::Bad {
         rep.bad = Some(bad.summary());
     }

@@ -26,13 +26,14 @@ fn bin_dir() -> PathBuf {
     dir
 }
 
-#[test]
-fn a_tiny_bench_writes_its_figures() {
+/// Runs `bench` with `args` into a fresh folder named after `name`; returns the folder, the
+/// table it printed and the files it wrote.
+fn tiny_bench(name: &str, args: &[&str]) -> (PathBuf, String, Vec<PathBuf>) {
     let bins = bin_dir();
-    let out = std::env::temp_dir().join(format!("fleetgate-bench-test-{}", std::process::id()));
+    let out = std::env::temp_dir().join(format!("fleetgate-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let mut child = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["--scenarios", "gps", "--targets", "gate", "--conns", "50", "--rates", "500", "--window", "2"])
+        .args(args)
         .arg("--out")
         .arg(&out)
         .arg("--bin-dir")
@@ -52,12 +53,59 @@ fn a_tiny_bench_writes_its_figures() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let output = child.wait_with_output().expect("output");
-    let table = String::from_utf8_lossy(&output.stdout);
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(output.status.success(), "bench failed: {}\n{table}", output.status);
-    assert!(table.contains("GPS ingest") && table.contains("DESIGN goals"), "{table}");
-
     let files: Vec<PathBuf> =
         std::fs::read_dir(&out).expect("results folder").flatten().map(|e| e.path()).collect();
+    (out, table, files)
+}
+
+/// The first run of the results JSON among `files`.
+fn first_run(files: &[PathBuf]) -> Value {
+    let json = files.iter().find(|p| p.extension().is_some_and(|e| e == "json")).expect("a JSON file");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(json).expect("read")).expect("JSON");
+    v["runs"][0].clone()
+}
+
+#[test]
+fn a_tiny_bench_against_the_ceiling_drives_the_peer_fleet() {
+    // The ceiling is always built with the bench: loadgen's peer fleet (the same event loop
+    // as the gate fleet, the peers' client) writes the gate's GPS frames to it.
+    let (out, _table, files) = tiny_bench(
+        "ceiling",
+        &[
+            "--scenarios",
+            "gps",
+            "--targets",
+            "ceiling",
+            "--conns",
+            "50",
+            "--rates",
+            "500",
+            "--window",
+            "2",
+            "--no-plots",
+        ],
+    );
+    let r = first_run(&files);
+    assert_eq!(r["status"], "ok", "{r:#}");
+    assert_eq!(r["spec"]["target"], "ceiling");
+    assert_eq!(r["report"]["connections"]["logins"], 50, "{r:#}");
+    assert!(r["gps"]["sent"].as_u64().is_some_and(|n| n > 0), "{}", r["gps"]);
+    assert!(r["gps"]["delivered"].as_u64().is_some_and(|n| n > 0), "the ceiling counted them: {}", r["gps"]);
+    assert!(r["loadgen"]["us_per_send"].as_f64().is_some_and(|u| u > 0.0), "{}", r["loadgen"]);
+    assert_eq!(r["report"]["errors"], 0, "{r:#}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_tiny_bench_writes_its_figures() {
+    let (out, table, files) = tiny_bench(
+        "test",
+        &["--scenarios", "gps", "--targets", "gate", "--conns", "50", "--rates", "500", "--window", "2"],
+    );
+    assert!(table.contains("GPS ingest") && table.contains("DESIGN goals"), "{table}");
+
     let json = files.iter().find(|p| p.extension().is_some_and(|e| e == "json")).expect("a JSON file");
     assert!(files.iter().any(|p| p.extension().is_some_and(|e| e == "md")), "no tables: {files:?}");
     assert!(files.iter().any(|p| p.extension().is_some_and(|e| e == "svg")), "no plot: {files:?}");
@@ -81,6 +129,7 @@ fn a_tiny_bench_writes_its_figures() {
     assert!(r["gps"]["delivered"].as_u64().is_some(), "{}", r["gps"]);
     assert!(r["server"]["cpu_s"].as_f64().is_some(), "{}", r["server"]);
     assert!(r["loadgen"]["core_share"].as_f64().is_some(), "{}", r["loadgen"]);
+    assert!(r["loadgen"]["us_per_send"].as_f64().is_some_and(|u| u > 0.0), "{}", r["loadgen"]);
     assert!(r["loadgen"]["bound"].is_boolean());
     assert_eq!(r["report"]["scenario"], "gps", "loadgen's own report is kept");
 

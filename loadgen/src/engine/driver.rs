@@ -57,6 +57,14 @@ impl Driver {
         }
     }
 
+    /// Starts the GPS schedule at `now`: the first report at a random moment within one
+    /// interval (the first session is up; until then the schedule waited).
+    pub fn start(&mut self, ex: &Exec, now: Instant) {
+        let phase = gps_interval(ex.plan.rate, ex.plan.batch)
+            .map_or(Duration::ZERO, |i| i.mul_f64(ex.rand(0.0..1.0)));
+        self.next_gps = now + phase;
+    }
+
     /// Moves `dt` seconds along a wandering route, turning back at the city's edge.
     fn step(&mut self, ex: &Exec, dt: f64) {
         self.heading = (self.heading + ex.rand(-15.0..15.0)).rem_euclid(360.0);

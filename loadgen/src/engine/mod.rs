@@ -1,41 +1,41 @@
-//! The fleet engine, thread-per-core like the gate: one glommio executor pinned to each of
-//! `--cores`, each simulating its share of the apps as one task per connection and speaking
-//! the wire protocol with raw frames (`schema::Encoder`, `schema::Frames`).
+//! The fleet engine, thread-per-core like the gate: one thread pinned to each of `--cores`,
+//! each running one [`event_loop::Loop`] that owns its share of the apps, speaking the wire
+//! protocol with raw frames (`schema::Encoder`) through the client's sans-I/O app machine.
 //!
-//! - [`session`]: one app's life: connect, log in or resume, read, ack, reconnect.
+//! - [`session`]: one app as the loop's [`event_loop::Client`]: log in or resume, read, ack,
+//!   reconnect.
 //! - [`driver`] and [`passenger`]: what each role does while its session is up.
-//! - [`conn`]: sockets and writes.
+//! - [`event_loop`]: the loop: a slot per connection, deadlines on a [`wheel`], readiness from
+//!   epoll, writes at once; [`net`]: the sockets.
 //! - [`stats`]: counters the main thread reads each second, and histograms merged at the end.
 //!
-//! The main thread steers every executor through [`Control`]: the phase (ramp, run, drain,
-//! stop) and storms. Each executor's control task looks at it every 10 ms and pokes its own
-//! apps through their slots (no locks between executors; nothing crosses threads but atomics).
+//! The main thread steers every loop through [`Control`]: the phase (ramp, run, drain, stop)
+//! and storms. Each loop looks at it every turn (the phase) and every 10 ms (storms, random
+//! drops), and acts on its own apps (no locks between loops; nothing crosses threads but
+//! atomics). Misbehaving peers ([`crate::bad`]) run apart, on glommio executors of their own.
 
-pub mod conn;
 pub mod driver;
+pub mod event_loop;
+pub mod net;
 pub mod passenger;
 pub mod session;
 pub mod stats;
+pub mod wheel;
 
 use crate::audit::Shown;
 use crate::plan::Plan;
-use glommio::{LocalExecutorBuilder, Placement};
+use event_loop::Loop;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use schema::Encoder;
+use session::App;
 use stats::{ExecStats, Hists};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::net::IpAddr;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
-use std::task::{Poll, Waker};
-use std::time::{Duration, Instant};
-
-/// How often each executor's control task looks at the main thread's orders.
-const CONTROL_TICK: Duration = Duration::from_millis(10);
-/// Longest an executor waits for its apps to finish after Stop.
-const STOP_PATIENCE: Duration = Duration::from_secs(15);
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 /// Where the run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -114,28 +114,15 @@ impl Control {
         self.storm_gen.fetch_add(1, Relaxed);
     }
 
+    /// How many storms were ordered so far.
+    pub fn storms(&self) -> u32 {
+        self.storm_gen.load(Relaxed)
+    }
+
     /// `t` as ns since the epoch.
     pub fn ns(&self, t: Instant) -> u64 {
         t.saturating_duration_since(self.epoch).as_nanos() as u64
     }
-}
-
-/// Commands to one app, through its slot.
-pub const CMD_DROP: u8 = 1;
-/// Drop as part of a storm.
-pub const CMD_STORM: u8 = 2;
-/// Log out and end.
-pub const CMD_STOP: u8 = 3;
-
-/// An app's mailbox on its executor.
-#[derive(Debug, Default)]
-pub struct Slot {
-    /// A pending `CMD_*`, 0 for none.
-    pub cmd: u8,
-    /// Its session is up.
-    pub live: bool,
-    /// The app's task, to wake for a command.
-    pub waker: Option<Waker>,
 }
 
 /// What one simulated app is.
@@ -149,38 +136,30 @@ pub struct AppSpec {
     pub source: Option<IpAddr>,
 }
 
-/// One executor's state, shared by its tasks.
+/// What one loop's apps share: the plan, the counters, the encoder, randomness and what is
+/// recorded for the end. The loop lends it to one app at a time, so nothing in it is borrowed
+/// across calls.
 pub struct Exec {
-    /// Executor index.
+    /// Loop index.
     pub id: usize,
     /// The run.
     pub plan: Arc<Plan>,
     /// Orders from the main thread.
     pub control: Arc<Control>,
-    /// Every executor's numbers (this one's at `id`).
+    /// Every loop's numbers (this one's at `id`).
     pub all_stats: Arc<Vec<ExecStats>>,
-    /// The apps this executor simulates, by slot.
-    pub apps: Vec<AppSpec>,
-    /// Their mailboxes.
-    pub slots: RefCell<Vec<Slot>>,
-    /// Frame builder shared by every app here (never held across an await).
+    /// Frame builder shared by every app here.
     pub enc: RefCell<Encoder>,
-    /// Outgoing frames of the app being served (never held across an await).
-    pub out: RefCell<Vec<u8>>,
     /// Latency histograms.
     pub hists: RefCell<Hists>,
     /// What apps here showed, for the audit.
     pub shown: RefCell<Shown>,
     /// Randomness for jitter and choices.
     pub rng: RefCell<SmallRng>,
-    /// Apps spawned so far (the ramp).
-    pub spawned: Cell<usize>,
-    /// Misbehaving peers' counters.
-    pub bad: Arc<crate::bad::BadStats>,
 }
 
 impl Exec {
-    /// This executor's numbers.
+    /// This loop's numbers.
     pub fn stats(&self) -> &ExecStats {
         &self.all_stats[self.id]
     }
@@ -194,38 +173,9 @@ impl Exec {
     pub fn chance(&self, p: f64) -> bool {
         p > 0.0 && self.rng.borrow_mut().random_bool(p.min(1.0))
     }
-
-    /// Waits for a command to the app in `slot`.
-    pub async fn kicked(&self, slot: usize) -> u8 {
-        futures_lite::future::poll_fn(|cx| {
-            let mut slots = self.slots.borrow_mut();
-            let s = &mut slots[slot];
-            if s.cmd != 0 {
-                return Poll::Ready(std::mem::take(&mut s.cmd));
-            }
-            match &s.waker {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => s.waker = Some(cx.waker().clone()),
-            }
-            Poll::Pending
-        })
-        .await
-    }
-
-    /// Sends `cmd` to the app in `slot` (Stop overrides anything pending).
-    pub fn kick(&self, slot: usize, cmd: u8) {
-        let mut slots = self.slots.borrow_mut();
-        let s = &mut slots[slot];
-        if s.cmd != CMD_STOP {
-            s.cmd = cmd;
-        }
-        if let Some(w) = s.waker.take() {
-            w.wake();
-        }
-    }
 }
 
-/// What an executor hands back at the end.
+/// What a loop hands back at the end.
 #[derive(Debug, Default)]
 pub struct ExecResult {
     /// Its latency histograms.
@@ -234,14 +184,16 @@ pub struct ExecResult {
     pub shown: Shown,
 }
 
-/// The running executors.
+/// The running loops (and the misbehaving peers, if any).
 pub struct Engine {
     /// One per core.
-    handles: Vec<glommio::ExecutorJoinHandle<ExecResult>>,
+    handles: Vec<JoinHandle<ExecResult>>,
+    /// The bad peers' executors.
+    bad: Option<crate::bad::Running>,
 }
 
-/// Splits the plan's apps over the executors (app `i` on executor `i % n`, so every executor
-/// has a mix of drivers and passengers) and starts them.
+/// Splits the plan's apps over the cores (app `i` on loop `i % n`, so every loop has a mix of
+/// drivers and passengers) and starts a pinned thread with one loop on each.
 pub fn start(
     plan: Arc<Plan>,
     control: Arc<Control>,
@@ -265,147 +217,108 @@ pub fn start(
                 AppSpec { uid, role, source }
             })
             .collect();
-        let (plan, control, stats, bad) = (plan.clone(), control.clone(), stats.clone(), bad.clone());
-        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
-            .name(&format!("loadgen-{id}"))
-            // Thousands of pending readiness polls: a deep ring gives the kernel's poll table
-            // enough buckets (glommio's default of 128 makes every cancel walk a long chain).
-            .ring_depth(4096)
-            .spawn(move || async move {
-                let slots = (0..apps.len()).map(|_| Slot::default()).collect();
-                let ex = Rc::new(Exec {
+        let (plan, control, stats) = (plan.clone(), control.clone(), stats.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("loadgen-{id}"))
+            .spawn(move || {
+                crate::run::pin_to(&[cpu]);
+                let ex = Exec {
                     id,
                     plan,
                     control,
                     all_stats: stats,
-                    apps,
-                    slots: RefCell::new(slots),
                     enc: RefCell::new(Encoder::new()),
-                    out: RefCell::new(Vec::with_capacity(64 * 1024)),
                     hists: RefCell::new(Hists::default()),
                     shown: RefCell::new(Shown::default()),
                     rng: RefCell::new(SmallRng::from_os_rng()),
-                    spawned: Cell::new(0),
-                    bad,
-                });
-                executor_main(ex).await
+                };
+                run_loop(&ex, &apps);
+                ExecResult { hists: ex.hists.take(), shown: ex.shown.take() }
             })
-            .map_err(|e| format!("cannot start an executor on core {cpu}: {e}"))?;
+            .map_err(|e| format!("cannot start a thread for core {cpu}: {e}"))?;
         handles.push(h);
     }
-    Ok(Engine { handles })
+    let bad = crate::bad::start(&plan, &control, &stats, &bad)?;
+    Ok(Engine { handles, bad })
 }
 
 impl Engine {
-    /// Waits for every executor (after `Phase::Stop`) and collects their results.
+    /// Waits for every loop (after `Phase::Stop`) and collects their results.
     pub fn join(self) -> Vec<ExecResult> {
+        if let Some(b) = self.bad {
+            b.join();
+        }
         self.handles.into_iter().filter_map(|h| h.join().ok()).collect()
     }
 }
 
-/// One executor: spawn the apps at the connect rate, steer them, and wait for them to end.
-async fn executor_main(ex: Rc<Exec>) -> ExecResult {
-    glommio::spawn_local(control_loop(ex.clone())).detach();
-    crate::bad::spawn(&ex);
-    let per_exec_rate = (f64::from(ex.plan.connect_rate) / ex.plan.cores.len() as f64).max(1.0);
-    let start = Instant::now();
+/// One core: its apps in one loop, ramped at this core's share of the connect rate, steered
+/// by the main thread's orders, until Stop.
+fn run_loop(ex: &Exec, apps: &[AppSpec]) {
+    let born = Instant::now();
+    let clients: Vec<App> = apps.iter().map(|spec| App::new(ex, *spec, born)).collect();
+    let per_loop_rate = f64::from(ex.plan.connect_rate) / ex.plan.cores.len() as f64;
     let g = &ex.stats().g;
-    let mut next = 0;
-    while next < ex.apps.len() && ex.control.phase() < Phase::Stop {
-        // As many apps as the rate allows by now, then a short sleep.
-        let allowed = ((start.elapsed().as_secs_f64() * per_exec_rate) as usize + 1).min(ex.apps.len());
-        while next < allowed {
-            g.tasks.fetch_add(1, Relaxed);
-            glommio::spawn_local(session::run_app(ex.clone(), next)).detach();
-            next += 1;
-        }
-        ex.spawned.set(next);
-        glommio::timer::sleep(Duration::from_millis(5)).await;
-    }
-    // Apps end after Stop (each logs out); bounded in case one is stuck in a write.
-    let mut stopped_at = None;
-    loop {
-        glommio::timer::sleep(Duration::from_millis(20)).await;
-        if ex.control.phase() < Phase::Stop {
-            continue;
-        }
-        let t = *stopped_at.get_or_insert_with(Instant::now);
-        if g.tasks.load(Relaxed) <= 0 || t.elapsed() > STOP_PATIENCE {
-            break;
-        }
-    }
-    ExecResult { hists: ex.hists.take(), shown: ex.shown.take() }
-}
-
-/// Carries out the main thread's orders on this executor: storms, random drops, stop.
-async fn control_loop(ex: Rc<Exec>) {
-    let mut storms_seen = 0;
-    let total = f64::from(ex.plan.apps().max(1));
-    let share = ex.apps.len() as f64 / total;
-    let mut last = Instant::now();
-    loop {
-        glommio::timer::sleep(CONTROL_TICK).await;
-        let now = Instant::now();
-        let dt = (now - last).as_secs_f64();
-        last = now;
-        let phase = ex.control.phase();
-        if phase == Phase::Stop {
-            // The length first: a borrow in the loop head would live through the loop.
-            let n = ex.slots.borrow().len();
-            for slot in 0..n {
-                ex.kick(slot, CMD_STOP);
-            }
+    g.loop_tid.store(u64::from(crate::procstat::current_tid().unwrap_or(0)), Relaxed);
+    g.tasks.fetch_add(clients.len() as i64, Relaxed);
+    let mut lp = match Loop::new(clients, per_loop_rate) {
+        Ok(lp) => lp,
+        Err(e) => {
+            eprintln!("loadgen: cannot start the loop on core {}: {e}", ex.id);
+            g.tasks.fetch_sub(apps.len() as i64, Relaxed);
             return;
         }
-        let gen = ex.control.storm_gen.load(Relaxed);
+    };
+    let total = f64::from(ex.plan.apps().max(1));
+    let share = apps.len() as f64 / total;
+    let mut storms_seen = 0;
+    let mut last = Instant::now();
+    lp.run(ex, &ex.control, |lp, ex, now| {
+        let dt = (now - last).as_secs_f64();
+        last = now;
+        let gen = ex.control.storms();
         if gen != storms_seen {
             storms_seen = gen;
-            storm(&ex);
+            storm(lp, ex, now);
         }
-        if phase == Phase::Run && ex.plan.disconnect_rate > 0.0 {
+        if ex.control.phase() == Phase::Run && ex.plan.disconnect_rate > 0.0 {
             // A sum of coin flips with the expected number of drops for this tick as its mean:
             // random timing, the asked-for rate on average, at most ceil(expected) drops.
             let mut expected = ex.plan.disconnect_rate * share * dt;
             while expected > 0.0 {
                 if ex.chance(expected.min(1.0)) {
-                    drop_one(&ex);
+                    drop_one(lp, ex, now);
                 }
                 expected -= 1.0;
             }
         }
-    }
+    });
+    g.tasks.fetch_sub(apps.len() as i64, Relaxed);
 }
 
-/// Drops one random live session on this executor.
-fn drop_one(ex: &Exec) {
-    let n = ex.slots.borrow().len();
+/// Drops one random live session of this loop.
+fn drop_one(lp: &mut Loop<App>, ex: &Exec, now: Instant) {
+    let n = lp.len();
     if n == 0 {
         return;
     }
     // A few tries to land on a live one without scanning every slot.
     for _ in 0..16 {
         let i = ex.rng.borrow_mut().random_range(0..n);
-        let ok = {
-            let slots = ex.slots.borrow();
-            slots[i].live && slots[i].cmd == 0
-        };
-        if ok {
-            ex.kick(i, CMD_DROP);
+        if lp.is_live(i) {
+            lp.drop_conn(ex, i, false, now);
             return;
         }
     }
 }
 
-/// Drops `storm_percent` of this executor's live sessions at once.
-fn storm(ex: &Exec) {
-    let live: Vec<usize> = {
-        let slots = ex.slots.borrow();
-        (0..slots.len()).filter(|&i| slots[i].live && slots[i].cmd == 0).collect()
-    };
+/// Drops `storm_percent` of this loop's live sessions at once.
+fn storm(lp: &mut Loop<App>, ex: &Exec, now: Instant) {
+    let live = lp.live_slots();
     let k = ((live.len() as f64) * ex.plan.storm_percent / 100.0).round() as usize;
     let picked = rand::seq::index::sample(&mut *ex.rng.borrow_mut(), live.len(), k.min(live.len()));
     ex.control.storm.victims.fetch_add(picked.len() as u64, Relaxed);
     for i in picked {
-        ex.kick(live[i], CMD_STORM);
+        lp.drop_conn(ex, live[i], true, now);
     }
 }

@@ -1,32 +1,24 @@
-//! One simulated app's life, as one glommio task: a shell over the client's sans-I/O app
-//! machine ([`AppProto`]), which has every rule of the protocol (resume else login, the backoff
-//! and the gate's retry-after, keepalives, an ack for every delivery, each message id shown
-//! once, request sequence-ids and timeouts). This task only moves bytes, time and events: it
-//! connects, reads into the machine's buffer, writes what the machine wrote, sleeps until the
-//! machine's next deadline or the role's (GPS, orders), and counts what the machine reports.
-//! Nothing here is glommio's but the socket and the timers, so an io_uring shell can take its
-//! place.
-//!
-//! While the session is up the task waits on three things at once: bytes from the gate, its
-//! next deadline, and a command from the executor's control task (drop, storm, stop). The
-//! executor's `Shown` record catches any push the machine let through twice.
+//! One simulated app, as a [`Client`] of its core's loop: a shell over the client's sans-I/O
+//! app machine ([`AppProto`]), which has every rule of the protocol (resume else login, the
+//! backoff and the gate's retry-after, keepalives, an ack for every delivery, each message id
+//! shown once, request sequence-ids and timeouts). The shell only moves bytes, time and events:
+//! the loop connects, reads into the machine's buffer and writes what the machine wrote; the
+//! shell says when it is next due (the machine's deadline or the role's: GPS, orders) and
+//! counts what the machine reports. The executor's `Shown` record catches any push the machine
+//! let through twice.
 
-use super::conn::{self, Io};
 use super::driver::Driver;
+use super::event_loop::{Client, Ended, Flow};
 use super::passenger::Passenger;
 use super::stats::Counters;
-use super::{Exec, Phase, CMD_STOP, CMD_STORM};
+use super::{AppSpec, Exec, Phase};
 use crate::appserver::dispatch::{decode_status, CODE_NO_DRIVER, CODE_TAKEN, KIND_OFFER, KIND_STATUS};
 use crate::audit::Showing;
 use client::proto::app::{self as proto, AppProto, Close, Event, Lost, Out, Reconnect};
 use client::ReplyView;
-use futures_lite::AsyncReadExt;
 use rand::Rng;
 use schema::wire::{self, ErrorCode, GoAwayReason, OrderState};
-use schema::{Cmd, Encoder};
-use std::cell::RefMut;
-use std::os::fd::AsRawFd;
-use std::rc::Rc;
+use schema::Cmd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -75,68 +67,14 @@ fn proto_config() -> proto::Config {
     }
 }
 
-/// What to do after a connection.
-enum End {
-    /// Nothing: told to stop, logged out, or displaced.
-    Done,
-    /// Connect again after this wait.
-    Retry(Duration),
-}
-
-/// How a connection is ending, as the task saw it.
-enum Ending {
-    /// Told to stop: log out (if live) and end.
-    Stop,
-    /// The machine, the gate, the network or a kick ended it.
-    Lost(Lost),
-}
-
 /// What the app is.
 enum RoleState {
     Driver(Driver),
     Passenger(Passenger),
 }
 
-/// Frames being written for one app, in the executor's shared encoder and buffer; sent with one
-/// write.
-struct Tx<'a> {
-    enc: RefMut<'a, Encoder>,
-    buf: RefMut<'a, Vec<u8>>,
-}
-
-impl<'a> Tx<'a> {
-    fn new(ex: &'a Exec) -> Tx<'a> {
-        let mut buf = ex.out.borrow_mut();
-        buf.clear();
-        Tx { enc: ex.enc.borrow_mut(), buf }
-    }
-
-    fn out(&mut self) -> Out<'_> {
-        Out::new(&mut self.enc, &mut self.buf)
-    }
-
-    /// Writes the `frames` built.
-    fn send(self, io: &mut Io, c: &Counters, frames: u32) {
-        if !self.buf.is_empty() {
-            io.write(&self.buf);
-            c.frames_out.fetch_add(u64::from(frames), Relaxed);
-        }
-    }
-}
-
-/// One connection's shell state.
-struct Conn {
-    /// Writes.
-    io: Io,
-    /// The session is up on it.
-    live: bool,
-    /// Anything was read on it.
-    got_bytes: bool,
-}
-
 /// One simulated app.
-struct App {
-    slot: usize,
+pub struct App {
     uid: u64,
     role_id: u8,
     source: Option<std::net::IpAddr>,
@@ -145,220 +83,64 @@ struct App {
     role: RoleState,
     /// Dropped by a storm and not back yet.
     storm_victim: bool,
+    /// When its first connect started: the first login's latency counts from here.
+    born: Option<Instant>,
+    /// When its last live session went down, until the next one is up.
+    down_since: Option<Instant>,
+    /// The session is up on the current connection.
+    live: bool,
+    /// Anything was read on the current connection.
+    got_bytes: bool,
 }
 
 fn us(d: Duration) -> u64 {
     d.as_micros().min(u128::from(u64::MAX)) as u64
 }
 
-/// Runs the app in `slot` until it is told to stop.
-pub async fn run_app(ex: Rc<Exec>, slot: usize) {
-    let spec = ex.apps[slot];
-    let role = if spec.role == wire::Role::Driver.0 {
-        RoleState::Driver(Driver::new(&ex))
-    } else {
-        RoleState::Passenger(Passenger::new(&ex))
-    };
-    let seed = ex.rng.borrow_mut().random::<u64>();
-    let born = Instant::now();
-    let mut app = App {
-        slot,
-        uid: spec.uid,
-        role_id: spec.role,
-        source: spec.source,
-        proto: AppProto::new(proto_config(), seed, born),
-        role,
-        storm_victim: false,
-    };
-    let mut down_since: Option<Instant> = None;
-    let mut wait = Duration::ZERO;
-    loop {
-        if !wait.is_zero() {
-            let stop = futures_lite::future::or(
-                async {
-                    glommio::timer::sleep(wait).await;
-                    false
-                },
-                async { ex.kicked(slot).await == CMD_STOP },
-            )
-            .await;
-            if stop {
-                break;
-            }
-        }
-        if ex.control.phase() == Phase::Stop {
-            break;
-        }
-        match app.serve(&ex, born, &mut down_since).await {
-            End::Done => break,
-            End::Retry(after) => wait = after,
-        }
+/// Runs `f` with an [`Out`] over the loop's buffer and the executor's encoder, and counts the
+/// frames it wrote.
+fn with_out<R>(ex: &Exec, buf: &mut Vec<u8>, f: impl FnOnce(&mut Out<'_>) -> R) -> R {
+    let mut enc = ex.enc.borrow_mut();
+    let mut out = Out::new(&mut enc, buf);
+    let r = f(&mut out);
+    let frames = out.frames();
+    if frames > 0 {
+        ex.stats().c.frames_out.fetch_add(u64::from(frames), Relaxed);
     }
-    ex.stats().g.tasks.fetch_sub(1, Relaxed);
-}
-
-/// What woke the connection's task.
-enum Step {
-    Read(std::io::Result<usize>),
-    Tick,
-    Kick(u8),
+    r
 }
 
 impl App {
+    /// The app `spec`, not connected yet.
+    pub fn new(ex: &Exec, spec: AppSpec, born: Instant) -> App {
+        let role = if spec.role == wire::Role::Driver.0 {
+            RoleState::Driver(Driver::new(ex))
+        } else {
+            RoleState::Passenger(Passenger::new(ex))
+        };
+        let seed = ex.rng.borrow_mut().random::<u64>();
+        App {
+            uid: spec.uid,
+            role_id: spec.role,
+            source: spec.source,
+            proto: AppProto::new(proto_config(), seed, born),
+            role,
+            storm_victim: false,
+            born: None,
+            down_since: None,
+            live: false,
+            got_bytes: false,
+        }
+    }
+
     /// True while GPS, orders and grabs should flow.
     fn sending(ex: &Exec) -> bool {
         ex.control.phase() <= Phase::Run
     }
 
-    /// One connection: from connect to its end.
-    async fn serve(&mut self, ex: &Exec, born: Instant, down_since: &mut Option<Instant>) -> End {
-        let c = &ex.stats().c;
-        let mut stream = match conn::connect(ex.plan.gate, self.source, None) {
-            Ok(s) => s,
-            Err(_) => {
-                c.err_connect.fetch_add(1, Relaxed);
-                return self.after(ex, Ending::Lost(Lost::Remote));
-            }
-        };
-        let mut k =
-            Conn { io: Io { fd: stream.as_raw_fd(), ..Io::default() }, live: false, got_bytes: false };
-        let mut ending = {
-            let mut tx = Tx::new(ex);
-            let mut out = tx.out();
-            // Never displaced here: a displaced app ends (End::Done).
-            let _ = self.proto.on_connected(Instant::now(), &mut out);
-            let ending = self.events(ex, &mut k, &mut out, born, down_since);
-            let frames = out.frames();
-            tx.send(&mut k.io, c, frames);
-            ending
-        };
-        let slot = self.slot;
-        while ending.is_none() {
-            if !k.io.blocked.is_empty() && !conn::write_blocked(&mut stream, &mut k.io).await {
-                k.io.dead = true;
-            }
-            if k.io.dead {
-                if k.got_bytes {
-                    c.err_write.fetch_add(1, Relaxed);
-                } else {
-                    c.err_connect.fetch_add(1, Relaxed);
-                }
-                ending = Some(Ending::Lost(Lost::Remote));
-                break;
-            }
-            let deadline = self.next_deadline(ex, &k);
-            let buf = self.proto.read_buf();
-            let step = futures_lite::future::or(
-                async { Step::Read(stream.read(buf).await) },
-                futures_lite::future::or(
-                    async {
-                        glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
-                        Step::Tick
-                    },
-                    async { Step::Kick(ex.kicked(slot).await) },
-                ),
-            )
-            .await;
-            ending = match step {
-                Step::Read(Ok(0)) | Step::Read(Err(_)) => {
-                    if k.live {
-                        c.drops_seen.fetch_add(1, Relaxed);
-                    } else if !k.got_bytes {
-                        c.err_connect.fetch_add(1, Relaxed);
-                    }
-                    Some(Ending::Lost(Lost::Remote))
-                }
-                Step::Read(Ok(n)) => {
-                    k.got_bytes = true;
-                    self.proto.read_done(n);
-                    self.step(ex, &mut k, born, down_since, |_, _, _| {})
-                }
-                Step::Tick => self.step(ex, &mut k, born, down_since, App::on_tick),
-                Step::Kick(CMD_STOP) => {
-                    if k.live {
-                        let mut tx = Tx::new(ex);
-                        let mut out = tx.out();
-                        let _ = self.proto.logout(Instant::now(), "loadgen done", &mut out);
-                        let frames = out.frames();
-                        tx.send(&mut k.io, c, frames);
-                    }
-                    Some(Ending::Stop)
-                }
-                Step::Kick(cmd) => {
-                    // A drop on purpose: the TCP connection goes, the session stays held.
-                    if k.live {
-                        c.drops_caused.fetch_add(1, Relaxed);
-                    }
-                    // Counted by the storm when picked, so it must report back even if its
-                    // session went down a moment before the kick.
-                    self.storm_victim |= cmd == CMD_STORM;
-                    Some(Ending::Lost(Lost::Local))
-                }
-            };
-        }
-        let ending = ending.unwrap_or(Ending::Lost(Lost::Local));
-        if k.live {
-            ex.slots.borrow_mut()[self.slot].live = false;
-            ex.stats().g.live.fetch_sub(1, Relaxed);
-            if !matches!(ending, Ending::Stop) {
-                *down_since = Some(Instant::now());
-            }
-        }
-        self.after(ex, ending)
-    }
-
-    /// Tells the machine the connection is gone; says what to do next.
-    fn after(&mut self, ex: &Exec, ending: Ending) -> End {
-        let how = match ending {
-            Ending::Stop => Lost::Local,
-            Ending::Lost(how) => how,
-        };
-        let d = self.proto.on_disconnected(how);
-        ex.stats().c.requests_cut.fetch_add(u64::from(d.requests_cut), Relaxed);
-        match (ending, d.reconnect) {
-            (Ending::Stop, _) | (_, Reconnect::Never) => End::Done,
-            (Ending::Lost(_), Reconnect::After(wait)) => End::Retry(wait),
-        }
-    }
-
-    /// One wake-up: `work` (the role's and the machine's timers, or nothing after a read), then
-    /// the machine's events, then one write of everything built.
-    fn step(
-        &mut self,
-        ex: &Exec,
-        k: &mut Conn,
-        born: Instant,
-        down_since: &mut Option<Instant>,
-        work: impl FnOnce(&mut App, &Exec, &mut Out<'_>),
-    ) -> Option<Ending> {
-        let c = &ex.stats().c;
-        let mut tx = Tx::new(ex);
-        let mut out = tx.out();
-        work(self, ex, &mut out);
-        let ending = self.events(ex, k, &mut out, born, down_since);
-        let frames = out.frames();
-        tx.send(&mut k.io, c, frames);
-        ending
-    }
-
-    /// The next moment something is due on this connection: the machine's (Session deadline,
-    /// keepalive, request timeout) or the role's (GPS, order).
-    fn next_deadline(&self, ex: &Exec, k: &Conn) -> Instant {
-        let mut d = self.proto.poll_timeout().unwrap_or_else(|| Instant::now() + SESSION_TIMEOUT);
-        if k.live && Self::sending(ex) {
-            match &self.role {
-                RoleState::Driver(dr) if ex.plan.rate > 0.0 => d = d.min(dr.next_gps),
-                RoleState::Passenger(p) if ex.plan.order_rate > 0.0 => d = d.min(p.next_order),
-                _ => {}
-            }
-        }
-        d
-    }
-
     /// Whatever is due: GPS or an order, then the machine's timers.
-    fn on_tick(&mut self, ex: &Exec, out: &mut Out<'_>) {
+    fn on_tick(&mut self, ex: &Exec, now: Instant, out: &mut Out<'_>) {
         let c = &ex.stats().c;
-        let now = Instant::now();
         if self.proto.is_live() && Self::sending(ex) {
             match &mut self.role {
                 RoleState::Driver(d) if ex.plan.rate > 0.0 && now >= d.next_gps => {
@@ -385,19 +167,11 @@ impl App {
         self.proto.handle_timeout(now, out);
     }
 
-    /// Everything the machine has to say, counted and acted on; `Some` when the connection
-    /// must end.
-    fn events(
-        &mut self,
-        ex: &Exec,
-        k: &mut Conn,
-        out: &mut Out<'_>,
-        born: Instant,
-        down_since: &mut Option<Instant>,
-    ) -> Option<Ending> {
+    /// Everything the machine has to say, counted and acted on; [`Flow::End`] when the
+    /// connection must end.
+    fn events(&mut self, ex: &Exec, now: Instant, out: &mut Out<'_>) -> Flow {
         let c = &ex.stats().c;
-        let now = Instant::now();
-        let mut ending = None;
+        let mut flow = Flow::Go;
         while let Some(event) = self.proto.poll_event(now, out) {
             match event {
                 Event::LoginNeeded { resume_refused } => {
@@ -414,8 +188,8 @@ impl App {
                     let _ = self.proto.login(now, &token, "loadgen", out);
                 }
                 Event::SessionUp { resumed, .. } => {
-                    k.live = true;
-                    self.session_up(ex, resumed, born, down_since);
+                    self.live = true;
+                    self.session_up(ex, resumed, now);
                 }
                 Event::Push { delivery: d, .. } => {
                     c.acks.fetch_add(1, Relaxed);
@@ -475,14 +249,14 @@ impl App {
                 }
                 Event::LoggedOut => {}
                 Event::Close(close) => {
-                    Self::count_close(c, &close, k.live);
-                    ending = Some(Ending::Lost(Lost::Local));
+                    Self::count_close(c, &close, self.live);
+                    flow = Flow::End;
                     break;
                 }
             }
         }
         c.frames_in.fetch_add(u64::from(self.proto.take_frames_in()), Relaxed);
-        ending
+        flow
     }
 
     /// Counts why the machine ended a connection.
@@ -514,12 +288,10 @@ impl App {
         counter.fetch_add(1, Relaxed);
     }
 
-    fn session_up(&mut self, ex: &Exec, resumed: bool, born: Instant, down_since: &mut Option<Instant>) {
+    fn session_up(&mut self, ex: &Exec, resumed: bool, now: Instant) {
         let c = &ex.stats().c;
-        ex.slots.borrow_mut()[self.slot].live = true;
         ex.stats().g.live.fetch_add(1, Relaxed);
-        let now = Instant::now();
-        match down_since.take() {
+        match self.down_since.take() {
             Some(t) => {
                 ex.hists.borrow_mut().reconnect.saturating_record(us(now - t));
                 if resumed {
@@ -529,6 +301,10 @@ impl App {
                 }
             }
             None => {
+                if let RoleState::Driver(d) = &mut self.role {
+                    d.start(ex, now);
+                }
+                let born = self.born.unwrap_or(now);
                 ex.hists.borrow_mut().login.saturating_record(us(now - born));
                 c.logins.fetch_add(1, Relaxed);
             }
@@ -558,5 +334,122 @@ impl App {
             _ => return,
         };
         counter.fetch_add(1, Relaxed);
+    }
+}
+
+impl Client for App {
+    type Shared = Exec;
+
+    fn addr(&self, ex: &Exec) -> (std::net::SocketAddr, Option<std::net::IpAddr>) {
+        (ex.plan.gate, self.source)
+    }
+
+    fn live(&self) -> bool {
+        self.live
+    }
+
+    fn on_connecting(&mut self, now: Instant) {
+        self.born.get_or_insert(now);
+    }
+
+    fn on_connected(&mut self, ex: &Exec, now: Instant, buf: &mut Vec<u8>) -> Flow {
+        self.live = false;
+        self.got_bytes = false;
+        with_out(ex, buf, |out| {
+            // Never displaced here: a displaced app ends (on_ended says never).
+            let _ = self.proto.on_connected(now, out);
+            self.events(ex, now, out)
+        })
+    }
+
+    fn read_buf<'a>(&'a mut self, _scratch: &'a mut [u8]) -> &'a mut [u8] {
+        self.proto.read_buf()
+    }
+
+    fn on_read(&mut self, ex: &Exec, n: usize, _scratch: &[u8], now: Instant, buf: &mut Vec<u8>) -> Flow {
+        self.got_bytes = true;
+        self.proto.read_done(n);
+        with_out(ex, buf, |out| self.events(ex, now, out))
+    }
+
+    fn on_due(&mut self, ex: &Exec, now: Instant, buf: &mut Vec<u8>) -> Flow {
+        with_out(ex, buf, |out| {
+            self.on_tick(ex, now, out);
+            self.events(ex, now, out)
+        })
+    }
+
+    /// The machine's next deadline (Session deadline, keepalive, request timeout) or the
+    /// role's (GPS, order), whichever is first.
+    fn next_due(&self, ex: &Exec) -> Option<Instant> {
+        let mut d = self.proto.poll_timeout()?;
+        if self.live && Self::sending(ex) {
+            match &self.role {
+                RoleState::Driver(dr) if ex.plan.rate > 0.0 => d = d.min(dr.next_gps),
+                RoleState::Passenger(p) if ex.plan.order_rate > 0.0 => d = d.min(p.next_order),
+                _ => {}
+            }
+        }
+        Some(d)
+    }
+
+    fn on_drop(&mut self, ex: &Exec, storm: bool) {
+        // A drop on purpose: the TCP connection goes, the session stays held.
+        if self.live {
+            ex.stats().c.drops_caused.fetch_add(1, Relaxed);
+        }
+        // Counted by the storm when picked, so it must report back when its session is up.
+        self.storm_victim |= storm;
+    }
+
+    fn on_stop(&mut self, ex: &Exec, now: Instant, buf: &mut Vec<u8>) {
+        if self.live {
+            with_out(ex, buf, |out| {
+                let _ = self.proto.logout(now, "loadgen done", out);
+            });
+        }
+    }
+
+    /// Counts how the connection ended, tells the machine, and says when to connect again.
+    fn on_ended(&mut self, ex: &Exec, how: Ended, now: Instant) -> Option<Duration> {
+        let c = &ex.stats().c;
+        match how {
+            Ended::ConnectFailed => {
+                c.err_connect.fetch_add(1, Relaxed);
+            }
+            Ended::WriteFailed => {
+                if self.got_bytes {
+                    c.err_write.fetch_add(1, Relaxed);
+                } else {
+                    c.err_connect.fetch_add(1, Relaxed);
+                }
+            }
+            Ended::Closed => {
+                if self.live {
+                    c.drops_seen.fetch_add(1, Relaxed);
+                } else if !self.got_bytes {
+                    c.err_connect.fetch_add(1, Relaxed);
+                }
+            }
+            // Counted where they were decided.
+            Ended::ByClient | Ended::Dropped | Ended::Stop => {}
+        }
+        if self.live {
+            self.live = false;
+            ex.stats().g.live.fetch_sub(1, Relaxed);
+            if how != Ended::Stop {
+                self.down_since = Some(now);
+            }
+        }
+        let lost = match how {
+            Ended::ConnectFailed | Ended::WriteFailed | Ended::Closed => Lost::Remote,
+            Ended::ByClient | Ended::Dropped | Ended::Stop => Lost::Local,
+        };
+        let d = self.proto.on_disconnected(lost);
+        c.requests_cut.fetch_add(u64::from(d.requests_cut), Relaxed);
+        match (how, d.reconnect) {
+            (Ended::Stop, _) | (_, Reconnect::Never) => None,
+            (_, Reconnect::After(wait)) => Some(wait),
+        }
     }
 }

@@ -136,6 +136,13 @@ pub struct Gauges {
     pub live: AtomicI64,
     /// Apps (and bad peers) not yet finished.
     pub tasks: AtomicI64,
+    /// The thread id of this core's event loop (0 until it runs), for its CPU time in /proc.
+    pub loop_tid: AtomicU64,
+}
+
+/// CPU seconds the event loops' threads used so far (`None` if one cannot be read).
+pub fn loops_cpu_s(stats: &[ExecStats]) -> Option<f64> {
+    stats.iter().map(|s| crate::procstat::thread_cpu_s(s.g.loop_tid.load(Relaxed) as u32)).sum()
 }
 
 /// One executor's shared numbers.

@@ -1,8 +1,8 @@
 //! The same fleet against other servers (`--target mqtt|nats|ceiling`), so the gate's figures
 //! stand beside ones measured the same way, on the same machine, at the same rates.
 //!
-//! - Drivers connect at the plan's connect rate from pinned glommio executors ([`fleet`]), one
-//!   task per connection, and subscribe to their own push topic (`push/<uid>`, NATS
+//! - Drivers connect at the plan's connect rate from the same pinned event loops as the gate
+//!   fleet ([`fleet`]), and subscribe to their own push topic (`push/<uid>`, NATS
 //!   `push.<uid>`): like a gate session, each one is addressable.
 //! - GPS: every report is one publish to `gps/<uid>` (`gps.<uid>`) of [`GPS_POINT_BYTES`] per
 //!   point, written at once with `TCP_NODELAY`, so one point is one TCP segment, as with the
@@ -284,6 +284,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let live_at_start = w.live();
     let c0 = w.counters();
     let g0 = server_pid.and_then(procstat::sample);
+    let own0 = (procstat::self_cpu_s(), crate::engine::stats::loops_cpu_s(&stats));
     let in0 = w.gps_in();
     let t0 = Instant::now();
     while t0.elapsed() < plan.duration {
@@ -292,6 +293,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let window = t0.elapsed();
     let c1 = w.counters();
     let g1 = server_pid.and_then(procstat::sample);
+    let own1 = (procstat::self_cpu_s(), crate::engine::stats::loops_cpu_s(&stats));
     let in1 = w.gps_in();
     let live_at_end = w.live();
     let own_rss = procstat::sample(std::process::id()).map(|s| s.rss_bytes);
@@ -376,7 +378,9 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
         cpu_s: procstat::self_cpu_s() - cpu_start,
         rss_bytes: own_rss,
         cores: plan.cores.clone(),
+        ..report::Loadgen::default()
     };
+    rep.loadgen.set_window((own0.0, own1.0), (own0.1, own1.1), win.gps_frames);
     rep.set_errors(&total_counters);
     rep.counters = total_counters;
     // No receipts, so nothing to audit: a peer run is judged by sent against received.

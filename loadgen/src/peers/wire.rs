@@ -1,5 +1,5 @@
 //! One peer connection's protocol state, without I/O: what to send first, how the handshake
-//! ends, what to answer (NATS PING), and the messages it carries. Both the fleet's glommio tasks
+//! ends, what to answer (NATS PING), and the messages it carries. Both the fleet's event loops
 //! and the app-server's blocking threads drive it: they hand it the bytes they read and write
 //! out what it appends.
 

@@ -306,6 +306,9 @@ fn one_line(r: &RunResult) -> String {
         r.loadgen.core_share.map_or("?".into(), |c| format!("{:.0}", c * 100.0)),
         r.loadgen.share_from
     );
+    if let Some(u) = r.loadgen.us_per_send {
+        s.push_str(&format!(", its loops {u:.2} µs per GPS send"));
+    }
     if r.gps.sent > 0 {
         s.push_str(&format!(
             "; GPS {}/s sent, {}/s delivered, {} µs per point",

@@ -180,6 +180,10 @@ pub struct LoadgenFigures {
     pub bound: bool,
     /// Its exit status (1: the gate's push audit failed).
     pub exit_code: i32,
+    /// CPU µs its event loops spent per GPS send in the window (its report's
+    /// `loadgen.loops_us_per_send`); results written before this field have none.
+    #[serde(default)]
+    pub us_per_send: Option<f64>,
 }
 
 /// What else ran on the two cores during the window: the machine is shared.
@@ -431,6 +435,7 @@ pub fn from_report(spec: &RunSpec, r: &Report, raw: Value, x: &Extras) -> RunRes
             share_from: share_from.into(),
             bound: share.is_some_and(|s| s >= LOADGEN_BOUND_SHARE),
             exit_code: x.exit_code,
+            us_per_send: r.loadgen.loops_us_per_send,
         },
         contention: x.contention,
         contended: x
@@ -1792,7 +1797,7 @@ mod tests {
     /// --rate 1 --duration 2 --json` against a debug gate started with `gate --cores 0
     /// --app-listen 127.0.0.1:0 --sidecar-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
     /// --ports-file /tmp/p` (APP and SIDECAR from that file). Made again the same way when
-    /// loadgen's report gains a field (last: `gps.late`).
+    /// loadgen's report gains a field (last: `loadgen.loops_us_per_send`).
     const REAL_GPS_REPORT: &str = include_str!("../../tests/fixtures/loadgen-gps-report.json");
 
     #[test]
@@ -1802,6 +1807,7 @@ mod tests {
         assert!(r.window_s > 1.0 && r.gps.sent > 0 && r.appserver.running, "{r:?}");
         assert!(r.gate.pid.is_some() && r.gate.cpu_s.is_some(), "{:?}", r.gate);
         assert!(r.gps.late <= r.gps.frames && r.gps.behind <= r.gps.late, "{:?}", r.gps);
+        assert!(r.loadgen.loops_us_per_send.is_some(), "{:?}", r.loadgen);
         let raw: Value = serde_json::from_str(REAL_GPS_REPORT).expect("json");
         let spec = &plan_runs(&Profile::quick(), &[Kind::Gps], &[Target::Gate])[0];
         let run = from_report(spec, &r, raw.clone(), &extras(0.2));
