@@ -58,7 +58,7 @@ demo: ## run a gate, the dispatch app-server and a small fleet for a short mixed
 	$(CARGO) build --release -p gate -p loadgen
 	@set -e; dir=$$(mktemp -d); \
 	./target/release/gate --cores 0 --app-listen 127.0.0.1:0 --sidecar-listen 127.0.0.1:0 \
-		--admin-listen 127.0.0.1:0 --hold-ms 5000 --plaintext --ports-file $$dir/ports 2> $$dir/gate.log & gate=$$!; \
+		--admin-listen 127.0.0.1:0 --hold-ms 5000 --ports-file $$dir/ports 2> $$dir/gate.log & gate=$$!; \
 	trap 'kill $$gate 2>/dev/null; wait $$gate 2>/dev/null; rm -rf '"$$dir" EXIT; \
 	for i in $$(seq 100); do [ -f $$dir/ports ] && break; sleep 0.1; done; \
 	app=$$(sed -n 's/^app=//p' $$dir/ports); side=$$(sed -n 's/^sidecar=//p' $$dir/ports); \

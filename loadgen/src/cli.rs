@@ -126,6 +126,17 @@ pub struct Common {
     #[arg(help_heading = CONNECT)]
     pub sidecar_secret: Option<String>,
 
+    /// The gate's public key for the secure channel (docs/PROTOCOL.md §14): 64 hex digits or a
+    /// key file written by `gate keygen`, e.g. `--server-key /etc/fleetgate/gate.key.pub`
+    /// [default: the gate's built-in development key]
+    #[arg(long, value_name = "HEX|PATH", help_heading = CONNECT)]
+    pub server_key: Option<String>,
+
+    /// Speak plaintext frames instead of the secure channel, to a gate run with `--plaintext`
+    /// (app.plaintext), e.g. `loadgen gps --plaintext` for the capacity rows
+    #[arg(long, help_heading = CONNECT)]
+    pub plaintext: bool,
+
     /// CPU cores for loadgen's executors, one pinned executor each: `last`, `all`, `1`, `0-1`
     /// or `0,2`; e.g. `--cores 1` beside a gate on `--cores 0`
     #[arg(long, default_value = "last", value_name = "LIST", help_heading = CONNECT)]
@@ -508,6 +519,18 @@ impl Cli {
     }
 }
 
+/// `--server-key`: 64 hex digits, or the path of a public key file; none: the development key.
+fn server_key(arg: Option<&str>) -> Result<channel::PublicKey, String> {
+    let Some(arg) = arg.map(str::trim).filter(|a| !a.is_empty()) else {
+        return Ok(*channel::Keypair::dev().public());
+    };
+    if arg.len() == 64 && arg.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return channel::keys::parse_public(&format!("{} public {arg}", channel::keys::KEY_FILE_MAGIC))
+            .map_err(|e| format!("--server-key: {e}"));
+    }
+    channel::keys::load_public(std::path::Path::new(arg)).map_err(|e| format!("--server-key: {e}"))
+}
+
 fn secret(s: &Option<String>) -> Vec<u8> {
     s.as_deref().filter(|s| !s.is_empty()).unwrap_or(DEV_SECRET).as_bytes().to_vec()
 }
@@ -520,6 +543,7 @@ fn base(scenario: Scenario, c: &Common) -> Result<Plan, String> {
         sidecar: resolve(&c.sidecar, "--sidecar")?,
         token_secret: secret(&c.token_secret),
         sidecar_secret: secret(&c.sidecar_secret),
+        server_key: if c.plaintext { None } else { Some(server_key(c.server_key.as_deref())?) },
         cores: parse_cores(&c.cores, online_cpus())?,
         source_ips: c.source_ips.clone(),
         duration: c.duration,

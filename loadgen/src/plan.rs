@@ -115,6 +115,9 @@ pub struct Plan {
     pub token_secret: Vec<u8>,
     /// The sidecar hello's secret (the gate's `sidecar.secret`).
     pub sidecar_secret: Vec<u8>,
+    /// The gate's public key: apps speak the secure channel (docs/PROTOCOL.md §14); none:
+    /// plaintext frames.
+    pub server_key: Option<channel::PublicKey>,
     /// CPU cores, one pinned executor each; simulated apps are spread over them.
     pub cores: Vec<usize>,
     /// Local addresses connections are spread over (empty: the kernel picks).
@@ -178,6 +181,7 @@ impl Default for Plan {
             sidecar: SocketAddr::from(([127, 0, 0, 1], 7200)),
             token_secret: DEV_SECRET.as_bytes().to_vec(),
             sidecar_secret: DEV_SECRET.as_bytes().to_vec(),
+            server_key: Some(*channel::Keypair::dev().public()),
             cores: vec![0],
             source_ips: Vec::new(),
             duration: Duration::from_secs(15),
@@ -271,6 +275,14 @@ impl Plan {
     pub fn validate(&self) -> Result<(), String> {
         if self.cores.is_empty() {
             return Err("--cores names no core".into());
+        }
+        if self.scenario == Scenario::Bad && self.server_key.is_some() {
+            // Its peers write raw frames (half headers, garbage, a login then silence) on
+            // purpose, below any channel.
+            return Err(
+                "the bad scenario speaks plaintext frames: run the gate with --plaintext and add --plaintext"
+                    .into(),
+            );
         }
         if self.batch == 0 || self.batch > 1000 {
             return Err("--batch must be 1..=1000 (the gate refuses larger GpsBatch frames)".into());

@@ -22,8 +22,13 @@ fn gate() -> GateProcess {
     gate_holding("5000")
 }
 
-/// A gate that holds a dropped session for `hold_ms`.
+/// A gate that holds a dropped session for `hold_ms`, on the secure channel (loadgen's default).
 fn gate_holding(hold_ms: &str) -> GateProcess {
+    gate_with(hold_ms, "false")
+}
+
+/// A gate that holds a dropped session for `hold_ms`, with `app.plaintext` as given.
+fn gate_with(hold_ms: &str, plaintext: &str) -> GateProcess {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
     let bin = workspace_gate_bin(root).expect("gate binary");
     let args = [
@@ -41,6 +46,8 @@ fn gate_holding(hold_ms: &str) -> GateProcess {
         "2000",
         "--read-timeout-ms",
         "2000",
+        "--app-plaintext",
+        plaintext,
     ];
     GateProcess::start(&bin, &args, PATIENCE).expect("gate starts")
 }
@@ -175,11 +182,13 @@ fn the_stop_logs_every_session_out() {
 
 #[test]
 fn misbehaving_peers_run_beside_the_loop() {
-    let gate = gate();
+    // The misbehaving peers write raw frames below any channel: a plaintext gate.
+    let gate = gate_with("5000", "true");
     let (code, v) = loadgen(
         &gate,
         &[
             "bad",
+            "--plaintext",
             "--drivers",
             "20",
             "--slow-readers",

@@ -41,6 +41,9 @@ impl Gate {
             "3000",
             "--request-timeout-ms",
             "3000",
+            // The secure channel, as loadgen speaks by default.
+            "--app-plaintext",
+            "false",
         ];
         Gate(GateProcess::start(&bin, &args, PATIENCE).expect("gate starts"))
     }

@@ -156,6 +156,9 @@ pub struct Exec {
     pub shown: RefCell<Shown>,
     /// Randomness for jitter and choices.
     pub rng: RefCell<SmallRng>,
+    /// The secure channel's settings for every app here (one app key pair per loop); none in
+    /// plaintext.
+    pub secure: Option<client::proto::app::SecureConfig>,
 }
 
 impl Exec {
@@ -222,6 +225,7 @@ pub fn start(
             .name(format!("loadgen-{id}"))
             .spawn(move || {
                 crate::run::pin_to(&[cpu]);
+                let secure = plan.server_key.map(client::proto::app::SecureConfig::new);
                 let ex = Exec {
                     id,
                     plan,
@@ -231,6 +235,7 @@ pub fn start(
                     hists: RefCell::new(Hists::default()),
                     shown: RefCell::new(Shown::default()),
                     rng: RefCell::new(SmallRng::from_os_rng()),
+                    secure,
                 };
                 run_loop(&ex, &apps);
                 ExecResult { hists: ex.hists.take(), shown: ex.shown.take() }

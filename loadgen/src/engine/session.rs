@@ -97,20 +97,23 @@ fn us(d: Duration) -> u64 {
     d.as_micros().min(u128::from(u64::MAX)) as u64
 }
 
-/// Runs `f` with an [`Out`] over the loop's buffer and the executor's encoder, and counts the
-/// frames it wrote.
-fn with_out<R>(ex: &Exec, buf: &mut Vec<u8>, f: impl FnOnce(&mut Out<'_>) -> R) -> R {
-    let mut enc = ex.enc.borrow_mut();
-    let mut out = Out::new(&mut enc, buf);
-    let r = f(&mut out);
-    let frames = out.frames();
-    if frames > 0 {
-        ex.stats().c.frames_out.fetch_add(u64::from(frames), Relaxed);
-    }
-    r
-}
-
 impl App {
+    /// Runs `f` (one step of this app) with an [`Out`] over the loop's buffer and the
+    /// executor's encoder, counts the frames it wrote, and hands the buffer to the machine's
+    /// `wire`: on the secure channel the frames become records there (sealed in place, or held
+    /// until the gate's Accept), so what the loop then sends is wire bytes.
+    fn step<R>(&mut self, ex: &Exec, buf: &mut Vec<u8>, f: impl FnOnce(&mut App, &mut Out<'_>) -> R) -> R {
+        let mut enc = ex.enc.borrow_mut();
+        let mut out = Out::new(&mut enc, buf);
+        let r = f(self, &mut out);
+        let frames = out.frames();
+        self.proto.wire(&mut out);
+        if frames > 0 {
+            ex.stats().c.frames_out.fetch_add(u64::from(frames), Relaxed);
+        }
+        r
+    }
+
     /// The app `spec`, not connected yet.
     pub fn new(ex: &Exec, spec: AppSpec, born: Instant) -> App {
         let role = if spec.role == wire::Role::Driver.0 {
@@ -123,7 +126,7 @@ impl App {
             uid: spec.uid,
             role_id: spec.role,
             source: spec.source,
-            proto: AppProto::new(proto_config(), seed, born),
+            proto: AppProto::with_secure(proto_config(), ex.secure.clone(), seed, born),
             role,
             storm_victim: false,
             born: None,
@@ -355,10 +358,10 @@ impl Client for App {
     fn on_connected(&mut self, ex: &Exec, now: Instant, buf: &mut Vec<u8>) -> Flow {
         self.live = false;
         self.got_bytes = false;
-        with_out(ex, buf, |out| {
+        self.step(ex, buf, |app, out| {
             // Never displaced here: a displaced app ends (on_ended says never).
-            let _ = self.proto.on_connected(now, out);
-            self.events(ex, now, out)
+            let _ = app.proto.on_connected(now, out);
+            app.events(ex, now, out)
         })
     }
 
@@ -369,13 +372,13 @@ impl Client for App {
     fn on_read(&mut self, ex: &Exec, n: usize, _scratch: &[u8], now: Instant, buf: &mut Vec<u8>) -> Flow {
         self.got_bytes = true;
         self.proto.read_done(n);
-        with_out(ex, buf, |out| self.events(ex, now, out))
+        self.step(ex, buf, |app, out| app.events(ex, now, out))
     }
 
     fn on_due(&mut self, ex: &Exec, now: Instant, buf: &mut Vec<u8>) -> Flow {
-        with_out(ex, buf, |out| {
-            self.on_tick(ex, now, out);
-            self.events(ex, now, out)
+        self.step(ex, buf, |app, out| {
+            app.on_tick(ex, now, out);
+            app.events(ex, now, out)
         })
     }
 
@@ -404,8 +407,8 @@ impl Client for App {
 
     fn on_stop(&mut self, ex: &Exec, now: Instant, buf: &mut Vec<u8>) {
         if self.live {
-            with_out(ex, buf, |out| {
-                let _ = self.proto.logout(now, "loadgen done", out);
+            self.step(ex, buf, |app, out| {
+                let _ = app.proto.logout(now, "loadgen done", out);
             });
         }
     }

@@ -367,6 +367,10 @@ impl RunSpec {
             flag("--storm-percent", "100".into());
             flag("--storm-at", format!("{}s", self.storm_at_s()));
         }
+        if self.target == Target::Gate {
+            // The gate runs in plaintext here (servers.rs): these rows measure the reactor.
+            a.push("--plaintext".into());
+        }
         a.push("--json".into());
         a
     }
