@@ -4,7 +4,7 @@
 //! shown once, request sequence-ids and timeouts). The shell only moves bytes, time and events:
 //! the loop connects, reads into the machine's buffer and writes what the machine wrote; the
 //! shell says when it is next due (the machine's deadline or the role's: GPS, orders) and
-//! counts what the machine reports. The executor's `Shown` record catches any push the machine
+//! counts what the machine reports. The loop's `Shown` record catches any push the machine
 //! let through twice.
 
 use super::driver::Driver;
@@ -97,7 +97,7 @@ fn us(d: Duration) -> u64 {
     d.as_micros().min(u128::from(u64::MAX)) as u64
 }
 
-/// Runs `f` with an [`Out`] over the loop's buffer and the executor's encoder, and counts the
+/// Runs `f` with an [`Out`] over the loop's buffer and its shared encoder, and counts the
 /// frames it wrote.
 fn with_out<R>(ex: &Exec, buf: &mut Vec<u8>, f: impl FnOnce(&mut Out<'_>) -> R) -> R {
     let mut enc = ex.enc.borrow_mut();
