@@ -14,12 +14,12 @@ const ABOUT: &str = "fleetgate loadgen: simulated fleets of drivers and passenge
 const LONG_ABOUT: &str = "\
 fleetgate loadgen: simulated fleets of drivers and passengers against a running gate.
 
-Each scenario connects its apps to the gate's app port (--gate) from pinned executors (--cores),
-one task per connection, and usually runs an app-server on the sidecar port (--sidecar) that
-takes the GPS batches, pushes, and dispatches orders. Once every session is up, the measured
-window lasts --duration; a live line goes to stderr each second; at the end a table (or with
---json one JSON object on stdout) gives throughput, latency percentiles, the gate's CPU and
-memory from /proc, and the push audit.
+Each scenario connects its apps to the gate's app port (--gate) from pinned event loops, one per
+core (--cores) owning all of its connections, and usually runs an app-server on the sidecar port
+(--sidecar) that takes the GPS batches, pushes, and dispatches orders. Once every session is
+up, the measured window lasts --duration; a live line goes to stderr each second; at the end a
+table (or with --json one JSON object on stdout) gives throughput, latency percentiles, the
+gate's CPU and memory from /proc, loadgen's own CPU per GPS send, and the push audit.
 
 Audit: every (message id, uid) the app-server pushes is followed to its receipt. After the
 window, pushing stops and loadgen waits (at most TTL + hold + 2 s) for the last receipts.
@@ -137,7 +137,7 @@ pub struct Common {
     #[arg(long, help_heading = CONNECT)]
     pub plaintext: bool,
 
-    /// CPU cores for loadgen's executors, one pinned executor each: `last`, `all`, `1`, `0-1`
+    /// CPU cores for loadgen's event loops, one pinned loop each: `last`, `all`, `1`, `0-1`
     /// or `0,2`; e.g. `--cores 1` beside a gate on `--cores 0`
     #[arg(long, default_value = "last", value_name = "LIST", help_heading = CONNECT)]
     pub cores: String,
@@ -235,7 +235,7 @@ pub struct Fleet {
     #[arg(long, default_value_t = 2, value_name = "N", help_heading = FLEET)]
     pub sidecar_conns: u32,
 
-    /// Cores for the app-server's threads, apart from the apps' executors (its receipt
+    /// Cores for the app-server's threads, apart from the apps' loops (its receipt
     /// handling otherwise competes with the apps it measures), e.g. `--appserver-cores 2`
     /// [default: the --cores list]
     #[arg(long, value_name = "LIST", help_heading = FLEET)]

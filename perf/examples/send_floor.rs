@@ -13,7 +13,8 @@
 //! Arguments: address, connections, segments/s per connection, seconds, and the mode: `send`
 //! (one non-blocking `send` per segment), `uring` (every segment of a 1 ms tick as one io_uring
 //! submission) or `uring-fixed` (the same with the sockets registered, so the kernel skips the
-//! descriptor lookup per send).
+//! descriptor lookup per send); `shuffled` after it sends to the connections in a random order
+//! rather than in the order they were opened.
 
 use io_uring::types::{Fd, Fixed};
 use io_uring::{opcode, IoUring};
@@ -35,8 +36,8 @@ fn cpu_s() -> f64 {
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
-    if a.len() != 6 {
-        eprintln!("usage: send_floor ADDR CONNS RATE_PER_CONN SECONDS send|uring");
+    if !(6..=7).contains(&a.len()) {
+        eprintln!("usage: send_floor ADDR CONNS RATE_PER_CONN SECONDS send|uring|uring-fixed [shuffled]");
         std::process::exit(2);
     }
     let addr: SocketAddr = a[1].parse().expect("address");
@@ -54,7 +55,18 @@ fn main() {
             s
         })
         .collect();
-    let fds: Vec<RawFd> = streams.iter().map(AsRawFd::as_raw_fd).collect();
+    let mut fds: Vec<RawFd> = streams.iter().map(AsRawFd::as_raw_fd).collect();
+    if a.get(6).is_some_and(|s| s == "shuffled") {
+        // The same connections in a random order (a fleet's drivers report in no order): the
+        // kernel then finds each socket cold, as loadgen's sends do.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for i in (1..fds.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            fds.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+    }
     eprintln!("send_floor: {conns} connections up");
     let mut ring = IoUring::new(4096).expect("io_uring");
     if fixed {

@@ -122,7 +122,7 @@ impl Driver {
         if is_late(self.next_gps, now) {
             c.gps_late.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        // Keep the rate on average with ±20 % jitter; more than a second behind (the executor
+        // Keep the rate on average with ±20 % jitter; more than a second behind (the loop
         // is saturated), start afresh rather than burst.
         self.next_gps += interval.mul_f64(ex.rand(0.8..1.2));
         if self.next_gps + Duration::from_secs(1) < now {

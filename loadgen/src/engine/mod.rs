@@ -68,7 +68,7 @@ pub struct StormTrack {
     pub last_back_ns: AtomicU64,
 }
 
-/// The main thread's orders to every executor, and what comes back from storms.
+/// The main thread's orders to every loop, and what comes back from storms.
 #[derive(Debug)]
 pub struct Control {
     /// The current `Phase`.
@@ -103,7 +103,7 @@ impl Control {
         }
     }
 
-    /// Moves every executor to `p`.
+    /// Moves every loop to `p`.
     pub fn set_phase(&self, p: Phase) {
         self.phase.store(p as u8, Relaxed);
     }

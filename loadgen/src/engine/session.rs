@@ -4,7 +4,7 @@
 //! shown once, request sequence-ids and timeouts). The shell only moves bytes, time and events:
 //! the loop connects, reads into the machine's buffer and writes what the machine wrote; the
 //! shell says when it is next due (the machine's deadline or the role's: GPS, orders) and
-//! counts what the machine reports. The executor's `Shown` record catches any push the machine
+//! counts what the machine reports. The loop's `Shown` record catches any push the machine
 //! let through twice.
 
 use super::driver::Driver;
@@ -99,7 +99,7 @@ fn us(d: Duration) -> u64 {
 
 impl App {
     /// Runs `f` (one step of this app) with an [`Out`] over the loop's buffer and the
-    /// executor's encoder, counts the frames it wrote, and hands the buffer to the machine's
+    /// loop's shared encoder, counts the frames it wrote, and hands the buffer to the machine's
     /// `wire`: on the secure channel the frames become records there (sealed in place, or held
     /// until the gate's Accept), so what the loop then sends is wire bytes.
     fn step<R>(&mut self, ex: &Exec, buf: &mut Vec<u8>, f: impl FnOnce(&mut App, &mut Out<'_>) -> R) -> R {

@@ -1,8 +1,8 @@
-//! Counters and histograms of one executor.
+//! Counters and histograms of one loop (one per loadgen core).
 //!
 //! Counters are atomics so the main thread can read them for the live line without stopping
-//! anyone; each executor owns its own set (no cache line is shared between executors), and the
-//! main thread sums them. Histograms stay inside their executor and are merged at the end.
+//! anyone; each loop owns its own set (no cache line is shared between loops), and the
+//! main thread sums them. Histograms stay inside their loop and are merged at the end.
 
 use hdrhistogram::Histogram;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 /// one list, so a counter cannot be added to one and forgotten in the others.
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident,)*) => {
-        /// One executor's counters; every field only grows.
+        /// One loop's counters; every field only grows.
         #[derive(Debug, Default)]
         #[repr(align(128))]
         pub struct Counters { $($(#[$doc])* pub $name: AtomicU64,)* }
 
-        /// The counters at one moment, summed over executors.
+        /// The counters at one moment, summed over loops.
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
         pub struct Snapshot { $($(#[$doc])* pub $name: u64,)* }
 
@@ -46,7 +46,7 @@ counters! {
     gps_points,
     /// GPS frames sent.
     gps_frames,
-    /// GPS sends skipped because the executor fell more than a second behind its schedule.
+    /// GPS sends skipped because the loop fell more than a second behind its schedule.
     gps_behind,
     /// GPS sends that left more than [`GPS_LATE`](crate::engine::driver::GPS_LATE) after their
     /// schedule (the ones over a second behind included).
@@ -129,7 +129,7 @@ impl Snapshot {
     }
 }
 
-/// Gauges of one executor, read by the live line.
+/// Gauges of one loop, read by the live line.
 #[derive(Debug, Default)]
 pub struct Gauges {
     /// Sessions up now.
@@ -145,7 +145,7 @@ pub fn loops_cpu_s(stats: &[ExecStats]) -> Option<f64> {
     stats.iter().map(|s| crate::procstat::thread_cpu_s(s.g.loop_tid.load(Relaxed) as u32)).sum()
 }
 
-/// One executor's shared numbers.
+/// One loop's shared numbers.
 #[derive(Debug, Default)]
 pub struct ExecStats {
     /// Counters.
@@ -160,7 +160,7 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
 }
 
-/// One executor's latency histograms, in µs.
+/// One loop's latency histograms, in µs.
 #[derive(Debug, Clone)]
 pub struct Hists {
     /// App-server send → app receive, first arrivals without the redelivery flag.
