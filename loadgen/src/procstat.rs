@@ -31,6 +31,19 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     Some(ProcSample { cpu_s: parse_stat_ticks(&stat)? as f64 / clk_tck(), rss_bytes: parse_vm_rss(&status)? })
 }
 
+/// CPU seconds of every thread of process `pid` so far, from the scheduler's nanosecond
+/// accounting (`/proc/PID/task/*/schedstat`), for short spans that 10 ms ticks would blur (a
+/// storm, a ramp); `None` if the process is gone.
+pub fn schedstat_cpu_s(pid: u32) -> Option<f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut ns: u64 = 0;
+    for t in tasks.flatten() {
+        let Ok(text) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
+        ns += text.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    Some(ns as f64 / 1e9)
+}
+
 /// This process's CPU seconds so far.
 pub fn self_cpu_s() -> f64 {
     std::fs::read_to_string("/proc/self/stat")

@@ -214,6 +214,16 @@ pub struct Storm {
     pub relogin: u64,
 }
 
+/// Fresh sessions, the handshake's view of them.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Handshake {
+    /// The apps spoke the secure channel (a Noise handshake per login).
+    pub secure: bool,
+    /// Connect → Session answer of each first login, µs (the same figures as
+    /// `connections.login_latency_us`).
+    pub latency_us: Latency,
+}
+
 /// Idle sessions.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Idle {
@@ -245,6 +255,14 @@ pub struct Gate {
     /// Largest RSS seen during the run.
     #[serde(deserialize_with = "present")]
     pub rss_max_bytes: Option<u64>,
+    /// Gate CPU over the ramp (scheduler ns) ÷ sessions logged in by it: a handshake (on the
+    /// secure channel) and a login each, TCP setup included.
+    #[serde(default)]
+    pub cpu_us_per_handshake: Option<f64>,
+    /// Gate CPU from a storm's drop until every dropped session is back (scheduler ns, looked
+    /// at every 50 ms) ÷ sessions back: a resume each, TCP setup included.
+    #[serde(default)]
+    pub cpu_us_per_resume: Option<f64>,
 }
 
 impl Gate {
@@ -269,6 +287,8 @@ impl Gate {
             rss_bytes: g1.map(|s| s.rss_bytes),
             rss_before_bytes: before.map(|s| s.rss_bytes),
             rss_max_bytes: rss_max.max(g1.map(|s| s.rss_bytes)),
+            cpu_us_per_handshake: None,
+            cpu_us_per_resume: None,
         }
     }
 }
@@ -354,6 +374,9 @@ pub struct Report {
     pub reconnect: Reconnect,
     /// The storm.
     pub storm: Storm,
+    /// Fresh sessions: connect → Session answer (on the secure channel a handshake each).
+    #[serde(default)]
+    pub handshake: Handshake,
     /// Idle memory.
     pub idle: Idle,
     /// The gate process.
@@ -515,6 +538,16 @@ impl Report {
                 num(r.storm.resumed),
                 num(r.storm.relogin),
                 r.storm.all_back_ms.map_or("— (not all back)".to_owned(), |ms| format!("{ms:.0} ms"))
+            );
+        }
+        if r.gate.cpu_us_per_handshake.is_some() || r.gate.cpu_us_per_resume.is_some() {
+            let us = |v: Option<f64>| v.map_or("—".to_owned(), |u| format!("{u:.1} µs"));
+            let _ = writeln!(
+                s,
+                "gate cost    {} per {} over the ramp, {} per resume over the storm (scheduler ns, TCP setup included)",
+                us(r.gate.cpu_us_per_handshake),
+                if r.handshake.secure { "handshake + login" } else { "login" },
+                us(r.gate.cpu_us_per_resume),
             );
         }
         let _ = writeln!(s, "latency µs        count       p50       p90       p99      p999       max");

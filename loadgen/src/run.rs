@@ -209,10 +209,13 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
         label: "ramp",
     };
 
+    let ramp_cpu0 = gate_pid.and_then(procstat::schedstat_cpu_s);
     let ramp_s = ramp(u64::from(plan.apps()), "sessions", || {
         w.wait(STEP, server.as_ref());
         w.live()
     });
+    let ramp_cpu1 = gate_pid.and_then(procstat::schedstat_cpu_s);
+    let ramp_logins = w.counters().logins;
 
     // The measured window.
     control.set_phase(Phase::Run);
@@ -228,12 +231,18 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let t0 = Instant::now();
     let storm_due = (plan.storm_percent > 0.0).then_some(t0 + plan.storm_at);
     let mut stormed = false;
+    // The gate's CPU when the storm was ordered, and when every dropped session was back.
+    let (mut storm_cpu0, mut storm_cpu1) = (None, None);
+    let all_back = |c: &Control| c.storm.back.load(Relaxed) >= c.storm.victims.load(Relaxed);
     while t0.elapsed() < plan.duration {
         w.wait(STEP.min(plan.duration.saturating_sub(t0.elapsed())), server.as_ref());
         if !stormed && storm_due.is_some_and(|t| Instant::now() >= t) {
             stormed = true;
             w.label = "storm";
+            storm_cpu0 = gate_pid.and_then(procstat::schedstat_cpu_s);
             control.storm();
+        } else if stormed && storm_cpu1.is_none() && all_back(&control) {
+            storm_cpu1 = gate_pid.and_then(procstat::schedstat_cpu_s);
         }
     }
     let window = t0.elapsed();
@@ -250,6 +259,9 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
         while control.storm.back.load(Relaxed) < control.storm.victims.load(Relaxed) && Instant::now() < until
         {
             w.wait(STEP, server.as_ref());
+        }
+        if storm_cpu1.is_none() && all_back(&control) {
+            storm_cpu1 = gate_pid.and_then(procstat::schedstat_cpu_s);
         }
     }
 
@@ -347,6 +359,8 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     };
     let st = &control.storm;
     let (victims, back) = (st.victims.load(Relaxed), st.back.load(Relaxed));
+    rep.handshake =
+        report::Handshake { secure: plan.server_key.is_some(), latency_us: Latency::of(&hists.login) };
     rep.storm = report::Storm {
         dropped: victims,
         back,
@@ -362,7 +376,14 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
             _ => None,
         };
     }
-    rep.set_gate(report::Gate::over_window(gate_pid, gate_before, g0, g1, w.rss_max, window));
+    let mut gate = report::Gate::over_window(gate_pid, gate_before, g0, g1, w.rss_max, window);
+    let per = |a: Option<f64>, b: Option<f64>, n: u64| match (a, b) {
+        (Some(a), Some(b)) if n > 0 => Some(((b - a) * 1e6 / n as f64 * 10.0).round() / 10.0),
+        _ => None,
+    };
+    gate.cpu_us_per_handshake = per(ramp_cpu0, ramp_cpu1, ramp_logins);
+    gate.cpu_us_per_resume = per(storm_cpu0, storm_cpu1, back);
+    rep.set_gate(gate);
     rep.loadgen = report::Loadgen {
         cpu_s: procstat::self_cpu_s() - cpu_start,
         rss_bytes: own_rss,

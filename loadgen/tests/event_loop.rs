@@ -157,6 +157,12 @@ fn a_storm_drops_every_session_and_every_one_comes_back() {
     assert_eq!(n(&v, "/storm/dropped"), 200.0, "{v:#}");
     assert_eq!(n(&v, "/storm/back"), 200.0, "{v:#}");
     assert_eq!(n(&v, "/storm/resumed") + n(&v, "/storm/relogin"), 200.0, "{v:#}");
+    // The gate's cost of a handshake + login over the ramp and of a resume over the storm, from
+    // its scheduler time, on the secure channel.
+    assert_eq!(v.pointer("/handshake/secure"), Some(&Value::Bool(true)), "{v:#}");
+    assert!(n(&v, "/handshake/latency_us/p50") > 0.0, "{v:#}");
+    assert!(n(&v, "/gate/cpu_us_per_handshake") > 0.0, "{v:#}");
+    assert!(n(&v, "/gate/cpu_us_per_resume") > 0.0, "{v:#}");
     assert_eq!(n(&v, "/counters/drops_caused"), 200.0, "{v:#}");
     assert_eq!(n(&v, "/errors"), 0.0, "{v:#}");
 }
