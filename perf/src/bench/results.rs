@@ -877,7 +877,11 @@ pub const GOALS: &[Goal] = &[
         metric: Metric::ResumeCost,
         goal: "resume cost",
         target: "≤ 1/10 of a fresh handshake + login",
-        judge: |_, _| ("the secure channel (Noise handshake) is not built".into(), GoalStatus::NotBuilt),
+        judge: |_, _| {
+            let how = "not in the bench, which runs the gate in plaintext: `loadgen storm` on the secure \
+                       channel reports it (gate.cpu_us_per_resume against gate.cpu_us_per_handshake; README)";
+            (how.into(), GoalStatus::NotMeasured)
+        },
     },
     Goal {
         metric: Metric::PushLoss,
@@ -1740,7 +1744,7 @@ mod tests {
             assert!(names.iter().any(|n| n.contains(want)), "no goal row for {want}: {names:?}");
         }
         assert_eq!(row(&g, Metric::DecodeNs).status, GoalStatus::Met);
-        assert_eq!(row(&g, Metric::ResumeCost).status, GoalStatus::NotBuilt);
+        assert_eq!(row(&g, Metric::ResumeCost).status, GoalStatus::NotMeasured);
         assert_eq!(row(&g, Metric::RestartLoss).status, GoalStatus::NotBuilt);
     }
 
