@@ -249,6 +249,18 @@ impl ServerChannel {
         }
     }
 
+    /// Seals `buf[from..]` (frame bytes) into Data records in place, growing `buf`: the gate's
+    /// out queue becomes wire bytes with no second buffer. Allowed once the Accept went out.
+    pub fn seal_in_place(&mut self, buf: &mut Vec<u8>, from: usize) -> Result<(), ChannelError> {
+        match &mut self.phase {
+            Phase::AwaitingConfirm(t) | Phase::Open(t) => {
+                t.seal_in_place(buf, from)?;
+                Ok(())
+            }
+            other => Err(ChannelError::NotReady { op: "seal", state: other.state().describe() }),
+        }
+    }
+
     /// The transport, once the Accept went out (for its counters).
     pub fn transport(&self) -> Option<&Transport> {
         match &self.phase {

@@ -18,7 +18,7 @@ use crate::lifecycle::{CloseReason, Expiry, Port};
 use crate::mesh::Msg;
 use crate::metrics::Refusal;
 use crate::net::{self, Io};
-use crate::state::{jitter, mono_ms, ring_token, Busy, ConnIo, RingConn, Shard};
+use crate::state::{jitter, mono_ms, ring_token, Busy, ConnIo, RingConn, Shard, SCRATCH_BYTES};
 use crate::uring::Completion;
 use logic::{ConnRef, Output};
 use schema::wire::{self, GoAwayReason};
@@ -555,34 +555,39 @@ fn on_read(shard: &mut Shard, me: ConnRef, first: &[u8], maybe_more: bool, now: 
 /// carried, exactly as a plaintext connection's.
 fn on_secure_read(shard: &mut Shard, me: ConnRef, first: &[u8], maybe_more: bool, now: u64) -> Read {
     let Some(fd) = shard.conn(me).map(|c| c.fd) else { return Read::Closed };
-    let mut raw = first.to_vec();
+    // The ring hands one completion's bytes (`first`, used as they are); a task's read may find
+    // more in the socket, gathered first.
+    let mut gathered = Vec::new();
     let mut eof = false;
-    if maybe_more {
-        for _ in 0..MAX_DRAIN_READS {
-            raw.reserve(16 * 1024);
-            let spare = raw.capacity() - raw.len();
-            match net::recv_into(fd, &mut raw) {
-                Ok(Io::Done(n)) if n < spare => break,
-                Ok(Io::Done(_)) => {}
-                Ok(Io::WouldBlock) => break,
-                Ok(Io::Eof) | Err(_) => {
-                    eof = true;
-                    break;
-                }
-            }
-        }
-    }
+    let raw: &[u8] = if maybe_more {
+        gathered.extend_from_slice(first);
+        eof = drain_socket(fd, &mut gathered, |buf| {
+            buf.reserve(16 * 1024);
+            true
+        });
+        &gathered
+    } else {
+        first
+    };
     if raw.is_empty() {
         return if eof { Read::Closed } else { Read::Empty };
     }
-    let Some(plain) = crate::app::secure::on_bytes(shard, me, &raw) else {
-        // The channel failed and the connection is closing.
+    // Frame bytes go to a buffer the shard keeps, so a record costs no allocation.
+    let mut plain = std::mem::take(&mut shard.plain);
+    plain.clear();
+    if crate::app::secure::on_bytes(shard, me, raw, &mut plain) {
+        // The frame path counts the frame bytes; the records' headers and tags are counted here.
+        shard.metrics().bytes_in.fetch_add(raw.len().saturating_sub(plain.len()) as u64, Relaxed);
+        if !plain.is_empty() {
+            on_frames(shard, me, &plain, false, now);
+        }
+    }
+    if plain.capacity() <= SCRATCH_BYTES {
+        shard.plain = plain;
+    }
+    if shard.conn(me).is_none_or(|c| c.life.closing.is_some()) {
+        // The channel failed (or a frame closed the connection).
         return Read::Data;
-    };
-    // The frame path counts the frame bytes; the records' headers and tags are counted here.
-    shard.metrics().bytes_in.fetch_add(raw.len().saturating_sub(plain.len()) as u64, Relaxed);
-    if !plain.is_empty() {
-        on_frames(shard, me, &plain, false, now);
     }
     // Bytes came: the idle clock restarts, and a record (or frame) left half-read runs the read
     // timeout.
@@ -650,6 +655,31 @@ fn on_frames(shard: &mut Shard, me: ConnRef, first: &[u8], maybe_more: bool, now
     }
 }
 
+/// Reads what else the socket holds into `buf`, at most `MAX_DRAIN_READS` reads; `room` makes
+/// space before each one, or says to stop. Returns true when the peer closed (or the socket
+/// failed).
+fn drain_socket(
+    fd: std::os::fd::RawFd,
+    buf: &mut Vec<u8>,
+    mut room: impl FnMut(&mut Vec<u8>) -> bool,
+) -> bool {
+    for _ in 0..MAX_DRAIN_READS {
+        if !room(buf) {
+            return false;
+        }
+        let spare = buf.capacity() - buf.len();
+        match net::recv_into(fd, buf) {
+            // A read that did not fill the room took everything queued: another would find the
+            // socket empty, a wasted syscall.
+            Ok(Io::Done(n)) if n < spare => return false,
+            Ok(Io::Done(_)) => {}
+            Ok(Io::WouldBlock) => return false,
+            Ok(Io::Eof) | Err(_) => return true,
+        }
+    }
+    false
+}
+
 /// Appends `first` and what else the socket holds (bounded) to `buf`, then hands every whole
 /// frame in it to its flow. Returns (peer closed, bytes consumed).
 #[allow(clippy::too_many_arguments)]
@@ -666,33 +696,20 @@ fn read_and_decode(
 ) -> (bool, usize) {
     let before = buf.len();
     buf.extend_from_slice(first);
-    let mut eof = false;
-    if maybe_more {
-        for _ in 0..MAX_DRAIN_READS {
-            if buf.capacity() - buf.len() < 4096 {
-                if !grow {
-                    break;
-                }
+    let eof = maybe_more
+        && drain_socket(fd, buf, |buf| {
+            if buf.capacity() - buf.len() >= 4096 {
+                return true;
+            }
+            if grow {
                 // Room for the rest of the frame being read (bounded by the frame limit).
                 let need = buf.first_chunk::<HEADER_LEN>().map_or(64 * 1024, |h| {
                     schema::Header::read(h).frame_len().min(HEADER_LEN + max_body as usize)
                 });
                 buf.reserve(need.saturating_sub(buf.len()).max(64 * 1024));
             }
-            let spare = buf.capacity() - buf.len();
-            match net::recv_into(fd, buf) {
-                // A read that did not fill the room took everything queued: another would find
-                // the socket empty, a wasted syscall.
-                Ok(Io::Done(n)) if n < spare => break,
-                Ok(Io::Done(_)) => {}
-                Ok(Io::WouldBlock) => break,
-                Ok(Io::Eof) | Err(_) => {
-                    eof = true;
-                    break;
-                }
-            }
-        }
-    }
+            grow
+        });
     shard.metrics().bytes_in.fetch_add((buf.len() - before) as u64, Relaxed);
 
     let mut frames = Frames::new(buf, Limits { max_body });

@@ -219,6 +219,9 @@ pub struct Shard {
     pub enc: Encoder,
     /// Drain buffer for reads (see `SCRATCH_BYTES`); taken while frames borrow it.
     pub scratch: Vec<u8>,
+    /// Frame bytes opened from a secure connection's records, before they are decoded (kept
+    /// between reads up to `SCRATCH_BYTES`).
+    pub plain: Vec<u8>,
     /// Messages waiting to be sent to each executor (this one's included: handled in place).
     outbox: Vec<Vec<Msg>>,
     /// A full inbox kept a batch here: retry at this time (monotonic ms).
@@ -325,6 +328,7 @@ impl Shard {
             logic,
             enc: Encoder::new(),
             scratch: Vec::with_capacity(SCRATCH_BYTES),
+            plain: Vec::new(),
             outbox: (0..shards).map(|_| Vec::new()).collect(),
             outbox_retry_ms: None,
             dirty: Vec::new(),

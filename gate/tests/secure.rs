@@ -157,6 +157,18 @@ impl Raw {
     }
 }
 
+/// The outcome of the first receipt the app-server gets.
+fn first_receipt(ev: &client::AppServerEvents) -> Outcome {
+    let mut outcome = None;
+    collect_events(ev, |e| {
+        if let client::AppServerEvent::Receipt { outcome: o, .. } = e {
+            outcome = Some(*o);
+        }
+        outcome.is_some()
+    });
+    outcome.expect("a receipt")
+}
+
 fn keepalive_frame() -> Vec<u8> {
     let mut enc = Encoder::new();
     let mut out = Vec::new();
@@ -176,14 +188,7 @@ fn handshake_login_keepalive_and_a_push_over_the_channel() {
     let f = app.recv().expect("the delivery");
     assert_eq!(f.delivery().map(|d| d.message_id), Some(70));
     app.ack_push(&f).expect("ack");
-    let mut outcome = None;
-    collect_events(&ev, |e| {
-        if let client::AppServerEvent::Receipt { outcome: o, .. } = e {
-            outcome = Some(*o);
-        }
-        outcome.is_some()
-    });
-    assert_eq!(outcome, Some(Outcome::Delivered));
+    assert_eq!(first_receipt(&ev), Outcome::Delivered);
     assert_eq!(gate.metric("fleetgate_handshakes_total", "kind=\"login\""), 1.0);
 }
 
@@ -332,14 +337,7 @@ fn a_lost_resume_answer_costs_no_push() {
     let f = again.recv().expect("the held push");
     assert_eq!(f.delivery().map(|d| d.message_id), Some(600));
     again.ack_push(&f).expect("ack");
-    let mut outcome = None;
-    collect_events(&ev, |e| {
-        if let client::AppServerEvent::Receipt { outcome: o, .. } = e {
-            outcome = Some(*o);
-        }
-        outcome.is_some()
-    });
-    assert_eq!(outcome, Some(Outcome::Delivered));
+    assert_eq!(first_receipt(&ev), Outcome::Delivered);
 }
 
 #[test]

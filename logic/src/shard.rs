@@ -750,6 +750,61 @@ mod tests {
         Arc::new(PushContent { message_id: id, body: Arc::from(&b"x"[..]), log_id: id, ttl_ms })
     }
 
+    /// A Resume of `uid`'s session `epoch` on `conn` (log-id 2, seq 1).
+    fn resume(uid: u64, epoch: u64, resumes: Option<u32>, conn: ConnRef, secret: Option<[u8; 32]>) -> Input {
+        Input::Resume { uid, epoch, resumes, conn, log_id: 2, seq: 1, resume_secret: secret }
+    }
+
+    /// The secure channel's resumption secret: kept with the session from its login, handed to
+    /// a lookup for the session's own epoch only, replaced by a resume that brings a new one;
+    /// a resume the channel proved current (`resumes: None`) is not held to the token's count,
+    /// so one whose Session answer was lost still works with the older token.
+    #[test]
+    fn the_resumption_secret_lives_with_the_session() {
+        let mut s = shard();
+        let mut out = Vec::new();
+        let login = Input::Login {
+            uid: 1,
+            role: 1,
+            conn: c(1),
+            log_id: 1,
+            seq: 1,
+            wall_ms: 0,
+            resume_secret: Some([7; 32]),
+        };
+        s.handle(login, 0, &mut out);
+        let Output::LoginOk { epoch, .. } = out[0] else { panic!("{out:?}") };
+        let lookup = |s: &mut Shard, epoch: u64| {
+            let mut out = Vec::new();
+            s.handle(Input::ResumeSecret { uid: 1, epoch, conn: c(2) }, 0, &mut out);
+            match out[..] {
+                [Output::ResumeSecret { conn, secret }] if conn == c(2) => secret,
+                _ => panic!("{out:?}"),
+            }
+        };
+        assert_eq!(lookup(&mut s, epoch), Some([7; 32]));
+        assert_eq!(lookup(&mut s, epoch - 1), None, "another epoch's session");
+        out.clear();
+        s.handle(resume(1, epoch, None, c(2), Some([8; 32])), 10, &mut out);
+        assert!(
+            matches!(out[..], [Output::Displaced { .. }, Output::ResumeOk { resumes: 1, .. }, ..]),
+            "{out:?}"
+        );
+        assert_eq!(lookup(&mut s, epoch), Some([8; 32]), "rotated by the resume");
+        // The Session of that resume was lost: the app still holds the token of count 0.
+        out.clear();
+        s.handle(resume(1, epoch, None, c(3), Some([9; 32])), 20, &mut out);
+        assert!(out.iter().any(|o| matches!(o, Output::ResumeOk { resumes: 2, .. })), "{out:?}");
+        // In plaintext the count still rules.
+        out.clear();
+        s.handle(resume(1, epoch, Some(0), c(4), None), 30, &mut out);
+        assert!(matches!(
+            out[0],
+            Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }
+        ));
+        assert_eq!(lookup(&mut s, epoch), Some([9; 32]), "a refused resume changes nothing");
+    }
+
     fn login(s: &mut Shard, uid: u64, conn: ConnRef) {
         let mut out = Vec::new();
         s.handle(
@@ -1003,32 +1058,8 @@ mod tests {
         out.clear();
         // A replayed or stale token is refused; the current one resumes, on another shard too.
         let other = ConnRef { shard: 0, slot: 9, gen: 1 };
-        s.handle(
-            Input::Resume {
-                uid: 1,
-                epoch: epoch - 1,
-                resumes: Some(0),
-                conn: other,
-                log_id: 2,
-                seq: 1,
-                resume_secret: None,
-            },
-            30,
-            &mut out,
-        );
-        s.handle(
-            Input::Resume {
-                uid: 1,
-                epoch,
-                resumes: Some(5),
-                conn: other,
-                log_id: 2,
-                seq: 1,
-                resume_secret: None,
-            },
-            30,
-            &mut out,
-        );
+        s.handle(resume(1, epoch - 1, Some(0), other, None), 30, &mut out);
+        s.handle(resume(1, epoch, Some(5), other, None), 30, &mut out);
         assert!(matches!(
             out[0],
             Output::ResumeRefused { why: crate::directory::ResumeRefused::StaleEpoch, .. }
@@ -1038,36 +1069,12 @@ mod tests {
             Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }
         ));
         out.clear();
-        s.handle(
-            Input::Resume {
-                uid: 1,
-                epoch,
-                resumes: Some(0),
-                conn: other,
-                log_id: 2,
-                seq: 1,
-                resume_secret: None,
-            },
-            30,
-            &mut out,
-        );
+        s.handle(resume(1, epoch, Some(0), other, None), 30, &mut out);
         assert!(matches!(out[0], Output::ResumeOk { resumes: 1, .. }));
         assert_eq!(deliveries(&out), vec![(1, 1, true), (2, 2, false)]);
         out.clear();
         // The same token again is a replay.
-        s.handle(
-            Input::Resume {
-                uid: 1,
-                epoch,
-                resumes: Some(0),
-                conn: c(3),
-                log_id: 2,
-                seq: 1,
-                resume_secret: None,
-            },
-            40,
-            &mut out,
-        );
+        s.handle(resume(1, epoch, Some(0), c(3), None), 40, &mut out);
         assert!(matches!(
             out[0],
             Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }

@@ -59,24 +59,23 @@ impl Secure {
         self.resumed == Some((uid, epoch))
     }
 
-    /// Bytes held while a record is partial or the handshake is under way (for the idle figure).
+    /// True while a record has started and not completed (the read timeout runs).
     pub fn partial(&self) -> bool {
         self.reader.in_record()
     }
 }
 
-/// Bytes arrived on a secure connection: returns the frame bytes they carried (possibly none),
-/// or `None` when the channel failed (the connection is closing; the reason is logged).
-pub fn on_bytes(shard: &mut Shard, me: ConnRef, mut input: &[u8]) -> Option<Vec<u8>> {
+/// Bytes arrived on a secure connection: appends the frame bytes they carried (possibly none)
+/// to `plain`. False when the channel failed (the connection is closing; the reason is logged).
+pub fn on_bytes(shard: &mut Shard, me: ConnRef, mut input: &[u8], plain: &mut Vec<u8>) -> bool {
     let now_ms = crate::net::now_ms();
-    let mut plain = Vec::new();
     let mut lookup = None;
     let result = {
         // Disjoint fields: the connection, the keys and the token secret.
         let Shard { conns, keys, token_secret, all_metrics, id, .. } = shard;
         let m = &all_metrics[*id as usize];
-        let c = conns.get_mut(me.slot as usize).filter(|c| c.gen == me.gen)?;
-        let sec = c.secure.as_deref_mut()?;
+        let Some(c) = conns.get_mut(me.slot as usize).filter(|c| c.gen == me.gen) else { return false };
+        let Some(sec) = c.secure.as_deref_mut() else { return false };
         let mut out = Vec::new();
         let mut result = Ok(());
         // Bounded by the input, which one read bounds: every record consumes its bytes.
@@ -94,10 +93,11 @@ pub fn on_bytes(shard: &mut Shard, me: ConnRef, mut input: &[u8]) -> Option<Vec<
                     break;
                 }
             };
-            match sec.chan.on_record(keys, now_ms, record, &mut plain, &mut out) {
+            let at = plain.len();
+            match sec.chan.on_record(keys, now_ms, record, plain, &mut out) {
                 Ok(ServerEvent::Hello { .. }) => {
                     // The Login waits for the commit; the Accept goes now.
-                    sec.held = std::mem::take(&mut plain);
+                    sec.held = plain.split_off(at);
                     match sec.chan.accept(&[], &mut out) {
                         Ok(secret) => sec.secret = Some(secret),
                         Err(e) => {
@@ -115,21 +115,20 @@ pub fn on_bytes(shard: &mut Shard, me: ConnRef, mut input: &[u8]) -> Option<Vec<
                             break;
                         }
                         Err(_) => {
-                            let why = "the resume id is not a resume token of this gate";
-                            sec.chan.reject(RejectReason::UnknownSession, why, &mut out);
-                            result = Err(ChannelError::Refused(channel::Rejection {
+                            let r = channel::Rejection {
                                 reason: RejectReason::UnknownSession,
                                 message: "the resume id is not a resume token of this gate",
-                            }));
+                            };
+                            sec.chan.reject(r.reason, r.message, &mut out);
+                            result = Err(ChannelError::Refused(r));
                             break;
                         }
                     }
                 }
                 Ok(ServerEvent::Committed) => {
                     // The held Login or Resume goes first, then what the commit record carried.
-                    let mut held = std::mem::take(&mut sec.held);
-                    held.append(&mut plain);
-                    plain = held;
+                    let held = std::mem::take(&mut sec.held);
+                    plain.splice(at..at, held);
                 }
                 Ok(ServerEvent::Data) => {}
                 Err(e) => {
@@ -142,10 +141,13 @@ pub fn on_bytes(shard: &mut Shard, me: ConnRef, mut input: &[u8]) -> Option<Vec<
             // Handshake records go out as they are, ahead of anything sealed after them.
             put_records(c, m, &out);
         }
-        result
+        (result, !out.is_empty())
     };
-    // What the records asked to send (an Accept, a Reject) goes out on this turn's flush.
-    shard.mark_dirty(me);
+    let (result, wrote) = result;
+    if wrote {
+        // What the records asked to send (an Accept, a Reject) goes out on this turn's flush.
+        shard.mark_dirty(me);
+    }
     if let Some(claims) = lookup {
         if let Some(sec) = shard.conn(me).and_then(|c| c.secure.as_deref_mut()) {
             sec.resumed = Some((claims.uid, claims.epoch));
@@ -153,10 +155,10 @@ pub fn on_bytes(shard: &mut Shard, me: ConnRef, mut input: &[u8]) -> Option<Vec<
         shard.to_logic(claims.uid, Input::ResumeSecret { uid: claims.uid, epoch: claims.epoch, conn: me });
     }
     match result {
-        Ok(()) => Some(plain),
+        Ok(()) => true,
         Err(e) => {
             fail(shard, me, &e);
-            None
+            false
         }
     }
 }
@@ -208,20 +210,26 @@ pub fn seal_out(c: &mut Conn) -> isize {
         return 0;
     }
     let before = c.out.len();
-    let plain = c.out.split_off(sec.sealed);
-    if sec.chan.transport().is_some() {
-        if let Err(e) = sec.chan.seal(&plain, &mut c.out) {
+    let sealed = sec.chan.transport().is_some() && {
+        let r = sec.chan.seal_in_place(&mut c.out, sec.sealed);
+        if let Err(e) = &r {
             // Only nonce exhaustion (2^64 records): the connection cannot go on.
             tracing::warn!(error = %e, "secure channel: cannot seal; closing");
             c.life.close(CloseReason::GoAway(GoAwayReason::ProtocolError));
         }
-    } else if c.life.closing.is_some() && sec.sealed == 0 {
-        let why = match c.life.closing {
-            Some(CloseReason::LoginTimeout) => "no handshake within the login timeout",
-            Some(CloseReason::GoAway(GoAwayReason::Shutdown)) => "gate shutting down",
-            _ => "closed before a handshake completed",
-        };
-        sec.chan.reject(RejectReason::BadHandshake, why, &mut c.out);
+        r.is_ok()
+    };
+    if !sealed {
+        // Plaintext never goes out on a secure connection.
+        c.out.truncate(sec.sealed);
+        if c.life.closing.is_some() && sec.sealed == 0 && sec.chan.transport().is_none() {
+            let why = match c.life.closing {
+                Some(CloseReason::LoginTimeout) => "no handshake within the login timeout",
+                Some(CloseReason::GoAway(GoAwayReason::Shutdown)) => "gate shutting down",
+                _ => "closed before a handshake completed",
+            };
+            sec.chan.reject(RejectReason::BadHandshake, why, &mut c.out);
+        }
     }
     sec.sealed = c.out.len();
     c.out.len() as isize - before as isize
