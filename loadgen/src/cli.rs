@@ -41,12 +41,15 @@ same drivers and rates, for side-by-side figures (perf's `bench` does this). Dri
 gps/# (gps.>) plays the app-server; a push to N drivers is N pipelined publishes with a
 timestamp in the payload. The ceiling only takes GPS frames. Peers give no receipts, so there
 is no audit; the report's `gate` section describes the server at --gate, whatever it is.
+With --tls-ca CA.pem, every MQTT connection speaks TLS 1.3 verified against that CA, for a
+broker's TLS listener (mosquitto with cafile, certfile and keyfile).
 
 Examples:
   loadgen gps --cores 1 --drivers 1000 --rate 100 --duration 10 --json
   loadgen push --drivers 2000 --fanout 1000 --push-rate 5 --duration 10
   loadgen idle --drivers 5000 --duration 30
   loadgen gps --target nats --gate 127.0.0.1:4222 --drivers 1000 --rate 100 --duration 10
+  loadgen gps --target mqtt --gate 127.0.0.1:8883 --tls-ca ca.pem --drivers 1000 --rate 3
   loadgen storm --drivers 15000 --storm-percent 100 --duration 20
   loadgen mixed --drivers 200 --passengers 50 --disconnect-rate 5 --duration 30
   loadgen appserver --dispatch-k 5
@@ -290,6 +293,14 @@ pub struct TargetArg {
     /// subscriber as the app-server; e.g. `--target mqtt --gate 127.0.0.1:1883`
     #[arg(long, value_enum, default_value = "gate", value_name = "SERVER", help_heading = CONNECT)]
     pub target: Target,
+
+    /// With `--target mqtt`: the PEM file of the CA that signed the broker's certificate.
+    /// Every MQTT connection (drivers, and the app-server's subscriber and publisher) then
+    /// speaks TLS 1.3 (rustls), the handshake counted as part of connecting; the certificate
+    /// must be valid for --gate's IP address (an IP subjectAltName). The report says
+    /// `"tls": true`; e.g. `--target mqtt --gate 127.0.0.1:8883 --tls-ca ca.pem`
+    #[arg(long, value_name = "PATH", help_heading = CONNECT)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// `loadgen gps`.
@@ -453,12 +464,14 @@ impl Cli {
             Command::Gps(a) => {
                 let mut p = base(Scenario::Gps, &a.common)?;
                 p.target = a.target.target;
+                p.tls_ca = a.target.tls_ca.clone();
                 fleet(&mut p, &a.fleet, 1000, 0)?;
                 (p, &a.common)
             }
             Command::Push(a) => {
                 let mut p = base(Scenario::Push, &a.common)?;
                 p.target = a.target.target;
+                p.tls_ca = a.target.tls_ca.clone();
                 fleet(&mut p, &a.fleet, 2000, 0)?;
                 pushes(&mut p, &a.pushes, 5.0);
                 (p, &a.common)
@@ -466,6 +479,7 @@ impl Cli {
             Command::Idle(a) => {
                 let mut p = base(Scenario::Idle, &a.common)?;
                 p.target = a.target.target;
+                p.tls_ca = a.target.tls_ca.clone();
                 p.drivers = a.drivers;
                 p.passengers = a.passengers;
                 p.rate = 0.0;
@@ -731,5 +745,29 @@ mod tests {
         assert_eq!((plan.drivers, plan.rate, plan.appserver), (20, 0.0, false));
         let cli = Cli::try_parse_from(["loadgen", "gps", "--cores", "0", "--batch", "0"]).expect("parse");
         assert!(cli.job().is_err(), "a batch of 0 points is refused");
+    }
+
+    #[test]
+    fn tls_ca_is_for_the_mqtt_target_only() {
+        let job = |args: &[&str]| {
+            let mut all = vec!["loadgen"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).expect("parse").job()
+        };
+        let Ok(Job::Fleet { plan, .. }) =
+            job(&["push", "--cores", "0", "--target", "mqtt", "--tls-ca", "ca.pem"])
+        else {
+            panic!("mqtt takes --tls-ca")
+        };
+        assert_eq!(plan.tls_ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+        for target in ["gate", "nats", "ceiling"] {
+            let e =
+                job(&["gps", "--cores", "0", "--target", target, "--tls-ca", "ca.pem"]).expect_err("refused");
+            assert!(e.contains("--tls-ca is for --target mqtt only") && e.contains(target), "{e}");
+        }
+        let Ok(Job::Fleet { plan, .. }) = job(&["idle", "--cores", "0", "--target", "mqtt"]) else {
+            panic!("idle on mqtt")
+        };
+        assert_eq!(plan.tls_ca, None, "plain TCP unless asked");
     }
 }

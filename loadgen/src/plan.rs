@@ -2,6 +2,7 @@
 //! (`cli`) or built directly by a benchmark (`perf` calls `loadgen::run` with a `Plan`).
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The gate's built-in development secret, for tokens and the sidecar hello alike.
@@ -118,6 +119,9 @@ pub struct Plan {
     /// The gate's public key: apps speak the secure channel (docs/PROTOCOL.md §14); none:
     /// plaintext frames.
     pub server_key: Option<channel::PublicKey>,
+    /// With `Target::Mqtt`: the PEM file of the CA that signed the broker's certificate, and
+    /// every MQTT connection speaks TLS 1.3 (see [`crate::peers::tls`]); none: plain TCP.
+    pub tls_ca: Option<PathBuf>,
     /// CPU cores, one pinned executor each; simulated apps are spread over them.
     pub cores: Vec<usize>,
     /// Local addresses connections are spread over (empty: the kernel picks).
@@ -182,6 +186,7 @@ impl Default for Plan {
             token_secret: DEV_SECRET.as_bytes().to_vec(),
             sidecar_secret: DEV_SECRET.as_bytes().to_vec(),
             server_key: Some(*channel::Keypair::dev().public()),
+            tls_ca: None,
             cores: vec![0],
             source_ips: Vec::new(),
             duration: Duration::from_secs(15),
@@ -316,6 +321,13 @@ impl Plan {
         }
         if self.push_rate > 0.0 && !self.appserver {
             return Err("pushes need the app-server; drop --no-appserver".into());
+        }
+        if self.tls_ca.is_some() && self.target != Target::Mqtt {
+            return Err(format!(
+                "--tls-ca is for --target mqtt only, not --target {} (the gate's apps speak its own \
+                 secure channel: --server-key)",
+                self.target.name()
+            ));
         }
         if self.target != Target::Gate {
             self.validate_peer()?;

@@ -356,6 +356,14 @@ pub struct AppServerReport {
 pub struct Report {
     /// The scenario.
     pub scenario: Scenario,
+    /// The server driven (`--target`): `gate`, `mqtt`, `nats` or `ceiling` (empty in a report
+    /// written before loadgen said it).
+    #[serde(default)]
+    pub target: String,
+    /// The target's connections spoke TLS (`--tls-ca`, MQTT only). The gate's own secure
+    /// channel is `handshake.secure`.
+    #[serde(default)]
+    pub tls: bool,
     /// The audit is clean: no push lost or shown twice.
     pub ok: bool,
     /// Length of the measured window, s.
@@ -445,9 +453,14 @@ impl Report {
     pub fn table(&self, h: &Hists) -> String {
         let mut s = String::new();
         let r = self;
+        let against = match (r.target.as_str(), r.tls) {
+            ("" | "gate", _) => String::new(),
+            (t, false) => format!(" against {t}"),
+            (t, true) => format!(" against {t} over TLS"),
+        };
         let _ = writeln!(
             s,
-            "loadgen {}: {:.1} s window, {} drivers, {} passengers, cores {:?}, ramp {:.1} s",
+            "loadgen {}{against}: {:.1} s window, {} drivers, {} passengers, cores {:?}, ramp {:.1} s",
             r.scenario.name(),
             r.window_s,
             r.connections.drivers,
@@ -780,6 +793,8 @@ mod tests {
             "/gate/rss_bytes",
             "/loadgen/cpu_s",
             "/errors",
+            "/target",
+            "/tls",
         ] {
             assert!(v.pointer(path).is_some(), "missing {path}");
         }

@@ -287,7 +287,12 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let shown: Vec<audit::Shown> = results.into_iter().map(|r| r.shown).collect();
     let total_counters = w.counters();
 
-    let mut rep = Report { scenario: plan.scenario, window_s: window.as_secs_f64(), ..Report::default() };
+    let mut rep = Report {
+        scenario: plan.scenario,
+        target: plan.target.name().to_owned(),
+        window_s: window.as_secs_f64(),
+        ..Report::default()
+    };
     let win = c1.since(&c0);
     let secs = window.as_secs_f64().max(1e-9);
     rep.connections = report::Connections {

@@ -1,8 +1,10 @@
 //! The app-server's side against a peer, on blocking sockets and threads of its own (like the
 //! gate's app-server in [`crate::appserver`]): one subscriber to every driver's GPS that counts
 //! points, and for push scenarios one publisher that pushes to random drivers at the plan's
-//! rate, one publish per driver topic, all of a push pipelined in one write.
+//! rate, one publish per driver topic, all of a push pipelined in one write. With TLS
+//! (`--tls-ca`) both connections speak it as the drivers do (see [`super::tls`]).
 
+use super::tls::{Tls, TlsClient};
 use super::wire::PeerConn;
 use super::{mqtt, nats, Proto, KEEPALIVE};
 use rand::{Rng, SeedableRng};
@@ -39,6 +41,8 @@ pub struct Config {
     pub payload_bytes: usize,
     /// The driver uids pushes pick from: `first..first+count`.
     pub drivers: (u64, u32),
+    /// TLS for both connections (`--tls-ca`), or none.
+    pub tls: Option<TlsClient>,
 }
 
 /// Counters, readable while it runs.
@@ -91,24 +95,60 @@ pub struct PeerAppServer {
 struct Link {
     stream: TcpStream,
     peer: PeerConn,
+    /// Plaintext read and not yet used (an incomplete packet), in `buf[..filled]`.
     buf: Vec<u8>,
     filled: usize,
+    /// Plaintext to send.
     out: Vec<u8>,
+    /// With TLS: the connection's TLS, ciphertext just read, and records to send.
+    tls: Option<TlsLink>,
+}
+
+/// The TLS side of a [`Link`].
+struct TlsLink {
+    tls: Tls,
+    /// Ciphertext of one read.
+    read: Vec<u8>,
+    /// Plaintext decrypted from it.
+    plain: Vec<u8>,
+    /// Records to send.
+    wire: Vec<u8>,
+}
+
+/// A TLS failure as an I/O error that says so.
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
 }
 
 impl Link {
-    /// Connects and completes the handshake (subscribing to `subscribe`).
-    fn open(addr: SocketAddr, proto: Proto, name: String, subscribe: Option<Vec<u8>>) -> io::Result<Link> {
+    /// Connects and completes the handshake (TLS first, with `tls`; subscribing to
+    /// `subscribe`).
+    fn open(
+        addr: SocketAddr,
+        proto: Proto,
+        name: String,
+        subscribe: Option<Vec<u8>>,
+        tls: Option<&TlsClient>,
+    ) -> io::Result<Link> {
         let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(READ_TICK))?;
         stream.set_write_timeout(Some(TIMEOUT))?;
+        let tls = match tls {
+            None => None,
+            Some(client) => {
+                let mut wire = Vec::new();
+                let tls = client.start(&mut wire).map_err(tls_error)?;
+                Some(TlsLink { tls, read: vec![0; 16 * 1024], plain: Vec::new(), wire })
+            }
+        };
         let mut link = Link {
             stream,
             peer: PeerConn::new(proto, name, subscribe),
             buf: vec![0; READ_BUF],
             filled: 0,
             out: Vec::new(),
+            tls,
         };
         link.peer.start(&mut link.out);
         link.flush()?;
@@ -122,33 +162,76 @@ impl Link {
         Ok(link)
     }
 
+    /// Sends `out` (with TLS: encrypted, with whatever TLS itself has to send).
     fn flush(&mut self) -> io::Result<()> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out)?;
-            self.out.clear();
-        }
-        Ok(())
+        let out = std::mem::take(&mut self.out);
+        let r = self.send(&out);
+        self.out = out;
+        self.out.clear();
+        r
+    }
+
+    /// Sends `bytes` of the protocol (with TLS: encrypted).
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let Some(t) = &mut self.tls else {
+            return if bytes.is_empty() { Ok(()) } else { self.stream.write_all(bytes) };
+        };
+        t.tls.write(bytes, &mut t.wire);
+        let r = if t.wire.is_empty() { Ok(()) } else { self.stream.write_all(&t.wire) };
+        t.wire.clear();
+        r
     }
 
     /// One read (waiting at most `READ_TICK`, or not at all if `nonblocking`), every whole
     /// packet handled, answers written.
-    fn pump(&mut self, nonblocking: bool, mut on_msg: impl FnMut(&[u8], &[u8])) -> io::Result<()> {
+    fn pump(&mut self, nonblocking: bool, on_msg: impl FnMut(&[u8], &[u8])) -> io::Result<()> {
+        let Some(t) = &mut self.tls else {
+            let n = Self::recv(&self.stream, &mut self.buf[self.filled..], nonblocking)?;
+            return self.take(n, on_msg);
+        };
+        let n = Self::recv(&self.stream, &mut t.read, nonblocking)?;
+        if n == 0 {
+            return Ok(());
+        }
+        t.plain.clear();
+        let r = t.tls.read(&t.read[..n], &mut t.plain, &mut t.wire);
+        if !t.wire.is_empty() {
+            // The handshake's next flight, or the alert that tells the server why (best
+            // effort: the TLS failure is the error to report).
+            let w = self.stream.write_all(&t.wire);
+            t.wire.clear();
+            if r.is_ok() {
+                w?;
+            }
+        }
+        r.map_err(tls_error)?;
+        let n = t.plain.len();
         let free = &mut self.buf[self.filled..];
+        if n > free.len() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "packet larger than the read buffer"));
+        }
+        free[..n].copy_from_slice(&t.plain);
+        self.take(n, on_msg)
+    }
+
+    /// One read from the socket into `free`: the bytes read, 0 if none came in time (or at
+    /// once, if `nonblocking`); the end of the stream is an error.
+    fn recv(stream: &TcpStream, free: &mut [u8], nonblocking: bool) -> io::Result<usize> {
         let n = if nonblocking {
             // SAFETY: `free` is valid for writes of its length; the fd is this link's socket.
             let n = unsafe {
-                libc::recv(self.stream.as_raw_fd(), free.as_mut_ptr().cast(), free.len(), libc::MSG_DONTWAIT)
+                libc::recv(stream.as_raw_fd(), free.as_mut_ptr().cast(), free.len(), libc::MSG_DONTWAIT)
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 return match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(()),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
                     _ => Err(e),
                 };
             }
             n as usize
         } else {
-            match self.stream.read(free) {
+            match (&*stream).read(free) {
                 Ok(n) => n,
                 Err(e)
                     if matches!(
@@ -156,13 +239,22 @@ impl Link {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
                     ) =>
                 {
-                    return Ok(())
+                    return Ok(0)
                 }
                 Err(e) => return Err(e),
             }
         };
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection"));
+        }
+        Ok(n)
+    }
+
+    /// `n` more plaintext bytes are in `buf[filled..]`: handles every whole packet, keeps the
+    /// rest, writes the answers.
+    fn take(&mut self, n: usize, mut on_msg: impl FnMut(&[u8], &[u8])) -> io::Result<()> {
+        if n == 0 {
+            return Ok(());
         }
         self.filled += n;
         let used = self
@@ -191,6 +283,7 @@ impl PeerAppServer {
             cfg.proto,
             format!("fg-appserver-sub-{pid}"),
             Some(cfg.proto.gps_filter().to_vec()),
+            cfg.tls.as_ref(),
         )?;
         let subscriber = {
             let shared = shared.clone();
@@ -199,7 +292,8 @@ impl PeerAppServer {
                 .spawn(move || subscriber_loop(sub, &shared))?
         };
         let pusher = if cfg.push_rate > 0.0 && cfg.fanout > 0 {
-            let link = Link::open(cfg.addr, cfg.proto, format!("fg-appserver-pub-{pid}"), None)?;
+            let link =
+                Link::open(cfg.addr, cfg.proto, format!("fg-appserver-pub-{pid}"), None, cfg.tls.as_ref())?;
             let shared = shared.clone();
             Some(
                 thread::Builder::new()
@@ -312,11 +406,11 @@ fn pusher_loop(mut link: Link, shared: &Shared, cfg: &Config) {
                 Proto::Ceiling => {}
             }
             if buf.len() >= MAX_WRITE {
-                written = written.and_then(|_| link.stream.write_all(&buf));
+                written = written.and_then(|_| link.send(&buf));
                 buf.clear();
             }
         }
-        written = written.and_then(|_| link.stream.write_all(&buf));
+        written = written.and_then(|_| link.send(&buf));
         buf.clear();
         // Answer whatever the server sent meanwhile (NATS pings) without waiting.
         let r = written.and_then(|_| link.pump(true, |_, _| {}));

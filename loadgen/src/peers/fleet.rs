@@ -5,7 +5,14 @@
 //! reports GPS at its rate and pings when otherwise silent for [`KEEPALIVE`]. Bytes from the
 //! server go through [`PeerConn`] (a packet split across reads is kept in a `Vec` only until it
 //! is whole); pushes are counted and timed where they arrive.
+//!
+//! With TLS (`--tls-ca`, MQTT only) each connection has its own [`Tls`]: what the loop reads is
+//! ciphertext, decrypted into a plaintext buffer of the loop before the protocol sees it, and
+//! what the protocol writes goes to another buffer of the loop and is encrypted into the loop's
+//! `out`. The handshake starts as the TCP connection comes up; CONNECT and SUBSCRIBE wait
+//! inside rustls until it is done, so a driver is up at its SUBACK as without TLS.
 
+use super::tls::{Tls, TlsClient};
 use super::wire::{PeerConn, PeerError};
 use super::{mqtt, nats, Proto, GPS_POINT_BYTES, KEEPALIVE};
 use crate::engine::driver::{gps_interval, is_late, CENTER};
@@ -17,7 +24,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use schema::wire::GpsPoint;
 use schema::Encoder;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -51,6 +58,14 @@ struct Exec {
     hists: RefCell<Hists>,
     /// Jitter.
     rng: RefCell<SmallRng>,
+    /// TLS for every connection (`--tls-ca`), or none.
+    tls: Option<TlsClient>,
+    /// With TLS: plaintext decrypted from one read.
+    tls_in: RefCell<Vec<u8>>,
+    /// With TLS: plaintext written by one callback, before it is encrypted.
+    tls_out: RefCell<Vec<u8>>,
+    /// A TLS failure was printed already (once per loop is enough to say why).
+    tls_said: Cell<bool>,
 }
 
 impl Exec {
@@ -61,6 +76,37 @@ impl Exec {
     fn rand(&self, range: std::ops::Range<f64>) -> f64 {
         self.rng.borrow_mut().random_range(range)
     }
+
+    /// Counts a TLS failure (in the handshake: a failed connect; after it: a protocol error)
+    /// and says why on stderr, once per loop.
+    fn tls_failed(&self, in_handshake: bool, e: &rustls::Error) {
+        let c = &self.stats().c;
+        if in_handshake {
+            c.err_connect.fetch_add(1, Relaxed);
+        } else {
+            c.err_protocol.fetch_add(1, Relaxed);
+        }
+        if !self.tls_said.replace(true) {
+            let when = if in_handshake { "handshake" } else { "connection" };
+            eprintln!(
+                "loadgen: TLS {when} with {} failed: {e} (counted in errors; further failures on core {} are not printed)",
+                self.plan.gate, self.id
+            );
+        }
+    }
+}
+
+/// Runs `write` with the buffer a connection's protocol bytes go to: `out` itself, or with TLS
+/// the loop's plaintext buffer, encrypted into `out` afterwards.
+fn emit<R>(tls: &mut Option<Tls>, ex: &Exec, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    let Some(tls) = tls else { return write(out) };
+    let mut plain = ex.tls_out.borrow_mut();
+    plain.clear();
+    let r = write(&mut plain);
+    if !plain.is_empty() {
+        tls.write(&plain, out);
+    }
+    r
 }
 
 /// The running loops.
@@ -85,6 +131,7 @@ impl Fleet {
 pub fn start(
     plan: Arc<Plan>,
     proto: Proto,
+    tls: Option<TlsClient>,
     control: Arc<Control>,
     stats: Arc<Vec<ExecStats>>,
 ) -> Result<Fleet, String> {
@@ -93,7 +140,7 @@ pub fn start(
     for (id, &cpu) in plan.cores.iter().enumerate() {
         let uids: Vec<u64> =
             (id..plan.drivers as usize).step_by(n).map(|i| plan.driver_uid(i as u32)).collect();
-        let (plan, control, stats) = (plan.clone(), control.clone(), stats.clone());
+        let (plan, control, stats, tls) = (plan.clone(), control.clone(), stats.clone(), tls.clone());
         let h = std::thread::Builder::new()
             .name(format!("loadgen-peer-{id}"))
             .spawn(move || {
@@ -108,6 +155,10 @@ pub fn start(
                     enc: RefCell::new(Encoder::new()),
                     hists: RefCell::new(Hists::default()),
                     rng: RefCell::new(SmallRng::from_os_rng()),
+                    tls,
+                    tls_in: RefCell::new(Vec::new()),
+                    tls_out: RefCell::new(Vec::new()),
+                    tls_said: Cell::new(false),
                 };
                 run_loop(&ex, &uids);
                 ex.hists.take()
@@ -161,6 +212,8 @@ struct Driver {
     failures: u32,
     /// The current connection's protocol state.
     peer: Option<PeerConn>,
+    /// The current connection's TLS (with `--tls-ca`).
+    tls: Option<Tls>,
     /// The handshake is done on the current connection.
     live: bool,
     /// When the handshake must be done by.
@@ -188,6 +241,7 @@ impl Driver {
             first: true,
             failures: 0,
             peer: None,
+            tls: None,
             live: false,
             handshake_deadline: born,
             last_tx: born,
@@ -245,58 +299,12 @@ impl Driver {
             self.last_tx = now;
         }
     }
-}
 
-/// True while GPS should flow (ramp and window, as with the gate).
-fn sending(ex: &Exec) -> bool {
-    ex.control.phase() <= Phase::Run
-}
-
-impl Client for Driver {
-    type Shared = Exec;
-
-    fn addr(&self, ex: &Exec) -> (SocketAddr, Option<IpAddr>) {
-        (ex.plan.gate, None)
-    }
-
-    fn live(&self) -> bool {
-        self.live
-    }
-
-    fn on_connecting(&mut self, now: Instant) {
-        self.born.get_or_insert(now);
-    }
-
-    fn on_connected(&mut self, ex: &Exec, now: Instant, out: &mut Vec<u8>) -> Flow {
-        let uid = self.gps.uid;
-        let subscribe = (ex.proto != Proto::Ceiling).then(|| ex.proto.push_topic(uid));
-        let mut peer = PeerConn::new(ex.proto, format!("fg-d{uid}"), subscribe);
-        peer.start(out);
-        self.live = false;
-        self.failed = false;
-        self.partial = Vec::new();
-        self.handshake_deadline = now + HANDSHAKE_TIMEOUT;
-        self.last_tx = now;
-        if peer.ready() {
-            self.peer = Some(peer);
-            self.up(ex, now);
-        } else {
-            self.peer = Some(peer);
-        }
-        Flow::Go
-    }
-
-    fn read_buf<'a>(&'a mut self, scratch: &'a mut [u8]) -> &'a mut [u8] {
-        scratch
-    }
-
-    /// Handles bytes from the server: answers (NATS PONG) are written, pushes counted and
+    /// Handles plaintext from the server: answers (NATS PONG) are written, pushes counted and
     /// timed, and a packet split across reads waits in `partial`.
-    fn on_read(&mut self, ex: &Exec, n: usize, scratch: &[u8], now: Instant, out: &mut Vec<u8>) -> Flow {
+    fn on_plain(&mut self, ex: &Exec, data: &[u8], now: Instant, out: &mut Vec<u8>) -> Flow {
         let c = &ex.stats().c;
-        c.frames_in.fetch_add(1, Relaxed);
         let Some(peer) = self.peer.as_mut() else { return Flow::End };
-        let data = &scratch[..n];
         let now_us = crate::appserver::now_us();
         let mut received = 0u64;
         let fed = {
@@ -334,7 +342,90 @@ impl Client for Driver {
         }
         Flow::Go
     }
+}
 
+/// True while GPS should flow (ramp and window, as with the gate).
+fn sending(ex: &Exec) -> bool {
+    ex.control.phase() <= Phase::Run
+}
+
+impl Client for Driver {
+    type Shared = Exec;
+
+    fn addr(&self, ex: &Exec) -> (SocketAddr, Option<IpAddr>) {
+        (ex.plan.gate, None)
+    }
+
+    fn live(&self) -> bool {
+        self.live
+    }
+
+    fn on_connecting(&mut self, now: Instant) {
+        self.born.get_or_insert(now);
+    }
+
+    fn on_connected(&mut self, ex: &Exec, now: Instant, out: &mut Vec<u8>) -> Flow {
+        let uid = self.gps.uid;
+        self.live = false;
+        self.failed = false;
+        self.partial = Vec::new();
+        self.handshake_deadline = now + HANDSHAKE_TIMEOUT;
+        self.last_tx = now;
+        self.tls = match &ex.tls {
+            None => None,
+            Some(client) => match client.start(out) {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    ex.tls_failed(true, &e);
+                    self.failed = true;
+                    return Flow::End;
+                }
+            },
+        };
+        let subscribe = (ex.proto != Proto::Ceiling).then(|| ex.proto.push_topic(uid));
+        let mut peer = PeerConn::new(ex.proto, format!("fg-d{uid}"), subscribe);
+        emit(&mut self.tls, ex, out, |o| peer.start(o));
+        if peer.ready() {
+            self.peer = Some(peer);
+            self.up(ex, now);
+        } else {
+            self.peer = Some(peer);
+        }
+        Flow::Go
+    }
+
+    fn read_buf<'a>(&'a mut self, scratch: &'a mut [u8]) -> &'a mut [u8] {
+        scratch
+    }
+
+    /// Handles bytes from the server (with TLS: decrypted first), see [`Driver::on_plain`].
+    fn on_read(&mut self, ex: &Exec, n: usize, scratch: &[u8], now: Instant, out: &mut Vec<u8>) -> Flow {
+        ex.stats().c.frames_in.fetch_add(1, Relaxed);
+        let data = &scratch[..n];
+        let Some(mut tls) = self.tls.take() else { return self.on_plain(ex, data, now, out) };
+        let mut plain = ex.tls_in.borrow_mut();
+        plain.clear();
+        let in_handshake = tls.handshaking();
+        let flow = match tls.read(data, &mut plain, out) {
+            Err(e) => {
+                ex.tls_failed(in_handshake, &e);
+                self.failed = true;
+                Flow::End
+            }
+            Ok(()) if plain.is_empty() => Flow::Go,
+            Ok(()) => {
+                let mut answer = ex.tls_out.borrow_mut();
+                answer.clear();
+                let flow = self.on_plain(ex, &plain, now, &mut answer);
+                if !answer.is_empty() {
+                    tls.write(&answer, out);
+                }
+                flow
+            }
+        };
+        self.tls = Some(tls);
+        flow
+    }
     fn on_due(&mut self, ex: &Exec, now: Instant, out: &mut Vec<u8>) -> Flow {
         if !self.live {
             if now >= self.handshake_deadline {
@@ -344,7 +435,9 @@ impl Client for Driver {
             }
             return Flow::Go;
         }
-        self.send_due(ex, now, out);
+        let mut tls = self.tls.take();
+        emit(&mut tls, ex, out, |o| self.send_due(ex, now, o));
+        self.tls = tls;
         Flow::Go
     }
 
@@ -363,9 +456,12 @@ impl Client for Driver {
         })
     }
 
-    fn on_stop(&mut self, _ex: &Exec, _now: Instant, out: &mut Vec<u8>) {
+    fn on_stop(&mut self, ex: &Exec, _now: Instant, out: &mut Vec<u8>) {
         if let Some(peer) = &self.peer {
-            peer.goodbye(out);
+            emit(&mut self.tls, ex, out, |o| peer.goodbye(o));
+        }
+        if let Some(tls) = &mut self.tls {
+            tls.close(out);
         }
     }
 
@@ -397,6 +493,7 @@ impl Client for Driver {
             ex.stats().g.live.fetch_sub(1, Relaxed);
         }
         self.peer = None;
+        self.tls = None;
         self.partial = Vec::new();
         if how == Ended::Stop {
             return None;

@@ -13,6 +13,10 @@
 //!   latency are counted where the drivers receive them.
 //! - [`mqtt`] and [`nats`] are the codecs (MQTT 3.1.1 at QoS 0; NATS core), [`wire`] the
 //!   handshake both sides share.
+//! - With `--tls-ca` (MQTT only) every connection, drivers and app-server alike, speaks TLS 1.3
+//!   ([`tls`]): the same MQTT bytes inside it, the handshake part of connecting. The run starts
+//!   with one handshake on its own, so a certificate the CA did not sign fails it at once with
+//!   rustls's reason; the report says `"tls": true`.
 //!
 //! The report is loadgen's [`Report`]: its `gate` section describes the server at `--gate`,
 //! whatever it is. Neither MQTT at QoS 0 nor NATS core gives receipts, so there is no audit:
@@ -22,6 +26,7 @@ pub mod appserver;
 pub mod fleet;
 pub mod mqtt;
 pub mod nats;
+pub mod tls;
 pub mod wire;
 
 use crate::engine::stats::{ExecStats, Snapshot};
@@ -229,6 +234,23 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let cpu_start = procstat::self_cpu_s();
     TcpStream::connect_timeout(&plan.gate, Duration::from_secs(3))
         .map_err(|e| RunError::Engine(format!("no {} server at {}: {e}", plan.target.name(), plan.gate)))?;
+    let tls = match &plan.tls_ca {
+        None => None,
+        Some(ca) => {
+            let client = tls::TlsClient::new(ca, plan.gate).map_err(RunError::Plan)?;
+            tls::handshake(&client, plan.gate, Duration::from_secs(10)).map_err(|e| {
+                RunError::Engine(format!(
+                    "TLS handshake with the {} server at {} failed: {e} (--tls-ca {} must be the CA \
+                     that signed its certificate, issued for {})",
+                    plan.target.name(),
+                    plan.gate,
+                    ca.display(),
+                    plan.gate.ip()
+                ))
+            })?;
+            Some(client)
+        }
+    };
     let server_pid = plan.gate_pid.or_else(|| procstat::find_listener_pid(plan.gate.port()));
     let before = server_pid.and_then(procstat::sample);
 
@@ -241,6 +263,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
             fanout: plan.fanout.min(plan.drivers),
             payload_bytes: plan.payload_bytes as usize,
             drivers: (plan.uid_base, plan.drivers),
+            tls: tls.clone(),
         };
         Some(appserver::PeerAppServer::start(cfg).map_err(|e| {
             RunError::Engine(format!(
@@ -255,7 +278,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let control = Arc::new(Control::default());
     let stats: Arc<Vec<ExecStats>> = Arc::new((0..plan.cores.len()).map(|_| ExecStats::default()).collect());
     let fleet =
-        fleet::start(plan.clone(), proto, control.clone(), stats.clone()).map_err(RunError::Engine)?;
+        fleet::start(plan.clone(), proto, tls, control.clone(), stats.clone()).map_err(RunError::Engine)?;
 
     let mut w = Watch {
         plan: &plan,
@@ -323,7 +346,13 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let server_out = server.map(appserver::PeerAppServer::finish);
     let total_counters = stats.iter().fold(Snapshot::default(), |acc, s| acc.add(&s.c.snapshot()));
 
-    let mut rep = Report { scenario: plan.scenario, window_s: window.as_secs_f64(), ..Report::default() };
+    let mut rep = Report {
+        scenario: plan.scenario,
+        target: plan.target.name().to_owned(),
+        tls: plan.tls_ca.is_some(),
+        window_s: window.as_secs_f64(),
+        ..Report::default()
+    };
     let win = c1.since(&c0);
     let secs = window.as_secs_f64().max(1e-9);
     rep.connections = report::Connections {
@@ -335,6 +364,8 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
         logins: total_counters.logins,
         login_latency_us: Latency::of(&hists.login),
     };
+    // Connect → subscribed (with TLS its handshake included), as the gate's runs report it.
+    rep.handshake = report::Handshake { secure: false, latency_us: Latency::of(&hists.login) };
     rep.gps = report::Gps {
         sent: win.gps_points,
         frames: win.gps_frames,
