@@ -272,6 +272,21 @@ impl Link {
     }
 }
 
+impl Drop for Link {
+    /// Says goodbye where the protocol has one (MQTT DISCONNECT; with TLS, close_notify), best
+    /// effort and without waiting for a full socket, so the broker sees a clean end.
+    fn drop(&mut self) {
+        let _ = self.stream.set_nonblocking(true);
+        self.out.clear();
+        self.peer.goodbye(&mut self.out);
+        let _ = self.flush();
+        if let Some(t) = &mut self.tls {
+            t.tls.close(&mut t.wire);
+            let _ = self.stream.write_all(&t.wire);
+        }
+    }
+}
+
 impl PeerAppServer {
     /// Connects the subscriber (and the publisher, for pushes) and starts their threads. The
     /// subscription is in place when this returns, so GPS from the first driver on is counted.
