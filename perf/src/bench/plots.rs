@@ -16,7 +16,9 @@ const SIZE: (u32, u32) = (900, 500);
 fn colour(t: Target) -> RGBColor {
     match t {
         Target::Gate => RGBColor(0xD6, 0x27, 0x28),
+        Target::GateSecure => RGBColor(0x8C, 0x1A, 0x1B),
         Target::Mosquitto => RGBColor(0x1F, 0x77, 0xB4),
+        Target::MosquittoTls => RGBColor(0x0E, 0x3F, 0x66),
         Target::Rumqttd => RGBColor(0xFF, 0x7F, 0x0E),
         Target::NatsServer => RGBColor(0x2C, 0xA0, 0x2C),
         Target::Ceiling => RGBColor(0x7F, 0x7F, 0x7F),

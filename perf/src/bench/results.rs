@@ -162,6 +162,21 @@ pub struct StormFigures {
     pub loadgen_core_share_during: Option<f64>,
     /// The gate's share of its core over the same time.
     pub gate_core_share_during: Option<f64>,
+    /// The apps spoke the secure channel (a Noise handshake per login).
+    pub secure: bool,
+    /// First logins per second over the ramp (each a handshake on the secure channel), at
+    /// the pace loadgen opens them (at most 512 handshakes open).
+    pub logins_per_s: Option<f64>,
+    /// Connect → Session answer of each first login, µs.
+    pub handshake_p50_us: Option<u64>,
+    /// See `handshake_p50_us`.
+    pub handshake_p99_us: Option<u64>,
+    /// Gate CPU over the ramp ÷ sessions logged in (scheduler ns): a handshake and a login
+    /// each, TCP setup included.
+    pub cpu_us_per_handshake: Option<f64>,
+    /// Gate CPU from the drop until all were back ÷ sessions back: a resume each, TCP setup
+    /// included.
+    pub cpu_us_per_resume: Option<f64>,
 }
 
 /// loadgen's own load.
@@ -493,6 +508,13 @@ pub fn from_report(spec: &RunSpec, r: &Report, raw: Value, x: &Extras) -> RunRes
             cpu_us_per_session: cpu_s.filter(|_| back > 0).map(|c| c * 1e6 / back as f64),
             loadgen_core_share_during: x.storm_shares.map(|s| s.0),
             gate_core_share_during: x.storm_shares.map(|s| s.1),
+            secure: r.handshake.secure,
+            logins_per_s: (r.connections.ramp_s > 0.0 && r.connections.logins > 0)
+                .then(|| r.connections.logins as f64 / r.connections.ramp_s),
+            handshake_p50_us: (r.handshake.latency_us.count > 0).then_some(r.handshake.latency_us.p50),
+            handshake_p99_us: (r.handshake.latency_us.count > 0).then_some(r.handshake.latency_us.p99),
+            cpu_us_per_handshake: r.gate.cpu_us_per_handshake,
+            cpu_us_per_resume: r.gate.cpu_us_per_resume,
         });
         // What matters in a storm is whether loadgen kept up while sessions came back.
         if let Some((l, _)) = x.storm_shares {
@@ -580,11 +602,16 @@ pub enum Metric {
     RestartLoss,
     /// Server CPU with no connection, % of a core.
     IdleCpuPercent,
+    /// The secure channel's gate CPU per GPS point, one point per segment: gate-secure's µs per
+    /// point less the plaintext gate's in the same bench.
+    ChannelCpuUsPerPoint,
+    /// User-space bytes per idle session on the secure channel.
+    SecureIdleUserBytesPerSession,
 }
 
 impl Metric {
     /// Every metric.
-    pub const ALL: [Metric; 13] = [
+    pub const ALL: [Metric; 15] = [
         Metric::GpsCpuUsPerPoint,
         Metric::GpsDeliveredPerS,
         Metric::BatchTakenPerS,
@@ -598,6 +625,8 @@ impl Metric {
         Metric::PushLoss,
         Metric::RestartLoss,
         Metric::IdleCpuPercent,
+        Metric::ChannelCpuUsPerPoint,
+        Metric::SecureIdleUserBytesPerSession,
     ];
 
     /// Its name in the results JSON and the plots.
@@ -616,6 +645,8 @@ impl Metric {
             Metric::PushLoss => "pushes lost or shown twice",
             Metric::RestartLoss => "pushes lost across node restarts",
             Metric::IdleCpuPercent => "server CPU % with no connection",
+            Metric::ChannelCpuUsPerPoint => "secure channel CPU µs per point",
+            Metric::SecureIdleUserBytesPerSession => "user bytes per idle secure session",
         }
     }
 
@@ -632,8 +663,10 @@ impl Metric {
             Metric::StormAllBackMs => r.storm.as_ref()?.all_back_ms,
             Metric::PushLoss => r.push.as_ref().map(|p| (p.lost + p.duplicates) as f64),
             Metric::IdleCpuPercent => r.idle.as_ref()?.cpu_percent_no_connections,
-            // Criterion's, or of parts not built.
-            Metric::DecodeNs | Metric::ResumeCost | Metric::RestartLoss => None,
+            Metric::SecureIdleUserBytesPerSession => r.idle.as_ref()?.user_bytes_per_session,
+            // Of two runs (the channel's, the storm's two costs), criterion's, or of parts not
+            // built.
+            Metric::DecodeNs | Metric::ResumeCost | Metric::RestartLoss | Metric::ChannelCpuUsPerPoint => None,
         }
     }
 
@@ -702,12 +735,12 @@ fn siblings<'a>(runs: &'a [RunResult], r: &RunSpec) -> BTreeMap<Target, &'a RunR
 }
 
 /// Every ratio gate/peer and gate/ceiling of the metrics [compared](Metric::compared_in) in
-/// each scenario.
+/// each scenario, all in plaintext (the secure rows have their own table).
 pub fn ratios(runs: &[RunResult]) -> Vec<Ratio> {
     let mut out = Vec::new();
     for gate in runs.iter().filter(|r| r.spec.target == Target::Gate && r.status == RunStatus::Ok) {
         for (target, other) in siblings(runs, &gate.spec) {
-            if target == Target::Gate {
+            if target == Target::Gate || target.secure() {
                 continue;
             }
             for &metric in Metric::compared_in(gate.spec.kind) {
@@ -806,7 +839,12 @@ impl Inputs<'_> {
 
     /// The gate's run of scenario `k` (the largest, when there are several sizes), if it ran.
     fn gate(&self, k: Kind) -> Option<&RunResult> {
-        self.ok(k).filter(|r| r.spec.target == Target::Gate).max_by_key(|r| r.spec.conns)
+        self.of(k, Target::Gate)
+    }
+
+    /// Target `t`'s run of scenario `k` (the largest, when there are several sizes), if it ran.
+    fn of(&self, k: Kind, t: Target) -> Option<&RunResult> {
+        self.ok(k).filter(|r| r.spec.target == t).max_by_key(|r| r.spec.conns)
     }
 }
 
@@ -876,12 +914,8 @@ pub const GOALS: &[Goal] = &[
     Goal {
         metric: Metric::ResumeCost,
         goal: "resume cost",
-        target: "≤ 1/10 of a fresh handshake + login",
-        judge: |_, _| {
-            let how = "not in the bench, which runs the gate in plaintext: `loadgen storm` on the secure \
-                       channel reports it (gate.cpu_us_per_resume against gate.cpu_us_per_handshake; README)";
-            (how.into(), GoalStatus::NotMeasured)
-        },
+        target: "≤ 0.5× a secure handshake + login in gate CPU (TCP setup included)",
+        judge: resume_cost,
     },
     Goal {
         metric: Metric::PushLoss,
@@ -902,6 +936,18 @@ pub const GOALS: &[Goal] = &[
         goal: "idle CPU",
         target: "~0 % when nothing happens",
         judge: idle_cpu,
+    },
+    Goal {
+        metric: Metric::ChannelCpuUsPerPoint,
+        goal: "secure channel: crypto per single GPS frame",
+        target: "≤ 0.3 µs on top of plaintext (gate CPU per point, same traffic, same bench)",
+        judge: channel_cpu,
+    },
+    Goal {
+        metric: Metric::SecureIdleUserBytesPerSession,
+        goal: "secure channel: idle encrypted session",
+        target: "within the idle goal: ≤ 1 KiB each",
+        judge: secure_idle,
     },
 ];
 
@@ -1181,6 +1227,80 @@ fn idle_cpu(metric: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
     }
 }
 
+/// Gate CPU per resume against per handshake + login, from gate-secure's storm: the ramp's
+/// logins are the handshakes, the storm's returns the resumes.
+fn resume_cost(_: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
+    let Some(r) = i.of(Kind::Storm, Target::GateSecure) else {
+        return ("no gate-secure storm run".into(), GoalStatus::NotMeasured);
+    };
+    let Some(st) = r.storm.as_ref() else { return ("no storm figures".into(), GoalStatus::NotMeasured) };
+    match (st.cpu_us_per_resume, st.cpu_us_per_handshake) {
+        (Some(res), Some(hs)) if hs > 0.0 => {
+            let ratio = res / hs;
+            let mut m = format!(
+                "{ratio:.2}×: {res:.0} µs per resume (storm, {} resumed) / {hs:.0} µs per handshake + login (ramp)",
+                loadgen::report::num(st.resumed)
+            );
+            if r.contended {
+                m.push_str(" (contended)");
+            }
+            (m, if ratio <= 0.5 { GoalStatus::Met } else { GoalStatus::NotMet })
+        }
+        _ => ("the storm reported no CPU per resume or per handshake".into(), GoalStatus::NotMeasured),
+    }
+}
+
+/// The secure channel's CPU per GPS point: gate-secure less gate on the same traffic (the real
+/// fleet's runs, one point per segment), each pair from one bench.
+fn channel_cpu(_: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
+    let mut parts = Vec::new();
+    let (mut met, mut missed, mut unquoted) = (0, 0, Vec::new());
+    for secure in i.ok(Kind::GpsMany).filter(|r| r.spec.target == Target::GateSecure) {
+        let sib = siblings(i.runs, &secure.spec);
+        let Some(plain) = sib.get(&Target::Gate) else { continue };
+        let (Some(s), Some(p)) = (secure.gps.cpu_us_per_point, plain.gps.cpu_us_per_point) else { continue };
+        let d = s - p;
+        let why = NotQuoted::worst(secure.not_quoted().into_iter().chain(plain.not_quoted()));
+        parts.push(format!(
+            "{} conns @ {}/s: {d:+.2} µs ({s:.2} vs {p:.2}){}",
+            loadgen::report::num(u64::from(secure.spec.conns)),
+            si(secure.spec.offered_per_s),
+            why.map_or(String::new(), |w| format!(" ({})", w.words()))
+        ));
+        match why {
+            Some(w) => unquoted.push(w),
+            None if d <= 0.3 => met += 1,
+            None => missed += 1,
+        }
+    }
+    let status = if missed > 0 {
+        GoalStatus::NotMet
+    } else if met > 0 {
+        GoalStatus::Met
+    } else {
+        NotQuoted::worst(unquoted).map_or(GoalStatus::NotMeasured, NotQuoted::status)
+    };
+    (if parts.is_empty() { "no gate-secure GPS runs".into() } else { parts.join("; ") }, status)
+}
+
+/// Idle memory on the secure channel, beside the plaintext gate's and mosquitto's with TLS.
+fn secure_idle(metric: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
+    let Some(r) = i.of(Kind::Idle, Target::GateSecure) else {
+        return ("no gate-secure idle run".into(), GoalStatus::NotMeasured);
+    };
+    let Some(b) = metric.of(r) else { return ("no figure".into(), GoalStatus::NotMeasured) };
+    let mut m = format!(
+        "{b:.0} B per session at {} sessions",
+        loadgen::report::num(r.idle.as_ref().map_or(0, |x| x.sessions))
+    );
+    for t in [Target::Gate, Target::MosquittoTls] {
+        if let Some(o) = i.of(Kind::Idle, t).and_then(|o| o.idle.as_ref()?.user_bytes_per_session) {
+            let _ = write!(m, "; {} {o:.0} B", t.name());
+        }
+    }
+    (m, if b <= 1024.0 { GoalStatus::Met } else { GoalStatus::NotMet })
+}
+
 /// Everything one bench found: the JSON written to perf/results/.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BenchResults {
@@ -1341,40 +1461,46 @@ pub fn table(b: &BenchResults) -> String {
         s.push('\n');
     }
 
-    for r in b.runs.iter().filter(|r| r.spec.kind == Kind::Batch) {
+    let batch: Vec<&RunResult> = b.runs.iter().filter(|r| r.spec.kind == Kind::Batch).collect();
+    if let Some(first) = batch.first() {
         let _ = writeln!(
             s,
             "**GPS in batches of {} points per frame, one gate core** (the gate forwards each driver's \
              latest point per flush, its default)\n",
-            r.spec.batch
+            first.spec.batch
         );
         let _ = writeln!(
             s,
-            "| conns | offered points/s | taken/s | forwarded/s | gate CPU | µs/point | loadgen core |"
+            "| target | conns | offered points/s | taken/s | forwarded/s | gate CPU | µs/point | loadgen core |"
         );
-        let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-        if r.status == RunStatus::Ok {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {}{} | {} | {} % | {} | {} % |\n",
-                loadgen::report::num(u64::from(r.spec.conns)),
-                si(r.spec.offered_per_s),
-                si(r.gps.sent_per_s),
-                mark(r),
-                r.gps.delivered_per_s.map_or("?".into(), si),
-                r.server.cpu_percent.map_or("?".into(), |c| format!("{c:.0}")),
-                r.gps.cpu_us_per_point.map_or("?".into(), fig),
-                r.loadgen.core_share.map_or("?".into(), |c| format!("{:.0}", c * 100.0))
-            );
-        } else {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | | | | |\n",
-                r.spec.conns,
-                si(r.spec.offered_per_s),
-                r.status_words()
-            );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for r in batch {
+            if r.status == RunStatus::Ok {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {}{} | {} | {} % | {} | {} % |",
+                    r.spec.target.name(),
+                    loadgen::report::num(u64::from(r.spec.conns)),
+                    si(r.spec.offered_per_s),
+                    si(r.gps.sent_per_s),
+                    mark(r),
+                    r.gps.delivered_per_s.map_or("?".into(), si),
+                    r.server.cpu_percent.map_or("?".into(), |c| format!("{c:.0}")),
+                    r.gps.cpu_us_per_point.map_or("?".into(), fig),
+                    r.loadgen.core_share.map_or("?".into(), |c| format!("{:.0}", c * 100.0))
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | | | | |",
+                    r.spec.target.name(),
+                    r.spec.conns,
+                    si(r.spec.offered_per_s),
+                    r.status_words()
+                );
+            }
         }
+        s.push('\n');
     }
 
     let push: Vec<&RunResult> = b.runs.iter().filter(|r| r.spec.kind == Kind::Push).collect();
@@ -1511,33 +1637,46 @@ pub fn table(b: &BenchResults) -> String {
         s.push('\n');
     }
 
-    for r in b.runs.iter().filter(|r| r.spec.kind == Kind::Storm) {
-        let _ = writeln!(s, "**Reconnect storm**: every session dropped at once (gate)\n");
+    let storms: Vec<&RunResult> = b.runs.iter().filter(|r| r.spec.kind == Kind::Storm).collect();
+    if !storms.is_empty() {
+        let _ = writeln!(s, "**Reconnect storm**: every session dropped at once\n");
         let _ = writeln!(
             s,
-            "| sessions | all back | resumed | by login | sessions back/s | gate CPU | per session |"
+            "| target | sessions | all back | resumed | by login | sessions back/s | gate CPU | per session |"
         );
-        let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-        match (&r.storm, r.status) {
-            (Some(st), RunStatus::Ok) => {
-                let _ = writeln!(
-                    s,
-                    "| {} | {}{} | {} | {} | {} | {} | {} |\n",
-                    loadgen::report::num(st.dropped),
-                    st.all_back_ms.map_or("not all".into(), |ms| format!("{ms:.0} ms")),
-                    mark(r),
-                    loadgen::report::num(st.resumed),
-                    loadgen::report::num(st.relogin),
-                    st.back_per_s.map_or("?".into(), si),
-                    st.gate_cpu_s.map_or("?".into(), |c| format!("{c:.2} s")),
-                    st.cpu_us_per_session.map_or("?".into(), |u| format!("{u:.0} µs"))
-                );
-            }
-            _ => {
-                let _ = writeln!(s, "| {} | {} | | | | | |\n", r.spec.conns, r.status_words());
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for r in storms {
+            match (&r.storm, r.status) {
+                (Some(st), RunStatus::Ok) => {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {}{} | {} | {} | {} | {} | {} |",
+                        r.spec.target.name(),
+                        loadgen::report::num(st.dropped),
+                        st.all_back_ms.map_or("not all".into(), |ms| format!("{ms:.0} ms")),
+                        mark(r),
+                        loadgen::report::num(st.resumed),
+                        loadgen::report::num(st.relogin),
+                        st.back_per_s.map_or("?".into(), si),
+                        st.gate_cpu_s.map_or("?".into(), |c| format!("{c:.2} s")),
+                        st.cpu_us_per_session.map_or("?".into(), |u| format!("{u:.0} µs"))
+                    );
+                }
+                _ => {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | | | | | |",
+                        r.spec.target.name(),
+                        r.spec.conns,
+                        r.status_words()
+                    );
+                }
             }
         }
+        s.push('\n');
     }
+
+    s.push_str(&secure_tables(b));
 
     if !b.goals.is_empty() {
         let _ = writeln!(s, "**DESIGN goals**\n");
@@ -1558,6 +1697,156 @@ pub fn table(b: &BenchResults) -> String {
         }
     }
     s
+}
+
+/// The secure channel beside plaintext, each pair from the same bench: the gate's Noise channel
+/// against its plaintext app port, mosquitto's TLS against its plaintext listener, on the same
+/// traffic; and the handshakes and resumes of gate-secure's storm.
+fn secure_tables(b: &BenchResults) -> String {
+    let mut s = String::new();
+    let secure = |k: Kind| -> Vec<&RunResult> {
+        b.runs.iter().filter(|r| r.spec.kind == k && r.spec.target.secure()).collect()
+    };
+    let (gps, idle, batch, storm) =
+        (secure(Kind::GpsMany), secure(Kind::Idle), secure(Kind::Batch), secure(Kind::Storm));
+    if gps.is_empty() && idle.is_empty() && batch.is_empty() && storm.is_empty() {
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "**Secure channel** (gate: Noise IK + ChaCha20-Poly1305 records, development key; mosquitto: \
+         TLS 1.3, a test CA's certificate), each beside its own plaintext run in this bench\n"
+    );
+    // One figure of a run, or its status; `f` None prints "?".
+    let cell = |r: Option<&&RunResult>, f: &dyn Fn(&RunResult) -> Option<String>| match r {
+        None => "—".to_owned(),
+        Some(r) if r.status != RunStatus::Ok => r.status_words().to_owned(),
+        Some(r) => format!("{}{}", f(r).unwrap_or_else(|| "?".into()), mark(r)),
+    };
+    let delta = |a: Option<f64>, b: Option<f64>, unit: &str| match (a, b) {
+        (Some(a), Some(b)) => format!("{:+.2}{unit}", a - b),
+        _ => "—".into(),
+    };
+    let mut heads: Vec<&RunResult> = gps.clone();
+    heads.extend(batch.iter().copied());
+    let mut seen = Vec::new();
+    if !heads.is_empty() {
+        let _ = writeln!(
+            s,
+            "| GPS | gate | gate-secure | channel | mosquitto | mosquitto-tls | TLS | gate-secure / mosquitto-tls |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    }
+    for head in heads {
+        let key = (head.spec.kind, head.spec.conns, head.spec.offered_per_s.to_bits());
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let sib = siblings_any(&b.runs, &head.spec);
+        let us = |t: Target| {
+            sib.get(&t).filter(|r| r.status == RunStatus::Ok).and_then(|r| r.gps.cpu_us_per_point)
+        };
+        let c = |t: Target| cell(sib.get(&t), &|r| Some(format!("{} µs", fig(r.gps.cpu_us_per_point?))));
+        let what = if head.spec.kind == Kind::Batch {
+            format!("batches of {}, {} conns, {}/s offered", head.spec.batch, num(head.spec.conns), si(head.spec.offered_per_s))
+        } else {
+            format!("{} conns @ {}/s, one point per segment", num(head.spec.conns), si(head.spec.offered_per_s))
+        };
+        let vs = match (us(Target::GateSecure), us(Target::MosquittoTls)) {
+            (Some(g), Some(m)) if m > 0.0 => format!("{:.2}×", g / m),
+            _ => "—".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {what} | {} | {} | {} | {} | {} | {} | {vs} |",
+            c(Target::Gate),
+            c(Target::GateSecure),
+            delta(us(Target::GateSecure), us(Target::Gate), " µs"),
+            c(Target::Mosquitto),
+            c(Target::MosquittoTls),
+            delta(us(Target::MosquittoTls), us(Target::Mosquitto), " µs"),
+        );
+    }
+    if !seen.is_empty() {
+        s.push_str("\nServer CPU µs per GPS point; \"channel\" and \"TLS\" are the difference each makes.\n\n");
+    }
+    if !idle.is_empty() {
+        let _ = writeln!(s, "| idle sessions | gate | gate-secure | mosquitto | mosquitto-tls |");
+        let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: |");
+        let mut sizes: Vec<u32> = idle.iter().map(|r| r.spec.conns).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        for n in sizes {
+            let head = idle.iter().find(|r| r.spec.conns == n).copied();
+            let Some(head) = head else { continue };
+            let sib = siblings_any(&b.runs, &head.spec);
+            let c = |t: Target| {
+                cell(sib.get(&t), &|r| {
+                    let i = r.idle.as_ref()?;
+                    Some(format!("{:.0} B", i.user_bytes_per_session?))
+                })
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                num(n),
+                c(Target::Gate),
+                c(Target::GateSecure),
+                c(Target::Mosquitto),
+                c(Target::MosquittoTls)
+            );
+        }
+        s.push_str("\nUser-space bytes per idle session (server RSS growth ÷ sessions).\n\n");
+    }
+    if !storm.is_empty() {
+        let _ = writeln!(
+            s,
+            "| storm | logins/s (ramp) | login latency p50 / p99 | gate CPU per login | sessions back/s | gate CPU per resume | resume / login |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let plain = b.runs.iter().filter(|r| r.spec.kind == Kind::Storm && r.spec.target == Target::Gate);
+        for r in plain.chain(storm.iter().copied()) {
+            let Some(st) = r.storm.as_ref().filter(|_| r.status == RunStatus::Ok) else {
+                let _ = writeln!(s, "| {} | {} | | | | | |", r.spec.target.name(), r.status_words());
+                continue;
+            };
+            let us = |v: Option<f64>| v.map_or("?".into(), |u| format!("{u:.0} µs"));
+            let ratio = match (st.cpu_us_per_resume, st.cpu_us_per_handshake) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+                _ => "—".into(),
+            };
+            let _ = writeln!(
+                s,
+                "| {} ({}){} | {} | {} / {} | {} | {} | {} | {ratio} |",
+                r.spec.target.name(),
+                if st.secure { "handshake + login" } else { "plaintext login" },
+                mark(r),
+                st.logins_per_s.map_or("?".into(), si),
+                st.handshake_p50_us.map_or("?".into(), num64),
+                st.handshake_p99_us.map_or("?".into(), num64),
+                us(st.cpu_us_per_handshake),
+                st.back_per_s.map_or("?".into(), si),
+                us(st.cpu_us_per_resume),
+            );
+        }
+        s.push_str(
+            "\nGate CPU from /proc/PID/schedstat: over the ramp ÷ sessions logged in, and from the drop until all \
+             were back ÷ sessions back; TCP setup included in both. Logins/s is the ramp's pace: loadgen keeps at \
+             most 512 handshakes open.\n\n",
+        );
+    }
+    s
+}
+
+/// `1234` → `1,234`.
+fn num(n: u32) -> String {
+    loadgen::report::num(u64::from(n))
+}
+
+/// `1234` → `1,234`.
+fn num64(n: u64) -> String {
+    loadgen::report::num(n)
 }
 
 impl RunResult {
@@ -1795,6 +2084,84 @@ mod tests {
         let storm_fig = runs[0].storm.as_ref().expect("storm");
         assert_eq!(storm_fig.back_per_s, Some(30_000.0));
         assert_eq!(storm_fig.cpu_us_per_session, Some(100.0));
+    }
+
+    #[test]
+    fn the_secure_rows_and_their_goals() {
+        let p = Profile::full();
+        let many = plan_runs(&p, &[Kind::GpsMany], &Target::ALL);
+        let idle = plan_runs(&p, &[Kind::Idle], &Target::ALL);
+        let storm = plan_runs(&p, &[Kind::Storm], &Target::ALL);
+        let x = extras(0.5);
+        let mut runs = Vec::new();
+        // 45k points/s over 10 s: the gate 3.0 µs a point, its channel 0.2 µs more; mosquitto
+        // 6.0, with TLS 8.0.
+        for s in many.iter().filter(|s| s.offered_per_s == 45_000.0) {
+            let us = match s.target {
+                Target::Gate => 3.0,
+                Target::GateSecure => 3.2,
+                Target::Mosquitto => 6.0,
+                Target::MosquittoTls => 8.0,
+                _ => 5.0,
+            };
+            let mut rep = report(us * 0.45, 450_000, 10.0);
+            rep.gps.gate_cpu_us_per_point = Some(us);
+            runs.push(result(s, &rep, &x));
+        }
+        for s in idle.iter().chain(&storm) {
+            let mut rep = report(1.5, 1, 10.0);
+            if s.target == Target::GateSecure {
+                rep.idle.bytes_per_session = Some(750.0);
+                rep.handshake.secure = true;
+                rep.connections.logins = 15_000;
+                rep.connections.ramp_s = 3.0;
+                rep.gate.cpu_us_per_handshake = Some(320.0);
+                rep.gate.cpu_us_per_resume = Some(150.0);
+            }
+            runs.push(result(s, &rep, &x));
+        }
+        let g = goals(&runs, None);
+        let channel = row(&g, Metric::ChannelCpuUsPerPoint);
+        assert_eq!(channel.status, GoalStatus::Met, "{}", channel.measured);
+        assert!(channel.measured.contains("+0.20 µs"), "{}", channel.measured);
+        let resume = row(&g, Metric::ResumeCost);
+        assert_eq!(resume.status, GoalStatus::Met, "{}", resume.measured);
+        assert!(resume.measured.starts_with("0.47×"), "{}", resume.measured);
+        let secure_idle = row(&g, Metric::SecureIdleUserBytesPerSession);
+        assert_eq!(secure_idle.status, GoalStatus::Met, "{}", secure_idle.measured);
+        // The plaintext ratios do not compare the gate with the secure targets.
+        assert!(ratios(&runs).iter().all(|r| !r.versus.secure()));
+        let st = runs.iter().find_map(|r| r.storm.as_ref().filter(|s| s.secure)).expect("secure storm");
+        assert_eq!(st.logins_per_s, Some(5_000.0));
+
+        let b = BenchResults {
+            schema: SCHEMA.into(),
+            profile: p,
+            started_utc: "a".into(),
+            finished_utc: "b".into(),
+            machine: Machine::default(),
+            versions: BTreeMap::new(),
+            settings: BTreeMap::new(),
+            server_core: 0,
+            loadgen_core: 1,
+            message_bytes: BTreeMap::new(),
+            ratios: ratios(&runs),
+            goals: g,
+            runs,
+            codec: None,
+        };
+        let t = table(&b);
+        assert!(t.contains("**Secure channel**"), "{t}");
+        assert!(t.contains("| 15,000 conns @ 45k/s, one point per segment | 3.00 µs | 3.20 µs | +0.20 µs | 6.00 µs | 8.00 µs | +2.00 µs | 0.40× |"), "{t}");
+        assert!(t.contains("| gate-secure (handshake + login) | 5k |"), "{t}");
+        assert!(t.contains("| 150 µs | 0.47× |"), "{t}");
+
+        // A channel costing more than 0.3 µs a point misses its goal.
+        let mut worse = b.runs.clone();
+        for r in worse.iter_mut().filter(|r| r.spec.target == Target::GateSecure && r.spec.kind == Kind::GpsMany) {
+            r.gps.cpu_us_per_point = Some(3.5);
+        }
+        assert_eq!(row(&goals(&worse, None), Metric::ChannelCpuUsPerPoint).status, GoalStatus::NotMet);
     }
 
     /// A real report: `loadgen gps --gate 127.0.0.1:APP --sidecar 127.0.0.1:SIDECAR --drivers 20

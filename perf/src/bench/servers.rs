@@ -66,9 +66,9 @@ impl Bins {
     /// The binary for `t`, or why there is none.
     pub fn server(&self, t: Target) -> Result<&Path, String> {
         match t {
-            Target::Gate => Ok(&self.gate),
+            Target::Gate | Target::GateSecure => Ok(&self.gate),
             Target::Ceiling => Ok(&self.ceiling),
-            Target::Mosquitto => self
+            Target::Mosquitto | Target::MosquittoTls => self
                 .mosquitto
                 .as_deref()
                 .ok_or_else(|| "mosquitto is not installed (apt-get install -y mosquitto)".into()),
@@ -142,6 +142,8 @@ pub struct Server {
     pub sidecar: Option<SocketAddr>,
     /// The ceiling's stats file.
     pub stats_file: Option<PathBuf>,
+    /// The CA certificate of a TLS server's certificate (PEM), for loadgen's `--tls-ca`.
+    pub tls_ca: Option<PathBuf>,
     /// Its stderr.
     log: PathBuf,
     /// The settings it was started with, for the results.
@@ -167,22 +169,27 @@ impl Server {
         let _ = std::fs::remove_file(&ports);
         let mut cmd = pinned(program, core);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file()?);
+        let mut tls_ca = None;
         let (settings, fixed_port, stats_file) = match target {
-            Target::Gate => {
+            Target::Gate | Target::GateSecure => {
                 let core = core.to_string();
                 #[rustfmt::skip] // name-value pairs, one per line
-                let args: Vec<&str> = vec![
+                let mut args: Vec<&str> = vec![
                     "--cores", &core,
                     "--gps-forward", if forward_all { "all" } else { "latest" },
                     // One line per login would be the gate's main cost in a storm; the peers
                     // log errors only, so the gate does too.
                     "--log-level", "warn",
-                    // The ratio rows measure the reactor: plaintext, as the peers run here.
-                    "--plaintext",
                     "--app-listen", "127.0.0.1:0",
                     "--sidecar-listen", "127.0.0.1:0",
                     "--admin-listen", "127.0.0.1:0",
                 ];
+                // The ratio rows measure the reactor: plaintext, as the peers run there.
+                // gate-secure runs its default, the secure channel (the development key pair,
+                // which loadgen knows too).
+                if target == Target::Gate {
+                    args.push("--plaintext");
+                }
                 cmd.args(&args).arg("--ports-file").arg(&ports);
                 (format!("gate {}", args.join(" ")), None, None)
             }
@@ -201,6 +208,17 @@ impl Server {
                 std::fs::write(&conf, &text).map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
                 cmd.arg("-c").arg(&conf);
                 (format!("mosquitto -c mosquitto.conf:\n{text}"), Some(port), None)
+            }
+            Target::MosquittoTls => {
+                let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+                let certs = loadgen::peers::tls::write_test_certs(dir)
+                    .map_err(|e| format!("cannot write TLS certificates: {e}"))?;
+                let conf = dir.join("mosquitto-tls.conf");
+                let text = mosquitto_tls_conf(port, &certs.ca, &certs.cert, &certs.key);
+                std::fs::write(&conf, &text).map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+                cmd.arg("-c").arg(&conf);
+                tls_ca = Some(certs.ca);
+                (format!("mosquitto -c mosquitto-tls.conf:\n{text}"), Some(port), None)
             }
             Target::Rumqttd => {
                 let port = free_port().map_err(|e| format!("no free port: {e}"))?;
@@ -229,6 +247,7 @@ impl Server {
             app: SocketAddr::from(([127, 0, 0, 1], 0)),
             sidecar: None,
             stats_file,
+            tls_ca,
             log,
             settings,
         };
@@ -316,6 +335,21 @@ pub fn mosquitto_conf(port: u16) -> String {
     )
 }
 
+/// mosquitto's configuration with its listener on TLS 1.3 (the certificate a test CA's, for
+/// 127.0.0.1 and localhost): the rest as [`mosquitto_conf`].
+pub fn mosquitto_tls_conf(port: u16, ca: &Path, cert: &Path, key: &Path) -> String {
+    format!(
+        "{}cafile {}\n\
+         certfile {}\n\
+         keyfile {}\n\
+         tls_version tlsv1.3\n",
+        mosquitto_conf(port),
+        ca.display(),
+        cert.display(),
+        key.display()
+    )
+}
+
 /// rumqttd's configuration (its own `rumqttd.toml` format): one MQTT 3.1.1 listener on
 /// loopback, its router's defaults (commit log segments of 100 MiB, 10 kept) but for room for
 /// every session the bench opens, and no pause between accepts asked for (its default is
@@ -387,6 +421,14 @@ mod tests {
     fn mosquitto_listens_on_loopback_only() {
         let c = mosquitto_conf(18831);
         assert!(c.contains("listener 18831 127.0.0.1\n") && c.contains("persistence false"));
+    }
+
+    #[test]
+    fn mosquitto_tls_names_its_certificates() {
+        let c = mosquitto_tls_conf(18833, Path::new("/d/ca.pem"), Path::new("/d/cert.pem"), Path::new("/d/key.pem"));
+        assert!(c.contains("listener 18833 127.0.0.1\n") && c.contains("cafile /d/ca.pem\n"), "{c}");
+        assert!(c.contains("certfile /d/cert.pem\n") && c.contains("keyfile /d/key.pem\n"), "{c}");
+        assert!(c.contains("tls_version tlsv1.3\n"), "{c}");
     }
 
     #[test]
