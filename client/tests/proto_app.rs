@@ -643,7 +643,13 @@ impl H {
                 )
             })
             .to_vec();
-        let push = Arc::new(PushContent { message_id, body: Arc::from(body), log_id: message_id, ttl_ms });
+        let push = Arc::new(PushContent {
+            message_id,
+            body: Arc::from(body),
+            log_id: message_id,
+            ttl_ms,
+            origin: logic::LOCAL,
+        });
         self.pushes.insert(message_id, Rec { at_ms: self.now_ms, ttl_ms, ..Rec::default() });
         let mut outs = Vec::new();
         self.shard.handle(Input::Push { push, uids: vec![UID] }, self.now_ms, &mut outs);

@@ -15,6 +15,12 @@ pub fn uid_key(uid: u64) -> String {
     format!("fg:u:{{{uid}}}")
 }
 
+/// The channel node `name` hears other nodes on (sharded pub/sub: on a Redis Cluster it lives
+/// on the primary of its slot only, not broadcast to every primary).
+pub fn node_channel(name: &str) -> String {
+    format!("fg:n:{{{name}}}")
+}
+
 /// The lease of node `name`: its [`crate::NodeInfo`] as JSON, with a time-to-live of `lease_ms`.
 pub fn lease_key(name: &str) -> String {
     format!("fg:node:{name}")

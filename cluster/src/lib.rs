@@ -58,7 +58,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde::{Deserialize, Serialize};
 
-pub use layout::{lease_key, uid_key, NODES_KEY};
+pub use layout::{lease_key, node_channel, uid_key, NODES_KEY};
 
 /// How to reach Redis, and the directory's timings.
 #[derive(Clone, Debug)]
@@ -136,6 +136,10 @@ pub enum Cmd {
     /// This node's advertised facts changed: the lease is rewritten now. The name and the
     /// incarnation never change (those of [`Handle::start`] stay); the rest is taken. No answer.
     Advertise(NodeInfo),
+    /// Bytes for node `node`, published on its channel ([`layout::node_channel`], sharded
+    /// pub/sub). No answer: delivery is not guaranteed (a node that is not subscribed at that
+    /// moment misses it), so what needs an answer carries its own deadline.
+    Publish { node: String, bytes: Vec<u8> },
 }
 
 /// What the directory tells the gate, in batches through the sink.
@@ -162,6 +166,8 @@ pub enum Event {
     /// The live nodes (lease present), this node included, sorted by name. Sent after every Up
     /// and whenever the list changes (checked every `lease_ms / 3`).
     Nodes(Vec<NodeInfo>),
+    /// Bytes another node published on this node's channel.
+    Message(Vec<u8>),
 }
 
 /// The receiver of events: called on the directory's thread, once per batch of events.

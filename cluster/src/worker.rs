@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
+use fred::interfaces::{EventInterface, PubsubInterface};
 use fred::prelude::{
     Client, ClientLike, Config as RedisConfig, Error as FredError, Expiration, HashesInterface,
     KeysInterface, ServerConfig, SetsInterface, TcpConfig, Value,
@@ -91,6 +92,9 @@ impl Scripts {
 struct Link {
     client: Client,
     task: ConnectHandle,
+    /// A second connection, subscribed to this node's channel (a subscribed connection runs
+    /// no other commands), its task, and what it hears.
+    sub: Option<(Client, ConnectHandle, tokio::sync::broadcast::Receiver<fred::types::Message>)>,
     /// Where it is connected, for the status detail.
     detail: String,
 }
@@ -98,6 +102,9 @@ struct Link {
 impl Drop for Link {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some((_, task, _)) = &self.sub {
+            task.abort();
+        }
     }
 }
 
@@ -108,10 +115,12 @@ enum Op {
     Move { uid: u64, from: Owner, new_epoch: u64, shard: u16 },
     Release { uid: u64, epoch: u64 },
     Lookup { uid: u64 },
+    Publish { channel: String, bytes: Vec<u8> },
 }
 
 /// What a loop turn does next.
 enum Turn {
+    Message(Vec<u8>),
     Lost(String),
     Renew,
     Serve,
@@ -224,17 +233,49 @@ impl Worker {
     async fn up_turn(&mut self) {
         let Some(link) = self.link.as_mut() else { return };
         let renew_at = tokio::time::Instant::from_std(self.renew_at);
+        let lost = |r: Result<Result<(), FredError>, tokio::task::JoinError>| match r {
+            Ok(Ok(())) => "connection closed".to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("connection task: {e}"),
+        };
+        let Some((_, sub_task, messages)) = link.sub.as_mut() else {
+            self.lose("no subscription".into());
+            return;
+        };
         let turn = tokio::select! {
             biased;
-            r = &mut link.task => Turn::Lost(match r {
-                Ok(Ok(())) => "connection closed".to_string(),
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => format!("connection task: {e}"),
-            }),
+            r = &mut link.task => Turn::Lost(lost(r)),
+            r = sub_task => Turn::Lost(format!("subscription: {}", lost(r))),
+            m = messages.recv() => match m {
+                Ok(m) => match m.value.as_bytes() {
+                    Some(b) => Turn::Message(b.to_vec()),
+                    None => Turn::Message(Vec::new()),
+                },
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(node = %self.me.name, missed = n, "messages from other nodes missed (this node fell behind)");
+                    Turn::Serve
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => Turn::Lost("subscription closed".into()),
+            },
             _ = tokio::time::sleep_until(renew_at) => Turn::Renew,
             _ = self.shared.wake.notified() => Turn::Serve,
         };
         match turn {
+            Turn::Message(bytes) => {
+                // Whatever else came meanwhile goes in the same sink call.
+                let mut events = vec![Event::Message(bytes)];
+                if let Some((_, _, messages)) = self.link.as_mut().and_then(|l| l.sub.as_mut()) {
+                    while events.len() < 1024 {
+                        match messages.try_recv() {
+                            Ok(m) => events.push(Event::Message(
+                                m.value.as_bytes().map(<[u8]>::to_vec).unwrap_or_default(),
+                            )),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                self.emit(events);
+            }
             Turn::Lost(why) => self.lose(why),
             Turn::Renew => self.renew_turn().await,
             Turn::Serve => self.serve().await,
@@ -298,6 +339,9 @@ impl Worker {
                 Cmd::Release { uid, epoch } => ops.push(Op::Release { uid: *uid, epoch: *epoch }),
                 Cmd::Lookup { uids, .. } => ops.extend(uids.iter().map(|&uid| Op::Lookup { uid })),
                 Cmd::Advertise(info) => advertised |= self.advertise(info),
+                Cmd::Publish { node, bytes } => {
+                    ops.push(Op::Publish { channel: layout::node_channel(node), bytes: bytes.clone() })
+                }
             }
         }
         if advertised {
@@ -391,6 +435,11 @@ impl Worker {
                     });
                 }
                 Cmd::Advertise(_) => {}
+                Cmd::Publish { node, bytes } => {
+                    if let Err(why) = next() {
+                        tracing::warn!(node = %self.me.name, to = %node, bytes = bytes.len(), %why, "message to another node not published");
+                    }
+                }
             }
         }
         events
@@ -522,7 +571,7 @@ impl Worker {
 
     async fn attempt(&mut self) {
         let t = self.timeout();
-        match connect(&mut self.redis, t, &self.scripts, &self.shared).await {
+        match connect(&mut self.redis, t, &self.scripts, &self.me.name, &self.shared).await {
             Ok(link) => {
                 self.link = Some(link);
                 self.replay_releases().await;
@@ -645,6 +694,12 @@ impl Worker {
 /// Opens a client and waits for its connection (bounded by fred's connection and internal
 /// command timeouts, set to `t`).
 async fn open(redis: RedisConfig, t: Duration) -> Result<Link, String> {
+    let (client, task) = open_client(redis, t).await?;
+    Ok(Link { client, task, sub: None, detail: String::new() })
+}
+
+/// A connected client and its connection task.
+async fn open_client(redis: RedisConfig, t: Duration) -> Result<(Client, ConnectHandle), String> {
     let mut b = fred::types::Builder::from_config(redis);
     b.with_connection_config(|c| {
         c.connection_timeout = t;
@@ -658,7 +713,7 @@ async fn open(redis: RedisConfig, t: Duration) -> Result<Link, String> {
     // No reconnect policy: the worker reconnects, so a loss ends fred's connection task.
     let client = b.build().map_err(|e| e.to_string())?;
     let task = client.init().await.map_err(|e| format!("connect: {e}"))?;
-    Ok(Link { client, task, detail: String::new() })
+    Ok((client, task))
 }
 
 /// Connects, switches to cluster mode if the server is part of a Redis Cluster (remembered in
@@ -667,6 +722,7 @@ async fn connect(
     redis: &mut RedisConfig,
     t: Duration,
     scripts: &Scripts,
+    me: &str,
     shared: &Shared,
 ) -> Result<Link, String> {
     let mut link = open(redis.clone(), t).await?;
@@ -686,6 +742,13 @@ async fn connect(
         }
     }
     scripts.load(&link.client).await.map_err(|e| format!("SCRIPT LOAD: {e}"))?;
+    // This node's channel, on a connection of its own.
+    let (sub_client, sub_task) = open_client(redis.clone(), t).await?;
+    let messages = sub_client.message_rx();
+    let subscribed = sub_client.ssubscribe(layout::node_channel(me)).await;
+    link.sub = Some((sub_client, sub_task, messages));
+    subscribed.map_err(|e| format!("SSUBSCRIBE: {e}"))?;
+    shared.upkeep_ops.fetch_add(1, Ordering::Relaxed);
     shared.upkeep_ops.fetch_add(3, Ordering::Relaxed);
     link.detail = match &redis.server {
         ServerConfig::Clustered { .. } => {
@@ -772,6 +835,11 @@ async fn pipeline(
                     evalsha(&scripts.release, *uid, args).await?
                 }
                 Op::Lookup { uid } => pipe.hmget(uid_key(*uid), ENTRY_FIELDS.to_vec()).await?,
+                Op::Publish { channel, bytes } => {
+                    let slot = ClusterHash::from(channel.as_str());
+                    let args = vec![Value::from(channel.clone()), Value::Bytes(bytes.clone().into())];
+                    pipe.custom::<(), Value>(CustomCommand::new_static("SPUBLISH", slot, false), args).await?
+                }
             }
         }
         Ok(())

@@ -31,6 +31,8 @@ pub struct AdminState {
     pub mesh: Arc<Mesh>,
     /// Newest forwarded GPS points.
     pub gps_recent: Arc<Mutex<VecDeque<wire::UidGpsPoint>>>,
+    /// Cluster mode: the directory's state, for `/healthz` and `/metrics`.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Serves the admin port until `stop` resolves.
@@ -78,9 +80,18 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path) {
         ("GET", "/metrics") => {
-            ("200 OK", "text/plain; version=0.0.4", metrics::render(&state.metrics, |i| state.mesh.depth(i)))
+            let mut m = metrics::render(&state.metrics, |i| state.mesh.depth(i));
+            if let Some(c) = &state.cluster {
+                m.push_str(&crate::cluster::render_metrics(c));
+            }
+            ("200 OK", "text/plain; version=0.0.4", m)
         }
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        // Local sessions go on while Redis is away, so the node stays up (200) and says which
+        // part is degraded; a load balancer keeps sending apps here.
+        ("GET", "/healthz") => match &state.cluster {
+            None => ("200 OK", "text/plain", "ok\n".to_string()),
+            Some(c) => ("200 OK", "text/plain", crate::cluster::health(c)),
+        },
         ("GET", "/debug/gps") => {
             let mut s = String::new();
             if let Ok(recent) = state.gps_recent.lock() {

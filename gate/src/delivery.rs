@@ -447,7 +447,7 @@ mod tests {
     }
 
     fn r(message_id: u64) -> Receipt {
-        Receipt { message_id, uid: 1, outcome: 1, log_id: 0 }
+        Receipt { message_id, uid: 1, outcome: 1, log_id: 0, origin: logic::LOCAL }
     }
 
     fn up(request_id: u64) -> UpstreamOut {

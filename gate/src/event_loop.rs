@@ -249,6 +249,7 @@ fn next_deadline(shard: &Shard, clocks: &Clocks) -> Option<u64> {
         shard.next_sweep(),
         clocks.next_read_tick,
         shard.delivery.next_deadline(),
+        shard.cluster_shard.as_ref().and_then(|c| c.next_deadline()),
         shard.outbox_retry_ms,
         shutdown_tick,
     ]
@@ -817,12 +818,13 @@ fn on_msgs(shard: &mut Shard, msgs: Vec<Msg>, now: u64) {
             Msg::Logic(input) => logic_input(shard, input, now),
             Msg::Conn(output) => apply(shard, output, now),
             Msg::AppServer(m) => crate::sidecar::on_mesh(shard, m, now),
+            Msg::Cluster(note) => crate::cluster::on_note(shard, note, now),
         }
     }
 }
 
 /// Feeds one input to this executor's logic shard and carries out what it decides.
-fn logic_input(shard: &mut Shard, input: logic::Input, now: u64) {
+pub(crate) fn logic_input(shard: &mut Shard, input: logic::Input, now: u64) {
     let mut out = Vec::new();
     shard.logic.handle(input, now, &mut out);
     for o in out {
@@ -863,7 +865,7 @@ fn apply(shard: &mut Shard, o: Output, now: u64) {
         Output::BroadcastCounted { tally, targets } => {
             crate::sidecar::push::on_counted(shard, tally, targets)
         }
-        Output::Receipt(r) => crate::sidecar::receipt(shard, r, now),
+        Output::Receipt(r) => crate::cluster::receipt(shard, r, now),
         Output::Upstream { request_id, uid, role, cmd, body, log_id } => {
             shard.delivery.upstream(crate::delivery::UpstreamOut { request_id, uid, role, cmd, body, log_id })
         }
@@ -875,6 +877,9 @@ fn apply(shard: &mut Shard, o: Output, now: u64) {
             tracing::info!(uid, outcome, "session ended without logout: unreachable");
             shard.delivery.unreachable(uid, outcome);
         }
+        Output::Claim { uid, epoch } => crate::cluster::claim(shard, uid, epoch),
+        Output::Release { uid, epoch } => crate::cluster::release(shard, uid, epoch),
+        Output::Elsewhere { push, uids } => crate::cluster::elsewhere(shard, push, uids, now),
     }
 }
 
@@ -890,6 +895,9 @@ fn on_time(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
     }
     if shard.next_sweep().is_some_and(|t| t <= now) {
         sweep(shard, now);
+    }
+    if shard.cluster_shard.as_ref().and_then(|c| c.next_deadline()).is_some_and(|t| t <= now) {
+        crate::cluster::expire(shard, now);
     }
     clocks.next_read_tick = match clocks.next_read_tick {
         _ if shard.busy.is_empty() => None,
@@ -963,6 +971,7 @@ fn flush(shard: &mut Shard, now: u64) {
         }
         crate::sidecar::flush(shard, now);
     }
+    crate::cluster::flush(shard, now);
     shard.send_outbox();
     shard.flush_writes();
     shard.refresh_logic_gauges();

@@ -12,11 +12,13 @@
 //!   the logic shard: [`lifecycle`] (a connection's phases and timeouts) and [`delivery`];
 //! - the tasks that only move bytes (accepting, reading, blocked writes): [`io`]; the app port's
 //!   own io_uring (`app.io = "uring"`, every `unsafe` of the app port): [`uring`];
+//! - cluster mode (several nodes sharing a directory in Redis): [`cluster`];
 //! - starting and stopping: [`server`]; configuration and flags: [`config`]; `/metrics`:
 //!   [`metrics`], [`admin`].
 
 pub mod admin;
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod event_loop;

@@ -28,6 +28,8 @@ pub enum Msg {
     Conn(logic::Output),
     /// For the app-server connections on the receiving executor.
     AppServer(crate::delivery::AppServerMsg),
+    /// From the cluster's Redis thread (cluster mode).
+    Cluster(crate::cluster::Note),
 }
 
 /// A batch with the time it was sent, for the hop-latency histogram.

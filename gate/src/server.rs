@@ -111,6 +111,8 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     }
 
     let mesh = Arc::new(Mesh::new(shards));
+    let cluster =
+        if cfg.clustered() { Some(start_cluster(&cfg, &node, incarnation, mesh.clone())?) } else { None };
     let shared = Shared {
         cfg: Arc::new(cfg),
         mesh: mesh.clone(),
@@ -121,6 +123,7 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
         node,
         keys: keys.clone(),
         incarnation,
+        cluster: cluster.clone(),
     };
     watch_signals(mesh)?;
 
@@ -140,6 +143,10 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     }
     for h in handles {
         h.join().map_err(|e| StartError::Other(format!("shard failed: {e}")))?;
+    }
+    if let Some(c) = cluster.and_then(|c| Arc::into_inner(c)) {
+        // Gives up the lease at once, so the other nodes need not wait for it to lapse.
+        c.handle.stop();
     }
     tracing::info!("gate stopped");
     Ok(())
@@ -211,6 +218,7 @@ async fn shard_main(
             metrics: shard.all_metrics.clone(),
             mesh: shard.mesh.clone(),
             gps_recent: shard.gps_recent.clone(),
+            cluster: shard.cluster.clone(),
         };
         let s = stop.clone();
         glommio::spawn_local(async move { admin::run(admin, state, async move { s.wait().await }).await })
@@ -218,6 +226,35 @@ async fn shard_main(
     }
     tracing::debug!(shard = id, "shard serving");
     crate::event_loop::run(shard, events, stop).await;
+}
+
+/// Cluster mode: this node's name (`gate.node_name`, else the address apps reach it at, which
+/// is unique among the nodes) and the Redis thread.
+fn start_cluster(
+    cfg: &Config,
+    node: &str,
+    incarnation: u64,
+    mesh: Arc<Mesh>,
+) -> Result<Arc<crate::cluster::Cluster>, StartError> {
+    let name = if cfg.gate.node_name.is_empty() { node.to_owned() } else { cfg.gate.node_name.clone() };
+    if cfg.cluster.secret.0.is_empty() || cfg.cluster.secret.0 == crate::config::DEV_SECRET {
+        tracing::warn!(
+            "CLUSTER MODE ON THE BUILT-IN DEVELOPMENT SECRET: anyone who can reach this Redis can read and forge              messages between the nodes. Set cluster.secret (FLEETGATE_CLUSTER_SECRET) in production."
+        );
+    }
+    let mut ccfg = cluster::Config::new(cfg.cluster.redis.clone());
+    ccfg.lease_ms = cfg.cluster.lease_ms as u64;
+    let me = cluster::NodeInfo {
+        name: name.clone(),
+        app_addr: node.to_owned(),
+        link_addr: String::new(),
+        has_appserver: false,
+        incarnation,
+    };
+    let c = crate::cluster::Cluster::start(ccfg, me, cfg.cluster_secret(), mesh)
+        .map_err(|e| StartError::Other(format!("cluster.redis: {e}")))?;
+    tracing::info!(node = %name, lease_ms = cfg.cluster.lease_ms, "cluster mode: directory in Redis");
+    Ok(c)
 }
 
 /// A random non-zero incarnation for this process: the same on every sidecar connection, and a

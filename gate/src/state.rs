@@ -161,6 +161,8 @@ pub struct Shared {
     pub keys: Arc<channel::KeyRing>,
     /// This process's incarnation, sent in every AppServerWelcome (PROTOCOL.md §9.8).
     pub incarnation: u64,
+    /// Cluster mode: the shared directory and the other nodes.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// A broadcast waiting for every logic shard's count of its targets.
@@ -209,6 +211,10 @@ pub struct Shard {
     pub keys: Arc<channel::KeyRing>,
     /// This process's incarnation.
     pub incarnation: u64,
+    /// Cluster mode: the shared directory and the other nodes.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Cluster mode: this shard's commands for Redis and the pushes it forwarded.
+    pub cluster_shard: Option<crate::cluster::ClusterShard>,
     /// Connections on this shard.
     pub conns: Slab<Conn>,
     next_gen: u32,
@@ -294,6 +300,7 @@ impl Shard {
             node,
             keys,
             incarnation,
+            cluster,
         } = shared;
         let shards = mesh.len();
         let logic = logic::Shard::new(logic::ShardConfig {
@@ -310,6 +317,7 @@ impl Shard {
             max_held: cfg.limits.max_held_sessions_per_shard as usize,
             max_pending_requests: cfg.limits.max_pending_requests_per_shard as usize,
             request_timeout_ms: cfg.sidecar.request_timeout_ms as u64,
+            clustered: cluster.is_some(),
         });
         Shard {
             id,
@@ -322,6 +330,8 @@ impl Shard {
             node,
             keys,
             incarnation,
+            cluster_shard: cluster.as_ref().map(|_| crate::cluster::ClusterShard::default()),
+            cluster,
             conns: Slab::new(),
             next_gen: 1,
             app_conn_count: 0,

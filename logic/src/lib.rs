@@ -18,7 +18,7 @@ pub mod push;
 pub mod shard;
 pub mod upstream;
 
-pub use push::{PushContent, Receipt};
+pub use push::{Origin, PushContent, Receipt, LOCAL};
 pub use shard::{CloseReason, Input, Output, RequestFailure, Shard, ShardConfig, Tally};
 
 /// Identifies one connection on one gate shard. The generation makes a reused slot distinct, so

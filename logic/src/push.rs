@@ -28,10 +28,22 @@ pub mod outcome {
     pub const SHUTDOWN: u8 = 7;
     /// The session's hold expired.
     pub const HOLD_EXPIRED: u8 = 8;
+    /// Cluster mode: the node that held the session was lost (its lease lapsed, or it could not
+    /// be reached) before the app acked.
+    pub const NODE_LOST: u8 = 10;
+    /// Cluster mode: the directory (Redis) could not be asked where the session is.
+    pub const DIRECTORY_UNAVAILABLE: u8 = 11;
 }
 
+/// The node that accepted a push, as the gate numbers the nodes it knows: receipts go back
+/// there. [`LOCAL`] is this node.
+pub type Origin = u32;
+
+/// This node.
+pub const LOCAL: Origin = 0;
+
 /// What a push carries to every target: encoded once, shared by all deliveries.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PushContent {
     /// The app-server's id for the push.
     pub message_id: u64,
@@ -42,6 +54,8 @@ pub struct PushContent {
     pub log_id: u64,
     /// Time-to-live from acceptance, ms.
     pub ttl_ms: u32,
+    /// The node whose sidecar accepted it ([`LOCAL`]: this one): its receipts go there.
+    pub origin: Origin,
 }
 
 /// One final receipt.
@@ -55,6 +69,15 @@ pub struct Receipt {
     pub outcome: u8,
     /// The push's log-id, so the receipt step is logged with the flow it ends.
     pub log_id: u64,
+    /// The node the receipt goes to ([`LOCAL`]: this node's app-server connections).
+    pub origin: Origin,
+}
+
+impl Receipt {
+    /// The receipt of `push` for `uid`.
+    pub fn of(push: &PushContent, uid: u64, outcome: u8) -> Receipt {
+        Receipt { message_id: push.message_id, uid, outcome, log_id: push.log_id, origin: push.origin }
+    }
 }
 
 /// A push for a session, not yet acked: sent, or queued while the session is held.
@@ -104,7 +127,7 @@ impl PushState {
         self.bytes = 0;
         for (seq, f) in std::mem::take(&mut self.inflight) {
             ttl.remove(f.deadline_ms, uid, seq);
-            out.push(Receipt { message_id: f.push.message_id, uid, outcome, log_id: f.push.log_id });
+            out.push(Receipt::of(&f.push, uid, outcome));
         }
     }
 }

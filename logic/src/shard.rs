@@ -4,7 +4,7 @@
 use crate::directory::Directory;
 use crate::directory::ResumeSecret;
 use crate::gps::{Coalescer, Forward, GpsStats};
-use crate::push::{outcome, Inflight, PushContent, Receipt, TtlIndex};
+use crate::push::{outcome, Inflight, PushContent, Receipt, TtlIndex, LOCAL};
 use crate::upstream::{Pending, Requests};
 use crate::ConnRef;
 use schema::wire::{GpsPoint, UidGpsPoint};
@@ -37,6 +37,11 @@ pub struct ShardConfig {
     pub max_held: usize,
     /// Body bytes in flight or queued per session; past it, `QueueFull`.
     pub push_queue_bytes: usize,
+    /// Cluster mode (several nodes sharing a directory in Redis): every session is claimed in
+    /// the shared directory and released when it ends, and a push the app-server gave this
+    /// node for a uid with no session here is looked for on the other nodes instead of ending
+    /// `Offline`.
+    pub clustered: bool,
 }
 
 /// Why a connection closed, as the logic shard needs to know it.
@@ -218,6 +223,18 @@ pub enum Input {
     },
     /// The gate is shutting down: end every push and request.
     Shutdown,
+    /// Cluster mode: the shared directory holds a newer session of `uid` on another node (this
+    /// node's claim lost, or a later claim elsewhere replaced it). The session of `epoch` ends
+    /// here as displaced; a newer local session of the uid is left alone.
+    Superseded {
+        /// The user.
+        uid: u64,
+        /// The local session's epoch.
+        epoch: u64,
+    },
+    /// Cluster mode: the directory came back after an outage (or lost its data): claim every
+    /// session of this shard again.
+    Reclaim,
 }
 
 /// What a logic shard asks the gate to do.
@@ -368,6 +385,31 @@ pub enum Output {
     },
     /// A batch of GPS points for the app-server side.
     GpsBatch(Vec<UidGpsPoint>),
+    /// Cluster mode: record in the shared directory that this node holds `uid`'s session of
+    /// `epoch` (a login, or a reclaim after an outage).
+    Claim {
+        /// The user.
+        uid: u64,
+        /// The session's epoch.
+        epoch: u64,
+    },
+    /// Cluster mode: the session of `epoch` ended here; remove it from the shared directory if
+    /// it still names this node and epoch.
+    Release {
+        /// The user.
+        uid: u64,
+        /// The ended session's epoch.
+        epoch: u64,
+    },
+    /// Cluster mode: no session here for these targets of a push this node accepted: the gate
+    /// asks the directory which node holds each and forwards the push there. Each target still
+    /// ends in exactly one receipt, now owed by the gate.
+    Elsewhere {
+        /// The push.
+        push: Arc<PushContent>,
+        /// The targets with no session here.
+        uids: Vec<u64>,
+    },
 }
 
 impl Output {
@@ -388,7 +430,10 @@ impl Output {
             Output::Receipt(_)
             | Output::Upstream { .. }
             | Output::GpsBatch(_)
-            | Output::Unreachable { .. } => None,
+            | Output::Unreachable { .. }
+            | Output::Claim { .. }
+            | Output::Release { .. }
+            | Output::Elsewhere { .. } => None,
         }
     }
 }
@@ -443,10 +488,14 @@ impl Shard {
                     }
                 }
                 out.push(Output::LoginOk { conn, uid, role, epoch: r.epoch, log_id, seq });
+                if self.cfg.clustered {
+                    out.push(Output::Claim { uid, epoch: r.epoch });
+                }
             }
             Input::Logout { uid, conn, log_id, seq } => {
                 if let Some(mut e) = self.directory.remove_if(uid, conn) {
                     e.pushes.drain_into(uid, outcome::OFFLINE, &mut self.ttl, &mut self.receipts);
+                    self.released(uid, e.epoch, out);
                 }
                 out.push(Output::LogoutOk { conn, log_id, seq });
             }
@@ -464,6 +513,7 @@ impl Shard {
                         };
                         e.pushes.drain_into(uid, o, &mut self.ttl, &mut self.receipts);
                         out.push(Output::Unreachable { uid, outcome: o });
+                        self.released(uid, e.epoch, out);
                     }
                 }
             }
@@ -512,8 +562,16 @@ impl Shard {
                 }
             }
             Input::Push { push, uids } => {
+                let mut elsewhere = Vec::new();
                 for uid in uids {
-                    self.push_one(uid, &push, now_ms, out);
+                    if self.cfg.clustered && push.origin == LOCAL && self.directory.get(uid).is_none() {
+                        elsewhere.push(uid);
+                    } else {
+                        self.push_one(uid, &push, now_ms, out);
+                    }
+                }
+                if !elsewhere.is_empty() {
+                    out.push(Output::Elsewhere { push, uids: elsewhere });
                 }
             }
             Input::Broadcast { push, role, tally } => {
@@ -529,9 +587,7 @@ impl Shard {
                     if e.conn == conn {
                         if let Some(f) = e.pushes.remove(seq) {
                             self.ttl.remove(f.deadline_ms, uid, seq);
-                            let (message_id, log_id) = (f.push.message_id, f.push.log_id);
-                            let outcome = outcome::DELIVERED;
-                            self.receipts.push(Receipt { message_id, uid, outcome, log_id });
+                            self.receipts.push(Receipt::of(&f.push, uid, outcome::DELIVERED));
                         }
                         // An ack for a push already ended (acked twice, expired) is ignored: its
                         // receipt was sent.
@@ -598,8 +654,29 @@ impl Shard {
                 }
                 self.flush_gps(out);
             }
+            Input::Superseded { uid, epoch } => {
+                let ours = self.directory.get(uid).filter(|e| e.epoch == epoch).map(|e| e.conn);
+                if let Some(mut e) = ours.and_then(|conn| self.directory.remove_if(uid, conn)) {
+                    e.pushes.drain_into(uid, outcome::DISPLACED, &mut self.ttl, &mut self.receipts);
+                    if e.held_until_ms.is_none() {
+                        out.push(Output::Displaced { conn: e.conn, uid, log_id: 0 });
+                    }
+                }
+            }
+            Input::Reclaim => {
+                if self.cfg.clustered {
+                    out.extend(self.directory.iter().map(|(&uid, e)| Output::Claim { uid, epoch: e.epoch }));
+                }
+            }
         }
         self.emit_receipts(out);
+    }
+
+    /// A session ended here: in cluster mode the shared directory forgets it too.
+    fn released(&self, uid: u64, epoch: u64, out: &mut Vec<Output>) {
+        if self.cfg.clustered {
+            out.push(Output::Release { uid, epoch });
+        }
     }
 
     fn failed(&self, p: Pending, failure: RequestFailure) -> Output {
@@ -615,15 +692,14 @@ impl Shard {
     }
 
     fn push_one(&mut self, uid: u64, push: &Arc<PushContent>, now_ms: u64, out: &mut Vec<Output>) {
-        let (message_id, log_id) = (push.message_id, push.log_id);
         let Some(e) = self.directory.get_mut(uid) else {
-            self.receipts.push(Receipt { message_id, uid, outcome: outcome::OFFLINE, log_id });
+            self.receipts.push(Receipt::of(push, uid, outcome::OFFLINE));
             return;
         };
         if e.pushes.inflight.len() >= self.cfg.push_queue_len
             || e.pushes.bytes + push.body.len() > self.cfg.push_queue_bytes
         {
-            self.receipts.push(Receipt { message_id, uid, outcome: outcome::QUEUE_FULL, log_id });
+            self.receipts.push(Receipt::of(push, uid, outcome::QUEUE_FULL));
             return;
         }
         let seq = e.pushes.take_seq();
@@ -658,8 +734,7 @@ impl Shard {
         self.ttl.pop_due(now_ms, MAX_EXPIRED_PER_TICK, &mut due);
         for (uid, seq) in due.drain(..) {
             if let Some(f) = self.directory.get_mut(uid).and_then(|e| e.pushes.remove(seq)) {
-                let (message_id, log_id) = (f.push.message_id, f.push.log_id);
-                self.receipts.push(Receipt { message_id, uid, outcome: outcome::TTL_EXPIRED, log_id });
+                self.receipts.push(Receipt::of(&f.push, uid, outcome::TTL_EXPIRED));
             }
         }
         self.due = due;
@@ -668,6 +743,7 @@ impl Shard {
         for (uid, mut e) in ended {
             e.pushes.drain_into(uid, outcome::HOLD_EXPIRED, &mut self.ttl, &mut self.receipts);
             out.push(Output::Unreachable { uid, outcome: outcome::HOLD_EXPIRED });
+            self.released(uid, e.epoch, out);
         }
         let mut expired = Vec::new();
         self.requests.pop_due(now_ms, MAX_EXPIRED_PER_TICK, &mut expired);
@@ -739,6 +815,7 @@ mod tests {
             hold_ms: 0,
             max_held: 10,
             push_queue_bytes: 1 << 20,
+            clustered: false,
         })
     }
 
@@ -747,12 +824,140 @@ mod tests {
     }
 
     fn push(id: u64, ttl_ms: u32) -> Arc<PushContent> {
-        Arc::new(PushContent { message_id: id, body: Arc::from(&b"x"[..]), log_id: id, ttl_ms })
+        Arc::new(PushContent {
+            message_id: id,
+            body: Arc::from(&b"x"[..]),
+            log_id: id,
+            ttl_ms,
+            origin: LOCAL,
+        })
     }
 
     /// A Resume of `uid`'s session `epoch` on `conn` (log-id 2, seq 1).
     fn resume(uid: u64, epoch: u64, resumes: Option<u32>, conn: ConnRef, secret: Option<[u8; 32]>) -> Input {
         Input::Resume { uid, epoch, resumes, conn, log_id: 2, seq: 1, resume_secret: secret }
+    }
+
+    fn clustered() -> Shard {
+        let mut s = shard();
+        s.cfg.clustered = true;
+        s.cfg.hold_ms = 1_000;
+        s
+    }
+
+    fn login_input(uid: u64, conn: ConnRef, wall_ms: u64) -> Input {
+        Input::Login { uid, role: 1, conn, log_id: 1, seq: 1, wall_ms, resume_secret: None }
+    }
+
+    /// Cluster mode: a login is claimed in the shared directory and every way a session ends
+    /// releases it; a resume (same session) writes nothing; a reclaim claims every session.
+    #[test]
+    fn a_clustered_session_is_claimed_and_released() {
+        let mut s = clustered();
+        let mut out = Vec::new();
+        s.handle(login_input(1, c(1), 5), 0, &mut out);
+        let epoch = match out[..] {
+            [Output::LoginOk { epoch, .. }, Output::Claim { uid: 1, epoch: claimed }] if claimed == epoch => {
+                epoch
+            }
+            _ => panic!("{out:?}"),
+        };
+        out.clear();
+        s.handle(Input::Logout { uid: 1, conn: c(1), log_id: 2, seq: 2 }, 1, &mut out);
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Release { uid: 1, epoch: e } if *e == epoch)),
+            "{out:?}"
+        );
+
+        // Dropped, held, then the hold runs out: released once, at the end.
+        out.clear();
+        s.handle(login_input(2, c(2), 6), 0, &mut out);
+        s.handle(Input::Closed { uid: 2, conn: c(2), reason: CloseReason::Dropped }, 10, &mut out);
+        assert!(!out.iter().any(|o| matches!(o, Output::Release { .. })), "held, not released: {out:?}");
+        out.clear();
+        s.tick(2_000, &mut out);
+        assert!(out.iter().any(|o| matches!(o, Output::Release { uid: 2, .. })), "{out:?}");
+
+        // A reclaim after a directory outage claims every live session, and only those.
+        out.clear();
+        s.handle(login_input(3, c(3), 7), 0, &mut out);
+        s.handle(login_input(4, c(4), 7), 0, &mut out);
+        out.clear();
+        s.handle(Input::Reclaim, 0, &mut out);
+        let mut claimed: Vec<u64> = out
+            .iter()
+            .filter_map(|o| if let Output::Claim { uid, .. } = o { Some(*uid) } else { None })
+            .collect();
+        claimed.sort_unstable();
+        assert_eq!(claimed, vec![3, 4]);
+
+        // Not clustered: no directory writes at all.
+        let mut plain = shard();
+        out.clear();
+        plain.handle(login_input(1, c(1), 5), 0, &mut out);
+        plain.handle(Input::Logout { uid: 1, conn: c(1), log_id: 2, seq: 2 }, 1, &mut out);
+        plain.handle(Input::Reclaim, 2, &mut out);
+        assert!(!out.iter().any(|o| matches!(o, Output::Claim { .. } | Output::Release { .. })), "{out:?}");
+    }
+
+    /// Cluster mode: a newer session elsewhere ends the local one as displaced (its pushes with
+    /// Displaced receipts), but not a newer local session of the same uid.
+    #[test]
+    fn a_session_superseded_by_another_node_ends_displaced() {
+        let mut s = clustered();
+        let mut out = Vec::new();
+        s.handle(login_input(1, c(1), 5), 0, &mut out);
+        let Output::LoginOk { epoch, .. } = out[0] else { panic!("{out:?}") };
+        s.handle(Input::Push { push: push(9, 10_000), uids: vec![1] }, 0, &mut out);
+        out.clear();
+        s.handle(Input::Superseded { uid: 1, epoch: epoch - 1 }, 1, &mut out);
+        assert!(out.is_empty() && s.directory.get(1).is_some(), "an older epoch changes nothing: {out:?}");
+        s.handle(Input::Superseded { uid: 1, epoch }, 1, &mut out);
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Displaced { uid: 1, conn, .. } if *conn == c(1))),
+            "{out:?}"
+        );
+        assert!(
+            out.iter().any(
+                |o| matches!(o, Output::Receipt(r) if r.message_id == 9 && r.outcome == outcome::DISPLACED)
+            ),
+            "{out:?}"
+        );
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Release { .. })),
+            "the directory names the newer one"
+        );
+        assert!(s.directory.get(1).is_none());
+    }
+
+    /// Cluster mode: targets of a local push with no session here go to the gate to be found
+    /// elsewhere; a push that came from another node ends Offline here instead (no second hop),
+    /// and its receipt goes back to that node.
+    #[test]
+    fn a_clustered_push_looks_elsewhere_for_missing_targets() {
+        let mut s = clustered();
+        let mut out = Vec::new();
+        s.handle(login_input(1, c(1), 5), 0, &mut out);
+        out.clear();
+        s.handle(Input::Push { push: push(9, 10_000), uids: vec![1, 2, 3] }, 0, &mut out);
+        assert!(out.iter().any(|o| matches!(o, Output::Deliver { conn, .. } if *conn == c(1))), "{out:?}");
+        let elsewhere: Vec<&Output> = out.iter().filter(|o| matches!(o, Output::Elsewhere { .. })).collect();
+        assert!(matches!(elsewhere[..], [Output::Elsewhere { uids, .. }] if uids == &vec![2, 3]), "{out:?}");
+        assert!(!out.iter().any(|o| matches!(o, Output::Receipt(_))), "no receipt yet: the gate owes them");
+
+        out.clear();
+        let remote = Arc::new(PushContent { origin: 7, ..PushContent::clone(&push(10, 10_000)) });
+        s.handle(Input::Push { push: remote, uids: vec![1, 2] }, 0, &mut out);
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Receipt(r) if r.uid == 2 && r.outcome == outcome::OFFLINE && r.origin == 7)),
+            "{out:?}"
+        );
+        out.clear();
+        s.handle(Input::PushAck { uid: 1, conn: c(1), seq: 2 }, 1, &mut out);
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Receipt(r) if r.message_id == 10 && r.outcome == outcome::DELIVERED && r.origin == 7)),
+            "the delivered receipt goes back to the node that accepted the push: {out:?}"
+        );
     }
 
     /// The secure channel's resumption secret: kept with the session from its login, handed to

@@ -48,6 +48,7 @@ proptest! {
             hold_ms: 700,
             max_held: 3,
             push_queue_bytes: 1 << 20,
+            clustered: false,
         });
         // The resume token's content per uid: (epoch, resumes) from the last answer.
         let mut tokens: HashMap<u64, (u64, u32)> = HashMap::new();
@@ -89,7 +90,7 @@ proptest! {
                     for &u in &uids {
                         *expected.entry((next_msg, u)).or_default() += 1;
                     }
-                    let push = Arc::new(PushContent { message_id: next_msg, body: Arc::from(&b"p"[..]), log_id: 0, ttl_ms });
+                    let push = Arc::new(PushContent { message_id: next_msg, body: Arc::from(&b"p"[..]), log_id: 0, ttl_ms, origin: logic::LOCAL });
                     s.handle(Input::Push { push, uids }, now, &mut out);
                 }
                 Op::Ack(uid, k) => {

@@ -98,6 +98,15 @@ fn advertise(a: &String) -> Result<(), String> {
     }
 }
 
+#[allow(clippy::ptr_arg)]
+fn redis_url(u: &String) -> Result<(), String> {
+    if u.is_empty() || u.starts_with("redis://") || u.starts_with("rediss://") {
+        Ok(())
+    } else {
+        Err("must start with redis:// or rediss:// (e.g. redis://127.0.0.1:6379)".into())
+    }
+}
+
 /// Declares every setting once. Each row: the key, its type and default; `value` names the
 /// value in `--help`; `alias` keeps an older flag working; `example` is a valid non-default
 /// value (the tests set every setting to it by flag, variable and file); `check` bounds it; the
@@ -236,6 +245,14 @@ settings! {
             "The private key the current one replaced: apps that know only its public key still connect, and are told the new one, for previous_key_overlap_s after the gate starts. Empty: none."
         previous_key_overlap_s: u32 = 604_800, value "SECONDS", example "3600", check positive;
             "Seconds after start during which the previous key is still accepted."
+    }
+    [cluster] ClusterConfig "Several gate nodes sharing a session directory in Redis (docs/PROTOCOL.md §15); off by default: one node with its embedded directory." {
+        redis: String = String::new(), value "URL", alias "redis", example "redis://:pw@127.0.0.1:6379", check redis_url;
+            "Redis (or any node of a Redis Cluster) the nodes share: redis://[:PASSWORD@]HOST:PORT, or rediss:// for TLS. Prefer the variable FLEETGATE_CLUSTER_REDIS when it carries a password, since flags show in the process list. Empty: one node, no Redis."
+        secret: Secret = Secret::default(), value "SECRET", example "cluster-secret";
+            "Secret every node of the cluster shares: messages between nodes are sealed and authenticated under keys derived from it. Empty: the built-in development secret, not fit for production."
+        lease_ms: u32 = 3_000, value "MS", example "1000", check |v| range(*v, 300, 60_000, "milliseconds");
+            "This node's lease in Redis, renewed every third of it: a node that stops (killed) is taken for lost by the others within this long, and pushes waiting on it end NodeLost."
     }
     [auth] AuthConfig "Verification of the tokens apps log in with." {
         token_secret: Secret = Secret::default(), value "SECRET", alias "token-secret", example "tok-secret";
@@ -421,6 +438,16 @@ impl Config {
     /// Key the app-server authenticates with on the sidecar port.
     pub fn sidecar_secret(&self) -> &[u8] {
         secret_or_dev(&self.sidecar.secret)
+    }
+
+    /// Key material of messages between cluster nodes.
+    pub fn cluster_secret(&self) -> &[u8] {
+        secret_or_dev(&self.cluster.secret)
+    }
+
+    /// Cluster mode: `cluster.redis` is set.
+    pub fn clustered(&self) -> bool {
+        !self.cluster.redis.is_empty()
     }
 
     /// True when either secret is the public development one, so the gate can warn that it is

@@ -244,7 +244,14 @@ fn execute(
         if spec.kind == Kind::Idle { idle_cpu(server.pid, cfg.profile.idle_cpu_s, stop) } else { None };
     let kernel_before = KernelMem::read();
     let hgrm = dir.join("hgrm");
-    let args = spec.loadgen_args(server.app, server.sidecar, server.tls_ca.as_deref(), server.pid, cfg.loadgen_core, &hgrm);
+    let args = spec.loadgen_args(
+        server.app,
+        server.sidecar,
+        server.tls_ca.as_deref(),
+        server.pid,
+        cfg.loadgen_core,
+        &hgrm,
+    );
     let lg = runner::run(&cfg.bins.loadgen, &args, cfg.loadgen_core, server.pid, spec.timeout(), stop);
     let alive = server.alive();
     server.stop();

@@ -168,7 +168,9 @@ impl Kind {
         match self {
             Kind::Gps => &Target::PLAIN,
             Kind::GpsMany => &Target::ALL,
-            Kind::Push | Kind::Fanout => &[Target::Gate, Target::Mosquitto, Target::Rumqttd, Target::NatsServer],
+            Kind::Push | Kind::Fanout => {
+                &[Target::Gate, Target::Mosquitto, Target::Rumqttd, Target::NatsServer]
+            }
             Kind::Idle => &[
                 Target::Gate,
                 Target::GateSecure,
@@ -589,7 +591,9 @@ mod tests {
         // The rate sweep, push and fan-out are the reactor's rows: plaintext only.
         for k in [Kind::Gps, Kind::Push, Kind::Fanout] {
             assert!(
-                full.iter().filter(|r| r.kind == k).all(|r| !matches!(r.target, Target::GateSecure | Target::MosquittoTls)),
+                full.iter()
+                    .filter(|r| r.kind == k)
+                    .all(|r| !matches!(r.target, Target::GateSecure | Target::MosquittoTls)),
                 "{k:?} has a secure run"
             );
         }

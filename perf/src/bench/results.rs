@@ -666,7 +666,9 @@ impl Metric {
             Metric::SecureIdleUserBytesPerSession => r.idle.as_ref()?.user_bytes_per_session,
             // Of two runs (the channel's, the storm's two costs), criterion's, or of parts not
             // built.
-            Metric::DecodeNs | Metric::ResumeCost | Metric::RestartLoss | Metric::ChannelCpuUsPerPoint => None,
+            Metric::DecodeNs | Metric::ResumeCost | Metric::RestartLoss | Metric::ChannelCpuUsPerPoint => {
+                None
+            }
         }
     }
 
@@ -1749,9 +1751,18 @@ fn secure_tables(b: &BenchResults) -> String {
         };
         let c = |t: Target| cell(sib.get(&t), &|r| Some(format!("{} µs", fig(r.gps.cpu_us_per_point?))));
         let what = if head.spec.kind == Kind::Batch {
-            format!("batches of {}, {} conns, {}/s offered", head.spec.batch, num(head.spec.conns), si(head.spec.offered_per_s))
+            format!(
+                "batches of {}, {} conns, {}/s offered",
+                head.spec.batch,
+                num(head.spec.conns),
+                si(head.spec.offered_per_s)
+            )
         } else {
-            format!("{} conns @ {}/s, one point per segment", num(head.spec.conns), si(head.spec.offered_per_s))
+            format!(
+                "{} conns @ {}/s, one point per segment",
+                num(head.spec.conns),
+                si(head.spec.offered_per_s)
+            )
         };
         let vs = match (us(Target::GateSecure), us(Target::MosquittoTls)) {
             (Some(g), Some(m)) if m > 0.0 => format!("{:.2}×", g / m),
@@ -1769,7 +1780,9 @@ fn secure_tables(b: &BenchResults) -> String {
         );
     }
     if !seen.is_empty() {
-        s.push_str("\nServer CPU µs per GPS point; \"channel\" and \"TLS\" are the difference each makes.\n\n");
+        s.push_str(
+            "\nServer CPU µs per GPS point; \"channel\" and \"TLS\" are the difference each makes.\n\n",
+        );
     }
     if !idle.is_empty() {
         let _ = writeln!(s, "| idle sessions | gate | gate-secure | mosquitto | mosquitto-tls |");
@@ -2158,7 +2171,9 @@ mod tests {
 
         // A channel costing more than 0.3 µs a point misses its goal.
         let mut worse = b.runs.clone();
-        for r in worse.iter_mut().filter(|r| r.spec.target == Target::GateSecure && r.spec.kind == Kind::GpsMany) {
+        for r in
+            worse.iter_mut().filter(|r| r.spec.target == Target::GateSecure && r.spec.kind == Kind::GpsMany)
+        {
             r.gps.cpu_us_per_point = Some(3.5);
         }
         assert_eq!(row(&goals(&worse, None), Metric::ChannelCpuUsPerPoint).status, GoalStatus::NotMet);

@@ -425,7 +425,12 @@ mod tests {
 
     #[test]
     fn mosquitto_tls_names_its_certificates() {
-        let c = mosquitto_tls_conf(18833, Path::new("/d/ca.pem"), Path::new("/d/cert.pem"), Path::new("/d/key.pem"));
+        let c = mosquitto_tls_conf(
+            18833,
+            Path::new("/d/ca.pem"),
+            Path::new("/d/cert.pem"),
+            Path::new("/d/key.pem"),
+        );
         assert!(c.contains("listener 18833 127.0.0.1\n") && c.contains("cafile /d/ca.pem\n"), "{c}");
         assert!(c.contains("certfile /d/cert.pem\n") && c.contains("keyfile /d/key.pem\n"), "{c}");
         assert!(c.contains("tls_version tlsv1.3\n"), "{c}");

@@ -500,10 +500,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for GoAwayReason {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_OUTCOME: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_OUTCOME: u8 = 9;
+pub const ENUM_MAX_OUTCOME: u8 = 11;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_OUTCOME: [Outcome; 10] = [
+pub const ENUM_VALUES_OUTCOME: [Outcome; 12] = [
   Outcome::Unknown,
   Outcome::Delivered,
   Outcome::Offline,
@@ -514,6 +514,8 @@ pub const ENUM_VALUES_OUTCOME: [Outcome; 10] = [
   Outcome::Shutdown,
   Outcome::HoldExpired,
   Outcome::GateLost,
+  Outcome::NodeLost,
+  Outcome::DirectoryUnavailable,
 ];
 
 /// How one (message id, uid) of a push ended. Exactly one receipt per pair.
@@ -541,9 +543,14 @@ impl Outcome {
   pub const HoldExpired: Self = Self(8);
   /// The client library's view when the gate itself was lost; never sent by a gate.
   pub const GateLost: Self = Self(9);
+  /// Cluster mode: the node holding the session was lost (its lease lapsed) or never answered
+  /// within the push's TTL and the lease, before the app acked.
+  pub const NodeLost: Self = Self(10);
+  /// Cluster mode: the directory (Redis) could not be asked which node holds the session.
+  pub const DirectoryUnavailable: Self = Self(11);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 9;
+  pub const ENUM_MAX: u8 = 11;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Unknown,
     Self::Delivered,
@@ -555,6 +562,8 @@ impl Outcome {
     Self::Shutdown,
     Self::HoldExpired,
     Self::GateLost,
+    Self::NodeLost,
+    Self::DirectoryUnavailable,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -569,6 +578,8 @@ impl Outcome {
       Self::Shutdown => Some("Shutdown"),
       Self::HoldExpired => Some("HoldExpired"),
       Self::GateLost => Some("GateLost"),
+      Self::NodeLost => Some("NodeLost"),
+      Self::DirectoryUnavailable => Some("DirectoryUnavailable"),
       _ => None,
     }
   }

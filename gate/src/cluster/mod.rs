@@ -1,0 +1,648 @@
+//! Cluster mode: several gate nodes sharing a session directory in Redis (`cluster.redis`).
+//!
+//! Redis is reached through the `cluster` crate: fred on one thread of its own with a small
+//! tokio runtime (fred's glommio support panics when a timeout is set, and a shard must never
+//! wait on Redis). Shards hand it commands in one batch per turn; what it hears comes back as
+//! [`Note`]s in the shards' mesh inboxes, one batch and one wake-up per destination.
+//!
+//! - **Directory.** Every login is claimed (`uid → node, epoch, shard`, compare-and-set on the
+//!   epoch in a script) and every ended session released; a claim that loses, or word from the
+//!   node whose claim replaced ours, ends the local session as displaced. After a Redis outage
+//!   the node claims all its sessions again.
+//! - **Pushes across nodes.** A push for a uid with no session here is looked up in Redis and
+//!   forwarded, sealed ([`link`]), over Redis sharded pub/sub to the node holding it; that node's
+//!   receipts come back the same way. This node owes the receipt meanwhile: a node that is lost
+//!   (its lease lapses) or never answers ends its pairs `NodeLost`, a directory that cannot be
+//!   asked `DirectoryUnavailable`, so every pair still ends in exactly one receipt.
+//!
+//! Why pub/sub through the Redis the nodes already share rather than node-to-node connections:
+//! one connection per node instead of a mesh of them, no second port to secure and open, and a
+//! node's channel moves with it; it costs one more hop (about 0.1 ms on a LAN) and delivery is
+//! not guaranteed, which the receipt deadline covers.
+
+pub mod link;
+
+use crate::mesh::{Batch, Mesh, Msg};
+use crate::state::Shard;
+use logic::{Input, Origin, PushContent, Receipt, LOCAL};
+use schema::node::{NodeMsg, NodeReceipt};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+pub use cluster::{Cmd, Event, NodeInfo, Owner};
+
+/// What the Redis thread tells a shard.
+#[derive(Debug)]
+pub enum Note {
+    /// A claim of this shard's logic came back.
+    Claimed {
+        /// The user.
+        uid: u64,
+        /// The claimed session.
+        epoch: u64,
+        /// The claim took the entry.
+        won: bool,
+        /// The owner it replaced (won) or the newer owner that stays (lost).
+        previous: Option<Owner>,
+    },
+    /// Where the targets of a lookup are.
+    Looked {
+        /// The lookup.
+        tag: u64,
+        /// Each target and its owner, if any.
+        owners: Vec<(u64, Option<Owner>)>,
+    },
+    /// A lookup could not be made (Redis unreachable or slow).
+    LookupFailed {
+        /// The lookup.
+        tag: u64,
+    },
+    /// Redis is back after an outage: claim every session again.
+    Reclaim,
+    /// The live nodes changed: pairs forwarded to a node that left end `NodeLost`.
+    NodesChanged,
+    /// Another node forwards a push to sessions held here (all on this shard).
+    Push {
+        /// The push, its origin set to the sending node.
+        push: Arc<PushContent>,
+        /// The targets.
+        uids: Vec<u64>,
+    },
+    /// Receipts of pushes this shard forwarded.
+    Receipts(Vec<NodeReceipt>),
+    /// A newer session of `uid` elsewhere replaced the local one of `epoch`.
+    Superseded {
+        /// The user.
+        uid: u64,
+        /// The local session's epoch.
+        epoch: u64,
+    },
+}
+
+/// What every shard shares about the cluster.
+pub struct Cluster {
+    /// This node's name.
+    pub name: String,
+    /// The Redis thread.
+    pub handle: cluster::Handle,
+    /// Seals this node's messages.
+    pub sealer: link::Sealer,
+    /// The lease: how long a stopped node takes to be taken for lost.
+    pub lease_ms: u64,
+    /// Live nodes by name, from the Redis thread's `Nodes`.
+    pub live: RwLock<HashMap<String, NodeInfo>>,
+    /// Node names by origin id (id = index + 1) and back.
+    origins: Mutex<(Vec<String>, HashMap<String, Origin>)>,
+    /// Redis reachable (for /healthz).
+    pub up: AtomicBool,
+    /// Counters for /metrics.
+    pub stats: Stats,
+}
+
+/// Cluster counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Push targets forwarded to another node.
+    pub forwarded: AtomicU64,
+    /// Push targets received from other nodes.
+    pub received: AtomicU64,
+    /// Messages from other nodes refused (forged, replayed, malformed).
+    pub refused: AtomicU64,
+    /// Claims this node lost (a newer session elsewhere).
+    pub claims_lost: AtomicU64,
+    /// Commands that could not run (Redis down, queue full).
+    pub unavailable: AtomicU64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// The origin id of node `name` (interned; ids are never reused).
+    pub fn origin(&self, name: &str) -> Origin {
+        let mut o = self.origins.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&id) = o.1.get(name) {
+            return id;
+        }
+        o.0.push(name.to_owned());
+        let id = o.0.len() as Origin;
+        o.1.insert(name.to_owned(), id);
+        id
+    }
+
+    /// The node name of origin `id`.
+    pub fn origin_name(&self, id: Origin) -> Option<String> {
+        let o = self.origins.lock().unwrap_or_else(|p| p.into_inner());
+        o.0.get((id as usize).checked_sub(1)?).cloned()
+    }
+
+    /// True while `node` holds a lease.
+    pub fn is_live(&self, node: &str) -> bool {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).contains_key(node)
+    }
+
+    /// Starts the Redis thread for node `me`; what it hears goes to the shards' inboxes.
+    pub fn start(
+        cfg: cluster::Config,
+        me: NodeInfo,
+        secret: &[u8],
+        mesh: Arc<Mesh>,
+    ) -> Result<Arc<Cluster>, cluster::Error> {
+        let lease_ms = cfg.lease_ms;
+        let name = me.name.clone();
+        let sealer = link::Sealer::new(secret, &me.name, me.incarnation);
+        // The sink runs on the Redis thread and needs the cluster it belongs to, which needs the
+        // handle the sink is given to: it is set once, right after start.
+        let slot: Arc<std::sync::OnceLock<Arc<Cluster>>> = Arc::new(std::sync::OnceLock::new());
+        let router =
+            Router { mesh, opener: link::Opener::new(secret), cluster: slot.clone(), early: Vec::new() };
+        // Called on the Redis thread only: the lock is never contended.
+        let router = Mutex::new(router);
+        let sink: cluster::Sink =
+            Box::new(move |events| router.lock().unwrap_or_else(|p| p.into_inner()).route(events));
+        let handle = cluster::Handle::start(cfg, me, sink)?;
+        let c = Arc::new(Cluster {
+            name,
+            handle,
+            sealer,
+            lease_ms,
+            live: RwLock::new(HashMap::new()),
+            origins: Mutex::new((Vec::new(), HashMap::new())),
+            up: AtomicBool::new(false),
+            stats: Stats::default(),
+        });
+        let _ = slot.set(c.clone());
+        Ok(c)
+    }
+}
+
+/// Routes what the Redis thread hears to the shards (runs on that thread).
+struct Router {
+    mesh: Arc<Mesh>,
+    opener: link::Opener,
+    cluster: Arc<std::sync::OnceLock<Arc<Cluster>>>,
+    /// Events that came before the cluster was set (the first status, at most a few).
+    early: Vec<Event>,
+}
+
+/// Longest the Redis thread waits on a full shard inbox before giving up on a batch (it is
+/// counted and logged; a shard that full is stuck anyway).
+const INBOX_PATIENCE_MS: u64 = 1_000;
+
+impl Router {
+    fn route(&mut self, events: Vec<Event>) {
+        let Some(c) = self.cluster.get().cloned() else {
+            self.early.extend(events);
+            return;
+        };
+        let mut events = events;
+        if !self.early.is_empty() {
+            let mut all = std::mem::take(&mut self.early);
+            all.append(&mut events);
+            events = all;
+        }
+        let shards = self.mesh.len();
+        let mut per: Vec<Vec<Msg>> = (0..shards).map(|_| Vec::new()).collect();
+        let by_uid = |uid: u64| logic::shard_of(uid, shards);
+        for e in events {
+            match e {
+                Event::Claimed { uid, epoch, won, previous } => {
+                    per[by_uid(uid)].push(Msg::Cluster(Note::Claimed { uid, epoch, won, previous }))
+                }
+                Event::Looked { tag, owners } => {
+                    per[tag_shard(tag, shards)].push(Msg::Cluster(Note::Looked { tag, owners }))
+                }
+                Event::Unavailable { tag, uid, why, .. } => {
+                    c.stats.unavailable.fetch_add(1, Relaxed);
+                    match tag {
+                        Some(tag) => {
+                            per[tag_shard(tag, shards)].push(Msg::Cluster(Note::LookupFailed { tag }))
+                        }
+                        // A claim or release that could not run: the reclaim after the outage
+                        // (or the session's end) sets the directory right.
+                        None => tracing::warn!(uid, %why, "directory write failed"),
+                    }
+                }
+                Event::Moved { .. } => {}
+                Event::Status { up, reregister, detail } => {
+                    c.up.store(up, Relaxed);
+                    if up {
+                        tracing::info!(%detail, reregister, "directory (Redis) reachable");
+                    } else {
+                        tracing::warn!(%detail, "directory (Redis) unreachable: local sessions go on; cross-node pushes and resumes fail fast");
+                    }
+                    if reregister {
+                        for p in per.iter_mut() {
+                            p.push(Msg::Cluster(Note::Reclaim));
+                        }
+                    }
+                }
+                Event::Nodes(nodes) => {
+                    let changed = {
+                        let mut live = c.live.write().unwrap_or_else(|p| p.into_inner());
+                        let before: BTreeSet<String> = live.keys().cloned().collect();
+                        *live = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+                        before != live.keys().cloned().collect::<BTreeSet<String>>()
+                    };
+                    if changed {
+                        for p in per.iter_mut() {
+                            p.push(Msg::Cluster(Note::NodesChanged));
+                        }
+                    }
+                }
+                Event::Message(bytes) => match self.opener.open(&bytes) {
+                    Err(e) => {
+                        c.stats.refused.fetch_add(1, Relaxed);
+                        tracing::warn!(error = %e, bytes = bytes.len(), "message from another node refused");
+                    }
+                    Ok((sender, _, msg)) => self.from_node(&c, &sender, msg, &mut per),
+                },
+            }
+        }
+        for (dest, msgs) in per.into_iter().enumerate() {
+            if !msgs.is_empty() {
+                self.send(dest, msgs);
+            }
+        }
+    }
+
+    /// Splits a node's message by the shard owning each uid.
+    fn from_node(&self, c: &Cluster, sender: &str, msg: NodeMsg, per: &mut [Vec<Msg>]) {
+        let shards = per.len();
+        match msg {
+            NodeMsg::Push { message_id, log_id, ttl_ms, body, uids } => {
+                c.stats.received.fetch_add(uids.len() as u64, Relaxed);
+                let origin = c.origin(sender);
+                let push =
+                    Arc::new(PushContent { message_id, body: Arc::from(body), log_id, ttl_ms, origin });
+                let mut split: Vec<Vec<u64>> = vec![Vec::new(); shards];
+                for uid in uids {
+                    split[logic::shard_of(uid, shards)].push(uid);
+                }
+                for (s, uids) in split.into_iter().enumerate() {
+                    if !uids.is_empty() {
+                        per[s].push(Msg::Cluster(Note::Push { push: push.clone(), uids }));
+                    }
+                }
+            }
+            NodeMsg::Receipts(rs) => {
+                let mut split: Vec<Vec<NodeReceipt>> = vec![Vec::new(); shards];
+                for r in rs {
+                    split[logic::shard_of(r.uid, shards)].push(r);
+                }
+                for (s, rs) in split.into_iter().enumerate() {
+                    if !rs.is_empty() {
+                        per[s].push(Msg::Cluster(Note::Receipts(rs)));
+                    }
+                }
+            }
+            NodeMsg::Superseded { uid, epoch } => {
+                per[logic::shard_of(uid, shards)].push(Msg::Cluster(Note::Superseded { uid, epoch }))
+            }
+        }
+    }
+
+    /// Hands a batch to a shard, waiting (bounded) while its inbox is full.
+    fn send(&self, dest: usize, msgs: Vec<Msg>) {
+        let mut batch = Batch { sent: Instant::now(), msgs };
+        let start = Instant::now();
+        loop {
+            match self.mesh.try_send(dest, batch) {
+                Ok(()) => return,
+                Err(b) if start.elapsed().as_millis() < INBOX_PATIENCE_MS as u128 => {
+                    batch = b;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(b) => {
+                    tracing::error!(
+                        shard = dest,
+                        messages = b.msgs.len(),
+                        "shard inbox full for 1 s: cluster messages dropped"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// `/healthz`'s words in cluster mode: `ok` while Redis answers, else what is degraded.
+pub fn health(c: &Cluster) -> String {
+    let (up, detail) = c.handle.status();
+    let nodes = c.live.read().unwrap_or_else(|p| p.into_inner()).len();
+    if up {
+        format!("ok\ndirectory: up ({detail}); node {}; {nodes} live nodes\n", c.name)
+    } else {
+        format!(
+            "degraded\ndirectory: down ({detail}); local sessions go on, cross-node pushes end DirectoryUnavailable and cross-node resumes are refused until it returns\n"
+        )
+    }
+}
+
+/// The cluster's lines for `/metrics`.
+pub fn render_metrics(c: &Cluster) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let (up, _) = c.handle.status();
+    let live = c.live.read().unwrap_or_else(|p| p.into_inner()).len();
+    let mut line = |name: &str, help: &str, kind: &str, v: u64| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    line("fleetgate_cluster_directory_up", "1 while Redis answers.", "gauge", up as u64);
+    line("fleetgate_cluster_live_nodes", "Nodes holding a lease, this one included.", "gauge", live as u64);
+    line("fleetgate_cluster_redis_commands_total", "Redis commands issued.", "counter", c.handle.ops());
+    let st = &c.stats;
+    line(
+        "fleetgate_cluster_forwarded_targets_total",
+        "Push targets forwarded to the node holding them.",
+        "counter",
+        st.forwarded.load(Relaxed),
+    );
+    line(
+        "fleetgate_cluster_received_targets_total",
+        "Push targets other nodes forwarded here.",
+        "counter",
+        st.received.load(Relaxed),
+    );
+    line(
+        "fleetgate_cluster_refused_messages_total",
+        "Messages from other nodes refused (forged, replayed, malformed).",
+        "counter",
+        st.refused.load(Relaxed),
+    );
+    line(
+        "fleetgate_cluster_claims_lost_total",
+        "Sessions ended because a newer one exists on another node.",
+        "counter",
+        st.claims_lost.load(Relaxed),
+    );
+    line(
+        "fleetgate_cluster_unavailable_total",
+        "Directory commands that failed fast (Redis down or behind).",
+        "counter",
+        st.unavailable.load(Relaxed),
+    );
+    s
+}
+
+/// Lookup tags carry the shard that made them in their top 16 bits.
+fn tag_shard(tag: u64, shards: usize) -> usize {
+    ((tag >> 48) as usize).min(shards.saturating_sub(1))
+}
+
+/// A pair (push, target) forwarded to another node, waiting for its receipt.
+#[derive(Debug)]
+struct Forward {
+    node: String,
+    deadline_ms: u64,
+    log_id: u64,
+}
+
+/// A shard's side of the cluster: what it owes and what it has to send.
+#[derive(Debug, Default)]
+pub struct ClusterShard {
+    /// Commands for the Redis thread, sent at the end of the turn.
+    cmds: Vec<Cmd>,
+    /// Lookups waiting for Redis: the push and its targets.
+    lookups: HashMap<u64, (Arc<PushContent>, Vec<u64>)>,
+    next_tag: u64,
+    /// Pairs forwarded, by (message id, uid).
+    forwards: HashMap<(u64, u64), Forward>,
+    /// The same by deadline.
+    by_deadline: BTreeSet<(u64, u64, u64)>,
+    /// Receipts for other nodes, by origin.
+    receipts: HashMap<Origin, Vec<NodeReceipt>>,
+    /// Messages for other nodes: (node, message).
+    outgoing: Vec<(String, NodeMsg)>,
+}
+
+/// Most pairs one shard keeps waiting on other nodes; past it new targets end `NodeLost` at once
+/// (a bound on memory when another node stops answering).
+const MAX_FORWARDS: usize = 1 << 20;
+
+impl ClusterShard {
+    /// The earliest forward deadline.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.by_deadline.first().map(|d| d.0)
+    }
+
+    /// Pairs waiting for another node's receipt.
+    pub fn forwards(&self) -> usize {
+        self.forwards.len()
+    }
+}
+
+/// A logic shard's `Claim`.
+pub fn claim(shard: &mut Shard, uid: u64, epoch: u64) {
+    let id = shard.id;
+    if let Some(cs) = shard.cluster_shard.as_mut() {
+        cs.cmds.push(Cmd::Claim { uid, epoch, shard: id });
+    }
+}
+
+/// A logic shard's `Release`.
+pub fn release(shard: &mut Shard, uid: u64, epoch: u64) {
+    if let Some(cs) = shard.cluster_shard.as_mut() {
+        cs.cmds.push(Cmd::Release { uid, epoch });
+    }
+}
+
+/// A logic shard's `Elsewhere`: ask Redis where these targets are.
+pub fn elsewhere(shard: &mut Shard, push: Arc<PushContent>, uids: Vec<u64>, now: u64) {
+    let id = shard.id;
+    let Some(cs) = shard.cluster_shard.as_mut() else {
+        // Not clustered: nothing is elsewhere.
+        for uid in uids {
+            crate::sidecar::receipt(shard, Receipt::of(&push, uid, logic::push::outcome::OFFLINE), now);
+        }
+        return;
+    };
+    cs.next_tag += 1;
+    let tag = ((id as u64) << 48) | (cs.next_tag & ((1 << 48) - 1));
+    cs.cmds.push(Cmd::Lookup { uids: uids.clone(), tag });
+    cs.lookups.insert(tag, (push, uids));
+}
+
+/// A receipt the logic shard produced: this node's go to its app-server, another node's are
+/// gathered and sent back to it at the end of the turn.
+pub fn receipt(shard: &mut Shard, r: Receipt, now: u64) {
+    if r.origin == LOCAL {
+        return crate::sidecar::receipt(shard, r, now);
+    }
+    let Some(cs) = shard.cluster_shard.as_mut() else { return };
+    let nr = NodeReceipt { message_id: r.message_id, uid: r.uid, outcome: r.outcome, log_id: r.log_id };
+    cs.receipts.entry(r.origin).or_default().push(nr);
+}
+
+/// Ends the pair with `outcome` here (this node accepted the push).
+fn end_here(shard: &mut Shard, push: &PushContent, uid: u64, outcome: u8, now: u64) {
+    crate::sidecar::receipt(shard, Receipt { origin: LOCAL, ..Receipt::of(push, uid, outcome) }, now);
+}
+
+/// A note from the Redis thread.
+pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
+    use logic::push::outcome::{DIRECTORY_UNAVAILABLE, NODE_LOST, OFFLINE};
+    let Some(c) = shard.cluster.clone() else { return };
+    match note {
+        Note::Claimed { uid, epoch, won, previous } => {
+            if !won {
+                c.stats.claims_lost.fetch_add(1, Relaxed);
+                tracing::info!(uid, epoch, newer = ?previous, "session displaced: the directory holds a newer session elsewhere");
+                crate::event_loop::logic_input(shard, Input::Superseded { uid, epoch }, now);
+            } else if let Some(p) = previous.filter(|p| p.node != c.name && c.is_live(&p.node)) {
+                // That node's session is older: tell it to let go.
+                if let Some(cs) = shard.cluster_shard.as_mut() {
+                    cs.outgoing.push((p.node, NodeMsg::Superseded { uid, epoch: p.epoch }));
+                }
+            }
+        }
+        Note::Looked { tag, owners } => {
+            let Some((push, _)) = shard.cluster_shard.as_mut().and_then(|cs| cs.lookups.remove(&tag)) else {
+                return;
+            };
+            let mut to: HashMap<String, Vec<u64>> = HashMap::new();
+            for (uid, owner) in owners {
+                match owner {
+                    Some(o) if o.node != c.name && c.is_live(&o.node) => {
+                        to.entry(o.node).or_default().push(uid)
+                    }
+                    Some(o) if o.node != c.name => end_here(shard, &push, uid, NODE_LOST, now),
+                    // Nowhere (or the directory names this node, which has no session for it).
+                    _ => end_here(shard, &push, uid, OFFLINE, now),
+                }
+            }
+            let deadline_ms = now + push.ttl_ms as u64 + c.lease_ms;
+            for (node, uids) in to {
+                let Some(cs) = shard.cluster_shard.as_mut() else { return };
+                let mut kept = Vec::with_capacity(uids.len());
+                let mut over = Vec::new();
+                for uid in uids {
+                    if cs.forwards.len() >= MAX_FORWARDS {
+                        over.push(uid);
+                        continue;
+                    }
+                    let key = (push.message_id, uid);
+                    if cs.forwards.contains_key(&key) {
+                        // The same pair twice (a message id reused): one receipt, already owed.
+                        continue;
+                    }
+                    cs.forwards.insert(key, Forward { node: node.clone(), deadline_ms, log_id: push.log_id });
+                    cs.by_deadline.insert((deadline_ms, push.message_id, uid));
+                    kept.push(uid);
+                }
+                c.stats.forwarded.fetch_add(kept.len() as u64, Relaxed);
+                tracing::debug!(log_id = push.log_id, message_id = push.message_id, node = %node, targets = kept.len(), "push forwarded to the node holding its targets");
+                if !kept.is_empty() {
+                    cs.outgoing.push((
+                        node,
+                        NodeMsg::Push {
+                            message_id: push.message_id,
+                            log_id: push.log_id,
+                            ttl_ms: push.ttl_ms,
+                            body: push.body.to_vec(),
+                            uids: kept,
+                        },
+                    ));
+                }
+                for uid in over {
+                    end_here(shard, &push, uid, NODE_LOST, now);
+                }
+            }
+        }
+        Note::LookupFailed { tag } => {
+            if let Some((push, uids)) = shard.cluster_shard.as_mut().and_then(|cs| cs.lookups.remove(&tag)) {
+                tracing::warn!(
+                    log_id = push.log_id,
+                    message_id = push.message_id,
+                    targets = uids.len(),
+                    "directory unreachable: push targets not on this node end DirectoryUnavailable"
+                );
+                for uid in uids {
+                    end_here(shard, &push, uid, DIRECTORY_UNAVAILABLE, now);
+                }
+            }
+        }
+        Note::Reclaim => crate::event_loop::logic_input(shard, Input::Reclaim, now),
+        Note::NodesChanged => {
+            let lost: Vec<(u64, u64)> = match shard.cluster_shard.as_ref() {
+                Some(cs) => {
+                    cs.forwards.iter().filter(|(_, f)| !c.is_live(&f.node)).map(|(k, _)| *k).collect()
+                }
+                None => Vec::new(),
+            };
+            for (message_id, uid) in lost {
+                end_forward(shard, message_id, uid, NODE_LOST, now);
+            }
+        }
+        Note::Push { push, uids } => crate::event_loop::logic_input(shard, Input::Push { push, uids }, now),
+        Note::Receipts(rs) => {
+            for r in rs {
+                end_forward(shard, r.message_id, r.uid, r.outcome, now);
+            }
+        }
+        Note::Superseded { uid, epoch } => {
+            crate::event_loop::logic_input(shard, Input::Superseded { uid, epoch }, now)
+        }
+    }
+}
+
+/// A forwarded pair ends: its receipt goes to this node's app-server, once.
+fn end_forward(shard: &mut Shard, message_id: u64, uid: u64, outcome: u8, now: u64) {
+    let Some(cs) = shard.cluster_shard.as_mut() else { return };
+    let Some(f) = cs.forwards.remove(&(message_id, uid)) else {
+        // Already ended (a receipt after the deadline, or twice): the app-server had its one.
+        return;
+    };
+    cs.by_deadline.remove(&(f.deadline_ms, message_id, uid));
+    crate::sidecar::receipt(
+        shard,
+        Receipt { message_id, uid, outcome, log_id: f.log_id, origin: LOCAL },
+        now,
+    );
+}
+
+/// Pairs whose other node never answered by their deadline end `NodeLost` (bounded per call).
+pub fn expire(shard: &mut Shard, now: u64) {
+    let due: Vec<(u64, u64)> = match shard.cluster_shard.as_ref() {
+        Some(cs) => cs.by_deadline.iter().take_while(|d| d.0 <= now).take(4096).map(|d| (d.1, d.2)).collect(),
+        None => return,
+    };
+    for (message_id, uid) in due {
+        end_forward(shard, message_id, uid, logic::push::outcome::NODE_LOST, now);
+    }
+}
+
+/// End of a turn: seal and publish what goes to other nodes, and hand the Redis thread its
+/// commands, all in one batch.
+pub fn flush(shard: &mut Shard, now: u64) {
+    let Some(c) = shard.cluster.clone() else { return };
+    let Some(cs) = shard.cluster_shard.as_mut() else { return };
+    if cs.cmds.is_empty() && cs.outgoing.is_empty() && cs.receipts.is_empty() {
+        return;
+    }
+    let mut cmds = std::mem::take(&mut cs.cmds);
+    for (origin, rs) in cs.receipts.drain() {
+        match c.origin_name(origin) {
+            Some(node) => cs.outgoing.push((node, NodeMsg::Receipts(rs))),
+            None => tracing::error!(origin, "receipts for an unknown node dropped"),
+        }
+    }
+    for (node, msg) in cs.outgoing.drain(..) {
+        cmds.push(Cmd::Publish { node, bytes: c.sealer.seal(&msg) });
+    }
+    if let Err(cluster::Full(back)) = c.handle.send(cmds) {
+        // The Redis thread is behind: fail fast rather than queue without bound.
+        c.stats.unavailable.fetch_add(back.len() as u64, Relaxed);
+        tracing::warn!(commands = back.len(), "directory queue full: commands failed fast");
+        for cmd in back {
+            if let Cmd::Lookup { tag, .. } = cmd {
+                on_note(shard, Note::LookupFailed { tag }, now);
+            }
+        }
+    }
+}

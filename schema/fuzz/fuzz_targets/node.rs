@@ -1,0 +1,15 @@
+//! Messages between gate nodes over arbitrary bytes: the envelope and the message never panic,
+//! and what decodes encodes back to the same bytes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use schema::node::{Envelope, NodeMsg};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(e) = Envelope::parse(data) {
+        assert_eq!(e.header.len() + e.sealed.len(), data.len());
+    }
+    if let Ok(m) = NodeMsg::decode(data) {
+        assert_eq!(m.to_bytes(), data);
+    }
+});

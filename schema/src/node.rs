@@ -1,0 +1,354 @@
+//! Messages between gate nodes in cluster mode (docs/PROTOCOL.md §15), sans I/O.
+//!
+//! A node sends another node a push for the sessions it holds, the receipts of such pushes
+//! back, and word that a newer session of a uid replaced one it holds. The bytes here are the
+//! plaintext of one sealed message: the gate seals them (ChaCha20-Poly1305 under a key derived
+//! from the cluster secret, see `gate::cluster::link`) before they leave the process, so the
+//! transport between nodes sees neither push payloads nor who is logged in.
+//!
+//! Layout, little-endian: `kind: u8`, then the kind's fields. Vectors are a `u32` count then
+//! the items; byte strings a `u32` length then the bytes. Decoding checks every length against
+//! the bytes present and [`MAX_MESSAGE`], so hostile input ends in a [`NodeError`], never a
+//! panic or an allocation larger than the message itself.
+
+use thiserror::Error;
+
+/// Largest message accepted, in bytes: a push of 16 KiB payload to 50,000 targets fits.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// One receipt of a forwarded push, on its way back to the node that accepted the push.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeReceipt {
+    /// The push.
+    pub message_id: u64,
+    /// The target.
+    pub uid: u64,
+    /// `wire::Outcome` value.
+    pub outcome: u8,
+    /// The push's log-id.
+    pub log_id: u64,
+}
+
+/// A message from one node to another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeMsg {
+    /// A push accepted by the sender for sessions the receiver holds.
+    Push {
+        /// The app-server's id for the push.
+        message_id: u64,
+        /// The push's log-id.
+        log_id: u64,
+        /// Time-to-live left when it was sent, ms.
+        ttl_ms: u32,
+        /// The encoded `PushDelivery` body.
+        body: Vec<u8>,
+        /// The targets.
+        uids: Vec<u64>,
+    },
+    /// Final receipts of pushes the receiver forwarded to the sender.
+    Receipts(Vec<NodeReceipt>),
+    /// The directory now names a newer session of `uid` than the receiver's session of
+    /// `epoch`: the receiver ends it as displaced.
+    Superseded {
+        /// The user.
+        uid: u64,
+        /// The receiver's session that lost.
+        epoch: u64,
+    },
+}
+
+/// Why bytes are not a node message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+pub enum NodeError {
+    /// No bytes.
+    #[error("empty node message")]
+    Empty,
+    /// Larger than [`MAX_MESSAGE`].
+    #[error("node message of {0} bytes is over the 1 MiB limit")]
+    TooLarge(usize),
+    /// The kind byte names no message.
+    #[error("unknown node message kind {0}")]
+    UnknownKind(u8),
+    /// The message ends before a field it announces.
+    #[error("node message truncated")]
+    Truncated,
+    /// Bytes left after the last field.
+    #[error("{0} bytes after the end of a node message")]
+    Trailing(usize),
+    /// The envelope's sender name is empty or not UTF-8.
+    #[error("node message sender is empty or not UTF-8")]
+    BadSender,
+}
+
+const PUSH: u8 = 1;
+const RECEIPTS: u8 = 2;
+const SUPERSEDED: u8 = 3;
+/// Bytes of one receipt on the wire.
+const RECEIPT_LEN: usize = 8 + 8 + 1 + 8;
+
+impl NodeMsg {
+    /// Appends the message's bytes to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            NodeMsg::Push { message_id, log_id, ttl_ms, body, uids } => {
+                out.push(PUSH);
+                out.extend_from_slice(&message_id.to_le_bytes());
+                out.extend_from_slice(&log_id.to_le_bytes());
+                out.extend_from_slice(&ttl_ms.to_le_bytes());
+                out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                out.extend_from_slice(body);
+                out.extend_from_slice(&(uids.len() as u32).to_le_bytes());
+                for uid in uids {
+                    out.extend_from_slice(&uid.to_le_bytes());
+                }
+            }
+            NodeMsg::Receipts(rs) => {
+                out.push(RECEIPTS);
+                out.extend_from_slice(&(rs.len() as u32).to_le_bytes());
+                for r in rs {
+                    out.extend_from_slice(&r.message_id.to_le_bytes());
+                    out.extend_from_slice(&r.uid.to_le_bytes());
+                    out.push(r.outcome);
+                    out.extend_from_slice(&r.log_id.to_le_bytes());
+                }
+            }
+            NodeMsg::Superseded { uid, epoch } => {
+                out.push(SUPERSEDED);
+                out.extend_from_slice(&uid.to_le_bytes());
+                out.extend_from_slice(&epoch.to_le_bytes());
+            }
+        }
+    }
+
+    /// The message's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode(&mut v);
+        v
+    }
+
+    /// Reads one whole message.
+    pub fn decode(bytes: &[u8]) -> Result<NodeMsg, NodeError> {
+        if bytes.len() > MAX_MESSAGE {
+            return Err(NodeError::TooLarge(bytes.len()));
+        }
+        let (&kind, rest) = bytes.split_first().ok_or(NodeError::Empty)?;
+        let mut r = Reader(rest);
+        let msg = match kind {
+            PUSH => {
+                let message_id = r.u64()?;
+                let log_id = r.u64()?;
+                let ttl_ms = r.u32()?;
+                let body_len = r.u32()? as usize;
+                let body = r.take(body_len)?.to_vec();
+                let n = r.u32()? as usize;
+                let raw = r.take(n.checked_mul(8).ok_or(NodeError::Truncated)?)?;
+                let uids = raw.chunks_exact(8).map(le_u64).collect();
+                NodeMsg::Push { message_id, log_id, ttl_ms, body, uids }
+            }
+            RECEIPTS => {
+                let n = r.u32()? as usize;
+                let raw = r.take(n.checked_mul(RECEIPT_LEN).ok_or(NodeError::Truncated)?)?;
+                let rs = raw
+                    .chunks_exact(RECEIPT_LEN)
+                    .map(|c| NodeReceipt {
+                        message_id: le_u64(&c[0..8]),
+                        uid: le_u64(&c[8..16]),
+                        outcome: c[16],
+                        log_id: le_u64(&c[17..25]),
+                    })
+                    .collect();
+                NodeMsg::Receipts(rs)
+            }
+            SUPERSEDED => NodeMsg::Superseded { uid: r.u64()?, epoch: r.u64()? },
+            k => return Err(NodeError::UnknownKind(k)),
+        };
+        if !r.0.is_empty() {
+            return Err(NodeError::Trailing(r.0.len()));
+        }
+        Ok(msg)
+    }
+}
+
+/// The clear header of a sealed node message: who sent it and its place in the sender's
+/// sequence. Layout: `name_len: u8`, the sender's node name (1 to 255 bytes of UTF-8), its
+/// `incarnation: u64`, `counter: u64`, then the sealed message (ciphertext and 16-byte tag),
+/// which is at least [`TAG_LEN`] bytes. The header is the seal's associated data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    /// The sending node's name.
+    pub sender: &'a str,
+    /// The sending process's incarnation.
+    pub incarnation: u64,
+    /// Grows by one with every message the sending process seals: the nonce, and replay's
+    /// guard.
+    pub counter: u64,
+    /// The header's bytes (the associated data of the seal).
+    pub header: &'a [u8],
+    /// Ciphertext and tag.
+    pub sealed: &'a [u8],
+}
+
+/// Bytes of the seal's tag.
+pub const TAG_LEN: usize = 16;
+
+impl<'a> Envelope<'a> {
+    /// Writes the header of a message from `sender` into `out` (then the caller appends the
+    /// sealed bytes).
+    pub fn write_header(sender: &str, incarnation: u64, counter: u64, out: &mut Vec<u8>) {
+        let name = &sender.as_bytes()[..sender.len().min(255)];
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        out.extend_from_slice(&incarnation.to_le_bytes());
+        out.extend_from_slice(&counter.to_le_bytes());
+    }
+
+    /// Splits a received message into its header and sealed part.
+    pub fn parse(bytes: &'a [u8]) -> Result<Envelope<'a>, NodeError> {
+        if bytes.len() > MAX_MESSAGE + 512 {
+            return Err(NodeError::TooLarge(bytes.len()));
+        }
+        let (&n, rest) = bytes.split_first().ok_or(NodeError::Empty)?;
+        let mut r = Reader(rest);
+        let name = r.take(n as usize)?;
+        let sender = std::str::from_utf8(name).map_err(|_| NodeError::BadSender)?;
+        if sender.is_empty() {
+            return Err(NodeError::BadSender);
+        }
+        let incarnation = r.u64()?;
+        let counter = r.u64()?;
+        let header_len = 1 + n as usize + 16;
+        if r.0.len() < TAG_LEN {
+            return Err(NodeError::Truncated);
+        }
+        Ok(Envelope { sender, incarnation, counter, header: &bytes[..header_len], sealed: r.0 })
+    }
+}
+
+/// `b` (8 bytes) as a little-endian u64.
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    u64::from_le_bytes(a)
+}
+
+/// A cursor over a message's bytes.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], NodeError> {
+        if n > self.0.len() {
+            return Err(NodeError::Truncated);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+
+    fn u32(&mut self) -> Result<u32, NodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, NodeError> {
+        Ok(le_u64(self.take(8)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn msg() -> impl Strategy<Value = NodeMsg> {
+        let receipt = (any::<u64>(), any::<u64>(), any::<u8>(), any::<u64>())
+            .prop_map(|(message_id, uid, outcome, log_id)| NodeReceipt { message_id, uid, outcome, log_id });
+        prop_oneof![
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..200),
+                proptest::collection::vec(any::<u64>(), 0..50)
+            )
+                .prop_map(|(message_id, log_id, ttl_ms, body, uids)| NodeMsg::Push {
+                    message_id,
+                    log_id,
+                    ttl_ms,
+                    body,
+                    uids
+                }),
+            proptest::collection::vec(receipt, 0..50).prop_map(NodeMsg::Receipts),
+            (any::<u64>(), any::<u64>()).prop_map(|(uid, epoch)| NodeMsg::Superseded { uid, epoch }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_reads_back(m in msg()) {
+            prop_assert_eq!(NodeMsg::decode(&m.to_bytes()), Ok(m));
+        }
+
+        #[test]
+        fn every_cut_short_message_is_truncated(m in msg(), cut in any::<prop::sample::Index>()) {
+            let bytes = m.to_bytes();
+            let at = cut.index(bytes.len());
+            let r = NodeMsg::decode(&bytes[..at]);
+            prop_assert!(matches!(r, Err(NodeError::Truncated) | Err(NodeError::Empty)), "{:?}", r);
+        }
+
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(m) = NodeMsg::decode(&bytes) {
+                // What decodes encodes back to the same bytes: one reading per message.
+                prop_assert_eq!(m.to_bytes(), bytes);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn envelopes_read_back(name in "[a-z0-9.:-]{1,40}", inc in any::<u64>(), counter in any::<u64>(),
+                               sealed in proptest::collection::vec(any::<u8>(), TAG_LEN..100)) {
+            let mut b = Vec::new();
+            Envelope::write_header(&name, inc, counter, &mut b);
+            let header_len = b.len();
+            b.extend_from_slice(&sealed);
+            let e = Envelope::parse(&b).expect("parses");
+            prop_assert_eq!(e.sender, name.as_str());
+            prop_assert_eq!((e.incarnation, e.counter), (inc, counter));
+            prop_assert_eq!(e.header, &b[..header_len]);
+            prop_assert_eq!(e.sealed, &sealed[..]);
+            // Cut anywhere before a whole tag: never parses.
+            for at in 0..header_len + TAG_LEN {
+                prop_assert!(Envelope::parse(&b[..at]).is_err());
+            }
+        }
+
+        #[test]
+        fn any_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
+            if let Ok(e) = Envelope::parse(&bytes) {
+                prop_assert_eq!(e.header.len() + e.sealed.len(), bytes.len());
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_lengths_and_leftovers() {
+        // A push announcing 2^32-1 targets in a few bytes.
+        let mut b = vec![PUSH];
+        b.extend_from_slice(&[0; 20]);
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(NodeMsg::decode(&b), Err(NodeError::Truncated));
+        assert_eq!(NodeMsg::decode(&[9]), Err(NodeError::UnknownKind(9)));
+        assert_eq!(NodeMsg::decode(&[]), Err(NodeError::Empty));
+        let mut extra = NodeMsg::Superseded { uid: 1, epoch: 2 }.to_bytes();
+        extra.push(0);
+        assert_eq!(NodeMsg::decode(&extra), Err(NodeError::Trailing(1)));
+        assert_eq!(
+            NodeMsg::decode(&vec![SUPERSEDED; MAX_MESSAGE + 1]),
+            Err(NodeError::TooLarge(MAX_MESSAGE + 1))
+        );
+    }
+}
