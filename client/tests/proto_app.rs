@@ -183,6 +183,7 @@ impl H {
                 hold_ms: HOLD_MS,
                 max_held: 16,
                 push_queue_bytes: 1 << 24,
+                clustered: false,
             }),
             genc: Encoder::new(),
             app: AppProto::new(cfg, seed, base),

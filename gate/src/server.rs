@@ -144,7 +144,7 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     for h in handles {
         h.join().map_err(|e| StartError::Other(format!("shard failed: {e}")))?;
     }
-    if let Some(c) = cluster.and_then(|c| Arc::into_inner(c)) {
+    if let Some(c) = cluster.and_then(Arc::into_inner) {
         // Gives up the lease at once, so the other nodes need not wait for it to lapse.
         c.handle.stop();
     }

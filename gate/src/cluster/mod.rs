@@ -260,7 +260,7 @@ impl Router {
                         c.stats.refused.fetch_add(1, Relaxed);
                         tracing::warn!(error = %e, bytes = bytes.len(), "message from another node refused");
                     }
-                    Ok((sender, _, msg)) => self.from_node(&c, &sender, msg, &mut per),
+                    Ok((sender, _, msg)) => self.split_node_msg(&c, &sender, msg, &mut per),
                 },
             }
         }
@@ -272,7 +272,7 @@ impl Router {
     }
 
     /// Splits a node's message by the shard owning each uid.
-    fn from_node(&self, c: &Cluster, sender: &str, msg: NodeMsg, per: &mut [Vec<Msg>]) {
+    fn split_node_msg(&self, c: &Cluster, sender: &str, msg: NodeMsg, per: &mut [Vec<Msg>]) {
         let shards = per.len();
         match msg {
             NodeMsg::Push { message_id, log_id, ttl_ms, body, uids } => {
