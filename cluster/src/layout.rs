@@ -72,7 +72,8 @@ if cur[1] and cur[2] then
   end
 end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'shard', ARGV[3])
-return {1, cur[1], cur[2], cur[3]}
+if cur[1] and cur[2] then return {1, cur[1], cur[2], cur[3]} end
+return {1, false, false, false}
 "#;
 
 /// Move: KEYS = [uid key]; ARGV = [from node, from epoch, node, new epoch, shard]. Applies iff

@@ -15,7 +15,10 @@
 //! The thread drains every batch queued since its last turn and runs all their claims, moves,
 //! releases and lookups as **one fred pipeline**: a login storm costs one Redis round trip per
 //! drain (one per cluster primary touched, in parallel), not one per login. While a pipeline is
-//! out, new batches queue and go out together in the next one.
+//! out, new batches queue and go out together in the next one. A drain is bounded (8,192 Redis
+//! commands; a larger single batch goes as several pipelines, one after the other). Redis
+//! commands per command: one per claim, move and release, one per uid looked up
+//! ([`Handle::ops`]); lease upkeep is counted apart ([`Handle::upkeep_ops`]).
 //!
 //! # Keys
 //! | key | type | what |
@@ -42,10 +45,15 @@
 //! # Connection loss
 //! fred runs without a reconnect policy of its own: this thread owns reconnection (backoff from
 //! 100 ms doubling to 2 s), so "down" is one clear state in which every command is answered at
-//! once with [`Event::Unavailable`] instead of waiting inside fred's router. On return, scripts
-//! are loaded, releases that failed meanwhile are replayed (they are compare-and-set, so a late
-//! one is harmless) and the lease is rewritten before [`Event::Status`] says up with
-//! `reregister: true`. A lease that could not be renewed for `lease_ms` also counts as a loss.
+//! once with [`Event::Unavailable`] instead of waiting inside fred's router (with fred's policy
+//! the client still reads as connected during its first backoff sleep, and commands queue
+//! inside it). Only commands queued during a connect attempt wait for its outcome, bounded by
+//! fred's connect and setup timeouts (`command_timeout_ms` each). A command in flight when
+//! the connection drops, or slower than `command_timeout_ms`, also gets `Unavailable` (it may
+//! have applied: the scripts make a repeat harmless). On return, scripts are loaded, releases
+//! that failed meanwhile are replayed (they are compare-and-set, so a late one is harmless) and
+//! the lease is rewritten before [`Event::Status`] says up with `reregister: true`. A lease
+//! that could not be renewed for `lease_ms` (Redis hung, not closed) also counts as a loss.
 
 mod layout;
 mod worker;

@@ -298,6 +298,7 @@ fn claim_round_trip_figures() {
     let (med, p99) = median_p99_us(&mut single);
     // A batch of 1,000 claims: one pipeline.
     let mut batched = Vec::new();
+    let cpu_before = directory_thread_cpu_us();
     for round in 1..=20u64 {
         let t = Instant::now();
         a.send(
@@ -313,7 +314,30 @@ fn claim_round_trip_figures() {
         }
         batched.push(t.elapsed());
     }
+    let cpu_us = directory_thread_cpu_us() - cpu_before;
     let (bmed, bp99) = median_p99_us(&mut batched);
     println!("claim round trip (send -> sink), one at a time: median {med} us, p99 {p99} us (500 claims)");
     println!("1,000 claims in one send -> all answered: median {bmed} us, p99 {bp99} us (20 batches)");
+    println!("directory thread CPU per batched claim: {:.1} us", cpu_us as f64 / 20_000.0);
+    if let Ok(Reply::Bulk(stats)) = redis.command(&["INFO", "commandstats"]) {
+        for line in stats.lines().filter(|l| l.starts_with("cmdstat_evalsha")) {
+            println!("redis: {line}");
+        }
+    }
+}
+
+/// CPU time (user + system) of this process's directory thread so far, from /proc (10 ms ticks).
+fn directory_thread_cpu_us() -> u64 {
+    let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("fg-redis-") {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap();
+            // Fields after the parenthesised name: state is field 3; utime 14, stime 15.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<u64> = rest.split(' ').map(|x| x.parse().unwrap_or(0)).collect();
+            return (f[11] + f[12]) * 10_000;
+        }
+    }
+    panic!("no directory thread");
 }

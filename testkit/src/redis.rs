@@ -361,3 +361,22 @@ impl Drop for RedisCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resp_replies_parse() {
+        let mut input: &[u8] = b"*4\r\n+OK\r\n:-3\r\n$5\r\nhe\r\no\r\n*2\r\n$-1\r\n-ERR no\r\n";
+        let want = Reply::Array(vec![
+            Reply::Status("OK".into()),
+            Reply::Int(-3),
+            Reply::Bulk("he\r\no".into()),
+            Reply::Array(vec![Reply::Nil, Reply::Error("ERR no".into())]),
+        ]);
+        assert_eq!(read_reply(&mut input).unwrap(), want);
+        assert!(read_reply(&mut &b""[..]).is_err(), "a closed connection is an error");
+        assert!(read_reply(&mut &b"?x\r\n"[..]).is_err());
+    }
+}
