@@ -173,14 +173,16 @@ impl Transport {
     }
 }
 
-fn less_safe_key(key: &TransportKey) -> LessSafeKey {
+/// A ChaCha20-Poly1305 key (also for the gate's messages between cluster nodes, which seal
+/// with the same AEAD and nonce layout).
+pub fn less_safe_key(key: &TransportKey) -> LessSafeKey {
     LessSafeKey::new(
         UnboundKey::new(&CHACHA20_POLY1305, key).expect("32 bytes is ChaCha20-Poly1305's key length"),
     )
 }
 
 /// Noise's ChaChaPoly nonce: 32 zero bits, then the counter as 64-bit little-endian.
-fn nonce(n: u64) -> Nonce {
+pub fn nonce(n: u64) -> Nonce {
     let mut b = [0u8; 12];
     b[4..].copy_from_slice(&n.to_le_bytes());
     Nonce::assume_unique_for_key(b)

@@ -116,7 +116,7 @@ enum Op {
     Move { uid: u64, from: Owner, new_epoch: u64, shard: u16 },
     Release { uid: u64, epoch: u64 },
     Lookup { uid: u64 },
-    Publish { channel: String, bytes: Vec<u8> },
+    Publish { channel: String, bytes: fred::bytes::Bytes },
 }
 
 /// What a loop turn does next.
@@ -322,14 +322,14 @@ impl Worker {
 
     /// One drain as one pipeline, its answers as one sink call.
     async fn serve(&mut self) {
-        let cmds = self.drain();
+        let mut cmds = self.drain();
         if !self.rx.is_empty() {
             // More than one pipeline's worth: come back for the rest after this one.
             self.shared.wake.notify_one();
         }
         let mut advertised = false;
         let mut ops = Vec::with_capacity(cmds.len());
-        for c in &cmds {
+        for c in cmds.iter_mut() {
             match c {
                 Cmd::Claim { uid, epoch, shard } => {
                     ops.push(Op::Claim { uid: *uid, epoch: *epoch, shard: *shard })
@@ -340,9 +340,11 @@ impl Worker {
                 Cmd::Release { uid, epoch } => ops.push(Op::Release { uid: *uid, epoch: *epoch }),
                 Cmd::Lookup { uids, .. } => ops.extend(uids.iter().map(|&uid| Op::Lookup { uid })),
                 Cmd::Advertise(info) => advertised |= self.advertise(info),
-                Cmd::Publish { node, bytes } => {
-                    ops.push(Op::Publish { channel: layout::node_channel(node), bytes: bytes.clone() })
-                }
+                // The bytes move into the pipeline (the answer needs only the node).
+                Cmd::Publish { node, bytes } => ops.push(Op::Publish {
+                    channel: layout::node_channel(node),
+                    bytes: std::mem::take(bytes).into(),
+                }),
             }
         }
         if advertised {
@@ -429,9 +431,9 @@ impl Worker {
                     });
                 }
                 Cmd::Advertise(_) => {}
-                Cmd::Publish { node, bytes } => {
+                Cmd::Publish { node, .. } => {
                     if let Err(why) = next() {
-                        tracing::warn!(node = %self.me.name, to = %node, bytes = bytes.len(), %why, "message to another node not published");
+                        tracing::warn!(node = %self.me.name, to = %node, %why, "message to another node not published");
                     }
                 }
             }
@@ -860,7 +862,8 @@ async fn pipeline(
                 Op::Lookup { uid } => pipe.hmget(uid_key(*uid), ENTRY_FIELDS.to_vec()).await?,
                 Op::Publish { channel, bytes } => {
                     let slot = ClusterHash::from(channel.as_str());
-                    let args = vec![Value::from(channel.clone()), Value::Bytes(bytes.clone().into())];
+                    // A shared handle on the bytes, not a copy.
+                    let args = vec![Value::from(channel.clone()), Value::Bytes(bytes.clone())];
                     pipe.custom::<(), Value>(CustomCommand::new_static("SPUBLISH", slot, false), args).await?
                 }
             }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cluster::{Cmd, Event, Handle, Owner};
 use common::{median_p99_us, Node, PATIENCE};
@@ -277,6 +277,32 @@ fn redis_cluster_claims_moves_and_lookups() {
     // Both leases are found, wherever their keys live.
     let names = a.wait_nodes(PATIENCE, |n| n.len() == 2).expect("both nodes listed");
     assert_eq!(names.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["gate-a", "gate-b"]);
+}
+
+/// Bytes published for a node reach that node's sink, in order, and no other node's; on a
+/// Redis Cluster too (sharded pub/sub lives on the channel's slot).
+#[test]
+fn published_bytes_reach_the_named_node_only() {
+    let single = RedisServer::start().unwrap();
+    let cluster = RedisCluster::start(3).unwrap();
+    for url in [single.url(), cluster.url()] {
+        let mut a = Node::start(&url, "pub-a");
+        let mut b = Node::start(&url, "pub-b");
+        let mut c = Node::start(&url, "pub-c");
+        a.wait_up();
+        b.wait_up();
+        c.wait_up();
+        let msgs: Vec<Vec<u8>> = (0u8..20).map(|i| vec![i; 1 + i as usize * 100]).collect();
+        a.send(msgs.iter().map(|m| Cmd::Publish { node: "pub-b".into(), bytes: m.clone() }).collect());
+        for want in &msgs {
+            let got = b.wait("a message", |e| matches!(e, Event::Message(_)));
+            assert_eq!(got, Event::Message(want.clone()), "on {url}");
+        }
+        assert!(
+            c.try_wait(Duration::from_millis(300), |e| matches!(e, Event::Message(_))).is_none(),
+            "another node heard it on {url}"
+        );
+    }
 }
 
 /// Not a check: prints what a claim costs on loopback (run with `--nocapture`).

@@ -6,10 +6,9 @@
 mod common;
 
 use client::AppServerEvent;
-use common::{collect_events, push_spec, Gate, EVENTUALLY};
+use common::{next_push, push_spec, receipts, Gate, EVENTUALLY};
 use schema::wire::Outcome;
 use schema::Cmd;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use testkit::redis::RedisServer;
 
@@ -26,29 +25,6 @@ fn until_clustered(g: &Gate, nodes: usize) {
         let h = g.http_get("/healthz");
         h.contains("directory: up") && h.contains(&format!("{nodes} live nodes"))
     });
-}
-
-/// Collects `n` receipts: (message id, uid) → outcomes.
-fn receipts(ev: &client::AppServerEvents, n: usize) -> HashMap<(u64, u64), Vec<Outcome>> {
-    let mut got: HashMap<(u64, u64), Vec<Outcome>> = HashMap::new();
-    let mut count = 0;
-    collect_events(ev, |e| {
-        if let AppServerEvent::Receipt { message_id, uid, outcome } = e {
-            got.entry((*message_id, *uid)).or_default().push(*outcome);
-            count += 1;
-        }
-        count >= n
-    });
-    got
-}
-
-fn next_push(c: &mut client::AppConn) -> client::OwnedFrame {
-    loop {
-        let f = c.recv().expect("a push");
-        if f.cmd == Cmd::PushDelivery {
-            return f;
-        }
-    }
 }
 
 #[test]

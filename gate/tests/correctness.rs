@@ -132,16 +132,6 @@ impl RawSidecar {
     }
 }
 
-/// Reads app frames until a push delivery arrives.
-fn next_delivery(c: &mut client::AppConn) -> OwnedFrame {
-    loop {
-        let f = c.recv().expect("a push");
-        if f.cmd == Cmd::PushDelivery {
-            return f;
-        }
-    }
-}
-
 /// One gate shard, so timers and connections share an executor, as the defects were seen.
 fn gate(extra: &[&str]) -> Gate {
     let mut args = vec!["--cores", "0"];
@@ -153,7 +143,7 @@ fn gate(extra: &[&str]) -> Gate {
 fn long_deadline_pending(gate: &Gate, side: &mut RawSidecar, uid: u64) -> client::AppConn {
     let mut app = gate.login(uid, 1);
     side.push(9_000 + uid, &[uid], 30_000, 0, 0);
-    let _ = next_delivery(&mut app);
+    let _ = common::next_push(&mut app);
     app
 }
 
@@ -168,7 +158,7 @@ fn short_ttl_expires_on_time_behind_a_longer_one() {
     let mut app = long_deadline_pending(&gate, &mut side, 1);
     let t0 = Instant::now();
     side.push(2, &[1], 1_000, 0, 0);
-    let _ = next_delivery(&mut app);
+    let _ = common::next_push(&mut app);
     assert_eq!(side.receipt_of(2, 1), Outcome::TtlExpired);
     let took = t0.elapsed();
     assert!(took < Duration::from_millis(1_000) + LATE, "TTL 1 s receipt came after {took:?}");
@@ -414,7 +404,7 @@ fn broadcast_accepted_counts_every_target_across_shards() {
     let mut outcomes = Vec::new();
     let mut targets = None;
     for d in &mut drivers {
-        let f = next_delivery(d);
+        let f = common::next_push(d);
         d.ack_push(&f).expect("ack");
     }
     side.recv_until(|f| {
@@ -501,7 +491,7 @@ fn log_ids_are_assigned_where_none_was_given_and_follow_every_hop() {
     let accepted = side.recv_until(|f| f.cmd == Cmd::Push && f.seq() == pseq);
     let push_log = accepted.log_id();
     assert_ne!(push_log, 0);
-    let delivery = next_delivery(&mut driver);
+    let delivery = common::next_push(&mut driver);
     assert_eq!(delivery.log_id(), push_log);
     driver.ack_push(&delivery).expect("ack");
     // Frames the gate starts carry gate-assigned log-ids, and Receipts a non-zero sequence-id.

@@ -5,21 +5,11 @@
 mod common;
 
 use client::{AppServerEvent, ClientError};
-use common::{collect_events, push_spec, token, Gate};
+use common::{collect_events, next_push, push_spec, token, Gate};
 use schema::wire::{ErrorCode, Outcome};
 use schema::Cmd;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
-
-/// Reads app frames until a push delivery arrives.
-fn next_push(c: &mut client::AppConn) -> client::OwnedFrame {
-    loop {
-        let f = c.recv().expect("a push");
-        if f.cmd == Cmd::PushDelivery {
-            return f;
-        }
-    }
-}
 
 /// Drops the TCP connection without logout and waits until the gate holds the session.
 fn drop_and_wait_held(gate: &Gate, c: client::AppConn, held_before: f64) {

@@ -6,35 +6,11 @@
 mod common;
 
 use client::{AppServerEvent, ClientError};
-use common::{collect_events, point, push_spec, Gate, EVENTUALLY};
+use common::{collect_events, next_push, point, push_spec, receipts, Gate, EVENTUALLY};
 use schema::wire::{ErrorCode, Hop, Outcome};
-use schema::{Body, Cmd};
+use schema::Body;
 use std::collections::HashMap;
 use std::time::Duration;
-
-/// Collects receipts until `n` arrived; returns (message id, uid) → outcomes.
-fn receipts(ev: &client::AppServerEvents, n: usize) -> HashMap<(u64, u64), Vec<Outcome>> {
-    let mut got: HashMap<(u64, u64), Vec<Outcome>> = HashMap::new();
-    let mut count = 0;
-    collect_events(ev, |e| {
-        if let AppServerEvent::Receipt { message_id, uid, outcome } = e {
-            got.entry((*message_id, *uid)).or_default().push(*outcome);
-            count += 1;
-        }
-        count >= n
-    });
-    got
-}
-
-/// Reads app frames until a push delivery arrives.
-fn next_push(c: &mut client::AppConn) -> client::OwnedFrame {
-    loop {
-        let f = c.recv().expect("a push");
-        if f.cmd == Cmd::PushDelivery {
-            return f;
-        }
-    }
-}
 
 #[test]
 fn push_to_online_offline_and_displaced_each_get_one_receipt() {

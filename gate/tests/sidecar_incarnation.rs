@@ -6,20 +6,9 @@
 mod common;
 
 use client::{AppServerEvent, ConnectOptions};
-use common::{push_spec, Gate, EVENTUALLY};
+use common::{next_push, push_spec, Gate, EVENTUALLY};
 use schema::wire::Outcome;
-use schema::Cmd;
 use std::time::{Duration, Instant};
-
-/// Reads app frames until a push delivery arrives.
-fn next_push(c: &mut client::AppConn) -> client::OwnedFrame {
-    loop {
-        let f = c.recv().expect("a push");
-        if f.cmd == Cmd::PushDelivery {
-            return f;
-        }
-    }
-}
 
 /// Receives app-server events until `stop` says so; returns them all. Fails after `within`.
 fn events_until(

@@ -42,6 +42,20 @@ pub fn shard_of(uid: u64, shards: usize) -> usize {
     ((h >> 32) as usize) % shards
 }
 
+/// `items` split by the logic shard owning each one's uid, in their order, one list per shard
+/// (empty where none).
+pub fn split_by_shard<T>(
+    items: impl IntoIterator<Item = T>,
+    shards: usize,
+    uid: impl Fn(&T) -> u64,
+) -> Vec<Vec<T>> {
+    let mut per: Vec<Vec<T>> = (0..shards).map(|_| Vec::new()).collect();
+    for item in items {
+        per[shard_of(uid(&item), shards)].push(item);
+    }
+    per
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -261,7 +261,8 @@ pub enum Output {
         conn: ConnRef,
         /// The user.
         uid: u64,
-        /// The newer login's log-id, so both ends of the displacement share one trace.
+        /// The newer login's log-id, so both ends of the displacement share one trace; 0 when
+        /// the newer login was on another node (the gate assigns one).
         log_id: u64,
     },
     /// Answer the resume: the session continues on `conn`; its queued pushes follow.

@@ -13,8 +13,14 @@
 
 use thiserror::Error;
 
-/// Largest message accepted, in bytes: a push of 16 KiB payload to 50,000 targets fits.
+/// Largest message accepted, in bytes.
 pub const MAX_MESSAGE: usize = 1 << 20;
+/// Most targets a sender puts in one `Push` (more go in several): 64 KiB payload room left.
+pub const MAX_PUSH_UIDS: usize = 65_536;
+/// Most receipts a sender puts in one `Receipts` message (more go in several).
+pub const MAX_RECEIPTS: usize = 32_768;
+const _: () = assert!(1 + 8 + 8 + 4 + 4 + 65_536 + 4 + 8 * MAX_PUSH_UIDS <= MAX_MESSAGE);
+const _: () = assert!(1 + 4 + RECEIPT_LEN * MAX_RECEIPTS <= MAX_MESSAGE);
 
 /// One receipt of a forwarded push, on its way back to the node that accepted the push.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

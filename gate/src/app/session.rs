@@ -287,6 +287,9 @@ pub fn resume_refused(
 
 /// A newer login (or a resume) took this connection's session.
 pub fn displaced(shard: &mut Shard, conn: ConnRef, uid: u64, log_id: u64) {
+    // A displacement that came from another node carries no log-id of the login: the gate
+    // starts the flow, so it assigns one (PROTOCOL §7).
+    let log_id = shard.log_id_or_new(log_id);
     tracing::info!(log_id, uid, shard = shard.id, "displaced by a newer login");
     shard.go_away(conn, log_id, GoAwayReason::Displaced, "logged in on another connection", 0);
 }

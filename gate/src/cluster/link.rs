@@ -11,8 +11,9 @@
 //!   [`WINDOW`] below it arrived; anything older or seen is refused. Shards publish
 //!   concurrently, so messages may overtake each other by a few; the window absorbs that.
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
-use ring::hkdf;
+use channel::transport::{less_safe_key, nonce};
+use ring::aead::{Aad, LessSafeKey};
+use ring::hkdf::{Salt, HKDF_SHA256};
 use schema::node::{Envelope, NodeError, NodeMsg};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Counters below the highest seen that are still accepted (once each).
 pub const WINDOW: u64 = 4096;
 /// Sender processes whose replay state is kept; past it the least recently heard is dropped
-/// (its later messages are then refused until it restarts with a new incarnation).
+/// (its later messages are then refused as too old until it restarts with a new incarnation).
+/// Only senders whose messages authenticated get a place, so a stranger cannot push one out.
 const MAX_SENDERS: usize = 1024;
 
 /// Why a sealed message was refused.
@@ -39,29 +41,14 @@ pub enum OpenError {
 
 /// The key of messages from `sender`'s process `incarnation`.
 fn key(secret: &[u8], sender: &str, incarnation: u64) -> LessSafeKey {
-    struct Len(usize);
-    impl hkdf::KeyType for Len {
-        fn len(&self) -> usize {
-            self.0
-        }
-    }
-    let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"fleetgate node link v1");
-    let prk = salt.extract(secret);
     let inc = incarnation.to_le_bytes();
-    let info = [sender.as_bytes(), &inc[..]];
     let mut k = [0u8; 32];
-    // Expanding 32 bytes from SHA-256 cannot fail (the limit is 255 × 32).
-    if let Ok(okm) = prk.expand(&info, Len(32)) {
-        let _ = okm.fill(&mut k);
-    }
-    let unbound = UnboundKey::new(&CHACHA20_POLY1305, &k).unwrap_or_else(|_| unreachable!("32-byte key"));
-    LessSafeKey::new(unbound)
-}
-
-fn nonce(counter: u64) -> Nonce {
-    let mut n = [0u8; 12];
-    n[4..].copy_from_slice(&counter.to_le_bytes());
-    Nonce::assume_unique_for_key(n)
+    Salt::new(HKDF_SHA256, b"fleetgate node link v1")
+        .extract(secret)
+        .expand(&[sender.as_bytes(), &inc[..]], HKDF_SHA256)
+        .and_then(|okm| okm.fill(&mut k))
+        .expect("32 bytes is within HKDF-SHA256's output limit");
+    less_safe_key(&k)
 }
 
 /// Seals this process's messages (shared by every shard).
@@ -183,26 +170,29 @@ impl Opener {
     pub fn open(&mut self, bytes: &[u8]) -> Result<(String, u64, NodeMsg), OpenError> {
         let e = Envelope::parse(bytes)?;
         let id = (e.sender.to_owned(), e.incarnation);
-        self.clock += 1;
-        if !self.senders.contains_key(&id) && self.senders.len() >= MAX_SENDERS {
-            if let Some(old) = self.senders.iter().min_by_key(|(_, s)| s.used).map(|(k, _)| k.clone()) {
-                self.senders.remove(&old);
-            }
-        }
-        let secret = &self.secret;
-        let seen = self.senders.entry(id.clone()).or_insert_with(|| Seen {
-            key: key(secret, e.sender, e.incarnation),
-            top: 0,
-            bits: vec![0; (WINDOW / 64) as usize],
-            used: 0,
-        });
         let mut body = e.sealed.to_vec();
-        let plain = seen
-            .key
+        // A sender not heard from yet gets its key derived, but no place until it authenticates.
+        let fresh = (!self.senders.contains_key(&id)).then(|| key(&self.secret, e.sender, e.incarnation));
+        let k = match (&fresh, self.senders.get(&id)) {
+            (Some(k), _) => k,
+            (None, Some(seen)) => &seen.key,
+            (None, None) => unreachable!("derived above when not held"),
+        };
+        let plain = k
             .open_in_place(nonce(e.counter), Aad::from(e.header), &mut body)
             .map_err(|_| OpenError::Forged)?;
         let msg = NodeMsg::decode(plain)?;
-        // Marked only once authentic: forged counters cannot move the window.
+        self.clock += 1;
+        if let Some(k) = fresh {
+            if self.senders.len() >= MAX_SENDERS {
+                if let Some(old) = self.senders.iter().min_by_key(|(_, s)| s.used).map(|(k, _)| k.clone()) {
+                    self.senders.remove(&old);
+                }
+            }
+            let seen = Seen { key: k, top: 0, bits: vec![0; (WINDOW / 64) as usize], used: 0 };
+            self.senders.insert(id.clone(), seen);
+        }
+        let Some(seen) = self.senders.get_mut(&id) else { unreachable!("held or inserted above") };
         if !seen.check_and_mark(e.counter) {
             return Err(OpenError::Replayed(e.counter));
         }
@@ -242,6 +232,16 @@ mod tests {
             NodeMsg::Push { message_id: 1, log_id: 2, ttl_ms: 3, body: b"PAYLOAD".to_vec(), uids: vec![] };
         let s = a.seal(&secretive);
         assert!(!s.windows(7).any(|w| w == b"PAYLOAD"));
+    }
+
+    #[test]
+    fn forged_messages_keep_no_state() {
+        let mut b = Opener::new(b"k");
+        for i in 0..(MAX_SENDERS as u64 + 10) {
+            let stranger = Sealer::new(b"not the secret", &format!("n{i}"), i);
+            assert_eq!(b.open(&stranger.seal(&msg(i))), Err(OpenError::Forged));
+        }
+        assert!(b.senders.is_empty(), "strangers took {} places", b.senders.len());
     }
 
     #[test]

@@ -280,22 +280,14 @@ impl Router {
                 let origin = c.origin(sender);
                 let push =
                     Arc::new(PushContent { message_id, body: Arc::from(body), log_id, ttl_ms, origin });
-                let mut split: Vec<Vec<u64>> = vec![Vec::new(); shards];
-                for uid in uids {
-                    split[logic::shard_of(uid, shards)].push(uid);
-                }
-                for (s, uids) in split.into_iter().enumerate() {
+                for (s, uids) in logic::split_by_shard(uids, shards, |&u| u).into_iter().enumerate() {
                     if !uids.is_empty() {
                         per[s].push(Msg::Cluster(Note::Push { push: push.clone(), uids }));
                     }
                 }
             }
             NodeMsg::Receipts(rs) => {
-                let mut split: Vec<Vec<NodeReceipt>> = vec![Vec::new(); shards];
-                for r in rs {
-                    split[logic::shard_of(r.uid, shards)].push(r);
-                }
-                for (s, rs) in split.into_iter().enumerate() {
+                for (s, rs) in logic::split_by_shard(rs, shards, |r| r.uid).into_iter().enumerate() {
                     if !rs.is_empty() {
                         per[s].push(Msg::Cluster(Note::Receipts(rs)));
                     }
@@ -398,18 +390,32 @@ fn tag_shard(tag: u64, shards: usize) -> usize {
 /// A pair (push, target) forwarded to another node, waiting for its receipt.
 #[derive(Debug)]
 struct Forward {
-    node: String,
+    /// The node it went to (as an origin id: no name kept per pair).
+    node: Origin,
     deadline_ms: u64,
     log_id: u64,
 }
+
+/// How long after the push's TTL a forwarded pair waits for the other node's receipt before it
+/// ends NodeLost. That node expires the push at its own TTL, started a lookup and a hop after
+/// this node's, and its receipt takes one hop back: well within this, and the document's
+/// promise (every receipt by TTL + 1 s after acceptance) holds.
+const FORWARD_GRACE_MS: u64 = 750;
+
+/// How long a lookup may wait for Redis before its targets end DirectoryUnavailable: the Redis
+/// thread answers every lookup (its command timeout is 500 ms), so this only catches an answer
+/// lost on the way to a stuck shard.
+const LOOKUP_PATIENCE_MS: u64 = 5_000;
 
 /// A shard's side of the cluster: what it owes and what it has to send.
 #[derive(Debug, Default)]
 pub struct ClusterShard {
     /// Commands for the Redis thread, sent at the end of the turn.
     cmds: Vec<Cmd>,
-    /// Lookups waiting for Redis: the push and its targets.
-    lookups: HashMap<u64, (Arc<PushContent>, Vec<u64>)>,
+    /// Lookups waiting for Redis: the push, its targets, and when to give up on the answer.
+    lookups: HashMap<u64, (Arc<PushContent>, Vec<u64>, u64)>,
+    /// The same by deadline: (deadline ms, tag).
+    lookups_by_deadline: BTreeSet<(u64, u64)>,
     next_tag: u64,
     /// Pairs forwarded, by (message id, uid).
     forwards: HashMap<(u64, u64), Forward>,
@@ -426,14 +432,18 @@ pub struct ClusterShard {
 const MAX_FORWARDS: usize = 1 << 20;
 
 impl ClusterShard {
-    /// The earliest forward deadline.
+    /// The earliest deadline of a forwarded pair or a lookup.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.by_deadline.first().map(|d| d.0)
+        let forward = self.by_deadline.first().map(|d| d.0);
+        let lookup = self.lookups_by_deadline.first().map(|d| d.0);
+        forward.into_iter().chain(lookup).min()
     }
 
-    /// Pairs waiting for another node's receipt.
-    pub fn forwards(&self) -> usize {
-        self.forwards.len()
+    /// Takes a lookup's push and targets, once.
+    fn take_lookup(&mut self, tag: u64) -> Option<(Arc<PushContent>, Vec<u64>)> {
+        let (push, uids, deadline) = self.lookups.remove(&tag)?;
+        self.lookups_by_deadline.remove(&(deadline, tag));
+        Some((push, uids))
     }
 }
 
@@ -454,6 +464,7 @@ pub fn release(shard: &mut Shard, uid: u64, epoch: u64) {
 
 /// A logic shard's `Elsewhere`: ask Redis where these targets are.
 pub fn elsewhere(shard: &mut Shard, push: Arc<PushContent>, uids: Vec<u64>, now: u64) {
+    debug_assert_eq!(push.origin, LOCAL, "only pushes this node accepted are looked for elsewhere");
     let id = shard.id;
     let Some(cs) = shard.cluster_shard.as_mut() else {
         // Not clustered: nothing is elsewhere.
@@ -465,7 +476,9 @@ pub fn elsewhere(shard: &mut Shard, push: Arc<PushContent>, uids: Vec<u64>, now:
     cs.next_tag += 1;
     let tag = ((id as u64) << 48) | (cs.next_tag & ((1 << 48) - 1));
     cs.cmds.push(Cmd::Lookup { uids: uids.clone(), tag });
-    cs.lookups.insert(tag, (push, uids));
+    let deadline = now + LOOKUP_PATIENCE_MS;
+    cs.lookups.insert(tag, (push, uids, deadline));
+    cs.lookups_by_deadline.insert((deadline, tag));
 }
 
 /// A receipt the logic shard produced: this node's go to its app-server, another node's are
@@ -481,7 +494,7 @@ pub fn receipt(shard: &mut Shard, r: Receipt, now: u64) {
 
 /// Ends the pair with `outcome` here (this node accepted the push).
 fn end_here(shard: &mut Shard, push: &PushContent, uid: u64, outcome: u8, now: u64) {
-    crate::sidecar::receipt(shard, Receipt { origin: LOCAL, ..Receipt::of(push, uid, outcome) }, now);
+    crate::sidecar::receipt(shard, Receipt::of(push, uid, outcome), now);
 }
 
 /// A note from the Redis thread.
@@ -502,7 +515,7 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
             }
         }
         Note::Looked { tag, owners } => {
-            let Some((push, _)) = shard.cluster_shard.as_mut().and_then(|cs| cs.lookups.remove(&tag)) else {
+            let Some((push, _)) = shard.cluster_shard.as_mut().and_then(|cs| cs.take_lookup(tag)) else {
                 return;
             };
             let mut to: HashMap<String, Vec<u64>> = HashMap::new();
@@ -516,8 +529,9 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
                     _ => end_here(shard, &push, uid, OFFLINE, now),
                 }
             }
-            let deadline_ms = now + push.ttl_ms as u64 + c.lease_ms;
+            let deadline_ms = now + push.ttl_ms as u64 + FORWARD_GRACE_MS;
             for (node, uids) in to {
+                let origin = c.origin(&node);
                 let Some(cs) = shard.cluster_shard.as_mut() else { return };
                 let mut kept = Vec::with_capacity(uids.len());
                 let mut over = Vec::new();
@@ -531,23 +545,22 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
                         // The same pair twice (a message id reused): one receipt, already owed.
                         continue;
                     }
-                    cs.forwards.insert(key, Forward { node: node.clone(), deadline_ms, log_id: push.log_id });
+                    cs.forwards.insert(key, Forward { node: origin, deadline_ms, log_id: push.log_id });
                     cs.by_deadline.insert((deadline_ms, push.message_id, uid));
                     kept.push(uid);
                 }
                 c.stats.forwarded.fetch_add(kept.len() as u64, Relaxed);
                 tracing::debug!(log_id = push.log_id, message_id = push.message_id, node = %node, targets = kept.len(), "push forwarded to the node holding its targets");
-                if !kept.is_empty() {
-                    cs.outgoing.push((
-                        node,
-                        NodeMsg::Push {
-                            message_id: push.message_id,
-                            log_id: push.log_id,
-                            ttl_ms: push.ttl_ms,
-                            body: push.body.to_vec(),
-                            uids: kept,
-                        },
-                    ));
+                // Several messages when the targets would not fit one.
+                for uids in kept.chunks(schema::node::MAX_PUSH_UIDS) {
+                    let msg = NodeMsg::Push {
+                        message_id: push.message_id,
+                        log_id: push.log_id,
+                        ttl_ms: push.ttl_ms,
+                        body: push.body.to_vec(),
+                        uids: uids.to_vec(),
+                    };
+                    cs.outgoing.push((node.clone(), msg));
                 }
                 for uid in over {
                     end_here(shard, &push, uid, NODE_LOST, now);
@@ -555,7 +568,7 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
             }
         }
         Note::LookupFailed { tag } => {
-            if let Some((push, uids)) = shard.cluster_shard.as_mut().and_then(|cs| cs.lookups.remove(&tag)) {
+            if let Some((push, uids)) = shard.cluster_shard.as_mut().and_then(|cs| cs.take_lookup(tag)) {
                 tracing::warn!(
                     log_id = push.log_id,
                     message_id = push.message_id,
@@ -571,7 +584,13 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
         Note::NodesChanged => {
             let lost: Vec<(u64, u64)> = match shard.cluster_shard.as_ref() {
                 Some(cs) => {
-                    cs.forwards.iter().filter(|(_, f)| !c.is_live(&f.node)).map(|(k, _)| *k).collect()
+                    // The nodes pairs wait on are few: look each up once.
+                    let nodes: BTreeSet<Origin> = cs.forwards.values().map(|f| f.node).collect();
+                    let gone: BTreeSet<Origin> = nodes
+                        .into_iter()
+                        .filter(|&o| c.origin_name(o).is_none_or(|name| !c.is_live(&name)))
+                        .collect();
+                    cs.forwards.iter().filter(|(_, f)| gone.contains(&f.node)).map(|(k, _)| *k).collect()
                 }
                 None => Vec::new(),
             };
@@ -606,14 +625,19 @@ fn end_forward(shard: &mut Shard, message_id: u64, uid: u64, outcome: u8, now: u
     );
 }
 
-/// Pairs whose other node never answered by their deadline end `NodeLost` (bounded per call).
+/// Pairs whose other node never answered by their deadline end `NodeLost`, and lookups Redis
+/// never answered end `DirectoryUnavailable` (at most 4,096 of each per call).
 pub fn expire(shard: &mut Shard, now: u64) {
-    let due: Vec<(u64, u64)> = match shard.cluster_shard.as_ref() {
-        Some(cs) => cs.by_deadline.iter().take_while(|d| d.0 <= now).take(4096).map(|d| (d.1, d.2)).collect(),
-        None => return,
-    };
+    let Some(cs) = shard.cluster_shard.as_ref() else { return };
+    let due: Vec<(u64, u64)> =
+        cs.by_deadline.iter().take_while(|d| d.0 <= now).take(4096).map(|d| (d.1, d.2)).collect();
+    let lookups: Vec<u64> =
+        cs.lookups_by_deadline.iter().take_while(|d| d.0 <= now).take(4096).map(|d| d.1).collect();
     for (message_id, uid) in due {
         end_forward(shard, message_id, uid, logic::push::outcome::NODE_LOST, now);
+    }
+    for tag in lookups {
+        on_note(shard, Note::LookupFailed { tag }, now);
     }
 }
 
@@ -627,9 +651,13 @@ pub fn flush(shard: &mut Shard, now: u64) {
     }
     let mut cmds = std::mem::take(&mut cs.cmds);
     for (origin, rs) in cs.receipts.drain() {
-        match c.origin_name(origin) {
-            Some(node) => cs.outgoing.push((node, NodeMsg::Receipts(rs))),
-            None => tracing::error!(origin, "receipts for an unknown node dropped"),
+        // Origins are interned when a node's push arrives and never forgotten, so this holds.
+        let Some(node) = c.origin_name(origin) else {
+            tracing::error!(origin, receipts = rs.len(), "receipts for an unknown node dropped");
+            continue;
+        };
+        for rs in rs.chunks(schema::node::MAX_RECEIPTS) {
+            cs.outgoing.push((node.clone(), NodeMsg::Receipts(rs.to_vec())));
         }
     }
     for (node, msg) in cs.outgoing.drain(..) {

@@ -103,11 +103,7 @@ pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Pus
         let mut all: Vec<u64> = uids.map(|u| u.iter().collect()).unwrap_or_default();
         all.sort_unstable();
         all.dedup();
-        let mut per_shard: Vec<Vec<u64>> = vec![Vec::new(); shards];
-        for &uid in &all {
-            per_shard[logic::shard_of(uid, shards)].push(uid);
-        }
-        for (s, uids) in per_shard.into_iter().enumerate() {
+        for (s, uids) in logic::split_by_shard(all.iter().copied(), shards, |&u| u).into_iter().enumerate() {
             if !uids.is_empty() {
                 shard.to_shard(s, Msg::Logic(Input::Push { push: push.clone(), uids }));
             }

@@ -185,6 +185,33 @@ pub fn collect_events(ev: &client::AppServerEvents, mut f: impl FnMut(&client::A
     }
 }
 
+/// Collects receipts until `n` arrived; returns (message id, uid) → outcomes.
+pub fn receipts(
+    ev: &client::AppServerEvents,
+    n: usize,
+) -> std::collections::HashMap<(u64, u64), Vec<schema::wire::Outcome>> {
+    let mut got: std::collections::HashMap<(u64, u64), Vec<schema::wire::Outcome>> = Default::default();
+    let mut count = 0;
+    collect_events(ev, |e| {
+        if let client::AppServerEvent::Receipt { message_id, uid, outcome } = e {
+            got.entry((*message_id, *uid)).or_default().push(*outcome);
+            count += 1;
+        }
+        count >= n
+    });
+    got
+}
+
+/// Reads app frames until a push delivery arrives.
+pub fn next_push(c: &mut AppConn) -> client::OwnedFrame {
+    loop {
+        let f = c.recv().expect("a push");
+        if f.cmd == schema::Cmd::PushDelivery {
+            return f;
+        }
+    }
+}
+
 /// A push of `payload` to `uids` with a given message id and ttl.
 pub fn push_spec(message_id: u64, uids: &[u64], ttl_ms: u32) -> client::PushSpec {
     client::PushSpec {

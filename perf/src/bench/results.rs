@@ -1398,12 +1398,6 @@ pub fn table(b: &BenchResults) -> String {
          of the offered points reached the app-server side; the figure is not quoted as the server's.\n"
     );
 
-    let cell = |r: Option<&&RunResult>, f: &dyn Fn(&RunResult) -> Option<String>| match r {
-        None => "—".to_owned(),
-        Some(r) if r.status != RunStatus::Ok => r.status_words().to_owned(),
-        Some(r) => format!("{}{}", f(r).unwrap_or_else(|| "?".into()), mark(r)),
-    };
-
     // GPS ingest.
     let gps: Vec<&RunResult> = b
         .runs
@@ -1719,12 +1713,6 @@ fn secure_tables(b: &BenchResults) -> String {
         "**Secure channel** (gate: Noise IK + ChaCha20-Poly1305 records, development key; mosquitto: \
          TLS 1.3, a test CA's certificate), each beside its own plaintext run in this bench\n"
     );
-    // One figure of a run, or its status; `f` None prints "?".
-    let cell = |r: Option<&&RunResult>, f: &dyn Fn(&RunResult) -> Option<String>| match r {
-        None => "—".to_owned(),
-        Some(r) if r.status != RunStatus::Ok => r.status_words().to_owned(),
-        Some(r) => format!("{}{}", f(r).unwrap_or_else(|| "?".into()), mark(r)),
-    };
     let delta = |a: Option<f64>, b: Option<f64>, unit: &str| match (a, b) {
         (Some(a), Some(b)) => format!("{:+.2}{unit}", a - b),
         _ => "—".into(),
@@ -1836,8 +1824,8 @@ fn secure_tables(b: &BenchResults) -> String {
                 if st.secure { "handshake + login" } else { "plaintext login" },
                 mark(r),
                 st.logins_per_s.map_or("?".into(), si),
-                st.handshake_p50_us.map_or("?".into(), num64),
-                st.handshake_p99_us.map_or("?".into(), num64),
+                st.handshake_p50_us.map_or("?".into(), loadgen::report::num),
+                st.handshake_p99_us.map_or("?".into(), loadgen::report::num),
                 us(st.cpu_us_per_handshake),
                 st.back_per_s.map_or("?".into(), si),
                 us(st.cpu_us_per_resume),
@@ -1852,14 +1840,19 @@ fn secure_tables(b: &BenchResults) -> String {
     s
 }
 
-/// `1234` → `1,234`.
-fn num(n: u32) -> String {
-    loadgen::report::num(u64::from(n))
+/// A table cell: a run's figure `f` (with its marks), its status when it did not run, or "—"
+/// when there is no such run.
+fn cell(r: Option<&&RunResult>, f: &dyn Fn(&RunResult) -> Option<String>) -> String {
+    match r {
+        None => "—".to_owned(),
+        Some(r) if r.status != RunStatus::Ok => r.status_words().to_owned(),
+        Some(r) => format!("{}{}", f(r).unwrap_or_else(|| "?".into()), mark(r)),
+    }
 }
 
 /// `1234` → `1,234`.
-fn num64(n: u64) -> String {
-    loadgen::report::num(n)
+fn num(n: u32) -> String {
+    loadgen::report::num(u64::from(n))
 }
 
 impl RunResult {

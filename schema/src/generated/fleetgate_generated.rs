@@ -544,7 +544,7 @@ impl Outcome {
   /// The client library's view when the gate itself was lost; never sent by a gate.
   pub const GateLost: Self = Self(9);
   /// Cluster mode: the node holding the session was lost (its lease lapsed) or never answered
-  /// within the push's TTL and the lease, before the app acked.
+  /// by the push's TTL + 1 s, before the app acked.
   pub const NodeLost: Self = Self(10);
   /// Cluster mode: the directory (Redis) could not be asked which node holds the session.
   pub const DirectoryUnavailable: Self = Self(11);
