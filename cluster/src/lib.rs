@@ -37,7 +37,8 @@
 //!   smaller epoch; a claim equal to the stored entry (same node, same epoch) is a repeat and
 //!   wins without change, so re-registration after an outage and retries are harmless.
 //! - move (`Cmd::Move`): compare-and-set from exactly (from.node, from.epoch) to (this node,
-//!   new_epoch, shard); refuses a new epoch that is not larger.
+//!   new_epoch, shard); refuses a new epoch that is smaller. A session taken over by another
+//!   node keeps its epoch (the app's resume token names it), so equal is allowed.
 //! - release (`Cmd::Release`): deletes the entry iff it is exactly (this node, epoch).
 //!
 //! Lookups are plain `HMGET`s in the same pipeline.

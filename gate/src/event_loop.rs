@@ -834,7 +834,7 @@ pub(crate) fn logic_input(shard: &mut Shard, input: logic::Input, now: u64) {
 
 /// Carries out one logic output: the one place they are matched. An output for a connection on
 /// another gate shard goes there first.
-fn apply(shard: &mut Shard, o: Output, now: u64) {
+pub(crate) fn apply(shard: &mut Shard, o: Output, now: u64) {
     if let Some(dest) = o.gate_shard() {
         if dest != shard.id {
             shard.to_shard(dest as usize, Msg::Conn(o));
@@ -880,6 +880,13 @@ fn apply(shard: &mut Shard, o: Output, now: u64) {
         Output::Claim { uid, epoch } => crate::cluster::claim(shard, uid, epoch),
         Output::Release { uid, epoch } => crate::cluster::release(shard, uid, epoch),
         Output::Elsewhere { push, uids } => crate::cluster::elsewhere(shard, push, uids, now),
+        Output::Missing { uid, epoch, retry } => {
+            crate::cluster::handoff::missing(shard, uid, epoch, *retry, now)
+        }
+        Output::HandedOver { uid, to, session } => {
+            crate::cluster::handoff::handed_over(shard, uid, to, *session, now)
+        }
+        Output::NotHere { uid, epoch, to } => crate::cluster::handoff::not_here(shard, uid, epoch, to),
     }
 }
 

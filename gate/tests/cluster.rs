@@ -14,7 +14,10 @@ use testkit::redis::RedisServer;
 
 /// A gate node named `name` on the Redis at `url`, with a short lease.
 fn node(url: &str, name: &str, extra: &[&str]) -> Gate {
-    let mut args = vec!["--redis", url, "--node-name", name, "--cluster-lease-ms", "900", "--hold-ms", "0"];
+    let mut args = vec!["--redis", url, "--node-name", name, "--cluster-lease-ms", "900"];
+    if !extra.contains(&"--hold-ms") {
+        args.extend_from_slice(&["--hold-ms", "0"]);
+    }
     args.extend_from_slice(extra);
     Gate::start(&args)
 }
@@ -164,4 +167,109 @@ fn a_killed_node_ends_what_waited_on_it_as_node_lost() {
     // The lease is 900 ms, renewed every 300 ms; the others look every 300 ms.
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(5), "NodeLost after {took:?}, past the lease bound");
+}
+
+/// Drops `c` without logout and waits until node `g` holds its session.
+fn drop_held(g: &Gate, c: client::AppConn) {
+    let before = g.metric("fleetgate_held_sessions", "");
+    c.shutdown().expect("shutdown");
+    drop(c);
+    g.eventually("the session is held", || g.metric("fleetgate_held_sessions", "") > before);
+}
+
+#[test]
+fn a_resume_on_another_node_takes_the_session_over_with_its_queue() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let a = node(&redis.url(), "node-a", &["--hold-ms", "20000"]);
+    let b = node(&redis.url(), "node-b", &["--hold-ms", "20000"]);
+    let c3 = node(&redis.url(), "node-c", &["--hold-ms", "20000"]);
+    until_clustered(&a, 3);
+    until_clustered(&b, 3);
+    until_clustered(&c3, 3);
+    let mut driver = a.login(61, 1);
+    let s = driver.session().expect("session").clone();
+    a.eventually("claimed on a", || {
+        redis.command(&["HGET", &cluster::uid_key(61), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
+            == Some("node-a".into())
+    });
+    // Pushes from three app-servers: node a's own, node b's and node c's.
+    let (srv_a, ev_a) = a.appserver();
+    let (srv_b, ev_b) = b.appserver();
+    let (srv_c, ev_c) = c3.appserver();
+    srv_a.push(&push_spec(1, &[61], 30_000)).expect("push 1 on a");
+    let first = next_push(&mut driver);
+    assert_eq!(first.delivery().expect("delivery").message_id, 1);
+    // Not acked: the drop keeps it in flight, to be redelivered.
+    drop_held(&a, driver);
+    srv_a.push(&push_spec(2, &[61], 30_000)).expect("push 2 on a");
+    srv_b.push(&push_spec(3, &[61], 30_000)).expect("push 3 on b");
+    srv_c.push(&push_spec(4, &[61], 30_000)).expect("push 4 on c");
+    // Pushes 3 and 4 reach node a's queue before the app comes back.
+    a.eventually("queued", || a.metric("fleetgate_cluster_received_targets_total", "") >= 2.0);
+
+    let mut moved = b.connect();
+    let resumed = moved.resume_session(&s).expect("the resume on node b takes the session over");
+    assert_eq!(resumed.uid, 61);
+    assert_eq!(resumed.session_epoch, s.session_epoch, "the same session continues");
+    assert_eq!(resumed.node, b.app.to_string(), "node b now holds it");
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let f = next_push(&mut moved);
+        let d = f.delivery().expect("delivery");
+        got.push((d.message_id, f.seq(), f.is_redelivery()));
+        moved.ack_push(&f).expect("ack");
+    }
+    assert_eq!(
+        got.iter().map(|g| (g.0, g.2)).collect::<Vec<_>>(),
+        vec![(1, true), (2, false), (3, false), (4, false)],
+        "the unacked push redelivered, then the queue in order"
+    );
+    assert_eq!(got[0].1, first.seq(), "the redelivery keeps its sequence-id");
+    // Each push gets exactly one Delivered receipt, at the node whose app-server sent it.
+    assert_eq!(
+        receipts(&ev_a, 2),
+        [((1, 61), vec![Outcome::Delivered]), ((2, 61), vec![Outcome::Delivered])].into()
+    );
+    assert_eq!(receipts(&ev_b, 1), [((3, 61), vec![Outcome::Delivered])].into());
+    assert_eq!(receipts(&ev_c, 1), [((4, 61), vec![Outcome::Delivered])].into());
+    b.eventually("the directory names node b", || {
+        redis.command(&["HGET", &cluster::uid_key(61), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
+            == Some("node-b".into())
+    });
+    assert_eq!(b.metric("fleetgate_cluster_sessions_moved_in_total", ""), 1.0);
+    assert_eq!(a.metric("fleetgate_cluster_sessions_moved_out_total", ""), 1.0);
+    // A push after the move, from node a, goes to node b.
+    srv_a.push(&push_spec(5, &[61], 30_000)).expect("push 5 on a");
+    let f = next_push(&mut moved);
+    assert_eq!(f.delivery().expect("delivery").message_id, 5);
+    moved.ack_push(&f).expect("ack");
+    assert_eq!(receipts(&ev_a, 1), [((5, 61), vec![Outcome::Delivered])].into());
+    // Nothing more: no second receipt for any pair.
+    std::thread::sleep(Duration::from_millis(300));
+    for ev in [&ev_a, &ev_b, &ev_c] {
+        while let Ok(e) = ev.try_recv() {
+            assert!(!matches!(e, AppServerEvent::Receipt { .. }), "extra receipt {e:?}");
+        }
+    }
+    // The old token was used on node b: replaying it anywhere is refused.
+    let mut again = a.connect();
+    assert!(again.resume(&s.resume_token).is_err(), "a replayed token is refused");
+}
+
+#[test]
+fn a_resume_of_a_session_no_node_holds_is_refused() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let a = node(&redis.url(), "node-a", &["--hold-ms", "20000"]);
+    let b = node(&redis.url(), "node-b", &["--hold-ms", "20000"]);
+    until_clustered(&a, 2);
+    until_clustered(&b, 2);
+    let mut c = a.login(62, 1);
+    let s = c.session().expect("session").clone();
+    c.logout().expect("logout");
+    a.eventually("released", || {
+        matches!(redis.command(&["EXISTS", &cluster::uid_key(62)]), Ok(testkit::redis::Reply::Int(0)))
+    });
+    let mut other = b.connect();
+    assert!(other.resume_session(&s).is_err(), "a logged-out session does not resume anywhere");
+    assert_eq!(b.metric("fleetgate_cluster_resumes_refused_total", ""), 1.0);
 }

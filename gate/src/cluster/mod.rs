@@ -20,6 +20,7 @@
 //! node's channel moves with it; it costs one more hop (about 0.1 ms on a LAN) and delivery is
 //! not guaranteed, which the receipt deadline covers.
 
+pub mod handoff;
 pub mod link;
 
 use crate::mesh::{Batch, Mesh, Msg};
@@ -79,6 +80,45 @@ pub enum Note {
         /// The local session's epoch.
         epoch: u64,
     },
+    /// Node `from` asks for the session of `uid` of `epoch` (its app resumes there).
+    Take {
+        /// The asking node.
+        from: String,
+        /// The user.
+        uid: u64,
+        /// The session's epoch.
+        epoch: u64,
+    },
+    /// Node `from` handed a session over.
+    Handoff {
+        /// The node it comes from.
+        from: String,
+        /// The session.
+        session: Box<schema::node::HandedSession>,
+    },
+    /// The node asked for a session does not hold it.
+    NotHere {
+        /// The user.
+        uid: u64,
+        /// The epoch asked for.
+        epoch: u64,
+    },
+    /// Node `from` now holds sessions this node's forwarded pairs wait on.
+    Rehomed {
+        /// The node.
+        from: String,
+        /// (message id, uid) pairs.
+        pairs: Vec<(u64, u64)>,
+    },
+    /// The directory's move of a session taken over came back.
+    Moved {
+        /// The user.
+        uid: u64,
+        /// The move applied.
+        ok: bool,
+        /// The entry as it stands.
+        current: Option<Owner>,
+    },
 }
 
 /// What every shard shares about the cluster.
@@ -114,6 +154,12 @@ pub struct Stats {
     pub claims_lost: AtomicU64,
     /// Commands that could not run (Redis down, queue full).
     pub unavailable: AtomicU64,
+    /// Sessions taken over from other nodes (their apps resumed here).
+    pub moved_in: AtomicU64,
+    /// Sessions handed over to other nodes.
+    pub moved_out: AtomicU64,
+    /// Resumes of sessions not on this node that no node could hand over.
+    pub takes_refused: AtomicU64,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -228,7 +274,9 @@ impl Router {
                         None => tracing::warn!(uid, %why, "directory write failed"),
                     }
                 }
-                Event::Moved { .. } => {}
+                Event::Moved { uid, ok, current, .. } => {
+                    per[by_uid(uid)].push(Msg::Cluster(Note::Moved { uid, ok, current }))
+                }
                 Event::Status { up, reregister, detail } => {
                     c.up.store(up, Relaxed);
                     if up {
@@ -295,6 +343,20 @@ impl Router {
             }
             NodeMsg::Superseded { uid, epoch } => {
                 per[logic::shard_of(uid, shards)].push(Msg::Cluster(Note::Superseded { uid, epoch }))
+            }
+            NodeMsg::Take { uid, epoch } => per[logic::shard_of(uid, shards)]
+                .push(Msg::Cluster(Note::Take { from: sender.to_owned(), uid, epoch })),
+            NodeMsg::NotHere { uid, epoch } => {
+                per[logic::shard_of(uid, shards)].push(Msg::Cluster(Note::NotHere { uid, epoch }))
+            }
+            NodeMsg::Handoff(session) => per[logic::shard_of(session.uid, shards)]
+                .push(Msg::Cluster(Note::Handoff { from: sender.to_owned(), session })),
+            NodeMsg::Rehomed(pairs) => {
+                for (s, pairs) in logic::split_by_shard(pairs, shards, |p| p.1).into_iter().enumerate() {
+                    if !pairs.is_empty() {
+                        per[s].push(Msg::Cluster(Note::Rehomed { from: sender.to_owned(), pairs }));
+                    }
+                }
             }
         }
     }
@@ -379,6 +441,24 @@ pub fn render_metrics(c: &Cluster) -> String {
         "counter",
         st.unavailable.load(Relaxed),
     );
+    line(
+        "fleetgate_cluster_sessions_moved_in_total",
+        "Sessions taken over from other nodes, their apps resuming here.",
+        "counter",
+        st.moved_in.load(Relaxed),
+    );
+    line(
+        "fleetgate_cluster_sessions_moved_out_total",
+        "Sessions handed over to the nodes their apps resumed on.",
+        "counter",
+        st.moved_out.load(Relaxed),
+    );
+    line(
+        "fleetgate_cluster_resumes_refused_total",
+        "Resumes of sessions not on this node that no live node could hand over.",
+        "counter",
+        st.takes_refused.load(Relaxed),
+    );
     s
 }
 
@@ -400,7 +480,7 @@ struct Forward {
 /// ends NodeLost. That node expires the push at its own TTL, started a lookup and a hop after
 /// this node's, and its receipt takes one hop back: well within this, and the document's
 /// promise (every receipt by TTL + 1 s after acceptance) holds.
-const FORWARD_GRACE_MS: u64 = 750;
+pub(crate) const FORWARD_GRACE_MS: u64 = 750;
 
 /// How long a lookup may wait for Redis before its targets end DirectoryUnavailable: the Redis
 /// thread answers every lookup (its command timeout is 500 ms), so this only catches an answer
@@ -425,6 +505,8 @@ pub struct ClusterShard {
     receipts: HashMap<Origin, Vec<NodeReceipt>>,
     /// Messages for other nodes: (node, message).
     outgoing: Vec<(String, NodeMsg)>,
+    /// Sessions being fetched from other nodes for resumes.
+    takes: handoff::Takes,
 }
 
 /// Most pairs one shard keeps waiting on other nodes; past it new targets end `NodeLost` at once
@@ -436,7 +518,14 @@ impl ClusterShard {
     pub fn next_deadline(&self) -> Option<u64> {
         let forward = self.by_deadline.first().map(|d| d.0);
         let lookup = self.lookups_by_deadline.first().map(|d| d.0);
-        forward.into_iter().chain(lookup).min()
+        forward.into_iter().chain(lookup).chain(self.takes.next_deadline()).min()
+    }
+
+    /// A new lookup tag: the shard that made it in the top 16 bits, so its answer comes back
+    /// here.
+    fn new_tag(&mut self, shard: u16) -> u64 {
+        self.next_tag += 1;
+        ((shard as u64) << 48) | (self.next_tag & ((1 << 48) - 1))
     }
 
     /// Takes a lookup's push and targets, once.
@@ -473,8 +562,7 @@ pub fn elsewhere(shard: &mut Shard, push: Arc<PushContent>, uids: Vec<u64>, now:
         }
         return;
     };
-    cs.next_tag += 1;
-    let tag = ((id as u64) << 48) | (cs.next_tag & ((1 << 48) - 1));
+    let tag = cs.new_tag(id);
     cs.cmds.push(Cmd::Lookup { uids: uids.clone(), tag });
     let deadline = now + LOOKUP_PATIENCE_MS;
     cs.lookups.insert(tag, (push, uids, deadline));
@@ -515,6 +603,9 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
             }
         }
         Note::Looked { tag, owners } => {
+            if handoff::on_looked(shard, tag, &owners, now) {
+                return;
+            }
             let Some((push, _)) = shard.cluster_shard.as_mut().and_then(|cs| cs.take_lookup(tag)) else {
                 return;
             };
@@ -568,6 +659,9 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
             }
         }
         Note::LookupFailed { tag } => {
+            if handoff::on_lookup_failed(shard, tag, now) {
+                return;
+            }
             if let Some((push, uids)) = shard.cluster_shard.as_mut().and_then(|cs| cs.take_lookup(tag)) {
                 tracing::warn!(
                     log_id = push.log_id,
@@ -607,6 +701,11 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
         Note::Superseded { uid, epoch } => {
             crate::event_loop::logic_input(shard, Input::Superseded { uid, epoch }, now)
         }
+        Note::Take { from, uid, epoch } => handoff::on_take(shard, &from, uid, epoch, now),
+        Note::Handoff { from, session } => handoff::on_handoff(shard, &from, *session, now),
+        Note::NotHere { uid, epoch } => handoff::on_not_here(shard, uid, epoch, now),
+        Note::Rehomed { from, pairs } => handoff::on_rehomed(shard, &from, pairs),
+        Note::Moved { uid, ok, current } => handoff::on_moved(shard, uid, ok, current, now),
     }
 }
 
@@ -639,6 +738,7 @@ pub fn expire(shard: &mut Shard, now: u64) {
     for tag in lookups {
         on_note(shard, Note::LookupFailed { tag }, now);
     }
+    handoff::expire(shard, now);
 }
 
 /// End of a turn: seal and publish what goes to other nodes, and hand the Redis thread its
