@@ -219,11 +219,15 @@ fn a_resume_on_another_node_takes_the_session_over_with_its_queue() {
         got.push((d.message_id, f.seq(), f.is_redelivery()));
         moved.ack_push(&f).expect("ack");
     }
+    // Pushes 3 and 4 came from two other nodes: node a queued them in the order they arrived.
+    let mut order: Vec<(u64, bool)> = got.iter().map(|g| (g.0, g.2)).collect();
+    order[2..].sort_unstable();
     assert_eq!(
-        got.iter().map(|g| (g.0, g.2)).collect::<Vec<_>>(),
+        order,
         vec![(1, true), (2, false), (3, false), (4, false)],
-        "the unacked push redelivered, then the queue in order"
+        "the unacked push redelivered, then the queue"
     );
+    assert!(got.windows(2).all(|w| w[0].1 < w[1].1), "in sequence order: {got:?}");
     assert_eq!(got[0].1, first.seq(), "the redelivery keeps its sequence-id");
     // Each push gets exactly one Delivered receipt, at the node whose app-server sent it.
     assert_eq!(
@@ -272,4 +276,51 @@ fn a_resume_of_a_session_no_node_holds_is_refused() {
     let mut other = b.connect();
     assert!(other.resume_session(&s).is_err(), "a logged-out session does not resume anywhere");
     assert_eq!(b.metric("fleetgate_cluster_resumes_refused_total", ""), 1.0);
+}
+
+#[test]
+fn a_draining_node_sends_its_apps_to_another_node_and_their_sessions_follow() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let a = node(&redis.url(), "node-a", &["--hold-ms", "0"]);
+    let b = node(&redis.url(), "node-b", &["--hold-ms", "0"]);
+    until_clustered(&a, 2);
+    until_clustered(&b, 2);
+    let mut driver = a.login(71, 1);
+    let s = driver.session().expect("session").clone();
+    a.eventually("claimed on a", || {
+        redis.command(&["HGET", &cluster::uid_key(71), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
+            == Some("node-a".into())
+    });
+    let (srv_b, ev_b) = b.appserver();
+    srv_b.push(&push_spec(1, &[71], 30_000)).expect("push on b");
+    let first = next_push(&mut driver);
+    assert_eq!(first.delivery().expect("delivery").message_id, 1);
+    // Not acked. Node a drains: the app is told to resume on node b.
+    a.sigterm();
+    let bye = loop {
+        let f = driver.recv().expect("a go-away before the close");
+        if f.cmd == Cmd::GoAway {
+            break f;
+        }
+    };
+    let g = bye.go_away().expect("go-away body");
+    assert_eq!(g.reason(), schema::wire::GoAwayReason::Shutdown);
+    assert_eq!(g.reconnect(), Some(b.app.to_string().as_str()), "the go-away names node b");
+    drop(driver);
+    // The session was handed to node b even with no hold configured there.
+    b.eventually("the session moved to b", || {
+        b.metric("fleetgate_cluster_sessions_moved_in_total", "") >= 1.0
+    });
+    let mut moved = b.connect();
+    let resumed = moved.resume_session(&s).expect("the session resumes on node b");
+    assert_eq!(resumed.session_epoch, s.session_epoch);
+    let f = next_push(&mut moved);
+    assert_eq!(f.delivery().expect("delivery").message_id, 1);
+    assert!(f.is_redelivery());
+    moved.ack_push(&f).expect("ack");
+    assert_eq!(receipts(&ev_b, 1), [((1, 71), vec![Outcome::Delivered])].into());
+    b.eventually("the directory names node b", || {
+        redis.command(&["HGET", &cluster::uid_key(71), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
+            == Some("node-b".into())
+    });
 }

@@ -4,7 +4,7 @@
 use crate::directory::Directory;
 use crate::directory::{ResumeRefused, ResumeSecret};
 use crate::gps::{Coalescer, Forward, GpsStats};
-use crate::push::{outcome, Inflight, Origin, PushContent, Receipt, TtlIndex, LOCAL};
+use crate::push::{outcome, Inflight, Origin, PushContent, Receipt, TtlIndex};
 use crate::upstream::{Pending, Requests};
 use crate::ConnRef;
 use schema::wire::{GpsPoint, UidGpsPoint};
@@ -13,6 +13,10 @@ use std::sync::Arc;
 /// Work done per `tick` call at most, so one tick cannot stall the executor; the rest waits for
 /// the next tick (the deadline stays in the past, so it comes at once).
 const MAX_EXPIRED_PER_TICK: usize = 4096;
+
+/// Least hold of a session moving to another node as its node drains: the app waits its
+/// go-away's retry-after, then resumes there.
+const MOVING_HOLD_MS: u64 = 10_000;
 
 /// Settings of a logic shard.
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +57,9 @@ pub enum CloseReason {
     SlowConsumer,
     /// The gate is shutting down.
     Shutdown,
+    /// Cluster mode: the node is draining and the app was told to resume on another node: the
+    /// session is held (whatever the hold settings) until it is handed over there.
+    Moving,
 }
 
 /// An upstream failure the gate reports to the app as an error frame.
@@ -584,14 +591,21 @@ impl Shard {
                 out.push(Output::LogoutOk { conn, log_id, seq });
             }
             Input::Closed { uid, conn, reason } => {
-                let held = reason == CloseReason::Dropped
-                    && self.cfg.hold_ms > 0
-                    && self.directory.held_count() < self.cfg.max_held
-                    && self.directory.hold(uid, conn, now_ms + self.cfg.hold_ms);
+                let held = match reason {
+                    CloseReason::Dropped => {
+                        self.cfg.hold_ms > 0
+                            && self.directory.held_count() < self.cfg.max_held
+                            && self.directory.hold(uid, conn, now_ms + self.cfg.hold_ms)
+                    }
+                    CloseReason::Moving => {
+                        self.directory.hold(uid, conn, now_ms + self.cfg.hold_ms.max(MOVING_HOLD_MS))
+                    }
+                    CloseReason::SlowConsumer | CloseReason::Shutdown => false,
+                };
                 if !held {
                     if let Some(mut e) = self.directory.remove_if(uid, conn) {
                         let o = match reason {
-                            CloseReason::Dropped => outcome::HOLD_EXPIRED,
+                            CloseReason::Dropped | CloseReason::Moving => outcome::HOLD_EXPIRED,
                             CloseReason::SlowConsumer => outcome::SLOW_CONSUMER,
                             CloseReason::Shutdown => outcome::SHUTDOWN,
                         };
@@ -658,7 +672,9 @@ impl Shard {
             Input::Push { push, uids } => {
                 let mut elsewhere = Vec::new();
                 for uid in uids {
-                    if self.cfg.clustered && push.origin == LOCAL && self.directory.get(uid).is_none() {
+                    // Cluster mode: a target with no session here may be on another node (a push
+                    // another node forwarded, too: the session may have moved on meanwhile).
+                    if self.cfg.clustered && self.directory.get(uid).is_none() {
                         elsewhere.push(uid);
                     } else {
                         self.push_one(uid, &push, now_ms, out);
@@ -778,7 +794,8 @@ impl Shard {
                     }
                     let hold_left_ms = match e.held_until_ms {
                         Some(until) => until.saturating_sub(now_ms),
-                        None => self.cfg.hold_ms,
+                        // Attached: its app is resuming on the taker now, or is about to.
+                        None => self.cfg.hold_ms.max(MOVING_HOLD_MS),
                     };
                     let session = Box::new(Handed {
                         role: e.role,
@@ -832,6 +849,11 @@ impl Shard {
                 out.push(Output::Displaced { conn: old.conn, uid, log_id: 0 });
             }
         }
+    }
+
+    /// Every session of this shard: (uid, epoch).
+    pub fn sessions(&self) -> Vec<(u64, u64)> {
+        self.directory.iter().map(|(&uid, e)| (uid, e.epoch)).collect()
     }
 
     /// True when this shard holds a session of `uid` of `epoch`.
@@ -996,7 +1018,7 @@ mod tests {
             body: Arc::from(&b"x"[..]),
             log_id: id,
             ttl_ms,
-            origin: LOCAL,
+            origin: crate::LOCAL,
         })
     }
 
@@ -1184,10 +1206,15 @@ mod tests {
         out.clear();
         let remote = Arc::new(PushContent { origin: 7, ..PushContent::clone(&push(10, 10_000)) });
         s.handle(Input::Push { push: remote, uids: vec![1, 2] }, 0, &mut out);
+        // Another node's push for a session that is not here (it may have moved on): looked for
+        // too, keeping its origin, so the receipt goes back the way the push came.
         assert!(
-            out.iter().any(|o| matches!(o, Output::Receipt(r) if r.uid == 2 && r.outcome == outcome::OFFLINE && r.origin == 7)),
+            out.iter().any(
+                |o| matches!(o, Output::Elsewhere { push, uids } if uids == &vec![2] && push.origin == 7)
+            ),
             "{out:?}"
         );
+        assert!(!out.iter().any(|o| matches!(o, Output::Receipt(_))), "{out:?}");
         out.clear();
         s.handle(Input::PushAck { uid: 1, conn: c(1), seq: 2 }, 1, &mut out);
         assert!(

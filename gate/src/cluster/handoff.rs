@@ -198,7 +198,7 @@ pub fn handed_over(shard: &mut Shard, uid: u64, to: logic::Origin, h: Handed, no
         if p.push.origin == LOCAL {
             let deadline_ms = now + p.ttl_left_ms + FORWARD_GRACE_MS;
             let key = (p.push.message_id, uid);
-            cs.forwards.insert(key, Forward { node: to, deadline_ms, log_id: p.push.log_id });
+            cs.forwards.insert(key, Forward { node: to, origin: LOCAL, deadline_ms, log_id: p.push.log_id });
             cs.by_deadline.insert((deadline_ms, key.0, key.1));
         }
         pushes.push(node::HandedPush {
@@ -340,5 +340,40 @@ pub fn expire(shard: &mut Shard, now: u64) {
     for uid in due {
         tracing::info!(uid, "resume: the session did not come from the other node in time");
         finish(shard, uid, now);
+    }
+}
+
+/// The live nodes sessions move to when this node drains, sorted by name: (name, app address).
+pub fn drain_targets(shard: &Shard) -> Vec<(String, String)> {
+    let Some(c) = &shard.cluster else { return Vec::new() };
+    if !c.up.load(Relaxed) {
+        // No directory: the other nodes could not take the sessions over.
+        return Vec::new();
+    }
+    let live = c.live.read().unwrap_or_else(|p| p.into_inner());
+    let mut to: Vec<(String, String)> =
+        live.values().filter(|n| n.name != c.name).map(|n| (n.name.clone(), n.app_addr.clone())).collect();
+    to.sort();
+    to
+}
+
+/// Draining: hands every session of this shard to the node its app was told to resume on (the
+/// same choice by uid as the go-away's), held there until the app comes back.
+pub fn drain(shard: &mut Shard, now: u64) {
+    let Some(c) = shard.cluster.clone() else { return };
+    if shard.drain_to.is_empty() {
+        return;
+    }
+    let sessions = shard.logic.sessions();
+    tracing::info!(
+        shard = shard.id,
+        sessions = sessions.len(),
+        nodes = shard.drain_to.len(),
+        "draining: sessions move to the other nodes"
+    );
+    for (uid, epoch) in sessions {
+        let n = shard.drain_to.len() as u64;
+        let to = c.origin(&shard.drain_to[(uid % n) as usize].0);
+        crate::event_loop::logic_input(shard, Input::HandOver { uid, epoch, to }, now);
     }
 }

@@ -472,6 +472,9 @@ fn tag_shard(tag: u64, shards: usize) -> usize {
 struct Forward {
     /// The node it went to (as an origin id: no name kept per pair).
     node: Origin,
+    /// Where its receipt goes: this node's app-server (`LOCAL`), or the node that accepted the
+    /// push when this node passed it on (its session had moved).
+    origin: Origin,
     deadline_ms: u64,
     log_id: u64,
 }
@@ -536,6 +539,12 @@ impl ClusterShard {
     }
 }
 
+/// True while pairs this shard forwarded wait on other nodes' receipts (shutdown waits for
+/// them, bounded, after a drain moved sessions away).
+pub fn forwards_waiting(shard: &Shard) -> bool {
+    shard.cluster_shard.as_ref().is_some_and(|cs| !cs.forwards.is_empty())
+}
+
 /// A logic shard's `Claim`.
 pub fn claim(shard: &mut Shard, uid: u64, epoch: u64) {
     let id = shard.id;
@@ -551,14 +560,15 @@ pub fn release(shard: &mut Shard, uid: u64, epoch: u64) {
     }
 }
 
-/// A logic shard's `Elsewhere`: ask Redis where these targets are.
+/// A logic shard's `Elsewhere`: ask Redis where these targets are. The push is this node's, or
+/// one another node forwarded for a session that has moved on since: it is passed on, and its
+/// receipts go back the way it came.
 pub fn elsewhere(shard: &mut Shard, push: Arc<PushContent>, uids: Vec<u64>, now: u64) {
-    debug_assert_eq!(push.origin, LOCAL, "only pushes this node accepted are looked for elsewhere");
     let id = shard.id;
     let Some(cs) = shard.cluster_shard.as_mut() else {
         // Not clustered: nothing is elsewhere.
         for uid in uids {
-            crate::sidecar::receipt(shard, Receipt::of(&push, uid, logic::push::outcome::OFFLINE), now);
+            receipt(shard, Receipt::of(&push, uid, logic::push::outcome::OFFLINE), now);
         }
         return;
     };
@@ -580,9 +590,9 @@ pub fn receipt(shard: &mut Shard, r: Receipt, now: u64) {
     cs.receipts.entry(r.origin).or_default().push(nr);
 }
 
-/// Ends the pair with `outcome` here (this node accepted the push).
+/// Ends the pair with `outcome` here: the receipt goes to the push's origin.
 fn end_here(shard: &mut Shard, push: &PushContent, uid: u64, outcome: u8, now: u64) {
-    crate::sidecar::receipt(shard, Receipt::of(push, uid, outcome), now);
+    receipt(shard, Receipt::of(push, uid, outcome), now);
 }
 
 /// A note from the Redis thread.
@@ -636,7 +646,10 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
                         // The same pair twice (a message id reused): one receipt, already owed.
                         continue;
                     }
-                    cs.forwards.insert(key, Forward { node: origin, deadline_ms, log_id: push.log_id });
+                    cs.forwards.insert(
+                        key,
+                        Forward { node: origin, origin: push.origin, deadline_ms, log_id: push.log_id },
+                    );
                     cs.by_deadline.insert((deadline_ms, push.message_id, uid));
                     kept.push(uid);
                 }
@@ -709,7 +722,8 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
     }
 }
 
-/// A forwarded pair ends: its receipt goes to this node's app-server, once.
+/// A forwarded pair ends: its receipt goes to this node's app-server (or back to the node this
+/// node passed the push on for), once.
 fn end_forward(shard: &mut Shard, message_id: u64, uid: u64, outcome: u8, now: u64) {
     let Some(cs) = shard.cluster_shard.as_mut() else { return };
     let Some(f) = cs.forwards.remove(&(message_id, uid)) else {
@@ -717,11 +731,7 @@ fn end_forward(shard: &mut Shard, message_id: u64, uid: u64, outcome: u8, now: u
         return;
     };
     cs.by_deadline.remove(&(f.deadline_ms, message_id, uid));
-    crate::sidecar::receipt(
-        shard,
-        Receipt { message_id, uid, outcome, log_id: f.log_id, origin: LOCAL },
-        now,
-    );
+    receipt(shard, Receipt { message_id, uid, outcome, log_id: f.log_id, origin: f.origin }, now);
 }
 
 /// Pairs whose other node never answered by their deadline end `NodeLost`, and lookups Redis
