@@ -188,6 +188,10 @@ pub struct Reconnect {
     pub resumed: u64,
     /// Back by a fresh login.
     pub relogin: u64,
+    /// Of `resumed`, the resumes the gate accepted on another node than the one that held the
+    /// session (several nodes in `--gate`; every resume with `--move`).
+    #[serde(default)]
+    pub moved: u64,
     /// Resumes the gate refused.
     pub resume_refused: u64,
     /// Drops loadgen caused.
@@ -212,6 +216,9 @@ pub struct Storm {
     pub resumed: u64,
     /// Back by login.
     pub relogin: u64,
+    /// Of `resumed`, back on another node than the one that held the session.
+    #[serde(default)]
+    pub moved: u64,
 }
 
 /// Fresh sessions, the handshake's view of them.
@@ -533,9 +540,10 @@ impl Report {
         if rc.count > 0 || rc.drops_caused > 0 || rc.drops_seen > 0 {
             let _ = writeln!(
                 s,
-                "reconnects   {} back ({} resumed, {} by login, {} resumes refused); drops: {} caused, {} by the gate",
+                "reconnects   {} back ({} resumed, {} of them on another node, {} by login, {} resumes refused); drops: {} caused, {} by the gate",
                 num(rc.count),
                 num(rc.resumed),
+                num(rc.moved),
                 num(rc.relogin),
                 num(rc.resume_refused),
                 num(rc.drops_caused),
@@ -545,10 +553,11 @@ impl Report {
         if r.storm.dropped > 0 {
             let _ = writeln!(
                 s,
-                "storm        {} dropped, {} back ({} resumed, {} by login), all back in {}",
+                "storm        {} dropped, {} back ({} resumed, {} of them on another node, {} by login), all back in {}",
                 num(r.storm.dropped),
                 num(r.storm.back),
                 num(r.storm.resumed),
+                num(r.storm.moved),
                 num(r.storm.relogin),
                 r.storm.all_back_ms.map_or("— (not all back)".to_owned(), |ms| format!("{ms:.0} ms"))
             );
@@ -788,6 +797,8 @@ mod tests {
             "/storm/all_back_ms",
             "/storm/resumed",
             "/storm/relogin",
+            "/storm/moved",
+            "/reconnect/moved",
             "/idle/bytes_per_session",
             "/gate/cpu_s",
             "/gate/rss_bytes",

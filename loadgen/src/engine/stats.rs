@@ -16,8 +16,10 @@ macro_rules! counters {
         #[repr(align(128))]
         pub struct Counters { $($(#[$doc])* pub $name: AtomicU64,)* }
 
-        /// The counters at one moment, summed over loops.
+        /// The counters at one moment, summed over loops. A counter missing from a stored
+        /// report (written before it existed) reads as 0.
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        #[serde(default)]
         pub struct Snapshot { $($(#[$doc])* pub $name: u64,)* }
 
         impl Counters {
@@ -91,6 +93,8 @@ counters! {
     resumes,
     /// Sessions that came back after a drop by a fresh login (resume refused or no token).
     relogins,
+    /// Of `resumes`, those the gate accepted on another node than the one that held the session.
+    resumes_moved,
     /// Resumes the gate refused.
     resume_refused,
     /// Connections loadgen dropped on purpose (chaos and storms).
