@@ -145,6 +145,20 @@ pub struct Push {
     pub latency_us: Latency,
     /// First arrivals per second over the window.
     pub deliveries_per_s: f64,
+    /// With several gate nodes: `latency_us` split by the node holding each receiving app's
+    /// session, in `--gate`'s order (the node of `--sidecar` gives same-node figures, the
+    /// others cross-node); empty with one node.
+    #[serde(default)]
+    pub by_node: Vec<NodePush>,
+}
+
+/// One gate node's share of the push latency.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct NodePush {
+    /// The node's app address, as given in `--gate`.
+    pub gate: String,
+    /// App-server send → app receive for apps whose session was on this node.
+    pub latency_us: Latency,
 }
 
 /// Business requests (PlaceOrder, GrabOrder).
@@ -573,9 +587,15 @@ impl Report {
             );
         }
         let _ = writeln!(s, "latency µs        count       p50       p90       p99      p999       max");
-        for (name, hist) in
-            [("push", &h.push), ("request", &h.request), ("reconnect", &h.reconnect), ("login", &h.login)]
-        {
+        // With several nodes, push latency again per node of the receiving app ("push n1": the
+        // second node in --gate).
+        let by_node = h.push_by_node.iter().enumerate().map(|(i, hist)| (format!("push n{i}"), hist));
+        let rows =
+            [("push", &h.push)].into_iter().map(|(n, hist)| (n.to_owned(), hist)).chain(by_node).chain(
+                [("request", &h.request), ("reconnect", &h.reconnect), ("login", &h.login)]
+                    .map(|(n, hist)| (n.to_owned(), hist)),
+            );
+        for (name, hist) in rows {
             let l = Latency::of(hist);
             if l.count > 0 {
                 let _ = writeln!(

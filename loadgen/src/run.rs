@@ -342,6 +342,16 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     rep.push.received = total_counters.push_first;
     rep.push.redelivered = total_counters.push_again;
     rep.push.latency_us = Latency::of(&hists.push);
+    rep.push.by_node = plan
+        .gates
+        .iter()
+        .enumerate()
+        .filter(|_| plan.gates.len() > 1)
+        .map(|(i, g)| report::NodePush {
+            gate: g.to_string(),
+            latency_us: hists.push_by_node.get(i).map(Latency::of).unwrap_or_default(),
+        })
+        .collect();
     rep.push.deliveries_per_s = win.push_first as f64 / secs;
     rep.request = report::Request {
         sent: total_counters.requests,

@@ -122,6 +122,11 @@ fn apps_spread_over_two_nodes_lose_no_push() {
     assert_eq!((logins_a, logins_b), (150.0, 150.0), "round-robin over the nodes: {}", ctx());
     let (forwarded, _) = c.metric("fleetgate_cluster_forwarded_targets_total");
     assert!(forwarded > 0.0, "no push crossed to node b: {}", ctx());
+    // Push latency is reported for each node apart: same-node (a) and cross-node (b).
+    let by_node = v.pointer("/push/by_node").and_then(Value::as_array).cloned().unwrap_or_default();
+    let nodes: Vec<String> = by_node.iter().filter_map(|p| p["gate"].as_str().map(str::to_owned)).collect();
+    assert_eq!(nodes, [c.a.app.to_string(), c.b.app.to_string()], "{}", ctx());
+    assert!(by_node.iter().all(|p| n(p, "/latency_us/count") > 0.0), "{}", ctx());
     // Without --move a dropped app comes back to its own node: no resume moved.
     assert!(n(&v, "/reconnect/resumed") > 0.0, "chaos dropped nobody: {}", ctx());
     assert_eq!(n(&v, "/reconnect/moved"), 0.0, "{}", ctx());

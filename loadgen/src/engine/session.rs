@@ -218,7 +218,13 @@ impl App {
                     c.push_first.fetch_add(1, Relaxed);
                     if !d.redelivery {
                         let latency = crate::appserver::now_us().saturating_sub(d.sent_at_us);
-                        ex.hists.borrow_mut().push.saturating_record(latency);
+                        let mut h = ex.hists.borrow_mut();
+                        h.push.saturating_record(latency);
+                        // Same-node and cross-node deliveries apart, when there are nodes to
+                        // tell apart.
+                        if let (true, Some(node)) = (ex.plan.gates.len() > 1, self.node) {
+                            h.node_push(usize::from(node)).saturating_record(latency);
+                        }
                     }
                     match (&self.role, d.kind) {
                         (RoleState::Driver(_), KIND_OFFER)

@@ -175,11 +175,20 @@ pub struct Hists {
     pub reconnect: Histogram<u64>,
     /// First connect → session up.
     pub login: Histogram<u64>,
+    /// `push` again, split by the node holding the receiving app's session (an index in
+    /// `Plan::gates`); empty with a single node.
+    pub push_by_node: Vec<Histogram<u64>>,
 }
 
 impl Default for Hists {
     fn default() -> Self {
-        Hists { push: histogram(), request: histogram(), reconnect: histogram(), login: histogram() }
+        Hists {
+            push: histogram(),
+            request: histogram(),
+            reconnect: histogram(),
+            login: histogram(),
+            push_by_node: Vec::new(),
+        }
     }
 }
 
@@ -191,5 +200,17 @@ impl Hists {
         let _ = self.request.add(&o.request);
         let _ = self.reconnect.add(&o.reconnect);
         let _ = self.login.add(&o.login);
+        for (i, h) in o.push_by_node.iter().enumerate() {
+            let mine = self.node_push(i);
+            let _ = mine.add(h);
+        }
+    }
+
+    /// The push histogram of node `i`, made (with any before it) when first needed.
+    pub fn node_push(&mut self, i: usize) -> &mut Histogram<u64> {
+        while self.push_by_node.len() <= i {
+            self.push_by_node.push(histogram());
+        }
+        &mut self.push_by_node[i]
     }
 }
