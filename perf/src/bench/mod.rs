@@ -14,6 +14,7 @@
 //! bind must not lose a figure); the whole bench has a time budget past which runs are skipped,
 //! and SIGINT/SIGTERM skip the rest and still write what was measured.
 
+pub mod cluster;
 pub mod machine;
 pub mod plan;
 pub mod plots;
