@@ -84,6 +84,9 @@ pub enum NodeMsg {
     /// Pairs (message id, uid) of pushes the receiver accepted and forwarded to a third node,
     /// whose sessions moved to the sender: the receipts now come from the sender.
     Rehomed(Vec<(u64, u64)>),
+    /// Several messages for the same node sealed as one (what one turn of the sender had for
+    /// it): one publish and one seal instead of many. Never nested.
+    Batch(Vec<NodeMsg>),
 }
 
 /// A session on its way between nodes.
@@ -160,6 +163,7 @@ const TAKE: u8 = 4;
 const HANDOFF: u8 = 5;
 const NOT_HERE: u8 = 6;
 const REHOMED: u8 = 7;
+const BATCH: u8 = 8;
 /// Bytes of one receipt on the wire.
 const RECEIPT_LEN: usize = 8 + 8 + 1 + 8;
 
@@ -228,6 +232,17 @@ impl NodeMsg {
                     out.extend_from_slice(&p.body);
                 }
             }
+            NodeMsg::Batch(msgs) => {
+                out.push(BATCH);
+                out.extend_from_slice(&(msgs.len() as u32).to_le_bytes());
+                for m in msgs {
+                    let at = out.len();
+                    out.extend_from_slice(&[0; 4]);
+                    m.encode(out);
+                    let len = (out.len() - at - 4) as u32;
+                    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+                }
+            }
             NodeMsg::Rehomed(pairs) => {
                 out.push(REHOMED);
                 out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
@@ -236,6 +251,26 @@ impl NodeMsg {
                     out.extend_from_slice(&uid.to_le_bytes());
                 }
             }
+        }
+    }
+
+    /// How many bytes `encode` writes, without writing them (to fill batches up to the limit).
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            NodeMsg::Push { body, uids, .. } => 1 + 8 + 8 + 4 + 4 + body.len() + 4 + 8 * uids.len(),
+            NodeMsg::Receipts(rs) => 1 + 4 + RECEIPT_LEN * rs.len(),
+            NodeMsg::Superseded { .. } | NodeMsg::Take { .. } | NodeMsg::NotHere { .. } => 1 + 16,
+            NodeMsg::Handoff(h) => {
+                let secret = if h.resume_secret.is_some() { 32 } else { 0 };
+                let pushes: usize = h
+                    .pushes
+                    .iter()
+                    .map(|p| 4 + 8 + 8 + 4 + 1 + 1 + p.origin.len().min(255) + 4 + p.body.len())
+                    .sum();
+                1 + 8 + 8 + 1 + 4 + 1 + secret + 4 + 4 + 4 + pushes
+            }
+            NodeMsg::Rehomed(pairs) => 1 + 4 + 16 * pairs.len(),
+            NodeMsg::Batch(msgs) => 1 + 4 + msgs.iter().map(|m| 4 + m.encoded_len()).sum::<usize>(),
         }
     }
 
@@ -321,6 +356,19 @@ impl NodeMsg {
                     last_seq,
                     pushes,
                 }))
+            }
+            BATCH => {
+                let n = r.u32()?;
+                let mut msgs = Vec::new();
+                for _ in 0..n {
+                    let len = r.u32()? as usize;
+                    let part = r.take(len)?;
+                    if part.first() == Some(&BATCH) {
+                        return Err(NodeError::Invalid("nested batch"));
+                    }
+                    msgs.push(NodeMsg::decode(part)?);
+                }
+                NodeMsg::Batch(msgs)
             }
             REHOMED => {
                 let n = r.u32()? as usize;
@@ -466,6 +514,10 @@ mod tests {
         ]
     }
 
+    fn msg_or_batch() -> impl Strategy<Value = NodeMsg> {
+        prop_oneof![msg(), proptest::collection::vec(msg(), 0..5).prop_map(NodeMsg::Batch)]
+    }
+
     fn handoff() -> impl Strategy<Value = NodeMsg> {
         let push =
             (
@@ -504,12 +556,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn every_message_reads_back(m in msg()) {
+        fn every_message_reads_back(m in msg_or_batch()) {
+            prop_assert_eq!(m.encoded_len(), m.to_bytes().len());
             prop_assert_eq!(NodeMsg::decode(&m.to_bytes()), Ok(m));
         }
 
         #[test]
-        fn every_cut_short_message_is_truncated(m in msg(), cut in any::<prop::sample::Index>()) {
+        fn every_cut_short_message_is_truncated(m in msg_or_batch(), cut in any::<prop::sample::Index>()) {
             let bytes = m.to_bytes();
             let at = cut.index(bytes.len());
             let r = NodeMsg::decode(&bytes[..at]);
@@ -572,6 +625,12 @@ mod tests {
         bad.extend_from_slice(&[0; 8 + 8 + 1 + 4]);
         bad.push(2);
         assert_eq!(NodeMsg::decode(&bad), Err(NodeError::Invalid("resume_secret")));
+        // A batch inside a batch.
+        let inner = NodeMsg::Batch(vec![]).to_bytes();
+        let mut nested = vec![BATCH, 1, 0, 0, 0];
+        nested.extend_from_slice(&(inner.len() as u32).to_le_bytes());
+        nested.extend_from_slice(&inner);
+        assert_eq!(NodeMsg::decode(&nested), Err(NodeError::Invalid("nested batch")));
         assert_eq!(NodeMsg::decode(&[]), Err(NodeError::Empty));
         let mut extra = NodeMsg::Superseded { uid: 1, epoch: 2 }.to_bytes();
         extra.push(0);

@@ -308,6 +308,11 @@ impl Router {
                         c.stats.refused.fetch_add(1, Relaxed);
                         tracing::warn!(error = %e, bytes = bytes.len(), "message from another node refused");
                     }
+                    Ok((sender, _, NodeMsg::Batch(msgs))) => {
+                        for msg in msgs {
+                            self.split_node_msg(&c, &sender, msg, &mut per);
+                        }
+                    }
                     Ok((sender, _, msg)) => self.split_node_msg(&c, &sender, msg, &mut per),
                 },
             }
@@ -351,6 +356,8 @@ impl Router {
             }
             NodeMsg::Handoff(session) => per[logic::shard_of(session.uid, shards)]
                 .push(Msg::Cluster(Note::Handoff { from: sender.to_owned(), session })),
+            // Opened one level up; the decoder refuses a batch inside a batch.
+            NodeMsg::Batch(_) => {}
             NodeMsg::Rehomed(pairs) => {
                 for (s, pairs) in logic::split_by_shard(pairs, shards, |p| p.1).into_iter().enumerate() {
                     if !pairs.is_empty() {
@@ -722,6 +729,29 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
     }
 }
 
+/// Room kept in a batch for its own framing and the envelope.
+const BATCH_ROOM: usize = schema::node::MAX_MESSAGE - 4096;
+
+/// Groups messages for one node into batches that each fit one node message.
+fn batches(msgs: Vec<NodeMsg>) -> Vec<Vec<NodeMsg>> {
+    let mut out: Vec<Vec<NodeMsg>> = Vec::new();
+    let mut size = 0;
+    for m in msgs {
+        let len = 4 + m.encoded_len();
+        match out.last_mut() {
+            Some(b) if size + len <= BATCH_ROOM => {
+                size += len;
+                b.push(m);
+            }
+            _ => {
+                size = len;
+                out.push(vec![m]);
+            }
+        }
+    }
+    out
+}
+
 /// A forwarded pair ends: its receipt goes to this node's app-server (or back to the node this
 /// node passed the push on for), once.
 fn end_forward(shard: &mut Shard, message_id: u64, uid: u64, outcome: u8, now: u64) {
@@ -770,8 +800,17 @@ pub fn flush(shard: &mut Shard, now: u64) {
             cs.outgoing.push((node.clone(), NodeMsg::Receipts(rs.to_vec())));
         }
     }
+    // Everything for one node this turn goes as one sealed message (or a few, under the size
+    // limit): a login storm's takes and handoffs are a handful of publishes, not one each.
+    let mut per_node: HashMap<String, Vec<NodeMsg>> = HashMap::new();
     for (node, msg) in cs.outgoing.drain(..) {
-        cmds.push(Cmd::Publish { node, bytes: c.sealer.seal(&msg) });
+        per_node.entry(node).or_default().push(msg);
+    }
+    for (node, msgs) in per_node {
+        for mut batch in batches(msgs) {
+            let msg = if batch.len() == 1 { batch.pop().expect("one") } else { NodeMsg::Batch(batch) };
+            cmds.push(Cmd::Publish { node: node.clone(), bytes: c.sealer.seal(&msg) });
+        }
     }
     if let Err(cluster::Full(back)) = c.handle.send(cmds) {
         // The Redis thread is behind: fail fast rather than queue without bound.
@@ -782,5 +821,32 @@ pub fn flush(shard: &mut Shard, now: u64) {
                 on_note(shard, Note::LookupFailed { tag }, now);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A turn's messages for one node go as few sealed messages as fit the size limit, in order.
+    #[test]
+    fn batches_fill_up_to_the_limit_and_keep_order() {
+        let push = |id: u64| NodeMsg::Push {
+            message_id: id,
+            log_id: id,
+            ttl_ms: 1,
+            body: vec![0; 100_000],
+            uids: vec![1, 2, 3],
+        };
+        let msgs: Vec<NodeMsg> = (0..25).map(push).chain([NodeMsg::Take { uid: 1, epoch: 2 }]).collect();
+        let b = batches(msgs.clone());
+        assert_eq!(b.len(), 3, "100 kB each: 10 fit under 1 MiB");
+        for batch in &b {
+            let bytes = NodeMsg::Batch(batch.clone()).to_bytes();
+            assert!(bytes.len() <= schema::node::MAX_MESSAGE);
+            assert_eq!(NodeMsg::decode(&bytes), Ok(NodeMsg::Batch(batch.clone())));
+        }
+        assert_eq!(b.concat(), msgs);
+        assert_eq!(batches(vec![NodeMsg::Take { uid: 1, epoch: 2 }]).len(), 1);
     }
 }
