@@ -43,6 +43,12 @@
 //!
 //! Lookups are plain `HMGET`s in the same pipeline.
 //!
+//! # TLS
+//! `rediss://` goes through fred's rustls (ring provider). fred trusts the system's CA
+//! certificates; [`Config::tls_roots`] ([`TlsRoots`], read from a PEM file) replaces them with
+//! exactly the CAs given, for a Redis whose certificate a private CA signed. A certificate that
+//! does not check out keeps the directory down, the status detail carrying rustls's reason.
+//!
 //! # Connection loss
 //! fred runs without a reconnect policy of its own: this thread owns reconnection (backoff from
 //! 100 ms doubling to 2 s), so "down" is one clear state in which every command is answered at
