@@ -1,7 +1,8 @@
 //! Cluster mode end to end: real redis-server processes and two gate processes sharing them.
 //! A push accepted on one node reaches a driver on the other and its receipt comes back; one
 //! uid logged in on two nodes keeps exactly one session; Redis unreachable at start, then
-//! back; a node killed ends what waited on it as NodeLost within the lease.
+//! back; a node killed ends what waited on it as NodeLost within the lease; the same push over
+//! `rediss://` with a private CA and a password, and a CA file that cannot be used.
 
 mod common;
 
@@ -59,6 +60,69 @@ fn a_push_accepted_on_one_node_reaches_a_driver_on_another_and_its_receipt_comes
     while let Ok(e) = ev.try_recv() {
         assert!(!matches!(e, AppServerEvent::Receipt { .. }), "extra receipt {e:?}");
     }
+}
+
+#[test]
+fn over_rediss_with_a_private_ca_and_a_password_a_push_reaches_a_driver_on_another_node() {
+    // TLS only (no plain port), its certificate signed by a test CA no system trusts.
+    let redis = RedisServer::start_tls(Some("tls-secret")).expect("a TLS redis-server starts");
+    let url = redis.url();
+    assert!(url.starts_with("rediss://:tls-secret@127.0.0.1:"), "{url}");
+    let ca = redis.tls_ca().expect("a CA file").to_str().expect("utf-8 path").to_owned();
+    let a = node(&url, "node-a", &["--redis-ca", &ca]);
+    let b = node(&url, "node-b", &["--redis-ca", &ca]);
+    until_clustered(&a, 2);
+    until_clustered(&b, 2);
+    let health = a.http_get("/healthz");
+    assert!(health.contains(", TLS)"), "healthz says the directory's link is TLS: {health}");
+    let mut driver = b.login(43, 1);
+    a.eventually("the directory knows uid 43", || {
+        redis.command(&["HGET", &cluster::uid_key(43), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
+            == Some("node-b".into())
+    });
+    let (srv, ev) = a.appserver();
+    let accepted = srv.push(&push_spec(510, &[43, 44], 30_000)).expect("push accepted on node a");
+    assert_eq!(accepted.targets, 2);
+    // Forwarded to node b through Redis's pub/sub, on the same TLS connections.
+    let f = next_push(&mut driver);
+    assert_eq!(f.delivery().expect("delivery").message_id, 510);
+    driver.ack_push(&f).expect("ack");
+    let r = receipts(&ev, 2);
+    assert_eq!(r[&(510, 43)], vec![Outcome::Delivered], "the receipt came back to the accepting node");
+    assert_eq!(r[&(510, 44)], vec![Outcome::Offline], "a uid no node holds");
+    assert!(a.metric("fleetgate_cluster_forwarded_targets_total", "") >= 1.0);
+    assert!(b.metric("fleetgate_cluster_received_targets_total", "") >= 1.0);
+    std::thread::sleep(Duration::from_millis(300));
+    while let Ok(e) = ev.try_recv() {
+        assert!(!matches!(e, AppServerEvent::Receipt { .. }), "extra receipt {e:?}");
+    }
+}
+
+#[test]
+fn a_redis_ca_file_the_gate_cannot_use_stops_it_at_start_naming_the_file() {
+    let dir = std::env::temp_dir().join(format!("fleetgate-redis-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("not-a-ca.pem");
+    std::fs::write(&bad, "not a certificate\n").expect("write");
+    for (path, why) in [(bad.clone(), "no CERTIFICATE"), (dir.join("missing.pem"), "No such file")] {
+        // Nothing listens on port 1: the gate must stop before it ever tries Redis.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gate"))
+            .args(["--app-listen", "127.0.0.1:0", "--sidecar-listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0", "--redis", "rediss://127.0.0.1:1", "--redis-ca"])
+            .arg(&path)
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), Some(64), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("cluster.redis_ca")
+                && stderr.contains(path.to_str().expect("path"))
+                && stderr.contains(why),
+            "the setting, the file and why: {stderr}"
+        );
+        assert!(!stderr.contains("gate listening"), "stopped before binding: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
