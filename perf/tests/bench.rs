@@ -157,8 +157,9 @@ fn a_tiny_cluster_bench_measures_two_nodes() {
         CLUSTER_PATIENCE,
     );
     assert!(table.contains("logins/s, both nodes") && table.contains("cross node"), "{table}");
-    let json = files.iter().find(|p| p.extension().is_some_and(|e| e == "json")).expect("a JSON file");
-    assert!(files.iter().any(|p| p.extension().is_some_and(|e| e == "md")), "no table: {files:?}");
+    let named = |end: &str| files.iter().find(|p| p.to_string_lossy().ends_with(end)).cloned();
+    let json = named("-cluster.json").expect("the results");
+    assert!(named("-cluster.md").is_some() && named("-cluster-samples.json").is_some(), "{files:?}");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(json).expect("read")).expect("JSON");
     assert_eq!(v["schema"], "fleetgate-bench-cluster/1");
     let f = &v["figures"];
@@ -168,8 +169,9 @@ fn a_tiny_cluster_bench_measures_two_nodes() {
     assert!(f["cross_node_targets"].as_u64().is_some_and(|n| n > 0), "{f:#}");
     assert!(f["same_node_push_us"]["count"].as_u64().is_some_and(|n| n > 0), "{f:#}");
     assert!(f["cross_node_push_us"]["count"].as_u64().is_some_and(|n| n > 0), "{f:#}");
-    assert_eq!(f["storm_dropped"], 200, "{f:#}");
-    assert_eq!(f["storm_back"], 200, "{f:#}");
+    // P's sessions, half on each node, moved to the other one.
+    assert_eq!(f["storm_dropped"], 100, "{f:#}");
+    assert_eq!(f["storm_back"], 100, "{f:#}");
     assert!(f["resume"]["events"].as_u64().is_some_and(|n| n > 0), "sessions moved: {f:#}");
     assert_eq!((f["lost"].as_u64(), f["duplicates"].as_u64()), (Some(0), Some(0)), "{f:#}");
     assert_eq!(v["runs"].as_array().map(Vec::len), Some(6), "two loadgens in each of three phases");

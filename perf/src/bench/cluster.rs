@@ -3,15 +3,17 @@
 //! so two loadgen processes carry them, each spreading its apps over both nodes (`--gate A,B`
 //! and `--gate B,A`, uids apart).
 //!
-//! Three phases against the same Redis and nodes, each of them both loadgens at once:
-//! - **login**: both `idle`: every session logs in once, nothing else happens: logins/s over
-//!   both nodes and the Redis operations per login.
-//! - **push**: P runs `push` with its app-server on node A's sidecar, Q `idle`. P's pushes go to
-//!   its own drivers, half of them on node A (the app-server's node) and half on node B, so
-//!   same-node and cross-node latency come from one run (loadgen's `push.by_node`), and the
-//!   Redis operations per push are read while nothing else needs Redis.
-//! - **storm**: both `storm --move`: every session is dropped at once and resumes on the other
-//!   node: resumes/s across nodes and the Redis operations per resume.
+//! Three phases against the same Redis and nodes:
+//! - **login**: both `idle` at once: every session logs in once, nothing else happens:
+//!   logins/s over both nodes and the Redis operations per login.
+//! - **push**: Q `idle` first; once its sessions are up, P runs `push` with its app-server on
+//!   node A's sidecar. P's pushes go to its own drivers, half of them on node A (the
+//!   app-server's node) and half on node B, so same-node and cross-node latency come from one
+//!   run (loadgen's `push.by_node`), and the Redis operations per push are read while nothing
+//!   else needs Redis.
+//! - **storm**: Q `idle` first again, then P `storm --move`: P's sessions (half of each node's)
+//!   are dropped at once and resume on the other node, beside Q's: resumes/s across nodes and
+//!   the Redis operations per resume.
 //!
 //! Rates and operation counts come from the nodes, not from loadgen's clocks: a sampler reads
 //! both nodes' `/metrics` and Redis's `INFO commandstats` every [`SAMPLE`], and each figure is a
@@ -34,7 +36,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -196,7 +198,9 @@ pub struct Results {
     pub figures: Figures,
     /// Every loadgen run.
     pub runs: Vec<Run>,
-    /// Every phase's samples.
+    /// Every phase's samples: written apart, to `<UTC>-cluster-samples.json` (one line), since
+    /// they are most of the bytes and the figures above are what is read.
+    #[serde(skip)]
     pub samples: BTreeMap<String, Vec<Sample>>,
 }
 
@@ -344,14 +348,20 @@ fn sample(admins: &[SocketAddr], redis_port: u16, t: f64) -> Result<Sample, Stri
     Ok(s)
 }
 
-/// Samples every [`SAMPLE`] until `done`; a sample that fails (a node busy past the timeout)
-/// is skipped.
-fn sampler(admins: Vec<SocketAddr>, redis_port: u16, done: Arc<AtomicBool>) -> Vec<Sample> {
+/// Samples every [`SAMPLE`] until `done`, keeping the latest logins count in `logins`; a
+/// sample that fails (a node busy past the timeout) is skipped.
+fn sampler(
+    admins: Vec<SocketAddr>,
+    redis_port: u16,
+    done: Arc<AtomicBool>,
+    logins: Arc<AtomicU64>,
+) -> Vec<Sample> {
     let start = Instant::now();
     let mut out = Vec::new();
     while !done.load(Relaxed) && out.len() < MAX_SAMPLES {
         let next = Instant::now() + SAMPLE;
         if let Ok(s) = sample(&admins, redis_port, start.elapsed().as_secs_f64()) {
+            logins.store(s.logins as u64, Relaxed);
             out.push(s);
         }
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
@@ -410,7 +420,8 @@ pub fn per_event(
 /// The two loadgen processes of a phase: `(name, subcommand and its own flags)`.
 type Pair<'a> = [(&'a str, Vec<String>); 2];
 
-/// Runs the three phases and writes `<UTC>-cluster.json` and `.md` into `cfg.out_dir`.
+/// Runs the three phases and writes `<UTC>-cluster.json`, `<UTC>-cluster-samples.json` and
+/// `<UTC>-cluster.md` into `cfg.out_dir`.
 pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(Results, PathBuf), String> {
     if cfg.sessions_per_node < 2 || cfg.sessions_per_node > super::plan::MAX_CONNS {
         return Err(format!("sessions per node must be 2..={}", super::plan::MAX_CONNS));
@@ -443,10 +454,16 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(Results, PathBuf), String
     let n = cfg.sessions_per_node;
     let w = format!("{}s", cfg.window_s);
     let own = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
-    let phases: [(&str, Pair<'_>); 3] = [
-        ("login", [("P", own(&["idle", "--duration", &w])), ("Q", own(&["idle", "--duration", &w]))]),
+    // Q holds its sessions while P runs: it starts first and outlasts P (P's ramp, about a
+    // second per thousand sessions here, its window, and its drain: a push's TTL, or the
+    // storm's sessions coming back), so its logouts come after everything P measured. Were P
+    // slower, the plateau would end at Q's first logout: a shorter span, the same ratios.
+    let q_holds = format!("{:.1}s", cfg.window_s + 15.0 + f64::from(n) / 1000.0);
+    let phases: [(&str, bool, Pair<'_>); 3] = [
+        ("login", false, [("P", own(&["idle", "--duration", &w])), ("Q", own(&["idle", "--duration", &w]))]),
         (
             "push",
+            true,
             [
                 (
                     "P",
@@ -464,20 +481,19 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(Results, PathBuf), String
                         &cfg.fanout.min(n).to_string(),
                     ]),
                 ),
-                // Outlasts P, so its logouts come after P's window.
-                ("Q", own(&["idle", "--duration", &format!("{}s", cfg.window_s + 10.0)])),
+                ("Q", own(&["idle", "--duration", &q_holds])),
             ],
         ),
-        ("storm", [("P", storm_args(cfg, &w, Some(sidecar))), ("Q", storm_args(cfg, &w, None))]),
+        ("storm", true, [("P", storm_args(cfg, &w)), ("Q", own(&["idle", "--duration", &q_holds]))]),
     ];
     let mut runs = Vec::new();
     let mut samples = BTreeMap::new();
-    for (phase, pair) in phases {
+    for (phase, q_first, pair) in phases {
         if stop.load(Relaxed) {
             break;
         }
         eprintln!("bench-cluster: {phase} phase, {} sessions on each node", num(u64::from(n)));
-        let (r, s) = run_phase(cfg, phase, &pair, [&a, &b], &admins, redis.port, stop)?;
+        let (r, s) = run_phase(cfg, phase, &pair, q_first, [&a, &b], &admins, redis.port, stop)?;
         runs.extend(r);
         samples.insert(phase.to_owned(), s);
     }
@@ -503,24 +519,23 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(Results, PathBuf), String
     let json = cfg.out_dir.join(format!("{stamp}-cluster.json"));
     let text = serde_json::to_string_pretty(&results).map_err(|e| format!("cannot write JSON: {e}"))?;
     std::fs::write(&json, text).map_err(|e| format!("cannot write {}: {e}", json.display()))?;
+    let raw = cfg.out_dir.join(format!("{stamp}-cluster-samples.json"));
+    let text = serde_json::to_string(&results.samples).map_err(|e| format!("cannot write JSON: {e}"))?;
+    std::fs::write(&raw, text).map_err(|e| format!("cannot write {}: {e}", raw.display()))?;
     let md = cfg.out_dir.join(format!("{stamp}-cluster.md"));
     std::fs::write(&md, table(&results)).map_err(|e| format!("cannot write {}: {e}", md.display()))?;
     Ok((results, json))
 }
 
-/// `storm --move` flags: every session dropped at once a third into the window, no pushes (so
-/// the span's Redis operations are the resumes'); the app-server on `sidecar`, or none.
-fn storm_args(cfg: &Config, window: &str, sidecar: Option<SocketAddr>) -> Vec<String> {
+/// `storm --move` flags: every session dropped at once a third into the window, no app-server
+/// and no pushes, so the span's Redis operations are the resumes'.
+fn storm_args(cfg: &Config, window: &str) -> Vec<String> {
     let mut a: Vec<String> =
-        ["storm", "--move", "--duration", window, "--storm-percent", "100", "--push-rate", "0"]
+        ["storm", "--move", "--duration", window, "--storm-percent", "100", "--no-appserver"]
             .map(str::to_owned)
             .to_vec();
     a.extend(["--storm-at".to_owned(), format!("{}s", (cfg.window_s / 3.0).max(0.5))]);
     a.extend(["--rate".to_owned(), cfg.gps_rate.to_string()]);
-    match sidecar {
-        Some(s) => a.extend(["--sidecar".to_owned(), s.to_string()]),
-        None => a.push("--no-appserver".to_owned()),
-    }
     a
 }
 
@@ -542,53 +557,73 @@ fn wait_clustered(admins: &[SocketAddr]) -> Result<(), String> {
     Ok(())
 }
 
-/// One phase: both loadgens at once (P over nodes A then B, Q over B then A), sampled.
+/// One phase: P over nodes A then B, Q over B then A, both at once, or with `q_first` Q
+/// first and P once every one of Q's sessions is up (so what P causes is all that happens
+/// while P runs); sampled throughout.
+#[allow(clippy::too_many_arguments)] // one phase's whole setting, used once
 fn run_phase(
     cfg: &Config,
     phase: &str,
     pair: &Pair<'_>,
+    q_first: bool,
     nodes: [&Server; 2],
     admins: &[SocketAddr],
     redis_port: u16,
     stop: &AtomicBool,
 ) -> Result<(Vec<Run>, Vec<Sample>), String> {
+    let logins_before = sample(admins, redis_port, 0.0)?.logins;
     let done = Arc::new(AtomicBool::new(false));
+    let latest = Arc::new(AtomicU64::new(logins_before as u64));
     let sampling = {
-        let (admins, done) = (admins.to_vec(), done.clone());
-        std::thread::spawn(move || sampler(admins, redis_port, done))
+        let (admins, done, latest) = (admins.to_vec(), done.clone(), latest.clone());
+        std::thread::spawn(move || sampler(admins, redis_port, done, latest))
     };
     let [a, b] = nodes;
-    let timeout =
-        Duration::from_secs_f64(cfg.window_s + 10.0 + f64::from(cfg.sessions_per_node) / 250.0 + 60.0);
+    let n = cfg.sessions_per_node;
+    let ramp = Duration::from_secs_f64(f64::from(n) / 250.0 + 30.0);
+    let timeout = Duration::from_secs_f64(cfg.window_s + 40.0) + 2 * ramp;
     let outcomes: Vec<Result<Run, String>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = pair
-            .iter()
-            .enumerate()
-            .map(|(i, (name, own))| {
-                let order = if i == 0 { [a, b] } else { [b, a] };
-                let mut args = own.clone();
-                args.extend(["--gate".to_owned(), format!("{},{}", order[0].app, order[1].app)]);
-                args.extend(["--drivers".to_owned(), cfg.sessions_per_node.to_string()]);
-                args.extend(["--uid-base".to_owned(), UID_BASES[i].to_string()]);
-                args.extend(["--cores".to_owned(), cfg.loadgen_core.to_string()]);
-                args.extend(["--gate-pid".to_owned(), order[0].pid.to_string()]);
-                if !cfg.secure {
-                    args.push("--plaintext".to_owned());
-                }
-                args.extend(["--json".to_owned(), "--quiet".to_owned()]);
-                let pid = order[0].pid;
-                sc.spawn(move || {
-                    let lg = runner::run(&cfg.bins.loadgen, &args, cfg.loadgen_core, pid, timeout, stop)?;
-                    Ok(Run {
-                        phase: phase.to_owned(),
-                        process: (*name).to_owned(),
-                        args,
-                        exit_code: lg.exit_code,
-                        report: lg.report_json,
-                    })
+        let start = |i: usize| {
+            let (name, own) = &pair[i];
+            let order = if i == 0 { [a, b] } else { [b, a] };
+            let mut args = own.clone();
+            args.extend(["--gate".to_owned(), format!("{},{}", order[0].app, order[1].app)]);
+            args.extend(["--drivers".to_owned(), n.to_string()]);
+            args.extend(["--uid-base".to_owned(), UID_BASES[i].to_string()]);
+            args.extend(["--cores".to_owned(), cfg.loadgen_core.to_string()]);
+            args.extend(["--gate-pid".to_owned(), order[0].pid.to_string()]);
+            if !cfg.secure {
+                args.push("--plaintext".to_owned());
+            }
+            args.extend(["--json".to_owned(), "--quiet".to_owned()]);
+            let pid = order[0].pid;
+            sc.spawn(move || {
+                let lg = runner::run(&cfg.bins.loadgen, &args, cfg.loadgen_core, pid, timeout, stop)?;
+                Ok(Run {
+                    phase: phase.to_owned(),
+                    process: (*name).to_owned(),
+                    args,
+                    exit_code: lg.exit_code,
+                    report: lg.report_json,
                 })
             })
-            .collect();
+        };
+        let handles = if q_first {
+            let q = start(1);
+            let deadline = Instant::now() + ramp;
+            // Q's sessions are up when the nodes count them all (loadgen says nothing before
+            // its report).
+            while (latest.load(Relaxed) as f64) < logins_before + f64::from(n)
+                && Instant::now() < deadline
+                && !stop.load(Relaxed)
+                && !q.is_finished()
+            {
+                std::thread::sleep(SAMPLE);
+            }
+            vec![start(0), q]
+        } else {
+            vec![start(0), start(1)]
+        };
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err("a loadgen thread panicked".into())))

@@ -11,15 +11,16 @@ use std::sync::Arc;
 
 const LONG_ABOUT: &str = "\
 Two gate nodes sharing one Redis (cluster mode), with more sessions than one process holds here:
-two loadgen processes, each spreading its apps over both nodes. Three phases, each both loadgens
-at once:
+two loadgen processes, P and Q, each spreading its apps over both nodes. Three phases:
 
-  login  every session logs in once: logins/s over both nodes, Redis operations per login
-  push   pushes from an app-server on node A's sidecar to drivers on both nodes: push latency
-         p50/p99 to drivers on node A (same node) and on node B (cross node) from one run,
-         Redis operations per push
-  storm  every session dropped at once and resumed on the other node (loadgen storm --move):
-         resumes/s across nodes, Redis operations per resume
+  login  both at once, every session logs in: logins/s over both nodes, Redis operations per
+         login
+  push   Q's sessions up first, then pushes from P's app-server on node A's sidecar to P's
+         drivers on both nodes: push latency p50/p99 to drivers on node A (same node) and on
+         node B (cross node) from one run, Redis operations per push
+  storm  Q's sessions up first, then P's (half of each node's) dropped at once and resumed on
+         the other node (loadgen storm --move): resumes/s across nodes, Redis operations per
+         resume
 
 Rates and operation counts come from the nodes' /metrics and Redis's INFO commandstats, sampled
 every 50 ms. Redis and both nodes run on --server-core, both loadgens on --loadgen-core. Needs
@@ -27,8 +28,8 @@ redis-server (apt-get install -y redis-server) and the release binaries of gate 
 beside this one (cargo build --release -p gate -p loadgen -p perf). Each process may open
 20,000 files at most here, so --sessions is at most 18,500 (per loadgen process).
 
-Results: a table on stdout, <out>/<UTC>-cluster.json (every figure, each loadgen's report, the
-samples) and <UTC>-cluster.md.
+Results: a table on stdout, <out>/<UTC>-cluster.json (every figure and each loadgen's report),
+<UTC>-cluster-samples.json (the nodes' and Redis's counters every 50 ms) and <UTC>-cluster.md.
 
 Examples:
   bench-cluster                               15,000 sessions on each node
