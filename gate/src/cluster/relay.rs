@@ -761,6 +761,11 @@ pub fn render_metrics(c: &Cluster, s: &mut String) {
         &st.ends_sent,
         &st.ends_received,
     );
+    let with = c.live.read().unwrap_or_else(|p| p.into_inner()).values().filter(|n| n.has_appserver).count();
+    let _ = writeln!(
+        s,
+        "# HELP fleetgate_cluster_nodes_with_appserver Live nodes whose lease says an app-server is connected, this one included.\n# TYPE fleetgate_cluster_nodes_with_appserver gauge\nfleetgate_cluster_nodes_with_appserver {with}"
+    );
     let _ = writeln!(
         s,
         "# HELP fleetgate_cluster_relay_refused_total Requests refused by a bound of the relay (each logged).\n# TYPE fleetgate_cluster_relay_refused_total counter\nfleetgate_cluster_relay_refused_total {}",
