@@ -631,20 +631,8 @@ impl AppServerConn {
     pub fn push(&self, p: &PushSpec) -> Result<Accepted, ClientError> {
         let (tx, rx) = mpsc::sync_channel(1);
         let (conn, seq) = self.send_push(p, Some(tx))?;
-        let answer = match rx.recv_timeout(self.group.timeout) {
-            Ok(answer) => answer,
-            Err(RecvTimeoutError::Disconnected) => return Err(ClientError::Closed),
-            Err(RecvTimeoutError::Timeout) => {
-                // Answers are routed under the machine's lock: either the push still waits (and
-                // its answer will become an event) or the answer is in the channel already.
-                let mut inner = lock(&self.group.inner);
-                if inner.waiters.remove(&(conn, seq)).is_some() {
-                    return Err(ClientError::Timeout);
-                }
-                drop(inner);
-                rx.try_recv().map_err(|_| ClientError::Closed)?
-            }
-        };
+        // A push that gave up waiting gets its answer as an event.
+        let answer = self.wait_answer(&rx, |inner| inner.waiters.remove(&(conn, seq)).is_some())?;
         match answer {
             Ok(targets) => Ok(Accepted { message_id: p.message_id, targets }),
             Err(e) if e.refused => Err(e.into()),
@@ -659,6 +647,26 @@ impl AppServerConn {
     /// past `MAX_IN_FLIGHT_PUSHES` unanswered pushes on this connection.
     pub fn push_async(&self, p: &PushSpec) -> Result<u32, ClientError> {
         self.send_push(p, None).map(|(_, seq)| seq)
+    }
+
+    /// Waits at most the timeout for the answer `rx` brings. Past it, `forget` takes the call's
+    /// waiter out and says whether it was still there: answers are routed under the machine's
+    /// lock, so either the call still waited (Timeout) or its answer is in the channel already.
+    fn wait_answer<T>(
+        &self,
+        rx: &Receiver<T>,
+        forget: impl FnOnce(&mut Inner) -> bool,
+    ) -> Result<T, ClientError> {
+        match rx.recv_timeout(self.group.timeout) {
+            Ok(answer) => Ok(answer),
+            Err(RecvTimeoutError::Disconnected) => Err(ClientError::Closed),
+            Err(RecvTimeoutError::Timeout) => {
+                if forget(&mut lock(&self.group.inner)) {
+                    return Err(ClientError::Timeout);
+                }
+                rx.try_recv().map_err(|_| ClientError::Closed)
+            }
+        }
     }
 
     /// Queues a push in the machine and writes it; returns the connection and the sequence-id.
@@ -705,18 +713,8 @@ impl AppServerConn {
             lock(&self.group.inner).end_waiters.remove(&(conn, seq));
             return Err(e.into());
         }
-        let answer = match rx.recv_timeout(self.group.timeout) {
-            Ok(answer) => answer,
-            Err(RecvTimeoutError::Disconnected) => return Err(ClientError::Closed),
-            Err(RecvTimeoutError::Timeout) => {
-                let mut inner = lock(&self.group.inner);
-                if inner.end_waiters.remove(&(conn, seq)).is_some() {
-                    return Err(ClientError::Timeout);
-                }
-                drop(inner);
-                rx.try_recv().map_err(|_| ClientError::Closed)?
-            }
-        };
+        // An end that gave up waiting drops its answer.
+        let answer = self.wait_answer(&rx, |inner| inner.end_waiters.remove(&(conn, seq)).is_some())?;
         match answer {
             Ok(end) => Ok(end),
             Err(e) if e.answer_lost() => Err(ClientError::Closed),

@@ -336,3 +336,54 @@ fn an_app_server_ends_a_session_on_its_own_node_or_another_and_hears_where() {
         assert!(!matches!(e, AppServerEvent::Unreachable { .. }), "{e:?}");
     }
 }
+
+/// What the relay adds to a request: round trips of one app (requests one after another, each
+/// answered at once by an app-server on node b) from node b itself and from node a, whose
+/// requests go through Redis to node b and back. Prints the figures; asserts nothing about
+/// time. Run: `cargo nextest run -p gate --test cluster --run-ignored only --no-capture
+/// relay_round_trip` (add `--release` for release-built gates).
+#[test]
+#[ignore = "a measurement: run by hand"]
+fn relay_round_trip() {
+    const N: usize = 500;
+    let redis = RedisServer::start().expect("redis-server starts");
+    let a = node(&redis.url(), "node-a", &[]);
+    let b = node(&redis.url(), "node-b", &[]);
+    until_clustered(&a, 2);
+    let (srv, ev) = b.appserver();
+    until_appservers(&a, 1);
+    let answering = std::thread::spawn(move || {
+        for e in ev.iter() {
+            if let AppServerEvent::Upstream(r) = e {
+                if srv.reply(&r, 0, "ok", b"").is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    // One request from each app in turn, so both see the same machine load.
+    let (mut on_b, mut on_a) = (b.login(1, 2), a.login(2, 2));
+    let once = |app: &mut client::AppConn| {
+        let t = Instant::now();
+        let seq = app.order_status(1).expect("send");
+        app.wait_reply(seq).expect("answered");
+        t.elapsed().as_micros()
+    };
+    let (mut same, mut cross) = (Vec::new(), Vec::new());
+    for i in 0..N + 20 {
+        let (s, c) = (once(&mut on_b), once(&mut on_a));
+        if i >= 20 {
+            // The first few warm the paths up.
+            same.push(s);
+            cross.push(c);
+        }
+    }
+    let pct = |v: &mut Vec<u128>| {
+        v.sort_unstable();
+        (v[N / 2], v[N * 9 / 10], v[N * 99 / 100])
+    };
+    let (s, c) = (pct(&mut same), pct(&mut cross));
+    println!("same node  (app and app-server on node b): p50 {} µs, p90 {} µs, p99 {} µs", s.0, s.1, s.2);
+    println!("cross node (app on a, app-server on b):    p50 {} µs, p90 {} µs, p99 {} µs", c.0, c.1, c.2);
+    drop(answering);
+}

@@ -247,6 +247,18 @@ impl ServerErrorInfo {
         }
     }
 
+    /// The gate's Error frame `e` (of log-id `log_id`) refusing a request.
+    fn refusal(e: &wire::Error<'_>, log_id: u64) -> ServerErrorInfo {
+        ServerErrorInfo {
+            code: e.code(),
+            origin: e.origin(),
+            message: e.message().unwrap_or("").to_owned(),
+            retry_after_ms: e.retry_after_ms(),
+            log_id,
+            refused: true,
+        }
+    }
+
     /// True when no answer came at all: the connection ended first.
     pub fn answer_lost(&self) -> bool {
         !self.refused && self.code == ErrorCode::Unknown
@@ -1411,30 +1423,14 @@ impl Session {
                 self.on_end_answer(conn, seq, Ok(end));
             }
             (FrameType::Error, Body::Error(e)) if e.failed_cmd() == Cmd::EndSession as u16 => {
-                let info = ServerErrorInfo {
-                    code: e.code(),
-                    origin: e.origin(),
-                    message: e.message().unwrap_or("").to_owned(),
-                    retry_after_ms: e.retry_after_ms(),
-                    log_id,
-                    refused: true,
-                };
-                self.on_end_answer(conn, seq, Err(info));
+                self.on_end_answer(conn, seq, Err(ServerErrorInfo::refusal(&e, log_id)));
             }
             // Only errors about a Push answer one: the gate's own requests (whose answers or acks
             // it may find fault with) count sequence-ids in another space (§6).
             (FrameType::Error, Body::Error(e))
                 if e.failed_cmd() == Cmd::Push as u16 || e.failed_cmd() == 0 =>
             {
-                let info = ServerErrorInfo {
-                    code: e.code(),
-                    origin: e.origin(),
-                    message: e.message().unwrap_or("").to_owned(),
-                    retry_after_ms: e.retry_after_ms(),
-                    log_id,
-                    refused: true,
-                };
-                self.on_answer(conn, seq, Err(info));
+                self.on_answer(conn, seq, Err(ServerErrorInfo::refusal(&e, log_id)));
             }
             // A request the gate should not send to an app-server: answer so it does not wait.
             (FrameType::Request, _) => {
@@ -1458,7 +1454,9 @@ impl Session {
                 };
                 self.answer_request(conn, header, code, &error.to_string());
             }
-            Some(FrameType::Response) if header.cmd == Cmd::EndSession as u16 => {
+            Some(FrameType::Response)
+                if header.cmd == Cmd::Push as u16 || header.cmd == Cmd::EndSession as u16 =>
+            {
                 let info = ServerErrorInfo {
                     code: ErrorCode::CorruptBody,
                     origin: Hop::Gate,
@@ -1467,18 +1465,11 @@ impl Session {
                     log_id: header.log_id,
                     refused: false,
                 };
-                self.on_end_answer(conn, header.seq, Err(info));
-            }
-            Some(FrameType::Response) if header.cmd == Cmd::Push as u16 => {
-                let info = ServerErrorInfo {
-                    code: ErrorCode::CorruptBody,
-                    origin: Hop::Gate,
-                    message: format!("the gate's answer did not verify: {error}"),
-                    retry_after_ms: 0,
-                    log_id: header.log_id,
-                    refused: false,
-                };
-                self.on_answer(conn, header.seq, Err(info));
+                if header.cmd == Cmd::Push as u16 {
+                    self.on_answer(conn, header.seq, Err(info));
+                } else {
+                    self.on_end_answer(conn, header.seq, Err(info));
+                }
             }
             _ => {}
         }
