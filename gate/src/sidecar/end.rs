@@ -28,7 +28,8 @@ pub const PATIENCE_MS: u64 = 5_000;
 /// Characters of the app-server's message kept for the app's GoAway.
 pub const MAX_MESSAGE_CHARS: usize = 256;
 /// Tags count in the bits below this one; the bit itself marks the directory lookup made for
-/// an ask (`crate::cluster::relay`), so the two never meet.
+/// an ask (`crate::cluster::relay`), so the two never meet. The cluster's own lookups (a push's
+/// targets) count up from 1 below it and would need 2^47 lookups to reach it.
 pub const LOOKUP_BIT: u64 = 1 << 47;
 
 /// Who asked.
