@@ -77,14 +77,14 @@ return {1, false, false, false}
 "#;
 
 /// Move: KEYS = [uid key]; ARGV = [from node, from epoch, node, new epoch, shard]. Applies iff
-/// the entry is exactly (from node, from epoch) and the new epoch is larger (a move never
-/// lowers an epoch). Returns `{ok, node, epoch, shard}` with the entry as it now stands. A
+/// the entry is exactly (from node, from epoch) and the new epoch is not smaller (a move never
+/// lowers an epoch; a session taken over keeps its own). Returns `{ok, node, epoch, shard}` with the entry as it now stands. A
 /// repeat of a move that already applied (the entry is (node, new epoch)) answers ok.
 const MOVE_BODY: &str = r#"
 if cur[1] == ARGV[3] and cur[2] == ARGV[4] then
   return {1, cur[1], cur[2], cur[3]}
 end
-if cur[1] == ARGV[1] and cur[2] == ARGV[2] and cmp(ARGV[4], ARGV[2]) > 0 then
+if cur[1] == ARGV[1] and cur[2] == ARGV[2] and cmp(ARGV[4], ARGV[2]) >= 0 then
   redis.call('HSET', KEYS[1], 'node', ARGV[3], 'epoch', ARGV[4], 'shard', ARGV[5])
   return {1, ARGV[3], ARGV[4], ARGV[5]}
 end

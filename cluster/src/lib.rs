@@ -37,10 +37,17 @@
 //!   smaller epoch; a claim equal to the stored entry (same node, same epoch) is a repeat and
 //!   wins without change, so re-registration after an outage and retries are harmless.
 //! - move (`Cmd::Move`): compare-and-set from exactly (from.node, from.epoch) to (this node,
-//!   new_epoch, shard); refuses a new epoch that is not larger.
+//!   new_epoch, shard); refuses a new epoch that is smaller. A session taken over by another
+//!   node keeps its epoch (the app's resume token names it), so equal is allowed.
 //! - release (`Cmd::Release`): deletes the entry iff it is exactly (this node, epoch).
 //!
 //! Lookups are plain `HMGET`s in the same pipeline.
+//!
+//! # TLS
+//! `rediss://` goes through fred's rustls (ring provider). fred trusts the system's CA
+//! certificates; [`Config::tls_roots`] ([`TlsRoots`], read from a PEM file) replaces them with
+//! exactly the CAs given, for a Redis whose certificate a private CA signed. A certificate that
+//! does not check out keeps the directory down, the status detail carrying rustls's reason.
 //!
 //! # Connection loss
 //! fred runs without a reconnect policy of its own: this thread owns reconnection (backoff from
@@ -56,6 +63,7 @@
 //! that could not be renewed for `lease_ms` (Redis hung, not closed) also counts as a loss.
 
 mod layout;
+mod tls;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -67,6 +75,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde::{Deserialize, Serialize};
 
 pub use layout::{lease_key, node_channel, uid_key, NODES_KEY};
+pub use tls::TlsRoots;
 
 /// How to reach Redis, and the directory's timings.
 #[derive(Clone, Debug)]
@@ -83,12 +92,17 @@ pub struct Config {
     pub command_timeout_ms: u64,
     /// Bound on batches waiting for the thread ([`Handle::send`] returns [`Full`] past it).
     pub max_queue: usize,
+    /// The CA certificates a `rediss://` (or `rediss-cluster://`) connection trusts, and only
+    /// those. `None`: fred's default, the system's CA certificates (see [`TlsRoots`]). Refused
+    /// with a URL that is not TLS, whose traffic these would never protect.
+    pub tls_roots: Option<TlsRoots>,
 }
 
 impl Config {
-    /// Default lease (3 s), command timeout (500 ms) and queue (1,024 batches).
+    /// Default lease (3 s), command timeout (500 ms) and queue (1,024 batches); the system's
+    /// CA certificates for TLS.
     pub fn new(url: impl Into<String>) -> Config {
-        Config { url: url.into(), lease_ms: 3000, command_timeout_ms: 500, max_queue: 1024 }
+        Config { url: url.into(), lease_ms: 3000, command_timeout_ms: 500, max_queue: 1024, tls_roots: None }
     }
 }
 
@@ -190,6 +204,9 @@ pub enum Error {
     /// A setting is out of range.
     #[error("bad directory setting: {0}")]
     Config(String),
+    /// The CA file for TLS to Redis cannot be used ([`TlsRoots::from_pem_file`]).
+    #[error("Redis CA file {}: {why}", path.display())]
+    Ca { path: std::path::PathBuf, why: String },
     /// The thread or its runtime could not be created.
     #[error("cannot start the directory thread: {0}")]
     Thread(#[from] std::io::Error),
@@ -248,7 +265,7 @@ impl Handle {
     /// (the thread reports [`Event::Status`] down and retries with backoff). `sink` receives
     /// every event, on the thread, in batches.
     pub fn start(cfg: Config, me: NodeInfo, sink: Sink) -> Result<Handle, Error> {
-        let redis = worker::redis_config(&cfg.url)?;
+        let redis = worker::redis_config(&cfg.url, cfg.tls_roots.as_ref())?;
         if me.name.is_empty() || me.name.len() > 200 || me.name.chars().any(|c| c.is_whitespace()) {
             return Err(Error::Config(format!("node name {:?}: 1 to 200 bytes, no spaces", me.name)));
         }

@@ -23,7 +23,7 @@ use fred::types::scripts::Script;
 use fred::types::{ClusterHash, ConnectHandle, CustomCommand};
 
 use crate::layout::{self, epoch_text, lease_key, uid_key, NODES_KEY};
-use crate::{Cmd, Config, Error, Event, NodeInfo, Owner, Shared, Sink, STOP_RELEASE};
+use crate::{Cmd, Config, Error, Event, NodeInfo, Owner, Shared, Sink, TlsRoots, STOP_RELEASE};
 
 /// First reconnect delay after a loss, and the retry hint of a command that failed while up.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -39,14 +39,28 @@ const RELEASES_KEPT_MAX: usize = 65_536;
 /// Fields of a directory entry, in the order the scripts and lookups read them.
 const ENTRY_FIELDS: [&str; 3] = ["node", "epoch", "shard"];
 
-/// Parses and checks the URL; the error names it with any password hidden.
-pub(crate) fn redis_config(url: &str) -> Result<RedisConfig, Error> {
+/// Parses and checks the URL, with TLS trusting `roots` when given; the error names the URL
+/// with any password hidden.
+pub(crate) fn redis_config(url: &str, roots: Option<&TlsRoots>) -> Result<RedisConfig, Error> {
     let bad = |why: &str| Error::Url { url: redacted(url), why: why.to_string() };
     let scheme = url.split_once("://").map(|(s, _)| s).ok_or_else(|| bad("no scheme"))?;
     if !matches!(scheme, "redis" | "rediss" | "redis-cluster" | "rediss-cluster") {
         return Err(bad("the scheme must be redis, rediss, redis-cluster or rediss-cluster"));
     }
-    let cfg = RedisConfig::from_url(url).map_err(|e| bad(e.details()))?;
+    let cfg = match roots {
+        None => RedisConfig::from_url(url),
+        Some(_) if !scheme.starts_with("rediss") => {
+            return Err(bad("a CA file is given, so the scheme must be rediss or rediss-cluster (TLS)"));
+        }
+        // Parsed as its plain twin (the rest of the URL reads the same): fred's `rediss` parse
+        // loads the system's CA certificates, whose absence or a broken SSL_CERT_FILE would
+        // then refuse a URL that does not need them. TLS is set on the result just below.
+        Some(roots) => RedisConfig::from_url(&url.replacen("rediss", "redis", 1)).map(|mut c| {
+            c.tls = Some(roots.fred_tls());
+            c
+        }),
+    };
+    let cfg = cfg.map_err(|e| bad(e.details()))?;
     match cfg.server {
         ServerConfig::Centralized { .. } | ServerConfig::Clustered { .. } => Ok(cfg),
         _ => Err(bad("only a single server or a Redis Cluster is supported (not sentinel)")),
@@ -214,7 +228,12 @@ impl Worker {
     }
 
     pub(crate) async fn run(mut self) {
-        tracing::info!(node = %self.me.name, url = %redacted(&self.cfg.url), "redis directory starting");
+        let tls = match (&self.cfg.tls_roots, self.redis.uses_tls()) {
+            (Some(roots), _) => format!("trusting the CA file {}", roots.path().display()),
+            (None, true) => "trusting the system's CA certificates".to_string(),
+            (None, false) => "none".to_string(),
+        };
+        tracing::info!(node = %self.me.name, url = %redacted(&self.cfg.url), %tls, "redis directory starting");
         loop {
             let stop = self.shared.stop.load(Ordering::Relaxed);
             if stop != crate::RUN {
@@ -748,6 +767,10 @@ async fn connect(
         ServerConfig::Centralized { server } => format!("redis {server}"),
         _ => "redis".to_string(),
     };
+    // /healthz then tells an operator whether the directory's traffic is encrypted.
+    if redis.uses_tls() {
+        link.detail.push_str(", TLS");
+    }
     Ok(link)
 }
 
@@ -888,14 +911,14 @@ mod tests {
 
     #[test]
     fn urls_are_checked_and_passwords_hidden() {
-        assert!(redis_config("redis://127.0.0.1:6379").is_ok());
-        assert!(redis_config("redis://:secret@127.0.0.1:6379").is_ok());
-        assert!(redis_config("redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001").is_ok());
-        assert!(redis_config("rediss://127.0.0.1:6380").is_ok());
+        assert!(redis_config("redis://127.0.0.1:6379", None).is_ok());
+        assert!(redis_config("redis://:secret@127.0.0.1:6379", None).is_ok());
+        assert!(redis_config("redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001", None).is_ok());
+        assert!(redis_config("rediss://127.0.0.1:6380", None).is_ok());
         for bad in ["127.0.0.1:6379", "http://127.0.0.1:6379", "redis://", "redis://[bad"] {
-            assert!(redis_config(bad).is_err(), "{bad} accepted");
+            assert!(redis_config(bad, None).is_err(), "{bad} accepted");
         }
-        let Err(e) = redis_config("http://:secret@host:1") else { panic!("accepted") };
+        let Err(e) = redis_config("http://:secret@host:1", None) else { panic!("accepted") };
         assert!(!e.to_string().contains("secret"), "{e}");
         assert_eq!(redacted("redis://u:p@h:1"), "redis://***@h:1");
         assert_eq!(redacted("redis://h:1"), "redis://h:1");

@@ -127,11 +127,13 @@ fn move_is_a_compare_and_set_from_the_stored_owner() {
     assert_eq!(b.move_from(9, from_a.clone(), BASE + 11, 5), (true, Some(b.owner(BASE + 11, 5))));
     // A stale move from the old owner fails and shows the current one.
     assert_eq!(a.move_from(9, from_a.clone(), BASE + 12, 0), (false, Some(b.owner(BASE + 11, 5))));
-    // A move must raise the epoch.
-    assert_eq!(a.move_from(9, b.owner(BASE + 11, 5), BASE + 11, 0), (false, Some(b.owner(BASE + 11, 5))));
+    // A move never lowers the epoch.
+    assert_eq!(a.move_from(9, b.owner(BASE + 11, 5), BASE + 10, 0), (false, Some(b.owner(BASE + 11, 5))));
+    // A session taken over keeps its epoch: the same epoch moves.
+    assert_eq!(a.move_from(9, b.owner(BASE + 11, 5), BASE + 11, 1), (true, Some(a.owner(BASE + 11, 1))));
     // A move of a uid nobody holds fails with no owner.
     assert_eq!(b.move_from(10, from_a, BASE + 20, 0), (false, None));
-    assert_eq!(a.owner_of(9), Some(b.owner(BASE + 11, 5)));
+    assert_eq!(a.owner_of(9), Some(a.owner(BASE + 11, 1)));
     assert_eq!(a.owner_of(10), None);
 }
 

@@ -398,6 +398,9 @@ fn closed(shard: &mut Shard, c: ConnRef, now: u64) {
             if let Some(uid) = conn.life.uid() {
                 let reason = match conn.life.closing {
                     Some(CloseReason::GoAway(GoAwayReason::SlowConsumer)) => logic::CloseReason::SlowConsumer,
+                    Some(CloseReason::GoAway(GoAwayReason::Shutdown)) if !shard.drain_to.is_empty() => {
+                        logic::CloseReason::Moving
+                    }
                     Some(CloseReason::GoAway(GoAwayReason::Shutdown)) => logic::CloseReason::Shutdown,
                     _ => logic::CloseReason::Dropped,
                 };
@@ -836,7 +839,7 @@ pub(crate) fn logic_input(shard: &mut Shard, input: logic::Input, now: u64) {
 
 /// Carries out one logic output: the one place they are matched. An output for a connection on
 /// another gate shard goes there first.
-fn apply(shard: &mut Shard, o: Output, now: u64) {
+pub(crate) fn apply(shard: &mut Shard, o: Output, now: u64) {
     if let Some(dest) = o.gate_shard() {
         if dest != shard.id {
             shard.to_shard(dest as usize, Msg::Conn(o));
@@ -883,6 +886,13 @@ fn apply(shard: &mut Shard, o: Output, now: u64) {
         Output::Claim { uid, epoch } => crate::cluster::claim(shard, uid, epoch),
         Output::Release { uid, epoch } => crate::cluster::release(shard, uid, epoch),
         Output::Elsewhere { push, uids } => crate::cluster::elsewhere(shard, push, uids, now),
+        Output::Missing { uid, epoch, retry } => {
+            crate::cluster::handoff::missing(shard, uid, epoch, *retry, now)
+        }
+        Output::HandedOver { uid, to, session } => {
+            crate::cluster::handoff::handed_over(shard, uid, to, *session, now)
+        }
+        Output::NotHere { uid, epoch, to } => crate::cluster::handoff::not_here(shard, uid, epoch, to),
         Output::Ended { conn, uid, log_id, message } => {
             crate::sidecar::end::ended(shard, conn, uid, log_id, &message)
         }
@@ -1006,8 +1016,25 @@ fn begin_shutdown(shard: &mut Shard, stop: &Stop, clocks: &mut Clocks, now: u64)
         .map(|(slot, c)| ConnRef { shard: shard.id, slot: slot as u32, gen: c.gen })
         .collect();
     let base = shard.cfg.app.retry_after_ms;
+    shard.drain_to = crate::cluster::handoff::drain_targets(shard);
     for c in apps {
-        shard.go_away(c, 0, GoAwayReason::Shutdown, "gate shutting down", jitter(base));
+        // Draining in cluster mode: each app is told which node to resume on; its session is
+        // held and handed over there once the connections are gone.
+        let to = shard.conn(c).and_then(|conn| conn.life.uid()).and_then(|uid| {
+            let n = shard.drain_to.len();
+            (n > 0).then(|| shard.drain_to[(uid % n as u64) as usize].1.clone())
+        });
+        match to {
+            Some(to) => shard.go_away_to(
+                c,
+                0,
+                GoAwayReason::Shutdown,
+                "node draining: resume on the node named",
+                &to,
+                jitter(base),
+            ),
+            None => shard.go_away(c, 0, GoAwayReason::Shutdown, "gate shutting down", jitter(base)),
+        }
     }
     let mut out = Vec::new();
     shard.logic.flush_gps(&mut out);
@@ -1026,6 +1053,9 @@ fn shutdown_step(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
         Shutdown::Running | Shutdown::Done => {}
         Shutdown::WaitApps { until } => {
             if shard.app_conns() == 0 || now >= until {
+                // Draining: this shard's sessions move to the other nodes first; what is left
+                // (none, or all when no other node lives) ends below.
+                crate::cluster::handoff::drain(shard, now);
                 logic_input(shard, logic::Input::Shutdown, now);
                 // What the shutdown produced leaves before this shard counts as drained: another
                 // shard that sees every shard drained must find these receipts in its inbox.
@@ -1039,7 +1069,8 @@ fn shutdown_step(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
             let unacked =
                 shard.delivery.unacked_batches() > 0 || shard.conns.iter().any(|(_, c)| !c.out.is_empty());
             let waiting = (shard.delivery.receipts_waiting() > 0 && shard.sidecars.any())
-                || shard.mesh.depth(shard.id as usize) > 0;
+                || shard.mesh.depth(shard.id as usize) > 0
+                || crate::cluster::forwards_waiting(shard);
             if (all_drained && !unacked && !waiting) || now >= until {
                 let all: Vec<ConnRef> = shard
                     .conns

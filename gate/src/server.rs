@@ -52,6 +52,8 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     let cores = cfg.resolved_cores()?;
     // Keys before ports: a missing or malformed key file stops the gate before it binds.
     let keys = Arc::new(cfg.key_ring(crate::net::now_ms())?);
+    // The Redis CA file likewise: read now, not when the directory first connects.
+    let redis_roots = cfg.redis_tls_roots()?;
     let shards = cores.len();
     let app_addr = cfg.app.listen;
     let app = net::listen_all(app_addr, cfg.app.backlog, shards).map_err(|source| StartError::Bind {
@@ -111,8 +113,11 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     }
 
     let mesh = Arc::new(Mesh::new(shards));
-    let cluster =
-        if cfg.clustered() { Some(start_cluster(&cfg, &node, incarnation, mesh.clone())?) } else { None };
+    let cluster = if cfg.clustered() {
+        Some(start_cluster(&cfg, redis_roots, &node, incarnation, mesh.clone())?)
+    } else {
+        None
+    };
     let shared = Shared {
         cfg: Arc::new(cfg),
         mesh: mesh.clone(),
@@ -229,9 +234,10 @@ async fn shard_main(
 }
 
 /// Cluster mode: this node's name (`gate.node_name`, else the address apps reach it at, which
-/// is unique among the nodes) and the Redis thread.
+/// is unique among the nodes) and the Redis thread, trusting `redis_roots` for TLS when given.
 fn start_cluster(
     cfg: &Config,
+    redis_roots: Option<cluster::TlsRoots>,
     node: &str,
     incarnation: u64,
     mesh: Arc<Mesh>,
@@ -244,6 +250,7 @@ fn start_cluster(
     }
     let mut ccfg = cluster::Config::new(cfg.cluster.redis.clone());
     ccfg.lease_ms = cfg.cluster.lease_ms as u64;
+    ccfg.tls_roots = redis_roots;
     let me = cluster::NodeInfo {
         name: name.clone(),
         app_addr: node.to_owned(),

@@ -252,6 +252,9 @@ pub struct Shard {
     pub drained: Arc<std::sync::atomic::AtomicUsize>,
     /// Set once shutdown began.
     pub shutting_down: bool,
+    /// Cluster mode, shutting down: the live nodes this node's sessions move to (name, app
+    /// address), sorted by name; empty when there is none and sessions end.
+    pub drain_to: Vec<(String, String)>,
     /// Accept-rate token bucket: tokens available (may go negative down to -accept_queue).
     pub accept_tokens: f64,
     /// When the bucket was last refilled.
@@ -355,6 +358,7 @@ impl Shard {
             sidecars,
             drained,
             shutting_down: false,
+            drain_to: Vec::new(),
             // A random start, so two runs of a gate do not hand out the same ids.
             next_log_id: rand::random::<u64>() & LOG_ID_COUNTER_MASK,
             busy: Vec::new(),
@@ -549,10 +553,23 @@ impl Shard {
         message: &str,
         retry_after_ms: u32,
     ) {
+        self.go_away_to(c, log_id, reason, message, "", retry_after_ms)
+    }
+
+    /// A go-away naming the node to reconnect to (empty: this one).
+    pub fn go_away_to(
+        &mut self,
+        c: ConnRef,
+        log_id: u64,
+        reason: GoAwayReason,
+        message: &str,
+        reconnect: &str,
+        retry_after_ms: u32,
+    ) {
         let log_id = self.log_id_or_new(log_id);
-        tracing::info!(log_id, shard = self.id, slot = c.slot, reason = ?reason, message, "go-away");
+        tracing::info!(log_id, shard = self.id, slot = c.slot, reason = ?reason, message, reconnect, "go-away");
         let mut frame = Vec::new();
-        self.enc.go_away(&mut frame, log_id, reason, message, "", retry_after_ms);
+        self.enc.go_away(&mut frame, log_id, reason, message, reconnect, retry_after_ms);
         self.queue_raw(c, Cmd::GoAway, |out| out.extend_from_slice(&frame));
         self.close(c, CloseReason::GoAway(reason));
     }

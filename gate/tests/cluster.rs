@@ -1,8 +1,9 @@
 //! Cluster mode end to end: real redis-server processes and two gate processes sharing them.
 //! A push accepted on one node reaches a driver on the other and its receipt comes back; one
 //! uid logged in on two nodes keeps exactly one session; Redis unreachable at start, then
-//! back; a node killed ends what waited on it as NodeLost within the lease. The relay: GPS,
-//! requests and unreachable events from a node with no app-server reach the app-server on
+//! back; a node killed ends what waited on it as NodeLost within the lease; the same push over
+//! `rediss://` with a private CA and a password, and a CA file that cannot be used. The relay:
+//! GPS, requests and unreachable events from a node with no app-server reach the app-server on
 //! another; EndSession ends a session on whichever node holds it.
 
 mod common;
@@ -16,7 +17,10 @@ use testkit::redis::RedisServer;
 
 /// A gate node named `name` on the Redis at `url`, with a short lease.
 fn node(url: &str, name: &str, extra: &[&str]) -> Gate {
-    let mut args = vec!["--redis", url, "--node-name", name, "--cluster-lease-ms", "900", "--hold-ms", "0"];
+    let mut args = vec!["--redis", url, "--node-name", name, "--cluster-lease-ms", "900"];
+    if !extra.contains(&"--hold-ms") {
+        args.extend_from_slice(&["--hold-ms", "0"]);
+    }
     args.extend_from_slice(extra);
     Gate::start(&args)
 }
@@ -58,6 +62,69 @@ fn a_push_accepted_on_one_node_reaches_a_driver_on_another_and_its_receipt_comes
     while let Ok(e) = ev.try_recv() {
         assert!(!matches!(e, AppServerEvent::Receipt { .. }), "extra receipt {e:?}");
     }
+}
+
+#[test]
+fn over_rediss_with_a_private_ca_and_a_password_a_push_reaches_a_driver_on_another_node() {
+    // TLS only (no plain port), its certificate signed by a test CA no system trusts.
+    let redis = RedisServer::start_tls(Some("tls-secret")).expect("a TLS redis-server starts");
+    let url = redis.url();
+    assert!(url.starts_with("rediss://:tls-secret@127.0.0.1:"), "{url}");
+    let ca = redis.tls_ca().expect("a CA file").to_str().expect("utf-8 path").to_owned();
+    let a = node(&url, "node-a", &["--redis-ca", &ca]);
+    let b = node(&url, "node-b", &["--redis-ca", &ca]);
+    until_clustered(&a, 2);
+    until_clustered(&b, 2);
+    let health = a.http_get("/healthz");
+    assert!(health.contains(", TLS)"), "healthz says the directory's link is TLS: {health}");
+    let mut driver = b.login(43, 1);
+    a.eventually("the directory knows uid 43", || {
+        redis.command(&["HGET", &cluster::uid_key(43), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
+            == Some("node-b".into())
+    });
+    let (srv, ev) = a.appserver();
+    let accepted = srv.push(&push_spec(510, &[43, 44], 30_000)).expect("push accepted on node a");
+    assert_eq!(accepted.targets, 2);
+    // Forwarded to node b through Redis's pub/sub, on the same TLS connections.
+    let f = next_push(&mut driver);
+    assert_eq!(f.delivery().expect("delivery").message_id, 510);
+    driver.ack_push(&f).expect("ack");
+    let r = receipts(&ev, 2);
+    assert_eq!(r[&(510, 43)], vec![Outcome::Delivered], "the receipt came back to the accepting node");
+    assert_eq!(r[&(510, 44)], vec![Outcome::Offline], "a uid no node holds");
+    assert!(a.metric("fleetgate_cluster_forwarded_targets_total", "") >= 1.0);
+    assert!(b.metric("fleetgate_cluster_received_targets_total", "") >= 1.0);
+    std::thread::sleep(Duration::from_millis(300));
+    while let Ok(e) = ev.try_recv() {
+        assert!(!matches!(e, AppServerEvent::Receipt { .. }), "extra receipt {e:?}");
+    }
+}
+
+#[test]
+fn a_redis_ca_file_the_gate_cannot_use_stops_it_at_start_naming_the_file() {
+    let dir = std::env::temp_dir().join(format!("fleetgate-redis-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("not-a-ca.pem");
+    std::fs::write(&bad, "not a certificate\n").expect("write");
+    for (path, why) in [(bad.clone(), "no CERTIFICATE"), (dir.join("missing.pem"), "No such file")] {
+        // Nothing listens on port 1: the gate must stop before it ever tries Redis.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gate"))
+            .args(["--app-listen", "127.0.0.1:0", "--sidecar-listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0", "--redis", "rediss://127.0.0.1:1", "--redis-ca"])
+            .arg(&path)
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), Some(64), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("cluster.redis_ca")
+                && stderr.contains(path.to_str().expect("path"))
+                && stderr.contains(why),
+            "the setting, the file and why: {stderr}"
+        );
+        assert!(!stderr.contains("gate listening"), "stopped before binding: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -166,6 +233,162 @@ fn a_killed_node_ends_what_waited_on_it_as_node_lost() {
     // The lease is 900 ms, renewed every 300 ms; the others look every 300 ms.
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(5), "NodeLost after {took:?}, past the lease bound");
+}
+
+/// Drops `c` without logout and waits until node `g` holds its session.
+fn drop_held(g: &Gate, c: client::AppConn) {
+    let before = g.metric("fleetgate_held_sessions", "");
+    c.shutdown().expect("shutdown");
+    drop(c);
+    g.eventually("the session is held", || g.metric("fleetgate_held_sessions", "") > before);
+}
+
+#[test]
+fn a_resume_on_another_node_takes_the_session_over_with_its_queue() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let a = node(&redis.url(), "node-a", &["--hold-ms", "20000"]);
+    let b = node(&redis.url(), "node-b", &["--hold-ms", "20000"]);
+    let c3 = node(&redis.url(), "node-c", &["--hold-ms", "20000"]);
+    until_clustered(&a, 3);
+    until_clustered(&b, 3);
+    until_clustered(&c3, 3);
+    let mut driver = a.login(61, 1);
+    let s = driver.session().expect("session").clone();
+    a.eventually("claimed on a", || {
+        redis.command(&["HGET", &cluster::uid_key(61), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
+            == Some("node-a".into())
+    });
+    // Pushes from three app-servers: node a's own, node b's and node c's.
+    let (srv_a, ev_a) = a.appserver();
+    let (srv_b, ev_b) = b.appserver();
+    let (srv_c, ev_c) = c3.appserver();
+    srv_a.push(&push_spec(1, &[61], 30_000)).expect("push 1 on a");
+    let first = next_push(&mut driver);
+    assert_eq!(first.delivery().expect("delivery").message_id, 1);
+    // Not acked: the drop keeps it in flight, to be redelivered.
+    drop_held(&a, driver);
+    srv_a.push(&push_spec(2, &[61], 30_000)).expect("push 2 on a");
+    srv_b.push(&push_spec(3, &[61], 30_000)).expect("push 3 on b");
+    srv_c.push(&push_spec(4, &[61], 30_000)).expect("push 4 on c");
+    // Pushes 3 and 4 reach node a's queue before the app comes back.
+    a.eventually("queued", || a.metric("fleetgate_cluster_received_targets_total", "") >= 2.0);
+
+    let mut moved = b.connect();
+    let resumed = moved.resume_session(&s).expect("the resume on node b takes the session over");
+    assert_eq!(resumed.uid, 61);
+    assert_eq!(resumed.session_epoch, s.session_epoch, "the same session continues");
+    assert_eq!(resumed.node, b.app.to_string(), "node b now holds it");
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let f = next_push(&mut moved);
+        let d = f.delivery().expect("delivery");
+        got.push((d.message_id, f.seq(), f.is_redelivery()));
+        moved.ack_push(&f).expect("ack");
+    }
+    // Pushes 3 and 4 came from two other nodes: node a queued them in the order they arrived.
+    let mut order: Vec<(u64, bool)> = got.iter().map(|g| (g.0, g.2)).collect();
+    order[2..].sort_unstable();
+    assert_eq!(
+        order,
+        vec![(1, true), (2, false), (3, false), (4, false)],
+        "the unacked push redelivered, then the queue"
+    );
+    assert!(got.windows(2).all(|w| w[0].1 < w[1].1), "in sequence order: {got:?}");
+    assert_eq!(got[0].1, first.seq(), "the redelivery keeps its sequence-id");
+    // Each push gets exactly one Delivered receipt, at the node whose app-server sent it.
+    assert_eq!(
+        receipts(&ev_a, 2),
+        [((1, 61), vec![Outcome::Delivered]), ((2, 61), vec![Outcome::Delivered])].into()
+    );
+    assert_eq!(receipts(&ev_b, 1), [((3, 61), vec![Outcome::Delivered])].into());
+    assert_eq!(receipts(&ev_c, 1), [((4, 61), vec![Outcome::Delivered])].into());
+    b.eventually("the directory names node b", || {
+        redis.command(&["HGET", &cluster::uid_key(61), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
+            == Some("node-b".into())
+    });
+    assert_eq!(b.metric("fleetgate_cluster_sessions_moved_in_total", ""), 1.0);
+    assert_eq!(a.metric("fleetgate_cluster_sessions_moved_out_total", ""), 1.0);
+    // A push after the move, from node a, goes to node b.
+    srv_a.push(&push_spec(5, &[61], 30_000)).expect("push 5 on a");
+    let f = next_push(&mut moved);
+    assert_eq!(f.delivery().expect("delivery").message_id, 5);
+    moved.ack_push(&f).expect("ack");
+    assert_eq!(receipts(&ev_a, 1), [((5, 61), vec![Outcome::Delivered])].into());
+    // Nothing more: no second receipt for any pair.
+    std::thread::sleep(Duration::from_millis(300));
+    for ev in [&ev_a, &ev_b, &ev_c] {
+        while let Ok(e) = ev.try_recv() {
+            assert!(!matches!(e, AppServerEvent::Receipt { .. }), "extra receipt {e:?}");
+        }
+    }
+    // The old token was used on node b: replaying it anywhere is refused.
+    let mut again = a.connect();
+    assert!(again.resume(&s.resume_token).is_err(), "a replayed token is refused");
+}
+
+#[test]
+fn a_resume_of_a_session_no_node_holds_is_refused() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let a = node(&redis.url(), "node-a", &["--hold-ms", "20000"]);
+    let b = node(&redis.url(), "node-b", &["--hold-ms", "20000"]);
+    until_clustered(&a, 2);
+    until_clustered(&b, 2);
+    let mut c = a.login(62, 1);
+    let s = c.session().expect("session").clone();
+    c.logout().expect("logout");
+    a.eventually("released", || {
+        matches!(redis.command(&["EXISTS", &cluster::uid_key(62)]), Ok(testkit::redis::Reply::Int(0)))
+    });
+    let mut other = b.connect();
+    assert!(other.resume_session(&s).is_err(), "a logged-out session does not resume anywhere");
+    assert_eq!(b.metric("fleetgate_cluster_resumes_refused_total", ""), 1.0);
+}
+
+#[test]
+fn a_draining_node_sends_its_apps_to_another_node_and_their_sessions_follow() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let a = node(&redis.url(), "node-a", &["--hold-ms", "0"]);
+    let b = node(&redis.url(), "node-b", &["--hold-ms", "0"]);
+    until_clustered(&a, 2);
+    until_clustered(&b, 2);
+    let mut driver = a.login(71, 1);
+    let s = driver.session().expect("session").clone();
+    a.eventually("claimed on a", || {
+        redis.command(&["HGET", &cluster::uid_key(71), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
+            == Some("node-a".into())
+    });
+    let (srv_b, ev_b) = b.appserver();
+    srv_b.push(&push_spec(1, &[71], 30_000)).expect("push on b");
+    let first = next_push(&mut driver);
+    assert_eq!(first.delivery().expect("delivery").message_id, 1);
+    // Not acked. Node a drains: the app is told to resume on node b.
+    a.sigterm();
+    let bye = loop {
+        let f = driver.recv().expect("a go-away before the close");
+        if f.cmd == Cmd::GoAway {
+            break f;
+        }
+    };
+    let g = bye.go_away().expect("go-away body");
+    assert_eq!(g.reason(), schema::wire::GoAwayReason::Shutdown);
+    assert_eq!(g.reconnect(), Some(b.app.to_string().as_str()), "the go-away names node b");
+    drop(driver);
+    // The session was handed to node b even with no hold configured there.
+    b.eventually("the session moved to b", || {
+        b.metric("fleetgate_cluster_sessions_moved_in_total", "") >= 1.0
+    });
+    let mut moved = b.connect();
+    let resumed = moved.resume_session(&s).expect("the session resumes on node b");
+    assert_eq!(resumed.session_epoch, s.session_epoch);
+    let f = next_push(&mut moved);
+    assert_eq!(f.delivery().expect("delivery").message_id, 1);
+    assert!(f.is_redelivery());
+    moved.ack_push(&f).expect("ack");
+    assert_eq!(receipts(&ev_b, 1), [((1, 71), vec![Outcome::Delivered])].into());
+    b.eventually("the directory names node b", || {
+        redis.command(&["HGET", &cluster::uid_key(71), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
+            == Some("node-b".into())
+    });
 }
 
 /// Waits until `g` sees `n` live nodes with an app-server connected (its lease renewals read

@@ -167,6 +167,27 @@ impl Directory {
         Ok(Resumed { previous, was_attached: held.is_none() && previous != conn })
     }
 
+    /// Removes the session of `uid` of `epoch` to hand it to another node (cluster mode); its
+    /// epoch is remembered as ended here.
+    pub fn take(&mut self, uid: u64, epoch: u64) -> Option<Entry> {
+        let conn = self.entries.get(&uid).filter(|e| e.epoch == epoch)?.conn;
+        self.remove_if(uid, conn)
+    }
+
+    /// Installs a session handed over from another node, held until `until_ms` (its app is
+    /// resuming, or will). Returns the session it replaced, if any (an older one: the caller
+    /// checked the epochs).
+    pub fn install(&mut self, uid: u64, mut entry: Entry, until_ms: u64) -> Option<Entry> {
+        let prev = self.entries.remove(&uid);
+        if let Some(until) = prev.as_ref().and_then(|p| p.held_until_ms) {
+            self.held.remove(&(until, uid));
+        }
+        entry.held_until_ms = Some(until_ms);
+        self.held.insert((until_ms, uid));
+        self.entries.insert(uid, entry);
+        prev
+    }
+
     /// Removes and returns up to `max` held sessions whose hold ended by `now_ms`.
     pub fn pop_expired_holds(&mut self, now_ms: u64, max: usize, out: &mut Vec<(u64, Entry)>) {
         while out.len() < max {

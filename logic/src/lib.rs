@@ -19,7 +19,7 @@ pub mod shard;
 pub mod upstream;
 
 pub use push::{Origin, PushContent, Receipt, LOCAL};
-pub use shard::{CloseReason, Input, Output, RequestFailure, Shard, ShardConfig, Tally};
+pub use shard::{CloseReason, Handed, HandedPush, Input, Output, RequestFailure, Shard, ShardConfig, Tally};
 
 /// Identifies one connection on one gate shard. The generation makes a reused slot distinct, so
 /// a late message for a closed connection can never reach its successor.

@@ -116,6 +116,17 @@ impl PushState {
         self.inflight.insert(seq, f);
     }
 
+    /// The last sequence-id taken (0: none yet): what a handed-over session continues from.
+    pub fn last_seq(&self) -> u32 {
+        self.next_seq
+    }
+
+    /// An empty state whose next push gets the sequence-id after `last_seq` (a session handed
+    /// over from another node keeps its numbering, so the app's acks and dedup still hold).
+    pub fn continuing(last_seq: u32) -> PushState {
+        PushState { next_seq: last_seq, inflight: BTreeMap::new(), bytes: 0 }
+    }
+
     /// Takes the next sequence-id (skipping 0, which means "no sequence").
     pub fn take_seq(&mut self) -> u32 {
         self.next_seq = self.next_seq.wrapping_add(1).max(1);

@@ -1,11 +1,12 @@
 //! Messages between gate nodes in cluster mode (docs/PROTOCOL.md §15), sans I/O.
 //!
 //! A node sends another node a push for the sessions it holds, the receipts of such pushes
-//! back, and word that a newer session of a uid replaced one it holds. A node with no
+//! back, and word that a newer session of a uid replaced one it holds. For a resume that lands
+//! on another node, that node asks for the session (`Take`) and gets it with its unacked
+//! pushes and resumption secret (`Handoff`), or hears it is gone (`NotHere`). A node with no
 //! app-server connected relays what is meant for one (GPS, app requests and their answers,
 //! unreachable events) to a node that has one, and an app-server's EndSession reaches the node
-//! holding the session (kinds from `0x40` up: the relay's). The bytes here are the
-//! plaintext of one sealed message: the gate seals them (ChaCha20-Poly1305 under a key derived
+//! holding the session (kinds from `0x40` up: the relay's). The bytes here are the plaintext of one sealed message: the gate seals them (ChaCha20-Poly1305 under a key derived
 //! from the cluster secret, see `gate::cluster::link`) before they leave the process, so the
 //! transport between nodes sees neither push payloads nor who is logged in.
 //!
@@ -150,6 +151,30 @@ pub enum NodeMsg {
         /// The receiver's session that lost.
         epoch: u64,
     },
+    /// An app resumes on the sender with a token for `uid`'s session of `epoch`, which the
+    /// directory says the receiver holds: hand it over (answered by `Handoff` or `NotHere`).
+    Take {
+        /// The user.
+        uid: u64,
+        /// The session's epoch.
+        epoch: u64,
+    },
+    /// A session handed over to the receiver, with its unacked pushes: the receiver holds it
+    /// from now on.
+    Handoff(Box<HandedSession>),
+    /// The sender was asked for a session it does not hold (ended, or another epoch).
+    NotHere {
+        /// The user.
+        uid: u64,
+        /// The epoch asked for.
+        epoch: u64,
+    },
+    /// Pairs (message id, uid) of pushes the receiver accepted and forwarded to a third node,
+    /// whose sessions moved to the sender: the receipts now come from the sender.
+    Rehomed(Vec<(u64, u64)>),
+    /// Several messages for the same node sealed as one (what one turn of the sender had for
+    /// it): one publish and one seal instead of many. Never nested.
+    Batch(Vec<NodeMsg>),
     /// Relay: coalesced GPS for the receiver's app-server (the sender has none).
     Gps(Vec<wire::UidGpsPoint>),
     /// Relay: app requests for the receiver's app-server.
@@ -182,6 +207,47 @@ pub enum NodeMsg {
     },
 }
 
+/// A session on its way between nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandedSession {
+    /// The user.
+    pub uid: u64,
+    /// The session's epoch.
+    pub epoch: u64,
+    /// `wire::Role` value.
+    pub role: u8,
+    /// Resumes so far.
+    pub resumes: u32,
+    /// The secure channel's resumption secret (none for a plaintext session). Sealed like every
+    /// node message, so it never crosses Redis in the clear.
+    pub resume_secret: Option<[u8; 32]>,
+    /// How long the session may still be held, ms.
+    pub hold_left_ms: u32,
+    /// The last sequence-id the session used.
+    pub last_seq: u32,
+    /// Unacked pushes, in sequence order.
+    pub pushes: Vec<HandedPush>,
+}
+
+/// One unacked push of a handed-over session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandedPush {
+    /// Its sequence-id in the session.
+    pub seq: u32,
+    /// The app-server's id for the push.
+    pub message_id: u64,
+    /// The push's log-id.
+    pub log_id: u64,
+    /// Time-to-live left, ms.
+    pub ttl_left_ms: u32,
+    /// Written to a connection before.
+    pub sent: bool,
+    /// The node whose app-server gets its receipt (0 to 255 bytes of UTF-8).
+    pub origin: String,
+    /// The encoded `PushDelivery` body.
+    pub body: Vec<u8>,
+}
+
 /// Why bytes are not a node message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
 pub enum NodeError {
@@ -203,8 +269,8 @@ pub enum NodeError {
     /// The envelope's sender name is empty or not UTF-8.
     #[error("node message sender is empty or not UTF-8")]
     BadSender,
-    /// A field holds a value it cannot have (a text not UTF-8, a flag not 0 or 1, an unknown
-    /// answer kind).
+    /// A field holds a value it may not (a flag other than 0 or 1, a name or text not UTF-8,
+    /// an unknown answer kind).
     #[error("node message field {0} is invalid")]
     Invalid(&'static str),
 }
@@ -212,6 +278,11 @@ pub enum NodeError {
 const PUSH: u8 = 1;
 const RECEIPTS: u8 = 2;
 const SUPERSEDED: u8 = 3;
+const TAKE: u8 = 4;
+const HANDOFF: u8 = 5;
+const NOT_HERE: u8 = 6;
+const REHOMED: u8 = 7;
+const BATCH: u8 = 8;
 // The relay's kinds start well apart from the others, so kinds added on either side never meet.
 const GPS: u8 = 0x40;
 const REQUESTS: u8 = 0x41;
@@ -257,6 +328,59 @@ impl NodeMsg {
                 out.push(SUPERSEDED);
                 out.extend_from_slice(&uid.to_le_bytes());
                 out.extend_from_slice(&epoch.to_le_bytes());
+            }
+            NodeMsg::Take { uid, epoch } | NodeMsg::NotHere { uid, epoch } => {
+                out.push(if matches!(self, NodeMsg::Take { .. }) { TAKE } else { NOT_HERE });
+                out.extend_from_slice(&uid.to_le_bytes());
+                out.extend_from_slice(&epoch.to_le_bytes());
+            }
+            NodeMsg::Handoff(h) => {
+                out.push(HANDOFF);
+                out.extend_from_slice(&h.uid.to_le_bytes());
+                out.extend_from_slice(&h.epoch.to_le_bytes());
+                out.push(h.role);
+                out.extend_from_slice(&h.resumes.to_le_bytes());
+                match &h.resume_secret {
+                    Some(k) => {
+                        out.push(1);
+                        out.extend_from_slice(k);
+                    }
+                    None => out.push(0),
+                }
+                out.extend_from_slice(&h.hold_left_ms.to_le_bytes());
+                out.extend_from_slice(&h.last_seq.to_le_bytes());
+                out.extend_from_slice(&(h.pushes.len() as u32).to_le_bytes());
+                for p in &h.pushes {
+                    out.extend_from_slice(&p.seq.to_le_bytes());
+                    out.extend_from_slice(&p.message_id.to_le_bytes());
+                    out.extend_from_slice(&p.log_id.to_le_bytes());
+                    out.extend_from_slice(&p.ttl_left_ms.to_le_bytes());
+                    out.push(p.sent as u8);
+                    let name = &p.origin.as_bytes()[..p.origin.len().min(255)];
+                    out.push(name.len() as u8);
+                    out.extend_from_slice(name);
+                    out.extend_from_slice(&(p.body.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&p.body);
+                }
+            }
+            NodeMsg::Batch(msgs) => {
+                out.push(BATCH);
+                out.extend_from_slice(&(msgs.len() as u32).to_le_bytes());
+                for m in msgs {
+                    let at = out.len();
+                    out.extend_from_slice(&[0; 4]);
+                    m.encode(out);
+                    let len = (out.len() - at - 4) as u32;
+                    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+                }
+            }
+            NodeMsg::Rehomed(pairs) => {
+                out.push(REHOMED);
+                out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+                for (message_id, uid) in pairs {
+                    out.extend_from_slice(&message_id.to_le_bytes());
+                    out.extend_from_slice(&uid.to_le_bytes());
+                }
             }
             NodeMsg::Gps(points) => {
                 out.push(GPS);
@@ -321,6 +445,32 @@ impl NodeMsg {
         }
     }
 
+    /// How many bytes `encode` writes, without writing them (to fill batches up to the limit).
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            NodeMsg::Push { body, uids, .. } => 1 + 8 + 8 + 4 + 4 + body.len() + 4 + 8 * uids.len(),
+            NodeMsg::Receipts(rs) => 1 + 4 + RECEIPT_LEN * rs.len(),
+            NodeMsg::Superseded { .. } | NodeMsg::Take { .. } | NodeMsg::NotHere { .. } => 1 + 16,
+            NodeMsg::Handoff(h) => {
+                let secret = if h.resume_secret.is_some() { 32 } else { 0 };
+                let pushes: usize = h
+                    .pushes
+                    .iter()
+                    .map(|p| 4 + 8 + 8 + 4 + 1 + 1 + p.origin.len().min(255) + 4 + p.body.len())
+                    .sum();
+                1 + 8 + 8 + 1 + 4 + 1 + secret + 4 + 4 + 4 + pushes
+            }
+            NodeMsg::Rehomed(pairs) => 1 + 4 + 16 * pairs.len(),
+            NodeMsg::Batch(msgs) => 1 + 4 + msgs.iter().map(|m| 4 + m.encoded_len()).sum::<usize>(),
+            NodeMsg::Gps(points) => 1 + 4 + GPS_POINT_LEN * points.len(),
+            NodeMsg::Requests(rs) => 1 + 4 + rs.iter().map(NodeRequest::wire_len).sum::<usize>(),
+            NodeMsg::Answers(answers) => 1 + 4 + answers.iter().map(NodeAnswer::wire_len).sum::<usize>(),
+            NodeMsg::Unreachable(list) => 1 + 4 + 9 * list.len(),
+            NodeMsg::EndSession { message, .. } => 1 + 8 + 8 + 8 + 4 + message.len(),
+            NodeMsg::SessionEnded { .. } => 1 + 8 + 8 + 1,
+        }
+    }
+
     /// The message's bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut v = Vec::new();
@@ -362,6 +512,66 @@ impl NodeMsg {
                 NodeMsg::Receipts(rs)
             }
             SUPERSEDED => NodeMsg::Superseded { uid: r.u64()?, epoch: r.u64()? },
+            TAKE => NodeMsg::Take { uid: r.u64()?, epoch: r.u64()? },
+            NOT_HERE => NodeMsg::NotHere { uid: r.u64()?, epoch: r.u64()? },
+            HANDOFF => {
+                let uid = r.u64()?;
+                let epoch = r.u64()?;
+                let role = r.u8()?;
+                let resumes = r.u32()?;
+                let resume_secret = match r.flag("resume_secret")? {
+                    true => Some(r.take(32)?.try_into().expect("32 bytes")),
+                    false => None,
+                };
+                let hold_left_ms = r.u32()?;
+                let last_seq = r.u32()?;
+                let n = r.u32()?;
+                // No capacity from the count: each push reads its bytes before it is kept, so a
+                // hostile count ends in Truncated, never a large allocation.
+                let mut pushes = Vec::new();
+                for _ in 0..n {
+                    let seq = r.u32()?;
+                    let message_id = r.u64()?;
+                    let log_id = r.u64()?;
+                    let ttl_left_ms = r.u32()?;
+                    let sent = r.flag("sent")?;
+                    let name_len = r.u8()? as usize;
+                    let origin = std::str::from_utf8(r.take(name_len)?)
+                        .map_err(|_| NodeError::Invalid("origin"))?
+                        .to_owned();
+                    let body_len = r.u32()? as usize;
+                    let body = r.take(body_len)?.to_vec();
+                    pushes.push(HandedPush { seq, message_id, log_id, ttl_left_ms, sent, origin, body });
+                }
+                NodeMsg::Handoff(Box::new(HandedSession {
+                    uid,
+                    epoch,
+                    role,
+                    resumes,
+                    resume_secret,
+                    hold_left_ms,
+                    last_seq,
+                    pushes,
+                }))
+            }
+            BATCH => {
+                let n = r.u32()?;
+                let mut msgs = Vec::new();
+                for _ in 0..n {
+                    let len = r.u32()? as usize;
+                    let part = r.take(len)?;
+                    if part.first() == Some(&BATCH) {
+                        return Err(NodeError::Invalid("nested batch"));
+                    }
+                    msgs.push(NodeMsg::decode(part)?);
+                }
+                NodeMsg::Batch(msgs)
+            }
+            REHOMED => {
+                let n = r.u32()? as usize;
+                let raw = r.take(n.checked_mul(16).ok_or(NodeError::Truncated)?)?;
+                NodeMsg::Rehomed(raw.chunks_exact(16).map(|c| (le_u64(&c[..8]), le_u64(&c[8..]))).collect())
+            }
             GPS => {
                 let n = r.u32()? as usize;
                 let raw = r.take(n.checked_mul(GPS_POINT_LEN).ok_or(NodeError::Truncated)?)?;
@@ -419,12 +629,7 @@ impl NodeMsg {
             }
             SESSION_ENDED => {
                 let (tag, uid) = (r.u64()?, r.u64()?);
-                let found = match r.u8()? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(NodeError::Invalid("found")),
-                };
-                NodeMsg::SessionEnded { tag, uid, found }
+                NodeMsg::SessionEnded { tag, uid, found: r.flag("found")? }
             }
             k => return Err(NodeError::UnknownKind(k)),
         };
@@ -516,6 +721,19 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
 
+    fn u8(&mut self) -> Result<u8, NodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    /// A byte that must be 0 or 1 (one reading per message).
+    fn flag(&mut self, field: &'static str) -> Result<bool, NodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(NodeError::Invalid(field)),
+        }
+    }
+
     fn u32(&mut self) -> Result<u32, NodeError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -523,10 +741,6 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Result<u64, NodeError> {
         Ok(le_u64(self.take(8)?))
-    }
-
-    fn u8(&mut self) -> Result<u8, NodeError> {
-        Ok(self.take(1)?[0])
     }
 
     fn u16(&mut self) -> Result<u16, NodeError> {
@@ -572,8 +786,16 @@ mod tests {
                 }),
             proptest::collection::vec(receipt, 0..50).prop_map(NodeMsg::Receipts),
             (any::<u64>(), any::<u64>()).prop_map(|(uid, epoch)| NodeMsg::Superseded { uid, epoch }),
+            (any::<u64>(), any::<u64>()).prop_map(|(uid, epoch)| NodeMsg::Take { uid, epoch }),
+            (any::<u64>(), any::<u64>()).prop_map(|(uid, epoch)| NodeMsg::NotHere { uid, epoch }),
+            proptest::collection::vec((any::<u64>(), any::<u64>()), 0..50).prop_map(NodeMsg::Rehomed),
+            handoff(),
             relay(),
         ]
+    }
+
+    fn msg_or_batch() -> impl Strategy<Value = NodeMsg> {
+        prop_oneof![msg(), proptest::collection::vec(msg(), 0..5).prop_map(NodeMsg::Batch)]
     }
 
     /// The relay's messages (kinds from 0x40).
@@ -619,14 +841,51 @@ mod tests {
         ]
     }
 
+    fn handoff() -> impl Strategy<Value = NodeMsg> {
+        let push =
+            (
+                any::<u32>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<bool>(),
+                "[a-z0-9.:-]{0,20}",
+                proptest::collection::vec(any::<u8>(), 0..100),
+            )
+                .prop_map(|(seq, message_id, log_id, ttl_left_ms, sent, origin, body)| {
+                    HandedPush { seq, message_id, log_id, ttl_left_ms, sent, origin, body }
+                });
+        (
+            (any::<u64>(), any::<u64>(), any::<u8>(), any::<u32>()),
+            proptest::option::of(any::<[u8; 32]>()),
+            (any::<u32>(), any::<u32>()),
+            proptest::collection::vec(push, 0..8),
+        )
+            .prop_map(
+                |((uid, epoch, role, resumes), resume_secret, (hold_left_ms, last_seq), pushes)| {
+                    NodeMsg::Handoff(Box::new(HandedSession {
+                        uid,
+                        epoch,
+                        role,
+                        resumes,
+                        resume_secret,
+                        hold_left_ms,
+                        last_seq,
+                        pushes,
+                    }))
+                },
+            )
+    }
+
     proptest! {
         #[test]
-        fn every_message_reads_back(m in msg()) {
+        fn every_message_reads_back(m in msg_or_batch()) {
+            prop_assert_eq!(m.encoded_len(), m.to_bytes().len());
             prop_assert_eq!(NodeMsg::decode(&m.to_bytes()), Ok(m));
         }
 
         #[test]
-        fn every_cut_short_message_is_truncated(m in msg(), cut in any::<prop::sample::Index>()) {
+        fn every_cut_short_message_is_truncated(m in msg_or_batch(), cut in any::<prop::sample::Index>()) {
             let bytes = m.to_bytes();
             let at = cut.index(bytes.len());
             let r = NodeMsg::decode(&bytes[..at]);
@@ -693,6 +952,23 @@ mod tests {
         b.extend_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(NodeMsg::decode(&b), Err(NodeError::Truncated));
         assert_eq!(NodeMsg::decode(&[9]), Err(NodeError::UnknownKind(9)));
+        // A handoff announcing 2^32-1 pushes in a few bytes, and one with a flag that is not 0/1.
+        let mut h = vec![HANDOFF];
+        h.extend_from_slice(&[0; 8 + 8 + 1 + 4]);
+        h.push(0);
+        h.extend_from_slice(&[0; 8]);
+        h.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(NodeMsg::decode(&h), Err(NodeError::Truncated));
+        let mut bad = vec![HANDOFF];
+        bad.extend_from_slice(&[0; 8 + 8 + 1 + 4]);
+        bad.push(2);
+        assert_eq!(NodeMsg::decode(&bad), Err(NodeError::Invalid("resume_secret")));
+        // A batch inside a batch.
+        let inner = NodeMsg::Batch(vec![]).to_bytes();
+        let mut nested = vec![BATCH, 1, 0, 0, 0];
+        nested.extend_from_slice(&(inner.len() as u32).to_le_bytes());
+        nested.extend_from_slice(&inner);
+        assert_eq!(NodeMsg::decode(&nested), Err(NodeError::Invalid("nested batch")));
         assert_eq!(NodeMsg::decode(&[]), Err(NodeError::Empty));
         let mut extra = NodeMsg::Superseded { uid: 1, epoch: 2 }.to_bytes();
         extra.push(0);

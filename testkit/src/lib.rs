@@ -1,7 +1,8 @@
 //! Test support, a dev-dependency of the crates' tests only: a local gate process on free
 //! loopback ports: starts the `gate` binary with `--ports-file`, waits for the ports it bound (so nothing
 //! pre-picks a port that a stale gate could share through `SO_REUSEPORT`), and kills it on drop.
-//! [`redis`]: real `redis-server` processes (one server, or a Redis Cluster) for the cluster tests.
+//! [`redis`]: real `redis-server` processes (one server, plain or TLS only, or a Redis Cluster) for
+//! the cluster tests.
 
 pub mod redis;
 

@@ -1,16 +1,18 @@
 //! Real `redis-server` processes for tests, on free loopback ports, killed when dropped: a
-//! single server (optionally with a password) or a Redis Cluster of primaries. Plus a tiny RESP
-//! client ([`RedisServer::command`]) so tests can look at what was stored.
+//! single server (optionally with a password, optionally TLS only) or a Redis Cluster of
+//! primaries. Plus a tiny RESP client ([`RedisServer::command`], over TLS too) so tests can look
+//! at what was stored.
 //!
-//! Needs `redis-server` and `redis-cli` (`apt-get install redis-server`); without them every
-//! start fails saying so: a cluster test must not pass by skipping.
+//! Needs `redis-server` and `redis-cli` (`apt-get install redis-server`; Debian's is built with
+//! TLS); without them every start fails saying so: a cluster test must not pass by skipping.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a server may take to answer its first PING, and a cluster to say `cluster_state:ok`.
@@ -54,6 +56,8 @@ pub struct RedisServer {
     password: Option<String>,
     /// Arguments beyond the common ones (cluster mode).
     extra: Vec<String>,
+    /// TLS only (`--port 0`, TLS on `port`) with these certificates; `None`: plain TCP.
+    tls: Option<TestCerts>,
     /// Working folder (cluster config, log); removed on drop when this server made it.
     dir: PathBuf,
     /// This server created `dir` (a cluster's servers share the cluster's).
@@ -118,6 +122,7 @@ impl RedisServer {
             port,
             password: password.map(str::to_string),
             extra: Vec::new(),
+            tls: None,
             dir: temp_dir("redis")?,
             owns_dir: true,
         };
@@ -125,12 +130,39 @@ impl RedisServer {
         Ok(s)
     }
 
-    /// `redis://[:password@]127.0.0.1:port`.
+    /// A server on a free port speaking TLS only (no plain port), optionally requiring
+    /// `password`, with a fresh test CA and a certificate for 127.0.0.1 it signed
+    /// ([`write_test_certs`], in the server's folder: [`RedisServer::tls_ca`] is the CA file
+    /// for clients). Clients need no certificate of their own (`--tls-auth-clients no`).
+    pub fn start_tls(password: Option<&str>) -> Result<RedisServer, String> {
+        check_installed()?;
+        let dir = temp_dir("redis-tls")?;
+        let certs = write_test_certs(&dir.join("tls"))?;
+        let mut s = RedisServer {
+            child: None,
+            port: free_port()?,
+            password: password.map(str::to_string),
+            extra: Vec::new(),
+            tls: Some(certs),
+            dir,
+            owns_dir: true,
+        };
+        s.restart()?;
+        Ok(s)
+    }
+
+    /// `redis://[:password@]127.0.0.1:port`, `rediss://` for a TLS server.
     pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
         match &self.password {
-            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(p) => format!("{scheme}://:{p}@127.0.0.1:{}", self.port),
+            None => format!("{scheme}://127.0.0.1:{}", self.port),
         }
+    }
+
+    /// The CA file a client of a TLS server must trust (`None` for a plain server).
+    pub fn tls_ca(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|c| c.ca.as_path())
     }
 
     /// The process id, while running (to stop and continue it).
@@ -156,25 +188,29 @@ impl RedisServer {
         self.kill();
         let log = self.log_path();
         let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--port",
-            &self.port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(&self.dir)
-        .arg("--logfile")
-        .arg(&log)
-        .args(["--daemonize", "no"])
-        .args(&self.extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            // Port 0 closes the plain port: a client that skips TLS finds nothing to talk to.
+            Some(certs) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&certs.cert)
+                .arg("--tls-key-file")
+                .arg(&certs.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&certs.ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&log)
+            .args(["--daemonize", "no"])
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         if let Some(p) = &self.password {
             cmd.args(["--requirepass", p]);
         }
@@ -211,20 +247,108 @@ impl RedisServer {
         lines.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
-    /// Sends one command (authenticating first when there is a password) and reads the reply.
+    /// Sends one command (authenticating first when there is a password) and reads the reply;
+    /// over TLS, trusting the server's test CA, for a TLS server.
     pub fn command(&self, args: &[&str]) -> Result<Reply, String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| format!("connect: {e}"))?;
+        let s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| format!("connect: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-        let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+        match &self.tls {
+            None => self.exchange(&mut BufReader::new(s), args),
+            Some(certs) => {
+                let conn = rustls::ClientConnection::new(tls_client(&certs.ca)?, localhost_ip())
+                    .map_err(|e| format!("TLS: {e}"))?;
+                self.exchange(&mut BufReader::new(rustls::StreamOwned::new(conn, s)), args)
+            }
+        }
+    }
+
+    /// AUTH when there is a password, then `args`, over `stream`: one request, then its whole
+    /// reply, so the reader's buffer is empty whenever the next request is written.
+    fn exchange<S: Read + Write>(&self, stream: &mut BufReader<S>, args: &[&str]) -> Result<Reply, String> {
         if let Some(p) = &self.password {
-            write_command(&mut s, &["AUTH", p])?;
-            if let Reply::Error(e) = read_reply(&mut r)? {
+            write_command(stream.get_mut(), &["AUTH", p])?;
+            if let Reply::Error(e) = read_reply(stream)? {
                 return Err(format!("AUTH: {e}"));
             }
         }
-        write_command(&mut s, args)?;
-        read_reply(&mut r)
+        write_command(stream.get_mut(), args)?;
+        read_reply(stream)
     }
+}
+
+/// The name a TLS server's certificate is checked against: the address connected to.
+fn localhost_ip() -> rustls_pki_types::ServerName<'static> {
+    rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST).into())
+}
+
+/// A rustls client (ring provider) trusting only the CA in the PEM file `ca`.
+fn tls_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        rustls_pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?
+    {
+        let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+        roots.add(cert).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// PEM files written by [`write_test_certs`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestCerts {
+    /// The CA's certificate (`ca.pem`): what a client trusts, and the server's
+    /// `--tls-ca-cert-file`.
+    pub ca: PathBuf,
+    /// The server's certificate (`server.pem`), signed by the CA, for IP 127.0.0.1 and DNS
+    /// localhost.
+    pub cert: PathBuf,
+    /// The server's private key (`server.key`, PKCS#8, unencrypted).
+    pub key: PathBuf,
+}
+
+/// Writes a fresh CA (`ca.pem`) and a server certificate (`server.pem`) and key (`server.key`)
+/// it signed, valid for IP 127.0.0.1 and DNS localhost (ECDSA P-256), into `dir` (made if
+/// missing). The same recipe as loadgen's test certificates for its MQTT target. For tests only:
+/// the CA's key is thrown away, the server's is written unencrypted.
+pub fn write_test_certs(dir: &Path) -> Result<TestCerts, String> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let err = |e: rcgen::Error| format!("cannot make test certificates: {e}");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // A name of its own: a certificate of another test CA is then from an unknown issuer, not
+    // one whose signature is bad.
+    let tag = RandomState::new().build_hasher().finish();
+    ca_params.distinguished_name.push(DnType::CommonName, format!("fleetgate test CA {tag:016x}"));
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(err)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let mut params =
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).map_err(err)?;
+    params.distinguished_name.push(DnType::CommonName, "localhost");
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().map_err(err)?;
+    let cert = params.signed_by(&key, &issuer).map_err(err)?;
+
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+    let certs =
+        TestCerts { ca: dir.join("ca.pem"), cert: dir.join("server.pem"), key: dir.join("server.key") };
+    for (path, text) in
+        [(&certs.ca, ca_cert.pem()), (&certs.cert, cert.pem()), (&certs.key, key.serialize_pem())]
+    {
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(certs)
 }
 
 impl Drop for RedisServer {
@@ -236,14 +360,14 @@ impl Drop for RedisServer {
     }
 }
 
-fn write_command(s: &mut TcpStream, args: &[&str]) -> Result<(), String> {
+fn write_command(s: &mut impl Write, args: &[&str]) -> Result<(), String> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();
     for a in args {
         out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
         out.extend_from_slice(a.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    s.write_all(&out).map_err(|e| format!("write: {e}"))
+    s.write_all(&out).and_then(|()| s.flush()).map_err(|e| format!("write: {e}"))
 }
 
 fn read_reply(r: &mut impl BufRead) -> Result<Reply, String> {
@@ -295,6 +419,7 @@ impl RedisCluster {
                 child: None,
                 port,
                 password: None,
+                tls: None,
                 extra: vec![
                     "--cluster-enabled".into(),
                     "yes".into(),
@@ -378,5 +503,28 @@ mod tests {
         assert_eq!(read_reply(&mut input).unwrap(), want);
         assert!(read_reply(&mut &b""[..]).is_err(), "a closed connection is an error");
         assert!(read_reply(&mut &b"?x\r\n"[..]).is_err());
+    }
+
+    #[test]
+    fn a_tls_server_speaks_tls_only_and_its_certificate_names_127_0_0_1() {
+        let s = RedisServer::start_tls(Some("pw")).unwrap();
+        assert_eq!(s.url(), format!("rediss://:pw@127.0.0.1:{}", s.port));
+        assert_eq!(s.command(&["PING"]).unwrap(), Reply::Status("PONG".into()));
+        // Plain RESP on the port gets no answer: the server waits for a TLS hello, then closes.
+        let mut plain = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        plain.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        write_command(&mut plain, &["PING"]).unwrap();
+        let mut buf = [0u8; 64];
+        let n = plain.read(&mut buf).unwrap_or(0);
+        assert!(!buf[..n].starts_with(b"+PONG"), "a plain PING was answered");
+        // Another test CA's client is refused (the tiny client checks the server too).
+        let dir = temp_dir("tls-other-ca").unwrap();
+        let other = write_test_certs(&dir).unwrap();
+        let conn = rustls::ClientConnection::new(tls_client(&other.ca).unwrap(), localhost_ip()).unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        let mut tls = BufReader::new(rustls::StreamOwned::new(conn, tcp));
+        let refused = write_command(tls.get_mut(), &["PING"]).and_then(|()| read_reply(&mut tls));
+        assert!(refused.as_ref().is_err_and(|e| e.contains("UnknownIssuer")), "{refused:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

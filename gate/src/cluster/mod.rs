@@ -20,6 +20,7 @@
 //! node's channel moves with it; it costs one more hop (about 0.1 ms on a LAN) and delivery is
 //! not guaranteed, which the receipt deadline covers.
 
+pub mod handoff;
 pub mod link;
 pub mod relay;
 
@@ -80,6 +81,45 @@ pub enum Note {
         /// The local session's epoch.
         epoch: u64,
     },
+    /// Node `from` asks for the session of `uid` of `epoch` (its app resumes there).
+    Take {
+        /// The asking node.
+        from: String,
+        /// The user.
+        uid: u64,
+        /// The session's epoch.
+        epoch: u64,
+    },
+    /// Node `from` handed a session over.
+    Handoff {
+        /// The node it comes from.
+        from: String,
+        /// The session.
+        session: Box<schema::node::HandedSession>,
+    },
+    /// The node asked for a session does not hold it.
+    NotHere {
+        /// The user.
+        uid: u64,
+        /// The epoch asked for.
+        epoch: u64,
+    },
+    /// Node `from` now holds sessions this node's forwarded pairs wait on.
+    Rehomed {
+        /// The node.
+        from: String,
+        /// (message id, uid) pairs.
+        pairs: Vec<(u64, u64)>,
+    },
+    /// The directory's move of a session taken over came back.
+    Moved {
+        /// The user.
+        uid: u64,
+        /// The move applied.
+        ok: bool,
+        /// The entry as it stands.
+        current: Option<Owner>,
+    },
     /// The relay's: GPS, requests, unreachable events and EndSession between nodes.
     Relay(relay::Note),
 }
@@ -119,6 +159,12 @@ pub struct Stats {
     pub claims_lost: AtomicU64,
     /// Commands that could not run (Redis down, queue full).
     pub unavailable: AtomicU64,
+    /// Sessions taken over from other nodes (their apps resumed here).
+    pub moved_in: AtomicU64,
+    /// Sessions handed over to other nodes.
+    pub moved_out: AtomicU64,
+    /// Resumes of sessions not on this node that no node could hand over.
+    pub takes_refused: AtomicU64,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -235,7 +281,9 @@ impl Router {
                         None => tracing::warn!(uid, %why, "directory write failed"),
                     }
                 }
-                Event::Moved { .. } => {}
+                Event::Moved { uid, ok, current, .. } => {
+                    per[by_uid(uid)].push(Msg::Cluster(Note::Moved { uid, ok, current }))
+                }
                 Event::Status { up, reregister, detail } => {
                     c.up.store(up, Relaxed);
                     if up {
@@ -266,6 +314,11 @@ impl Router {
                     Err(e) => {
                         c.stats.refused.fetch_add(1, Relaxed);
                         tracing::warn!(error = %e, bytes = bytes.len(), "message from another node refused");
+                    }
+                    Ok((sender, _, NodeMsg::Batch(msgs))) => {
+                        for msg in msgs {
+                            self.split_node_msg(&c, &sender, msg, &mut per);
+                        }
                     }
                     Ok((sender, _, msg)) => self.split_node_msg(&c, &sender, msg, &mut per),
                 },
@@ -302,6 +355,22 @@ impl Router {
             }
             NodeMsg::Superseded { uid, epoch } => {
                 per[logic::shard_of(uid, shards)].push(Msg::Cluster(Note::Superseded { uid, epoch }))
+            }
+            NodeMsg::Take { uid, epoch } => per[logic::shard_of(uid, shards)]
+                .push(Msg::Cluster(Note::Take { from: sender.to_owned(), uid, epoch })),
+            NodeMsg::NotHere { uid, epoch } => {
+                per[logic::shard_of(uid, shards)].push(Msg::Cluster(Note::NotHere { uid, epoch }))
+            }
+            NodeMsg::Handoff(session) => per[logic::shard_of(session.uid, shards)]
+                .push(Msg::Cluster(Note::Handoff { from: sender.to_owned(), session })),
+            // Opened one level up; the decoder refuses a batch inside a batch.
+            NodeMsg::Batch(_) => {}
+            NodeMsg::Rehomed(pairs) => {
+                for (s, pairs) in logic::split_by_shard(pairs, shards, |p| p.1).into_iter().enumerate() {
+                    if !pairs.is_empty() {
+                        per[s].push(Msg::Cluster(Note::Rehomed { from: sender.to_owned(), pairs }));
+                    }
+                }
             }
             msg => relay::split(c, sender, msg, per),
         }
@@ -387,6 +456,24 @@ pub fn render_metrics(c: &Cluster) -> String {
         "counter",
         st.unavailable.load(Relaxed),
     );
+    line(
+        "fleetgate_cluster_sessions_moved_in_total",
+        "Sessions taken over from other nodes, their apps resuming here.",
+        "counter",
+        st.moved_in.load(Relaxed),
+    );
+    line(
+        "fleetgate_cluster_sessions_moved_out_total",
+        "Sessions handed over to the nodes their apps resumed on.",
+        "counter",
+        st.moved_out.load(Relaxed),
+    );
+    line(
+        "fleetgate_cluster_resumes_refused_total",
+        "Resumes of sessions not on this node that no live node could hand over.",
+        "counter",
+        st.takes_refused.load(Relaxed),
+    );
     relay::render_metrics(c, &mut s);
     s
 }
@@ -401,6 +488,9 @@ fn tag_shard(tag: u64, shards: usize) -> usize {
 struct Forward {
     /// The node it went to (as an origin id: no name kept per pair).
     node: Origin,
+    /// Where its receipt goes: this node's app-server (`LOCAL`), or the node that accepted the
+    /// push when this node passed it on (its session had moved).
+    origin: Origin,
     deadline_ms: u64,
     log_id: u64,
 }
@@ -409,7 +499,7 @@ struct Forward {
 /// ends NodeLost. That node expires the push at its own TTL, started a lookup and a hop after
 /// this node's, and its receipt takes one hop back: well within this, and the document's
 /// promise (every receipt by TTL + 1 s after acceptance) holds.
-const FORWARD_GRACE_MS: u64 = 750;
+pub(crate) const FORWARD_GRACE_MS: u64 = 750;
 
 /// How long a lookup may wait for Redis before its targets end DirectoryUnavailable: the Redis
 /// thread answers every lookup (its command timeout is 500 ms), so this only catches an answer
@@ -434,6 +524,8 @@ pub struct ClusterShard {
     receipts: HashMap<Origin, Vec<NodeReceipt>>,
     /// Messages for other nodes: (node, message).
     outgoing: Vec<(String, NodeMsg)>,
+    /// Sessions being fetched from other nodes for resumes.
+    takes: handoff::Takes,
 }
 
 /// Most pairs one shard keeps waiting on other nodes; past it new targets end `NodeLost` at once
@@ -445,7 +537,14 @@ impl ClusterShard {
     pub fn next_deadline(&self) -> Option<u64> {
         let forward = self.by_deadline.first().map(|d| d.0);
         let lookup = self.lookups_by_deadline.first().map(|d| d.0);
-        forward.into_iter().chain(lookup).min()
+        forward.into_iter().chain(lookup).chain(self.takes.next_deadline()).min()
+    }
+
+    /// A new lookup tag: the shard that made it in the top 16 bits, so its answer comes back
+    /// here.
+    fn new_tag(&mut self, shard: u16) -> u64 {
+        self.next_tag += 1;
+        ((shard as u64) << 48) | (self.next_tag & ((1 << 48) - 1))
     }
 
     /// Takes a lookup's push and targets, once.
@@ -454,6 +553,12 @@ impl ClusterShard {
         self.lookups_by_deadline.remove(&(deadline, tag));
         Some((push, uids))
     }
+}
+
+/// True while pairs this shard forwarded wait on other nodes' receipts (shutdown waits for
+/// them, bounded, after a drain moved sessions away).
+pub fn forwards_waiting(shard: &Shard) -> bool {
+    shard.cluster_shard.as_ref().is_some_and(|cs| !cs.forwards.is_empty())
 }
 
 /// A logic shard's `Claim`.
@@ -471,19 +576,19 @@ pub fn release(shard: &mut Shard, uid: u64, epoch: u64) {
     }
 }
 
-/// A logic shard's `Elsewhere`: ask Redis where these targets are.
+/// A logic shard's `Elsewhere`: ask Redis where these targets are. The push is this node's, or
+/// one another node forwarded for a session that has moved on since: it is passed on, and its
+/// receipts go back the way it came.
 pub fn elsewhere(shard: &mut Shard, push: Arc<PushContent>, uids: Vec<u64>, now: u64) {
-    debug_assert_eq!(push.origin, LOCAL, "only pushes this node accepted are looked for elsewhere");
     let id = shard.id;
     let Some(cs) = shard.cluster_shard.as_mut() else {
         // Not clustered: nothing is elsewhere.
         for uid in uids {
-            crate::sidecar::receipt(shard, Receipt::of(&push, uid, logic::push::outcome::OFFLINE), now);
+            receipt(shard, Receipt::of(&push, uid, logic::push::outcome::OFFLINE), now);
         }
         return;
     };
-    cs.next_tag += 1;
-    let tag = ((id as u64) << 48) | (cs.next_tag & ((1 << 48) - 1));
+    let tag = cs.new_tag(id);
     cs.cmds.push(Cmd::Lookup { uids: uids.clone(), tag });
     let deadline = now + LOOKUP_PATIENCE_MS;
     cs.lookups.insert(tag, (push, uids, deadline));
@@ -501,9 +606,9 @@ pub fn receipt(shard: &mut Shard, r: Receipt, now: u64) {
     cs.receipts.entry(r.origin).or_default().push(nr);
 }
 
-/// Ends the pair with `outcome` here (this node accepted the push).
+/// Ends the pair with `outcome` here: the receipt goes to the push's origin.
 fn end_here(shard: &mut Shard, push: &PushContent, uid: u64, outcome: u8, now: u64) {
-    crate::sidecar::receipt(shard, Receipt::of(push, uid, outcome), now);
+    receipt(shard, Receipt::of(push, uid, outcome), now);
 }
 
 /// A note from the Redis thread.
@@ -524,6 +629,9 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
             }
         }
         Note::Looked { tag, owners } => {
+            if handoff::on_looked(shard, tag, &owners, now) {
+                return;
+            }
             if relay::on_looked(shard, tag, &owners) {
                 return;
             }
@@ -557,7 +665,10 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
                         // The same pair twice (a message id reused): one receipt, already owed.
                         continue;
                     }
-                    cs.forwards.insert(key, Forward { node: origin, deadline_ms, log_id: push.log_id });
+                    cs.forwards.insert(
+                        key,
+                        Forward { node: origin, origin: push.origin, deadline_ms, log_id: push.log_id },
+                    );
                     cs.by_deadline.insert((deadline_ms, push.message_id, uid));
                     kept.push(uid);
                 }
@@ -580,6 +691,9 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
             }
         }
         Note::LookupFailed { tag } => {
+            if handoff::on_lookup_failed(shard, tag, now) {
+                return;
+            }
             if relay::on_lookup_failed(shard, tag, now) {
                 return;
             }
@@ -623,11 +737,40 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
         Note::Superseded { uid, epoch } => {
             crate::event_loop::logic_input(shard, Input::Superseded { uid, epoch }, now)
         }
+        Note::Take { from, uid, epoch } => handoff::on_take(shard, &from, uid, epoch, now),
+        Note::Handoff { from, session } => handoff::on_handoff(shard, &from, *session, now),
+        Note::NotHere { uid, epoch } => handoff::on_not_here(shard, uid, epoch, now),
+        Note::Rehomed { from, pairs } => handoff::on_rehomed(shard, &from, pairs),
+        Note::Moved { uid, ok, current } => handoff::on_moved(shard, uid, ok, current, now),
         Note::Relay(n) => relay::on_note(shard, n, now),
     }
 }
 
-/// A forwarded pair ends: its receipt goes to this node's app-server, once.
+/// Room kept in a batch for its own framing and the envelope.
+const BATCH_ROOM: usize = schema::node::MAX_MESSAGE - 4096;
+
+/// Groups messages for one node into batches that each fit one node message.
+fn batches(msgs: Vec<NodeMsg>) -> Vec<Vec<NodeMsg>> {
+    let mut out: Vec<Vec<NodeMsg>> = Vec::new();
+    let mut size = 0;
+    for m in msgs {
+        let len = 4 + m.encoded_len();
+        match out.last_mut() {
+            Some(b) if size + len <= BATCH_ROOM => {
+                size += len;
+                b.push(m);
+            }
+            _ => {
+                size = len;
+                out.push(vec![m]);
+            }
+        }
+    }
+    out
+}
+
+/// A forwarded pair ends: its receipt goes to this node's app-server (or back to the node this
+/// node passed the push on for), once.
 fn end_forward(shard: &mut Shard, message_id: u64, uid: u64, outcome: u8, now: u64) {
     let Some(cs) = shard.cluster_shard.as_mut() else { return };
     let Some(f) = cs.forwards.remove(&(message_id, uid)) else {
@@ -635,11 +778,7 @@ fn end_forward(shard: &mut Shard, message_id: u64, uid: u64, outcome: u8, now: u
         return;
     };
     cs.by_deadline.remove(&(f.deadline_ms, message_id, uid));
-    crate::sidecar::receipt(
-        shard,
-        Receipt { message_id, uid, outcome, log_id: f.log_id, origin: LOCAL },
-        now,
-    );
+    receipt(shard, Receipt { message_id, uid, outcome, log_id: f.log_id, origin: f.origin }, now);
 }
 
 /// Pairs whose other node never answered by their deadline end `NodeLost`, and lookups Redis
@@ -656,6 +795,7 @@ pub fn expire(shard: &mut Shard, now: u64) {
     for tag in lookups {
         on_note(shard, Note::LookupFailed { tag }, now);
     }
+    handoff::expire(shard, now);
 }
 
 /// End of a turn: seal and publish what goes to other nodes, and hand the Redis thread its
@@ -678,8 +818,17 @@ pub fn flush(shard: &mut Shard, now: u64) {
             cs.outgoing.push((node.clone(), NodeMsg::Receipts(rs.to_vec())));
         }
     }
+    // Everything for one node this turn goes as one sealed message (or a few, under the size
+    // limit): a login storm's takes and handoffs are a handful of publishes, not one each.
+    let mut per_node: HashMap<String, Vec<NodeMsg>> = HashMap::new();
     for (node, msg) in cs.outgoing.drain(..) {
-        cmds.push(Cmd::Publish { node, bytes: c.sealer.seal(&msg) });
+        per_node.entry(node).or_default().push(msg);
+    }
+    for (node, msgs) in per_node {
+        for mut batch in batches(msgs) {
+            let msg = if batch.len() == 1 { batch.pop().expect("one") } else { NodeMsg::Batch(batch) };
+            cmds.push(Cmd::Publish { node: node.clone(), bytes: c.sealer.seal(&msg) });
+        }
     }
     if let Err(cluster::Full(back)) = c.handle.send(cmds) {
         // The Redis thread is behind: fail fast rather than queue without bound.
@@ -690,5 +839,32 @@ pub fn flush(shard: &mut Shard, now: u64) {
                 on_note(shard, Note::LookupFailed { tag }, now);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A turn's messages for one node go as few sealed messages as fit the size limit, in order.
+    #[test]
+    fn batches_fill_up_to_the_limit_and_keep_order() {
+        let push = |id: u64| NodeMsg::Push {
+            message_id: id,
+            log_id: id,
+            ttl_ms: 1,
+            body: vec![0; 100_000],
+            uids: vec![1, 2, 3],
+        };
+        let msgs: Vec<NodeMsg> = (0..25).map(push).chain([NodeMsg::Take { uid: 1, epoch: 2 }]).collect();
+        let b = batches(msgs.clone());
+        assert_eq!(b.len(), 3, "100 kB each: 10 fit under 1 MiB");
+        for batch in &b {
+            let bytes = NodeMsg::Batch(batch.clone()).to_bytes();
+            assert!(bytes.len() <= schema::node::MAX_MESSAGE);
+            assert_eq!(NodeMsg::decode(&bytes), Ok(NodeMsg::Batch(batch.clone())));
+        }
+        assert_eq!(b.concat(), msgs);
+        assert_eq!(batches(vec![NodeMsg::Take { uid: 1, epoch: 2 }]).len(), 1);
     }
 }

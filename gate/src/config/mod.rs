@@ -247,8 +247,10 @@ settings! {
             "Seconds after start during which the previous key is still accepted."
     }
     [cluster] ClusterConfig "Several gate nodes sharing a session directory in Redis (docs/PROTOCOL.md §15); off by default: one node with its embedded directory." {
-        redis: String = String::new(), value "URL", alias "redis", example "redis://:pw@127.0.0.1:6379", check redis_url;
-            "Redis (or any node of a Redis Cluster) the nodes share: redis://[:PASSWORD@]HOST:PORT, or rediss:// for TLS. Prefer the variable FLEETGATE_CLUSTER_REDIS when it carries a password, since flags show in the process list. Empty: one node, no Redis."
+        redis: String = String::new(), value "URL", alias "redis", example "rediss://:pw@127.0.0.1:6379", check redis_url;
+            "Redis (or any node of a Redis Cluster) the nodes share: redis://[:PASSWORD@]HOST:PORT, or rediss:// for TLS (see redis_ca). Prefer the variable FLEETGATE_CLUSTER_REDIS when it carries a password, since flags show in the process list. Empty: one node, no Redis."
+        redis_ca: String = String::new(), value "PATH", alias "redis-ca", example "/etc/fleetgate/redis-ca.pem";
+            "PEM file of the CA certificates a rediss:// connection trusts, and then only those (for a Redis whose certificate a private CA signed); the server's certificate must carry the URL's host in its subjectAltName (an IP address as an IP entry). Read at start: a file that cannot be used stops the gate, naming it. Only with a rediss:// URL. Empty: the system's CA certificates (the file SSL_CERT_FILE or the folders SSL_CERT_DIR when set, else the platform's store such as /etc/ssl/certs)."
         secret: Secret = Secret::default(), value "SECRET", example "cluster-secret";
             "Secret every node of the cluster shares: messages between nodes are sealed and authenticated under keys derived from it. Empty: the built-in development secret, not fit for production."
         lease_ms: u32 = 3_000, value "MS", example "1000", check |v| range(*v, 300, 60_000, "milliseconds");
@@ -450,6 +452,25 @@ impl Config {
         !self.cluster.redis.is_empty()
     }
 
+    /// The CA certificates of `cluster.redis_ca`, read and checked now (so a bad file stops the
+    /// gate before it binds a port); `None` when it is empty or cluster mode is off.
+    pub fn redis_tls_roots(&self) -> Result<Option<cluster::TlsRoots>, ConfigError> {
+        let path = self.cluster.redis_ca.as_str();
+        if path.is_empty() || !self.clustered() {
+            return Ok(None);
+        }
+        cluster::TlsRoots::from_pem_file(Path::new(path)).map(Some).map_err(|e| ConfigError::Invalid {
+            key: "cluster.redis_ca".into(),
+            value: toml_quote(path),
+            origin: Origin::File,
+            // The value already names the file.
+            reason: match e {
+                cluster::Error::Ca { why, .. } => why,
+                other => other.to_string(),
+            },
+        })
+    }
+
     /// True when either secret is the public development one, so the gate can warn that it is
     /// not fit for production.
     pub fn uses_dev_secret(&self) -> bool {
@@ -503,6 +524,14 @@ impl Config {
                 ),
             ));
         }
+        let cluster = &self.cluster;
+        if !cluster.redis_ca.is_empty() && cluster.clustered_without_tls() {
+            return Err(ConfigError::checked(
+                "cluster.redis_ca",
+                cluster.redis_ca.clone(),
+                "is set but cluster.redis is not a rediss:// URL: the CA would protect nothing (use rediss://, or leave redis_ca empty)",
+            ));
+        }
         if sidecar.max_ttl_ms < sidecar.default_ttl_ms {
             return Err(ConfigError::checked(
                 "sidecar.max_ttl_ms",
@@ -529,6 +558,13 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl ClusterConfig {
+    /// Cluster mode over plain TCP (`redis://`).
+    fn clustered_without_tls(&self) -> bool {
+        !self.redis.is_empty() && !self.redis.starts_with("rediss://")
     }
 }
 

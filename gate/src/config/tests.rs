@@ -319,3 +319,37 @@ fn the_file_refuses_unknown_keys_and_bad_types_naming_them() {
     let err = load(&["-c", "/nonexistent/fleetgate.toml"]).unwrap_err();
     assert!(matches!(err, ConfigError::Read { .. }) && err.to_string().contains("/nonexistent"), "{err}");
 }
+
+#[test]
+fn the_redis_ca_goes_with_rediss_and_a_file_that_cannot_be_used_names_it() {
+    // With a plain URL the CA would protect nothing: refused, not ignored.
+    assert_invalid(
+        load(&["--redis", "redis://127.0.0.1:6379", "--redis-ca", "/ca.pem"]),
+        "cluster.redis_ca",
+        "\"/ca.pem\"",
+    );
+    let c = load(&["--redis", "rediss://127.0.0.1:6379", "--redis-ca", "/ca.pem"]).unwrap();
+    assert_eq!(c.cluster.redis_ca, "/ca.pem");
+    // One node: no Redis, and the file is not read.
+    let one = load(&["--redis-ca", "/nonexistent/ca.pem"]).unwrap();
+    assert!(one.redis_tls_roots().unwrap().is_none());
+    // Empty: fred's default, the system's CA certificates.
+    assert!(load(&["--redis", "rediss://127.0.0.1:6379"]).unwrap().redis_tls_roots().unwrap().is_none());
+
+    let dir = std::env::temp_dir().join(format!("fleetgate-config-redis-ca-{}", std::process::id()));
+    let certs = testkit::redis::write_test_certs(&dir).unwrap();
+    let with = |ca: &Path| {
+        load(&["--redis", "rediss://127.0.0.1:6379", "--redis-ca", ca.to_str().unwrap()])
+            .unwrap()
+            .redis_tls_roots()
+    };
+    let roots = with(&certs.ca).unwrap().expect("read");
+    assert_eq!((roots.path(), roots.certificates()), (certs.ca.as_path(), 1));
+    for (path, why) in [(dir.join("missing.pem"), "No such file"), (certs.key.clone(), "no CERTIFICATE")] {
+        let value = toml_quote(path.to_str().unwrap());
+        let e = with(&path).unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+        assert_invalid(Err::<(), _>(e), "cluster.redis_ca", &value);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -142,6 +142,13 @@ impl Gate {
         self.0.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// Sends SIGTERM and returns at once (the gate drains meanwhile).
+    pub fn sigterm(&self) {
+        let pid = self.0.child.as_ref().expect("running").id();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc_kill(pid as i32, 15) };
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.0.child.take().expect("running");
