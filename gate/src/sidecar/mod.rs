@@ -5,11 +5,13 @@
 //!   delivery machine (`crate::delivery`) decides: receipt batches, upstream requests, GPS
 //!   forwards and unreachable events;
 //! - [`push`]: the push path's entry: validating a push and fanning it out to logic shards.
+//! - [`end`]: EndSession, an app-server ending a uid's session wherever it is.
 //!
 //! Any shard may hold app-server connections (the sidecar listener uses `SO_REUSEPORT` too).
 //! What a logic shard produces for the app-server goes to a connection on the same executor
 //! when there is one, else to a shard that has one, else waits here (receipts, bounded) or
-//! fails fast (requests) or is dropped (GPS, which is soon stale).
+//! fails fast (requests) or is dropped (GPS, which is soon stale); in cluster mode a node with
+//! none relays requests, GPS and unreachable events to a node that has one (`cluster::relay`).
 
 pub mod end;
 pub mod push;
