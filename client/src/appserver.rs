@@ -20,8 +20,9 @@
 //! would otherwise be acked and upstream requests left unanswered with nobody to see them.
 
 pub use crate::proto::appserver::{
-    Accepted, Event, PushSpec, ServerErrorInfo, UpstreamRequest, Welcome, DEFAULT_RECONNECT_WITHIN,
-    LOST_MEMORY, MAX_IN_FLIGHT_PUSHES, MAX_RECONNECT_ATTEMPTS, UNCONFIRMED_GRACE,
+    Accepted, Event, PushSpec, ServerErrorInfo, SessionEnd, UpstreamRequest, Welcome,
+    DEFAULT_RECONNECT_WITHIN, LOST_MEMORY, MAX_IN_FLIGHT_ENDS, MAX_IN_FLIGHT_PUSHES, MAX_RECONNECT_ATTEMPTS,
+    UNCONFIRMED_GRACE,
 };
 use crate::proto::appserver::{Action, Config, ConnId, HandleId, Session};
 use crate::ClientError;
@@ -125,12 +126,17 @@ impl IntoIterator for AppServerEvents {
 /// What a waiting `push` gets: the accepted targets, or why not.
 type Answer = Result<u32, ServerErrorInfo>;
 
+/// What a waiting `end_session` gets.
+type EndResult = Result<SessionEnd, ServerErrorInfo>;
+
 /// The machine and what the shell keeps beside it, under one lock.
 struct Inner {
     /// The protocol state.
     session: Session,
     /// `push` calls waiting for their answer, by (connection, sequence-id).
     waiters: HashMap<(ConnId, u32), SyncSender<Answer>>,
+    /// `end_session` calls waiting for their answer, by (connection, sequence-id).
+    end_waiters: HashMap<(ConnId, u32), SyncSender<EndResult>>,
     /// The driver thread waits on `Group::wake` (and re-reads everything before it does).
     driver_waiting: bool,
     /// Until when it waits (`None`: until woken).
@@ -168,8 +174,14 @@ struct Work {
 }
 
 impl Work {
-    /// Takes the machine's actions and notes what else waits.
+    /// Takes the machine's actions and notes what else waits. EndSession answers go straight to
+    /// their waiting calls (they are not events: an answer nobody waits for any more is dropped).
     fn collect(inner: &mut Inner, role: Role) -> Work {
+        while let Some((conn, seq, result)) = inner.session.poll_end_answer() {
+            if let Some(tx) = inner.end_waiters.remove(&(conn, seq)) {
+                let _ = tx.try_send(result);
+            }
+        }
         let s = &mut inner.session;
         let actions = std::iter::from_fn(|| s.poll_action()).collect();
         let events = s.has_events();
@@ -212,6 +224,7 @@ impl Group {
             inner: Mutex::new(Inner {
                 session: Session::new(config, seed()),
                 waiters: HashMap::new(),
+                end_waiters: HashMap::new(),
                 driver_waiting: false,
                 driver_until: None,
             }),
@@ -308,8 +321,9 @@ impl Group {
                 }
                 let ended = inner.session.is_ended();
                 if ended && batch.is_empty() {
-                    // Waiting `push` calls wake up with `Closed`.
+                    // Waiting `push` and `end_session` calls wake up with `Closed`.
                     inner.waiters.clear();
+                    inner.end_waiters.clear();
                 }
                 (batch, ended)
             };
@@ -326,6 +340,7 @@ impl Group {
                 self.run(Role::Caller, |inner| {
                     inner.session.abandon();
                     inner.waiters.clear();
+                    inner.end_waiters.clear();
                 });
                 return;
             }
@@ -616,20 +631,8 @@ impl AppServerConn {
     pub fn push(&self, p: &PushSpec) -> Result<Accepted, ClientError> {
         let (tx, rx) = mpsc::sync_channel(1);
         let (conn, seq) = self.send_push(p, Some(tx))?;
-        let answer = match rx.recv_timeout(self.group.timeout) {
-            Ok(answer) => answer,
-            Err(RecvTimeoutError::Disconnected) => return Err(ClientError::Closed),
-            Err(RecvTimeoutError::Timeout) => {
-                // Answers are routed under the machine's lock: either the push still waits (and
-                // its answer will become an event) or the answer is in the channel already.
-                let mut inner = lock(&self.group.inner);
-                if inner.waiters.remove(&(conn, seq)).is_some() {
-                    return Err(ClientError::Timeout);
-                }
-                drop(inner);
-                rx.try_recv().map_err(|_| ClientError::Closed)?
-            }
-        };
+        // A push that gave up waiting gets its answer as an event.
+        let answer = self.wait_answer(&rx, |inner| inner.waiters.remove(&(conn, seq)).is_some())?;
         match answer {
             Ok(targets) => Ok(Accepted { message_id: p.message_id, targets }),
             Err(e) if e.refused => Err(e.into()),
@@ -644,6 +647,26 @@ impl AppServerConn {
     /// past `MAX_IN_FLIGHT_PUSHES` unanswered pushes on this connection.
     pub fn push_async(&self, p: &PushSpec) -> Result<u32, ClientError> {
         self.send_push(p, None).map(|(_, seq)| seq)
+    }
+
+    /// Waits at most the timeout for the answer `rx` brings. Past it, `forget` takes the call's
+    /// waiter out and says whether it was still there: answers are routed under the machine's
+    /// lock, so either the call still waited (Timeout) or its answer is in the channel already.
+    fn wait_answer<T>(
+        &self,
+        rx: &Receiver<T>,
+        forget: impl FnOnce(&mut Inner) -> bool,
+    ) -> Result<T, ClientError> {
+        match rx.recv_timeout(self.group.timeout) {
+            Ok(answer) => Ok(answer),
+            Err(RecvTimeoutError::Disconnected) => Err(ClientError::Closed),
+            Err(RecvTimeoutError::Timeout) => {
+                if forget(&mut lock(&self.group.inner)) {
+                    return Err(ClientError::Timeout);
+                }
+                rx.try_recv().map_err(|_| ClientError::Closed)
+            }
+        }
     }
 
     /// Queues a push in the machine and writes it; returns the connection and the sequence-id.
@@ -668,6 +691,35 @@ impl AppServerConn {
             return Err(e.into());
         }
         Ok((conn, seq))
+    }
+
+    /// Ends `uid`'s session wherever it is (e.g. the account was banned) and waits (at most the
+    /// connection's timeout) for the answer: found and ended (and on which node), or not found.
+    /// The app gets GoAway Ended with `message` (the gate keeps at most 256 characters) and its
+    /// unacked pushes end with Offline receipts (PROTOCOL.md §9.15). `Server` errors: ShuttingDown,
+    /// Overloaded (origin Directory: Redis could not be asked; origin Gate: too many asks
+    /// waiting) with a retry-after, Timeout (origin Gate: the node holding the session did not
+    /// answer, or was lost). `Closed` if the connection ended first: the session may or may not
+    /// have been ended, and asking again is harmless.
+    pub fn end_session(&self, uid: u64, message: &str) -> Result<SessionEnd, ClientError> {
+        let conn = self.current_conn().ok_or(ClientError::Closed)?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        let (seq, written) = self.group.send_on(conn, |inner| {
+            let seq = inner.session.end_session(conn, uid, message, 0)?;
+            inner.end_waiters.insert((conn, seq), tx);
+            Ok(seq)
+        })?;
+        if let Err(e) = written {
+            lock(&self.group.inner).end_waiters.remove(&(conn, seq));
+            return Err(e.into());
+        }
+        // An end that gave up waiting drops its answer.
+        let answer = self.wait_answer(&rx, |inner| inner.end_waiters.remove(&(conn, seq)).is_some())?;
+        match answer {
+            Ok(end) => Ok(end),
+            Err(e) if e.answer_lost() => Err(ClientError::Closed),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Answers an upstream request: an Upstream Response with the request's sequence-id and

@@ -32,7 +32,7 @@ pub mod session;
 pub use app::{AppConn, Reply, SessionInfo, MAX_QUEUED};
 pub use appserver::{
     Accepted, AppServerConn, AppServerEvents, ConnectOptions, Event as AppServerEvent, PushSpec,
-    ServerErrorInfo, UpstreamRequest, Welcome,
+    ServerErrorInfo, SessionEnd, UpstreamRequest, Welcome,
 };
 pub use error::ClientError;
 pub use frame::{write_raw_frame, DeliveryView, ErrorView, FrameReader, OwnedFrame, ReplyView};

@@ -250,6 +250,8 @@ fn next_deadline(shard: &Shard, clocks: &Clocks) -> Option<u64> {
         clocks.next_read_tick,
         shard.delivery.next_deadline(),
         shard.cluster_shard.as_ref().and_then(|c| c.next_deadline()),
+        shard.relay.next_deadline(),
+        shard.ends.next_deadline(),
         shard.outbox_retry_ms,
         shutdown_tick,
     ]
@@ -870,15 +872,16 @@ pub(crate) fn apply(shard: &mut Shard, o: Output, now: u64) {
         }
         Output::Receipt(r) => crate::cluster::receipt(shard, r, now),
         Output::Upstream { request_id, uid, role, cmd, body, log_id } => {
-            shard.delivery.upstream(crate::delivery::UpstreamOut { request_id, uid, role, cmd, body, log_id })
+            let u = crate::delivery::UpstreamOut { request_id, uid, role, cmd, body, log_id };
+            crate::cluster::relay::upstream(shard, u, now)
         }
         Output::GpsBatch(points) => {
             crate::app::gps::remember(shard, &points);
-            shard.delivery.gps(&points);
+            crate::cluster::relay::gps(shard, &points);
         }
         Output::Unreachable { uid, outcome } => {
             tracing::info!(uid, outcome, "session ended without logout: unreachable");
-            shard.delivery.unreachable(uid, outcome);
+            crate::cluster::relay::unreachable(shard, uid, outcome);
         }
         Output::Claim { uid, epoch } => crate::cluster::claim(shard, uid, epoch),
         Output::Release { uid, epoch } => crate::cluster::release(shard, uid, epoch),
@@ -890,6 +893,10 @@ pub(crate) fn apply(shard: &mut Shard, o: Output, now: u64) {
             crate::cluster::handoff::handed_over(shard, uid, to, *session, now)
         }
         Output::NotHere { uid, epoch, to } => crate::cluster::handoff::not_here(shard, uid, epoch, to),
+        Output::Ended { conn, uid, log_id, message } => {
+            crate::sidecar::end::ended(shard, conn, uid, log_id, &message)
+        }
+        Output::EndAnswered { tag, uid, found } => crate::sidecar::end::answered(shard, tag, uid, found, now),
     }
 }
 
@@ -908,6 +915,12 @@ fn on_time(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
     }
     if shard.cluster_shard.as_ref().and_then(|c| c.next_deadline()).is_some_and(|t| t <= now) {
         crate::cluster::expire(shard, now);
+    }
+    if shard.relay.next_deadline().is_some_and(|t| t <= now) {
+        crate::cluster::relay::expire(shard, now);
+    }
+    if shard.ends.next_deadline().is_some_and(|t| t <= now) {
+        crate::sidecar::end::expire(shard, now);
     }
     clocks.next_read_tick = match clocks.next_read_tick {
         _ if shard.busy.is_empty() => None,

@@ -215,6 +215,10 @@ pub struct Shard {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Cluster mode: this shard's commands for Redis and the pushes it forwarded.
     pub cluster_shard: Option<crate::cluster::ClusterShard>,
+    /// Cluster mode: what this shard relays to and for other nodes.
+    pub relay: crate::cluster::relay::RelayShard,
+    /// EndSession asks waiting for their answer.
+    pub ends: crate::sidecar::end::Ends,
     /// Connections on this shard.
     pub conns: Slab<Conn>,
     next_gen: u32,
@@ -334,6 +338,8 @@ impl Shard {
             keys,
             incarnation,
             cluster_shard: cluster.as_ref().map(|_| crate::cluster::ClusterShard::default()),
+            relay: Default::default(),
+            ends: Default::default(),
             cluster,
             conns: Slab::new(),
             next_gen: 1,

@@ -1,13 +1,13 @@
 //! The sidecar end to end: an app-server pushes to online, offline and displaced drivers and gets
 //! exactly one receipt per target; upstream requests pipelined and answered out of order; an
 //! absent or slow app-server; a sidecar connection dropping mid-stream; a wrong secret; GPS and
-//! shutdown receipts.
+//! shutdown receipts; EndSession of a connected, a held and an absent session.
 
 mod common;
 
 use client::{AppServerEvent, ClientError};
 use common::{collect_events, next_push, point, push_spec, receipts, Gate, EVENTUALLY};
-use schema::wire::{ErrorCode, Hop, Outcome};
+use schema::wire::{ErrorCode, GoAwayReason, Hop, Outcome};
 use schema::Body;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -205,4 +205,37 @@ fn shutdown_gives_every_pending_push_its_receipt() {
     assert_eq!(got[&(5, 32)], Outcome::Offline);
     assert_eq!(got[&(5, 31)], Outcome::Shutdown, "a receipt from the gate, not the client's gate_lost");
     let _ = EVENTUALLY;
+}
+
+#[test]
+fn end_session_ends_a_connected_or_held_session_and_says_when_there_is_none() {
+    let gate = Gate::start(&["--hold-ms", "60000"]);
+    let (srv, ev) = gate.appserver();
+    let mut d = gate.login(91, 1);
+    srv.push(&push_spec(5, &[91], 30_000)).expect("push");
+    let _ = next_push(&mut d); // never acked
+    let ended = srv.end_session(91, "banned").expect("answered");
+    assert_eq!((ended.uid, ended.found), (91, true));
+    assert_eq!(ended.node, srv.welcome().node, "a single gate names itself by its address");
+    let g = loop {
+        let f = d.recv().expect("the go-away before the close");
+        if let Some(g) = f.go_away() {
+            break (g.reason(), g.message().unwrap_or("").to_owned());
+        }
+    };
+    assert_eq!(g, (GoAwayReason::Ended, "banned".to_owned()));
+    assert_eq!(receipts(&ev, 1)[&(5, 91)], vec![Outcome::Offline]);
+    // Held (its connection dropped): ended too, with nothing to tell the app.
+    let held = gate.login(92, 1);
+    drop(held);
+    gate.eventually("held", || gate.metric("fleetgate_held_sessions", "") == 1.0);
+    assert!(srv.end_session(92, "").expect("answered").found);
+    assert_eq!(gate.metric("fleetgate_held_sessions", ""), 0.0);
+    let none = srv.end_session(93, "").expect("answered");
+    assert_eq!((none.found, none.node.as_str()), (false, ""));
+    // The app-server ended them: no Unreachable events.
+    std::thread::sleep(Duration::from_millis(200));
+    while let Ok(e) = ev.try_recv() {
+        assert!(!matches!(e, AppServerEvent::Unreachable { .. }), "{e:?}");
+    }
 }

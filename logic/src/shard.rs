@@ -78,6 +78,9 @@ pub enum RequestFailure {
     AppServerError,
 }
 
+/// `Input::End` tags carry the gate shard waiting for the answer in their top 16 bits.
+pub const END_TAG_SHIFT: u32 = 48;
+
 /// A broadcast's count being gathered on the gate shard that accepted it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tally {
@@ -259,6 +262,20 @@ pub enum Input {
         uid: u64,
         /// The session.
         session: Box<Handed>,
+    },
+    /// An app-server ends `uid`'s session (e.g. its account was banned): connected or held, it
+    /// ends at once, its unacked and queued pushes with Offline receipts, with no Unreachable
+    /// event (the app-server asked). Answered with `Output::EndAnswered` in any case.
+    End {
+        /// The user.
+        uid: u64,
+        /// The gate's id for the ask (the gate shard that waits for the answer in its top 16
+        /// bits), echoed in the answer.
+        tag: u64,
+        /// The ask's log-id.
+        log_id: u64,
+        /// For the app's GoAway.
+        message: String,
     },
 }
 
@@ -498,6 +515,26 @@ pub enum Output {
         /// The targets with no session here.
         uids: Vec<u64>,
     },
+    /// The app-server ended the session on `conn`: tell the app (GoAway Ended), then close.
+    Ended {
+        /// The connection.
+        conn: ConnRef,
+        /// The user.
+        uid: u64,
+        /// The ask's log-id.
+        log_id: u64,
+        /// The app-server's message for the app.
+        message: String,
+    },
+    /// The answer to `Input::End`.
+    EndAnswered {
+        /// The ask's tag.
+        tag: u64,
+        /// The user.
+        uid: u64,
+        /// A session was found here and ended.
+        found: bool,
+    },
 }
 
 impl Output {
@@ -513,8 +550,10 @@ impl Output {
             | Output::LogoutOk { conn, .. }
             | Output::Deliver { conn, .. }
             | Output::Reply { conn, .. }
-            | Output::RequestFailed { conn, .. } => Some(conn.shard),
+            | Output::RequestFailed { conn, .. }
+            | Output::Ended { conn, .. } => Some(conn.shard),
             Output::BroadcastCounted { tally, .. } => Some(tally.shard),
+            Output::EndAnswered { tag, .. } => Some((tag >> END_TAG_SHIFT) as u16),
             Output::Receipt(_)
             | Output::Upstream { .. }
             | Output::GpsBatch(_)
@@ -810,6 +849,20 @@ impl Shard {
                 }
             },
             Input::Install { uid, session } => self.install(uid, *session, now_ms, out),
+            Input::End { uid, tag, log_id, message } => {
+                let conn = self.directory.get(uid).map(|e| e.conn);
+                let ended = conn.and_then(|conn| self.directory.remove_if(uid, conn));
+                let found = ended.is_some();
+                if let Some(mut e) = ended {
+                    // The app-server ended it: like a logout, unacked pushes end Offline.
+                    e.pushes.drain_into(uid, outcome::OFFLINE, &mut self.ttl, &mut self.receipts);
+                    if e.held_until_ms.is_none() {
+                        out.push(Output::Ended { conn: e.conn, uid, log_id, message });
+                    }
+                    self.released(uid, e.epoch, out);
+                }
+                out.push(Output::EndAnswered { tag, uid, found });
+            }
         }
         self.emit_receipts(out);
     }
@@ -1156,6 +1209,74 @@ mod tests {
         plain.handle(Input::Logout { uid: 1, conn: c(1), log_id: 2, seq: 2 }, 1, &mut out);
         plain.handle(Input::Reclaim, 2, &mut out);
         assert!(!out.iter().any(|o| matches!(o, Output::Claim { .. } | Output::Release { .. })), "{out:?}");
+    }
+
+    /// An app-server's End: a connected session ends with a GoAway for its connection, a held
+    /// one without, both with Offline receipts for their unacked pushes and no Unreachable
+    /// event; the directory forgets them (cluster mode: released), a resume is refused, and a
+    /// uid with no session is answered "not found".
+    #[test]
+    fn an_app_server_ends_a_session_connected_or_held() {
+        let mut s = clustered();
+        let mut out = Vec::new();
+        s.handle(login_input(1, c(1), 5), 0, &mut out);
+        let Output::LoginOk { epoch, .. } = out[0] else { panic!("{out:?}") };
+        s.handle(Input::Push { push: push(9, 10_000), uids: vec![1] }, 0, &mut out);
+        out.clear();
+        let end = |uid, tag| Input::End { uid, tag, log_id: 4, message: "banned".into() };
+        s.handle(end(1, (3 << END_TAG_SHIFT) | 7), 1, &mut out);
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Ended { conn, uid: 1, log_id: 4, message } if *conn == c(1) && message == "banned")),
+            "{out:?}"
+        );
+        assert!(
+            out.iter().any(
+                |o| matches!(o, Output::Receipt(r) if r.message_id == 9 && r.outcome == outcome::OFFLINE)
+            ),
+            "{out:?}"
+        );
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Release { uid: 1, epoch: e } if *e == epoch)),
+            "{out:?}"
+        );
+        assert!(!out.iter().any(|o| matches!(o, Output::Unreachable { .. })), "{out:?}");
+        let answer = out.iter().find(|o| matches!(o, Output::EndAnswered { .. })).expect("answered");
+        assert!(matches!(answer, Output::EndAnswered { uid: 1, found: true, .. }), "{out:?}");
+        assert_eq!(answer.gate_shard(), Some(3), "the answer goes to the shard that asked");
+        assert!(s.directory.get(1).is_none());
+        out.clear();
+        s.handle(resume(1, epoch, Some(0), c(2), None), 2, &mut out);
+        // Not resumed here; in cluster mode the gate then asks the directory, which was
+        // released above and names no node: refused there.
+        assert!(matches!(out[..], [Output::ResumeRefused { .. }] | [Output::Missing { .. }]), "{out:?}");
+        let mut plain = shard();
+        plain.handle(login_input(5, c(5), 9), 0, &mut out);
+        let Some(Output::LoginOk { epoch, .. }) = out.last().cloned() else { panic!("{out:?}") };
+        out.clear();
+        plain.handle(end(5, 1), 1, &mut out);
+        out.clear();
+        plain.handle(resume(5, epoch, Some(0), c(6), None), 2, &mut out);
+        assert!(matches!(out[..], [Output::ResumeRefused { .. }]), "one node: refused at once: {out:?}");
+
+        // Held: ended without a GoAway (no connection to send it on).
+        out.clear();
+        s.handle(login_input(2, c(3), 6), 0, &mut out);
+        s.handle(Input::Closed { uid: 2, conn: c(3), reason: CloseReason::Dropped }, 1, &mut out);
+        out.clear();
+        s.handle(end(2, 1), 2, &mut out);
+        assert!(!out.iter().any(|o| matches!(o, Output::Ended { .. })), "{out:?}");
+        assert!(out.iter().any(|o| matches!(o, Output::EndAnswered { uid: 2, found: true, .. })), "{out:?}");
+        assert_eq!(s.directory.held_count(), 0);
+        out.clear();
+        s.tick(10_000, &mut out);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Unreachable { .. })),
+            "the hold ended with it: {out:?}"
+        );
+
+        out.clear();
+        s.handle(end(99, 1), 3, &mut out);
+        assert!(matches!(out[..], [Output::EndAnswered { uid: 99, found: false, .. }]), "{out:?}");
     }
 
     /// Cluster mode: a newer session elsewhere ends the local one as displaced (its pushes with

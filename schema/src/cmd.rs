@@ -77,6 +77,8 @@ commands! {
     Upstream = 0x0105,
     /// Event (gate → app-server): `Unreachable`.
     Unreachable = 0x0106,
+    /// Request (app-server → gate): `EndSession` → Response: `SessionEnded`.
+    EndSession = 0x0107,
 }
 
 impl Cmd {
@@ -141,6 +143,8 @@ pub const fn body_kind(cmd: Cmd, ty: FrameType) -> Option<BodyKind> {
         (Cmd::Upstream, Request) => BodyKind::Upstream,
         (Cmd::Upstream, Response) => BodyKind::UpstreamReply,
         (Cmd::Unreachable, Event) => BodyKind::Unreachable,
+        (Cmd::EndSession, Request) => BodyKind::EndSession,
+        (Cmd::EndSession, Response) => BodyKind::SessionEnded,
         _ => return None,
     })
 }

@@ -368,4 +368,6 @@ bodies!(
     Upstream,
     UpstreamReply,
     Unreachable,
+    EndSession,
+    SessionEnded,
 );

@@ -3,8 +3,10 @@
 //! A node sends another node a push for the sessions it holds, the receipts of such pushes
 //! back, and word that a newer session of a uid replaced one it holds. For a resume that lands
 //! on another node, that node asks for the session (`Take`) and gets it with its unacked
-//! pushes and resumption secret (`Handoff`), or hears it is gone (`NotHere`). The bytes here are the
-//! plaintext of one sealed message: the gate seals them (ChaCha20-Poly1305 under a key derived
+//! pushes and resumption secret (`Handoff`), or hears it is gone (`NotHere`). A node with no
+//! app-server connected relays what is meant for one (GPS, app requests and their answers,
+//! unreachable events) to a node that has one, and an app-server's EndSession reaches the node
+//! holding the session (kinds from `0x40` up: the relay's). The bytes here are the plaintext of one sealed message: the gate seals them (ChaCha20-Poly1305 under a key derived
 //! from the cluster secret, see `gate::cluster::link`) before they leave the process, so the
 //! transport between nodes sees neither push payloads nor who is logged in.
 //!
@@ -13,6 +15,7 @@
 //! the bytes present and [`MAX_MESSAGE`], so hostile input ends in a [`NodeError`], never a
 //! panic or an allocation larger than the message itself.
 
+use crate::wire;
 use thiserror::Error;
 
 /// Largest message accepted, in bytes.
@@ -23,6 +26,17 @@ pub const MAX_PUSH_UIDS: usize = 65_536;
 pub const MAX_RECEIPTS: usize = 32_768;
 const _: () = assert!(1 + 8 + 8 + 4 + 4 + 65_536 + 4 + 8 * MAX_PUSH_UIDS <= MAX_MESSAGE);
 const _: () = assert!(1 + 4 + RECEIPT_LEN * MAX_RECEIPTS <= MAX_MESSAGE);
+/// Most GPS points a sender puts in one `Gps` message (more go in several): 512 KiB.
+pub const MAX_GPS_POINTS: usize = 16_384;
+const _: () = assert!(1 + 4 + GPS_POINT_LEN * MAX_GPS_POINTS <= MAX_MESSAGE);
+/// Most unreachable events a sender puts in one `Unreachable` message.
+pub const MAX_UNREACHABLE: usize = 65_536;
+const _: () = assert!(1 + 4 + 9 * MAX_UNREACHABLE <= MAX_MESSAGE);
+/// Most bytes a sender puts in one `Requests` or `Answers` message, items' bodies and texts
+/// included (more go in several). One item larger than this cannot travel: the sender answers
+/// it itself.
+pub const MAX_RELAY_BYTES: usize = 768 * 1024;
+const _: () = assert!(MAX_RELAY_BYTES + 1024 <= MAX_MESSAGE);
 
 /// One receipt of a forwarded push, on its way back to the node that accepted the push.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,8 +51,82 @@ pub struct NodeReceipt {
     pub log_id: u64,
 }
 
-/// A message from one node to another.
+/// An app request relayed to a node with an app-server, which sends it to its app-server as
+/// an `Upstream` request and sends the answer back.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRequest {
+    /// The asking node's id for it (its logic shard in the top 16 bits); echoed in the answer.
+    pub request_id: u64,
+    /// The app's log-id.
+    pub log_id: u64,
+    /// The app.
+    pub uid: u64,
+    /// Its `wire::Role` value.
+    pub role: u8,
+    /// The app's cmd.
+    pub cmd: u16,
+    /// How long the asking node waits for the answer, ms: the carrying node forgets the
+    /// request a little after that.
+    pub timeout_ms: u32,
+    /// The app's verified body.
+    pub body: Vec<u8>,
+}
+
+impl NodeRequest {
+    /// Bytes it takes in a `Requests` message.
+    pub fn wire_len(&self) -> usize {
+        8 + 8 + 8 + 1 + 2 + 4 + 4 + self.body.len()
+    }
+}
+
+/// How a relayed request ended on the node that carried it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeAnswer {
+    /// The app-server answered: the encoded `Reply` body for the app.
+    Reply {
+        /// The asking node's request id.
+        request_id: u64,
+        /// The `Reply` body.
+        reply: Vec<u8>,
+    },
+    /// It failed there.
+    Failed {
+        /// The asking node's request id.
+        request_id: u64,
+        /// One of [`failure`]'s values (an unknown one reads as [`failure::NO_APP_SERVER`]).
+        failure: u8,
+        /// The app-server's own message (for [`failure::APP_SERVER_ERROR`]), else empty.
+        message: String,
+    },
+}
+
+/// Why a relayed request failed on the node that carried it.
+pub mod failure {
+    /// No app-server took it there, or its connection dropped before answering.
+    pub const NO_APP_SERVER: u8 = 1;
+    /// The app-server answered with an Error frame, or its reply would not fit.
+    pub const APP_SERVER_ERROR: u8 = 2;
+}
+
+impl NodeAnswer {
+    /// The asking node's request id.
+    pub fn request_id(&self) -> u64 {
+        match self {
+            NodeAnswer::Reply { request_id, .. } | NodeAnswer::Failed { request_id, .. } => *request_id,
+        }
+    }
+
+    /// Bytes it takes in an `Answers` message.
+    pub fn wire_len(&self) -> usize {
+        match self {
+            NodeAnswer::Reply { reply, .. } => 1 + 8 + 4 + reply.len(),
+            NodeAnswer::Failed { message, .. } => 1 + 8 + 1 + 4 + message.len(),
+        }
+    }
+}
+
+/// A message from one node to another. (`PartialEq` only: GPS points are generated structs.)
+#[derive(Clone, Debug, PartialEq)]
 pub enum NodeMsg {
     /// A push accepted by the sender for sessions the receiver holds.
     Push {
@@ -87,6 +175,36 @@ pub enum NodeMsg {
     /// Several messages for the same node sealed as one (what one turn of the sender had for
     /// it): one publish and one seal instead of many. Never nested.
     Batch(Vec<NodeMsg>),
+    /// Relay: coalesced GPS for the receiver's app-server (the sender has none).
+    Gps(Vec<wire::UidGpsPoint>),
+    /// Relay: app requests for the receiver's app-server.
+    Requests(Vec<NodeRequest>),
+    /// Relay: how requests the receiver relayed to the sender ended.
+    Answers(Vec<NodeAnswer>),
+    /// Relay: sessions that ended without logout, (uid, `wire::Outcome` value), for the
+    /// receiver's app-server.
+    Unreachable(Vec<(u64, u8)>),
+    /// An app-server asked the sender to end `uid`'s session, which the directory says the
+    /// receiver holds.
+    EndSession {
+        /// The sender's id for the ask; echoed in `SessionEnded`.
+        tag: u64,
+        /// The user.
+        uid: u64,
+        /// The ask's log-id.
+        log_id: u64,
+        /// For the app's GoAway.
+        message: String,
+    },
+    /// The answer to `EndSession`.
+    SessionEnded {
+        /// The asker's tag.
+        tag: u64,
+        /// The user.
+        uid: u64,
+        /// A session was found and ended.
+        found: bool,
+    },
 }
 
 /// A session on its way between nodes.
@@ -151,7 +269,8 @@ pub enum NodeError {
     /// The envelope's sender name is empty or not UTF-8.
     #[error("node message sender is empty or not UTF-8")]
     BadSender,
-    /// A field holds a value it may not (a flag other than 0 or 1, a name not UTF-8).
+    /// A field holds a value it may not (a flag other than 0 or 1, a name or text not UTF-8,
+    /// an unknown answer kind).
     #[error("node message field {0} is invalid")]
     Invalid(&'static str),
 }
@@ -164,8 +283,20 @@ const HANDOFF: u8 = 5;
 const NOT_HERE: u8 = 6;
 const REHOMED: u8 = 7;
 const BATCH: u8 = 8;
+// The relay's kinds start well apart from the others, so kinds added on either side never meet.
+const GPS: u8 = 0x40;
+const REQUESTS: u8 = 0x41;
+const ANSWERS: u8 = 0x42;
+const UNREACHABLE: u8 = 0x43;
+const END_SESSION: u8 = 0x44;
+const SESSION_ENDED: u8 = 0x45;
+/// `NodeAnswer` kinds.
+const ANSWER_REPLY: u8 = 1;
+const ANSWER_FAILED: u8 = 2;
 /// Bytes of one receipt on the wire.
 const RECEIPT_LEN: usize = 8 + 8 + 1 + 8;
+/// Bytes of one GPS point on the wire: a `wire::UidGpsPoint` as it is.
+const GPS_POINT_LEN: usize = 32;
 
 impl NodeMsg {
     /// Appends the message's bytes to `out`.
@@ -251,6 +382,66 @@ impl NodeMsg {
                     out.extend_from_slice(&uid.to_le_bytes());
                 }
             }
+            NodeMsg::Gps(points) => {
+                out.push(GPS);
+                out.extend_from_slice(&(points.len() as u32).to_le_bytes());
+                for p in points {
+                    out.extend_from_slice(&p.0);
+                }
+            }
+            NodeMsg::Requests(rs) => {
+                out.push(REQUESTS);
+                out.extend_from_slice(&(rs.len() as u32).to_le_bytes());
+                for r in rs {
+                    out.extend_from_slice(&r.request_id.to_le_bytes());
+                    out.extend_from_slice(&r.log_id.to_le_bytes());
+                    out.extend_from_slice(&r.uid.to_le_bytes());
+                    out.push(r.role);
+                    out.extend_from_slice(&r.cmd.to_le_bytes());
+                    out.extend_from_slice(&r.timeout_ms.to_le_bytes());
+                    put_bytes(out, &r.body);
+                }
+            }
+            NodeMsg::Answers(answers) => {
+                out.push(ANSWERS);
+                out.extend_from_slice(&(answers.len() as u32).to_le_bytes());
+                for a in answers {
+                    match a {
+                        NodeAnswer::Reply { request_id, reply } => {
+                            out.push(ANSWER_REPLY);
+                            out.extend_from_slice(&request_id.to_le_bytes());
+                            put_bytes(out, reply);
+                        }
+                        NodeAnswer::Failed { request_id, failure, message } => {
+                            out.push(ANSWER_FAILED);
+                            out.extend_from_slice(&request_id.to_le_bytes());
+                            out.push(*failure);
+                            put_bytes(out, message.as_bytes());
+                        }
+                    }
+                }
+            }
+            NodeMsg::Unreachable(list) => {
+                out.push(UNREACHABLE);
+                out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+                for (uid, outcome) in list {
+                    out.extend_from_slice(&uid.to_le_bytes());
+                    out.push(*outcome);
+                }
+            }
+            NodeMsg::EndSession { tag, uid, log_id, message } => {
+                out.push(END_SESSION);
+                out.extend_from_slice(&tag.to_le_bytes());
+                out.extend_from_slice(&uid.to_le_bytes());
+                out.extend_from_slice(&log_id.to_le_bytes());
+                put_bytes(out, message.as_bytes());
+            }
+            NodeMsg::SessionEnded { tag, uid, found } => {
+                out.push(SESSION_ENDED);
+                out.extend_from_slice(&tag.to_le_bytes());
+                out.extend_from_slice(&uid.to_le_bytes());
+                out.push(u8::from(*found));
+            }
         }
     }
 
@@ -271,6 +462,12 @@ impl NodeMsg {
             }
             NodeMsg::Rehomed(pairs) => 1 + 4 + 16 * pairs.len(),
             NodeMsg::Batch(msgs) => 1 + 4 + msgs.iter().map(|m| 4 + m.encoded_len()).sum::<usize>(),
+            NodeMsg::Gps(points) => 1 + 4 + GPS_POINT_LEN * points.len(),
+            NodeMsg::Requests(rs) => 1 + 4 + rs.iter().map(NodeRequest::wire_len).sum::<usize>(),
+            NodeMsg::Answers(answers) => 1 + 4 + answers.iter().map(NodeAnswer::wire_len).sum::<usize>(),
+            NodeMsg::Unreachable(list) => 1 + 4 + 9 * list.len(),
+            NodeMsg::EndSession { message, .. } => 1 + 8 + 8 + 8 + 4 + message.len(),
+            NodeMsg::SessionEnded { .. } => 1 + 8 + 8 + 1,
         }
     }
 
@@ -375,6 +572,65 @@ impl NodeMsg {
                 let raw = r.take(n.checked_mul(16).ok_or(NodeError::Truncated)?)?;
                 NodeMsg::Rehomed(raw.chunks_exact(16).map(|c| (le_u64(&c[..8]), le_u64(&c[8..]))).collect())
             }
+            GPS => {
+                let n = r.u32()? as usize;
+                let raw = r.take(n.checked_mul(GPS_POINT_LEN).ok_or(NodeError::Truncated)?)?;
+                let points = raw
+                    .chunks_exact(GPS_POINT_LEN)
+                    .map(|c| {
+                        let mut p = wire::UidGpsPoint::default();
+                        p.0.copy_from_slice(c);
+                        p
+                    })
+                    .collect();
+                NodeMsg::Gps(points)
+            }
+            REQUESTS => {
+                let n = r.u32()? as usize;
+                // Every request takes at least 35 bytes: a count larger than the bytes left
+                // allow is refused before anything is allocated for it.
+                let mut rs = Vec::with_capacity(n.min(r.0.len() / 35));
+                for _ in 0..n {
+                    let request_id = r.u64()?;
+                    let log_id = r.u64()?;
+                    let uid = r.u64()?;
+                    let role = r.u8()?;
+                    let cmd = r.u16()?;
+                    let timeout_ms = r.u32()?;
+                    let body = r.bytes()?.to_vec();
+                    rs.push(NodeRequest { request_id, log_id, uid, role, cmd, timeout_ms, body });
+                }
+                NodeMsg::Requests(rs)
+            }
+            ANSWERS => {
+                let n = r.u32()? as usize;
+                let mut answers = Vec::with_capacity(n.min(r.0.len() / 13));
+                for _ in 0..n {
+                    let kind = r.u8()?;
+                    let request_id = r.u64()?;
+                    answers.push(match kind {
+                        ANSWER_REPLY => NodeAnswer::Reply { request_id, reply: r.bytes()?.to_vec() },
+                        ANSWER_FAILED => {
+                            let failure = r.u8()?;
+                            NodeAnswer::Failed { request_id, failure, message: r.text()? }
+                        }
+                        _ => return Err(NodeError::Invalid("answer kind")),
+                    });
+                }
+                NodeMsg::Answers(answers)
+            }
+            UNREACHABLE => {
+                let n = r.u32()? as usize;
+                let raw = r.take(n.checked_mul(9).ok_or(NodeError::Truncated)?)?;
+                NodeMsg::Unreachable(raw.chunks_exact(9).map(|c| (le_u64(&c[..8]), c[8])).collect())
+            }
+            END_SESSION => {
+                NodeMsg::EndSession { tag: r.u64()?, uid: r.u64()?, log_id: r.u64()?, message: r.text()? }
+            }
+            SESSION_ENDED => {
+                let (tag, uid) = (r.u64()?, r.u64()?);
+                NodeMsg::SessionEnded { tag, uid, found: r.flag("found")? }
+            }
             k => return Err(NodeError::UnknownKind(k)),
         };
         if !r.0.is_empty() {
@@ -439,6 +695,12 @@ impl<'a> Envelope<'a> {
     }
 }
 
+/// Appends a byte string: its `u32` length, then the bytes.
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
 /// `b` (8 bytes) as a little-endian u64.
 fn le_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
@@ -480,6 +742,23 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, NodeError> {
         Ok(le_u64(self.take(8)?))
     }
+
+    fn u16(&mut self) -> Result<u16, NodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    /// A byte string: a `u32` length, then that many bytes.
+    fn bytes(&mut self) -> Result<&'a [u8], NodeError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    /// A UTF-8 text, stored as a byte string.
+    fn text(&mut self) -> Result<String, NodeError> {
+        let b = self.bytes()?;
+        std::str::from_utf8(b).map(str::to_owned).map_err(|_| NodeError::Invalid("text"))
+    }
 }
 
 #[cfg(test)]
@@ -511,11 +790,55 @@ mod tests {
             (any::<u64>(), any::<u64>()).prop_map(|(uid, epoch)| NodeMsg::NotHere { uid, epoch }),
             proptest::collection::vec((any::<u64>(), any::<u64>()), 0..50).prop_map(NodeMsg::Rehomed),
             handoff(),
+            relay(),
         ]
     }
 
     fn msg_or_batch() -> impl Strategy<Value = NodeMsg> {
         prop_oneof![msg(), proptest::collection::vec(msg(), 0..5).prop_map(NodeMsg::Batch)]
+    }
+
+    /// The relay's messages (kinds from 0x40).
+    fn relay() -> impl Strategy<Value = NodeMsg> {
+        let point = any::<[u8; 32]>().prop_map(wire::UidGpsPoint);
+        let request = (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u8>(),
+            any::<u16>(),
+            any::<u32>(),
+            proptest::collection::vec(any::<u8>(), 0..100),
+        )
+            .prop_map(|(request_id, log_id, uid, role, cmd, timeout_ms, body)| NodeRequest {
+                request_id,
+                log_id,
+                uid,
+                role,
+                cmd,
+                timeout_ms,
+                body,
+            });
+        let answer = prop_oneof![
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..100))
+                .prop_map(|(request_id, reply)| NodeAnswer::Reply { request_id, reply }),
+            (any::<u64>(), any::<u8>(), ".{0,40}").prop_map(|(request_id, failure, message)| {
+                NodeAnswer::Failed { request_id, failure, message }
+            }),
+        ];
+        prop_oneof![
+            proptest::collection::vec(point, 0..40).prop_map(NodeMsg::Gps),
+            proptest::collection::vec(request, 0..10).prop_map(NodeMsg::Requests),
+            proptest::collection::vec(answer, 0..10).prop_map(NodeMsg::Answers),
+            proptest::collection::vec((any::<u64>(), any::<u8>()), 0..40).prop_map(NodeMsg::Unreachable),
+            (any::<u64>(), any::<u64>(), any::<u64>(), ".{0,40}")
+                .prop_map(|(tag, uid, log_id, message)| NodeMsg::EndSession { tag, uid, log_id, message }),
+            (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(tag, uid, found)| NodeMsg::SessionEnded {
+                tag,
+                uid,
+                found
+            }),
+        ]
     }
 
     fn handoff() -> impl Strategy<Value = NodeMsg> {
@@ -574,6 +897,21 @@ mod tests {
             if let Ok(m) = NodeMsg::decode(&bytes) {
                 // What decodes encodes back to the same bytes: one reading per message.
                 prop_assert_eq!(m.to_bytes(), bytes);
+            }
+        }
+
+        /// A valid message with one byte changed, the kind byte kept: decodes to something
+        /// that encodes back to those very bytes, or fails cleanly (random bytes rarely get
+        /// past a relay message's first length).
+        #[test]
+        fn a_changed_byte_decodes_or_fails_cleanly(m in relay(), at in any::<prop::sample::Index>(), to in any::<u8>()) {
+            let mut bytes = m.to_bytes();
+            if bytes.len() > 1 {
+                let i = 1 + at.index(bytes.len() - 1);
+                bytes[i] = to;
+                if let Ok(m) = NodeMsg::decode(&bytes) {
+                    prop_assert_eq!(m.to_bytes(), bytes);
+                }
             }
         }
     }
@@ -639,5 +977,44 @@ mod tests {
             NodeMsg::decode(&vec![SUPERSEDED; MAX_MESSAGE + 1]),
             Err(NodeError::TooLarge(MAX_MESSAGE + 1))
         );
+        // Relay messages announcing 2^32-1 items in a few bytes allocate nothing for them.
+        for kind in [GPS, REQUESTS, ANSWERS, UNREACHABLE] {
+            let mut b = vec![kind];
+            b.extend_from_slice(&u32::MAX.to_le_bytes());
+            b.extend_from_slice(&[0; 40]);
+            assert!(NodeMsg::decode(&b).is_err(), "kind {kind:#x}");
+        }
+        // A text that is not UTF-8, a flag that is not 0 or 1, an answer of no known kind.
+        let mut b = NodeMsg::EndSession { tag: 1, uid: 2, log_id: 3, message: "ab".into() }.to_bytes();
+        let n = b.len();
+        b[n - 1] = 0xFF;
+        assert_eq!(NodeMsg::decode(&b), Err(NodeError::Invalid("text")));
+        let mut b = NodeMsg::SessionEnded { tag: 1, uid: 2, found: true }.to_bytes();
+        let n = b.len();
+        b[n - 1] = 2;
+        assert_eq!(NodeMsg::decode(&b), Err(NodeError::Invalid("found")));
+        let mut b = NodeMsg::Answers(vec![NodeAnswer::Reply { request_id: 1, reply: vec![] }]).to_bytes();
+        b[5] = 9;
+        assert_eq!(NodeMsg::decode(&b), Err(NodeError::Invalid("answer kind")));
+    }
+
+    #[test]
+    fn wire_lengths_are_what_the_items_take() {
+        let r = NodeRequest {
+            request_id: 1,
+            log_id: 2,
+            uid: 3,
+            role: 1,
+            cmd: 0x20,
+            timeout_ms: 9,
+            body: vec![7; 10],
+        };
+        assert_eq!(NodeMsg::Requests(vec![r.clone()]).to_bytes().len(), 1 + 4 + r.wire_len());
+        for a in [
+            NodeAnswer::Reply { request_id: 1, reply: vec![1; 5] },
+            NodeAnswer::Failed { request_id: 1, failure: failure::APP_SERVER_ERROR, message: "no".into() },
+        ] {
+            assert_eq!(NodeMsg::Answers(vec![a.clone()]).to_bytes().len(), 1 + 4 + a.wire_len());
+        }
     }
 }

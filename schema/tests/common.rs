@@ -238,5 +238,17 @@ pub fn all_frames() -> Vec<(&'static str, Vec<u8>)> {
             )
         })
     });
+    f("end_session_request", &mut |e, o| {
+        e.frame(o, Request, Cmd::EndSession, 5, 0xABAB, |b| {
+            let message = b.create_string("account closed");
+            wire::EndSession::create(b, &wire::EndSessionArgs { uid: 42, message: Some(message) })
+        })
+    });
+    f("end_session_response", &mut |e, o| {
+        e.frame(o, Response, Cmd::EndSession, 5, 0xABAB, |b| {
+            let node = b.create_string("gate-b");
+            wire::SessionEnded::create(b, &wire::SessionEndedArgs { uid: 42, found: true, node: Some(node) })
+        })
+    });
     v
 }

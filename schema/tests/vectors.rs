@@ -122,6 +122,10 @@ fn bodies_read_back() {
     let Body::PushDelivery(d) = frame("push_delivery").0.body else { panic!("kind") };
     assert_eq!(d.payload().expect("payload").bytes(), b"order 77");
     assert_eq!(frame("push_delivery").0.header.seq, 100);
+    let Body::EndSession(e) = frame("end_session_request").0.body else { panic!("kind") };
+    assert_eq!((e.uid(), e.message()), (42, Some("account closed")));
+    let Body::SessionEnded(e) = frame("end_session_response").0.body else { panic!("kind") };
+    assert_eq!((e.uid(), e.found(), e.node()), (42, true, Some("gate-b")));
 }
 
 #[test]

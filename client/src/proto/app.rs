@@ -1447,7 +1447,7 @@ impl AppProto {
         let link = std::mem::replace(&mut c.link, Link::Down);
         let (failed, floor) = match link {
             Link::Closing(Ending::GoAway { reason, retry_after }) => {
-                if matches!(reason, GoAwayReason::Displaced | GoAwayReason::LoggedOut) {
+                if matches!(reason, GoAwayReason::Displaced | GoAwayReason::LoggedOut | GoAwayReason::Ended) {
                     return Disconnected { reconnect: Reconnect::Never, requests_cut };
                 }
                 (false, Some(retry_floor(retry_after, c.cfg.retry_after_ceiling, c.rng.next_u64())))
@@ -1704,6 +1704,15 @@ impl Core {
                 self.standing = Standing::Displaced;
             }
             GoAwayReason::LoggedOut => self.standing = Standing::Fresh,
+            GoAwayReason::Ended => {
+                // The app-server ended the session (§9.15): nothing to resume, and logging in
+                // again takes a token it still issues.
+                self.standing = Standing::Fresh;
+                self.info = None;
+                if let Some(sec) = self.secure.as_deref_mut() {
+                    sec.forget_secrets();
+                }
+            }
             _ => self.redirect = (!reconnect.is_empty()).then(|| reconnect.to_owned()),
         }
         let retry_after = Duration::from_millis(u64::from(g.retry_after_ms()));
@@ -2460,6 +2469,19 @@ mod tests {
         assert!(!r.m.displaced() && r.m.session().is_none());
         r.connect();
         assert_eq!(r.events(), vec![Ev::LoginNeeded(false)]);
+    }
+
+    #[test]
+    fn a_session_the_app_server_ended_is_not_resumed_nor_reconnected() {
+        let mut r = Rig::new(Config::default());
+        r.live(&[1; 37], 30_000);
+        let bye = r.go_away(GoAwayReason::Ended, "", 0);
+        assert_eq!(r.feed(&bye), vec![Ev::GoAway(GoAwayReason::Ended, 0)]);
+        assert_eq!(r.m.on_disconnected(Lost::Remote).reconnect, Reconnect::Never);
+        assert_eq!((r.m.resume_token(), r.m.session()), (None, None));
+        assert!(!r.m.displaced());
+        r.connect();
+        assert_eq!(r.events(), vec![Ev::LoginNeeded(false)], "a new login, not a resume");
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! The owner opens TCP connections when told to, moves bytes, and reads the clock:
 //!
 //! - commands: [`Session::open`] (a new handle: one of the caller's connections, which keeps its
-//!   identity across reconnects), [`Session::push`], [`Session::reply`],
-//!   [`Session::reply_error`], [`Session::close`], [`Session::abandon`];
+//!   identity across reconnects), [`Session::push`], [`Session::end_session`],
+//!   [`Session::reply`], [`Session::reply_error`], [`Session::close`], [`Session::abandon`];
 //! - inputs: [`Session::dialed`] / [`Session::dial_failed`] (the outcome of an
 //!   [`Action::Connect`]), [`Session::handle_input`] (bytes received on a connection),
 //!   [`Session::connection_lost`] (end of stream, reset, failed write), and
@@ -16,7 +16,8 @@
 //! - outputs: [`Session::transmit`] (the bytes to write on a connection, whole frames in order),
 //!   [`Session::poll_action`] (open a connection, close one), [`Session::poll_event`] (what the
 //!   caller hears about: receipts, push answers, upstream requests, GPS, unreachable users,
-//!   connections lost, reconnects, the gate lost) and [`Session::take_opened`] (how a new
+//!   connections lost, reconnects, the gate lost), [`Session::poll_end_answer`] (the answers to
+//!   EndSession, for the call that waits for each) and [`Session::take_opened`] (how a new
 //!   handle's hello ended).
 //!
 //! Every input and command may produce output; the owner polls after each one. The event queue
@@ -42,8 +43,10 @@
 //! push's pairs (no receipts follow). A broadcast's targets are unknown until its receipts come;
 //! its PushAccepted tells how many to expect (0: a gate that does not count them).
 //!
-//! **Sequence-ids.** Pushes count up from 2 per connection, never 0, never one still in flight;
-//! answers are matched by sequence-id on their connection. Errors about other cmds answer nothing
+//! **Sequence-ids.** Pushes and EndSession requests count up from 2 per connection, never 0,
+//! never one still in flight; answers are matched by sequence-id on their connection. An
+//! EndSession whose connection ends before its answer gets a lost answer (the gate may or may
+//! not have ended the session: asking again is harmless). Errors about other cmds answer nothing
 //! of ours and are dropped (§6).
 //!
 //! **Upstream requests** are remembered with the connection they came on; the reply goes back on
@@ -126,6 +129,14 @@ pub const MAX_UPSTREAM: usize = 65_536;
 /// Most bytes waiting to be written on one connection before pushes and replies are refused with
 /// `QueueFull` (acks are never refused).
 pub const MAX_OUTBOX: usize = 16 << 20;
+
+/// Most EndSession requests one connection may have sent without an answer; past it one is
+/// refused with `QueueFull`.
+pub const MAX_IN_FLIGHT_ENDS: usize = 4096;
+
+/// Most EndSession answers kept for the owner to poll; past it the oldest is dropped (its call
+/// has given up long before).
+const MAX_END_ANSWERS: usize = 4096;
 
 /// Most uids remembered per broadcast to drop repeats of its receipts; receipts past it are
 /// emitted without being remembered.
@@ -236,6 +247,18 @@ impl ServerErrorInfo {
         }
     }
 
+    /// The gate's Error frame `e` (of log-id `log_id`) refusing a request.
+    fn refusal(e: &wire::Error<'_>, log_id: u64) -> ServerErrorInfo {
+        ServerErrorInfo {
+            code: e.code(),
+            origin: e.origin(),
+            message: e.message().unwrap_or("").to_owned(),
+            retry_after_ms: e.retry_after_ms(),
+            log_id,
+            refused: true,
+        }
+    }
+
     /// True when no answer came at all: the connection ended first.
     pub fn answer_lost(&self) -> bool {
         !self.refused && self.code == ErrorCode::Unknown
@@ -253,6 +276,20 @@ impl From<ServerErrorInfo> for ClientError {
         }
     }
 }
+
+/// The gate's answer to an EndSession (PROTOCOL.md §9.15).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    /// The user.
+    pub uid: u64,
+    /// True when a session (connected or held) was found and ended.
+    pub found: bool,
+    /// The name of the gate node that held it; empty when none was found.
+    pub node: String,
+}
+
+/// The answer to one EndSession request, as [`Session::poll_end_answer`] hands it out.
+pub type EndAnswer = (ConnId, u32, Result<SessionEnd, ServerErrorInfo>);
 
 /// An app's request, forwarded by the gate; answer it with [`Session::reply`] (or
 /// [`Session::reply_error`]), in any order, whenever ready.
@@ -461,6 +498,8 @@ struct Up {
     in_flight: HashMap<u32, InFlight>,
     /// Upstream requests that came on it and await a reply.
     upstream: Upstreams,
+    /// EndSession requests sent and not answered: sequence-id → uid.
+    ends: HashMap<u32, u64>,
 }
 
 /// Where a connection is in its life.
@@ -886,6 +925,8 @@ pub struct Session {
     held_acks: VecDeque<HeldAck>,
     /// Actions not polled yet.
     actions: VecDeque<Action>,
+    /// EndSession answers not polled yet.
+    end_answers: VecDeque<EndAnswer>,
 }
 
 impl Session {
@@ -908,6 +949,7 @@ impl Session {
             polled: 0,
             held_acks: VecDeque::new(),
             actions: VecDeque::new(),
+            end_answers: VecDeque::new(),
         }
     }
 
@@ -945,12 +987,7 @@ impl Session {
         if up.in_flight.len() >= MAX_IN_FLIGHT_PUSHES || outbox.len() >= MAX_OUTBOX {
             return Err(ClientError::QueueFull);
         }
-        loop {
-            *seq = seq.wrapping_add(1);
-            if *seq != 0 && !up.in_flight.contains_key(seq) {
-                break;
-            }
-        }
+        next_seq(seq, up);
         self.scratch.clear();
         self.enc.frame(&mut self.scratch, FrameType::Request, Cmd::Push, *seq, p.log_id, |b| {
             let uids = b.create_vector(&p.uids);
@@ -973,6 +1010,39 @@ impl Session {
         up.in_flight.insert(*seq, InFlight { message_id: p.message_id, receipts_due });
         outbox.extend_from_slice(&self.scratch);
         Ok(*seq)
+    }
+
+    /// Queues an EndSession on `conn`: the gate ends `uid`'s session wherever it is, the app
+    /// gets GoAway Ended with `message`; returns its sequence-id. The answer comes from
+    /// [`Session::poll_end_answer`]. `Closed` if `conn` is not up; `QueueFull` past the bounds.
+    pub fn end_session(
+        &mut self,
+        conn: ConnId,
+        uid: u64,
+        message: &str,
+        log_id: u64,
+    ) -> Result<u32, ClientError> {
+        let Some(Conn { phase: Phase::Up(up), outbox, seq, .. }) = self.conns.get_mut(&conn) else {
+            return Err(ClientError::Closed);
+        };
+        if up.ends.len() >= MAX_IN_FLIGHT_ENDS || outbox.len() >= MAX_OUTBOX {
+            return Err(ClientError::QueueFull);
+        }
+        next_seq(seq, up);
+        self.scratch.clear();
+        self.enc.frame(&mut self.scratch, FrameType::Request, Cmd::EndSession, *seq, log_id, |b| {
+            let message = b.create_string(message);
+            wire::EndSession::create(b, &wire::EndSessionArgs { uid, message: Some(message) })
+        });
+        check_size(&self.scratch, up.max_body)?;
+        up.ends.insert(*seq, uid);
+        outbox.extend_from_slice(&self.scratch);
+        Ok(*seq)
+    }
+
+    /// The next EndSession answer: the connection and sequence-id it answers, and the result.
+    pub fn poll_end_answer(&mut self) -> Option<EndAnswer> {
+        self.end_answers.pop_front()
     }
 
     /// The push `seq` on `conn` was not written whole (the owner's write failed before its last
@@ -1347,20 +1417,20 @@ impl Session {
                 self.emit(Event::Unreachable { uid: u.uid(), outcome: known_outcome(u.outcome()) });
             }
             (FrameType::Response, Body::PushAccepted(a)) => self.on_answer(conn, seq, Ok(a.targets())),
+            (FrameType::Response, Body::SessionEnded(e)) => {
+                let end =
+                    SessionEnd { uid: e.uid(), found: e.found(), node: e.node().unwrap_or("").to_owned() };
+                self.on_end_answer(conn, seq, Ok(end));
+            }
+            (FrameType::Error, Body::Error(e)) if e.failed_cmd() == Cmd::EndSession as u16 => {
+                self.on_end_answer(conn, seq, Err(ServerErrorInfo::refusal(&e, log_id)));
+            }
             // Only errors about a Push answer one: the gate's own requests (whose answers or acks
             // it may find fault with) count sequence-ids in another space (§6).
             (FrameType::Error, Body::Error(e))
                 if e.failed_cmd() == Cmd::Push as u16 || e.failed_cmd() == 0 =>
             {
-                let info = ServerErrorInfo {
-                    code: e.code(),
-                    origin: e.origin(),
-                    message: e.message().unwrap_or("").to_owned(),
-                    retry_after_ms: e.retry_after_ms(),
-                    log_id,
-                    refused: true,
-                };
-                self.on_answer(conn, seq, Err(info));
+                self.on_answer(conn, seq, Err(ServerErrorInfo::refusal(&e, log_id)));
             }
             // A request the gate should not send to an app-server: answer so it does not wait.
             (FrameType::Request, _) => {
@@ -1384,7 +1454,9 @@ impl Session {
                 };
                 self.answer_request(conn, header, code, &error.to_string());
             }
-            Some(FrameType::Response) if header.cmd == Cmd::Push as u16 => {
+            Some(FrameType::Response)
+                if header.cmd == Cmd::Push as u16 || header.cmd == Cmd::EndSession as u16 =>
+            {
                 let info = ServerErrorInfo {
                     code: ErrorCode::CorruptBody,
                     origin: Hop::Gate,
@@ -1393,7 +1465,11 @@ impl Session {
                     log_id: header.log_id,
                     refused: false,
                 };
-                self.on_answer(conn, header.seq, Err(info));
+                if header.cmd == Cmd::Push as u16 {
+                    self.on_answer(conn, header.seq, Err(info));
+                } else {
+                    self.on_end_answer(conn, header.seq, Err(info));
+                }
             }
             _ => {}
         }
@@ -1440,6 +1516,22 @@ impl Session {
             Err(_) => {}
         }
         self.emit(Event::PushAnswer { conn, seq, message_id: f.message_id, result });
+    }
+
+    /// An EndSession's answer, for the owner to poll; one matching no request is dropped (§6).
+    fn on_end_answer(&mut self, conn: ConnId, seq: u32, result: Result<SessionEnd, ServerErrorInfo>) {
+        let Some(Phase::Up(up)) = self.conns.get_mut(&conn).map(|c| &mut c.phase) else { return };
+        if up.ends.remove(&seq).is_none() {
+            return;
+        }
+        self.queue_end_answer((conn, seq, result));
+    }
+
+    fn queue_end_answer(&mut self, a: EndAnswer) {
+        if self.end_answers.len() >= MAX_END_ANSWERS {
+            self.end_answers.pop_front();
+        }
+        self.end_answers.push_back(a);
     }
 
     /// Answers a gate request with an Error frame (origin AppServer).
@@ -1568,7 +1660,12 @@ impl Session {
     fn join(&mut self, conn: ConnId, handle: HandleId, w: &Welcome) {
         let max_body = if w.max_body == 0 { Limits::SIDECAR.max_body } else { w.max_body };
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.phase = Phase::Up(Up { max_body, in_flight: HashMap::new(), upstream: Upstreams::default() });
+            c.phase = Phase::Up(Up {
+                max_body,
+                in_flight: HashMap::new(),
+                upstream: Upstreams::default(),
+                ends: HashMap::new(),
+            });
         }
         self.handles.insert(handle, HandleState::Open { conn });
     }
@@ -1618,6 +1715,11 @@ impl Session {
             self.ledger.unconfirmed.insert((f.receipts_due, f.message_id));
             let result = Err(ServerErrorInfo::lost());
             self.emit(Event::PushAnswer { conn, seq, message_id: f.message_id, result });
+        }
+        let mut ends: Vec<u32> = up.ends.into_keys().collect();
+        ends.sort_unstable();
+        for seq in ends {
+            self.queue_end_answer((conn, seq, Err(ServerErrorInfo::lost())));
         }
         self.emit(Event::ConnectionLost { conn });
         if self.conns.values().any(|c| c.up().is_some()) {
@@ -1772,6 +1874,17 @@ fn welcome_of(f: &Frame<'_>) -> Result<Welcome, ClientError> {
 }
 
 /// Refuses a frame whose body is over the gate's limit: the gate would close the connection.
+/// Moves `seq` to the next sequence-id free on `up`: never 0, never one of a push or an
+/// EndSession still waiting for its answer.
+fn next_seq(seq: &mut u32, up: &Up) {
+    loop {
+        *seq = seq.wrapping_add(1);
+        if *seq != 0 && !up.in_flight.contains_key(seq) && !up.ends.contains_key(seq) {
+            break;
+        }
+    }
+}
+
 fn check_size(frame: &[u8], max_body: u32) -> Result<(), ClientError> {
     let body = frame.len().saturating_sub(HEADER_LEN);
     if body > max_body as usize {

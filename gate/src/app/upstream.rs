@@ -10,7 +10,8 @@ use schema::{Cmd, Frame, FrameType};
 /// Forwards a verified app request toward the app-server.
 pub fn on_request(shard: &mut Shard, me: ConnRef, uid: u64, role: u8, f: &Frame<'_>) {
     let h = &f.header;
-    if !shard.sidecars.any() {
+    // In cluster mode a node with an app-server may take it (`cluster::relay`).
+    if !shard.sidecars.any() && !crate::cluster::relay::available(shard) {
         tracing::info!(log_id = h.log_id, uid, "request refused: no app-server connected");
         return super::session::error(
             shard,

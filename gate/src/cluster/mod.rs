@@ -22,6 +22,7 @@
 
 pub mod handoff;
 pub mod link;
+pub mod relay;
 
 use crate::mesh::{Batch, Mesh, Msg};
 use crate::state::Shard;
@@ -119,6 +120,8 @@ pub enum Note {
         /// The entry as it stands.
         current: Option<Owner>,
     },
+    /// The relay's: GPS, requests, unreachable events and EndSession between nodes.
+    Relay(relay::Note),
 }
 
 /// What every shard shares about the cluster.
@@ -139,6 +142,8 @@ pub struct Cluster {
     pub up: AtomicBool,
     /// Counters for /metrics.
     pub stats: Stats,
+    /// What the relay shares: the advertisement and its counters.
+    pub relay: relay::Shared,
 }
 
 /// Cluster counters.
@@ -201,6 +206,7 @@ impl Cluster {
     ) -> Result<Arc<Cluster>, cluster::Error> {
         let lease_ms = cfg.lease_ms;
         let name = me.name.clone();
+        let relay = relay::Shared::new(&me);
         let sealer = link::Sealer::new(secret, &me.name, me.incarnation);
         // The sink runs on the Redis thread and needs the cluster it belongs to, which needs the
         // handle the sink is given to: it is set once, right after start.
@@ -221,6 +227,7 @@ impl Cluster {
             origins: Mutex::new((Vec::new(), HashMap::new())),
             up: AtomicBool::new(false),
             stats: Stats::default(),
+            relay,
         });
         let _ = slot.set(c.clone());
         Ok(c)
@@ -365,6 +372,7 @@ impl Router {
                     }
                 }
             }
+            msg => relay::split(c, sender, msg, per),
         }
     }
 
@@ -466,6 +474,7 @@ pub fn render_metrics(c: &Cluster) -> String {
         "counter",
         st.takes_refused.load(Relaxed),
     );
+    relay::render_metrics(c, &mut s);
     s
 }
 
@@ -623,6 +632,9 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
             if handoff::on_looked(shard, tag, &owners, now) {
                 return;
             }
+            if relay::on_looked(shard, tag, &owners) {
+                return;
+            }
             let Some((push, _)) = shard.cluster_shard.as_mut().and_then(|cs| cs.take_lookup(tag)) else {
                 return;
             };
@@ -682,6 +694,9 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
             if handoff::on_lookup_failed(shard, tag, now) {
                 return;
             }
+            if relay::on_lookup_failed(shard, tag, now) {
+                return;
+            }
             if let Some((push, uids)) = shard.cluster_shard.as_mut().and_then(|cs| cs.take_lookup(tag)) {
                 tracing::warn!(
                     log_id = push.log_id,
@@ -711,6 +726,7 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
             for (message_id, uid) in lost {
                 end_forward(shard, message_id, uid, NODE_LOST, now);
             }
+            relay::nodes_changed(shard, now);
         }
         Note::Push { push, uids } => crate::event_loop::logic_input(shard, Input::Push { push, uids }, now),
         Note::Receipts(rs) => {
@@ -726,6 +742,7 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
         Note::NotHere { uid, epoch } => handoff::on_not_here(shard, uid, epoch, now),
         Note::Rehomed { from, pairs } => handoff::on_rehomed(shard, &from, pairs),
         Note::Moved { uid, ok, current } => handoff::on_moved(shard, uid, ok, current, now),
+        Note::Relay(n) => relay::on_note(shard, n, now),
     }
 }
 
@@ -784,6 +801,7 @@ pub fn expire(shard: &mut Shard, now: u64) {
 /// End of a turn: seal and publish what goes to other nodes, and hand the Redis thread its
 /// commands, all in one batch.
 pub fn flush(shard: &mut Shard, now: u64) {
+    relay::flush(shard);
     let Some(c) = shard.cluster.clone() else { return };
     let Some(cs) = shard.cluster_shard.as_mut() else { return };
     if cs.cmds.is_empty() && cs.outgoing.is_empty() && cs.receipts.is_empty() {

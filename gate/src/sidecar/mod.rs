@@ -5,12 +5,15 @@
 //!   delivery machine (`crate::delivery`) decides: receipt batches, upstream requests, GPS
 //!   forwards and unreachable events;
 //! - [`push`]: the push path's entry: validating a push and fanning it out to logic shards.
+//! - [`end`]: EndSession, an app-server ending a uid's session wherever it is.
 //!
 //! Any shard may hold app-server connections (the sidecar listener uses `SO_REUSEPORT` too).
 //! What a logic shard produces for the app-server goes to a connection on the same executor
 //! when there is one, else to a shard that has one, else waits here (receipts, bounded) or
-//! fails fast (requests) or is dropped (GPS, which is soon stale).
+//! fails fast (requests) or is dropped (GPS, which is soon stale); in cluster mode a node with
+//! none relays requests, GPS and unreachable events to a node that has one (`cluster::relay`).
 
+pub mod end;
 pub mod push;
 
 use crate::app::session::error;
@@ -74,7 +77,7 @@ pub fn flush(shard: &mut Shard, now: u64) {
     for request_id in polled.failed {
         tracing::info!(request_id, "request: no app-server connected");
         let dest = logic::upstream::shard_of_request(request_id);
-        shard.to_shard(dest, Msg::Logic(logic::Input::UpstreamUndeliverable { request_id }));
+        crate::cluster::relay::answer(shard, dest, logic::Input::UpstreamUndeliverable { request_id });
     }
     let m = shard.metrics();
     m.gps_dropped.fetch_add(polled.gps_dropped as u64, Relaxed);
@@ -203,6 +206,9 @@ pub fn on_frame(shard: &mut Shard, me: ConnRef, f: &Frame<'_>) {
             }
         }
         Body::Push(p) => push::accept(shard, me, f, p),
+        Body::EndSession(e) if f.ty == FrameType::Request => {
+            end::request(shard, me, h, e.uid(), e.message().unwrap_or(""), crate::state::mono_ms())
+        }
         Body::ReceiptsAck(a) => shard.delivery.acked(me, a.batch_id()),
         Body::UpstreamReply(r) if f.ty == FrameType::Response => {
             let request_id = r.request_id();
@@ -225,7 +231,7 @@ pub fn on_frame(shard: &mut Shard, me: ConnRef, f: &Frame<'_>) {
                 tracing::info!(log_id = h.log_id, request_id, "request: app-server answered");
                 logic::Input::UpstreamReply { request_id, reply }
             };
-            shard.to_shard(dest, Msg::Logic(input));
+            crate::cluster::relay::answer(shard, dest, input);
         }
         _ => {
             error(shard, me, h, ErrorCode::NotAllowed, Hop::App, "this frame is not accepted on the sidecar")
@@ -249,7 +255,7 @@ fn on_error(shard: &mut Shard, me: ConnRef, f: &Frame<'_>, e: wire::Error<'_>) {
     };
     let dest = logic::upstream::shard_of_request(request_id);
     if dest < shard.mesh.len() {
-        shard.to_shard(dest, Msg::Logic(logic::Input::UpstreamFailed { request_id, message }));
+        crate::cluster::relay::answer(shard, dest, logic::Input::UpstreamFailed { request_id, message });
     }
 }
 
@@ -279,7 +285,7 @@ pub fn closed(shard: &mut Shard, c: ConnRef, conn: &Conn, now: u64) {
     for request_id in dropped.failed_requests {
         let dest = logic::upstream::shard_of_request(request_id);
         if dest < shard.mesh.len() {
-            shard.to_shard(dest, Msg::Logic(logic::Input::UpstreamUndeliverable { request_id }));
+            crate::cluster::relay::answer(shard, dest, logic::Input::UpstreamUndeliverable { request_id });
         }
     }
     tracing::warn!(

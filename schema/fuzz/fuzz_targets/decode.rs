@@ -74,6 +74,12 @@ fn touch(b: &Body<'_>) {
                 std::hint::black_box(p.iter().fold(0u64, |a, x| a.wrapping_add(x.uid())));
             }
         }
+        Body::EndSession(e) => {
+            std::hint::black_box((e.uid(), e.message()));
+        }
+        Body::SessionEnded(e) => {
+            std::hint::black_box((e.uid(), e.found(), e.node()));
+        }
         other => {
             std::hint::black_box(other.kind());
         }

@@ -379,10 +379,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_GO_AWAY_REASON: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_GO_AWAY_REASON: u8 = 8;
+pub const ENUM_MAX_GO_AWAY_REASON: u8 = 9;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_GO_AWAY_REASON: [GoAwayReason; 9] = [
+pub const ENUM_VALUES_GO_AWAY_REASON: [GoAwayReason; 10] = [
   GoAwayReason::Unknown,
   GoAwayReason::Displaced,
   GoAwayReason::Shutdown,
@@ -392,6 +392,7 @@ pub const ENUM_VALUES_GO_AWAY_REASON: [GoAwayReason; 9] = [
   GoAwayReason::Overloaded,
   GoAwayReason::ReadTimeout,
   GoAwayReason::LoggedOut,
+  GoAwayReason::Ended,
 ];
 
 /// Why the gate tells a connection to go away.
@@ -417,9 +418,12 @@ impl GoAwayReason {
   pub const ReadTimeout: Self = Self(7);
   /// The client logged out.
   pub const LoggedOut: Self = Self(8);
+  /// The app-server ended the session (EndSession, e.g. the account was banned): do not
+  /// reconnect with the same token.
+  pub const Ended: Self = Self(9);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 8;
+  pub const ENUM_MAX: u8 = 9;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Unknown,
     Self::Displaced,
@@ -430,6 +434,7 @@ impl GoAwayReason {
     Self::Overloaded,
     Self::ReadTimeout,
     Self::LoggedOut,
+    Self::Ended,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -443,6 +448,7 @@ impl GoAwayReason {
       Self::Overloaded => Some("Overloaded"),
       Self::ReadTimeout => Some("ReadTimeout"),
       Self::LoggedOut => Some("LoggedOut"),
+      Self::Ended => Some("Ended"),
       _ => None,
     }
   }
@@ -4852,6 +4858,257 @@ impl ::core::fmt::Debug for Unreachable<'_> {
     let mut ds = f.debug_struct("Unreachable");
       ds.field("uid", &self.uid());
       ds.field("outcome", &self.outcome());
+      ds.finish()
+  }
+}
+pub enum EndSessionOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// cmd EndSession, type Request (app-server -> gate): end the session of `uid` wherever it is
+/// (on this node or, in cluster mode, on the node the directory names), e.g. for a banned
+/// account. The app gets GoAway Ended with `message`.
+pub struct EndSession<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for EndSession<'a> {
+  type Inner = EndSession<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> EndSession<'a> {
+  pub const VT_UID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MESSAGE: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    EndSession { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args EndSessionArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<EndSession<'bldr>> {
+    let mut builder = EndSessionBuilder::new(_fbb);
+    builder.add_uid(args.uid);
+    if let Some(x) = args.message { builder.add_message(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn uid(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(EndSession::VT_UID, Some(0)).unwrap()}
+  }
+  /// Sent to the app as GoAway.message, and logged.
+  #[inline]
+  pub fn message(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(EndSession::VT_MESSAGE, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for EndSession<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("uid", Self::VT_UID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("message", Self::VT_MESSAGE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct EndSessionArgs<'a> {
+    pub uid: u64,
+    pub message: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for EndSessionArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    EndSessionArgs {
+      uid: 0,
+      message: None,
+    }
+  }
+}
+
+pub struct EndSessionBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EndSessionBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_uid(&mut self, uid: u64) {
+    self.fbb_.push_slot::<u64>(EndSession::VT_UID, uid, 0);
+  }
+  #[inline]
+  pub fn add_message(&mut self, message: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EndSession::VT_MESSAGE, message);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EndSessionBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    EndSessionBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<EndSession<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for EndSession<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("EndSession");
+      ds.field("uid", &self.uid());
+      ds.field("message", &self.message());
+      ds.finish()
+  }
+}
+pub enum SessionEndedOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// cmd EndSession, type Response (gate -> app-server).
+pub struct SessionEnded<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SessionEnded<'a> {
+  type Inner = SessionEnded<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SessionEnded<'a> {
+  pub const VT_UID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_FOUND: ::flatbuffers::VOffsetT = 6;
+  pub const VT_NODE: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SessionEnded { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SessionEndedArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SessionEnded<'bldr>> {
+    let mut builder = SessionEndedBuilder::new(_fbb);
+    builder.add_uid(args.uid);
+    if let Some(x) = args.node { builder.add_node(x); }
+    builder.add_found(args.found);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn uid(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SessionEnded::VT_UID, Some(0)).unwrap()}
+  }
+  /// True when a session (connected or held) was found and ended.
+  #[inline]
+  pub fn found(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(SessionEnded::VT_FOUND, Some(false)).unwrap()}
+  }
+  /// The name of the node that held it (`gate.node_name`, or its app address when unset);
+  /// empty when none was found.
+  #[inline]
+  pub fn node(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SessionEnded::VT_NODE, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SessionEnded<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("uid", Self::VT_UID, false)?
+     .visit_field::<bool>("found", Self::VT_FOUND, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("node", Self::VT_NODE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SessionEndedArgs<'a> {
+    pub uid: u64,
+    pub found: bool,
+    pub node: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for SessionEndedArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SessionEndedArgs {
+      uid: 0,
+      found: false,
+      node: None,
+    }
+  }
+}
+
+pub struct SessionEndedBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SessionEndedBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_uid(&mut self, uid: u64) {
+    self.fbb_.push_slot::<u64>(SessionEnded::VT_UID, uid, 0);
+  }
+  #[inline]
+  pub fn add_found(&mut self, found: bool) {
+    self.fbb_.push_slot::<bool>(SessionEnded::VT_FOUND, found, false);
+  }
+  #[inline]
+  pub fn add_node(&mut self, node: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SessionEnded::VT_NODE, node);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SessionEndedBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SessionEndedBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SessionEnded<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SessionEnded<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SessionEnded");
+      ds.field("uid", &self.uid());
+      ds.field("found", &self.found());
+      ds.field("node", &self.node());
       ds.finish()
   }
 }

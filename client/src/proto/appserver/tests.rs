@@ -331,6 +331,57 @@ fn point(i: u64) -> UidGpsPoint {
     )
 }
 
+/// EndSession: the request carries uid and message; its answer (found and where, or an error)
+/// is matched by sequence-id, once, beside pushes that share the sequence space; one whose
+/// connection ends first gets a lost answer.
+#[test]
+fn end_session_answers_match_their_requests() {
+    let mut f = Fake::new(Duration::ZERO);
+    let (h, conn) = f.open();
+    let seq = f.s.end_session(conn, 42, "banned", 0x77).expect("queued");
+    f.pump();
+    let req = f.read(conn);
+    assert_eq!((req.cmd, req.ty, req.seq(), req.log_id()), (Cmd::EndSession, FrameType::Request, seq, 0x77));
+    let Body::EndSession(e) = req.body() else { panic!("not an EndSession body") };
+    assert_eq!((e.uid(), e.message()), (42, Some("banned")));
+    let pseq = f.push(h, &spec(1, &[5])).expect("push");
+    assert_ne!(pseq, seq, "a push takes another sequence-id");
+    let answer = |e: &mut Encoder, o: &mut Vec<u8>| {
+        e.frame(o, FrameType::Response, Cmd::EndSession, seq, 0x77, |b| {
+            let node = b.create_string("gate-b");
+            wire::SessionEnded::create(b, &wire::SessionEndedArgs { uid: 42, found: true, node: Some(node) })
+        })
+    };
+    f.send(conn, answer);
+    let ended = SessionEnd { uid: 42, found: true, node: "gate-b".into() };
+    assert_eq!(f.s.poll_end_answer(), Some((conn, seq, Ok(ended))));
+    f.send(conn, answer);
+    assert_eq!(f.s.poll_end_answer(), None, "a repeated answer matches nothing");
+
+    let seq = f.s.end_session(conn, 43, "", 0).expect("queued");
+    f.pump();
+    let _ = f.read(conn);
+    f.send(conn, |e, o| {
+        e.error(o, seq, 0, ErrorCode::Overloaded, Hop::Directory, Cmd::EndSession as u16, "redis down", 1_000)
+    });
+    match f.s.poll_end_answer() {
+        Some((c, s, Err(i))) if (c, s) == (conn, seq) => {
+            assert!(i.refused && i.code == ErrorCode::Overloaded && i.retry_after_ms == 1_000, "{i:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let seq = f.s.end_session(conn, 44, "", 0).expect("queued");
+    f.pump();
+    f.s.connection_lost(conn, f.now);
+    f.pump();
+    match f.s.poll_end_answer() {
+        Some((c, s, Err(i))) if (c, s) == (conn, seq) => assert!(i.answer_lost(), "{i:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(f.s.end_session(conn, 45, "", 0), Err(ClientError::Closed)));
+}
+
 #[test]
 fn a_wrong_secret_is_refused_with_bad_secret_and_the_group_ends() {
     let mut f = Fake::new(T);
