@@ -16,6 +16,7 @@
 
 pub mod cluster;
 pub mod machine;
+pub mod placement;
 pub mod plan;
 pub mod plots;
 pub mod results;

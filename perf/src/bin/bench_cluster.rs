@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use perf::bench::cluster::{self, Config};
-use perf::bench::servers::Bins;
+use perf::bench::placement::{pin_self, Placement};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -61,15 +61,9 @@ struct Args {
     /// Where results go, e.g. `--out /tmp/cluster` [default: perf/results/cluster]
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Where gate and loadgen are, e.g. `--bin-dir target/release` [default: beside this binary]
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    /// The core of Redis and both nodes, e.g. `--server-core 0`
-    #[arg(long, default_value_t = 0)]
-    server_core: usize,
-    /// The core of both loadgens, e.g. `--loadgen-core 1` [default: the last core]
-    #[arg(long)]
-    loadgen_core: Option<usize>,
+    // --server-core is Redis's and both nodes' core, --loadgen-core both loadgens'.
+    #[command(flatten)]
+    placement: Placement,
 }
 
 fn main() -> ExitCode {
@@ -93,20 +87,9 @@ fn run(args: Args) -> Result<ExitCode, String> {
             return Err(format!("{flag} must be a number ≥ 0"));
         }
     }
-    let cores = loadgen::cli::online_cpus();
-    let loadgen_core = args.loadgen_core.unwrap_or(cores - 1);
-    if args.server_core >= cores || loadgen_core >= cores {
-        return Err(format!("cores are 0..{}", cores - 1));
-    }
-    let bin_dir = match args.bin_dir {
-        Some(d) => d,
-        None => std::env::current_exe()
-            .map_err(|e| format!("cannot find this binary: {e}"))?
-            .parent()
-            .map(PathBuf::from)
-            .ok_or("no binary directory")?,
-    };
-    let bins = Bins::find(&bin_dir)?;
+    let (server_core, loadgen_core) = args.placement.cores("bench-cluster")?;
+    let bins = args.placement.bins()?;
+    pin_self(loadgen_core);
     let work_dir = std::env::temp_dir().join(format!("fleetgate-bench-cluster-{}", std::process::id()));
     let cfg = Config {
         sessions_per_node: args.sessions,
@@ -115,7 +98,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         fanout: args.fanout.max(1),
         gps_rate: args.gps_rate,
         secure: args.secure,
-        server_core: args.server_core,
+        server_core,
         loadgen_core,
         bins,
         out_dir: args.out.unwrap_or_else(|| root.join("perf/results/cluster")),
