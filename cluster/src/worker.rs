@@ -701,6 +701,9 @@ impl Worker {
     }
 }
 
+/// Messages from other nodes fred keeps for this thread to take.
+const SUBSCRIBER_BACKLOG: usize = 4096;
+
 /// Opens a client and waits for its connection (bounded by fred's connection and internal
 /// command timeouts, set to `t`).
 async fn open(redis: RedisConfig, t: Duration) -> Result<Link, String> {
@@ -719,7 +722,13 @@ async fn open_client(redis: RedisConfig, t: Duration) -> Result<(Client, Connect
         c.max_command_attempts = 3;
         c.tcp = TcpConfig { nodelay: Some(true), ..TcpConfig::default() };
     });
-    b.with_performance_config(|p| p.default_command_timeout = t);
+    b.with_performance_config(|p| {
+        p.default_command_timeout = t;
+        // Messages from other nodes wait here until this thread takes them; fred's default of
+        // 32 lost messages (Lagged) in a resume storm before node messages were batched. With a
+        // handful of batches per turn per node, this leaves room for bursts many times over.
+        p.broadcast_channel_capacity = SUBSCRIBER_BACKLOG;
+    });
     // No reconnect policy: the worker reconnects, so a loss ends fred's connection task.
     let client = b.build().map_err(|e| e.to_string())?;
     let task = client.init().await.map_err(|e| format!("connect: {e}"))?;

@@ -21,7 +21,7 @@ pub const MAX_DELIVERED_PAIRS: usize = 8_000_000;
 pub const MAX_SHOWN_PAIRS: usize = 8_000_000;
 
 /// Outcome names by wire value, for the report.
-pub const OUTCOME_NAMES: [&str; 10] = [
+pub const OUTCOME_NAMES: [&str; 12] = [
     "unknown",
     "delivered",
     "offline",
@@ -32,6 +32,8 @@ pub const OUTCOME_NAMES: [&str; 10] = [
     "shutdown",
     "hold_expired",
     "gate_lost",
+    "node_lost",
+    "directory_unavailable",
 ];
 
 /// One pushed message.
@@ -53,7 +55,7 @@ pub struct Audit {
     /// Every message pushed, by id.
     messages: HashMap<u64, Message>,
     /// Receipts by outcome value (unknown values under 0).
-    outcomes: [u64; 10],
+    outcomes: [u64; OUTCOME_NAMES.len()],
     /// Delivered pairs, for the cross-check with what apps showed.
     delivered_pairs: Vec<(u64, u64)>,
     /// Delivered pairs not kept because `delivered_pairs` was full.

@@ -169,6 +169,10 @@ fn a_storm_with_move_brings_everyone_back_by_resume_on_the_other_node() {
     let (in_a, in_b) = c.metric("fleetgate_cluster_sessions_moved_in_total");
     assert!(in_a > 0.0 && in_b > 0.0, "sessions moved both ways ({in_a}, {in_b}): {}", ctx());
     assert_nothing_lost(code, &v, &ctx);
+    // Pushes to sessions in the middle of moving follow them: none ends as if nobody held it.
+    for o in ["offline", "node_lost", "directory_unavailable", "unknown"] {
+        assert_eq!(n(&v, &format!("/push/outcomes/{o}")), 0.0, "{o} receipts: {}", ctx());
+    }
     assert_eq!(n(&v, "/errors"), 0.0, "errors: {}", ctx());
 }
 

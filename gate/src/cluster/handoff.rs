@@ -51,6 +51,43 @@ struct Take {
     deadline_ms: u64,
 }
 
+/// How long a node remembers where a session it handed over went: the taker's move of the
+/// directory entry lands within a round trip; this covers a slow Redis too.
+const MOVED_MEMORY_MS: u64 = 10_000;
+
+/// Most sessions remembered as handed over per shard (the oldest go first).
+const MAX_MOVED: usize = 65_536;
+
+/// Sessions this shard handed over lately: uid → (node, until).
+#[derive(Debug, Default)]
+pub struct Moved {
+    by_uid: HashMap<u64, (logic::Origin, u64)>,
+    order: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Moved {
+    fn insert(&mut self, uid: u64, to: logic::Origin, now: u64) {
+        while self.order.len() >= MAX_MOVED || self.order.front().is_some_and(|f| f.1 <= now) {
+            let Some((old, until)) = self.order.pop_front() else { break };
+            if self.by_uid.get(&old).is_some_and(|e| e.1 == until) {
+                self.by_uid.remove(&old);
+            }
+        }
+        let until = now + MOVED_MEMORY_MS;
+        self.by_uid.insert(uid, (to, until));
+        self.order.push_back((uid, until));
+    }
+
+    /// Where `uid`'s session went, if it left lately.
+    pub fn get(&self, uid: u64, now: u64) -> Option<logic::Origin> {
+        self.by_uid.get(&uid).filter(|e| e.1 > now).map(|e| e.0)
+    }
+
+    fn forget(&mut self, uid: u64) {
+        self.by_uid.remove(&uid);
+    }
+}
+
 /// A shard's takes in progress.
 #[derive(Debug, Default)]
 pub struct Takes {
@@ -211,6 +248,7 @@ pub fn handed_over(shard: &mut Shard, uid: u64, to: logic::Origin, h: Handed, no
             body: p.push.body.to_vec(),
         });
     }
+    cs.moved.insert(uid, to, now);
     c.stats.moved_out.fetch_add(1, Relaxed);
     tracing::info!(uid, epoch = h.epoch, node = %node, pushes = pushes.len(), "session handed over to the node its app resumed on");
     let msg = HandedSession {
@@ -273,6 +311,7 @@ pub fn on_handoff(shard: &mut Shard, from: &str, h: HandedSession, now: u64) {
             cs.outgoing.push((node.clone(), NodeMsg::Rehomed(pairs.to_vec())));
         }
     }
+    cs.moved.forget(uid);
     let tag = cs.new_tag(id);
     let from_owner = super::Owner { node: from.to_owned(), epoch: h.epoch, shard: 0 };
     cs.cmds.push(super::Cmd::Move { uid, from: from_owner, new_epoch: h.epoch, shard: id, tag });

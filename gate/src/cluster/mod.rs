@@ -526,6 +526,10 @@ pub struct ClusterShard {
     outgoing: Vec<(String, NodeMsg)>,
     /// Sessions being fetched from other nodes for resumes.
     takes: handoff::Takes,
+    /// Sessions recently handed over, by uid: where to, until when. The directory names this
+    /// node until the taker's move is written, so a push looked up meanwhile would otherwise
+    /// find nobody here.
+    moved: handoff::Moved,
 }
 
 /// Most pairs one shard keeps waiting on other nodes; past it new targets end `NodeLost` at once
@@ -640,6 +644,17 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
             };
             let mut to: HashMap<String, Vec<u64>> = HashMap::new();
             for (uid, owner) in owners {
+                // Handed over a moment ago, before the directory says so: follow the session.
+                let owner = match owner {
+                    Some(o) if o.node != c.name => Some(o),
+                    other => shard
+                        .cluster_shard
+                        .as_ref()
+                        .and_then(|cs| cs.moved.get(uid, now))
+                        .and_then(|to| c.origin_name(to))
+                        .map(|node| Owner { node, epoch: 0, shard: 0 })
+                        .or(other),
+                };
                 match owner {
                     Some(o) if o.node != c.name && c.is_live(&o.node) => {
                         to.entry(o.node).or_default().push(uid)
