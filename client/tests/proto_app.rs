@@ -451,7 +451,7 @@ impl H {
                         rec.acked_ms = Some(now);
                     }
                 }
-                self.shard.handle(Input::PushAck { uid: UID, conn, seq }, now, &mut outs);
+                self.shard.handle(Input::PushAck { uid: UID, conn, seq, read_us: 0 }, now, &mut outs);
             }
             (Cmd::Keepalive, FrameType::Request, Detail::Keepalive(ts)) => {
                 assert!(link.attached, "keepalives come from live sessions");
@@ -650,6 +650,7 @@ impl H {
             log_id: message_id,
             ttl_ms,
             origin: logic::LOCAL,
+            accepted_us: 0,
         });
         self.pushes.insert(message_id, Rec { at_ms: self.now_ms, ttl_ms, ..Rec::default() });
         let mut outs = Vec::new();

@@ -425,7 +425,8 @@ impl Delivery {
             let batch_id = ((self.shard as u64) << 48) | (self.next_batch & ((1 << 48) - 1));
             let link = &mut self.links[i];
             let batch = receipts[start..end].to_vec();
-            link.unacked.insert(batch_id, batch.clone());
+            // A resent batch is not measured again: its ack times were observed once.
+            link.unacked.insert(batch_id, batch.iter().map(|r| Receipt { acked_us: 0, ..*r }).collect());
             let seq = link.take_seq();
             p.out.push(Out::Receipts { conn: link.conn, seq, batch_id, receipts: batch });
             start = end;
@@ -447,7 +448,7 @@ mod tests {
     }
 
     fn r(message_id: u64) -> Receipt {
-        Receipt { message_id, uid: 1, outcome: 1, log_id: 0, origin: logic::LOCAL }
+        Receipt { message_id, uid: 1, outcome: 1, log_id: 0, origin: logic::LOCAL, acked_us: 0 }
     }
 
     fn up(request_id: u64) -> UpstreamOut {

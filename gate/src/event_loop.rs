@@ -717,6 +717,8 @@ fn read_and_decode(
             grow
         });
     shard.metrics().bytes_in.fetch_add((buf.len() - before) as u64, Relaxed);
+    // The frames below were reaped by now: a Push's and a PushAck's clock starts here.
+    shard.read_us = crate::state::mono_us();
 
     let mut frames = Frames::new(buf, Limits { max_body });
     for item in frames.by_ref() {

@@ -24,6 +24,7 @@ pub mod delivery;
 pub mod event_loop;
 pub mod io;
 pub mod lifecycle;
+pub mod marks;
 pub mod mesh;
 pub mod metrics;
 pub mod net;

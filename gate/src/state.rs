@@ -34,8 +34,17 @@ const LOG_ID_COUNTER_MASK: u64 = (1 << 48) - 1;
 /// Milliseconds on the gate's monotonic clock (since the process started): every deadline of
 /// the gate's own is on it; wall time is used only where tokens and session epochs need it.
 pub fn mono_ms() -> u64 {
+    mono_start().elapsed().as_millis() as u64
+}
+
+/// Microseconds on the same clock, for the push-path histograms (never 0: 0 means "no time").
+pub fn mono_us() -> u64 {
+    (mono_start().elapsed().as_micros() as u64).max(1)
+}
+
+fn mono_start() -> Instant {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    *START.get_or_init(Instant::now)
 }
 
 /// A busy connection, read by the loop on its read tick instead of through its task.
@@ -87,6 +96,9 @@ pub struct Conn {
     /// The sweep tick its one live entry in `Shard::sweep_wheel` is filed under (`u32::MAX`:
     /// none; 32 bits of 250 ms ticks last 34 years).
     pub sweep_tick: u32,
+    /// Where measured frames (push deliveries, receipts) end in the written stream (none until
+    /// the connection carries one).
+    pub marks: Option<Box<crate::marks::WriteMarks>>,
 }
 
 /// Who moves a connection's bytes.
@@ -279,6 +291,9 @@ pub struct Shard {
     /// times a second. An entry whose tick is not its connection's `sweep_tick` is stale (the
     /// connection was filed earlier since, or is gone) and is dropped when its tick comes.
     pub sweep_wheel: std::collections::BTreeMap<u32, Vec<(u32, u32)>>,
+    /// When the read whose frames are being handled took its bytes (monotonic µs): a Push's
+    /// and a PushAck's start time for the push-path histograms.
+    pub read_us: u64,
 }
 
 /// The timeout sweep's tick: deadlines fire on the first sweep after them, within this much
@@ -367,6 +382,7 @@ impl Shard {
             app_listener: None,
             ring_closing: Vec::new(),
             ring_arms: Vec::new(),
+            read_us: 0,
         }
     }
 
@@ -426,6 +442,7 @@ impl Shard {
             close_sent: false,
             sweep_tick: u32::MAX,
             secure,
+            marks: None,
         });
         if port == Port::App {
             self.app_conn_count += 1;
@@ -628,6 +645,15 @@ impl Shard {
         }
     }
 
+    /// Marks the frame just queued on `c` (its last byte is the queue's last) to be measured
+    /// when that byte is handed to the kernel (`crate::marks`).
+    pub fn mark_written(&mut self, c: ConnRef, started: crate::marks::Started) {
+        if let Some(conn) = conn_mut(&mut self.conns, c) {
+            let queued = conn.out_inflight + conn.out.len();
+            conn.marks.get_or_insert_with(Default::default).mark(queued, started);
+        }
+    }
+
     /// Marks the connection closing for `reason` (the first reason stands); the loop hands its
     /// last bytes and the close to its task on the next flush.
     pub fn close(&mut self, c: ConnRef, reason: CloseReason) {
@@ -653,9 +679,13 @@ impl Shard {
             }
             // On the secure channel the frames queued since the last flush become Data records
             // here: everything one flush writes, in as few records as fit.
+            let unsealed_from = conn.out_inflight + conn.secure.as_deref().map_or(0, |s| s.sealed);
             let grew = crate::app::secure::seal_out(conn);
             if grew != 0 {
                 m.out_queue_bytes.fetch_add(grew as i64, Relaxed);
+                if let Some(marks) = conn.marks.as_deref_mut() {
+                    marks.sealed(unsealed_from, conn.out_inflight + conn.out.len());
+                }
             }
             if let ConnIo::Ring(r) = &mut conn.io {
                 // The ring writes: one send in flight at a time, every turn's sends submitted
@@ -692,6 +722,7 @@ impl Shard {
                     Ok(Io::Done(n)) => {
                         m.bytes_out.fetch_add(n as u64, Relaxed);
                         m.out_queue_bytes.fetch_sub(n as i64, Relaxed);
+                        wrote(conn, n, m);
                         if n == conn.out.len() {
                             // Idle connections, the great majority, keep no write buffer.
                             conn.out = Vec::new();
@@ -754,6 +785,7 @@ impl Shard {
             let n = (res as usize).min(buf.len());
             m.bytes_out.fetch_add(n as u64, Relaxed);
             m.out_queue_bytes.fetch_sub(n as i64, Relaxed);
+            wrote(conn, n, m);
             if n < buf.len() {
                 // The socket took part: the rest goes first on the next turn, and the stall
                 // clock runs (a peer that reads nothing becomes a slow consumer).
@@ -788,6 +820,7 @@ impl Shard {
         m.out_queue_bytes.fetch_sub(n as i64, Relaxed);
         if ok {
             m.bytes_out.fetch_add(n as u64, Relaxed);
+            wrote(conn, n, m);
             conn.life.set_write_stalled(None);
         } else {
             conn.life.close(CloseReason::PeerGone);
@@ -859,8 +892,15 @@ impl Shard {
     }
 }
 
-/// The connection `c` names in `conns`, if it is still there (its slot may hold a newer one).
-/// A free function, so a method can hold it beside other fields of the shard.
+/// `n` bytes of `conn`'s queue were handed to the kernel: the measured frames they complete go
+/// into the port's push histogram.
+#[inline]
+fn wrote(conn: &mut Conn, n: usize, m: &ShardMetrics) {
+    let Some(marks) = conn.marks.as_deref_mut() else { return };
+    let h = if conn.port == Port::App { &m.push_delivery_us } else { &m.push_receipt_us };
+    marks.wrote(n, mono_us, h);
+}
+
 /// The timeouts of a port's connections.
 fn timeouts(cfg: &Config, port: Port) -> Timeouts {
     Timeouts {
@@ -887,6 +927,8 @@ fn file(
     }
 }
 
+/// The connection `c` names in `conns`, if it is still there (its slot may hold a newer one).
+/// A free function, so a method can hold it beside other fields of the shard.
 fn conn_mut(conns: &mut Slab<Conn>, c: ConnRef) -> Option<&mut Conn> {
     conns.get_mut(c.slot as usize).filter(|conn| conn.gen == c.gen)
 }

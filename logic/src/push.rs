@@ -56,6 +56,9 @@ pub struct PushContent {
     pub ttl_ms: u32,
     /// The node whose sidecar accepted it ([`LOCAL`]: this one): its receipts go there.
     pub origin: Origin,
+    /// When the sidecar read the Push frame (the gate's monotonic µs), so the gate can measure
+    /// its own part of each delivery; 0 when unknown (a push from another node's clock).
+    pub accepted_us: u64,
 }
 
 /// One final receipt.
@@ -71,12 +74,22 @@ pub struct Receipt {
     pub log_id: u64,
     /// The node the receipt goes to ([`LOCAL`]: this node's app-server connections).
     pub origin: Origin,
+    /// When the app's ack was read (the gate's monotonic µs), so the gate can measure ack to
+    /// receipt written; 0 for a receipt no ack caused (or one already measured).
+    pub acked_us: u64,
 }
 
 impl Receipt {
     /// The receipt of `push` for `uid`.
     pub fn of(push: &PushContent, uid: u64, outcome: u8) -> Receipt {
-        Receipt { message_id: push.message_id, uid, outcome, log_id: push.log_id, origin: push.origin }
+        Receipt {
+            message_id: push.message_id,
+            uid,
+            outcome,
+            log_id: push.log_id,
+            origin: push.origin,
+            acked_us: 0,
+        }
     }
 }
 

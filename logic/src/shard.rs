@@ -193,6 +193,8 @@ pub enum Input {
         conn: ConnRef,
         /// The delivery's sequence-id.
         seq: u32,
+        /// When the gate read the ack (monotonic µs; 0: unknown), carried to its receipt.
+        read_us: u64,
     },
     /// An app request for the app-server.
     Upstream {
@@ -731,12 +733,13 @@ impl Shard {
                     self.push_one(uid, &push, now_ms, out);
                 }
             }
-            Input::PushAck { uid, conn, seq } => {
+            Input::PushAck { uid, conn, seq, read_us } => {
                 if let Some(e) = self.directory.get_mut(uid) {
                     if e.conn == conn {
                         if let Some(f) = e.pushes.remove(seq) {
                             self.ttl.remove(f.deadline_ms, uid, seq);
-                            self.receipts.push(Receipt::of(&f.push, uid, outcome::DELIVERED));
+                            let r = Receipt::of(&f.push, uid, outcome::DELIVERED);
+                            self.receipts.push(Receipt { acked_us: read_us, ..r });
                         }
                         // An ack for a push already ended (acked twice, expired) is ignored: its
                         // receipt was sent.
@@ -1072,6 +1075,7 @@ mod tests {
             log_id: id,
             ttl_ms,
             origin: crate::LOCAL,
+            accepted_us: 0,
         })
     }
 
@@ -1337,7 +1341,7 @@ mod tests {
         );
         assert!(!out.iter().any(|o| matches!(o, Output::Receipt(_))), "{out:?}");
         out.clear();
-        s.handle(Input::PushAck { uid: 1, conn: c(1), seq: 2 }, 1, &mut out);
+        s.handle(Input::PushAck { uid: 1, conn: c(1), seq: 2, read_us: 0 }, 1, &mut out);
         assert!(
             out.iter().any(|o| matches!(o, Output::Receipt(r) if r.message_id == 10 && r.outcome == outcome::DELIVERED && r.origin == 7)),
             "the delivered receipt goes back to the node that accepted the push: {out:?}"
@@ -1518,8 +1522,8 @@ mod tests {
             .collect();
         assert_eq!(seqs.len(), 3);
         out.clear();
-        s.handle(Input::PushAck { uid: 1, conn: c(1), seq: seqs[0].1 }, 10, &mut out);
-        s.handle(Input::PushAck { uid: 1, conn: c(1), seq: seqs[0].1 }, 11, &mut out); // twice
+        s.handle(Input::PushAck { uid: 1, conn: c(1), seq: seqs[0].1, read_us: 0 }, 10, &mut out);
+        s.handle(Input::PushAck { uid: 1, conn: c(1), seq: seqs[0].1, read_us: 0 }, 11, &mut out); // twice
         s.handle(
             Input::Login { uid: 3, role: 1, conn: c(4), log_id: 2, seq: 1, wall_ms: 20, resume_secret: None },
             20,
@@ -1527,7 +1531,7 @@ mod tests {
         );
         s.tick(499, &mut out);
         s.tick(500, &mut out);
-        s.handle(Input::PushAck { uid: 2, conn: c(2), seq: seqs[1].1 }, 600, &mut out); // too late
+        s.handle(Input::PushAck { uid: 2, conn: c(2), seq: seqs[1].1, read_us: 0 }, 600, &mut out); // too late
         let mut r = receipts(&out);
         r.sort();
         assert_eq!(
@@ -1669,8 +1673,8 @@ mod tests {
             Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }
         ));
         out.clear();
-        s.handle(Input::PushAck { uid: 1, conn: other, seq: 1 }, 50, &mut out);
-        s.handle(Input::PushAck { uid: 1, conn: other, seq: 2 }, 50, &mut out);
+        s.handle(Input::PushAck { uid: 1, conn: other, seq: 1, read_us: 0 }, 50, &mut out);
+        s.handle(Input::PushAck { uid: 1, conn: other, seq: 2, read_us: 0 }, 50, &mut out);
         assert_eq!(receipts(&out), vec![(1, 1, outcome::DELIVERED), (2, 1, outcome::DELIVERED)]);
     }
 

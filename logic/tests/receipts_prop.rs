@@ -90,7 +90,7 @@ proptest! {
                     for &u in &uids {
                         *expected.entry((next_msg, u)).or_default() += 1;
                     }
-                    let push = Arc::new(PushContent { message_id: next_msg, body: Arc::from(&b"p"[..]), log_id: 0, ttl_ms, origin: logic::LOCAL });
+                    let push = Arc::new(PushContent { message_id: next_msg, body: Arc::from(&b"p"[..]), log_id: 0, ttl_ms, origin: logic::LOCAL, accepted_us: 0 });
                     s.handle(Input::Push { push, uids }, now, &mut out);
                 }
                 Op::Ack(uid, k) => {
@@ -98,7 +98,7 @@ proptest! {
                         if k < list.len() {
                             let (c, seq, msg) = list.remove(k);
                             acked.push((msg, uid));
-                            s.handle(Input::PushAck { uid, conn: c, seq }, now, &mut out);
+                            s.handle(Input::PushAck { uid, conn: c, seq, read_us: 0 }, now, &mut out);
                         }
                     }
                 }

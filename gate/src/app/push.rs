@@ -20,6 +20,11 @@ pub fn deliver(shard: &mut Shard, conn: ConnRef, seq: u32, push: &PushContent, r
         out.extend_from_slice(&push.body);
     });
     if written {
+        // A redelivery's clock would include the time its session was away: only first
+        // deliveries of this node's pushes are measured.
+        if !redelivery && push.accepted_us != 0 {
+            shard.mark_written(conn, crate::marks::Started::One(push.accepted_us));
+        }
         shard.metrics().push_deliveries.fetch_add(1, Relaxed);
         tracing::debug!(
             log_id = push.log_id,
@@ -36,5 +41,6 @@ pub fn deliver(shard: &mut Shard, conn: ConnRef, seq: u32, push: &PushContent, r
 pub fn on_ack(shard: &mut Shard, me: ConnRef, uid: u64, seq: u32, log_id: u64) {
     tracing::debug!(log_id, uid, seq, "push acked");
     shard.metrics().push_acks.fetch_add(1, Relaxed);
-    shard.to_logic(uid, Input::PushAck { uid, conn: me, seq });
+    let read_us = shard.read_us;
+    shard.to_logic(uid, Input::PushAck { uid, conn: me, seq, read_us });
 }

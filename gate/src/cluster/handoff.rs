@@ -303,6 +303,7 @@ pub fn on_handoff(shard: &mut Shard, from: &str, h: HandedSession, now: u64) {
             log_id: p.log_id,
             ttl_ms: p.ttl_left_ms,
             origin,
+            accepted_us: 0,
         });
         pushes.push(HandedPush { seq: p.seq, push, ttl_left_ms: p.ttl_left_ms as u64, sent: p.sent });
     }

@@ -338,8 +338,15 @@ impl Router {
             NodeMsg::Push { message_id, log_id, ttl_ms, body, uids } => {
                 c.stats.received.fetch_add(uids.len() as u64, Relaxed);
                 let origin = c.origin(sender);
-                let push =
-                    Arc::new(PushContent { message_id, body: Arc::from(body), log_id, ttl_ms, origin });
+                // Another node's clock: its pushes are not in this gate's delivery histogram.
+                let push = Arc::new(PushContent {
+                    message_id,
+                    body: Arc::from(body),
+                    log_id,
+                    ttl_ms,
+                    origin,
+                    accepted_us: 0,
+                });
                 for (s, uids) in logic::split_by_shard(uids, shards, |&u| u).into_iter().enumerate() {
                     if !uids.is_empty() {
                         per[s].push(Msg::Cluster(Note::Push { push: push.clone(), uids }));
@@ -793,7 +800,11 @@ fn end_forward(shard: &mut Shard, message_id: u64, uid: u64, outcome: u8, now: u
         return;
     };
     cs.by_deadline.remove(&(f.deadline_ms, message_id, uid));
-    receipt(shard, Receipt { message_id, uid, outcome, log_id: f.log_id, origin: f.origin }, now);
+    receipt(
+        shard,
+        Receipt { message_id, uid, outcome, log_id: f.log_id, origin: f.origin, acked_us: 0 },
+        now,
+    );
 }
 
 /// Pairs whose other node never answered by their deadline end `NodeLost`, and lookups Redis

@@ -141,6 +141,10 @@ fn write_out(shard: &mut Shard, o: Out) {
                 let receipts = b.create_vector(&batch);
                 wire::Receipts::create(b, &wire::ReceiptsArgs { batch_id, receipts: Some(receipts) })
             });
+            let acked: Box<[u64]> = receipts.iter().map(|r| r.acked_us).filter(|&t| t != 0).collect();
+            if !acked.is_empty() {
+                shard.mark_written(conn, crate::marks::Started::Many(acked));
+            }
             shard.metrics().receipts_sent.fetch_add(batch.len() as u64, Relaxed);
         }
     }

@@ -67,7 +67,14 @@ pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Pus
             },
         )
     }));
-    let push = Arc::new(PushContent { message_id, body, log_id: h.log_id, ttl_ms, origin: logic::LOCAL });
+    let push = Arc::new(PushContent {
+        message_id,
+        body,
+        log_id: h.log_id,
+        ttl_ms,
+        origin: logic::LOCAL,
+        accepted_us: shard.read_us,
+    });
 
     let shards = shard.mesh.len();
     shard.metrics().pushes.fetch_add(1, Relaxed);
