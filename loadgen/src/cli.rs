@@ -203,6 +203,12 @@ pub struct Common {
     #[arg(long, value_name = "PID", help_heading = REPORT)]
     pub gate_pid: Option<u32>,
 
+    /// The gate's admin address, scraped for its own push-path histograms at the window's start
+    /// and end (`push.gate_latency_us`, `push.receipt_latency_us`); `none` to skip, e.g.
+    /// `--gate-admin 127.0.0.1:7300` [default: port 7300 on --gate's host, for the gate target]
+    #[arg(long, value_name = "HOST:PORT", help_heading = REPORT)]
+    pub gate_admin: Option<String>,
+
     /// No live line on stderr each second, e.g. `--quiet` in scripts
     #[arg(long, short, help_heading = REPORT)]
     pub quiet: bool,
@@ -463,6 +469,9 @@ pub struct AppServerArgs {
     pub quiet: bool,
 }
 
+/// The gate's default admin port (its `admin.listen`), where `/metrics` is.
+const GATE_ADMIN_PORT: u16 = 7300;
+
 /// What `main` runs: a fleet plan, or the app-server alone.
 #[derive(Debug)]
 pub enum Job {
@@ -482,7 +491,7 @@ pub enum Job {
 impl Cli {
     /// Resolves the flags into what to run; `Err` names the bad flag.
     pub fn job(&self) -> Result<Job, String> {
-        let (plan, common) = match &self.command {
+        let (mut plan, common) = match &self.command {
             Command::Gps(a) => {
                 let mut p = base(Scenario::Gps, &a.common)?;
                 p.target = a.target.target;
@@ -550,6 +559,9 @@ impl Cli {
                 }))
             }
         };
+        if common.gate_admin.is_none() && plan.target == Target::Gate {
+            plan.gate_admin = plan.gates.first().map(|g| SocketAddr::new(g.ip(), GATE_ADMIN_PORT));
+        }
         plan.validate()?;
         Ok(Job::Fleet { plan: Box::new(plan), json: common.json, hgrm: common.hgrm.clone() })
     }
@@ -593,6 +605,12 @@ fn base(scenario: Scenario, c: &Common) -> Result<Plan, String> {
         uid_base: c.uid_base,
         connect_rate: c.connect_rate,
         gate_pid: c.gate_pid,
+        gate_admin: match c.gate_admin.as_deref().map(str::trim) {
+            Some("none") => None,
+            Some(a) => Some(resolve(a, "--gate-admin")?),
+            // Defaulted once the target is known (`Cli::job`).
+            None => None,
+        },
         live: !c.quiet,
         push_rate: 0.0,
         order_rate: 0.0,

@@ -20,6 +20,7 @@ pub mod audit;
 pub mod bad;
 pub mod cli;
 pub mod engine;
+pub mod gatemetrics;
 pub mod peers;
 pub mod plan;
 pub mod procstat;

@@ -180,6 +180,9 @@ pub struct Plan {
     pub bad: BadPlan,
     /// The gate's pid for CPU and memory figures; `None`: found from the app port.
     pub gate_pid: Option<u32>,
+    /// The gate's admin address, for its push-path histograms over the window (`None`: not
+    /// scraped).
+    pub gate_admin: Option<SocketAddr>,
     /// Print a live line each second on stderr.
     pub live: bool,
 }
@@ -221,6 +224,7 @@ impl Default for Plan {
             dispatch_k: 5,
             bad: BadPlan::default(),
             gate_pid: None,
+            gate_admin: None,
             live: true,
         }
     }

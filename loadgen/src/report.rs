@@ -150,6 +150,59 @@ pub struct Push {
     /// others cross-node); empty with one node.
     #[serde(default)]
     pub by_node: Vec<NodePush>,
+    /// The gate's own part of each delivery over the window, from its
+    /// `fleetgate_push_delivery_us` (sidecar read → delivery written to the app). Absent when
+    /// the target has no such metric (a peer) or its admin port did not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_latency_us: Option<GateLatency>,
+    /// The gate's ack read → receipt written to the app-server over the window, from its
+    /// `fleetgate_push_receipt_us`; absent as `gate_latency_us` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt_latency_us: Option<ReceiptLatency>,
+}
+
+/// Percentiles of the gate's delivery histogram over the window, µs (read from buckets at
+/// most 10 % wide below 2 ms, interpolated inside them).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GateLatency {
+    /// Observations in the window.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+}
+
+/// Percentiles of the gate's receipt histogram over the window, µs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReceiptLatency {
+    /// Observations in the window.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+}
+
+impl Push {
+    /// Fills the gate-side figures from the gate's scrapes at the window's start and end.
+    pub fn set_gate_side(&mut self, start: Option<&str>, end: Option<&str>) {
+        use crate::gatemetrics::{buckets, count, difference, quantile, DELIVERY, RECEIPT};
+        let window = |metric| difference(&buckets(start?, metric)?, &buckets(end?, metric)?);
+        self.gate_latency_us = window(DELIVERY).and_then(|d| {
+            Some(GateLatency {
+                count: count(&d),
+                p50: quantile(&d, 0.50)?,
+                p99: quantile(&d, 0.99)?,
+                p999: quantile(&d, 0.999)?,
+            })
+        });
+        self.receipt_latency_us = window(RECEIPT).and_then(|d| {
+            Some(ReceiptLatency { count: count(&d), p50: quantile(&d, 0.50)?, p99: quantile(&d, 0.99)? })
+        });
+    }
 }
 
 /// One gate node's share of the push latency.
@@ -529,6 +582,27 @@ impl Report {
                 num(p.redelivered)
             );
         }
+        if p.gate_latency_us.is_some() || p.receipt_latency_us.is_some() {
+            let mut line = "push (gate)  ".to_owned();
+            if let Some(g) = p.gate_latency_us {
+                let _ = write!(
+                    line,
+                    "read to delivery written p50 {} p99 {} p99.9 {} µs ({})",
+                    g.p50,
+                    g.p99,
+                    g.p999,
+                    num(g.count)
+                );
+            }
+            if let Some(r) = p.receipt_latency_us {
+                if p.gate_latency_us.is_some() {
+                    line.push_str("; ");
+                }
+                let _ =
+                    write!(line, "ack to receipt written p50 {} p99 {} µs ({})", r.p50, r.p99, num(r.count));
+            }
+            let _ = writeln!(s, "{line}");
+        }
         let outcomes: Vec<String> =
             p.outcomes.iter().filter(|(_, &n)| n > 0).map(|(k, n)| format!("{k} {}", num(*n))).collect();
         if !outcomes.is_empty() {
@@ -829,6 +903,38 @@ mod tests {
         ] {
             assert!(v.pointer(path).is_some(), "missing {path}");
         }
+    }
+
+    #[test]
+    fn gate_side_figures_are_written_only_when_scraped() {
+        let mut r = Report { scenario: Scenario::Push, ..Report::default() };
+        r.push.set_gate_side(None, None);
+        let v = serde_json::to_value(&r).expect("json");
+        assert!(v.pointer("/push/gate_latency_us").is_none(), "a peer target has no gate figures");
+        assert!(v.pointer("/push/receipt_latency_us").is_none());
+        let scrape = |n: u64| {
+            let mut t = String::new();
+            for m in [crate::gatemetrics::DELIVERY, crate::gatemetrics::RECEIPT] {
+                t.push_str(&format!("{m}_bucket{{shard=\"0\",le=\"300\"}} {n}\n"));
+                t.push_str(&format!("{m}_bucket{{shard=\"0\",le=\"+Inf\"}} {n}\n"));
+            }
+            t
+        };
+        r.push.set_gate_side(Some(&scrape(3)), Some(&scrape(13)));
+        let v = serde_json::to_value(&r).expect("json");
+        for path in [
+            "/push/gate_latency_us/p50",
+            "/push/gate_latency_us/p99",
+            "/push/gate_latency_us/p999",
+            "/push/receipt_latency_us/p50",
+            "/push/receipt_latency_us/p99",
+        ] {
+            assert!(v.pointer(path).is_some(), "missing {path}");
+        }
+        assert_eq!(r.push.gate_latency_us.map(|g| (g.count, g.p50)), Some((10, 150)));
+        let back: Report = serde_json::from_value(v).expect("reads back");
+        assert_eq!(back.push.receipt_latency_us, r.push.receipt_latency_us);
+        assert!(r.table(&Hists::default()).contains("push (gate)"));
     }
 
     #[test]

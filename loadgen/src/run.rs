@@ -228,6 +228,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let live_at_start = w.live();
     let c0 = w.counters();
     let g0 = gate_pid.and_then(procstat::sample);
+    let gate_metrics0 = plan.gate_admin.and_then(crate::gatemetrics::scrape);
     let own0 = (procstat::self_cpu_s(), crate::engine::stats::loops_cpu_s(&stats));
     let server_gps0 = server.as_ref().map_or(0, |s| s.counters().gps_points.load(Relaxed));
     let t0 = Instant::now();
@@ -250,6 +251,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let window = t0.elapsed();
     let c1 = w.counters();
     let g1 = gate_pid.and_then(procstat::sample);
+    let gate_metrics1 = plan.gate_admin.and_then(crate::gatemetrics::scrape);
     let own1 = (procstat::self_cpu_s(), crate::engine::stats::loops_cpu_s(&stats));
     let server_gps1 = server.as_ref().map_or(0, |s| s.counters().gps_points.load(Relaxed));
     let live_at_end = w.live();
@@ -315,6 +317,8 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
         behind: win.gps_behind,
         late: win.gps_late,
     };
+    // The gate's own part of the push path over the same window (absent for a peer target).
+    rep.push.set_gate_side(gate_metrics0.as_deref(), gate_metrics1.as_deref());
     if let Some(o) = &server_out {
         rep.set_audit(&o.audit);
         rep.push.outcomes = o.outcomes.iter().map(|&(k, n)| (k.to_owned(), n)).collect();
