@@ -612,6 +612,8 @@ fn run_phase(
             args.extend(["--uid-base".to_owned(), UID_BASES[i].to_string()]);
             args.extend(["--cores".to_owned(), cfg.loadgen_core.to_string()]);
             args.extend(["--gate-pid".to_owned(), order[0].pid.to_string()]);
+            let admin = order[0].admin.map_or_else(|| "none".to_owned(), |a| a.to_string());
+            args.extend(["--gate-admin".to_owned(), admin]);
             if !cfg.secure {
                 args.push("--plaintext".to_owned());
             }

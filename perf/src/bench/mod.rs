@@ -249,6 +249,7 @@ fn execute(
     let args = spec.loadgen_args(
         server.app,
         server.sidecar,
+        server.admin,
         server.tls_ca.as_deref(),
         server.pid,
         cfg.loadgen_core,

@@ -361,12 +361,14 @@ impl RunSpec {
     }
 
     /// The loadgen subcommand and flags for this run against a server at `app` (and the
-    /// gate's `sidecar`; `tls_ca`, the CA of a TLS server's certificate), with loadgen on
-    /// `core`, its figures about `server_pid`, latency histograms into `hgrm`.
+    /// gate's `sidecar` and `admin` port; `tls_ca`, the CA of a TLS server's certificate), with
+    /// loadgen on `core`, its figures about `server_pid`, latency histograms into `hgrm`.
+    #[allow(clippy::too_many_arguments)]
     pub fn loadgen_args(
         &self,
         app: SocketAddr,
         sidecar: Option<SocketAddr>,
+        admin: Option<SocketAddr>,
         tls_ca: Option<&Path>,
         server_pid: u32,
         core: usize,
@@ -392,6 +394,9 @@ impl RunSpec {
         }
         flag("--cores", core.to_string());
         flag("--gate-pid", server_pid.to_string());
+        // The gate's own push-path figures come from its admin port; with none known, nothing
+        // is scraped (loadgen's default port could be another process's).
+        flag("--gate-admin", admin.map_or_else(|| "none".to_owned(), |a| a.to_string()));
         flag("--duration", format!("{}s", self.window_s));
         flag("--drivers", self.conns.to_string());
         flag("--hgrm", hgrm.display().to_string());
@@ -564,16 +569,20 @@ mod tests {
     fn loadgen_args_per_kind() {
         let app: SocketAddr = "127.0.0.1:7100".parse().expect("addr");
         let r = runs(&Profile::quick(), &[Kind::Gps], &[Target::NatsServer]);
-        let a = r[0].loadgen_args(app, None, None, 42, 1, Path::new("/tmp/h"));
+        let a = r[0].loadgen_args(app, None, None, None, 42, 1, Path::new("/tmp/h"));
         let s = a.join(" ");
         assert!(s.starts_with("gps --target nats --gate 127.0.0.1:7100 --cores 1 --gate-pid 42"), "{s}");
         assert!(s.contains("--rate 25 --batch 1") && s.ends_with("--json"), "{s}");
+        assert!(s.contains("--gate-admin none"), "no admin port known, nothing scraped: {s}");
+        let admin: SocketAddr = "127.0.0.1:7301".parse().expect("addr");
+        let s = r[0].loadgen_args(app, None, Some(admin), None, 42, 1, Path::new("/tmp/h")).join(" ");
+        assert!(s.contains("--gate-admin 127.0.0.1:7301"), "{s}");
         let storm = runs(&Profile::quick(), &[Kind::Storm], &Target::ALL);
-        let s = storm[0].loadgen_args(app, Some(app), None, 1, 1, Path::new("/tmp/h")).join(" ");
+        let s = storm[0].loadgen_args(app, Some(app), None, None, 1, 1, Path::new("/tmp/h")).join(" ");
         assert!(s.starts_with("storm --gate") && s.contains("--storm-percent 100"), "{s}");
         assert!(!s.contains("--target"), "storm has no peer targets: {s}");
         let idle = runs(&Profile::quick(), &[Kind::Idle], &[Target::Mosquitto]);
-        let s = idle[0].loadgen_args(app, None, None, 1, 1, Path::new("/tmp/h")).join(" ");
+        let s = idle[0].loadgen_args(app, None, None, None, 1, 1, Path::new("/tmp/h")).join(" ");
         assert!(s.starts_with("idle --target mqtt") && !s.contains("--rate"), "{s}");
     }
 
