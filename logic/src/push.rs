@@ -2,7 +2,8 @@
 //! (message id, uid).
 //!
 //! Every push accepted for a uid ends in exactly one [`Receipt`]: `Delivered` when the app acks
-//! it, or unreachable with the reason the session could not take it. A push waiting for its ack
+//! it before the push's deadline plus [`ACK_GRACE_MS`], `TtlExpired` when no ack came by then,
+//! or unreachable with the reason the session could not take it. A push waiting for its ack
 //! lives in its session's in-flight map and in the shard's TTL index; whichever of ack, expiry or
 //! the session's end comes first removes it from both and emits the receipt, so a second event
 //! for the same push finds nothing and emits nothing.
@@ -46,11 +47,11 @@ pub const LOCAL: Origin = 0;
 /// `deadline + ACK_GRACE_MS` ends the pair `Delivered`, and from then on the pair has ended
 /// `TtlExpired` (its expiry fires then). An app shows a push only before its deadline and acks at
 /// once, so the grace covers the ack's way to the gate: the app's uplink, a TCP retransmission,
-/// the gate's read batching (§11 of docs/PROTOCOL.md: up to 100 ms on the readiness path) and a
-/// hop between shards. It is kept below what the receipt bounds leave room for: TtlExpired comes
-/// by TTL + 500 ms + the timer's 50 ms + the receipt window's 2 ms, inside the promised TTL + 1 s;
-/// and a node that forwarded a push to another waits TTL + 750 ms for that node's receipt, which
-/// leaves about 200 ms for two hops between the nodes (docs/PROTOCOL.md §15 has the sums).
+/// the gate's read batching (up to 100 ms on the readiness path, docs/PROTOCOL.md §11) and a hop
+/// between shards. It is as long as the receipt bounds leave room for: TtlExpired comes by TTL +
+/// 500 ms + the timer's 50 ms + the receipt window's 2 ms, inside the promised TTL + 1 s; and a
+/// node that forwarded a push to another waits deadline + 750 ms for that node's receipt, which
+/// leaves about 200 ms for the two hops between them (docs/PROTOCOL.md §15 has the sums).
 pub const ACK_GRACE_MS: u64 = 500;
 
 /// What a push carries to every target: encoded once, shared by all deliveries.

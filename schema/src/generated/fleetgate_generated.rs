@@ -531,11 +531,11 @@ pub struct Outcome(pub u8);
 #[allow(non_upper_case_globals)]
 impl Outcome {
   pub const Unknown: Self = Self(0);
-  /// The app acked the push.
+  /// The app acked the push, and the gate took the ack before the push's deadline + 500 ms.
   pub const Delivered: Self = Self(1);
   /// No session for the uid: never logged in, logged out, or its hold expired before the push.
   pub const Offline: Self = Self(2);
-  /// The push's time-to-live passed before the app acked it.
+  /// No ack was taken before the push's deadline (acceptance + TTL) + 500 ms.
   pub const TtlExpired: Self = Self(3);
   /// The session was displaced by a newer login before the app acked.
   pub const Displaced: Self = Self(4);
@@ -550,7 +550,7 @@ impl Outcome {
   /// The client library's view when the gate itself was lost; never sent by a gate.
   pub const GateLost: Self = Self(9);
   /// Cluster mode: the node holding the session was lost (its lease lapsed) or never answered
-  /// by the push's TTL + 1 s, before the app acked.
+  /// by the push's deadline + 750 ms, before the app acked.
   pub const NodeLost: Self = Self(10);
   /// Cluster mode: the directory (Redis) could not be asked which node holds the session.
   pub const DirectoryUnavailable: Self = Self(11);
