@@ -9,19 +9,10 @@
 mod common;
 
 use client::{AppConn, AppServerEvent, ClientError, OwnedFrame};
-use common::{collect_events, next_push, push_spec, receipts, Gate};
+use common::{collect_events, next_push, push_spec, receipts, sleep_until_wall, Gate};
 use logic::push::ACK_GRACE_MS;
 use schema::wire::{self, ErrorCode, Hop, Outcome};
 use schema::{Cmd, Encoder, FrameType};
-use std::time::Duration;
-
-/// Sleeps until the wall clock reads `ms` (ms since the Unix epoch).
-fn sleep_until_wall(ms: u64) {
-    let now = client::now_ms();
-    if ms > now {
-        std::thread::sleep(Duration::from_millis(ms - now));
-    }
-}
 
 /// Sends a keepalive and waits for its answer; returns the Error frames the gate sent
 /// meanwhile (the frames read on the way are queued, then taken here).

@@ -1065,8 +1065,8 @@ struct Core {
     epoch: Instant,
     /// The wall clock at `epoch`, ms since the Unix epoch: push deadlines are judged by it.
     wall_at_epoch_ms: u64,
-    /// Pushes that came at or after their deadline, never shown: not shown, not acked (32 bits
-    /// sit in padding beside `frames_in`; it wraps after four billion).
+    /// Pushes that came at or after their deadline, never shown: not shown, not acked (it wraps
+    /// after four billion).
     expired: u32,
     /// Sequence-ids.
     seqs: SeqIds,
