@@ -92,7 +92,7 @@ clean:
 	$(CARGO) clean
 
 # Benchmarks (perf/): the gate against mosquitto, rumqttd, nats-server and the io_uring ceiling, one run.
-.PHONY: bench bench-quick bench-deps
+.PHONY: bench bench-quick bench-deps bench-cluster
 RUMQTTD_VERSION := 0.20.0
 # Where `cargo install` puts rumqttd (perf looks there too).
 CARGO_BIN := $(or $(CARGO_HOME),$(HOME)/.cargo)/bin
@@ -122,3 +122,8 @@ bench: bench-deps ## full benchmark vs mosquitto, rumqttd, nats-server, ceiling 
 bench-quick: bench-deps ## the same scenarios smaller (under 3 minutes); writes perf/results/
 	$(CARGO) build --release -p gate -p loadgen -p perf
 	./target/release/bench --quick $(ARGS)
+
+# Two gate nodes on one Redis (redis-server from test-deps); 15,000 sessions on each node.
+bench-cluster: test-deps ## two gate nodes sharing Redis: logins/s, resumes/s across nodes, push latency same vs cross node, Redis ops per login/push; writes perf/results/cluster/
+	$(CARGO) build --release -p gate -p loadgen -p perf
+	./target/release/bench-cluster $(ARGS)

@@ -258,7 +258,7 @@ async fn pause(ex: &Exec, d: Duration) -> bool {
 /// failed or took longer than [`WRITE_TIMEOUT`].
 async fn open(ex: &Exec, bytes: &[u8], rcvbuf: Option<usize>) -> Option<TcpStream> {
     let source = ex.plan.source_ips.first().copied();
-    let Ok(sock) = net::connect(ex.plan.gate, source, rcvbuf) else {
+    let Ok(sock) = net::connect(ex.plan.gate(), source, rcvbuf) else {
         ex.bad.connect_errors.fetch_add(1, Relaxed);
         return None;
     };

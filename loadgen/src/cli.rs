@@ -44,6 +44,13 @@ is no audit; the report's `gate` section describes the server at --gate, whateve
 With --tls-ca CA.pem, every MQTT connection speaks TLS 1.3 verified against that CA, for a
 broker's TLS listener (mosquitto with cafile, certfile and keyfile).
 
+Several gate nodes (cluster mode, docs/PROTOCOL.md §15): --gate A,B spreads the apps over the
+nodes, round-robin by app index; an app reconnects first to the node that issued its session,
+or with --move to the next node in the list, so every resume takes its session over from
+another node (reconnect.moved counts the resumes the gate accepted on another node than the
+session's last). --sidecar names one node's sidecar: the app-server pushes through it to
+drivers wherever they are, and each receipt comes back there.
+
 Examples:
   loadgen gps --cores 1 --drivers 1000 --rate 100 --duration 10 --json
   loadgen push --drivers 2000 --fanout 1000 --push-rate 5 --duration 10
@@ -52,6 +59,8 @@ Examples:
   loadgen gps --target mqtt --gate 127.0.0.1:8883 --tls-ca ca.pem --drivers 1000 --rate 3
   loadgen storm --drivers 15000 --storm-percent 100 --duration 20
   loadgen mixed --drivers 200 --passengers 50 --disconnect-rate 5 --duration 30
+  loadgen storm --gate 127.0.0.1:7100,127.0.0.1:7101 --move --drivers 2000 --duration 10
+  loadgen mixed --gate 127.0.0.1:7100 --sidecar 127.0.0.1:7201 --duration 30
   loadgen appserver --dispatch-k 5
 
 Exit status: 0 when the audit is clean, 1 when pushes were lost or shown twice, 2 when the
@@ -109,9 +118,22 @@ pub enum Command {
 /// Where the gate is, how to connect, and what to report; shared by every fleet scenario.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// The gate's app port, e.g. `--gate 10.0.0.5:7100`
-    #[arg(long, default_value = "127.0.0.1:7100", value_name = "HOST:PORT", help_heading = CONNECT)]
+    /// The gate's app port, or the app ports of several gate nodes sharing a session directory
+    /// (cluster mode), comma-separated. Apps are spread over the nodes round-robin by app index,
+    /// and every reconnect tries first the node its Session answer named (where a GoAway
+    /// pointed, if one did), then the next ones in the list; the report's `gate` section
+    /// describes the first node; e.g. `--gate 10.0.0.5:7100` or
+    /// `--gate 127.0.0.1:7100,127.0.0.1:7101`
+    #[arg(long, default_value = "127.0.0.1:7100", value_name = "HOST:PORT,...", help_heading = CONNECT)]
     pub gate: String,
+
+    /// With several nodes in --gate: every reconnect (a storm's, a random drop's, any drop's)
+    /// goes to the next node in the list after the one that held the session, so every resume
+    /// has to move its session to another node; the report counts the resumes the gate accepted
+    /// on another node in `reconnect.moved`; e.g. `loadgen storm --gate 127.0.0.1:7100,127.0.0.1:7101
+    /// --move`
+    #[arg(long = "move", help_heading = CONNECT)]
+    pub move_nodes: bool,
 
     /// The gate's sidecar port, for the app-server, e.g. `--sidecar 127.0.0.1:7200`
     #[arg(long, default_value = "127.0.0.1:7200", value_name = "HOST:PORT", help_heading = CONNECT)]
@@ -553,7 +575,14 @@ fn secret(s: &Option<String>) -> Vec<u8> {
 fn base(scenario: Scenario, c: &Common) -> Result<Plan, String> {
     Ok(Plan {
         scenario,
-        gate: resolve(&c.gate, "--gate")?,
+        gates: c
+            .gate
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| resolve(a, "--gate"))
+            .collect::<Result<_, _>>()?,
+        move_nodes: c.move_nodes,
         sidecar: resolve(&c.sidecar, "--sidecar")?,
         token_secret: secret(&c.token_secret),
         sidecar_secret: secret(&c.sidecar_secret),
@@ -745,6 +774,43 @@ mod tests {
         assert_eq!((plan.drivers, plan.rate, plan.appserver), (20, 0.0, false));
         let cli = Cli::try_parse_from(["loadgen", "gps", "--cores", "0", "--batch", "0"]).expect("parse");
         assert!(cli.job().is_err(), "a batch of 0 points is refused");
+    }
+
+    #[test]
+    fn several_nodes_and_move() {
+        let job = |args: &[&str]| {
+            let mut all = vec!["loadgen", "storm", "--cores", "0"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).expect("parse").job()
+        };
+        let Ok(Job::Fleet { plan, .. }) = job(&["--gate", "127.0.0.1:7100, 127.0.0.1:7101", "--move"]) else {
+            panic!("two nodes and --move")
+        };
+        let want: Vec<SocketAddr> =
+            vec!["127.0.0.1:7100".parse().unwrap(), "127.0.0.1:7101".parse().unwrap()];
+        assert_eq!((plan.gates.clone(), plan.move_nodes, plan.gate()), (want.clone(), true, want[0]));
+        let Ok(Job::Fleet { plan, .. }) = job(&[]) else { panic!("defaults") };
+        assert_eq!((plan.gates, plan.move_nodes), (vec![want[0]], false), "one node, as before");
+        let e = job(&["--move"]).expect_err("nowhere to move to");
+        assert!(e.contains("--move needs at least two nodes"), "{e}");
+        let e = job(&["--gate", "127.0.0.1:7100,127.0.0.1:7100"]).expect_err("a node twice");
+        assert!(e.contains("twice"), "{e}");
+        let e = job(&["--gate", ","]).expect_err("no node");
+        assert!(e.contains("no node"), "{e}");
+        let e = Cli::try_parse_from([
+            "loadgen",
+            "gps",
+            "--cores",
+            "0",
+            "--target",
+            "nats",
+            "--gate",
+            "127.0.0.1:1,127.0.0.1:2",
+        ])
+        .expect("parse")
+        .job()
+        .expect_err("a peer is one server");
+        assert!(e.contains("takes one server"), "{e}");
     }
 
     #[test]

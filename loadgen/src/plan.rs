@@ -8,6 +8,9 @@ use std::time::Duration;
 /// The gate's built-in development secret, for tokens and the sidecar hello alike.
 pub const DEV_SECRET: &str = "fleetgate-dev-secret-change-me";
 
+/// Most gate nodes one run spreads its apps over (each app keeps its node as a 16-bit index).
+pub const MAX_NODES: usize = 1024;
+
 /// Which traffic a run produces and what its report stresses. In the report's JSON it is its
 /// [`name`](Scenario::name) (`"gps"`, `"mixed"`, ...); `Default` is `Gps`, as [`Plan`]'s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -108,8 +111,13 @@ pub struct Plan {
     pub scenario: Scenario,
     /// Which server it drives (the gate unless a peer is named).
     pub target: Target,
-    /// The gate's app port.
-    pub gate: SocketAddr,
+    /// The gate nodes' app ports, never empty: one gate, or the nodes of a cluster sharing a
+    /// session directory (docs/PROTOCOL.md §15). Apps are spread over them by index; the first
+    /// one is the gate the report's `gate` section describes (its pid, CPU and memory).
+    pub gates: Vec<SocketAddr>,
+    /// Every reconnect goes to the next node in `gates` after the one that held the session,
+    /// so each resume must move the session to another node (`--move`).
+    pub move_nodes: bool,
     /// The gate's sidecar port (the app-server side).
     pub sidecar: SocketAddr,
     /// Secret login tokens are signed with (the gate's `auth.token_secret`).
@@ -181,7 +189,8 @@ impl Default for Plan {
         Plan {
             scenario: Scenario::Gps,
             target: Target::Gate,
-            gate: SocketAddr::from(([127, 0, 0, 1], 7100)),
+            gates: vec![SocketAddr::from(([127, 0, 0, 1], 7100))],
+            move_nodes: false,
             sidecar: SocketAddr::from(([127, 0, 0, 1], 7200)),
             token_secret: DEV_SECRET.as_bytes().to_vec(),
             sidecar_secret: DEV_SECRET.as_bytes().to_vec(),
@@ -218,6 +227,12 @@ impl Default for Plan {
 }
 
 impl Plan {
+    /// The first node: the gate a single-node run drives, and the one whose process the
+    /// report describes.
+    pub fn gate(&self) -> SocketAddr {
+        self.gates[0]
+    }
+
     /// Simulated apps in all (drivers and passengers, not bad peers).
     pub fn apps(&self) -> u32 {
         self.drivers + self.passengers
@@ -276,11 +291,35 @@ impl Plan {
         Ok(())
     }
 
+    /// Checks the node list: at least one, each once, few enough for an index of 16 bits, and
+    /// `--move` only with somewhere to move to.
+    fn validate_nodes(&self) -> Result<(), String> {
+        if self.gates.is_empty() {
+            return Err("--gate names no node".into());
+        }
+        if self.gates.len() > MAX_NODES {
+            return Err(format!("--gate names {} nodes; at most {MAX_NODES}", self.gates.len()));
+        }
+        for (i, a) in self.gates.iter().enumerate() {
+            if self.gates[..i].contains(a) {
+                return Err(format!("--gate names {a} twice"));
+            }
+        }
+        if self.move_nodes && self.gates.len() < 2 {
+            return Err("--move needs at least two nodes in --gate (e.g. --gate A,B)".into());
+        }
+        if self.target != Target::Gate && self.gates.len() > 1 {
+            return Err(format!("--target {} takes one server in --gate", self.target.name()));
+        }
+        Ok(())
+    }
+
     /// Checks what clap cannot: numbers that only make sense together.
     pub fn validate(&self) -> Result<(), String> {
         if self.cores.is_empty() {
             return Err("--cores names no core".into());
         }
+        self.validate_nodes()?;
         if self.scenario == Scenario::Bad && self.server_key.is_some() {
             // Its peers write raw frames (half headers, garbage, a login then silence) on
             // purpose, below any channel.

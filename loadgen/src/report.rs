@@ -145,6 +145,20 @@ pub struct Push {
     pub latency_us: Latency,
     /// First arrivals per second over the window.
     pub deliveries_per_s: f64,
+    /// With several gate nodes: `latency_us` split by the node holding each receiving app's
+    /// session, in `--gate`'s order (the node of `--sidecar` gives same-node figures, the
+    /// others cross-node); empty with one node.
+    #[serde(default)]
+    pub by_node: Vec<NodePush>,
+}
+
+/// One gate node's share of the push latency.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct NodePush {
+    /// The node's app address, as given in `--gate`.
+    pub gate: String,
+    /// App-server send → app receive for apps whose session was on this node.
+    pub latency_us: Latency,
 }
 
 /// Business requests (PlaceOrder, GrabOrder).
@@ -188,6 +202,10 @@ pub struct Reconnect {
     pub resumed: u64,
     /// Back by a fresh login.
     pub relogin: u64,
+    /// Of `resumed`, the resumes the gate accepted on another node than the one that held the
+    /// session (several nodes in `--gate`; every resume with `--move`).
+    #[serde(default)]
+    pub moved: u64,
     /// Resumes the gate refused.
     pub resume_refused: u64,
     /// Drops loadgen caused.
@@ -212,6 +230,9 @@ pub struct Storm {
     pub resumed: u64,
     /// Back by login.
     pub relogin: u64,
+    /// Of `resumed`, back on another node than the one that held the session.
+    #[serde(default)]
+    pub moved: u64,
 }
 
 /// Fresh sessions, the handshake's view of them.
@@ -533,9 +554,10 @@ impl Report {
         if rc.count > 0 || rc.drops_caused > 0 || rc.drops_seen > 0 {
             let _ = writeln!(
                 s,
-                "reconnects   {} back ({} resumed, {} by login, {} resumes refused); drops: {} caused, {} by the gate",
+                "reconnects   {} back ({} resumed, {} of them on another node, {} by login, {} resumes refused); drops: {} caused, {} by the gate",
                 num(rc.count),
                 num(rc.resumed),
+                num(rc.moved),
                 num(rc.relogin),
                 num(rc.resume_refused),
                 num(rc.drops_caused),
@@ -545,10 +567,11 @@ impl Report {
         if r.storm.dropped > 0 {
             let _ = writeln!(
                 s,
-                "storm        {} dropped, {} back ({} resumed, {} by login), all back in {}",
+                "storm        {} dropped, {} back ({} resumed, {} of them on another node, {} by login), all back in {}",
                 num(r.storm.dropped),
                 num(r.storm.back),
                 num(r.storm.resumed),
+                num(r.storm.moved),
                 num(r.storm.relogin),
                 r.storm.all_back_ms.map_or("— (not all back)".to_owned(), |ms| format!("{ms:.0} ms"))
             );
@@ -564,9 +587,15 @@ impl Report {
             );
         }
         let _ = writeln!(s, "latency µs        count       p50       p90       p99      p999       max");
-        for (name, hist) in
-            [("push", &h.push), ("request", &h.request), ("reconnect", &h.reconnect), ("login", &h.login)]
-        {
+        // With several nodes, push latency again per node of the receiving app ("push n1": the
+        // second node in --gate).
+        let by_node = h.push_by_node.iter().enumerate().map(|(i, hist)| (format!("push n{i}"), hist));
+        let rows =
+            [("push", &h.push)].into_iter().map(|(n, hist)| (n.to_owned(), hist)).chain(by_node).chain(
+                [("request", &h.request), ("reconnect", &h.reconnect), ("login", &h.login)]
+                    .map(|(n, hist)| (n.to_owned(), hist)),
+            );
+        for (name, hist) in rows {
             let l = Latency::of(hist);
             if l.count > 0 {
                 let _ = writeln!(
@@ -788,6 +817,8 @@ mod tests {
             "/storm/all_back_ms",
             "/storm/resumed",
             "/storm/relogin",
+            "/storm/moved",
+            "/reconnect/moved",
             "/idle/bytes_per_session",
             "/gate/cpu_s",
             "/gate/rss_bytes",

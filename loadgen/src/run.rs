@@ -165,10 +165,12 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     }
     pin_to(if plan.appserver_cores.is_empty() { &plan.cores } else { &plan.appserver_cores });
     let cpu_start = procstat::self_cpu_s();
-    // Fail fast with a clear message when nothing listens, instead of ramping forever.
-    TcpStream::connect_timeout(&plan.gate, Duration::from_secs(3))
-        .map_err(|source| RunError::NoGate { addr: plan.gate, source })?;
-    let gate_pid = plan.gate_pid.or_else(|| procstat::find_listener_pid(plan.gate.port()));
+    // Fail fast with a clear message when a node does not listen, instead of ramping forever.
+    for &addr in &plan.gates {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .map_err(|source| RunError::NoGate { addr, source })?;
+    }
+    let gate_pid = plan.gate_pid.or_else(|| procstat::find_listener_pid(plan.gate().port()));
     let gate_before = gate_pid.and_then(procstat::sample);
 
     let plan = Arc::new(plan);
@@ -340,6 +342,16 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     rep.push.received = total_counters.push_first;
     rep.push.redelivered = total_counters.push_again;
     rep.push.latency_us = Latency::of(&hists.push);
+    rep.push.by_node = plan
+        .gates
+        .iter()
+        .enumerate()
+        .filter(|_| plan.gates.len() > 1)
+        .map(|(i, g)| report::NodePush {
+            gate: g.to_string(),
+            latency_us: hists.push_by_node.get(i).map(Latency::of).unwrap_or_default(),
+        })
+        .collect();
     rep.push.deliveries_per_s = win.push_first as f64 / secs;
     rep.request = report::Request {
         sent: total_counters.requests,
@@ -357,6 +369,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
         count: total_counters.resumes + total_counters.relogins,
         resumed: total_counters.resumes,
         relogin: total_counters.relogins,
+        moved: total_counters.resumes_moved,
         resume_refused: total_counters.resume_refused,
         drops_caused: total_counters.drops_caused,
         drops_seen: total_counters.drops_seen,
@@ -373,6 +386,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
             .then(|| st.last_back_ns.load(Relaxed).saturating_sub(st.at_ns.load(Relaxed)) as f64 / 1e6),
         resumed: st.resumed.load(Relaxed),
         relogin: st.relogin.load(Relaxed),
+        moved: st.moved.load(Relaxed),
     };
     rep.idle.sessions = live_at_end;
     if plan.scenario == Scenario::Idle && live_at_end > 0 {

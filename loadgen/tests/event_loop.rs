@@ -3,9 +3,11 @@
 //! loop's paths (GPS on the wheel, pushes read and acked, a storm's drops and reconnects, the
 //! stop's logouts, misbehaving peers beside the loop) with a small fleet; no timing is asserted.
 
+mod common;
+
+use common::{n, run_loadgen};
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use testkit::{workspace_gate_bin, GateProcess};
 
@@ -54,37 +56,7 @@ fn gate_with(hold_ms: &str, plaintext: &str) -> GateProcess {
 
 /// Runs `loadgen <args>` against `gate` and returns its exit code and JSON report.
 fn loadgen(gate: &GateProcess, args: &[&str]) -> (i32, Value) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(args)
-        .args(["--gate", &gate.app.to_string(), "--sidecar", &gate.sidecar.to_string()])
-        .args(["--token-secret", SECRET, "--sidecar-secret", SECRET, "--json", "--quiet"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("loadgen starts");
-    let deadline = Instant::now() + PATIENCE;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("loadgen did not finish in {PATIENCE:?}; gate log:\n{}", gate.log_text());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let json: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("no JSON on stdout ({e}): {stdout}\nstderr:\n{stderr}\ngate log:\n{}", gate.log_text())
-    });
-    eprintln!("{stderr}");
-    (out.status.code().unwrap_or(-1), json)
-}
-
-fn n(v: &Value, path: &str) -> f64 {
-    v.pointer(path)
-        .and_then(Value::as_f64)
-        .unwrap_or_else(|| panic!("{path} missing or not a number in {v:#}"))
+    run_loadgen(args, &[gate], gate, SECRET, PATIENCE)
 }
 
 #[test]

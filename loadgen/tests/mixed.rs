@@ -1,10 +1,12 @@
 //! End to end: a real gate process on free ports, loadgen's binary against it, and the JSON it
 //! prints. Small fleets (under 100 connections) so the tests stay quick on a shared machine.
 
+mod common;
+
+use common::{gate_flags, n, run_loadgen, tail};
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use testkit::{workspace_gate_bin, GateProcess};
 
 /// Secret for tokens and the sidecar hello, passed to both sides.
@@ -26,66 +28,19 @@ impl Gate {
     fn start() -> Gate {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
         let bin = workspace_gate_bin(root).expect("gate binary");
-        let args = [
-            "--token-secret",
-            SECRET,
-            "--sidecar-secret",
-            SECRET,
-            "--hold-ms",
-            "2000",
-            "--gps-flush-ms",
-            "100",
-            "--login-timeout-ms",
-            "3000",
-            "--read-timeout-ms",
-            "3000",
-            "--request-timeout-ms",
-            "3000",
-            // The secure channel, as loadgen speaks by default.
-            "--app-plaintext",
-            "false",
-        ];
+        let flags = gate_flags(SECRET, "2000");
+        let args: Vec<&str> = flags.iter().map(String::as_str).collect();
         Gate(GateProcess::start(&bin, &args, PATIENCE).expect("gate starts"))
     }
 
-    /// Runs `loadgen <args> --gate .. --sidecar .. --json` and returns its exit code and JSON.
+    /// Runs `loadgen <args>` against this gate and returns its exit code and JSON.
     fn loadgen(&self, args: &[&str]) -> (i32, Value) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-            .args(args)
-            .args(["--gate", &self.app.to_string(), "--sidecar", &self.sidecar.to_string()])
-            .args(["--token-secret", SECRET, "--sidecar-secret", SECRET, "--json", "--quiet"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("loadgen starts");
-        let deadline = Instant::now() + PATIENCE;
-        while child.try_wait().expect("wait").is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("loadgen did not finish in {PATIENCE:?}; gate log:\n{}", read(&self.log));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = child.wait_with_output().expect("output");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let json: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-            panic!("no JSON on stdout ({e}): {stdout}\nstderr:\n{stderr}\ngate log:\n{}", read(&self.log))
-        });
-        eprintln!("{stderr}");
-        (out.status.code().unwrap_or(-1), json)
+        run_loadgen(args, &[&self.0], &self.0, SECRET, PATIENCE)
     }
 }
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
-}
-
-fn n(v: &Value, path: &str) -> f64 {
-    v.pointer(path)
-        .and_then(Value::as_f64)
-        .unwrap_or_else(|| panic!("{path} missing or not a number in {v:#}"))
 }
 
 #[test]
@@ -136,9 +91,4 @@ fn idle_reports_memory_per_session() {
         "gate found by its port"
     );
     assert!(n(&v, "/gate/rss_bytes") > 0.0, "{v:#}");
-}
-
-fn tail(s: &str, lines: usize) -> String {
-    let all: Vec<&str> = s.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 /// Longest the tiny bench may take before the test gives up on it.
 const PATIENCE: Duration = Duration::from_secs(50);
+/// The same for the tiny cluster bench: three phases, each two loadgens and their ramps.
+const CLUSTER_PATIENCE: Duration = Duration::from_secs(150);
 
 /// The directory of this build's binaries. The gate and loadgen binaries must be built already
 /// (`make test` builds every target of the workspace before it runs the tests; by hand:
@@ -29,10 +31,16 @@ fn bin_dir() -> PathBuf {
 /// Runs `bench` with `args` into a fresh folder named after `name`; returns the folder, the
 /// table it printed and the files it wrote.
 fn tiny_bench(name: &str, args: &[&str]) -> (PathBuf, String, Vec<PathBuf>) {
+    tiny(Path::new(env!("CARGO_BIN_EXE_bench")), name, args, PATIENCE)
+}
+
+/// Runs the bench binary `exe` with `args` into a fresh folder named after `name`, for at most
+/// `patience`; returns the folder, the table it printed and the files it wrote.
+fn tiny(exe: &Path, name: &str, args: &[&str], patience: Duration) -> (PathBuf, String, Vec<PathBuf>) {
     let bins = bin_dir();
     let out = std::env::temp_dir().join(format!("fleetgate-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bench"))
+    let mut child = Command::new(exe)
         .args(args)
         .arg("--out")
         .arg(&out)
@@ -43,12 +51,12 @@ fn tiny_bench(name: &str, args: &[&str]) -> (PathBuf, String, Vec<PathBuf>) {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("bench starts");
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience;
     while child.try_wait().expect("wait").is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("bench did not finish within {PATIENCE:?}");
+            panic!("{} did not finish within {patience:?}", exe.display());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -136,5 +144,36 @@ fn a_tiny_bench_writes_its_figures() {
     let goals = v["goals"].as_array().expect("goals");
     assert!(goals.len() >= 10, "every DESIGN goal has a row");
     assert!(goals.iter().any(|g| g["status"] == "not-built"), "the unbuilt parts say so");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_tiny_cluster_bench_measures_two_nodes() {
+    // Needs redis-server, as the cluster tests do.
+    let (out, table, files) = tiny(
+        Path::new(env!("CARGO_BIN_EXE_bench-cluster")),
+        "cluster",
+        &["--sessions", "100", "--window", "2", "--push-rate", "50"],
+        CLUSTER_PATIENCE,
+    );
+    assert!(table.contains("logins/s, both nodes") && table.contains("cross node"), "{table}");
+    let named = |end: &str| files.iter().find(|p| p.to_string_lossy().ends_with(end)).cloned();
+    let json = named("-cluster.json").expect("the results");
+    assert!(named("-cluster.md").is_some() && named("-cluster-samples.json").is_some(), "{files:?}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(json).expect("read")).expect("JSON");
+    assert_eq!(v["schema"], "fleetgate-bench-cluster/1");
+    let f = &v["figures"];
+    assert_eq!(f["login"]["events"], 200, "every session on both nodes logged in: {f:#}");
+    assert!(f["login"]["gate_ops"].as_f64().is_some_and(|o| o > 0.0), "a login costs Redis work: {f:#}");
+    assert!(f["push"]["events"].as_u64().is_some_and(|n| n > 0), "{f:#}");
+    assert!(f["cross_node_targets"].as_u64().is_some_and(|n| n > 0), "{f:#}");
+    assert!(f["same_node_push_us"]["count"].as_u64().is_some_and(|n| n > 0), "{f:#}");
+    assert!(f["cross_node_push_us"]["count"].as_u64().is_some_and(|n| n > 0), "{f:#}");
+    // P's sessions, half on each node, moved to the other one.
+    assert_eq!(f["storm_dropped"], 100, "{f:#}");
+    assert_eq!(f["storm_back"], 100, "{f:#}");
+    assert!(f["resume"]["events"].as_u64().is_some_and(|n| n > 0), "sessions moved: {f:#}");
+    assert_eq!((f["lost"].as_u64(), f["duplicates"].as_u64()), (Some(0), Some(0)), "{f:#}");
+    assert_eq!(v["runs"].as_array().map(Vec::len), Some(6), "two loadgens in each of three phases");
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -64,6 +64,8 @@ pub struct StormTrack {
     pub resumed: AtomicU64,
     /// Back by a fresh login.
     pub relogin: AtomicU64,
+    /// Back by a resume on another node than the one that held the session.
+    pub moved: AtomicU64,
     /// When the last one came back, ns since `Control::epoch`.
     pub last_back_ns: AtomicU64,
 }
@@ -134,6 +136,8 @@ pub struct AppSpec {
     pub role: u8,
     /// Local address to connect from.
     pub source: Option<IpAddr>,
+    /// Index in `Plan::gates` of the node its first connect goes to.
+    pub gate: u16,
 }
 
 /// What one loop's apps share: the plan, the counters, the encoder, randomness and what is
@@ -196,7 +200,8 @@ pub struct Engine {
 }
 
 /// Splits the plan's apps over the cores (app `i` on loop `i % n`, so every loop has a mix of
-/// drivers and passengers) and starts a pinned thread with one loop on each.
+/// drivers and passengers) and over the gate nodes (app `i` first connects to node
+/// `i % nodes`), and starts a pinned thread with one loop on each.
 pub fn start(
     plan: Arc<Plan>,
     control: Arc<Control>,
@@ -217,7 +222,9 @@ pub fn start(
                 };
                 let source = (!plan.source_ips.is_empty())
                     .then(|| plan.source_ips[i as usize % plan.source_ips.len()]);
-                AppSpec { uid, role, source }
+                // Validated: at most MAX_NODES nodes, so the index fits.
+                let gate = (i as usize % plan.gates.len()) as u16;
+                AppSpec { uid, role, source, gate }
             })
             .collect();
         let (plan, control, stats) = (plan.clone(), control.clone(), stats.clone());

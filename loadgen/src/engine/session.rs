@@ -6,6 +6,12 @@
 //! shell says when it is next due (the machine's deadline or the role's: GPS, orders) and
 //! counts what the machine reports. The loop's `Shown` record catches any push the machine
 //! let through twice.
+//!
+//! With several gate nodes (`Plan::gates`) the shell also picks where each connect goes: the
+//! app's own node first; after a drop the node its Session answer named (where a GoAway pointed,
+//! if one did), or with `--move` the next node after it; after an attempt that brought no
+//! session, the next node after the one tried. Nodes are known by their place in `--gate`: a
+//! Session naming an address not in the list counts as the node the app was connected to.
 
 use super::driver::Driver;
 use super::event_loop::{Client, Ended, Flow};
@@ -78,6 +84,10 @@ pub struct App {
     uid: u64,
     role_id: u8,
     source: Option<std::net::IpAddr>,
+    /// Index in `Plan::gates` of the node of the current connection, or of the next one.
+    gate: u16,
+    /// Index in `Plan::gates` of the node that issued the last Session answer.
+    node: Option<u16>,
     /// The protocol.
     proto: AppProto,
     role: RoleState,
@@ -126,6 +136,8 @@ impl App {
             uid: spec.uid,
             role_id: spec.role,
             source: spec.source,
+            gate: spec.gate,
+            node: None,
             proto: AppProto::with_secure(proto_config(), ex.secure.clone(), seed, born),
             role,
             storm_victim: false,
@@ -206,7 +218,13 @@ impl App {
                     c.push_first.fetch_add(1, Relaxed);
                     if !d.redelivery {
                         let latency = crate::appserver::now_us().saturating_sub(d.sent_at_us);
-                        ex.hists.borrow_mut().push.saturating_record(latency);
+                        let mut h = ex.hists.borrow_mut();
+                        h.push.saturating_record(latency);
+                        // Same-node and cross-node deliveries apart, when there are nodes to
+                        // tell apart.
+                        if let (true, Some(node)) = (ex.plan.gates.len() > 1, self.node) {
+                            h.node_push(usize::from(node)).saturating_record(latency);
+                        }
                     }
                     match (&self.role, d.kind) {
                         (RoleState::Driver(_), KIND_OFFER)
@@ -291,9 +309,42 @@ impl App {
         counter.fetch_add(1, Relaxed);
     }
 
+    /// Index in `Plan::gates` of the node a Session answer named (its advertised address), or
+    /// the node connected to when the address is not in the list.
+    fn node_named(&self, ex: &Exec) -> u16 {
+        let named = self.proto.node().and_then(|n| n.parse::<std::net::SocketAddr>().ok());
+        node_index(&ex.plan.gates, named).unwrap_or(self.gate)
+    }
+
+    /// Where the next connect goes (an index in `Plan::gates`), once a connection ended;
+    /// `had_session`: a session was up on it.
+    fn next_gate(&self, ex: &Exec, had_session: bool) -> u16 {
+        let n = ex.plan.gates.len();
+        let after = |i: u16| ((usize::from(i) + 1) % n) as u16;
+        // A GoAway that ended the session naming a node (a drained node's successor) is the
+        // gate's word: go there, once; if that attempt fails, on to the next.
+        let redirect = self.proto.redirect().and_then(|r| r.parse::<std::net::SocketAddr>().ok());
+        if let Some(i) = node_index(&ex.plan.gates, redirect).filter(|_| had_session) {
+            return i;
+        }
+        match self.node {
+            Some(node) if had_session && ex.plan.move_nodes => after(node),
+            Some(node) if had_session => node,
+            // The attempt brought no session (refused, failed, cut): the next node after it.
+            _ => after(self.gate),
+        }
+    }
+
     fn session_up(&mut self, ex: &Exec, resumed: bool, now: Instant) {
         let c = &ex.stats().c;
         ex.stats().g.live.fetch_add(1, Relaxed);
+        let here = self.node_named(ex);
+        // The session was taken over from another node: the resume crossed nodes.
+        let moved = resumed && self.node.is_some_and(|before| before != here);
+        self.node = Some(here);
+        if moved {
+            c.resumes_moved.fetch_add(1, Relaxed);
+        }
         match self.down_since.take() {
             Some(t) => {
                 ex.hists.borrow_mut().reconnect.saturating_record(us(now - t));
@@ -318,6 +369,9 @@ impl App {
             st.back.fetch_add(1, Relaxed);
             if resumed {
                 st.resumed.fetch_add(1, Relaxed);
+                if moved {
+                    st.moved.fetch_add(1, Relaxed);
+                }
             } else {
                 st.relogin.fetch_add(1, Relaxed);
             }
@@ -344,7 +398,7 @@ impl Client for App {
     type Shared = Exec;
 
     fn addr(&self, ex: &Exec) -> (std::net::SocketAddr, Option<std::net::IpAddr>) {
-        (ex.plan.gate, self.source)
+        (ex.plan.gates[usize::from(self.gate)], self.source)
     }
 
     fn live(&self) -> bool {
@@ -437,6 +491,7 @@ impl Client for App {
             // Counted where they were decided.
             Ended::ByClient | Ended::Dropped | Ended::Stop => {}
         }
+        let had_session = self.live;
         if self.live {
             self.live = false;
             ex.stats().g.live.fetch_sub(1, Relaxed);
@@ -450,9 +505,17 @@ impl Client for App {
         };
         let d = self.proto.on_disconnected(lost);
         c.requests_cut.fetch_add(u64::from(d.requests_cut), Relaxed);
+        self.gate = self.next_gate(ex, had_session);
         match (how, d.reconnect) {
             (Ended::Stop, _) | (_, Reconnect::Never) => None,
             (_, Reconnect::After(wait)) => Some(wait),
         }
     }
+}
+
+/// Where `addr` is in `gates`, if it is there.
+fn node_index(gates: &[std::net::SocketAddr], addr: Option<std::net::SocketAddr>) -> Option<u16> {
+    let addr = addr?;
+    // At most MAX_NODES nodes (validated), so the index fits.
+    gates.iter().position(|g| *g == addr).map(|i| i as u16)
 }

@@ -16,8 +16,10 @@ macro_rules! counters {
         #[repr(align(128))]
         pub struct Counters { $($(#[$doc])* pub $name: AtomicU64,)* }
 
-        /// The counters at one moment, summed over loops.
+        /// The counters at one moment, summed over loops. A counter missing from a stored
+        /// report (written before it existed) reads as 0.
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        #[serde(default)]
         pub struct Snapshot { $($(#[$doc])* pub $name: u64,)* }
 
         impl Counters {
@@ -91,6 +93,8 @@ counters! {
     resumes,
     /// Sessions that came back after a drop by a fresh login (resume refused or no token).
     relogins,
+    /// Of `resumes`, those the gate accepted on another node than the one that held the session.
+    resumes_moved,
     /// Resumes the gate refused.
     resume_refused,
     /// Connections loadgen dropped on purpose (chaos and storms).
@@ -171,11 +175,20 @@ pub struct Hists {
     pub reconnect: Histogram<u64>,
     /// First connect → session up.
     pub login: Histogram<u64>,
+    /// `push` again, split by the node holding the receiving app's session (an index in
+    /// `Plan::gates`); empty with a single node.
+    pub push_by_node: Vec<Histogram<u64>>,
 }
 
 impl Default for Hists {
     fn default() -> Self {
-        Hists { push: histogram(), request: histogram(), reconnect: histogram(), login: histogram() }
+        Hists {
+            push: histogram(),
+            request: histogram(),
+            reconnect: histogram(),
+            login: histogram(),
+            push_by_node: Vec::new(),
+        }
     }
 }
 
@@ -187,5 +200,17 @@ impl Hists {
         let _ = self.request.add(&o.request);
         let _ = self.reconnect.add(&o.reconnect);
         let _ = self.login.add(&o.login);
+        for (i, h) in o.push_by_node.iter().enumerate() {
+            let mine = self.node_push(i);
+            let _ = mine.add(h);
+        }
+    }
+
+    /// The push histogram of node `i`, made (with any before it) when first needed.
+    pub fn node_push(&mut self, i: usize) -> &mut Histogram<u64> {
+        while self.push_by_node.len() <= i {
+            self.push_by_node.push(histogram());
+        }
+        &mut self.push_by_node[i]
     }
 }

@@ -90,7 +90,7 @@ impl Exec {
             let when = if in_handshake { "handshake" } else { "connection" };
             eprintln!(
                 "loadgen: TLS {when} with {} failed: {e} (counted in errors; further failures on core {} are not printed)",
-                self.plan.gate, self.id
+                self.plan.gate(), self.id
             );
         }
     }
@@ -353,7 +353,7 @@ impl Client for Driver {
     type Shared = Exec;
 
     fn addr(&self, ex: &Exec) -> (SocketAddr, Option<IpAddr>) {
-        (ex.plan.gate, None)
+        (ex.plan.gate(), None)
     }
 
     fn live(&self) -> bool {

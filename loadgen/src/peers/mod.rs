@@ -225,39 +225,39 @@ impl Watch<'_> {
     }
 }
 
-/// Runs `plan` against the peer at `plan.gate` and reports in the gate's format.
+/// Runs `plan` against the peer at `plan.gate()` and reports in the gate's format.
 pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     plan.validate().map_err(RunError::Plan)?;
     let proto =
         Proto::of(plan.target).ok_or_else(|| RunError::Plan("the gate is not a peer target".into()))?;
     crate::run::pin_to(if plan.appserver_cores.is_empty() { &plan.cores } else { &plan.appserver_cores });
     let cpu_start = procstat::self_cpu_s();
-    TcpStream::connect_timeout(&plan.gate, Duration::from_secs(3))
-        .map_err(|e| RunError::Engine(format!("no {} server at {}: {e}", plan.target.name(), plan.gate)))?;
+    TcpStream::connect_timeout(&plan.gate(), Duration::from_secs(3))
+        .map_err(|e| RunError::Engine(format!("no {} server at {}: {e}", plan.target.name(), plan.gate())))?;
     let tls = match &plan.tls_ca {
         None => None,
         Some(ca) => {
-            let client = tls::TlsClient::new(ca, plan.gate).map_err(RunError::Plan)?;
-            tls::handshake(&client, plan.gate, Duration::from_secs(10)).map_err(|e| {
+            let client = tls::TlsClient::new(ca, plan.gate()).map_err(RunError::Plan)?;
+            tls::handshake(&client, plan.gate(), Duration::from_secs(10)).map_err(|e| {
                 RunError::Engine(format!(
                     "TLS handshake with the {} server at {} failed: {e} (--tls-ca {} must be the CA \
                      that signed its certificate, issued for {})",
                     plan.target.name(),
-                    plan.gate,
+                    plan.gate(),
                     ca.display(),
-                    plan.gate.ip()
+                    plan.gate().ip()
                 ))
             })?;
             Some(client)
         }
     };
-    let server_pid = plan.gate_pid.or_else(|| procstat::find_listener_pid(plan.gate.port()));
+    let server_pid = plan.gate_pid.or_else(|| procstat::find_listener_pid(plan.gate().port()));
     let before = server_pid.and_then(procstat::sample);
 
     let plan = Arc::new(plan);
     let mut server = if plan.appserver && proto != Proto::Ceiling {
         let cfg = appserver::Config {
-            addr: plan.gate,
+            addr: plan.gate(),
             proto,
             push_rate: plan.push_rate,
             fanout: plan.fanout.min(plan.drivers),
@@ -269,7 +269,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
             RunError::Engine(format!(
                 "the app-server cannot reach the {} server at {}: {e}",
                 plan.target.name(),
-                plan.gate
+                plan.gate()
             ))
         })?)
     } else {

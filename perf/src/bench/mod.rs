@@ -14,7 +14,9 @@
 //! bind must not lose a figure); the whole bench has a time budget past which runs are skipped,
 //! and SIGINT/SIGTERM skip the rest and still write what was measured.
 
+pub mod cluster;
 pub mod machine;
+pub mod placement;
 pub mod plan;
 pub mod plots;
 pub mod results;

@@ -140,6 +140,8 @@ pub struct Server {
     pub app: SocketAddr,
     /// The gate's sidecar port.
     pub sidecar: Option<SocketAddr>,
+    /// The gate's admin port (`/metrics`, `/healthz`).
+    pub admin: Option<SocketAddr>,
     /// The ceiling's stats file.
     pub stats_file: Option<PathBuf>,
     /// The CA certificate of a TLS server's certificate (PEM), for loadgen's `--tls-ca`.
@@ -160,6 +162,22 @@ impl Server {
         dir: &Path,
         forward_all: bool,
     ) -> Result<Server, String> {
+        Server::start_with(target, bins, core, dir, forward_all, &[])
+    }
+
+    /// [`Server::start`] with `extra` flags after the bench's own, for a gate (a cluster
+    /// node's `--redis` and `--node-name`); other targets take none.
+    pub fn start_with(
+        target: Target,
+        bins: &Bins,
+        core: usize,
+        dir: &Path,
+        forward_all: bool,
+        extra: &[String],
+    ) -> Result<Server, String> {
+        if !extra.is_empty() && !matches!(target, Target::Gate | Target::GateSecure) {
+            return Err(format!("{} takes no extra flags", target.name()));
+        }
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let program = bins.server(target)?;
         let log = dir.join(format!("{}.log", target.name()));
@@ -190,6 +208,7 @@ impl Server {
                 if target == Target::Gate {
                     args.push("--plaintext");
                 }
+                args.extend(extra.iter().map(String::as_str));
                 cmd.args(&args).arg("--ports-file").arg(&ports);
                 (format!("gate {}", args.join(" ")), None, None)
             }
@@ -246,6 +265,7 @@ impl Server {
             pid,
             app: SocketAddr::from(([127, 0, 0, 1], 0)),
             sidecar: None,
+            admin: None,
             stats_file,
             tls_ca,
             log,
@@ -268,6 +288,10 @@ impl Server {
             } else if let Some((app, sidecar)) = read_ports(&ports) {
                 server.app = SocketAddr::from(([127, 0, 0, 1], app));
                 server.sidecar = sidecar.map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+                server.admin = std::fs::read_to_string(&ports)
+                    .ok()
+                    .and_then(|t| named_port(&t, "admin"))
+                    .map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
                 return Ok(server);
             }
             if Instant::now() > deadline {
@@ -393,10 +417,12 @@ pub fn parse_ports(text: &str) -> Option<(u16, Option<u16>)> {
     if !text.ends_with('\n') {
         return None;
     }
-    let port = |name: &str| {
-        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix('=')?.trim().parse::<u16>().ok())
-    };
-    Some((port("app")?, port("sidecar")))
+    Some((named_port(text, "app")?, named_port(text, "sidecar")))
+}
+
+/// The port on the line `name=port` of a ports file.
+fn named_port(text: &str, name: &str) -> Option<u16> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix('=')?.trim().parse::<u16>().ok())
 }
 
 /// The ceiling's counters from its stats file.
@@ -412,6 +438,7 @@ mod tests {
     #[test]
     fn ports_files() {
         assert_eq!(parse_ports("app=7100\nsidecar=7200\nadmin=7300\n"), Some((7100, Some(7200))));
+        assert_eq!(named_port("app=7100\nsidecar=7200\nadmin=7300\n", "admin"), Some(7300));
         assert_eq!(parse_ports("app=5000\n"), Some((5000, None)));
         assert_eq!(parse_ports("app=5000"), None, "not written to its end yet");
         assert_eq!(parse_ports("sidecar=1\n"), None);

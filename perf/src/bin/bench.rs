@@ -2,8 +2,8 @@
 //! traffic, in one run; see `bench --help` and perf/src/bench/mod.rs.
 
 use clap::Parser;
+use perf::bench::placement::{pin_self, Placement};
 use perf::bench::plan::{Kind, Profile, Target};
-use perf::bench::servers::Bins;
 use perf::bench::{self, Config};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,15 +63,8 @@ struct Args {
     /// Where results go, e.g. `--out /tmp/bench` [default: perf/results]
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Where gate, loadgen and ceiling are, e.g. `--bin-dir target/release` [default: beside bench]
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    /// The servers' core, e.g. `--server-core 0`
-    #[arg(long, default_value_t = 0)]
-    server_core: usize,
-    /// loadgen's core, e.g. `--loadgen-core 1` [default: the last core]
-    #[arg(long)]
-    loadgen_core: Option<usize>,
+    #[command(flatten)]
+    placement: Placement,
     /// Time budget in seconds; runs that would pass it are skipped, e.g. `--budget 600`
     /// [default: 1,500 for the full bench, 170 for --quick]
     #[arg(long)]
@@ -125,30 +118,9 @@ fn run(args: Args) -> Result<ExitCode, String> {
         profile.window_s = w;
         profile.idle_window_s = w;
     }
-    let cores = loadgen::cli::online_cpus();
-    let loadgen_core = args.loadgen_core.unwrap_or(cores - 1);
-    if args.server_core >= cores || loadgen_core >= cores {
-        return Err(format!("cores are 0..{}", cores - 1));
-    }
-    if args.server_core == loadgen_core {
-        eprintln!("bench: the servers and loadgen share core {loadgen_core}: figures will be worth little");
-    }
-    let bin_dir = match args.bin_dir {
-        Some(d) => d,
-        None => std::env::current_exe()
-            .map_err(|e| format!("cannot find this binary: {e}"))?
-            .parent()
-            .map(PathBuf::from)
-            .ok_or("no binary directory")?,
-    };
-    let bins = Bins::find(&bin_dir)?;
-    // perf's own sampling belongs with the load generator, not on the server's core.
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes within it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(loadgen_core, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
+    let (server_core, loadgen_core) = args.placement.cores("bench")?;
+    let bins = args.placement.bins()?;
+    pin_self(loadgen_core);
     let work_dir = std::env::temp_dir().join(format!("fleetgate-bench-{}", std::process::id()));
     let cfg = Config {
         kinds: if args.scenarios.is_empty() { Kind::ALL.to_vec() } else { args.scenarios },
@@ -156,7 +128,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         out_dir: args.out.unwrap_or_else(|| root.join("perf/results")),
         work_dir: work_dir.clone(),
         bins,
-        server_core: args.server_core,
+        server_core,
         loadgen_core,
         budget: Duration::from_secs(args.budget.unwrap_or(if args.quick { 170 } else { 1500 })),
         plots: !args.no_plots,
