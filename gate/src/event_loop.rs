@@ -821,6 +821,12 @@ fn on_msgs(shard: &mut Shard, msgs: Vec<Msg>, now: u64) {
     for msg in msgs {
         match msg {
             Msg::Logic(input) => logic_input(shard, input, now),
+            Msg::Reserved(input, reserved) => {
+                logic_input(shard, input, now);
+                // What the push became (pairs in flight, or receipts at once) replaces its
+                // reservation in the shard's count, in one step.
+                shard.publish_in_flight(reserved);
+            }
             Msg::Conn(output) => apply(shard, output, now),
             Msg::AppServer(m) => crate::sidecar::on_mesh(shard, m, now),
             Msg::Cluster(note) => crate::cluster::on_note(shard, note, now),
@@ -871,6 +877,9 @@ pub(crate) fn apply(shard: &mut Shard, o: Output, now: u64) {
             crate::sidecar::push::on_counted(shard, tally, targets)
         }
         Output::Receipt(r) => crate::cluster::receipt(shard, r, now),
+        Output::AckMismatch { conn, seq, log_id, message_id } => {
+            push::ack_mismatch(shard, conn, seq, log_id, message_id)
+        }
         Output::Upstream { request_id, uid, role, cmd, body, log_id } => {
             let u = crate::delivery::UpstreamOut { request_id, uid, role, cmd, body, log_id };
             crate::cluster::relay::upstream(shard, u, now)
@@ -997,6 +1006,8 @@ fn flush(shard: &mut Shard, now: u64) {
     crate::cluster::flush(shard, now);
     shard.send_outbox();
     shard.flush_writes();
+    // Pairs that ended (or came from other nodes) this turn show in the room the sidecars see.
+    shard.publish_in_flight(0);
     shard.refresh_logic_gauges();
 }
 

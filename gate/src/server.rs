@@ -118,6 +118,8 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     } else {
         None
     };
+    let push_room =
+        Arc::new(crate::sidecar::room::PushRoom::new(shards, cfg.limits.max_pushes_in_flight_per_shard));
     let shared = Shared {
         cfg: Arc::new(cfg),
         mesh: mesh.clone(),
@@ -129,6 +131,7 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
         keys: keys.clone(),
         incarnation,
         cluster: cluster.clone(),
+        push_room,
     };
     watch_signals(mesh)?;
 

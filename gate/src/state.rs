@@ -163,6 +163,8 @@ pub struct Shared {
     pub incarnation: u64,
     /// Cluster mode: the shared directory and the other nodes.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Room for pushes in flight on every logic shard.
+    pub push_room: Arc<crate::sidecar::room::PushRoom>,
 }
 
 /// A broadcast waiting for every logic shard's count of its targets.
@@ -213,6 +215,10 @@ pub struct Shard {
     pub incarnation: u64,
     /// Cluster mode: the shared directory and the other nodes.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Room for pushes in flight on every logic shard.
+    pub push_room: Arc<crate::sidecar::room::PushRoom>,
+    /// This logic shard's pairs in flight as last published in `push_room`.
+    published_in_flight: usize,
     /// Cluster mode: this shard's commands for Redis and the pushes it forwarded.
     pub cluster_shard: Option<crate::cluster::ClusterShard>,
     /// Cluster mode: what this shard relays to and for other nodes.
@@ -308,6 +314,7 @@ impl Shard {
             keys,
             incarnation,
             cluster,
+            push_room,
         } = shared;
         let shards = mesh.len();
         let logic = logic::Shard::new(logic::ShardConfig {
@@ -338,6 +345,8 @@ impl Shard {
             keys,
             incarnation,
             cluster_shard: cluster.as_ref().map(|_| crate::cluster::ClusterShard::default()),
+            push_room,
+            published_in_flight: 0,
             relay: Default::default(),
             ends: Default::default(),
             cluster,
@@ -843,6 +852,22 @@ impl Shard {
             self.outbox[dest] = back;
             self.outbox_retry_ms = Some(mono_ms() + 1);
         }
+    }
+
+    /// Pairs in flight on this logic shard: waiting for their ack in a session, or (cluster
+    /// mode) for the directory's answer or another node's receipt.
+    pub fn pushes_in_flight(&self) -> usize {
+        let cluster = self.cluster_shard.as_ref().map_or(0, |cs| cs.pairs_waiting());
+        self.logic.pushes_in_flight() + cluster
+    }
+
+    /// Publishes this logic shard's pairs in flight in the shared room, giving back `reserved`,
+    /// the room sidecars reserved for the push just taken (0 at the end of a turn).
+    pub fn publish_in_flight(&mut self, reserved: u32) {
+        let now = self.pushes_in_flight();
+        let delta = now as i64 - self.published_in_flight as i64 - reserved as i64;
+        self.push_room.settle(self.id as usize, delta);
+        self.published_in_flight = now;
     }
 
     /// Publishes the logic shard's gauges.
