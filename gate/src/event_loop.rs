@@ -1052,6 +1052,7 @@ fn begin_shutdown(shard: &mut Shard, stop: &Stop, clocks: &mut Clocks, now: u64)
     for o in out {
         apply(shard, o, now);
     }
+    shard.began.fetch_add(1, AcqRel);
     clocks.shutdown = Shutdown::WaitApps { until: now + DRAIN_TIMEOUT_MS };
 }
 
@@ -1063,7 +1064,11 @@ fn shutdown_step(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
     match clocks.shutdown {
         Shutdown::Running | Shutdown::Done => {}
         Shutdown::WaitApps { until } => {
-            if shard.app_conns() == 0 || now >= until {
+            // A drain waits for every shard's go-aways too: this shard's sessions may be held by
+            // connections on other shards, which must hear "resume elsewhere" before the session
+            // leaves (else they would hear "displaced").
+            let all_began = shard.drain_to.is_empty() || shard.began.load(Acquire) >= shard.mesh.len();
+            if (shard.app_conns() == 0 && all_began) || now >= until {
                 // Draining: this shard's sessions move to the other nodes first; what is left
                 // (none, or all when no other node lives) ends below.
                 crate::cluster::handoff::drain(shard, now);

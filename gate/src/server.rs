@@ -127,6 +127,7 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
         gps_recent: Arc::new(Mutex::new(VecDeque::new())),
         sidecars: Arc::new(crate::delivery::Registry::new(shards)),
         drained: Arc::new(AtomicUsize::new(0)),
+        began: Arc::new(AtomicUsize::new(0)),
         node,
         keys: keys.clone(),
         incarnation,

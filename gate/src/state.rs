@@ -155,6 +155,8 @@ pub struct Shared {
     pub sidecars: Arc<crate::delivery::Registry>,
     /// Shards that finished draining their logic at shutdown.
     pub drained: Arc<std::sync::atomic::AtomicUsize>,
+    /// Shards that sent their apps' go-aways at shutdown.
+    pub began: Arc<std::sync::atomic::AtomicUsize>,
     /// host:port apps should reconnect to.
     pub node: String,
     /// The secure channel's keys: the current pair and the previous one, if any.
@@ -256,6 +258,9 @@ pub struct Shard {
     pub sidecars: Arc<crate::delivery::Registry>,
     /// Shards that finished draining their logic at shutdown.
     pub drained: Arc<std::sync::atomic::AtomicUsize>,
+    /// Shards that sent their apps' go-aways at shutdown: a drain hands sessions over only once
+    /// every shard has, so no connection hears of its session moving before its own go-away.
+    pub began: Arc<std::sync::atomic::AtomicUsize>,
     /// Set once shutdown began.
     pub shutting_down: bool,
     /// Cluster mode, shutting down: the live nodes this node's sessions move to (name, app
@@ -310,6 +315,7 @@ impl Shard {
             gps_recent,
             sidecars,
             drained,
+            began,
             node,
             keys,
             incarnation,
@@ -366,6 +372,7 @@ impl Shard {
             gps_recent,
             sidecars,
             drained,
+            began,
             shutting_down: false,
             drain_to: Vec::new(),
             // A random start, so two runs of a gate do not hand out the same ids.
