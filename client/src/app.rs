@@ -669,7 +669,13 @@ mod tests {
                 let payload = b.create_vector(b"order 77");
                 wire::PushDelivery::create(
                     b,
-                    &wire::PushDeliveryArgs { message_id: 5, payload: Some(payload), sent_at_us: 1, kind: 1 },
+                    &wire::PushDeliveryArgs {
+                        message_id: 5,
+                        payload: Some(payload),
+                        sent_at_us: 1,
+                        kind: 1,
+                        deadline_ms: 0,
+                    },
                 )
             });
             session_answer(&mut e, &mut out, Cmd::Login, login.seq(), login.log_id());

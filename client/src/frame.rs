@@ -69,6 +69,9 @@ pub struct DeliveryView<'a> {
     pub sent_at_us: u64,
     /// True when the gate sent this push before on this session (a resume replays it).
     pub redelivery: bool,
+    /// When the push stops counting, ms since the Unix epoch by the gate's clock: an app shows
+    /// it only before this (docs/PROTOCOL.md §9.10). 0: the gate gave none.
+    pub deadline_ms: u64,
 }
 
 impl<'a> ErrorView<'a> {
@@ -104,6 +107,7 @@ impl<'a> DeliveryView<'a> {
             payload: d.payload().map_or(&[][..], |p| p.bytes()),
             sent_at_us: d.sent_at_us(),
             redelivery: flags & FLAG_REDELIVERY != 0,
+            deadline_ms: d.deadline_ms(),
         }
     }
 }
@@ -420,7 +424,13 @@ mod tests {
             let payload = b.create_vector(b"order 77");
             wire::PushDelivery::create(
                 b,
-                &wire::PushDeliveryArgs { message_id: 5, payload: Some(payload), sent_at_us: 1, kind: 1 },
+                &wire::PushDeliveryArgs {
+                    message_id: 5,
+                    payload: Some(payload),
+                    sent_at_us: 1,
+                    kind: 1,
+                    deadline_ms: 0,
+                },
             )
         });
         out

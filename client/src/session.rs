@@ -135,6 +135,9 @@ pub enum AppEvent {
         /// True when the gate sent it before (a resume replayed it): an earlier connection may
         /// have received it without this side seeing it.
         redelivery: bool,
+        /// Show it only until this moment, ms since the Unix epoch (0: the gate gave no
+        /// deadline). A push that came at or after its deadline is never returned.
+        deadline_ms: u64,
     },
     /// Any other frame: answers to pipelined requests nobody waited for, errors, keepalives.
     Frame(OwnedFrame),
@@ -315,8 +318,12 @@ impl AppSession {
             }
         }
         self.timeout_changed = false;
+        // Push deadlines are judged by the wall clock: read it again on every connection, so a
+        // device clock corrected while the app ran counts from now on.
+        let now = Instant::now();
+        self.proto.set_wall_clock(now, crate::now_ms());
         let mut out = Out::new(&mut self.enc, &mut self.out);
-        let connected = self.proto.on_connected(Instant::now(), &mut out);
+        let connected = self.proto.on_connected(now, &mut out);
         self.proto.wire(&mut out);
         if connected.is_err() {
             self.lose_conn(Lost::Local);
@@ -376,6 +383,7 @@ impl AppSession {
                 payload: d.payload.to_vec(),
                 sent_at_us: d.sent_at_us,
                 redelivery: d.redelivery,
+                deadline_ms: d.deadline_ms,
             })),
             Event::Unmatched(f) => Some(Ok(AppEvent::Frame(OwnedFrame::from_frame(&f)))),
             Event::Rejected { header, error } => Some(Err(ClientError::Rejected { header, error })),
@@ -798,7 +806,13 @@ mod tests {
             let payload = b.create_vector(b"offer");
             wire::PushDelivery::create(
                 b,
-                &wire::PushDeliveryArgs { message_id, payload: Some(payload), sent_at_us: 9, kind: 1 },
+                &wire::PushDeliveryArgs {
+                    message_id,
+                    payload: Some(payload),
+                    sent_at_us: 9,
+                    kind: 1,
+                    deadline_ms: 0,
+                },
             )
         });
         if redelivery {

@@ -6,10 +6,11 @@
 //! drops (with or without the bytes in flight), partial deliveries, time passing holds and
 //! TTLs, refused resumes, go-aways and overloaded gates must keep these true:
 //!
-//! - every push the gate got an ack for, on the connection holding the session, before its TTL
-//!   ended Delivered, and every push ends with exactly one receipt;
-//! - the app shows each message id at most once, and every push that ended Delivered exactly
-//!   once;
+//! - every push the gate got an ack for, on the connection holding the session, before its
+//!   deadline plus the grace ended Delivered, and every push ends with exactly one receipt;
+//! - the app shows a push only before its deadline, each message id at most once, and every
+//!   push that ended Delivered exactly once; it acks every push it gets, but one that came at
+//!   or after its deadline and was never shown;
 //! - a connection starts with a Resume carrying the token of the last Session the app got, or a
 //!   Login when it has none; after a ResumeRefused the next frame is a Login;
 //! - the app never reconnects sooner than a retry-after it was given, reconnects at once after a
@@ -17,7 +18,7 @@
 
 use client::proto::app::{AppProto, Close, Config, Event, Lost, Out, Reconnect};
 use logic::gps::Forward;
-use logic::push::outcome;
+use logic::push::{outcome, ACK_GRACE_MS};
 use logic::{CloseReason, ConnRef, Input, Output, PushContent, Shard, ShardConfig};
 use proptest::prelude::*;
 use schema::token::{self, Claims, ResumeClaims};
@@ -37,6 +38,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const UNKNOWN_SEQ: u32 = 1 << 30;
 /// Virtual time the app gets to be live again once the network heals.
 const HEAL_MS: u64 = 30_000;
+/// The wall clock (ms since the Unix epoch) at virtual time 0, for both sides.
+const WALL_BASE: u64 = 1_800_000_000_000;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -79,7 +82,8 @@ struct Rec {
     at_ms: u64,
     /// Its TTL.
     ttl_ms: u32,
-    /// When the gate first fed the shard an ack for it on the connection holding the session.
+    /// When the gate first fed the shard an ack for it on the connection holding the session,
+    /// before its deadline plus the grace.
     acked_ms: Option<u64>,
     /// Receipts (outcome values).
     receipts: Vec<u8>,
@@ -169,6 +173,8 @@ impl H {
             read_chunk: 64,
             ..Config::default()
         };
+        let mut app = AppProto::new(cfg, seed, base);
+        app.set_wall_clock(base, WALL_BASE);
         H {
             now_ms: 0,
             base,
@@ -186,7 +192,7 @@ impl H {
                 clustered: false,
             }),
             genc: Encoder::new(),
-            app: AppProto::new(cfg, seed, base),
+            app,
             aenc: Encoder::new(),
             aout: Vec::new(),
             link: None,
@@ -236,7 +242,16 @@ impl H {
                     self.resumes += u32::from(resumed);
                 }
                 Event::Push { delivery, .. } => {
-                    self.pushes.get_mut(&delivery.message_id).expect("a pushed id").shown += 1;
+                    let rec = self.pushes.get_mut(&delivery.message_id).expect("a pushed id");
+                    let due = rec.at_ms + u64::from(rec.ttl_ms);
+                    assert_eq!(delivery.deadline_ms, WALL_BASE + due, "the body tells the deadline");
+                    assert!(
+                        self.now_ms < due,
+                        "push {} shown at {}, due {due}",
+                        delivery.message_id,
+                        self.now_ms
+                    );
+                    rec.shown += 1;
                 }
                 Event::Repeat { message_id, .. } => {
                     assert!(self.pushes[&message_id].shown > 0, "a repeat of {message_id}, never shown");
@@ -447,11 +462,12 @@ impl H {
                 if attached {
                     assert_eq!(self.seq_mid.get(&seq), Some(&mid), "an ack names its delivery's message id");
                     let rec = self.pushes.get_mut(&mid).expect("a pushed id");
-                    if now < rec.at_ms + u64::from(rec.ttl_ms) && rec.acked_ms.is_none() {
+                    if now < rec.at_ms + u64::from(rec.ttl_ms) + ACK_GRACE_MS && rec.acked_ms.is_none() {
                         rec.acked_ms = Some(now);
                     }
                 }
-                self.shard.handle(Input::PushAck { uid: UID, conn, seq, read_us: 0 }, now, &mut outs);
+                let ack = Input::PushAck { uid: UID, conn, seq, message_id: mid, log_id, read_us: 0 };
+                self.shard.handle(ack, now, &mut outs);
             }
             (Cmd::Keepalive, FrameType::Request, Detail::Keepalive(ts)) => {
                 assert!(link.attached, "keepalives come from live sessions");
@@ -531,14 +547,18 @@ impl H {
         let Some(link) = self.link.as_mut().filter(|_| self.app_up) else { return };
         let n = n.min(link.to_app.len());
         let bytes: Vec<u8> = link.to_app.drain(..n).collect();
-        // Every push (and push of a cmd the app does not know) it gets must be acked at once.
+        // Every push (and push of a cmd the app does not know) it gets must be acked at once,
+        // but one that came at or after its deadline and was never shown.
         link.app_in.extend_from_slice(&bytes);
         let mut frames = Frames::new(&link.app_in, Limits::APP);
         for item in frames.by_ref() {
             match item {
                 Ok(Decoded::Frame(f)) => {
                     if let Body::PushDelivery(d) = f.body {
-                        link.acks_due.push((f.header.seq, d.message_id()));
+                        let rec = &self.pushes[&d.message_id()];
+                        if self.now_ms < rec.at_ms + u64::from(rec.ttl_ms) || rec.shown > 0 {
+                            link.acks_due.push((f.header.seq, d.message_id()));
+                        }
                     }
                 }
                 Ok(Decoded::Rejected { header, .. }) if header.ty == FrameType::Push as u8 => {
@@ -638,17 +658,21 @@ impl H {
         let body = enc
             .body(|b| {
                 let payload = b.create_vector(&message_id.to_le_bytes());
-                wire::PushDelivery::create(
-                    b,
-                    &wire::PushDeliveryArgs { message_id, payload: Some(payload), sent_at_us: 1, kind: 1 },
-                )
+                let args = wire::PushDeliveryArgs {
+                    message_id,
+                    payload: Some(payload),
+                    sent_at_us: 1,
+                    kind: 1,
+                    deadline_ms: WALL_BASE + self.now_ms + u64::from(ttl_ms),
+                };
+                wire::PushDelivery::create(b, &args)
             })
             .to_vec();
         let push = Arc::new(PushContent {
             message_id,
             body: Arc::from(body),
             log_id: message_id,
-            ttl_ms,
+            deadline_ms: self.now_ms + u64::from(ttl_ms),
             origin: logic::LOCAL,
             accepted_us: 0,
         });

@@ -823,6 +823,12 @@ fn on_msgs(shard: &mut Shard, msgs: Vec<Msg>, now: u64) {
     for msg in msgs {
         match msg {
             Msg::Logic(input) => logic_input(shard, input, now),
+            Msg::Reserved(input, reserved) => {
+                logic_input(shard, input, now);
+                // What the push became (pairs in flight, or receipts at once) replaces its
+                // reservation in the shard's count, in one step.
+                shard.publish_in_flight(reserved);
+            }
             Msg::Conn(output) => apply(shard, output, now),
             Msg::AppServer(m) => crate::sidecar::on_mesh(shard, m, now),
             Msg::Cluster(note) => crate::cluster::on_note(shard, note, now),
@@ -873,6 +879,9 @@ pub(crate) fn apply(shard: &mut Shard, o: Output, now: u64) {
             crate::sidecar::push::on_counted(shard, tally, targets)
         }
         Output::Receipt(r) => crate::cluster::receipt(shard, r, now),
+        Output::AckMismatch { conn, seq, log_id, message_id } => {
+            push::ack_mismatch(shard, conn, seq, log_id, message_id)
+        }
         Output::Upstream { request_id, uid, role, cmd, body, log_id } => {
             let u = crate::delivery::UpstreamOut { request_id, uid, role, cmd, body, log_id };
             crate::cluster::relay::upstream(shard, u, now)
@@ -999,6 +1008,8 @@ fn flush(shard: &mut Shard, now: u64) {
     crate::cluster::flush(shard, now);
     shard.send_outbox();
     shard.flush_writes();
+    // Pairs that ended (or came from other nodes) this turn show in the room the sidecars see.
+    shard.publish_in_flight(0);
     shard.refresh_logic_gauges();
 }
 
@@ -1043,6 +1054,7 @@ fn begin_shutdown(shard: &mut Shard, stop: &Stop, clocks: &mut Clocks, now: u64)
     for o in out {
         apply(shard, o, now);
     }
+    shard.began.fetch_add(1, AcqRel);
     clocks.shutdown = Shutdown::WaitApps { until: now + DRAIN_TIMEOUT_MS };
 }
 
@@ -1054,7 +1066,11 @@ fn shutdown_step(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
     match clocks.shutdown {
         Shutdown::Running | Shutdown::Done => {}
         Shutdown::WaitApps { until } => {
-            if shard.app_conns() == 0 || now >= until {
+            // A drain waits for every shard's go-aways too: this shard's sessions may be held by
+            // connections on other shards, which must hear "resume elsewhere" before the session
+            // leaves (else they would hear "displaced").
+            let all_began = shard.drain_to.is_empty() || shard.began.load(Acquire) >= shard.mesh.len();
+            if (shard.app_conns() == 0 && all_began) || now >= until {
                 // Draining: this shard's sessions move to the other nodes first; what is left
                 // (none, or all when no other node lives) ends below.
                 crate::cluster::handoff::drain(shard, now);

@@ -24,6 +24,9 @@ pub const MAX_BATCH: usize = 1024;
 pub enum Msg {
     /// For the logic shard of the receiving executor.
     Logic(logic::Input),
+    /// A push (or broadcast) for the logic shard of the receiving executor, with the room a
+    /// sidecar reserved for it there (`sidecar::room`), given back once the shard took it.
+    Reserved(logic::Input, u32),
     /// For connections on the receiving executor's gate shard.
     Conn(logic::Output),
     /// For the app-server connections on the receiving executor.

@@ -230,6 +230,11 @@ pub struct ShardMetrics {
     pub push_deliveries: AtomicU64,
     /// PushAck frames from apps.
     pub push_acks: AtomicU64,
+    /// PushAcks refused because their message id was not the push's sent under their
+    /// sequence-id.
+    pub push_acks_mismatched: AtomicU64,
+    /// Pushes refused Overloaded: no room for their pairs under the bound on pushes in flight.
+    pub pushes_refused: AtomicU64,
     /// Receipts sent to app-servers.
     pub receipts_sent: AtomicU64,
     /// Receipts dropped from a full backlog while no app-server was connected.
@@ -309,6 +314,12 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
     scalar!(counter, "push_targets_total", "(message id, uid) pairs accepted.", push_targets);
     scalar!(counter, "push_deliveries_total", "Push deliveries written to apps.", push_deliveries);
     scalar!(counter, "push_acks_total", "Push acks from apps.", push_acks);
+    scalar!(
+        counter,
+        "push_acks_mismatched_total",
+        "Push acks refused with InvalidField: their message id was not the push's sent under their sequence-id.",
+        push_acks_mismatched
+    );
     scalar!(counter, "receipts_sent_total", "Receipts sent to app-servers.", receipts_sent);
     scalar!(
         counter,
@@ -335,6 +346,15 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
                 s.refused.get(r as usize)
             );
         }
+    }
+    counter(
+        &mut o,
+        "fleetgate_pushes_refused_total",
+        "Pushes refused by the gate's bounds, by reason (overloaded: no room under limits.max_pushes_in_flight_per_shard).",
+    );
+    for (i, s) in shards.iter().enumerate() {
+        let n = s.pushes_refused.load(Relaxed);
+        let _ = writeln!(o, "fleetgate_pushes_refused_total{{shard=\"{i}\",reason=\"overloaded\"}} {n}");
     }
     counter(&mut o, "fleetgate_handshakes_total", "Secure-channel handshakes accepted, by kind.");
     for (i, s) in shards.iter().enumerate() {

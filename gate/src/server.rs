@@ -118,6 +118,8 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     } else {
         None
     };
+    let push_room =
+        Arc::new(crate::sidecar::room::PushRoom::new(shards, cfg.limits.max_pushes_in_flight_per_shard));
     let shared = Shared {
         cfg: Arc::new(cfg),
         mesh: mesh.clone(),
@@ -125,10 +127,12 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
         gps_recent: Arc::new(Mutex::new(VecDeque::new())),
         sidecars: Arc::new(crate::delivery::Registry::new(shards)),
         drained: Arc::new(AtomicUsize::new(0)),
+        began: Arc::new(AtomicUsize::new(0)),
         node,
         keys: keys.clone(),
         incarnation,
         cluster: cluster.clone(),
+        push_room,
     };
     watch_signals(mesh)?;
 

@@ -167,6 +167,8 @@ pub struct Shared {
     pub sidecars: Arc<crate::delivery::Registry>,
     /// Shards that finished draining their logic at shutdown.
     pub drained: Arc<std::sync::atomic::AtomicUsize>,
+    /// Shards that sent their apps' go-aways at shutdown.
+    pub began: Arc<std::sync::atomic::AtomicUsize>,
     /// host:port apps should reconnect to.
     pub node: String,
     /// The secure channel's keys: the current pair and the previous one, if any.
@@ -175,6 +177,8 @@ pub struct Shared {
     pub incarnation: u64,
     /// Cluster mode: the shared directory and the other nodes.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Room for pushes in flight on every logic shard.
+    pub push_room: Arc<crate::sidecar::room::PushRoom>,
 }
 
 /// A broadcast waiting for every logic shard's count of its targets.
@@ -225,6 +229,10 @@ pub struct Shard {
     pub incarnation: u64,
     /// Cluster mode: the shared directory and the other nodes.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Room for pushes in flight on every logic shard.
+    pub push_room: Arc<crate::sidecar::room::PushRoom>,
+    /// This logic shard's pairs in flight as last published in `push_room`.
+    published_in_flight: usize,
     /// Cluster mode: this shard's commands for Redis and the pushes it forwarded.
     pub cluster_shard: Option<crate::cluster::ClusterShard>,
     /// Cluster mode: what this shard relays to and for other nodes.
@@ -262,6 +270,9 @@ pub struct Shard {
     pub sidecars: Arc<crate::delivery::Registry>,
     /// Shards that finished draining their logic at shutdown.
     pub drained: Arc<std::sync::atomic::AtomicUsize>,
+    /// Shards that sent their apps' go-aways at shutdown: a drain hands sessions over only once
+    /// every shard has, so no connection hears of its session moving before its own go-away.
+    pub began: Arc<std::sync::atomic::AtomicUsize>,
     /// Set once shutdown began.
     pub shutting_down: bool,
     /// Cluster mode, shutting down: the live nodes this node's sessions move to (name, app
@@ -319,10 +330,12 @@ impl Shard {
             gps_recent,
             sidecars,
             drained,
+            began,
             node,
             keys,
             incarnation,
             cluster,
+            push_room,
         } = shared;
         let shards = mesh.len();
         let logic = logic::Shard::new(logic::ShardConfig {
@@ -353,6 +366,8 @@ impl Shard {
             keys,
             incarnation,
             cluster_shard: cluster.as_ref().map(|_| crate::cluster::ClusterShard::default()),
+            push_room,
+            published_in_flight: 0,
             relay: Default::default(),
             ends: Default::default(),
             cluster,
@@ -372,6 +387,7 @@ impl Shard {
             gps_recent,
             sidecars,
             drained,
+            began,
             shutting_down: false,
             drain_to: Vec::new(),
             // A random start, so two runs of a gate do not hand out the same ids.
@@ -876,6 +892,22 @@ impl Shard {
             self.outbox[dest] = back;
             self.outbox_retry_ms = Some(mono_ms() + 1);
         }
+    }
+
+    /// Pairs in flight on this logic shard: waiting for their ack in a session, or (cluster
+    /// mode) for the directory's answer or another node's receipt.
+    pub fn pushes_in_flight(&self) -> usize {
+        let cluster = self.cluster_shard.as_ref().map_or(0, |cs| cs.pairs_waiting());
+        self.logic.pushes_in_flight() + cluster
+    }
+
+    /// Publishes this logic shard's pairs in flight in the shared room, giving back `reserved`,
+    /// the room sidecars reserved for the push just taken (0 at the end of a turn).
+    pub fn publish_in_flight(&mut self, reserved: u32) {
+        let now = self.pushes_in_flight();
+        let delta = now as i64 - self.published_in_flight as i64 - reserved as i64;
+        self.push_room.settle(self.id as usize, delta);
+        self.published_in_flight = now;
     }
 
     /// Publishes the logic shard's gauges.

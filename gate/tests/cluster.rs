@@ -4,12 +4,14 @@
 //! back; a node killed ends what waited on it as NodeLost within the lease; the same push over
 //! `rediss://` with a private CA and a password, and a CA file that cannot be used. The relay:
 //! GPS, requests and unreachable events from a node with no app-server reach the app-server on
-//! another; EndSession ends a session on whichever node holds it.
+//! another; EndSession ends a session on whichever node holds it. A push's deadline crosses
+//! nodes unchanged, and so does the ack grace: an unacked pair on another node ends TtlExpired,
+//! not NodeLost.
 
 mod common;
 
 use client::{AppServerEvent, ClientError};
-use common::{collect_events, next_push, point, push_spec, receipts, Gate, EVENTUALLY};
+use common::{collect_events, next_push, point, push_spec, receipts, sleep_until_wall, Gate, EVENTUALLY};
 use schema::wire::{ErrorCode, GoAwayReason, Hop, Outcome};
 use schema::{Body, Cmd};
 use std::time::{Duration, Instant};
@@ -235,6 +237,64 @@ fn a_killed_node_ends_what_waited_on_it_as_node_lost() {
     assert!(took < Duration::from_secs(5), "NodeLost after {took:?}, past the lease bound");
 }
 
+/// A push accepted on node a for drivers on node b: the deadline the drivers read is node a's
+/// acceptance plus the TTL; an ack half a grace past it is still Delivered; the driver that never
+/// acks ends TtlExpired (node b's expiry, a hop after deadline + grace), not NodeLost (node a's
+/// wait, deadline + 750 ms).
+#[test]
+fn across_nodes_the_ack_grace_holds_and_an_unacked_pair_ends_ttl_expired_not_node_lost() {
+    use logic::push::ACK_GRACE_MS;
+    let redis = RedisServer::start().expect("redis-server starts");
+    let a = node(&redis.url(), "node-a", &[]);
+    let b = node(&redis.url(), "node-b", &[]);
+    until_clustered(&a, 2);
+    until_clustered(&b, 2);
+    let mut in_time = b.login(71, 1);
+    let mut silent = b.login(72, 1);
+    a.eventually("the directory knows both on node b", || {
+        [71, 72].iter().all(|&u| {
+            redis
+                .command(&["HGET", &cluster::uid_key(u), "node"])
+                .ok()
+                .and_then(|r| r.text().map(str::to_owned))
+                == Some("node-b".into())
+        })
+    });
+    let (srv, ev) = a.appserver();
+    let ttl_ms = 1_000;
+    let before = client::now_ms();
+    srv.push(&push_spec(700, &[71, 72], ttl_ms)).expect("accepted on node a");
+    let after = client::now_ms();
+    let f = next_push(&mut in_time);
+    let deadline = f.delivery().expect("delivery").deadline_ms;
+    assert!(
+        (before + ttl_ms as u64..=after + ttl_ms as u64).contains(&deadline),
+        "node a's acceptance + TTL"
+    );
+    let g = next_push(&mut silent);
+    assert_eq!(g.delivery().expect("delivery").deadline_ms, deadline);
+    sleep_until_wall(deadline + ACK_GRACE_MS / 2);
+    in_time.ack_push(&f).expect("ack");
+    let (mut got, mut expired_at) = (Vec::new(), 0);
+    collect_events(&ev, |e| {
+        if let AppServerEvent::Receipt { message_id, uid, outcome } = e {
+            if *outcome == Outcome::TtlExpired {
+                expired_at = client::now_ms();
+            }
+            got.push((*message_id, *uid, *outcome));
+        }
+        got.len() == 2
+    });
+    got.sort();
+    assert_eq!(got, vec![(700, 71, Outcome::Delivered), (700, 72, Outcome::TtlExpired)]);
+    assert!(
+        expired_at >= deadline + ACK_GRACE_MS,
+        "expired {} ms early",
+        deadline + ACK_GRACE_MS - expired_at
+    );
+    assert!(expired_at <= after + ttl_ms as u64 + 1_000, "{} ms past the deadline", expired_at - deadline);
+}
+
 /// Drops `c` without logout and waits until node `g` holds its session.
 fn drop_held(g: &Gate, c: client::AppConn) {
     let before = g.metric("fleetgate_held_sessions", "");
@@ -265,6 +325,7 @@ fn a_resume_on_another_node_takes_the_session_over_with_its_queue() {
     srv_a.push(&push_spec(1, &[61], 30_000)).expect("push 1 on a");
     let first = next_push(&mut driver);
     assert_eq!(first.delivery().expect("delivery").message_id, 1);
+    let deadline = first.delivery().expect("delivery").deadline_ms;
     // Not acked: the drop keeps it in flight, to be redelivered.
     drop_held(&a, driver);
     srv_a.push(&push_spec(2, &[61], 30_000)).expect("push 2 on a");
@@ -282,6 +343,9 @@ fn a_resume_on_another_node_takes_the_session_over_with_its_queue() {
     for _ in 0..4 {
         let f = next_push(&mut moved);
         let d = f.delivery().expect("delivery");
+        if d.message_id == 1 {
+            assert_eq!(d.deadline_ms, deadline, "the body moved with the session unchanged");
+        }
         got.push((d.message_id, f.seq(), f.is_redelivery()));
         moved.ack_push(&f).expect("ack");
     }

@@ -2,7 +2,8 @@
 //! (message id, uid).
 //!
 //! Every push accepted for a uid ends in exactly one [`Receipt`]: `Delivered` when the app acks
-//! it, or unreachable with the reason the session could not take it. A push waiting for its ack
+//! it before the push's deadline plus [`ACK_GRACE_MS`], `TtlExpired` when no ack came by then,
+//! or unreachable with the reason the session could not take it. A push waiting for its ack
 //! lives in its session's in-flight map and in the shard's TTL index; whichever of ack, expiry or
 //! the session's end comes first removes it from both and emits the receipt, so a second event
 //! for the same push finds nothing and emits nothing.
@@ -42,6 +43,17 @@ pub type Origin = u32;
 /// This node.
 pub const LOCAL: Origin = 0;
 
+/// How long after a push's deadline an ack still counts: an ack the shard takes before
+/// `deadline + ACK_GRACE_MS` ends the pair `Delivered`, and from then on the pair has ended
+/// `TtlExpired` (its expiry fires then). An app shows a push only before its deadline and acks at
+/// once, so the grace covers the ack's way to the gate: the app's uplink, a TCP retransmission,
+/// the gate's read batching (up to 100 ms on the readiness path, docs/PROTOCOL.md §11) and a hop
+/// between shards. It is as long as the receipt bounds leave room for: TtlExpired comes by TTL +
+/// 500 ms + the timer's 50 ms + the receipt window's 2 ms, inside the promised TTL + 1 s; and a
+/// node that forwarded a push to another waits deadline + 750 ms for that node's receipt, which
+/// leaves about 200 ms for the two hops between them (docs/PROTOCOL.md §15 has the sums).
+pub const ACK_GRACE_MS: u64 = 500;
+
 /// What a push carries to every target: encoded once, shared by all deliveries.
 #[derive(Debug, Clone)]
 pub struct PushContent {
@@ -52,8 +64,11 @@ pub struct PushContent {
     pub body: Arc<[u8]>,
     /// The push's log-id.
     pub log_id: u64,
-    /// Time-to-live from acceptance, ms.
-    pub ttl_ms: u32,
+    /// Its deadline on the gate's monotonic clock (the `now_ms` the shard is stepped with):
+    /// acceptance plus TTL, taken in the same instant as the wall-clock deadline in `body`, so
+    /// the shard's expiry and what the app reads agree. A push that came from another node (or
+    /// with a session) gets the time it had left counted from its arrival here.
+    pub deadline_ms: u64,
     /// The node whose sidecar accepted it ([`LOCAL`]: this one): its receipts go there.
     pub origin: Origin,
     /// When the sidecar read the Push frame (the gate's monotonic µs), so the gate can measure
@@ -98,8 +113,8 @@ impl Receipt {
 pub struct Inflight {
     /// The push.
     pub push: Arc<PushContent>,
-    /// When its time-to-live ends (ms).
-    pub deadline_ms: u64,
+    /// When it expires (ms): its deadline plus [`ACK_GRACE_MS`]; the key of the TTL index.
+    pub expires_ms: u64,
     /// Written to a connection at least once (a resume then marks it a redelivery).
     pub sent: bool,
 }
@@ -150,31 +165,31 @@ impl PushState {
     pub fn drain_into(&mut self, uid: u64, outcome: u8, ttl: &mut TtlIndex, out: &mut Vec<Receipt>) {
         self.bytes = 0;
         for (seq, f) in std::mem::take(&mut self.inflight) {
-            ttl.remove(f.deadline_ms, uid, seq);
+            ttl.remove(f.expires_ms, uid, seq);
             out.push(Receipt::of(&f.push, uid, outcome));
         }
     }
 }
 
-/// Every in-flight push of a shard by deadline: expiry without scanning sessions.
+/// Every in-flight push of a shard by expiry: expiry without scanning sessions.
 #[derive(Debug, Default)]
 pub struct TtlIndex {
-    /// (deadline ms, uid, sequence-id).
+    /// (expiry ms, uid, sequence-id).
     set: BTreeSet<(u64, u64, u32)>,
 }
 
 impl TtlIndex {
     /// Adds a push.
-    pub fn insert(&mut self, deadline_ms: u64, uid: u64, seq: u32) {
-        self.set.insert((deadline_ms, uid, seq));
+    pub fn insert(&mut self, expires_ms: u64, uid: u64, seq: u32) {
+        self.set.insert((expires_ms, uid, seq));
     }
 
     /// Removes a push (acked or ended).
-    pub fn remove(&mut self, deadline_ms: u64, uid: u64, seq: u32) {
-        self.set.remove(&(deadline_ms, uid, seq));
+    pub fn remove(&mut self, expires_ms: u64, uid: u64, seq: u32) {
+        self.set.remove(&(expires_ms, uid, seq));
     }
 
-    /// The earliest deadline.
+    /// The earliest expiry.
     pub fn first_deadline(&self) -> Option<u64> {
         self.set.first().map(|e| e.0)
     }

@@ -4,7 +4,7 @@
 use crate::directory::Directory;
 use crate::directory::{ResumeRefused, ResumeSecret};
 use crate::gps::{Coalescer, Forward, GpsStats};
-use crate::push::{outcome, Inflight, Origin, PushContent, Receipt, TtlIndex};
+use crate::push::{outcome, Inflight, Origin, PushContent, Receipt, TtlIndex, ACK_GRACE_MS};
 use crate::upstream::{Pending, Requests};
 use crate::ConnRef;
 use schema::wire::{GpsPoint, UidGpsPoint};
@@ -193,6 +193,10 @@ pub enum Input {
         conn: ConnRef,
         /// The delivery's sequence-id.
         seq: u32,
+        /// The message id the ack names: it must be the push's sent under `seq`.
+        message_id: u64,
+        /// The ack's log-id, echoed in an error about it.
+        log_id: u64,
         /// When the gate read the ack (monotonic µs; 0: unknown), carried to its receipt.
         read_us: u64,
     },
@@ -438,6 +442,18 @@ pub enum Output {
     },
     /// A final receipt for the app-server.
     Receipt(Receipt),
+    /// An ack named another message id than the push sent under its sequence-id: the app gets
+    /// an InvalidField error, and the push stays in flight (a correct ack may still come).
+    AckMismatch {
+        /// The connection the ack came on.
+        conn: ConnRef,
+        /// The ack's sequence-id.
+        seq: u32,
+        /// The ack's log-id.
+        log_id: u64,
+        /// The message id the ack named.
+        message_id: u64,
+    },
     /// A request for the app-server.
     Upstream {
         /// Id the app-server echoes.
@@ -553,6 +569,7 @@ impl Output {
             | Output::Deliver { conn, .. }
             | Output::Reply { conn, .. }
             | Output::RequestFailed { conn, .. }
+            | Output::AckMismatch { conn, .. }
             | Output::Ended { conn, .. } => Some(conn.shard),
             Output::BroadcastCounted { tally, .. } => Some(tally.shard),
             Output::EndAnswered { tag, .. } => Some((tag >> END_TAG_SHIFT) as u16),
@@ -718,7 +735,7 @@ impl Shard {
                     if self.cfg.clustered && self.directory.get(uid).is_none() {
                         elsewhere.push(uid);
                     } else {
-                        self.push_one(uid, &push, now_ms, out);
+                        self.push_one(uid, &push, out);
                     }
                 }
                 if !elsewhere.is_empty() {
@@ -730,19 +747,36 @@ impl Shard {
                     self.directory.iter().filter(|(_, e)| e.role == role).map(|(uid, _)| *uid).collect();
                 out.push(Output::BroadcastCounted { tally, targets: uids.len() as u32 });
                 for uid in uids {
-                    self.push_one(uid, &push, now_ms, out);
+                    self.push_one(uid, &push, out);
                 }
             }
-            Input::PushAck { uid, conn, seq, read_us } => {
-                if let Some(e) = self.directory.get_mut(uid) {
-                    if e.conn == conn {
-                        if let Some(f) = e.pushes.remove(seq) {
-                            self.ttl.remove(f.deadline_ms, uid, seq);
-                            let r = Receipt::of(&f.push, uid, outcome::DELIVERED);
-                            self.receipts.push(Receipt { acked_us: read_us, ..r });
+            Input::PushAck { uid, conn, seq, message_id, log_id, read_us } => {
+                if let Some(e) = self.directory.get_mut(uid).filter(|e| e.conn == conn) {
+                    match e.pushes.inflight.get(&seq) {
+                        // Not the push sent under `seq`: a broken app must not end another
+                        // push's pair (nor leave it unacked unnoticed), so it is told, and the
+                        // push waits for its own ack or its expiry.
+                        Some(f) if f.push.message_id != message_id => {
+                            out.push(Output::AckMismatch { conn, seq, log_id, message_id });
+                        }
+                        Some(_) => {
+                            if let Some(f) = e.pushes.remove(seq) {
+                                self.ttl.remove(f.expires_ms, uid, seq);
+                                // Taken at its expiry or later (the timer has not run yet): the
+                                // pair has ended TtlExpired, whatever this turn still finds.
+                                let o = if now_ms < f.expires_ms {
+                                    outcome::DELIVERED
+                                } else {
+                                    outcome::TTL_EXPIRED
+                                };
+                                // The ack's read time goes with the receipt it caused.
+                                let r = Receipt::of(&f.push, uid, o);
+                                self.receipts.push(Receipt { acked_us: read_us, ..r });
+                            }
                         }
                         // An ack for a push already ended (acked twice, expired) is ignored: its
                         // receipt was sent.
+                        None => {}
                     }
                 }
             }
@@ -830,8 +864,9 @@ impl Shard {
                     let last_seq = e.pushes.last_seq();
                     let mut pushes = Vec::with_capacity(e.pushes.inflight.len());
                     for (seq, f) in std::mem::take(&mut e.pushes.inflight) {
-                        self.ttl.remove(f.deadline_ms, uid, seq);
-                        let ttl_left_ms = f.deadline_ms.saturating_sub(now_ms);
+                        self.ttl.remove(f.expires_ms, uid, seq);
+                        // Time left to the push's deadline; the taker adds the grace again.
+                        let ttl_left_ms = f.expires_ms.saturating_sub(ACK_GRACE_MS).saturating_sub(now_ms);
                         pushes.push(HandedPush { seq, push: f.push, ttl_left_ms, sent: f.sent });
                     }
                     let hold_left_ms = match e.held_until_ms {
@@ -884,9 +919,9 @@ impl Shard {
         }
         let mut pushes = crate::push::PushState::continuing(h.last_seq);
         for p in h.pushes {
-            let deadline_ms = now_ms + p.ttl_left_ms;
-            self.ttl.insert(deadline_ms, uid, p.seq);
-            pushes.insert(p.seq, Inflight { push: p.push, deadline_ms, sent: p.sent });
+            let expires_ms = now_ms + p.ttl_left_ms + ACK_GRACE_MS;
+            self.ttl.insert(expires_ms, uid, p.seq);
+            pushes.insert(p.seq, Inflight { push: p.push, expires_ms, sent: p.sent });
         }
         // No connection yet: a slot no connection has, on this shard (the resume replaces it).
         let conn = ConnRef { shard: self.cfg.id, slot: u32::MAX, gen: 0 };
@@ -936,7 +971,7 @@ impl Shard {
         }
     }
 
-    fn push_one(&mut self, uid: u64, push: &Arc<PushContent>, now_ms: u64, out: &mut Vec<Output>) {
+    fn push_one(&mut self, uid: u64, push: &Arc<PushContent>, out: &mut Vec<Output>) {
         let Some(e) = self.directory.get_mut(uid) else {
             self.receipts.push(Receipt::of(push, uid, outcome::OFFLINE));
             return;
@@ -948,11 +983,13 @@ impl Shard {
             return;
         }
         let seq = e.pushes.take_seq();
-        let deadline_ms = now_ms + push.ttl_ms as u64;
+        // The pair ends TtlExpired a grace after the push's deadline (the one its body tells the
+        // app), counted from the push's acceptance, not from here.
+        let expires_ms = push.deadline_ms + ACK_GRACE_MS;
         // A held session queues the push; the resume delivers it.
         let sent = e.held_until_ms.is_none();
-        e.pushes.insert(seq, Inflight { push: push.clone(), deadline_ms, sent });
-        self.ttl.insert(deadline_ms, uid, seq);
+        e.pushes.insert(seq, Inflight { push: push.clone(), expires_ms, sent });
+        self.ttl.insert(expires_ms, uid, seq);
         if sent {
             out.push(Output::Deliver { conn: e.conn, seq, push: push.clone(), redelivery: false });
         }
@@ -1068,15 +1105,21 @@ mod tests {
         ConnRef { shard: 1, slot, gen: 3 }
     }
 
-    fn push(id: u64, ttl_ms: u32) -> Arc<PushContent> {
+    /// A push whose deadline is `deadline_ms` (its acceptance plus its TTL).
+    fn push(id: u64, deadline_ms: u64) -> Arc<PushContent> {
         Arc::new(PushContent {
             message_id: id,
             body: Arc::from(&b"x"[..]),
             log_id: id,
-            ttl_ms,
+            deadline_ms,
             origin: crate::LOCAL,
             accepted_us: 0,
         })
+    }
+
+    /// The app's ack of the delivery of message `id` it got with `seq` on `conn`.
+    fn ack(uid: u64, conn: ConnRef, seq: u32, id: u64) -> Input {
+        Input::PushAck { uid, conn, seq, message_id: id, log_id: 0x99, read_us: 0 }
     }
 
     /// A Resume of `uid`'s session `epoch` on `conn` (log-id 2, seq 1).
@@ -1108,7 +1151,7 @@ mod tests {
         let epoch = a.directory.get(9).expect("session").epoch;
         a.handle(Input::Push { push: push(1, 10_000), uids: vec![9] }, 0, &mut out);
         a.handle(Input::Closed { uid: 9, conn: c(1), reason: CloseReason::Dropped }, 100, &mut out);
-        a.handle(Input::Push { push: push(2, 10_000), uids: vec![9] }, 200, &mut out);
+        a.handle(Input::Push { push: push(2, 10_200), uids: vec![9] }, 200, &mut out);
         out.clear();
         // The taker has no session: the resume asks for it.
         b.handle(resume(9, epoch, Some(0), c(7), None), 300, &mut out);
@@ -1141,12 +1184,15 @@ mod tests {
         b.handle(*retry, 1_000, &mut out);
         assert!(matches!(out[0], Output::ResumeOk { uid: 9, resumes: 1, .. }), "{out:?}");
         assert_eq!(deliveries(&out), vec![(1, 1, true), (2, 2, false)]);
-        // Numbering continues and the TTLs left hold: push 3 gets seq 3, push 1 expires at 10 s.
+        // Numbering continues and the TTLs left hold: push 3 gets seq 3, push 1's deadline stays
+        // at 10 s, and it expires a grace later.
         out.clear();
-        b.handle(Input::Push { push: push(3, 60_000), uids: vec![9] }, 1_000, &mut out);
+        b.handle(Input::Push { push: push(3, 61_000), uids: vec![9] }, 1_000, &mut out);
         assert_eq!(deliveries(&out), vec![(3, 3, false)]);
         out.clear();
-        b.tick(10_001, &mut out);
+        b.tick(10_000 + ACK_GRACE_MS - 1, &mut out);
+        assert!(receipts(&out).is_empty(), "{out:?}");
+        b.tick(10_000 + ACK_GRACE_MS, &mut out);
         assert_eq!(receipts(&out), vec![(1, 9, outcome::TTL_EXPIRED)]);
         // A handoff of an older session than the one here loses: its pushes end displaced.
         let stale = Box::new(Handed {
@@ -1156,7 +1202,7 @@ mod tests {
             resume_secret: None,
             hold_left_ms: 1_000,
             last_seq: 0,
-            pushes: vec![HandedPush { seq: 1, push: push(4, 1_000), ttl_left_ms: 1_000, sent: false }],
+            pushes: vec![HandedPush { seq: 1, push: push(4, 12_000), ttl_left_ms: 1_000, sent: false }],
         });
         out.clear();
         b.handle(Input::Install { uid: 9, session: stale }, 11_000, &mut out);
@@ -1341,7 +1387,7 @@ mod tests {
         );
         assert!(!out.iter().any(|o| matches!(o, Output::Receipt(_))), "{out:?}");
         out.clear();
-        s.handle(Input::PushAck { uid: 1, conn: c(1), seq: 2, read_us: 0 }, 1, &mut out);
+        s.handle(ack(1, c(1), 2, 10), 1, &mut out);
         assert!(
             out.iter().any(|o| matches!(o, Output::Receipt(r) if r.message_id == 10 && r.outcome == outcome::DELIVERED && r.origin == 7)),
             "the delivered receipt goes back to the node that accepted the push: {out:?}"
@@ -1522,16 +1568,16 @@ mod tests {
             .collect();
         assert_eq!(seqs.len(), 3);
         out.clear();
-        s.handle(Input::PushAck { uid: 1, conn: c(1), seq: seqs[0].1, read_us: 0 }, 10, &mut out);
-        s.handle(Input::PushAck { uid: 1, conn: c(1), seq: seqs[0].1, read_us: 0 }, 11, &mut out); // twice
+        s.handle(ack(1, c(1), seqs[0].1, 70), 10, &mut out);
+        s.handle(ack(1, c(1), seqs[0].1, 70), 11, &mut out); // twice
         s.handle(
             Input::Login { uid: 3, role: 1, conn: c(4), log_id: 2, seq: 1, wall_ms: 20, resume_secret: None },
             20,
             &mut out,
         );
-        s.tick(499, &mut out);
-        s.tick(500, &mut out);
-        s.handle(Input::PushAck { uid: 2, conn: c(2), seq: seqs[1].1, read_us: 0 }, 600, &mut out); // too late
+        s.tick(499 + ACK_GRACE_MS, &mut out);
+        s.tick(500 + ACK_GRACE_MS, &mut out);
+        s.handle(ack(2, c(2), seqs[1].1, 70), 600 + ACK_GRACE_MS, &mut out); // too late
         let mut r = receipts(&out);
         r.sort();
         assert_eq!(
@@ -1540,6 +1586,68 @@ mod tests {
         );
         assert_eq!(s.pushes_in_flight(), 0);
         assert_eq!(s.next_deadline_ms(), None);
+    }
+
+    /// The rule of docs/PROTOCOL.md §9.10: an ack taken before the deadline plus the grace is
+    /// Delivered, even after the deadline itself; from deadline + grace on the pair has ended
+    /// TtlExpired, whether the timer ran first or the ack came first, and a later ack changes
+    /// nothing.
+    #[test]
+    fn an_ack_within_the_grace_is_delivered_and_from_its_end_ttl_expired() {
+        let mut s = shard();
+        for uid in 1..=3 {
+            login(&mut s, uid, c(uid as u32));
+        }
+        let mut out = Vec::new();
+        // Accepted at 200 with a TTL of 800: deadline 1_000, expiry a grace later.
+        s.handle(Input::Push { push: push(5, 1_000), uids: vec![1, 2, 3] }, 200, &mut out);
+        let seq = delivered_seq(&out);
+        assert_eq!(s.next_deadline_ms(), Some(1_000 + ACK_GRACE_MS));
+        out.clear();
+        let end = 1_000 + ACK_GRACE_MS;
+        s.handle(ack(1, c(1), seq, 5), end - 1, &mut out); // past the deadline, within the grace
+        s.tick(end - 1, &mut out);
+        assert_eq!(receipts(&out), vec![(5, 1, outcome::DELIVERED)]);
+        out.clear();
+        s.handle(ack(2, c(2), seq, 5), end, &mut out); // the timer has not run yet
+        assert_eq!(receipts(&out), vec![(5, 2, outcome::TTL_EXPIRED)]);
+        out.clear();
+        s.tick(end, &mut out);
+        assert_eq!(receipts(&out), vec![(5, 3, outcome::TTL_EXPIRED)]);
+        out.clear();
+        s.handle(ack(3, c(3), seq, 5), end + 1, &mut out); // late: its receipt was sent
+        s.handle(ack(1, c(1), seq, 5), end + 1, &mut out); // twice
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(s.pushes_in_flight(), 0);
+    }
+
+    /// An ack naming another message id than the push sent under its sequence-id is answered
+    /// with `AckMismatch` and ends nothing; the push waits for its own ack.
+    #[test]
+    fn a_mismatched_ack_is_refused_and_the_push_stays_in_flight() {
+        let mut s = shard();
+        login(&mut s, 1, c(1));
+        let mut out = Vec::new();
+        s.handle(Input::Push { push: push(5, 10_000), uids: vec![1] }, 0, &mut out);
+        let seq = delivered_seq(&out);
+        out.clear();
+        s.handle(ack(1, c(1), seq, 6), 10, &mut out);
+        match &out[..] {
+            [Output::AckMismatch { conn, seq: s2, log_id: 0x99, message_id: 6 }] => {
+                assert_eq!((*conn, *s2), (c(1), seq));
+            }
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(s.pushes_in_flight(), 1);
+        out.clear();
+        // Acks that match nothing outstanding stay ignored (§6), right id or not: another
+        // sequence-id, or another connection than the session's.
+        s.handle(ack(1, c(1), seq + 1, 6), 11, &mut out);
+        s.handle(ack(1, c(2), seq, 6), 11, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        s.handle(ack(1, c(1), seq, 5), 12, &mut out);
+        assert_eq!(receipts(&out), vec![(5, 1, outcome::DELIVERED)]);
+        assert_eq!(s.pushes_in_flight(), 0);
     }
 
     #[test]
@@ -1645,7 +1753,7 @@ mod tests {
         out.clear();
         s.handle(Input::Push { push: push(1, 10_000), uids: vec![1] }, 0, &mut out); // sent, not acked
         s.handle(Input::Closed { uid: 1, conn: c(1), reason: CloseReason::Dropped }, 10, &mut out);
-        s.handle(Input::Push { push: push(2, 10_000), uids: vec![1] }, 20, &mut out); // queued
+        s.handle(Input::Push { push: push(2, 10_020), uids: vec![1] }, 20, &mut out); // queued
         assert_eq!(deliveries(&out), vec![(1, 1, false)]);
         assert!(receipts(&out).is_empty(), "nothing ends while held");
         out.clear();
@@ -1673,8 +1781,8 @@ mod tests {
             Output::ResumeRefused { why: crate::directory::ResumeRefused::Replayed, .. }
         ));
         out.clear();
-        s.handle(Input::PushAck { uid: 1, conn: other, seq: 1, read_us: 0 }, 50, &mut out);
-        s.handle(Input::PushAck { uid: 1, conn: other, seq: 2, read_us: 0 }, 50, &mut out);
+        s.handle(ack(1, other, 1, 1), 50, &mut out);
+        s.handle(ack(1, other, 2, 2), 50, &mut out);
         assert_eq!(receipts(&out), vec![(1, 1, outcome::DELIVERED), (2, 1, outcome::DELIVERED)]);
     }
 

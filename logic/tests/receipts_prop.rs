@@ -1,8 +1,11 @@
 //! Property: whatever happens to sessions (logins, displacement, drops, logouts, acks, time),
 //! every (message id, uid) of every push gets exactly one receipt, and `Delivered` only when the
-//! app acked it.
+//! app acked it before the push's deadline plus the grace; a pair still in flight at that moment
+//! ends `TtlExpired` then; an ack naming another message id ends nothing and is answered with
+//! `AckMismatch`.
 
 use logic::gps::Forward;
+use logic::push::{outcome, ACK_GRACE_MS};
 use logic::{CloseReason, ConnRef, Input, Output, PushContent, Shard, ShardConfig};
 use proptest::prelude::*;
 use std::collections::HashMap;
@@ -14,7 +17,8 @@ enum Op {
     Close(u64, u8),
     Logout(u64),
     Push(Vec<u64>, u32),
-    Ack(u64, usize),
+    /// The k-th unacked delivery of a uid, with its own message id or (true) another one.
+    Ack(u64, usize, bool),
     Advance(u64),
     Resume(u64, bool),
 }
@@ -26,7 +30,7 @@ fn op() -> impl Strategy<Value = Op> {
         (uid.clone(), 0u8..3).prop_map(|(u, r)| Op::Close(u, r)),
         uid.clone().prop_map(Op::Logout),
         (prop::collection::vec(0u64..8, 0..6), 1u32..2_000).prop_map(|(u, t)| Op::Push(u, t)),
-        (uid, 0usize..4).prop_map(|(u, k)| Op::Ack(u, k)),
+        (uid, 0usize..4, prop::bool::weighted(0.2)).prop_map(|(u, k, wrong)| Op::Ack(u, k, wrong)),
         (0u64..1_500).prop_map(Op::Advance),
         (0u64..6, any::<bool>()).prop_map(|(u, stale)| Op::Resume(u, stale)),
     ]
@@ -62,6 +66,8 @@ proptest! {
         let mut expected: HashMap<(u64, u64), u32> = HashMap::new();
         let mut receipts: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
         let mut next_msg = 0u64;
+        // Each push's deadline (acceptance + TTL) by message id.
+        let mut deadline: HashMap<u64, u64> = HashMap::new();
         let mut out = Vec::new();
         for op in ops {
             match op {
@@ -90,15 +96,38 @@ proptest! {
                     for &u in &uids {
                         *expected.entry((next_msg, u)).or_default() += 1;
                     }
-                    let push = Arc::new(PushContent { message_id: next_msg, body: Arc::from(&b"p"[..]), log_id: 0, ttl_ms, origin: logic::LOCAL, accepted_us: 0 });
+                    let deadline_ms = now + ttl_ms as u64;
+                    deadline.insert(next_msg, deadline_ms);
+                    let push = Arc::new(PushContent { message_id: next_msg, body: Arc::from(&b"p"[..]), log_id: 0, deadline_ms, origin: logic::LOCAL, accepted_us: 0 });
                     s.handle(Input::Push { push, uids }, now, &mut out);
                 }
-                Op::Ack(uid, k) => {
+                Op::Ack(uid, k, wrong) => {
                     if let Some(list) = delivered.get_mut(&uid) {
                         if k < list.len() {
-                            let (c, seq, msg) = list.remove(k);
-                            acked.push((msg, uid));
-                            s.handle(Input::PushAck { uid, conn: c, seq, read_us: 0 }, now, &mut out);
+                            let (c, seq, msg) = list[k];
+                            let ended = receipts.contains_key(&(msg, uid));
+                            if wrong {
+                                // Another push's id: refused while the pair is in flight, and it
+                                // ends nothing either way.
+                                s.handle(Input::PushAck { uid, conn: c, seq, message_id: msg + 1_000, log_id: 7, read_us: 0 }, now, &mut out);
+                                prop_assert!(!out.iter().any(|o| matches!(o, Output::Receipt(_))), "{:?}", out);
+                                let refused = out.iter().filter(|o| matches!(o, Output::AckMismatch { .. })).count();
+                                prop_assert!(refused <= 1 && (refused == 0 || !ended), "{:?}", out);
+                            } else {
+                                list.remove(k);
+                                acked.push((msg, uid));
+                                s.handle(Input::PushAck { uid, conn: c, seq, message_id: msg, log_id: 7, read_us: 0 }, now, &mut out);
+                                // Taken before deadline + grace: Delivered; from then on the
+                                // pair has ended TtlExpired.
+                                let late = now >= deadline[&msg] + ACK_GRACE_MS;
+                                for o in &out {
+                                    if let Output::Receipt(r) = o {
+                                        prop_assert_eq!((r.message_id, r.uid), (msg, uid));
+                                        let want = if late { outcome::TTL_EXPIRED } else { outcome::DELIVERED };
+                                        prop_assert_eq!(r.outcome, want, "ack at {} of a push due {}", now, deadline[&msg]);
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -119,6 +148,15 @@ proptest! {
                 Op::Advance(ms) => {
                     now += ms;
                     s.tick(now, &mut out);
+                    for o in &out {
+                        if let Output::Receipt(r) = o {
+                            if r.outcome == outcome::TTL_EXPIRED {
+                                prop_assert!(now >= deadline[&r.message_id] + ACK_GRACE_MS, "expired early: {:?}", r);
+                            }
+                        }
+                    }
+                    // Nothing stays in flight past its deadline + grace.
+                    prop_assert!(s.next_deadline_ms().is_none_or(|d| d > now));
                 }
             }
             for o in out.drain(..) {

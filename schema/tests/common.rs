@@ -131,6 +131,7 @@ pub fn all_frames() -> Vec<(&'static str, Vec<u8>)> {
                     payload: Some(payload),
                     sent_at_us: 1_700_000_000_000_000,
                     kind: 1,
+                    deadline_ms: 1_700_000_030_000,
                 },
             )
         })

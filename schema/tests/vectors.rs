@@ -121,6 +121,10 @@ fn bodies_read_back() {
     assert_eq!(u.reply().expect("reply").message(), Some("ok"));
     let Body::PushDelivery(d) = frame("push_delivery").0.body else { panic!("kind") };
     assert_eq!(d.payload().expect("payload").bytes(), b"order 77");
+    assert_eq!((d.message_id(), d.sent_at_us(), d.kind()), (5, 1_700_000_000_000_000, 1));
+    assert_eq!(d.deadline_ms(), 1_700_000_030_000);
+    let Body::PushAck(a) = frame("push_ack").0.body else { panic!("kind") };
+    assert_eq!(a.message_id(), 5);
     assert_eq!(frame("push_delivery").0.header.seq, 100);
     let Body::EndSession(e) = frame("end_session_request").0.body else { panic!("kind") };
     assert_eq!((e.uid(), e.message()), (42, Some("account closed")));

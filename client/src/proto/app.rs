@@ -27,8 +27,11 @@
 //!   `retry_after_ms` (GoAway, Overloaded, ShuttingDown; bounded by a ceiling,
 //!   [`retry_floor`]); never after Displaced or LoggedOut (§9.4, §9.5);
 //! - keepalive: a Keepalive after half a `heartbeat_ms` without sending anything (§9.2);
-//! - pushes: every PushDelivery is acked, redeliveries too (§9.10); a push cmd this build does
-//!   not know is acked by its sequence-id (§12.2); each message id is shown once, by a bounded
+//! - pushes (§9.10): a PushDelivery is shown only before its deadline and acked at once,
+//!   redeliveries too; one that comes at or after its deadline and was never shown is neither
+//!   shown nor acked (counted in [`AppProto::expired_pushes`]: the gate ends it TtlExpired, so a
+//!   Delivered receipt always means the app had it in time); a push cmd this build does not
+//!   know is acked by its sequence-id (§12.2); each message id is shown once, by a bounded
 //!   [`Dedup`] ring;
 //! - requests: sequence-ids (§6), pipelining up to a bound, answers matched by sequence-id in any
 //!   order, and a timeout for each;
@@ -95,6 +98,11 @@
 //!   next Hello, and the next [`Event::SessionUp`] carries it;
 //! - any other channel failure (a record that does not parse or authenticate, an Accept that
 //!   does not, a record out of order, the stream cut inside a record) is a failed attempt.
+//!
+//! The one clock the machine reads is the wall clock, once, when it is made: push deadlines are
+//! wall-clock times, and the machine reckons the wall clock from the `now` it is given and that
+//! reading ([`AppProto::set_wall_clock`] sets it again, for a test's virtual clock or after the
+//! device's clock was corrected).
 //!
 //! Jitter and log-ids come from a seed given to the constructor, so a test replays exactly.
 //! State is kept small for a load generator that runs tens of thousands of these per process:
@@ -435,6 +443,11 @@ pub fn write_resume(enc: &mut Encoder, out: &mut Vec<u8>, seq: u32, log_id: u64,
     });
 }
 
+/// Whole milliseconds of `d` (saturating).
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Appends the PushAck of a push with `seq` and `log_id` (the push's own flow, §7) and its
 /// message id (0 for a push cmd this build does not know, §12.2).
 pub fn write_push_ack(enc: &mut Encoder, out: &mut Vec<u8>, seq: u32, log_id: u64, message_id: u64) {
@@ -650,7 +663,9 @@ pub enum Event<'a> {
         /// on; store it in place of the old one (§14.5).
         new_server_key: Option<PublicKey>,
     },
-    /// A push to show: acked already, and never reported twice for one message id.
+    /// A push to show, until its deadline (`delivery.deadline_ms`, wall-clock ms; 0: none):
+    /// it came before its deadline, is acked already, and is never reported twice for one
+    /// message id.
     Push {
         /// Its fields.
         delivery: DeliveryView<'a>,
@@ -1048,6 +1063,11 @@ struct Core {
     last_tx: Instant,
     /// The machine's birth: keepalive timestamps count from it.
     epoch: Instant,
+    /// The wall clock at `epoch`, ms since the Unix epoch: push deadlines are judged by it.
+    wall_at_epoch_ms: u64,
+    /// Pushes that came at or after their deadline, never shown: not shown, not acked (it wraps
+    /// after four billion).
+    expired: u32,
     /// Sequence-ids.
     seqs: SeqIds,
     /// Log-ids.
@@ -1072,7 +1092,7 @@ struct Core {
 impl AppProto {
     /// A machine with no connection and no session, speaking plaintext frames. `seed` drives
     /// jitter and log-ids (give each machine its own); `now` is the time origin of keepalive
-    /// timestamps.
+    /// timestamps, and the wall clock read here is the one push deadlines are judged by.
     pub fn new(cfg: Config, seed: u64, now: Instant) -> AppProto {
         AppProto::with_secure(cfg, None, seed, now)
     }
@@ -1092,6 +1112,8 @@ impl AppProto {
                 failures: 0,
                 last_tx: now,
                 epoch: now,
+                wall_at_epoch_ms: crate::now_ms(),
+                expired: 0,
                 seqs: SeqIds::default(),
                 logs: LogIds::new(seed),
                 rng: Rng(mix64(seed)),
@@ -1534,6 +1556,27 @@ impl AppProto {
         &self.core.dedup
     }
 
+    /// Sets the wall clock the machine judges push deadlines by: at `now` it is `unix_ms`
+    /// (ms since the Unix epoch). The machine reads the system's once, when it is made.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_ms: u64) {
+        let c = &mut self.core;
+        c.wall_at_epoch_ms = match now.checked_duration_since(c.epoch) {
+            Some(d) => unix_ms.saturating_sub(duration_ms(d)),
+            None => unix_ms.saturating_add(duration_ms(c.epoch - now)),
+        };
+    }
+
+    /// The wall clock at `now`, as the machine reckons it (ms since the Unix epoch).
+    pub fn wall_ms(&self, now: Instant) -> u64 {
+        self.core.wall_ms(now)
+    }
+
+    /// Pushes that came at or after their deadline and were never shown: neither shown nor
+    /// acked (their receipt is TtlExpired).
+    pub fn expired_pushes(&self) -> u32 {
+        self.core.expired
+    }
+
     /// A fresh log-id, for frames the shell sends itself (GPS).
     pub fn new_log_id(&mut self) -> u64 {
         self.core.logs.fresh()
@@ -1558,6 +1601,14 @@ impl AppProto {
 }
 
 impl Core {
+    /// The wall clock at `now` (ms since the Unix epoch).
+    fn wall_ms(&self, now: Instant) -> u64 {
+        match now.checked_duration_since(self.epoch) {
+            Some(d) => self.wall_at_epoch_ms.saturating_add(duration_ms(d)),
+            None => self.wall_at_epoch_ms.saturating_sub(duration_ms(self.epoch - now)),
+        }
+    }
+
     /// One decoded frame (or rejected one): the machine's part, and the event for the shell.
     fn on_item<'a>(&mut self, now: Instant, item: Decoded<'a>, out: &mut Out<'_>) -> Option<Event<'a>> {
         let f = match item {
@@ -1581,8 +1632,17 @@ impl Core {
             (FrameType::Push, Body::PushDelivery(d)) => {
                 let delivery = DeliveryView::of(d, f.header.flags);
                 let log_id = f.header.log_id;
-                // Every delivery is acked, also one seen before: the earlier ack may have been
-                // lost, and only an ack gets the app-server its Delivered receipt.
+                let deadline = delivery.deadline_ms;
+                if deadline != 0 && self.wall_ms(now) >= deadline && !self.dedup.contains(delivery.message_id)
+                {
+                    // Too late to show (§9.10). Not acked either: an ack now could still reach
+                    // the gate within its grace and make the receipt Delivered for a push
+                    // nobody saw; unacked, it ends TtlExpired, which is what happened.
+                    self.expired = self.expired.wrapping_add(1);
+                    return None;
+                }
+                // Every delivery in time is acked, also one seen before: the earlier ack may
+                // have been lost, and only an ack gets the app-server its Delivered receipt.
                 out.put(|enc, buf| write_push_ack(enc, buf, seq, log_id, delivery.message_id));
                 self.last_tx = now;
                 Some(if self.dedup.insert(delivery.message_id) {
@@ -2105,13 +2165,22 @@ mod tests {
         }
 
         fn push(&mut self, seq: u32, message_id: u64, redelivery: bool) -> Vec<u8> {
+            self.push_due(seq, message_id, redelivery, 0)
+        }
+
+        /// A push whose deadline is `deadline_ms` (wall clock; 0: none).
+        fn push_due(&mut self, seq: u32, message_id: u64, redelivery: bool, deadline_ms: u64) -> Vec<u8> {
             let mut b = Vec::new();
             self.gate.frame(&mut b, FrameType::Push, Cmd::PushDelivery, seq, 0x100 + message_id, |fb| {
                 let payload = fb.create_vector(b"offer");
-                wire::PushDelivery::create(
-                    fb,
-                    &wire::PushDeliveryArgs { message_id, payload: Some(payload), sent_at_us: 1, kind: 1 },
-                )
+                let args = wire::PushDeliveryArgs {
+                    message_id,
+                    payload: Some(payload),
+                    sent_at_us: 1,
+                    kind: 1,
+                    deadline_ms,
+                };
+                wire::PushDelivery::create(fb, &args)
             });
             if redelivery {
                 b[3] |= FLAG_REDELIVERY;
@@ -2322,6 +2391,40 @@ mod tests {
         // An ack carries the push's log-id: the flow stays one in the gate's log.
         assert_eq!(sent[0].log_id, 0x105);
         assert!(sent.iter().all(|s| s.ty == FrameType::Ack));
+    }
+
+    /// §9.10: a push is shown only before its deadline, by the wall clock the machine keeps
+    /// from the `now` it is given; one that comes at or after it and was never shown is neither
+    /// shown nor acked; one shown before is acked again (and not shown) whenever it comes.
+    #[test]
+    fn a_push_past_its_deadline_is_neither_shown_nor_acked() {
+        let mut r = Rig::new(Config::default());
+        r.live(&[1; 37], 30_000);
+        r.sent();
+        let wall = 1_800_000_000_000;
+        r.m.set_wall_clock(r.now, wall);
+        assert_eq!(r.m.wall_ms(r.now + Duration::from_millis(1_500)), wall + 1_500);
+        let mut bytes = r.push_due(1, 5, false, wall + 1);
+        bytes.extend(r.push_due(2, 6, false, wall)); // due this very millisecond: too late
+        bytes.extend(r.push_due(3, 7, false, wall - 10));
+        bytes.extend(r.push_due(4, 8, false, 0)); // no deadline given: shown
+        assert_eq!(r.feed(&bytes), vec![Ev::Push(5, false), Ev::Push(8, false)]);
+        assert_eq!(ack_ids(&r.sent()), vec![(1, 5), (4, 8)]);
+        assert_eq!(r.m.expired_pushes(), 2);
+        // Time passes: the shown push redelivered after its deadline is acked (its first ack may
+        // have been lost; the gate judges it by when it reads it) and not shown again; the one
+        // never shown stays unshown and unacked.
+        r.advance(Duration::from_millis(5));
+        r.sent();
+        let mut bytes = r.push_due(1, 5, true, wall + 1);
+        bytes.extend(r.push_due(2, 6, true, wall));
+        assert_eq!(r.feed(&bytes), vec![Ev::Repeat(5, true)]);
+        assert_eq!(ack_ids(&r.sent()), vec![(1, 5)]);
+        assert_eq!(r.m.expired_pushes(), 3);
+        // Set back (a clock corrected on the device): the next push in time is shown.
+        r.m.set_wall_clock(r.now, wall - 60_000);
+        let bytes = r.push_due(5, 9, false, wall);
+        assert_eq!(r.feed(&bytes), vec![Ev::Push(9, false)]);
     }
 
     #[test]
@@ -3246,7 +3349,8 @@ mod tests {
 
     #[test]
     fn machine_state_stays_small() {
-        // Tens of thousands of these live in one load generator.
-        assert!(std::mem::size_of::<AppProto>() <= 512, "{}", std::mem::size_of::<AppProto>());
+        // Tens of thousands of these live in one load generator. 512 bytes, and 16 more for the
+        // wall clock push deadlines are judged by (and the count of pushes that came too late).
+        assert!(std::mem::size_of::<AppProto>() <= 528, "{}", std::mem::size_of::<AppProto>());
     }
 }

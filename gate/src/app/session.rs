@@ -53,7 +53,9 @@ pub fn on_frame(shard: &mut Shard, me: ConnRef, f: &Frame<'_>) {
         (_, Phase::Live { uid, role }) if f.cmd.is_upstream_request() && f.ty == FrameType::Request => {
             super::upstream::on_request(shard, me, uid, role.wire(), f)
         }
-        (Body::PushAck(_), Phase::Live { uid, .. }) => super::push::on_ack(shard, me, uid, h.seq, h.log_id),
+        (Body::PushAck(a), Phase::Live { uid, .. }) => {
+            super::push::on_ack(shard, me, uid, h.seq, h.log_id, a.message_id())
+        }
         (_, _) => {
             error(shard, me, h, ErrorCode::NotAllowed, Hop::App, "this frame is not accepted from an app")
         }

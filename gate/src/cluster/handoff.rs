@@ -297,11 +297,13 @@ pub fn on_handoff(shard: &mut Shard, from: &str, h: HandedSession, now: u64) {
             }
             c.origin(&p.origin)
         };
+        // The time it had left to its deadline, from now on this node's clock.
+        let deadline_ms = now + p.ttl_left_ms as u64;
         let push = Arc::new(PushContent {
             message_id: p.message_id,
             body: Arc::from(p.body),
             log_id: p.log_id,
-            ttl_ms: p.ttl_left_ms,
+            deadline_ms,
             origin,
             accepted_us: 0,
         });

@@ -338,12 +338,15 @@ impl Router {
             NodeMsg::Push { message_id, log_id, ttl_ms, body, uids } => {
                 c.stats.received.fetch_add(uids.len() as u64, Relaxed);
                 let origin = c.origin(sender);
-                // Another node's clock: its pushes are not in this gate's delivery histogram.
+                // The time it had left, from now on this node's clock (the wall-clock deadline
+                // in the body stays the app's). Another node's read time is not on this gate's
+                // clock: its pushes are not in this gate's delivery histogram.
+                let deadline_ms = crate::state::mono_ms() + ttl_ms as u64;
                 let push = Arc::new(PushContent {
                     message_id,
                     body: Arc::from(body),
                     log_id,
-                    ttl_ms,
+                    deadline_ms,
                     origin,
                     accepted_us: 0,
                 });
@@ -502,11 +505,17 @@ struct Forward {
     log_id: u64,
 }
 
-/// How long after the push's TTL a forwarded pair waits for the other node's receipt before it
-/// ends NodeLost. That node expires the push at its own TTL, started a lookup and a hop after
-/// this node's, and its receipt takes one hop back: well within this, and the document's
-/// promise (every receipt by TTL + 1 s after acceptance) holds.
+/// How long after the push's deadline a forwarded pair waits for the other node's receipt
+/// before it ends NodeLost. That node gets the time left to the deadline, so it expires the
+/// pair one hop after the deadline plus the ack grace (`logic::push::ACK_GRACE_MS`, 500 ms),
+/// within its timer's 50 ms, and its receipt takes one hop back: 550 ms and two hops, leaving
+/// about 200 ms for the hops (a session passed on again adds two more). And the document's
+/// promise holds: NodeLost by TTL + 750 + 50 + 2 ms, inside TTL + 1 s (docs/PROTOCOL.md §15).
 pub(crate) const FORWARD_GRACE_MS: u64 = 750;
+
+// The ack grace, the other node's timer (50 ms) and at least 100 ms for the two hops must fit
+// in the forwarding node's wait, or pairs that other node ends would be reported NodeLost.
+const _: () = assert!(logic::push::ACK_GRACE_MS + 50 + 100 <= FORWARD_GRACE_MS);
 
 /// How long a lookup may wait for Redis before its targets end DirectoryUnavailable: the Redis
 /// thread answers every lookup (its command timeout is 500 ms), so this only catches an answer
@@ -520,6 +529,8 @@ pub struct ClusterShard {
     cmds: Vec<Cmd>,
     /// Lookups waiting for Redis: the push, its targets, and when to give up on the answer.
     lookups: HashMap<u64, (Arc<PushContent>, Vec<u64>, u64)>,
+    /// Targets of `lookups`, all together (they count as pushes in flight).
+    lookup_pairs: usize,
     /// The same by deadline: (deadline ms, tag).
     lookups_by_deadline: BTreeSet<(u64, u64)>,
     next_tag: u64,
@@ -562,7 +573,13 @@ impl ClusterShard {
     fn take_lookup(&mut self, tag: u64) -> Option<(Arc<PushContent>, Vec<u64>)> {
         let (push, uids, deadline) = self.lookups.remove(&tag)?;
         self.lookups_by_deadline.remove(&(deadline, tag));
+        self.lookup_pairs -= uids.len();
         Some((push, uids))
+    }
+
+    /// Pairs this shard owes a receipt for while it waits on the directory or another node.
+    pub fn pairs_waiting(&self) -> usize {
+        self.forwards.len() + self.lookup_pairs
     }
 }
 
@@ -602,6 +619,7 @@ pub fn elsewhere(shard: &mut Shard, push: Arc<PushContent>, uids: Vec<u64>, now:
     let tag = cs.new_tag(id);
     cs.cmds.push(Cmd::Lookup { uids: uids.clone(), tag });
     let deadline = now + LOOKUP_PATIENCE_MS;
+    cs.lookup_pairs += uids.len();
     cs.lookups.insert(tag, (push, uids, deadline));
     cs.lookups_by_deadline.insert((deadline, tag));
 }
@@ -671,7 +689,8 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
                     _ => end_here(shard, &push, uid, OFFLINE, now),
                 }
             }
-            let deadline_ms = now + push.ttl_ms as u64 + FORWARD_GRACE_MS;
+            // Counted from the push's own deadline, however long the lookup took.
+            let deadline_ms = push.deadline_ms + FORWARD_GRACE_MS;
             for (node, uids) in to {
                 let origin = c.origin(&node);
                 let Some(cs) = shard.cluster_shard.as_mut() else { return };
@@ -701,7 +720,9 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
                     let msg = NodeMsg::Push {
                         message_id: push.message_id,
                         log_id: push.log_id,
-                        ttl_ms: push.ttl_ms,
+                        // The time left, not the TTL: the other node counts it from its arrival,
+                        // so its expiry follows this one by a hop, not by the lookup's wait.
+                        ttl_ms: push.deadline_ms.saturating_sub(now).min(u32::MAX as u64) as u32,
                         body: push.body.to_vec(),
                         uids: uids.to_vec(),
                     };

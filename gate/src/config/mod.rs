@@ -287,6 +287,8 @@ settings! {
             "Pushes queued per session while it cannot take them (sent and unacked, or held)."
         push_queue_bytes: u32 = 262_144, value "BYTES", example "65536", check positive;
             "Bytes of pushes queued per session while it cannot take them."
+        max_pushes_in_flight_per_shard: u32 = 1_000_000, value "N", example "100", check positive;
+            "(message id, uid) pairs one shard holds until their receipt (in a session's queue, or waiting on another node); a push that would pass it on any shard is refused with Overloaded and a retry-after, rather than accepted to end unheld. At least sidecar.max_targets, so any one push fits an empty shard."
     }
 }
 
@@ -530,6 +532,16 @@ impl Config {
                 "cluster.redis_ca",
                 cluster.redis_ca.clone(),
                 "is set but cluster.redis is not a rediss:// URL: the CA would protect nothing (use rediss://, or leave redis_ca empty)",
+            ));
+        }
+        if self.limits.max_pushes_in_flight_per_shard < sidecar.max_targets {
+            return Err(ConfigError::checked(
+                "limits.max_pushes_in_flight_per_shard",
+                self.limits.max_pushes_in_flight_per_shard,
+                format!(
+                    "must be at least sidecar.max_targets ({}): a push to that many uids on one shard could never be accepted",
+                    sidecar.max_targets
+                ),
             ));
         }
         if sidecar.max_ttl_ms < sidecar.default_ttl_ms {

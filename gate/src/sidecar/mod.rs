@@ -5,6 +5,7 @@
 //!   delivery machine (`crate::delivery`) decides: receipt batches, upstream requests, GPS
 //!   forwards and unreachable events;
 //! - [`push`]: the push path's entry: validating a push and fanning it out to logic shards.
+//! - [`room`]: the gate's bound on pushes in flight, which a push must find room under.
 //! - [`end`]: EndSession, an app-server ending a uid's session wherever it is.
 //!
 //! Any shard may hold app-server connections (the sidecar listener uses `SO_REUSEPORT` too).
@@ -15,6 +16,7 @@
 
 pub mod end;
 pub mod push;
+pub mod room;
 
 use crate::app::session::error;
 use crate::delivery::{AppServerMsg, Out};

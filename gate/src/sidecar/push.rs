@@ -1,11 +1,13 @@
-//! The push path's entry: an app-server's Push is validated, its `PushDelivery` body is encoded
-//! once, and its targets are split by logic shard; each logic shard then delivers to the
-//! sessions it owns and answers with exactly one receipt per target (logic::push). The app side
-//! of the path (writing deliveries, taking acks) is in `app::push`.
+//! The push path's entry: an app-server's Push is validated, room for its pairs is reserved on
+//! the logic shards it touches (or it is refused Overloaded, [`super::room`]), its
+//! `PushDelivery` body is encoded once with the push's deadline, and its targets are split by
+//! logic shard; each logic shard then delivers to the sessions it owns and answers with exactly
+//! one receipt per target (logic::push). The app side of the path (writing deliveries, taking
+//! acks) is in `app::push`.
 
 use crate::app::session::error;
 use crate::mesh::Msg;
-use crate::state::{PendingBroadcast, Shard};
+use crate::state::{jitter, mono_ms, PendingBroadcast, Shard};
 use logic::{Input, PushContent, Tally};
 use schema::wire::{self, ErrorCode, Hop};
 use schema::{Cmd, Frame, FrameType};
@@ -14,6 +16,11 @@ use std::sync::Arc;
 
 /// Largest payload a push may carry.
 pub const MAX_PAYLOAD: usize = 16 * 1024;
+
+/// Base of the retry-after of a push refused for want of room (jittered up to twice this): room
+/// comes back as apps ack, within milliseconds, or as pushes expire, within their TTL; a second
+/// keeps a refused app-server from asking in a tight loop without holding it back long.
+pub const OVERLOADED_RETRY_MS: u32 = 1_000;
 
 /// Validates and fans out one Push; answers PushAccepted or an error.
 pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Push<'_>) {
@@ -55,6 +62,41 @@ pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Pus
     }
     let ttl_ms = if p.ttl_ms() == 0 { cfg.default_ttl_ms } else { p.ttl_ms() };
     let message_id = p.message_id();
+    let shards = shard.mesh.len();
+    // The targets by logic shard (one receipt per (message id, uid): a uid named twice counts
+    // once), and the room each shard must have for them. A broadcast's targets are counted on
+    // each shard later: it reserves room for every session there (all roles: at most a turn
+    // stale), and for no more than the bound, so a shard with more sessions than that still
+    // takes a broadcast when it has nothing else in flight.
+    let (per_shard, want): (Vec<Vec<u64>>, Vec<u32>) = if broadcast != wire::Role::Unknown {
+        let bound = shard.push_room.bound() as i64;
+        let want = (0..shards)
+            .map(|s| shard.all_metrics[s].directory_sessions.load(Relaxed).clamp(0, bound) as u32)
+            .collect();
+        (Vec::new(), want)
+    } else {
+        let mut all: Vec<u64> = uids.map(|u| u.iter().collect()).unwrap_or_default();
+        all.sort_unstable();
+        all.dedup();
+        let per_shard = logic::split_by_shard(all, shards, |&u| u);
+        let want = per_shard.iter().map(|u| u.len() as u32).collect();
+        (per_shard, want)
+    };
+    if !shard.push_room.reserve(&want) {
+        // Every pair accepted must be held until its receipt: a gate past its bound would only
+        // accept pushes that end unheld, so it says so and when to come back.
+        shard.metrics().pushes_refused.fetch_add(1, Relaxed);
+        let message =
+            "pushes in flight at the gate's bound (limits.max_pushes_in_flight_per_shard): retry later";
+        let retry_after_ms = jitter(OVERLOADED_RETRY_MS);
+        let code = ErrorCode::Overloaded;
+        return shard.send_error(me, h.seq, h.log_id, code, Hop::Gate, h.cmd, message, retry_after_ms);
+    }
+    // The deadline, read once: the app gets it by the wall clock (the body is shared by every
+    // target and may move to another node with a session, so it is absolute), the logic shards
+    // by the monotonic clock their expiry runs on.
+    let deadline_wall_ms = crate::net::now_ms() + ttl_ms as u64;
+    let deadline_ms = mono_ms() + ttl_ms as u64;
     let body: Arc<[u8]> = Arc::from(shard.enc.body(|b| {
         let payload = b.create_vector(payload);
         wire::PushDelivery::create(
@@ -64,6 +106,7 @@ pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Pus
                 payload: Some(payload),
                 sent_at_us: p.sent_at_us(),
                 kind: p.kind(),
+                deadline_ms: deadline_wall_ms,
             },
         )
     }));
@@ -71,12 +114,11 @@ pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Pus
         message_id,
         body,
         log_id: h.log_id,
-        ttl_ms,
+        deadline_ms,
         origin: logic::LOCAL,
         accepted_us: shard.read_us,
     });
 
-    let shards = shard.mesh.len();
     shard.metrics().pushes.fetch_add(1, Relaxed);
     if broadcast != wire::Role::Unknown {
         // The targets are the role's sessions on every logic shard at acceptance: each shard
@@ -93,8 +135,9 @@ pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Pus
         };
         shard.broadcasts.insert(id, pending);
         let tally = Tally { shard: shard.id, id };
-        for s in 0..shards {
-            shard.to_shard(s, Msg::Logic(Input::Broadcast { push: push.clone(), role: broadcast.0, tally }));
+        for (s, &reserved) in want.iter().enumerate() {
+            let input = Input::Broadcast { push: push.clone(), role: broadcast.0, tally };
+            shard.to_shard(s, Msg::Reserved(input, reserved));
         }
         tracing::info!(
             log_id = h.log_id,
@@ -105,18 +148,14 @@ pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Pus
         );
         return;
     }
-    let targets = {
-        // One receipt per (message id, uid): a uid named twice counts once.
-        let mut all: Vec<u64> = uids.map(|u| u.iter().collect()).unwrap_or_default();
-        all.sort_unstable();
-        all.dedup();
-        for (s, uids) in logic::split_by_shard(all.iter().copied(), shards, |&u| u).into_iter().enumerate() {
-            if !uids.is_empty() {
-                shard.to_shard(s, Msg::Logic(Input::Push { push: push.clone(), uids }));
-            }
+    let mut targets = 0;
+    for (s, uids) in per_shard.into_iter().enumerate() {
+        if !uids.is_empty() {
+            targets += uids.len() as u32;
+            let reserved = uids.len() as u32;
+            shard.to_shard(s, Msg::Reserved(Input::Push { push: push.clone(), uids }, reserved));
         }
-        all.len() as u32
-    };
+    }
     shard.metrics().push_targets.fetch_add(targets as u64, Relaxed);
     tracing::info!(log_id = h.log_id, message_id, targets, ttl_ms, "push accepted");
     shard.send_frame(me, FrameType::Response, Cmd::Push, h.seq, h.log_id, |b| {

@@ -270,3 +270,12 @@ pub fn refusal(got: Result<client::OwnedFrame, client::ClientError>, code: schem
         Err(e) => panic!("expected {code:?} (or its Reject): {e}"),
     }
 }
+
+/// Sleeps until the wall clock reads `ms` (ms since the Unix epoch): push deadlines are
+/// wall-clock times.
+pub fn sleep_until_wall(ms: u64) {
+    let now = client::now_ms();
+    if ms > now {
+        std::thread::sleep(Duration::from_millis(ms - now));
+    }
+}

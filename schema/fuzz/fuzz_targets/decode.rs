@@ -74,6 +74,13 @@ fn touch(b: &Body<'_>) {
                 std::hint::black_box(p.iter().fold(0u64, |a, x| a.wrapping_add(x.uid())));
             }
         }
+        Body::PushDelivery(d) => {
+            std::hint::black_box((d.message_id(), d.payload().map(|p| p.len()), d.sent_at_us()));
+            std::hint::black_box((d.kind(), d.deadline_ms()));
+        }
+        Body::PushAck(a) => {
+            std::hint::black_box(a.message_id());
+        }
         Body::EndSession(e) => {
             std::hint::black_box((e.uid(), e.message()));
         }

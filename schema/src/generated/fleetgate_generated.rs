@@ -531,11 +531,11 @@ pub struct Outcome(pub u8);
 #[allow(non_upper_case_globals)]
 impl Outcome {
   pub const Unknown: Self = Self(0);
-  /// The app acked the push.
+  /// The app acked the push, and the gate took the ack before the push's deadline + 500 ms.
   pub const Delivered: Self = Self(1);
   /// No session for the uid: never logged in, logged out, or its hold expired before the push.
   pub const Offline: Self = Self(2);
-  /// The push's time-to-live passed before the app acked it.
+  /// No ack was taken before the push's deadline (acceptance + TTL) + 500 ms.
   pub const TtlExpired: Self = Self(3);
   /// The session was displaced by a newer login before the app acked.
   pub const Displaced: Self = Self(4);
@@ -550,7 +550,7 @@ impl Outcome {
   /// The client library's view when the gate itself was lost; never sent by a gate.
   pub const GateLost: Self = Self(9);
   /// Cluster mode: the node holding the session was lost (its lease lapsed) or never answered
-  /// by the push's TTL + 1 s, before the app acked.
+  /// by the push's deadline + 750 ms, before the app acked.
   pub const NodeLost: Self = Self(10);
   /// Cluster mode: the directory (Redis) could not be asked which node holds the session.
   pub const DirectoryUnavailable: Self = Self(11);
@@ -3174,6 +3174,7 @@ impl<'a> PushDelivery<'a> {
   pub const VT_PAYLOAD: ::flatbuffers::VOffsetT = 6;
   pub const VT_SENT_AT_US: ::flatbuffers::VOffsetT = 8;
   pub const VT_KIND: ::flatbuffers::VOffsetT = 10;
+  pub const VT_DEADLINE_MS: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3185,6 +3186,7 @@ impl<'a> PushDelivery<'a> {
     args: &'args PushDeliveryArgs<'args>
   ) -> ::flatbuffers::WIPOffset<PushDelivery<'bldr>> {
     let mut builder = PushDeliveryBuilder::new(_fbb);
+    builder.add_deadline_ms(args.deadline_ms);
     builder.add_sent_at_us(args.sent_at_us);
     builder.add_message_id(args.message_id);
     if let Some(x) = args.payload { builder.add_payload(x); }
@@ -3224,6 +3226,15 @@ impl<'a> PushDelivery<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u16>(PushDelivery::VT_KIND, Some(0)).unwrap()}
   }
+  /// When the push stops counting, ms since the Unix epoch by the gate's clock: its acceptance
+  /// plus its TTL. An app shows the push only before it (docs/PROTOCOL.md §9.10); 0: none given.
+  #[inline]
+  pub fn deadline_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PushDelivery::VT_DEADLINE_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PushDelivery<'_> {
@@ -3236,6 +3247,7 @@ impl ::flatbuffers::Verifiable for PushDelivery<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("payload", Self::VT_PAYLOAD, false)?
      .visit_field::<u64>("sent_at_us", Self::VT_SENT_AT_US, false)?
      .visit_field::<u16>("kind", Self::VT_KIND, false)?
+     .visit_field::<u64>("deadline_ms", Self::VT_DEADLINE_MS, false)?
      .finish();
     Ok(())
   }
@@ -3245,6 +3257,7 @@ pub struct PushDeliveryArgs<'a> {
     pub payload: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub sent_at_us: u64,
     pub kind: u16,
+    pub deadline_ms: u64,
 }
 impl<'a> Default for PushDeliveryArgs<'a> {
   #[inline]
@@ -3254,6 +3267,7 @@ impl<'a> Default for PushDeliveryArgs<'a> {
       payload: None,
       sent_at_us: 0,
       kind: 0,
+      deadline_ms: 0,
     }
   }
 }
@@ -3280,6 +3294,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PushDeliveryBuilder<'a, 'b, A
     self.fbb_.push_slot::<u16>(PushDelivery::VT_KIND, kind, 0);
   }
   #[inline]
+  pub fn add_deadline_ms(&mut self, deadline_ms: u64) {
+    self.fbb_.push_slot::<u64>(PushDelivery::VT_DEADLINE_MS, deadline_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PushDeliveryBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PushDeliveryBuilder {
@@ -3301,13 +3319,15 @@ impl ::core::fmt::Debug for PushDelivery<'_> {
       ds.field("payload", &self.payload());
       ds.field("sent_at_us", &self.sent_at_us());
       ds.field("kind", &self.kind());
+      ds.field("deadline_ms", &self.deadline_ms());
       ds.finish()
   }
 }
 pub enum PushAckOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// cmd PushAck, type Ack (app -> gate).
+/// cmd PushAck, type Ack (app -> gate). `message_id` must be the acked delivery's; a gate
+/// refuses any other with InvalidField.
 pub struct PushAck<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }

@@ -1,0 +1,185 @@
+//! The push rules of docs/PROTOCOL.md §9.9–9.11 that make a receipt mean what it says, end to
+//! end on a real gate: every delivery carries its deadline, an ack the gate reads before the
+//! deadline plus the grace is Delivered and a later one changes nothing (the pair ended
+//! TtlExpired at deadline + grace, within the promised bound); an ack naming another push is
+//! refused with InvalidField while the push stays in flight; and a gate at its bound on pushes
+//! in flight refuses new pushes with Overloaded and a retry-after instead of accepting pairs it
+//! cannot hold.
+
+mod common;
+
+use client::{AppConn, AppServerEvent, ClientError, OwnedFrame};
+use common::{collect_events, next_push, push_spec, receipts, sleep_until_wall, Gate};
+use logic::push::ACK_GRACE_MS;
+use schema::wire::{self, ErrorCode, Hop, Outcome};
+use schema::{Cmd, Encoder, FrameType};
+
+/// Sends a keepalive and waits for its answer; returns the Error frames the gate sent
+/// meanwhile (the frames read on the way are queued, then taken here).
+fn errors_so_far(app: &mut AppConn) -> Vec<OwnedFrame> {
+    app.keepalive().expect("the connection stays and answers");
+    let mut errors = Vec::new();
+    while app.queued() > 0 {
+        let f = app.recv().expect("a queued frame");
+        if f.cmd == Cmd::Error {
+            errors.push(f);
+        }
+    }
+    errors
+}
+
+/// A PushAck of `seq` naming `message_id`, written as the app would.
+fn send_ack(app: &mut AppConn, seq: u32, log_id: u64, message_id: u64) {
+    let mut enc = Encoder::new();
+    let body = enc.body(|b| wire::PushAck::create(b, &wire::PushAckArgs { message_id })).to_vec();
+    app.send_frame_raw(FrameType::Ack as u8, Cmd::PushAck as u16, seq, log_id, &body).expect("ack sent");
+}
+
+#[test]
+fn an_ack_within_the_grace_is_delivered_and_one_after_it_changes_nothing() {
+    let gate = Gate::start(&[]);
+    let (srv, ev) = gate.appserver();
+    let mut in_time = gate.login(1, 1);
+    let mut late = gate.login(2, 1);
+    let ttl_ms = 1_000;
+    let before = client::now_ms();
+    srv.push(&push_spec(10, &[1, 2], ttl_ms)).expect("accepted");
+    let after = client::now_ms();
+    let f1 = next_push(&mut in_time);
+    let deadline = f1.delivery().expect("delivery").deadline_ms;
+    assert!(
+        (before + ttl_ms as u64..=after + ttl_ms as u64).contains(&deadline),
+        "the deadline is the acceptance plus the TTL by the wall clock: {before}..{after} + {ttl_ms}, got {deadline}"
+    );
+    let f2 = next_push(&mut late);
+    assert_eq!(f2.delivery().expect("delivery").deadline_ms, deadline, "one body for every target");
+
+    // Past the deadline by half the grace (a conforming app would have shown it before the
+    // deadline and its ack been slow on the way): the gate still reads it in time.
+    sleep_until_wall(deadline + ACK_GRACE_MS / 2);
+    in_time.ack_push(&f1).expect("ack");
+    // The other target's ack never comes in time: its pair ends TtlExpired at deadline + grace,
+    // not before, and within the promised TTL + 1 s of its acceptance.
+    let (mut got, mut expired_at) = (Vec::new(), 0);
+    collect_events(&ev, |e| {
+        if let AppServerEvent::Receipt { message_id, uid, outcome } = e {
+            if *outcome == Outcome::TtlExpired {
+                expired_at = client::now_ms();
+            }
+            got.push((*message_id, *uid, *outcome));
+        }
+        got.len() == 2
+    });
+    got.sort();
+    assert_eq!(got, vec![(10, 1, Outcome::Delivered), (10, 2, Outcome::TtlExpired)]);
+    assert!(
+        expired_at >= deadline + ACK_GRACE_MS,
+        "expired {} ms early",
+        deadline + ACK_GRACE_MS - expired_at
+    );
+    assert!(
+        expired_at <= after + ttl_ms as u64 + 1_000,
+        "TtlExpired came {} ms after the deadline",
+        expired_at - deadline
+    );
+
+    // The late ack changes nothing: no second receipt, no error, the connection goes on, and
+    // the next push to the same app is delivered as usual.
+    late.ack_push(&f2).expect("late ack");
+    srv.push(&push_spec(11, &[2], 30_000)).expect("accepted");
+    let f3 = loop {
+        let f = late.recv().expect("the next push");
+        assert_ne!(f.cmd, Cmd::Error, "a late ack is not an error: {:?}", f.error());
+        if f.cmd == Cmd::PushDelivery {
+            break f;
+        }
+    };
+    late.ack_push(&f3).expect("ack");
+    assert_eq!(receipts(&ev, 1)[&(11, 2)], vec![Outcome::Delivered], "and nothing about push 10");
+    assert!(errors_so_far(&mut late).is_empty(), "a late ack is not an error");
+    gate.eventually("nothing in flight", || gate.metric("fleetgate_pushes_in_flight", "") == 0.0);
+    assert_eq!(gate.metric("fleetgate_receipts_sent_total", ""), 3.0);
+}
+
+#[test]
+fn an_ack_naming_another_push_is_refused_and_the_push_stays_in_flight() {
+    let gate = Gate::start(&[]);
+    let (srv, ev) = gate.appserver();
+    let mut app = gate.login(3, 1);
+    srv.push(&push_spec(20, &[3], 30_000)).expect("accepted");
+    let f = next_push(&mut app);
+    let (seq, log_id) = (f.header.seq, f.log_id());
+    send_ack(&mut app, seq, log_id, 21);
+    let e = app.recv().expect("an answer");
+    let err = e.error().expect("an Error frame");
+    assert_eq!(
+        (err.code, err.origin, err.failed_cmd),
+        (ErrorCode::InvalidField, Hop::App, Cmd::PushAck as u16)
+    );
+    assert_eq!((e.header.seq, e.log_id()), (seq, log_id), "it answers the ack");
+    assert_eq!(gate.metric("fleetgate_push_acks_mismatched_total", ""), 1.0);
+    assert_eq!(gate.metric("fleetgate_pushes_in_flight", ""), 1.0, "the push waits for its own ack");
+    // An ack of a sequence-id with nothing outstanding stays ignored, without an error (§6).
+    send_ack(&mut app, seq + 100, log_id, 21);
+    // The connection stayed: the right ack ends the pair Delivered, once.
+    app.ack_push(&f).expect("ack");
+    assert_eq!(receipts(&ev, 1)[&(20, 3)], vec![Outcome::Delivered]);
+    // The uid's logic shard took the acks in order, so whatever it had to say about the
+    // ignored one came before this receipt.
+    assert!(errors_so_far(&mut app).is_empty(), "an ack matching nothing is ignored");
+    gate.eventually("nothing in flight", || gate.metric("fleetgate_pushes_in_flight", "") == 0.0);
+    assert_eq!(gate.metric("fleetgate_receipts_sent_total", ""), 1.0);
+    assert_eq!(gate.metric("fleetgate_push_acks_mismatched_total", ""), 1.0);
+}
+
+#[test]
+fn a_gate_at_its_bound_on_pushes_in_flight_refuses_with_overloaded_and_a_retry_after() {
+    // One shard holding at most 3 pairs; no push may name more than 2 uids.
+    let gate = Gate::start(&[
+        "--cores",
+        "0",
+        "--limits-max-pushes-in-flight-per-shard",
+        "3",
+        "--sidecar-max-targets",
+        "2",
+    ]);
+    let (srv, ev) = gate.appserver();
+    let mut a = gate.login(1, 1);
+    let _b = gate.login(2, 1);
+    assert_eq!(srv.push(&push_spec(1, &[1, 2], 30_000)).expect("room for 2").targets, 2);
+    assert_eq!(srv.push(&push_spec(2, &[1], 30_000)).expect("room for 1").targets, 1);
+    let overloaded = |r: Result<client::Accepted, ClientError>| match r {
+        Err(ClientError::Server { code, origin, retry_after_ms, .. }) => {
+            assert_eq!((code, origin), (ErrorCode::Overloaded, Hop::Gate));
+            assert!((1_000..=2_000).contains(&retry_after_ms), "a jittered second: {retry_after_ms}");
+        }
+        other => panic!("expected Overloaded, got {other:?}"),
+    };
+    // Full: a push to a held session, to an offline uid, and a broadcast are all refused, and
+    // nothing of them is accepted.
+    overloaded(srv.push(&push_spec(3, &[2], 30_000)));
+    overloaded(srv.push(&push_spec(4, &[9], 30_000)));
+    let mut broadcast = push_spec(5, &[], 30_000);
+    broadcast.broadcast = 1;
+    overloaded(srv.push(&broadcast));
+    assert_eq!(gate.metric("fleetgate_pushes_refused_total", "reason=\"overloaded\""), 3.0);
+    assert_eq!(gate.metric("fleetgate_pushes_in_flight", ""), 3.0, "never more than the bound");
+    // An ack frees a pair's room: the next push fits.
+    let f = next_push(&mut a);
+    a.ack_push(&f).expect("ack");
+    assert_eq!(receipts(&ev, 1)[&(1, 1)], vec![Outcome::Delivered]);
+    assert_eq!(srv.push(&push_spec(6, &[2], 30_000)).expect("room again").targets, 1);
+    overloaded(srv.push(&push_spec(7, &[1], 30_000)));
+    // The refused pushes never get receipts: only the accepted pairs end, once each.
+    drop(a);
+    let end = srv.end_session(1, "").expect("answered");
+    assert!(end.found);
+    assert!(srv.end_session(2, "").expect("answered").found);
+    let r = receipts(&ev, 3);
+    let mut pairs: Vec<_> = r.keys().copied().collect();
+    pairs.sort();
+    assert_eq!(pairs, vec![(1, 2), (2, 1), (6, 2)]);
+    assert!(r.values().all(|o| o == &vec![Outcome::Offline]), "{r:?}");
+    gate.eventually("nothing in flight", || gate.metric("fleetgate_pushes_in_flight", "") == 0.0);
+    assert_eq!(gate.metric("fleetgate_receipts_sent_total", ""), 4.0);
+}
