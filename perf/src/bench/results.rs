@@ -109,6 +109,13 @@ pub struct PushFigures {
     pub lost: u64,
     /// Pushes shown twice.
     pub duplicates: u64,
+    /// The gate's own part (sidecar read → delivery written, its `fleetgate_push_delivery_us`
+    /// over the window): median and 99th percentile, µs; none for a peer.
+    #[serde(default)]
+    pub gate_p50_us: Option<u64>,
+    /// See `gate_p50_us`.
+    #[serde(default)]
+    pub gate_p99_us: Option<u64>,
     /// The percentile curve (percentile, µs), from loadgen's .hgrm, for the plot.
     pub curve: Vec<(f64, f64)>,
 }
@@ -473,6 +480,8 @@ pub fn from_report(spec: &RunSpec, r: &Report, raw: Value, x: &Extras) -> RunRes
             max_us: p.latency_us.max,
             lost: p.lost,
             duplicates: p.duplicates,
+            gate_p50_us: p.gate_latency_us.map(|g| g.p50),
+            gate_p99_us: p.gate_latency_us.map(|g| g.p99),
             curve: x.curve.clone(),
         });
     }
@@ -1517,15 +1526,15 @@ pub fn table(b: &BenchResults) -> String {
         );
         let _ = writeln!(
             s,
-            "| target | drivers | GPS/s | pushes/s | p50 | p99 | p999 | max | received/sent | server CPU |"
+            "| target | drivers | GPS/s | pushes/s | p50 | p99 | p999 | max | gate's part p50 / p99 | received/sent | server CPU |"
         );
-        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         for r in push {
             match (&r.push, r.status) {
                 (Some(p), RunStatus::Ok) => {
                     let _ = writeln!(
                         s,
-                        "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} % |",
+                        "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} % |",
                         r.spec.target.name(),
                         mark(r),
                         loadgen::report::num(u64::from(r.spec.conns)),
@@ -1535,13 +1544,18 @@ pub fn table(b: &BenchResults) -> String {
                         loadgen::report::num(p.p99_us),
                         loadgen::report::num(p.p999_us),
                         loadgen::report::num(p.max_us),
+                        match (p.gate_p50_us, p.gate_p99_us) {
+                            (Some(a), Some(b)) =>
+                                format!("{} / {}", loadgen::report::num(a), loadgen::report::num(b)),
+                            _ => "–".to_owned(),
+                        },
                         received(p),
                         r.server.cpu_percent.map_or("?".into(), |c| format!("{c:.0}"))
                     );
                 }
                 _ => {
                     let _ =
-                        writeln!(s, "| {} | {} | | | | | | | | |", r.spec.target.name(), r.status_words());
+                        writeln!(s, "| {} | {} | | | | | | | | | |", r.spec.target.name(), r.status_words());
                 }
             }
         }
@@ -2449,6 +2463,14 @@ mod tests {
         r.push.latency_us.p99 = 500;
         let mut run = result(push, &r, &extras(0.5));
         assert!(!run.late);
+        assert_eq!(run.push.as_ref().map(|p| p.gate_p99_us), Some(None), "no gate scrape, no gate figure");
+        r.push.gate_latency_us =
+            Some(loadgen::report::GateLatency { count: 1000, p50: 120, p99: 340, p999: 900 });
+        let scraped = result(push, &r, &extras(0.5));
+        assert_eq!(
+            scraped.push.as_ref().map(|p| (p.gate_p50_us, p.gate_p99_us)),
+            Some((Some(120), Some(340)))
+        );
         assert_eq!(row(&goals(std::slice::from_ref(&run), None), Metric::PushP99Us).status, GoalStatus::Met);
         run.late = true;
         assert_eq!(row(&goals(&[run], None), Metric::PushP99Us).status, GoalStatus::Late);
