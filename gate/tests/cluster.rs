@@ -674,3 +674,32 @@ fn relay_round_trip() {
     println!("cross node (app on a, app-server on b):    p50 {} µs, p90 {} µs, p99 {} µs", c.0, c.1, c.2);
     drop(answering);
 }
+
+#[test]
+fn a_resume_needing_the_directory_while_redis_is_down_is_told_to_retry() {
+    let mut redis = RedisServer::start().expect("redis-server starts");
+    let a = node(&redis.url(), "node-a", &["--hold-ms", "20000"]);
+    let b = node(&redis.url(), "node-b", &["--hold-ms", "20000"]);
+    until_clustered(&a, 2);
+    until_clustered(&b, 2);
+    let c = a.login(81, 1);
+    let s = c.session().expect("session").clone();
+    drop_held(&a, c);
+    redis.kill();
+    b.eventually("node b sees the directory down", || b.http_get("/healthz").starts_with("degraded"));
+    let mut other = b.connect();
+    match other.resume_session(&s) {
+        // Plaintext: an Error from the directory hop with a retry-after, not "log in afresh".
+        Err(client::ClientError::Server { code, origin, retry_after_ms, .. }) => {
+            assert_eq!(code, schema::wire::ErrorCode::Overloaded);
+            assert_eq!(origin, schema::wire::Hop::Directory);
+            assert!(retry_after_ms > 0);
+        }
+        // The secure channel's ResumeHello can only be rejected as an unknown session.
+        Err(client::ClientError::Channel(_)) if b.secure() => {}
+        other => panic!("{other:?}"),
+    }
+    // Node a still holds the session: a resume there works with Redis down.
+    let mut back = a.connect();
+    back.resume_session(&s).expect("the resume on the node holding the session works");
+}

@@ -48,6 +48,10 @@ pub enum ResumeRefused {
     StaleEpoch,
     /// The token was already used (or an older one of this session).
     Replayed,
+    /// Cluster mode: the session is not on this node and the shared directory cannot be asked
+    /// now (Redis down or behind); the app may retry the resume after a while. The gate decides
+    /// this, never the logic shard.
+    DirectoryUnavailable,
 }
 
 /// What a login did to the directory.

@@ -279,10 +279,27 @@ pub fn resume_refused(
     }
     // Awaiting a login again: the login timeout (from accept) is its deadline once more.
     shard.watch(conn);
+    use logic::directory::ResumeRefused as R;
     let message = match why {
-        logic::directory::ResumeRefused::NoSession => "no session to resume (expired or logged out): log in",
-        logic::directory::ResumeRefused::StaleEpoch => "the token names an older session: log in",
-        logic::directory::ResumeRefused::Replayed => "the token was already used: log in",
+        R::NoSession => "no session to resume (expired or logged out): log in",
+        R::StaleEpoch => "the token names an older session: log in",
+        R::Replayed => "the token was already used: log in",
+        R::DirectoryUnavailable => {
+            // The session may live on another node: worth another try once Redis is back.
+            let retry = crate::state::jitter(shard.cfg.app.retry_after_ms);
+            let message = "the session is not on this node and the directory is unreachable: retry the resume after retry_after_ms, or log in";
+            shard.send_error(
+                conn,
+                seq,
+                log_id,
+                ErrorCode::Overloaded,
+                Hop::Directory,
+                Cmd::Resume as u16,
+                message,
+                retry,
+            );
+            return;
+        }
     };
     shard.send_error(conn, seq, log_id, ErrorCode::ResumeRefused, Hop::App, Cmd::Resume as u16, message, 0);
 }

@@ -118,13 +118,13 @@ fn parts(shard: &mut Shard) -> Option<(Arc<Cluster>, &mut ClusterShard)> {
 /// The logic shard has no session for a resume: ask the node the directory names for it.
 pub fn missing(shard: &mut Shard, uid: u64, epoch: u64, retry: Input, now: u64) {
     let id = shard.id;
-    let Some((c, cs)) = parts(shard) else { return refuse(shard, retry, now) };
+    let Some((c, cs)) = parts(shard) else { return refuse(shard, retry, now, Refusal::NoSession) };
     if let Some(t) = cs.takes.by_uid.get_mut(&uid) {
         if t.epoch == epoch && t.parked.len() < MAX_PARKED {
             t.parked.push(retry);
             return;
         }
-        return refuse(shard, retry, now);
+        return refuse(shard, retry, now, Refusal::NoSession);
     }
     if !c.up.load(Relaxed) || cs.takes.by_uid.len() >= MAX_TAKES {
         c.stats.takes_refused.fetch_add(1, Relaxed);
@@ -133,7 +133,7 @@ pub fn missing(shard: &mut Shard, uid: u64, epoch: u64, retry: Input, now: u64) 
             epoch,
             "resume of a session not on this node refused: directory unavailable or busy"
         );
-        return refuse(shard, retry, now);
+        return refuse(shard, retry, now, Refusal::DirectoryUnavailable);
     }
     let tag = cs.new_tag(id);
     cs.cmds.push(super::Cmd::Lookup { uids: vec![uid], tag });
@@ -156,7 +156,7 @@ pub fn on_looked(shard: &mut Shard, tag: u64, owners: &[(u64, Option<super::Owne
         }
         other => {
             tracing::info!(uid, epoch, directory = ?other, "resume: no live node holds this session");
-            finish(shard, uid, now);
+            finish(shard, uid, now, Refusal::NoSession);
         }
     }
     true
@@ -166,12 +166,21 @@ pub fn on_looked(shard: &mut Shard, tag: u64, owners: &[(u64, Option<super::Owne
 pub fn on_lookup_failed(shard: &mut Shard, tag: u64, now: u64) -> bool {
     let Some((_, cs)) = parts(shard) else { return false };
     let Some(uid) = cs.takes.by_tag.remove(&tag) else { return false };
-    finish(shard, uid, now);
+    finish(shard, uid, now, Refusal::DirectoryUnavailable);
     true
 }
 
+/// How a take that found no session answers its parked inputs.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    /// No node has it (or none answered in time): the app logs in afresh.
+    NoSession,
+    /// The directory could not be asked: the app may retry later.
+    DirectoryUnavailable,
+}
+
 /// Ends a take: the parked inputs run again if the session is here now, else are refused.
-fn finish(shard: &mut Shard, uid: u64, now: u64) {
+fn finish(shard: &mut Shard, uid: u64, now: u64, why: Refusal) {
     let Some(t) = shard.cluster_shard.as_mut().and_then(|cs| cs.takes.remove(uid)) else { return };
     let here = shard.logic.holds(uid, t.epoch);
     if !here {
@@ -183,18 +192,21 @@ fn finish(shard: &mut Shard, uid: u64, now: u64) {
         if here {
             crate::event_loop::logic_input(shard, input, now);
         } else {
-            refuse(shard, input, now);
+            refuse(shard, input, now, why);
         }
     }
 }
 
-/// Answers a parked input as if no node had the session: a resume is refused (the app logs in
-/// afresh), a secure channel's question gets no secret (its ResumeHello is rejected).
-fn refuse(shard: &mut Shard, input: Input, now: u64) {
+/// Answers a parked input when no node handed the session over: a resume is refused (the app
+/// logs in afresh, or retries later when the directory was unreachable), a secure channel's
+/// question gets no secret (its ResumeHello is rejected as an unknown session).
+fn refuse(shard: &mut Shard, input: Input, now: u64, why: Refusal) {
+    let why = match why {
+        Refusal::NoSession => logic::directory::ResumeRefused::NoSession,
+        Refusal::DirectoryUnavailable => logic::directory::ResumeRefused::DirectoryUnavailable,
+    };
     let o = match input {
-        Input::Resume { conn, log_id, seq, .. } => {
-            Output::ResumeRefused { conn, log_id, seq, why: logic::directory::ResumeRefused::NoSession }
-        }
+        Input::Resume { conn, log_id, seq, .. } => Output::ResumeRefused { conn, log_id, seq, why },
         Input::ResumeSecret { conn, .. } => Output::ResumeSecret { conn, secret: None },
         other => {
             debug_assert!(false, "only resumes are parked: {other:?}");
@@ -330,7 +342,7 @@ pub fn on_handoff(shard: &mut Shard, from: &str, h: HandedSession, now: u64) {
         pushes,
     });
     crate::event_loop::logic_input(shard, Input::Install { uid, session }, now);
-    finish(shard, uid, now);
+    finish(shard, uid, now, Refusal::NoSession);
 }
 
 /// The node asked has no such session.
@@ -341,7 +353,7 @@ pub fn on_not_here(shard: &mut Shard, uid: u64, epoch: u64, now: u64) {
         .and_then(|cs| cs.takes.by_uid.get(&uid))
         .is_some_and(|t| t.epoch == epoch);
     if ours {
-        finish(shard, uid, now);
+        finish(shard, uid, now, Refusal::NoSession);
     }
 }
 
@@ -381,7 +393,7 @@ pub fn expire(shard: &mut Shard, now: u64) {
         cs.takes.by_deadline.iter().take_while(|d| d.0 <= now).take(4096).map(|d| d.1).collect();
     for uid in due {
         tracing::info!(uid, "resume: the session did not come from the other node in time");
-        finish(shard, uid, now);
+        finish(shard, uid, now, Refusal::NoSession);
     }
 }
 

@@ -418,7 +418,7 @@ pub fn health(c: &Cluster) -> String {
         format!("ok\ndirectory: up ({detail}); node {}; {nodes} live nodes\n", c.name)
     } else {
         format!(
-            "degraded\ndirectory: down ({detail}); local sessions go on, cross-node pushes end DirectoryUnavailable and cross-node resumes are refused until it returns\n"
+            "degraded\ndirectory: down ({detail}); local sessions go on, cross-node pushes end DirectoryUnavailable and resumes of sessions not on this node are told to retry until it returns\n"
         )
     }
 }
