@@ -115,6 +115,10 @@ pub enum ConnIo {
 pub struct RingConn {
     /// A send is in flight (its bytes are in `out_inflight`).
     pub sending: bool,
+    /// When that send was queued for the ring's submission (monotonic µs; read only for a
+    /// connection carrying measured frames): a push's bytes count as handed to the kernel then,
+    /// not when a busy shard reaps the completion up to a window later.
+    pub sent_us: u64,
     /// The write side was shut after the last bytes of a close (monotonic ms).
     pub shut_at: Option<u64>,
     /// The receive was cancelled: the connection ends when it reports so.
@@ -713,6 +717,9 @@ impl Shard {
                     }
                     conn.out_inflight = bytes.len();
                     r.sending = true;
+                    if conn.marks.is_some() {
+                        r.sent_us = mono_us();
+                    }
                     if let Some(ring) = self.ring.as_mut() {
                         ring.send(
                             conn.fd,
@@ -793,6 +800,7 @@ impl Shard {
         };
         let ConnIo::Ring(r) = &mut conn.io else { return };
         r.sending = false;
+        let sent_us = r.sent_us;
         conn.out_inflight = 0;
         if res < 0 {
             m.out_queue_bytes.fetch_sub(buf.len() as i64, Relaxed);
@@ -801,7 +809,7 @@ impl Shard {
             let n = (res as usize).min(buf.len());
             m.bytes_out.fetch_add(n as u64, Relaxed);
             m.out_queue_bytes.fetch_sub(n as i64, Relaxed);
-            wrote(conn, n, m);
+            wrote_at(conn, n, m, || sent_us);
             if n < buf.len() {
                 // The socket took part: the rest goes first on the next turn, and the stall
                 // clock runs (a peer that reads nothing becomes a slow consumer).
@@ -928,9 +936,15 @@ impl Shard {
 /// into the port's push histogram.
 #[inline]
 fn wrote(conn: &mut Conn, n: usize, m: &ShardMetrics) {
+    wrote_at(conn, n, m, mono_us)
+}
+
+/// [`wrote`], the bytes having left at the time `at` gives (a ring send: its submission).
+#[inline]
+fn wrote_at(conn: &mut Conn, n: usize, m: &ShardMetrics, at: impl FnOnce() -> u64) {
     let Some(marks) = conn.marks.as_deref_mut() else { return };
     let h = if conn.port == Port::App { &m.push_delivery_us } else { &m.push_receipt_us };
-    marks.wrote(n, mono_us, h);
+    marks.wrote(n, at, h);
 }
 
 /// The timeouts of a port's connections.
