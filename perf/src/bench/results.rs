@@ -939,7 +939,13 @@ pub const GOALS: &[Goal] = &[
         goal: "loss under node restarts",
         target: "0: every push gets exactly one receipt",
         judge: |_, _| {
-            ("needs the cluster (several nodes over Redis), which is not built".into(), GoalStatus::NotBuilt)
+            // Node restarts, drains and moves are the cluster's: bench-cluster's storm with --move and
+            // the cluster tests audit them, not this bench's single-node runs.
+            (
+                "measured by `make bench-cluster` (two nodes, storm with --move) and the cluster tests"
+                    .into(),
+                GoalStatus::NotMeasured,
+            )
         },
     },
     Goal {
@@ -2063,7 +2069,7 @@ mod tests {
         }
         assert_eq!(row(&g, Metric::DecodeNs).status, GoalStatus::Met);
         assert_eq!(row(&g, Metric::ResumeCost).status, GoalStatus::NotMeasured);
-        assert_eq!(row(&g, Metric::RestartLoss).status, GoalStatus::NotBuilt);
+        assert_eq!(row(&g, Metric::RestartLoss).status, GoalStatus::NotMeasured);
     }
 
     /// The row of the goal about `m`.
