@@ -27,6 +27,11 @@ fn node(url: &str, name: &str, extra: &[&str]) -> Gate {
     Gate::start(&args)
 }
 
+/// The node the directory names as holding `uid`'s session, if any.
+fn holder(redis: &RedisServer, uid: u64) -> Option<String> {
+    redis.command(&["HGET", &cluster::uid_key(uid), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
+}
+
 /// Waits until the node's `/healthz` says the directory is up and it sees `nodes` live nodes.
 fn until_clustered(g: &Gate, nodes: usize) {
     g.eventually("the directory up with every node", || {
@@ -44,10 +49,7 @@ fn a_push_accepted_on_one_node_reaches_a_driver_on_another_and_its_receipt_comes
     until_clustered(&b, 2);
     let mut driver = b.login(41, 1);
     // The login's claim reaches Redis within a turn of the Redis thread.
-    a.eventually("the directory knows uid 41", || {
-        redis.command(&["HGET", &cluster::uid_key(41), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
-            == Some("node-b".into())
-    });
+    a.eventually("the directory knows uid 41", || holder(&redis, 41) == Some("node-b".into()));
     let (srv, ev) = a.appserver();
     let accepted = srv.push(&push_spec(500, &[41, 42], 30_000)).expect("push accepted on node a");
     assert_eq!(accepted.targets, 2);
@@ -80,10 +82,7 @@ fn over_rediss_with_a_private_ca_and_a_password_a_push_reaches_a_driver_on_anoth
     let health = a.http_get("/healthz");
     assert!(health.contains(", TLS)"), "healthz says the directory's link is TLS: {health}");
     let mut driver = b.login(43, 1);
-    a.eventually("the directory knows uid 43", || {
-        redis.command(&["HGET", &cluster::uid_key(43), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
-            == Some("node-b".into())
-    });
+    a.eventually("the directory knows uid 43", || holder(&redis, 43) == Some("node-b".into()));
     let (srv, ev) = a.appserver();
     let accepted = srv.push(&push_spec(510, &[43, 44], 30_000)).expect("push accepted on node a");
     assert_eq!(accepted.targets, 2);
@@ -138,10 +137,7 @@ fn one_uid_logged_in_on_two_nodes_keeps_exactly_one_session() {
     until_clustered(&b, 2);
     // One after the other: the newer login (on b) survives, the older one is displaced.
     let mut first = a.login(7, 1);
-    a.eventually("claimed", || {
-        redis.command(&["HGET", &cluster::uid_key(7), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
-            == Some("node-a".into())
-    });
+    a.eventually("claimed", || holder(&redis, 7) == Some("node-a".into()));
     let _second = b.login(7, 1);
     let deadline = Instant::now() + EVENTUALLY;
     let mut displaced = false;
@@ -159,10 +155,7 @@ fn one_uid_logged_in_on_two_nodes_keeps_exactly_one_session() {
         }
     }
     assert!(displaced, "the older session on node a ended");
-    b.eventually("node b holds uid 7", || {
-        redis.command(&["HGET", &cluster::uid_key(7), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
-            == Some("node-b".into())
-    });
+    b.eventually("node b holds uid 7", || holder(&redis, 7) == Some("node-b".into()));
     // At once on both nodes, many times: exactly one session per uid survives.
     let mut keep = Vec::new();
     for uid in 100..110u64 {
@@ -208,10 +201,7 @@ fn redis_unreachable_at_start_then_back() {
     // Redis comes up where the node looks for it: the node records its sessions there.
     let redis = RedisServer::start_on(port, None).expect("redis-server starts");
     a.eventually("healthz ok again", || a.http_get("/healthz").starts_with("ok"));
-    a.eventually("the session is recorded after the outage", || {
-        redis.command(&["HGET", &cluster::uid_key(9), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
-            == Some("node-a".into())
-    });
+    a.eventually("the session is recorded after the outage", || holder(&redis, 9) == Some("node-a".into()));
 }
 
 #[test]
@@ -221,10 +211,7 @@ fn a_killed_node_ends_what_waited_on_it_as_node_lost() {
     let mut b = node(&redis.url(), "node-b", &[]);
     until_clustered(&a, 2);
     let mut driver = b.login(77, 1);
-    a.eventually("claimed", || {
-        redis.command(&["HGET", &cluster::uid_key(77), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
-            == Some("node-b".into())
-    });
+    a.eventually("claimed", || holder(&redis, 77) == Some("node-b".into()));
     let (srv, ev) = a.appserver();
     srv.push(&push_spec(3, &[77], 60_000)).expect("push accepted");
     let _ = next_push(&mut driver); // received, never acked
@@ -252,13 +239,7 @@ fn across_nodes_the_ack_grace_holds_and_an_unacked_pair_ends_ttl_expired_not_nod
     let mut in_time = b.login(71, 1);
     let mut silent = b.login(72, 1);
     a.eventually("the directory knows both on node b", || {
-        [71, 72].iter().all(|&u| {
-            redis
-                .command(&["HGET", &cluster::uid_key(u), "node"])
-                .ok()
-                .and_then(|r| r.text().map(str::to_owned))
-                == Some("node-b".into())
-        })
+        [71, 72].iter().all(|&u| holder(&redis, u) == Some("node-b".into()))
     });
     let (srv, ev) = a.appserver();
     let ttl_ms = 1_000;
@@ -275,17 +256,7 @@ fn across_nodes_the_ack_grace_holds_and_an_unacked_pair_ends_ttl_expired_not_nod
     assert_eq!(g.delivery().expect("delivery").deadline_ms, deadline);
     sleep_until_wall(deadline + ACK_GRACE_MS / 2);
     in_time.ack_push(&f).expect("ack");
-    let (mut got, mut expired_at) = (Vec::new(), 0);
-    collect_events(&ev, |e| {
-        if let AppServerEvent::Receipt { message_id, uid, outcome } = e {
-            if *outcome == Outcome::TtlExpired {
-                expired_at = client::now_ms();
-            }
-            got.push((*message_id, *uid, *outcome));
-        }
-        got.len() == 2
-    });
-    got.sort();
+    let (got, expired_at) = common::receipts_with_expiry(&ev, 2);
     assert_eq!(got, vec![(700, 71, Outcome::Delivered), (700, 72, Outcome::TtlExpired)]);
     assert!(
         expired_at >= deadline + ACK_GRACE_MS,
@@ -314,10 +285,7 @@ fn a_resume_on_another_node_takes_the_session_over_with_its_queue() {
     until_clustered(&c3, 3);
     let mut driver = a.login(61, 1);
     let s = driver.session().expect("session").clone();
-    a.eventually("claimed on a", || {
-        redis.command(&["HGET", &cluster::uid_key(61), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
-            == Some("node-a".into())
-    });
+    a.eventually("claimed on a", || holder(&redis, 61) == Some("node-a".into()));
     // Pushes from three app-servers: node a's own, node b's and node c's.
     let (srv_a, ev_a) = a.appserver();
     let (srv_b, ev_b) = b.appserver();
@@ -366,10 +334,7 @@ fn a_resume_on_another_node_takes_the_session_over_with_its_queue() {
     );
     assert_eq!(receipts(&ev_b, 1), [((3, 61), vec![Outcome::Delivered])].into());
     assert_eq!(receipts(&ev_c, 1), [((4, 61), vec![Outcome::Delivered])].into());
-    b.eventually("the directory names node b", || {
-        redis.command(&["HGET", &cluster::uid_key(61), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
-            == Some("node-b".into())
-    });
+    b.eventually("the directory names node b", || holder(&redis, 61) == Some("node-b".into()));
     assert_eq!(b.metric("fleetgate_cluster_sessions_moved_in_total", ""), 1.0);
     assert_eq!(a.metric("fleetgate_cluster_sessions_moved_out_total", ""), 1.0);
     // A push after the move, from node a, goes to node b.
@@ -417,10 +382,7 @@ fn a_draining_node_sends_its_apps_to_another_node_and_their_sessions_follow() {
     until_clustered(&b, 2);
     let mut driver = a.login(71, 1);
     let s = driver.session().expect("session").clone();
-    a.eventually("claimed on a", || {
-        redis.command(&["HGET", &cluster::uid_key(71), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
-            == Some("node-a".into())
-    });
+    a.eventually("claimed on a", || holder(&redis, 71) == Some("node-a".into()));
     let (srv_b, ev_b) = b.appserver();
     srv_b.push(&push_spec(1, &[71], 30_000)).expect("push on b");
     let first = next_push(&mut driver);
@@ -449,10 +411,7 @@ fn a_draining_node_sends_its_apps_to_another_node_and_their_sessions_follow() {
     assert!(f.is_redelivery());
     moved.ack_push(&f).expect("ack");
     assert_eq!(receipts(&ev_b, 1), [((1, 71), vec![Outcome::Delivered])].into());
-    b.eventually("the directory names node b", || {
-        redis.command(&["HGET", &cluster::uid_key(71), "node"]).ok().and_then(|r| r.text().map(str::to_owned))
-            == Some("node-b".into())
-    });
+    b.eventually("the directory names node b", || holder(&redis, 71) == Some("node-b".into()));
 }
 
 /// Waits until `g` sees `n` live nodes with an app-server connected (its lease renewals read
@@ -587,16 +546,10 @@ fn an_app_server_ends_a_session_on_its_own_node_or_another_and_hears_where() {
     let b = node(&redis.url(), "node-b", &[]);
     until_clustered(&a, 2);
     until_clustered(&b, 2);
-    let holder = |uid: u64| {
-        redis
-            .command(&["HGET", &cluster::uid_key(uid), "node"])
-            .ok()
-            .and_then(|r| r.text().map(str::to_owned))
-    };
     let mut on_a = a.login(81, 1);
     let mut on_b = b.login(82, 1);
     b.eventually("the directory knows both", || {
-        holder(81) == Some("node-a".into()) && holder(82) == Some("node-b".into())
+        holder(&redis, 81) == Some("node-a".into()) && holder(&redis, 82) == Some("node-b".into())
     });
     let (srv, ev) = b.appserver();
     // A push through node b to the driver on node a, delivered and never acked.
@@ -608,7 +561,7 @@ fn an_app_server_ends_a_session_on_its_own_node_or_another_and_hears_where() {
     assert_eq!(go_away(&mut on_a), (GoAwayReason::Ended, "account closed".to_owned()));
     let r = receipts(&ev, 1);
     assert_eq!(r[&(700, 81)], vec![Outcome::Offline], "the unacked push ends Offline");
-    b.eventually("the directory forgot it", || holder(81).is_none());
+    b.eventually("the directory forgot it", || holder(&redis, 81).is_none());
     assert!(b.metric("fleetgate_cluster_end_sessions_forwarded_total", "direction=\"sent\"") >= 1.0);
 
     let ended = srv.end_session(82, "").expect("answered");

@@ -8,8 +8,8 @@
 
 mod common;
 
-use client::{AppConn, AppServerEvent, ClientError, OwnedFrame};
-use common::{collect_events, next_push, push_spec, receipts, sleep_until_wall, Gate};
+use client::{AppConn, ClientError, OwnedFrame};
+use common::{next_push, push_spec, receipts, sleep_until_wall, Gate};
 use logic::push::ACK_GRACE_MS;
 use schema::wire::{self, ErrorCode, Hop, Outcome};
 use schema::{Cmd, Encoder, FrameType};
@@ -60,17 +60,7 @@ fn an_ack_within_the_grace_is_delivered_and_one_after_it_changes_nothing() {
     in_time.ack_push(&f1).expect("ack");
     // The other target's ack never comes in time: its pair ends TtlExpired at deadline + grace,
     // not before, and within the promised TTL + 1 s of its acceptance.
-    let (mut got, mut expired_at) = (Vec::new(), 0);
-    collect_events(&ev, |e| {
-        if let AppServerEvent::Receipt { message_id, uid, outcome } = e {
-            if *outcome == Outcome::TtlExpired {
-                expired_at = client::now_ms();
-            }
-            got.push((*message_id, *uid, *outcome));
-        }
-        got.len() == 2
-    });
-    got.sort();
+    let (got, expired_at) = common::receipts_with_expiry(&ev, 2);
     assert_eq!(got, vec![(10, 1, Outcome::Delivered), (10, 2, Outcome::TtlExpired)]);
     assert!(
         expired_at >= deadline + ACK_GRACE_MS,

@@ -4,6 +4,7 @@
 //! [`redis`]: real `redis-server` processes (one server, plain or TLS only, or a Redis Cluster) for
 //! the cluster tests.
 
+pub mod certs;
 pub mod redis;
 
 use std::io::{Read, Write};

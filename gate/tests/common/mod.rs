@@ -173,6 +173,26 @@ extern "C" {
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
+/// The next `n` receipts, sorted, and the wall-clock ms when the (last) TtlExpired one arrived
+/// (0: none did).
+pub fn receipts_with_expiry(
+    ev: &client::AppServerEvents,
+    n: usize,
+) -> (Vec<(u64, u64, schema::wire::Outcome)>, u64) {
+    let (mut got, mut expired_at) = (Vec::new(), 0);
+    collect_events(ev, |e| {
+        if let client::AppServerEvent::Receipt { message_id, uid, outcome } = e {
+            if *outcome == schema::wire::Outcome::TtlExpired {
+                expired_at = client::now_ms();
+            }
+            got.push((*message_id, *uid, *outcome));
+        }
+        got.len() == n
+    });
+    got.sort();
+    (got, expired_at)
+}
+
 /// A valid token for `uid`.
 pub fn token(uid: u64, role: u8) -> Vec<u8> {
     dev_token(SECRET, uid, role, Duration::from_secs(3600))

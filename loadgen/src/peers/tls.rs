@@ -26,7 +26,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -202,55 +202,8 @@ pub fn handshake(client: &TlsClient, addr: SocketAddr, timeout: Duration) -> Res
     Ok(())
 }
 
-/// PEM files written by [`write_test_certs`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TestCerts {
-    /// The CA's certificate (`ca.pem`): give it to `--tls-ca`, and to the broker as `cafile`.
-    pub ca: PathBuf,
-    /// The server's certificate (`server.pem`), signed by the CA, for 127.0.0.1 and
-    /// localhost: the broker's `certfile`.
-    pub cert: PathBuf,
-    /// The server's private key (`server.key`, PKCS#8): the broker's `keyfile`.
-    pub key: PathBuf,
-}
-
-/// Writes a fresh CA (`ca.pem`) and a server certificate (`server.pem`) and key (`server.key`)
-/// signed by it, valid for IP 127.0.0.1 and DNS localhost (ECDSA P-256), into `dir` (made if
-/// missing). For tests and benchmarks only: the CA's key is thrown away, the server's is written
-/// unencrypted.
-pub fn write_test_certs(dir: &Path) -> Result<TestCerts, String> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-    let err = |e: rcgen::Error| format!("cannot make test certificates: {e}");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // A name of its own: a certificate of another test CA is then from an unknown issuer, not
-    // one whose signature is bad.
-    let tag: u64 = rand::random();
-    ca_params.distinguished_name.push(DnType::CommonName, format!("fleetgate test CA {tag:016x}"));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate().map_err(err)?;
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(err)?;
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let mut params =
-        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).map_err(err)?;
-    params.distinguished_name.push(DnType::CommonName, "localhost");
-    params.use_authority_key_identifier_extension = true;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let key = KeyPair::generate().map_err(err)?;
-    let cert = params.signed_by(&key, &issuer).map_err(err)?;
-
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
-    let certs =
-        TestCerts { ca: dir.join("ca.pem"), cert: dir.join("server.pem"), key: dir.join("server.key") };
-    for (path, text) in
-        [(&certs.ca, ca_cert.pem()), (&certs.cert, cert.pem()), (&certs.key, key.serialize_pem())]
-    {
-        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    Ok(certs)
-}
+/// The test certificates live with the other test fixtures (redis-server's TLS uses them too).
+pub use testkit::certs::{write_test_certs, TestCerts};
 
 #[cfg(test)]
 mod tests {
@@ -258,7 +211,7 @@ mod tests {
     use rustls::server::{ServerConfig, ServerConnection};
     use rustls_pki_types::PrivateKeyDer;
 
-    fn temp_dir(name: &str) -> PathBuf {
+    fn temp_dir(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("loadgen-tls-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
