@@ -190,6 +190,7 @@ impl H {
                 max_held: 16,
                 push_queue_bytes: 1 << 24,
                 clustered: false,
+                geo_index: true,
             }),
             genc: Encoder::new(),
             app,

@@ -357,6 +357,7 @@ impl Shard {
             max_pending_requests: cfg.limits.max_pending_requests_per_shard as usize,
             request_timeout_ms: cfg.sidecar.request_timeout_ms as u64,
             clustered: cluster.is_some(),
+            geo_index: true,
         });
         Shard {
             id,

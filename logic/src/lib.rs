@@ -13,6 +13,7 @@
 //! - [`shard`]: the step function tying them together.
 
 pub mod directory;
+pub mod geo;
 pub mod gps;
 pub mod push;
 pub mod shard;

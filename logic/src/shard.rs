@@ -3,6 +3,7 @@
 
 use crate::directory::Directory;
 use crate::directory::{ResumeRefused, ResumeSecret};
+use crate::geo::{Filter, GeoIndex, Hit, Query};
 use crate::gps::{Coalescer, Forward, GpsStats};
 use crate::push::{outcome, Inflight, Origin, PushContent, Receipt, TtlIndex, ACK_GRACE_MS};
 use crate::upstream::{Pending, Requests};
@@ -46,6 +47,9 @@ pub struct ShardConfig {
     /// node for a uid with no session here is looked for on the other nodes instead of ending
     /// `Offline`.
     pub clustered: bool,
+    /// Keep the geo index of drivers' newest points (GeoQuery, GeoPush); off, GPS costs a
+    /// little less and geo requests find no driver (the benchmark compares the two).
+    pub geo_index: bool,
 }
 
 /// Why a connection closed, as the logic shard needs to know it.
@@ -80,6 +84,10 @@ pub enum RequestFailure {
 
 /// `Input::End` tags carry the gate shard waiting for the answer in their top 16 bits.
 pub const END_TAG_SHIFT: u32 = 48;
+
+/// `Input::Geo` tags carry the gate shard waiting for the answer in their top 16 bits, as
+/// `Input::End`'s do.
+pub const GEO_TAG_SHIFT: u32 = END_TAG_SHIFT;
 
 /// A broadcast's count being gathered on the gate shard that accepted it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,6 +290,15 @@ pub enum Input {
         log_id: u64,
         /// For the app's GoAway.
         message: String,
+    },
+    /// An app-server's GeoQuery or GeoPush: this shard's nearest drivers for `query`.
+    /// Answered with `Output::GeoAnswered`.
+    Geo {
+        /// The gate's id for the request (the gate shard that merges the answers in its top 16
+        /// bits), echoed in the answer.
+        tag: u64,
+        /// The selection.
+        query: Query,
     },
 }
 
@@ -553,6 +570,14 @@ pub enum Output {
         /// A session was found here and ended.
         found: bool,
     },
+    /// The answer to `Input::Geo`: this shard's `k` nearest drivers that qualify, nearest
+    /// first.
+    GeoAnswered {
+        /// The request's tag.
+        tag: u64,
+        /// The drivers.
+        hits: Vec<Hit>,
+    },
 }
 
 impl Output {
@@ -573,6 +598,7 @@ impl Output {
             | Output::Ended { conn, .. } => Some(conn.shard),
             Output::BroadcastCounted { tally, .. } => Some(tally.shard),
             Output::EndAnswered { tag, .. } => Some((tag >> END_TAG_SHIFT) as u16),
+            Output::GeoAnswered { tag, .. } => Some((tag >> GEO_TAG_SHIFT) as u16),
             Output::Receipt(_)
             | Output::Upstream { .. }
             | Output::GpsBatch(_)
@@ -608,6 +634,9 @@ pub struct Shard {
     due: Vec<(u64, u32)>,
     /// Reused buffer for receipts before they become outputs.
     receipts: Vec<Receipt>,
+    /// The newest point of every driver with a session here, for geo queries: a uid is in it
+    /// only while its session lives (every place a session ends here forgets it).
+    pub geo: GeoIndex,
 }
 
 impl Shard {
@@ -622,6 +651,7 @@ impl Shard {
             requests: Requests::default(),
             due: Vec::new(),
             receipts: Vec::new(),
+            geo: GeoIndex::new(),
         }
     }
 
@@ -721,6 +751,11 @@ impl Shard {
                 }
             }
             Input::Gps { uid, point } => {
+                // Only a driver with a session here is indexed: a point still on its way when
+                // the session ended must not bring it back.
+                if self.cfg.geo_index && self.directory.get(uid).is_some() {
+                    self.geo.update(uid, point.lat_e7(), point.lon_e7(), point.ts_ms(), now_ms);
+                }
                 self.gps.push(uid, point);
                 // The first point after a flush arms the next one; an idle shard arms nothing.
                 if self.gps_due_ms.is_none() {
@@ -843,6 +878,8 @@ impl Shard {
             Input::Superseded { uid, epoch } => {
                 let ours = self.directory.get(uid).filter(|e| e.epoch == epoch).map(|e| e.conn);
                 if let Some(mut e) = ours.and_then(|conn| self.directory.remove_if(uid, conn)) {
+                    // Its newer session lives on another node: this node's index forgets it.
+                    self.geo.remove(uid);
                     e.pushes.drain_into(uid, outcome::DISPLACED, &mut self.ttl, &mut self.receipts);
                     if e.held_until_ms.is_none() {
                         out.push(Output::Displaced { conn: e.conn, uid, log_id: 0 });
@@ -857,6 +894,8 @@ impl Shard {
             Input::HandOver { uid, epoch, to } => match self.directory.take(uid, epoch) {
                 None => out.push(Output::NotHere { uid, epoch, to }),
                 Some(mut e) => {
+                    // The session lives on at `to`, whose index takes the driver's next point.
+                    self.geo.remove(uid);
                     if e.held_until_ms.is_none() {
                         // The app resumed elsewhere while this connection still looked alive.
                         out.push(Output::Displaced { conn: e.conn, uid, log_id: 0 });
@@ -900,6 +939,16 @@ impl Shard {
                     self.released(uid, e.epoch, out);
                 }
                 out.push(Output::EndAnswered { tag, uid, found });
+            }
+            Input::Geo { tag, query } => {
+                let directory = &self.directory;
+                let qualifies = |uid| {
+                    directory
+                        .get(uid)
+                        .is_some_and(|e| query.filter == Filter::OnlineOrHeld || e.held_until_ms.is_none())
+                };
+                let hits = self.geo.nearest(&query, now_ms, qualifies);
+                out.push(Output::GeoAnswered { tag, hits });
             }
         }
         self.emit_receipts(out);
@@ -952,8 +1001,10 @@ impl Shard {
         self.directory.get(uid).is_some_and(|e| e.epoch == epoch)
     }
 
-    /// A session ended here: in cluster mode the shared directory forgets it too.
-    fn released(&self, uid: u64, epoch: u64, out: &mut Vec<Output>) {
+    /// A session ended here: the geo index forgets its driver, and in cluster mode the shared
+    /// directory forgets it too.
+    fn released(&mut self, uid: u64, epoch: u64, out: &mut Vec<Output>) {
+        self.geo.remove(uid);
         if self.cfg.clustered {
             out.push(Output::Release { uid, epoch });
         }
@@ -1098,6 +1149,7 @@ mod tests {
             max_held: 10,
             push_queue_bytes: 1 << 20,
             clustered: false,
+            geo_index: true,
         })
     }
 
@@ -1803,5 +1855,80 @@ mod tests {
         out.clear();
         s.handle(Input::Push { push: push(8, 60_000), uids: vec![1] }, 1_001, &mut out);
         assert_eq!(receipts(&out), vec![(8, 1, outcome::OFFLINE)]);
+    }
+
+    fn held_geo_shard() -> Shard {
+        let mut s = shard();
+        s.cfg.hold_ms = 1_000;
+        s
+    }
+
+    fn gps(uid: u64, lat_e7: i32, ts: u64) -> Input {
+        Input::Gps { uid, point: GpsPoint::new(ts, lat_e7, 0, 0, 0, 0, 0) }
+    }
+
+    fn geo_uids(s: &mut Shard, filter: Filter, now: u64) -> Vec<u64> {
+        let query = Query { lat_e7: 0, lon_e7: 0, radius_m: 10_000.0, k: 10, max_age_ms: None, filter };
+        let mut out = Vec::new();
+        s.handle(Input::Geo { tag: 7 << GEO_TAG_SHIFT | 1, query }, now, &mut out);
+        match &out[..] {
+            [Output::GeoAnswered { tag, hits }] => {
+                assert_eq!(Output::GeoAnswered { tag: *tag, hits: vec![] }.gate_shard(), Some(7));
+                hits.iter().map(|h| h.uid).collect()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The index holds drivers with a session only: a held one counts for OnlineOrHeld, and
+    /// every way a session ends forgets its driver.
+    #[test]
+    fn geo_answers_online_or_held_drivers_and_forgets_ended_sessions() {
+        let mut s = held_geo_shard();
+        let mut out = Vec::new();
+        for uid in 1..=4 {
+            login(&mut s, uid, c(uid as u32));
+            s.handle(gps(uid, uid as i32 * 1_000, 1), 0, &mut out);
+        }
+        s.handle(gps(9, 0, 1), 0, &mut out); // no session: not indexed
+        assert_eq!(geo_uids(&mut s, Filter::Online, 0), vec![1, 2, 3, 4]);
+        s.handle(Input::Closed { uid: 2, conn: c(2), reason: CloseReason::Dropped }, 0, &mut out);
+        assert_eq!(geo_uids(&mut s, Filter::Online, 0), vec![1, 3, 4]);
+        assert_eq!(geo_uids(&mut s, Filter::OnlineOrHeld, 0), vec![1, 2, 3, 4]);
+        s.handle(Input::Logout { uid: 3, conn: c(3), log_id: 1, seq: 1 }, 0, &mut out);
+        s.handle(Input::End { uid: 4, tag: 0, log_id: 1, message: String::new() }, 0, &mut out);
+        assert_eq!(geo_uids(&mut s, Filter::OnlineOrHeld, 0), vec![1, 2]);
+        s.tick(2_000, &mut out); // uid 2's hold ends
+        assert_eq!(geo_uids(&mut s, Filter::OnlineOrHeld, 2_000), vec![1]);
+        assert_eq!(s.geo.len(), 1);
+    }
+
+    proptest::proptest! {
+        /// Whatever happens to sessions, the index holds exactly drivers with a session here
+        /// that reported since it began.
+        #[test]
+        fn geo_index_holds_only_live_sessions(ops in proptest::collection::vec((0u8..6, 0u64..8), 1..200)) {
+            let mut s = held_geo_shard();
+            let mut out = Vec::new();
+            let mut now = 0;
+            for (op, uid) in ops {
+                now += 100;
+                let conn = c(uid as u32);
+                let input = match op {
+                    0 => Input::Login { uid, role: 1, conn, log_id: 1, seq: 1, wall_ms: now, resume_secret: None },
+                    1 | 2 => gps(uid, uid as i32, now),
+                    3 => Input::Closed { uid, conn, reason: CloseReason::Dropped },
+                    4 => Input::Logout { uid, conn, log_id: 1, seq: 1 },
+                    _ => Input::End { uid, tag: 0, log_id: 1, message: String::new() },
+                };
+                s.handle(input, now, &mut out);
+                s.tick(now, &mut out);
+                out.clear();
+                for uid in s.geo.uids() {
+                    proptest::prop_assert!(s.directory.get(uid).is_some(), "uid {} indexed without a session", uid);
+                }
+                s.geo.check().map_err(proptest::test_runner::TestCaseError::fail)?;
+            }
+        }
     }
 }

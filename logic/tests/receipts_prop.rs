@@ -53,6 +53,7 @@ proptest! {
             max_held: 3,
             push_queue_bytes: 1 << 20,
             clustered: false,
+            geo_index: true,
         });
         // The resume token's content per uid: (epoch, resumes) from the last answer.
         let mut tokens: HashMap<u64, (u64, u32)> = HashMap::new();

@@ -79,6 +79,10 @@ commands! {
     Unreachable = 0x0106,
     /// Request (app-server → gate): `EndSession` → Response: `SessionEnded`.
     EndSession = 0x0107,
+    /// Request (app-server -> gate): `GeoPush` → Response: `GeoChosen`.
+    GeoPush = 0x0108,
+    /// Request (app-server -> gate): `GeoQuery` → Response: `GeoChosen`.
+    GeoQuery = 0x0109,
 }
 
 impl Cmd {
@@ -145,6 +149,9 @@ pub const fn body_kind(cmd: Cmd, ty: FrameType) -> Option<BodyKind> {
         (Cmd::Unreachable, Event) => BodyKind::Unreachable,
         (Cmd::EndSession, Request) => BodyKind::EndSession,
         (Cmd::EndSession, Response) => BodyKind::SessionEnded,
+        (Cmd::GeoPush, Request) => BodyKind::GeoPush,
+        (Cmd::GeoQuery, Request) => BodyKind::GeoQuery,
+        (Cmd::GeoPush | Cmd::GeoQuery, Response) => BodyKind::GeoChosen,
         _ => return None,
     })
 }

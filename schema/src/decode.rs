@@ -370,4 +370,7 @@ bodies!(
     Unreachable,
     EndSession,
     SessionEnded,
+    GeoPush,
+    GeoQuery,
+    GeoChosen,
 );

@@ -251,5 +251,56 @@ pub fn all_frames() -> Vec<(&'static str, Vec<u8>)> {
             wire::SessionEnded::create(b, &wire::SessionEndedArgs { uid: 42, found: true, node: Some(node) })
         })
     });
+    f("geo_push_request", &mut |e, o| {
+        e.frame(o, Request, Cmd::GeoPush, 6, 0xCDCD, |b| {
+            let payload = b.create_vector(b"order 77");
+            wire::GeoPush::create(
+                b,
+                &wire::GeoPushArgs {
+                    lat_e7: 525_200_000,
+                    lon_e7: 134_050_000,
+                    radius_m: 3_000,
+                    k: 20,
+                    max_age_ms: 10_000,
+                    filter: wire::GeoFilter::OnlineOrHeld,
+                    message_id: 77,
+                    payload: Some(payload),
+                    ttl_ms: 15_000,
+                    sent_at_us: 1_700_000_000_000_000,
+                    kind: 1,
+                },
+            )
+        })
+    });
+    f("geo_push_response", &mut |e, o| {
+        e.frame(o, Response, Cmd::GeoPush, 6, 0xCDCD, |b| {
+            let hits = b.create_vector(&[
+                wire::GeoHit::new(42, 525_201_000, 134_051_000, 131.5, 900),
+                wire::GeoHit::new(43, 525_150_000, 134_000_000, 655.25, 2_100),
+            ]);
+            wire::GeoChosen::create(b, &wire::GeoChosenArgs { message_id: 77, hits: Some(hits) })
+        })
+    });
+    f("geo_query_request", &mut |e, o| {
+        e.frame(o, Request, Cmd::GeoQuery, 7, 0xCECE, |b| {
+            wire::GeoQuery::create(
+                b,
+                &wire::GeoQueryArgs {
+                    lat_e7: -338_688_000,
+                    lon_e7: 1_512_093_000,
+                    radius_m: 50_000,
+                    k: 1_000,
+                    max_age_ms: 0,
+                    filter: wire::GeoFilter::Online,
+                },
+            )
+        })
+    });
+    f("geo_query_response", &mut |e, o| {
+        e.frame(o, Response, Cmd::GeoQuery, 7, 0xCECE, |b| {
+            let hits = b.create_vector(&[wire::GeoHit::new(9, -338_690_000, 1_512_090_000, 40.0, 0)]);
+            wire::GeoChosen::create(b, &wire::GeoChosenArgs { message_id: 0, hits: Some(hits) })
+        })
+    });
     v
 }

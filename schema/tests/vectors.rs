@@ -130,6 +130,17 @@ fn bodies_read_back() {
     assert_eq!((e.uid(), e.message()), (42, Some("account closed")));
     let Body::SessionEnded(e) = frame("end_session_response").0.body else { panic!("kind") };
     assert_eq!((e.uid(), e.found(), e.node()), (42, true, Some("gate-b")));
+    let Body::GeoPush(g) = frame("geo_push_request").0.body else { panic!("kind") };
+    assert_eq!((g.lat_e7(), g.lon_e7(), g.radius_m(), g.k()), (525_200_000, 134_050_000, 3_000, 20));
+    assert_eq!((g.max_age_ms(), g.filter(), g.message_id()), (10_000, wire::GeoFilter::OnlineOrHeld, 77));
+    assert_eq!((g.payload().expect("payload").bytes(), g.ttl_ms(), g.kind()), (&b"order 77"[..], 15_000, 1));
+    let Body::GeoQuery(g) = frame("geo_query_request").0.body else { panic!("kind") };
+    assert_eq!((g.lat_e7(), g.lon_e7(), g.radius_m(), g.k()), (-338_688_000, 1_512_093_000, 50_000, 1_000));
+    assert_eq!((g.max_age_ms(), g.filter()), (0, wire::GeoFilter::Online));
+    let Body::GeoChosen(c) = frame("geo_push_response").0.body else { panic!("kind") };
+    let hits: Vec<_> =
+        c.hits().expect("hits").iter().map(|h| (h.uid(), h.distance_m(), h.age_ms())).collect();
+    assert_eq!((c.message_id(), hits), (77, vec![(42, 131.5, 900), (43, 655.25, 2_100)]));
 }
 
 #[test]

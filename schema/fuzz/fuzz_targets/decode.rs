@@ -87,6 +87,18 @@ fn touch(b: &Body<'_>) {
         Body::SessionEnded(e) => {
             std::hint::black_box((e.uid(), e.found(), e.node()));
         }
+        Body::GeoQuery(g) => {
+            std::hint::black_box((g.lat_e7(), g.lon_e7(), g.radius_m(), g.k(), g.max_age_ms(), g.filter()));
+        }
+        Body::GeoPush(g) => {
+            std::hint::black_box((g.lat_e7(), g.lon_e7(), g.radius_m(), g.k(), g.max_age_ms(), g.filter()));
+            std::hint::black_box((g.message_id(), g.payload().map(|p| p.len()), g.ttl_ms(), g.sent_at_us(), g.kind()));
+        }
+        Body::GeoChosen(c) => {
+            if let Some(h) = c.hits() {
+                std::hint::black_box(h.iter().fold(0f32, |a, x| a + x.distance_m() + x.age_ms() as f32));
+            }
+        }
         other => {
             std::hint::black_box(other.kind());
         }

@@ -741,6 +741,93 @@ impl<'a> ::flatbuffers::Verifiable for OrderState {
 }
 
 impl ::flatbuffers::SimpleToVerifyInSlice for OrderState {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_GEO_FILTER: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_GEO_FILTER: u8 = 1;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_GEO_FILTER: [GeoFilter; 2] = [
+  GeoFilter::Online,
+  GeoFilter::OnlineOrHeld,
+];
+
+/// Which drivers a GeoQuery or GeoPush may choose.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct GeoFilter(pub u8);
+#[allow(non_upper_case_globals)]
+impl GeoFilter {
+  /// Drivers whose session has a connection now.
+  pub const Online: Self = Self(0);
+  /// Also drivers whose session is held after its connection dropped (a push queues for them).
+  pub const OnlineOrHeld: Self = Self(1);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 1;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Online,
+    Self::OnlineOrHeld,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Online => Some("Online"),
+      Self::OnlineOrHeld => Some("OnlineOrHeld"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for GeoFilter {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for GeoFilter {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for GeoFilter {
+    type Output = GeoFilter;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for GeoFilter {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for GeoFilter {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for GeoFilter {}
 /// One GPS fix. 24 bytes, fixed layout: the hot path reads it in place.
 // struct GpsPoint, aligned to 8
 #[repr(transparent)]
@@ -1389,6 +1476,233 @@ impl<'a> Receipt {
   }
 
   pub fn set_reserved2(&mut self, x: u32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[20..].as_mut_ptr(),
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+/// One driver a GeoQuery or GeoPush chose. 24 bytes.
+// struct GeoHit, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct GeoHit(pub [u8; 24]);
+impl Default for GeoHit { 
+  fn default() -> Self { 
+    Self([0; 24])
+  }
+}
+impl ::core::fmt::Debug for GeoHit {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("GeoHit")
+      .field("uid", &self.uid())
+      .field("lat_e7", &self.lat_e7())
+      .field("lon_e7", &self.lon_e7())
+      .field("distance_m", &self.distance_m())
+      .field("age_ms", &self.age_ms())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for GeoHit {}
+impl<'a> ::flatbuffers::Follow<'a> for GeoHit {
+  type Inner = &'a GeoHit;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a GeoHit>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a GeoHit {
+  type Inner = &'a GeoHit;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<GeoHit>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for GeoHit {
+    type Output = GeoHit;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const GeoHit as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for GeoHit {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> GeoHit {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    uid: u64,
+    lat_e7: i32,
+    lon_e7: i32,
+    distance_m: f32,
+    age_ms: u32,
+  ) -> Self {
+    let mut s = Self([0; 24]);
+    s.set_uid(uid);
+    s.set_lat_e7(lat_e7);
+    s.set_lon_e7(lon_e7);
+    s.set_distance_m(distance_m);
+    s.set_age_ms(age_ms);
+    s
+  }
+
+  pub fn uid(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_uid(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  /// The driver's newest point the gate holds, 1e-7 degrees.
+  pub fn lat_e7(&self) -> i32 {
+    let mut mem = ::core::mem::MaybeUninit::<<i32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<i32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_lat_e7(&mut self, x: i32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<i32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn lon_e7(&self) -> i32 {
+    let mut mem = ::core::mem::MaybeUninit::<<i32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[12..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<i32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_lon_e7(&mut self, x: i32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[12..].as_mut_ptr(),
+        ::core::mem::size_of::<<i32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  /// Great-circle (haversine) distance from the request's point, metres.
+  pub fn distance_m(&self) -> f32 {
+    let mut mem = ::core::mem::MaybeUninit::<<f32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<f32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_distance_m(&mut self, x: f32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<f32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  /// How long ago the gate received that point, ms (saturates at 4,294,967,295).
+  pub fn age_ms(&self) -> u32 {
+    let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[20..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_age_ms(&mut self, x: u32) {
     let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
     // Safety:
     // Created from a valid Table for this object
@@ -5129,6 +5443,578 @@ impl ::core::fmt::Debug for SessionEnded<'_> {
       ds.field("uid", &self.uid());
       ds.field("found", &self.found());
       ds.field("node", &self.node());
+      ds.finish()
+  }
+}
+pub enum GeoQueryOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// cmd GeoQuery, type Request (app-server -> gate): the `k` nearest drivers within `radius_m`
+/// of a point, over every logic shard of the node.
+pub struct GeoQuery<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GeoQuery<'a> {
+  type Inner = GeoQuery<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GeoQuery<'a> {
+  pub const VT_LAT_E7: ::flatbuffers::VOffsetT = 4;
+  pub const VT_LON_E7: ::flatbuffers::VOffsetT = 6;
+  pub const VT_RADIUS_M: ::flatbuffers::VOffsetT = 8;
+  pub const VT_K: ::flatbuffers::VOffsetT = 10;
+  pub const VT_MAX_AGE_MS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_FILTER: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GeoQuery { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GeoQueryArgs
+  ) -> ::flatbuffers::WIPOffset<GeoQuery<'bldr>> {
+    let mut builder = GeoQueryBuilder::new(_fbb);
+    builder.add_max_age_ms(args.max_age_ms);
+    builder.add_k(args.k);
+    builder.add_radius_m(args.radius_m);
+    builder.add_lon_e7(args.lon_e7);
+    builder.add_lat_e7(args.lat_e7);
+    builder.add_filter(args.filter);
+    builder.finish()
+  }
+
+
+  /// The point, 1e-7 degrees.
+  #[inline]
+  pub fn lat_e7(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(GeoQuery::VT_LAT_E7, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn lon_e7(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(GeoQuery::VT_LON_E7, Some(0)).unwrap()}
+  }
+  /// 1 ..= 50,000.
+  #[inline]
+  pub fn radius_m(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GeoQuery::VT_RADIUS_M, Some(0)).unwrap()}
+  }
+  /// 1 ..= 1,000.
+  #[inline]
+  pub fn k(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GeoQuery::VT_K, Some(0)).unwrap()}
+  }
+  /// Leave out drivers whose newest point the gate received longer ago than this; 0: any age.
+  #[inline]
+  pub fn max_age_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GeoQuery::VT_MAX_AGE_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn filter(&self) -> GeoFilter {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GeoFilter>(GeoQuery::VT_FILTER, Some(GeoFilter::Online)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GeoQuery<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<i32>("lat_e7", Self::VT_LAT_E7, false)?
+     .visit_field::<i32>("lon_e7", Self::VT_LON_E7, false)?
+     .visit_field::<u32>("radius_m", Self::VT_RADIUS_M, false)?
+     .visit_field::<u32>("k", Self::VT_K, false)?
+     .visit_field::<u32>("max_age_ms", Self::VT_MAX_AGE_MS, false)?
+     .visit_field::<GeoFilter>("filter", Self::VT_FILTER, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GeoQueryArgs {
+    pub lat_e7: i32,
+    pub lon_e7: i32,
+    pub radius_m: u32,
+    pub k: u32,
+    pub max_age_ms: u32,
+    pub filter: GeoFilter,
+}
+impl<'a> Default for GeoQueryArgs {
+  #[inline]
+  fn default() -> Self {
+    GeoQueryArgs {
+      lat_e7: 0,
+      lon_e7: 0,
+      radius_m: 0,
+      k: 0,
+      max_age_ms: 0,
+      filter: GeoFilter::Online,
+    }
+  }
+}
+
+pub struct GeoQueryBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GeoQueryBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_lat_e7(&mut self, lat_e7: i32) {
+    self.fbb_.push_slot::<i32>(GeoQuery::VT_LAT_E7, lat_e7, 0);
+  }
+  #[inline]
+  pub fn add_lon_e7(&mut self, lon_e7: i32) {
+    self.fbb_.push_slot::<i32>(GeoQuery::VT_LON_E7, lon_e7, 0);
+  }
+  #[inline]
+  pub fn add_radius_m(&mut self, radius_m: u32) {
+    self.fbb_.push_slot::<u32>(GeoQuery::VT_RADIUS_M, radius_m, 0);
+  }
+  #[inline]
+  pub fn add_k(&mut self, k: u32) {
+    self.fbb_.push_slot::<u32>(GeoQuery::VT_K, k, 0);
+  }
+  #[inline]
+  pub fn add_max_age_ms(&mut self, max_age_ms: u32) {
+    self.fbb_.push_slot::<u32>(GeoQuery::VT_MAX_AGE_MS, max_age_ms, 0);
+  }
+  #[inline]
+  pub fn add_filter(&mut self, filter: GeoFilter) {
+    self.fbb_.push_slot::<GeoFilter>(GeoQuery::VT_FILTER, filter, GeoFilter::Online);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GeoQueryBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GeoQueryBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GeoQuery<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GeoQuery<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GeoQuery");
+      ds.field("lat_e7", &self.lat_e7());
+      ds.field("lon_e7", &self.lon_e7());
+      ds.field("radius_m", &self.radius_m());
+      ds.field("k", &self.k());
+      ds.field("max_age_ms", &self.max_age_ms());
+      ds.field("filter", &self.filter());
+      ds.finish()
+  }
+}
+pub enum GeoPushOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// cmd GeoPush, type Request (app-server -> gate): a push to the `k` nearest drivers within
+/// `radius_m` of a point, chosen as GeoQuery chooses, with a receipt per chosen driver.
+pub struct GeoPush<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GeoPush<'a> {
+  type Inner = GeoPush<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GeoPush<'a> {
+  pub const VT_LAT_E7: ::flatbuffers::VOffsetT = 4;
+  pub const VT_LON_E7: ::flatbuffers::VOffsetT = 6;
+  pub const VT_RADIUS_M: ::flatbuffers::VOffsetT = 8;
+  pub const VT_K: ::flatbuffers::VOffsetT = 10;
+  pub const VT_MAX_AGE_MS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_FILTER: ::flatbuffers::VOffsetT = 14;
+  pub const VT_MESSAGE_ID: ::flatbuffers::VOffsetT = 16;
+  pub const VT_PAYLOAD: ::flatbuffers::VOffsetT = 18;
+  pub const VT_TTL_MS: ::flatbuffers::VOffsetT = 20;
+  pub const VT_SENT_AT_US: ::flatbuffers::VOffsetT = 22;
+  pub const VT_KIND: ::flatbuffers::VOffsetT = 24;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GeoPush { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GeoPushArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GeoPush<'bldr>> {
+    let mut builder = GeoPushBuilder::new(_fbb);
+    builder.add_sent_at_us(args.sent_at_us);
+    builder.add_message_id(args.message_id);
+    builder.add_ttl_ms(args.ttl_ms);
+    if let Some(x) = args.payload { builder.add_payload(x); }
+    builder.add_max_age_ms(args.max_age_ms);
+    builder.add_k(args.k);
+    builder.add_radius_m(args.radius_m);
+    builder.add_lon_e7(args.lon_e7);
+    builder.add_lat_e7(args.lat_e7);
+    builder.add_kind(args.kind);
+    builder.add_filter(args.filter);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn lat_e7(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(GeoPush::VT_LAT_E7, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn lon_e7(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(GeoPush::VT_LON_E7, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn radius_m(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GeoPush::VT_RADIUS_M, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn k(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GeoPush::VT_K, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn max_age_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GeoPush::VT_MAX_AGE_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn filter(&self) -> GeoFilter {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GeoFilter>(GeoPush::VT_FILTER, Some(GeoFilter::Online)).unwrap()}
+  }
+  /// As in Push.
+  #[inline]
+  pub fn message_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GeoPush::VT_MESSAGE_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn payload(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(GeoPush::VT_PAYLOAD, None)}
+  }
+  #[inline]
+  pub fn ttl_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GeoPush::VT_TTL_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn sent_at_us(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GeoPush::VT_SENT_AT_US, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn kind(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(GeoPush::VT_KIND, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GeoPush<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<i32>("lat_e7", Self::VT_LAT_E7, false)?
+     .visit_field::<i32>("lon_e7", Self::VT_LON_E7, false)?
+     .visit_field::<u32>("radius_m", Self::VT_RADIUS_M, false)?
+     .visit_field::<u32>("k", Self::VT_K, false)?
+     .visit_field::<u32>("max_age_ms", Self::VT_MAX_AGE_MS, false)?
+     .visit_field::<GeoFilter>("filter", Self::VT_FILTER, false)?
+     .visit_field::<u64>("message_id", Self::VT_MESSAGE_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("payload", Self::VT_PAYLOAD, false)?
+     .visit_field::<u32>("ttl_ms", Self::VT_TTL_MS, false)?
+     .visit_field::<u64>("sent_at_us", Self::VT_SENT_AT_US, false)?
+     .visit_field::<u16>("kind", Self::VT_KIND, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GeoPushArgs<'a> {
+    pub lat_e7: i32,
+    pub lon_e7: i32,
+    pub radius_m: u32,
+    pub k: u32,
+    pub max_age_ms: u32,
+    pub filter: GeoFilter,
+    pub message_id: u64,
+    pub payload: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub ttl_ms: u32,
+    pub sent_at_us: u64,
+    pub kind: u16,
+}
+impl<'a> Default for GeoPushArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GeoPushArgs {
+      lat_e7: 0,
+      lon_e7: 0,
+      radius_m: 0,
+      k: 0,
+      max_age_ms: 0,
+      filter: GeoFilter::Online,
+      message_id: 0,
+      payload: None,
+      ttl_ms: 0,
+      sent_at_us: 0,
+      kind: 0,
+    }
+  }
+}
+
+pub struct GeoPushBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GeoPushBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_lat_e7(&mut self, lat_e7: i32) {
+    self.fbb_.push_slot::<i32>(GeoPush::VT_LAT_E7, lat_e7, 0);
+  }
+  #[inline]
+  pub fn add_lon_e7(&mut self, lon_e7: i32) {
+    self.fbb_.push_slot::<i32>(GeoPush::VT_LON_E7, lon_e7, 0);
+  }
+  #[inline]
+  pub fn add_radius_m(&mut self, radius_m: u32) {
+    self.fbb_.push_slot::<u32>(GeoPush::VT_RADIUS_M, radius_m, 0);
+  }
+  #[inline]
+  pub fn add_k(&mut self, k: u32) {
+    self.fbb_.push_slot::<u32>(GeoPush::VT_K, k, 0);
+  }
+  #[inline]
+  pub fn add_max_age_ms(&mut self, max_age_ms: u32) {
+    self.fbb_.push_slot::<u32>(GeoPush::VT_MAX_AGE_MS, max_age_ms, 0);
+  }
+  #[inline]
+  pub fn add_filter(&mut self, filter: GeoFilter) {
+    self.fbb_.push_slot::<GeoFilter>(GeoPush::VT_FILTER, filter, GeoFilter::Online);
+  }
+  #[inline]
+  pub fn add_message_id(&mut self, message_id: u64) {
+    self.fbb_.push_slot::<u64>(GeoPush::VT_MESSAGE_ID, message_id, 0);
+  }
+  #[inline]
+  pub fn add_payload(&mut self, payload: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GeoPush::VT_PAYLOAD, payload);
+  }
+  #[inline]
+  pub fn add_ttl_ms(&mut self, ttl_ms: u32) {
+    self.fbb_.push_slot::<u32>(GeoPush::VT_TTL_MS, ttl_ms, 0);
+  }
+  #[inline]
+  pub fn add_sent_at_us(&mut self, sent_at_us: u64) {
+    self.fbb_.push_slot::<u64>(GeoPush::VT_SENT_AT_US, sent_at_us, 0);
+  }
+  #[inline]
+  pub fn add_kind(&mut self, kind: u16) {
+    self.fbb_.push_slot::<u16>(GeoPush::VT_KIND, kind, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GeoPushBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GeoPushBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GeoPush<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GeoPush<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GeoPush");
+      ds.field("lat_e7", &self.lat_e7());
+      ds.field("lon_e7", &self.lon_e7());
+      ds.field("radius_m", &self.radius_m());
+      ds.field("k", &self.k());
+      ds.field("max_age_ms", &self.max_age_ms());
+      ds.field("filter", &self.filter());
+      ds.field("message_id", &self.message_id());
+      ds.field("payload", &self.payload());
+      ds.field("ttl_ms", &self.ttl_ms());
+      ds.field("sent_at_us", &self.sent_at_us());
+      ds.field("kind", &self.kind());
+      ds.finish()
+  }
+}
+pub enum GeoChosenOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// cmd GeoQuery and GeoPush, type Response (gate -> app-server): the drivers chosen, nearest
+/// first (ties by uid).
+pub struct GeoChosen<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GeoChosen<'a> {
+  type Inner = GeoChosen<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GeoChosen<'a> {
+  pub const VT_MESSAGE_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_HITS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GeoChosen { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GeoChosenArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GeoChosen<'bldr>> {
+    let mut builder = GeoChosenBuilder::new(_fbb);
+    builder.add_message_id(args.message_id);
+    if let Some(x) = args.hits { builder.add_hits(x); }
+    builder.finish()
+  }
+
+
+  /// GeoPush: echoes its message_id; GeoQuery: 0.
+  #[inline]
+  pub fn message_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GeoChosen::VT_MESSAGE_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn hits(&self) -> Option<::flatbuffers::Vector<'a, GeoHit>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, GeoHit>>>(GeoChosen::VT_HITS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GeoChosen<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("message_id", Self::VT_MESSAGE_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, GeoHit>>>("hits", Self::VT_HITS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GeoChosenArgs<'a> {
+    pub message_id: u64,
+    pub hits: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, GeoHit>>>,
+}
+impl<'a> Default for GeoChosenArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GeoChosenArgs {
+      message_id: 0,
+      hits: None,
+    }
+  }
+}
+
+pub struct GeoChosenBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GeoChosenBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_message_id(&mut self, message_id: u64) {
+    self.fbb_.push_slot::<u64>(GeoChosen::VT_MESSAGE_ID, message_id, 0);
+  }
+  #[inline]
+  pub fn add_hits(&mut self, hits: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , GeoHit>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GeoChosen::VT_HITS, hits);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GeoChosenBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GeoChosenBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GeoChosen<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GeoChosen<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GeoChosen");
+      ds.field("message_id", &self.message_id());
+      ds.field("hits", &self.hits());
       ds.finish()
   }
 }
