@@ -20,9 +20,9 @@
 //! would otherwise be acked and upstream requests left unanswered with nobody to see them.
 
 pub use crate::proto::appserver::{
-    Accepted, Event, PushSpec, ServerErrorInfo, SessionEnd, UpstreamRequest, Welcome,
-    DEFAULT_RECONNECT_WITHIN, LOST_MEMORY, MAX_IN_FLIGHT_ENDS, MAX_IN_FLIGHT_PUSHES, MAX_RECONNECT_ATTEMPTS,
-    UNCONFIRMED_GRACE,
+    Accepted, Chosen, Event, GeoPushSpec, GeoSpec, PushSpec, ServerErrorInfo, SessionEnd, UpstreamRequest,
+    Welcome, DEFAULT_RECONNECT_WITHIN, LOST_MEMORY, MAX_IN_FLIGHT_ENDS, MAX_IN_FLIGHT_PUSHES,
+    MAX_RECONNECT_ATTEMPTS, UNCONFIRMED_GRACE,
 };
 use crate::proto::appserver::{Action, Config, ConnId, HandleId, Session};
 use crate::ClientError;
@@ -126,6 +126,9 @@ impl IntoIterator for AppServerEvents {
 /// What a waiting `push` gets: the accepted targets, or why not.
 type Answer = Result<u32, ServerErrorInfo>;
 
+/// What a waiting `geo_query` or `geo_push` gets.
+type GeoResult = Result<Vec<Chosen>, ServerErrorInfo>;
+
 /// What a waiting `end_session` gets.
 type EndResult = Result<SessionEnd, ServerErrorInfo>;
 
@@ -137,6 +140,8 @@ struct Inner {
     waiters: HashMap<(ConnId, u32), SyncSender<Answer>>,
     /// `end_session` calls waiting for their answer, by (connection, sequence-id).
     end_waiters: HashMap<(ConnId, u32), SyncSender<EndResult>>,
+    /// `geo_query` and `geo_push` calls waiting for their answer, by (connection, sequence-id).
+    geo_waiters: HashMap<(ConnId, u32), SyncSender<GeoResult>>,
     /// The driver thread waits on `Group::wake` (and re-reads everything before it does).
     driver_waiting: bool,
     /// Until when it waits (`None`: until woken).
@@ -179,6 +184,11 @@ impl Work {
     fn collect(inner: &mut Inner, role: Role) -> Work {
         while let Some((conn, seq, result)) = inner.session.poll_end_answer() {
             if let Some(tx) = inner.end_waiters.remove(&(conn, seq)) {
+                let _ = tx.try_send(result);
+            }
+        }
+        while let Some((conn, seq, result)) = inner.session.poll_geo_answer() {
+            if let Some(tx) = inner.geo_waiters.remove(&(conn, seq)) {
                 let _ = tx.try_send(result);
             }
         }
@@ -225,6 +235,7 @@ impl Group {
                 session: Session::new(config, seed()),
                 waiters: HashMap::new(),
                 end_waiters: HashMap::new(),
+                geo_waiters: HashMap::new(),
                 driver_waiting: false,
                 driver_until: None,
             }),
@@ -324,6 +335,7 @@ impl Group {
                     // Waiting `push` and `end_session` calls wake up with `Closed`.
                     inner.waiters.clear();
                     inner.end_waiters.clear();
+                    inner.geo_waiters.clear();
                 }
                 (batch, ended)
             };
@@ -341,6 +353,7 @@ impl Group {
                     inner.session.abandon();
                     inner.waiters.clear();
                     inner.end_waiters.clear();
+                    inner.geo_waiters.clear();
                 });
                 return;
             }
@@ -717,6 +730,48 @@ impl AppServerConn {
         let answer = self.wait_answer(&rx, |inner| inner.end_waiters.remove(&(conn, seq)).is_some())?;
         match answer {
             Ok(end) => Ok(end),
+            Err(e) if e.answer_lost() => Err(ClientError::Closed),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The `q.k` nearest drivers within `q.radius_m` of the point, nearest first, over every
+    /// logic shard of the gate (PROTOCOL.md §9.16); waits at most the connection's timeout.
+    /// `Server` errors: InvalidField or LimitExceeded (an argument out of its bounds; the
+    /// message says which), Overloaded with a retry-after, ShuttingDown, Timeout.
+    pub fn geo_query(&self, q: &GeoSpec) -> Result<Vec<Chosen>, ClientError> {
+        self.geo(q, None)
+    }
+
+    /// Pushes `p` to the `q.k` nearest drivers within `q.radius_m` of the point and returns them,
+    /// nearest first (PROTOCOL.md §9.16). Each chosen driver's receipt comes as an event, as
+    /// for any push. Errors as [`AppServerConn::geo_query`]'s, and a push's: LimitExceeded for a
+    /// payload over 16 KiB, InvalidField for a TTL over the gate's, Overloaded when the gate
+    /// holds as many pushes as it may (nothing was pushed).
+    pub fn geo_push(&self, q: &GeoSpec, p: &GeoPushSpec) -> Result<Vec<Chosen>, ClientError> {
+        self.geo(q, Some(p))
+    }
+
+    fn geo(&self, q: &GeoSpec, p: Option<&GeoPushSpec>) -> Result<Vec<Chosen>, ClientError> {
+        let conn = self.current_conn().ok_or(ClientError::Closed)?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        let sent_at_us = now_us();
+        let (seq, written) = self.group.send_on(conn, |inner| {
+            let seq = inner.session.geo(conn, q, p, sent_at_us, Instant::now())?;
+            inner.geo_waiters.insert((conn, seq), tx);
+            Ok(seq)
+        })?;
+        if let Err(e) = written {
+            let mut inner = lock(&self.group.inner);
+            inner.geo_waiters.remove(&(conn, seq));
+            if let Some(p) = p {
+                inner.session.push_unsent(conn, seq, p.message_id);
+            }
+            return Err(e.into());
+        }
+        let answer = self.wait_answer(&rx, |inner| inner.geo_waiters.remove(&(conn, seq)).is_some())?;
+        match answer {
+            Ok(hits) => Ok(hits),
             Err(e) if e.answer_lost() => Err(ClientError::Closed),
             Err(e) => Err(e.into()),
         }

@@ -31,8 +31,8 @@ pub mod session;
 
 pub use app::{AppConn, Reply, SessionInfo, MAX_QUEUED};
 pub use appserver::{
-    Accepted, AppServerConn, AppServerEvents, ConnectOptions, Event as AppServerEvent, PushSpec,
-    ServerErrorInfo, SessionEnd, UpstreamRequest, Welcome,
+    Accepted, AppServerConn, AppServerEvents, Chosen, ConnectOptions, Event as AppServerEvent, GeoPushSpec,
+    GeoSpec, PushSpec, ServerErrorInfo, SessionEnd, UpstreamRequest, Welcome,
 };
 pub use error::ClientError;
 pub use frame::{write_raw_frame, DeliveryView, ErrorView, FrameReader, OwnedFrame, ReplyView};

@@ -252,6 +252,7 @@ fn next_deadline(shard: &Shard, clocks: &Clocks) -> Option<u64> {
         shard.cluster_shard.as_ref().and_then(|c| c.next_deadline()),
         shard.relay.next_deadline(),
         shard.ends.next_deadline(),
+        shard.geos.next_deadline(),
         shard.outbox_retry_ms,
         shutdown_tick,
     ]
@@ -908,6 +909,7 @@ pub(crate) fn apply(shard: &mut Shard, o: Output, now: u64) {
             crate::sidecar::end::ended(shard, conn, uid, log_id, &message)
         }
         Output::EndAnswered { tag, uid, found } => crate::sidecar::end::answered(shard, tag, uid, found, now),
+        Output::GeoAnswered { tag, hits } => crate::sidecar::geo::answered(shard, tag, hits),
     }
 }
 
@@ -932,6 +934,9 @@ fn on_time(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
     }
     if shard.ends.next_deadline().is_some_and(|t| t <= now) {
         crate::sidecar::end::expire(shard, now);
+    }
+    if shard.geos.next_deadline().is_some_and(|t| t <= now) {
+        crate::sidecar::geo::expire(shard, now);
     }
     clocks.next_read_tick = match clocks.next_read_tick {
         _ if shard.busy.is_empty() => None,

@@ -243,6 +243,8 @@ pub struct Shard {
     pub relay: crate::cluster::relay::RelayShard,
     /// EndSession asks waiting for their answer.
     pub ends: crate::sidecar::end::Ends,
+    /// GeoQuery and GeoPush requests waiting for every logic shard's answer.
+    pub geos: crate::sidecar::geo::Geos,
     /// Connections on this shard.
     pub conns: Slab<Conn>,
     next_gen: u32,
@@ -375,6 +377,7 @@ impl Shard {
             published_in_flight: 0,
             relay: Default::default(),
             ends: Default::default(),
+            geos: Default::default(),
             cluster,
             conns: Slab::new(),
             next_gen: 1,

@@ -291,6 +291,58 @@ pub struct SessionEnd {
 /// The answer to one EndSession request, as [`Session::poll_end_answer`] hands it out.
 pub type EndAnswer = (ConnId, u32, Result<SessionEnd, ServerErrorInfo>);
 
+/// A GeoQuery's selection, and a GeoPush's (PROTOCOL.md §9.16): the `k` nearest drivers within
+/// `radius_m` of a point.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GeoSpec {
+    /// Latitude, 1e-7 degrees (±900,000,000).
+    pub lat_e7: i32,
+    /// Longitude, 1e-7 degrees (±1,800,000,000).
+    pub lon_e7: i32,
+    /// Radius in metres, 1 ..= 50,000.
+    pub radius_m: u32,
+    /// Drivers wanted at most, 1 ..= 1,000.
+    pub k: u32,
+    /// Leave out drivers whose newest point the gate received longer ago; 0: any age.
+    pub max_age_ms: u32,
+    /// `wire::GeoFilter` value: 0 drivers online, 1 online or held.
+    pub filter: u8,
+    /// The request's log-id; 0 lets the gate assign one.
+    pub log_id: u64,
+}
+
+/// What a GeoPush pushes to the drivers it chooses (as `PushSpec` without targets).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GeoPushSpec {
+    /// The push's id, unique as a Push's.
+    pub message_id: u64,
+    /// Passed to the app verbatim; at most 16 KiB.
+    pub payload: Vec<u8>,
+    /// Time-to-live in ms: 0 means 30 s, at most 300 s.
+    pub ttl_ms: u32,
+    /// Passed to the app as `PushDelivery.kind`.
+    pub kind: u16,
+}
+
+/// One driver a GeoQuery or GeoPush chose.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Chosen {
+    /// The driver.
+    pub uid: u64,
+    /// Its newest point the gate holds, 1e-7 degrees.
+    pub lat_e7: i32,
+    /// 1e-7 degrees.
+    pub lon_e7: i32,
+    /// Great-circle distance from the request's point, metres.
+    pub distance_m: f32,
+    /// How long ago the gate received that point, ms.
+    pub age_ms: u32,
+}
+
+/// The answer to one GeoQuery or GeoPush, as [`Session::poll_geo_answer`] hands it out: the
+/// chosen drivers, nearest first.
+pub type GeoAnswer = (ConnId, u32, Result<Vec<Chosen>, ServerErrorInfo>);
+
 /// An app's request, forwarded by the gate; answer it with [`Session::reply`] (or
 /// [`Session::reply_error`]), in any order, whenever ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -500,9 +552,14 @@ struct Up {
     upstream: Upstreams,
     /// EndSession requests sent and not answered: sequence-id → uid.
     ends: HashMap<u32, u64>,
+    /// GeoQuery and GeoPush requests sent and not answered: sequence-id → a GeoPush's
+    /// message_id.
+    geos: HashMap<u32, Option<u64>>,
 }
 
 /// Where a connection is in its life.
+// `Up` is where a connection spends its life, so it is kept inline rather than boxed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Phase {
     /// The owner is opening the TCP connection.
@@ -736,6 +793,18 @@ impl Ledger {
         }
     }
 
+    /// A GeoPush's answer named its drivers: their pairs are pending from now on, less those
+    /// whose receipt came already.
+    fn chosen(&mut self, message_id: u64, uids: impl Iterator<Item = u64>) {
+        let Some(b) = self.broadcasts.remove(&message_id) else { return };
+        self.broadcast_expiry.remove(&(b.expires, message_id));
+        let left: HashSet<u64> = uids.filter(|u| !b.seen.contains(u)).collect();
+        if !left.is_empty() {
+            self.pending_len += left.len();
+            self.pending.insert(message_id, left);
+        }
+    }
+
     /// Records a broadcast's announced targets.
     fn accepted(&mut self, message_id: u64, targets: u32) {
         if let Some(b) = self.broadcasts.get_mut(&message_id) {
@@ -927,6 +996,8 @@ pub struct Session {
     actions: VecDeque<Action>,
     /// EndSession answers not polled yet.
     end_answers: VecDeque<EndAnswer>,
+    /// GeoQuery and GeoPush answers not polled yet.
+    geo_answers: VecDeque<GeoAnswer>,
 }
 
 impl Session {
@@ -950,6 +1021,7 @@ impl Session {
             held_acks: VecDeque::new(),
             actions: VecDeque::new(),
             end_answers: VecDeque::new(),
+            geo_answers: VecDeque::new(),
         }
     }
 
@@ -1038,6 +1110,80 @@ impl Session {
         up.ends.insert(*seq, uid);
         outbox.extend_from_slice(&self.scratch);
         Ok(*seq)
+    }
+
+    /// Queues a GeoQuery (`push` none) or GeoPush on `conn`; returns its sequence-id. The answer
+    /// comes from [`Session::poll_geo_answer`]. A GeoPush's receipts are taken from the moment
+    /// it is queued, for any uid (they may beat the answer, which names the chosen drivers);
+    /// once the answer came, the chosen drivers' pairs are pending as a Push's. `Closed` if
+    /// `conn` is not up; `QueueFull` past the bounds; `Unexpected` for a message id still
+    /// tracked.
+    pub fn geo(
+        &mut self,
+        conn: ConnId,
+        q: &GeoSpec,
+        push: Option<&GeoPushSpec>,
+        sent_at_us: u64,
+        now: Instant,
+    ) -> Result<u32, ClientError> {
+        self.ledger.prune(now);
+        let Some(Conn { phase: Phase::Up(up), outbox, seq, .. }) = self.conns.get_mut(&conn) else {
+            return Err(ClientError::Closed);
+        };
+        if up.geos.len() >= MAX_IN_FLIGHT_ENDS || outbox.len() >= MAX_OUTBOX {
+            return Err(ClientError::QueueFull);
+        }
+        next_seq(seq, up);
+        self.scratch.clear();
+        let filter = wire::GeoFilter(q.filter);
+        let (lat_e7, lon_e7, radius_m, k, max_age_ms) = (q.lat_e7, q.lon_e7, q.radius_m, q.k, q.max_age_ms);
+        match push {
+            None => {
+                self.enc.frame(&mut self.scratch, FrameType::Request, Cmd::GeoQuery, *seq, q.log_id, |b| {
+                    wire::GeoQuery::create(
+                        b,
+                        &wire::GeoQueryArgs { lat_e7, lon_e7, radius_m, k, max_age_ms, filter },
+                    )
+                })
+            }
+            Some(p) => {
+                self.enc.frame(&mut self.scratch, FrameType::Request, Cmd::GeoPush, *seq, q.log_id, |b| {
+                    let payload = b.create_vector(&p.payload);
+                    wire::GeoPush::create(
+                        b,
+                        &wire::GeoPushArgs {
+                            lat_e7,
+                            lon_e7,
+                            radius_m,
+                            k,
+                            max_age_ms,
+                            filter,
+                            message_id: p.message_id,
+                            payload: Some(payload),
+                            ttl_ms: p.ttl_ms,
+                            sent_at_us,
+                            kind: p.kind,
+                        },
+                    )
+                })
+            }
+        }
+        check_size(&self.scratch, up.max_body)?;
+        if let Some(p) = push {
+            // Targets unknown until the answer: tracked as a broadcast's are until then.
+            let spec =
+                PushSpec { message_id: p.message_id, ttl_ms: p.ttl_ms, broadcast: 1, ..PushSpec::default() };
+            self.ledger.register(&spec, now)?;
+        }
+        up.geos.insert(*seq, push.map(|p| p.message_id));
+        outbox.extend_from_slice(&self.scratch);
+        Ok(*seq)
+    }
+
+    /// The next GeoQuery or GeoPush answer: the connection and sequence-id it answers, and the
+    /// result.
+    pub fn poll_geo_answer(&mut self) -> Option<GeoAnswer> {
+        self.geo_answers.pop_front()
     }
 
     /// The next EndSession answer: the connection and sequence-id it answers, and the result.
@@ -1425,6 +1571,25 @@ impl Session {
             (FrameType::Error, Body::Error(e)) if e.failed_cmd() == Cmd::EndSession as u16 => {
                 self.on_end_answer(conn, seq, Err(ServerErrorInfo::refusal(&e, log_id)));
             }
+            (FrameType::Response, Body::GeoChosen(c)) => {
+                let hits = c.hits().map_or_else(Vec::new, |h| {
+                    h.iter()
+                        .map(|h| Chosen {
+                            uid: h.uid(),
+                            lat_e7: h.lat_e7(),
+                            lon_e7: h.lon_e7(),
+                            distance_m: h.distance_m(),
+                            age_ms: h.age_ms(),
+                        })
+                        .collect()
+                });
+                self.on_geo_answer(conn, seq, Ok(hits));
+            }
+            (FrameType::Error, Body::Error(e))
+                if e.failed_cmd() == Cmd::GeoQuery as u16 || e.failed_cmd() == Cmd::GeoPush as u16 =>
+            {
+                self.on_geo_answer(conn, seq, Err(ServerErrorInfo::refusal(&e, log_id)));
+            }
             // Only errors about a Push answer one: the gate's own requests (whose answers or acks
             // it may find fault with) count sequence-ids in another space (§6).
             (FrameType::Error, Body::Error(e))
@@ -1455,7 +1620,10 @@ impl Session {
                 self.answer_request(conn, header, code, &error.to_string());
             }
             Some(FrameType::Response)
-                if header.cmd == Cmd::Push as u16 || header.cmd == Cmd::EndSession as u16 =>
+                if header.cmd == Cmd::Push as u16
+                    || header.cmd == Cmd::EndSession as u16
+                    || header.cmd == Cmd::GeoQuery as u16
+                    || header.cmd == Cmd::GeoPush as u16 =>
             {
                 let info = ServerErrorInfo {
                     code: ErrorCode::CorruptBody,
@@ -1467,6 +1635,8 @@ impl Session {
                 };
                 if header.cmd == Cmd::Push as u16 {
                     self.on_answer(conn, header.seq, Err(info));
+                } else if header.cmd != Cmd::EndSession as u16 {
+                    self.on_geo_answer(conn, header.seq, Err(info));
                 } else {
                     self.on_end_answer(conn, header.seq, Err(info));
                 }
@@ -1525,6 +1695,25 @@ impl Session {
             return;
         }
         self.queue_end_answer((conn, seq, result));
+    }
+
+    /// A GeoQuery's or GeoPush's answer, for the owner to poll; one matching no request is
+    /// dropped (§6). A GeoPush's chosen drivers become its pending pairs (less those whose
+    /// receipt came already); a refusal ends it (no receipts follow).
+    fn on_geo_answer(&mut self, conn: ConnId, seq: u32, result: Result<Vec<Chosen>, ServerErrorInfo>) {
+        let Some(Phase::Up(up)) = self.conns.get_mut(&conn).map(|c| &mut c.phase) else { return };
+        let Some(push) = up.geos.remove(&seq) else { return };
+        if let Some(message_id) = push {
+            match &result {
+                Ok(hits) => self.ledger.chosen(message_id, hits.iter().map(|h| h.uid)),
+                Err(e) if e.refused => self.ledger.unregister(message_id),
+                Err(_) => {}
+            }
+        }
+        if self.geo_answers.len() >= MAX_END_ANSWERS {
+            self.geo_answers.pop_front();
+        }
+        self.geo_answers.push_back((conn, seq, result));
     }
 
     fn queue_end_answer(&mut self, a: EndAnswer) {
@@ -1665,6 +1854,7 @@ impl Session {
                 in_flight: HashMap::new(),
                 upstream: Upstreams::default(),
                 ends: HashMap::new(),
+                geos: HashMap::new(),
             });
         }
         self.handles.insert(handle, HandleState::Open { conn });
@@ -1720,6 +1910,12 @@ impl Session {
         ends.sort_unstable();
         for seq in ends {
             self.queue_end_answer((conn, seq, Err(ServerErrorInfo::lost())));
+        }
+        // A GeoPush whose answer was lost stays tracked as a broadcast (its drivers unknown).
+        let mut geos: Vec<u32> = up.geos.into_keys().collect();
+        geos.sort_unstable();
+        for seq in geos {
+            self.geo_answers.push_back((conn, seq, Err(ServerErrorInfo::lost())));
         }
         self.emit(Event::ConnectionLost { conn });
         if self.conns.values().any(|c| c.up().is_some()) {
@@ -1879,7 +2075,11 @@ fn welcome_of(f: &Frame<'_>) -> Result<Welcome, ClientError> {
 fn next_seq(seq: &mut u32, up: &Up) {
     loop {
         *seq = seq.wrapping_add(1);
-        if *seq != 0 && !up.in_flight.contains_key(seq) && !up.ends.contains_key(seq) {
+        if *seq != 0
+            && !up.in_flight.contains_key(seq)
+            && !up.ends.contains_key(seq)
+            && !up.geos.contains_key(seq)
+        {
             break;
         }
     }

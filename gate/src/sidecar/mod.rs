@@ -7,6 +7,7 @@
 //! - [`push`]: the push path's entry: validating a push and fanning it out to logic shards.
 //! - [`room`]: the gate's bound on pushes in flight, which a push must find room under.
 //! - [`end`]: EndSession, an app-server ending a uid's session wherever it is.
+//! - [`geo`]: GeoQuery and GeoPush, the nearest drivers to a point (and a push to them).
 //!
 //! Any shard may hold app-server connections (the sidecar listener uses `SO_REUSEPORT` too).
 //! What a logic shard produces for the app-server goes to a connection on the same executor
@@ -15,6 +16,7 @@
 //! none relays requests, GPS and unreachable events to a node that has one (`cluster::relay`).
 
 pub mod end;
+pub mod geo;
 pub mod push;
 pub mod room;
 
@@ -215,6 +217,8 @@ pub fn on_frame(shard: &mut Shard, me: ConnRef, f: &Frame<'_>) {
         Body::EndSession(e) if f.ty == FrameType::Request => {
             end::request(shard, me, h, e.uid(), e.message().unwrap_or(""), crate::state::mono_ms())
         }
+        Body::GeoQuery(g) if f.ty == FrameType::Request => geo::query(shard, me, h, g),
+        Body::GeoPush(g) if f.ty == FrameType::Request => geo::push(shard, me, h, g),
         Body::ReceiptsAck(a) => shard.delivery.acked(me, a.batch_id()),
         Body::UpstreamReply(r) if f.ty == FrameType::Response => {
             let request_id = r.request_id();

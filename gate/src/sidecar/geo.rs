@@ -1,0 +1,445 @@
+//! GeoQuery and GeoPush (docs/PROTOCOL.md §9.16): the K nearest drivers within a radius of a
+//! point, over every logic shard of the node; GeoPush then pushes to them.
+//!
+//! The gate shard that read the request checks its arguments, registers it under a tag that
+//! carries this shard in its top 16 bits (so the answers find their way back without a lookup),
+//! and asks every logic shard (`Input::Geo`) for its own K nearest. Each answers once
+//! (`Output::GeoAnswered`); the last answer completes the request: the K nearest of the
+//! shards' K nearest are the node's K nearest. A GeoQuery is answered with them; a GeoPush
+//! reserves room for them and goes down the push path exactly as a Push naming those uids
+//! would (one receipt per chosen driver), then is answered with them. Requests wait bounded in
+//! number and in time.
+
+use crate::app::session::error;
+use crate::mesh::Msg;
+use crate::state::{jitter, mono_ms, Shard};
+use logic::geo::{Filter, Hit, Query};
+use logic::shard::GEO_TAG_SHIFT;
+use logic::{ConnRef, Input, PushContent};
+use schema::wire::{self, ErrorCode, Hop};
+use schema::{Cmd, FrameType, Header};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+/// Largest radius, metres: a city's reach; a wider circle holds more drivers than an offer
+/// can sensibly go to and costs every logic shard a longer walk.
+pub const MAX_RADIUS_M: u32 = 50_000;
+/// Most drivers one request may choose (each chosen driver is a hit in the answer and, for a
+/// GeoPush, a pair in flight).
+pub const MAX_K: u32 = 1_000;
+/// Most requests one gate shard keeps waiting for its logic shards; past it a new one is
+/// refused Overloaded.
+pub const MAX_WAITING: usize = 4_096;
+/// How long a request may wait for every logic shard before the app-server gets Error
+/// Timeout: the shards of one node answer within a turn each, so this fires only when a shard
+/// is stuck.
+pub const PATIENCE_MS: u64 = 5_000;
+/// Tags count below this bit.
+const TAG_MASK: u64 = (1 << GEO_TAG_SHIFT) - 1;
+
+/// A GeoPush's push, kept while its drivers are chosen.
+#[derive(Debug, Clone)]
+pub struct PushArgs {
+    /// The push's id.
+    pub message_id: u64,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Its TTL, ms (0 already replaced by the default).
+    pub ttl_ms: u32,
+    /// The app-server's clock, passed to the app.
+    pub sent_at_us: u64,
+    /// Passed to the app.
+    pub kind: u16,
+}
+
+/// One request waiting for the logic shards.
+#[derive(Debug)]
+pub struct Waiting {
+    /// The app-server connection that asked.
+    conn: ConnRef,
+    /// Its sequence-id.
+    seq: u32,
+    /// Its log-id.
+    log_id: u64,
+    /// GeoQuery or GeoPush.
+    cmd: Cmd,
+    /// Drivers wanted.
+    k: usize,
+    /// Logic shards still to answer.
+    left: usize,
+    /// Their answers so far.
+    hits: Vec<Hit>,
+    /// GeoPush: what to push.
+    push: Option<PushArgs>,
+    /// When it fails Timeout.
+    deadline: u64,
+}
+
+/// The geo requests one gate shard waits on.
+#[derive(Debug, Default)]
+pub struct Geos {
+    next: u64,
+    waiting: HashMap<u64, Waiting>,
+    by_deadline: BTreeSet<(u64, u64)>,
+}
+
+impl Geos {
+    /// Registers a request of gate shard `shard`; its tag, or `None` when `MAX_WAITING` wait.
+    fn insert(&mut self, shard: u16, w: Waiting) -> Option<u64> {
+        if self.waiting.len() >= MAX_WAITING {
+            return None;
+        }
+        self.next = (self.next + 1) & TAG_MASK;
+        let tag = ((shard as u64) << GEO_TAG_SHIFT) | self.next;
+        self.by_deadline.insert((w.deadline, tag));
+        self.waiting.insert(tag, w);
+        Some(tag)
+    }
+
+    fn take(&mut self, tag: u64) -> Option<Waiting> {
+        let w = self.waiting.remove(&tag)?;
+        self.by_deadline.remove(&(w.deadline, tag));
+        Some(w)
+    }
+
+    /// The earliest deadline.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.by_deadline.first().map(|d| d.0)
+    }
+
+    /// Requests waiting.
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// True when none wait.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
+/// A selection's fields as they came, before they are checked.
+#[derive(Debug, Clone, Copy)]
+pub struct Asked {
+    /// 1e-7 degrees.
+    pub lat_e7: i32,
+    /// 1e-7 degrees.
+    pub lon_e7: i32,
+    /// Metres.
+    pub radius_m: u32,
+    /// Drivers wanted.
+    pub k: u32,
+    /// 0: any age.
+    pub max_age_ms: u32,
+    /// `wire::GeoFilter` value.
+    pub filter: u8,
+}
+
+impl Asked {
+    /// A GeoQuery's selection.
+    pub fn of_query(g: &wire::GeoQuery<'_>) -> Asked {
+        let (lat_e7, lon_e7, radius_m, k) = (g.lat_e7(), g.lon_e7(), g.radius_m(), g.k());
+        Asked { lat_e7, lon_e7, radius_m, k, max_age_ms: g.max_age_ms(), filter: g.filter().0 }
+    }
+
+    /// A GeoPush's selection.
+    pub fn of_push(g: &wire::GeoPush<'_>) -> Asked {
+        let (lat_e7, lon_e7, radius_m, k) = (g.lat_e7(), g.lon_e7(), g.radius_m(), g.k());
+        Asked { lat_e7, lon_e7, radius_m, k, max_age_ms: g.max_age_ms(), filter: g.filter().0 }
+    }
+}
+
+/// Checks a selection against §9.16's bounds: the query, or the error code and its message.
+pub fn check(a: Asked) -> Result<Query, (ErrorCode, &'static str)> {
+    let bad = ErrorCode::InvalidField;
+    if !(-900_000_000..=900_000_000).contains(&a.lat_e7) {
+        return Err((bad, "lat_e7 out of range (-900000000..=900000000 in 1e-7 degrees)"));
+    }
+    if !(-1_800_000_000..=1_800_000_000).contains(&a.lon_e7) {
+        return Err((bad, "lon_e7 out of range (-1800000000..=1800000000 in 1e-7 degrees)"));
+    }
+    if a.radius_m == 0 {
+        return Err((bad, "radius_m must be at least 1"));
+    }
+    if a.radius_m > MAX_RADIUS_M {
+        return Err((ErrorCode::LimitExceeded, "radius_m over the gate's limit of 50000"));
+    }
+    if a.k == 0 {
+        return Err((bad, "k must be at least 1"));
+    }
+    if a.k > MAX_K {
+        return Err((ErrorCode::LimitExceeded, "k over the gate's limit of 1000"));
+    }
+    let filter = match wire::GeoFilter(a.filter) {
+        wire::GeoFilter::Online => Filter::Online,
+        wire::GeoFilter::OnlineOrHeld => Filter::OnlineOrHeld,
+        _ => return Err((bad, "filter must be 0 (Online) or 1 (OnlineOrHeld)")),
+    };
+    Ok(Query {
+        lat_e7: a.lat_e7,
+        lon_e7: a.lon_e7,
+        radius_m: a.radius_m as f64,
+        k: a.k as usize,
+        max_age_ms: (a.max_age_ms > 0).then_some(a.max_age_ms as u64),
+        filter,
+    })
+}
+
+/// An app-server's GeoQuery on connection `me`.
+pub fn query(shard: &mut Shard, me: ConnRef, h: &Header, g: wire::GeoQuery<'_>) {
+    start(shard, me, h, Cmd::GeoQuery, Asked::of_query(&g), None);
+}
+
+/// An app-server's GeoPush on connection `me`: its push fields are checked as a Push's.
+pub fn push(shard: &mut Shard, me: ConnRef, h: &Header, g: wire::GeoPush<'_>) {
+    let payload = g.payload().map(|b| b.bytes()).unwrap_or(&[]);
+    if payload.len() > super::push::MAX_PAYLOAD {
+        return error(shard, me, h, ErrorCode::LimitExceeded, Hop::App, "payload over 16 KiB");
+    }
+    let cfg = &shard.cfg.sidecar;
+    if g.ttl_ms() > cfg.max_ttl_ms {
+        return error(shard, me, h, ErrorCode::InvalidField, Hop::App, "ttl_ms over sidecar.max_ttl_ms");
+    }
+    let args = PushArgs {
+        message_id: g.message_id(),
+        payload: payload.to_vec(),
+        ttl_ms: if g.ttl_ms() == 0 { cfg.default_ttl_ms } else { g.ttl_ms() },
+        sent_at_us: g.sent_at_us(),
+        kind: g.kind(),
+    };
+    start(shard, me, h, Cmd::GeoPush, Asked::of_push(&g), Some(args));
+}
+
+/// Checks the selection and asks every logic shard.
+fn start(shard: &mut Shard, me: ConnRef, h: &Header, cmd: Cmd, a: Asked, push: Option<PushArgs>) {
+    if shard.shutting_down {
+        return error(shard, me, h, ErrorCode::ShuttingDown, Hop::Gate, "gate shutting down");
+    }
+    let q = match check(a) {
+        Ok(q) => q,
+        Err((code, message)) => {
+            tracing::info!(log_id = h.log_id, ?cmd, message, "geo request refused");
+            return error(shard, me, h, code, Hop::App, message);
+        }
+    };
+    let shards = shard.mesh.len();
+    let w = Waiting {
+        conn: me,
+        seq: h.seq,
+        log_id: h.log_id,
+        cmd,
+        k: q.k,
+        left: shards,
+        hits: Vec::new(),
+        push,
+        deadline: mono_ms() + PATIENCE_MS,
+    };
+    let Some(tag) = shard.geos.insert(shard.id, w) else {
+        let message = "too many geo requests waiting on this gate shard";
+        let retry = jitter(1_000);
+        return shard.send_error(
+            me,
+            h.seq,
+            h.log_id,
+            ErrorCode::Overloaded,
+            Hop::Gate,
+            h.cmd,
+            message,
+            retry,
+        );
+    };
+    tracing::debug!(log_id = h.log_id, ?cmd, tag, radius_m = a.radius_m, k = a.k, "geo request");
+    for s in 0..shards {
+        shard.to_shard(s, Msg::Logic(Input::Geo { tag, query: q }));
+    }
+}
+
+/// One logic shard's nearest drivers for the request of `tag`; the last answer completes it.
+pub fn answered(shard: &mut Shard, tag: u64, hits: Vec<Hit>) {
+    let Some(w) = shard.geos.waiting.get_mut(&tag) else { return };
+    w.hits.extend(hits);
+    w.left -= 1;
+    if w.left > 0 {
+        return;
+    }
+    let Some(mut w) = shard.geos.take(tag) else { return };
+    w.hits.sort_by(Hit::cmp_near);
+    w.hits.truncate(w.k);
+    finish(shard, w);
+}
+
+/// Answers a complete request; a GeoPush pushes first.
+fn finish(shard: &mut Shard, w: Waiting) {
+    let mut message_id = 0;
+    if let Some(p) = &w.push {
+        message_id = p.message_id;
+        let uids: Vec<u64> = w.hits.iter().map(|h| h.uid).collect();
+        if !push_to(shard, w.log_id, p, uids) {
+            shard.metrics().pushes_refused.fetch_add(1, Relaxed);
+            let message =
+                "pushes in flight at the gate's bound (limits.max_pushes_in_flight_per_shard): retry later";
+            let retry = jitter(super::push::OVERLOADED_RETRY_MS);
+            let (code, hop) = (ErrorCode::Overloaded, Hop::Gate);
+            return shard.send_error(w.conn, w.seq, w.log_id, code, hop, w.cmd as u16, message, retry);
+        }
+    }
+    tracing::info!(log_id = w.log_id, cmd = ?w.cmd, chosen = w.hits.len(), "geo request answered");
+    let hits: Vec<wire::GeoHit> = w
+        .hits
+        .iter()
+        .map(|h| {
+            let age = h.age_ms.min(u32::MAX as u64) as u32;
+            wire::GeoHit::new(h.uid, h.lat_e7, h.lon_e7, h.distance_m as f32, age)
+        })
+        .collect();
+    shard.send_frame(w.conn, FrameType::Response, w.cmd, w.seq, w.log_id, |b| {
+        let hits = b.create_vector(&hits);
+        wire::GeoChosen::create(b, &wire::GeoChosenArgs { message_id, hits: Some(hits) })
+    });
+}
+
+/// Pushes `p` to `uids` as a Push naming them would be (docs/PROTOCOL.md §9.9): room reserved
+/// on each logic shard, all or none, the body encoded once with the push's deadline, one
+/// receipt per uid. False when the room is not there (nothing was pushed).
+fn push_to(shard: &mut Shard, log_id: u64, p: &PushArgs, uids: Vec<u64>) -> bool {
+    if uids.is_empty() {
+        return true;
+    }
+    let per_shard = logic::split_by_shard(uids, shard.mesh.len(), |&u| u);
+    let want: Vec<u32> = per_shard.iter().map(|u| u.len() as u32).collect();
+    if !shard.push_room.reserve(&want) {
+        return false;
+    }
+    let deadline_wall_ms = crate::net::now_ms() + p.ttl_ms as u64;
+    let deadline_ms = mono_ms() + p.ttl_ms as u64;
+    let body: Arc<[u8]> = Arc::from(shard.enc.body(|b| {
+        let payload = b.create_vector(&p.payload);
+        wire::PushDelivery::create(
+            b,
+            &wire::PushDeliveryArgs {
+                message_id: p.message_id,
+                payload: Some(payload),
+                sent_at_us: p.sent_at_us,
+                kind: p.kind,
+                deadline_ms: deadline_wall_ms,
+            },
+        )
+    }));
+    let content = Arc::new(PushContent {
+        message_id: p.message_id,
+        body,
+        log_id,
+        deadline_ms,
+        origin: logic::LOCAL,
+        accepted_us: shard.read_us,
+    });
+    let mut targets = 0;
+    for (s, uids) in per_shard.into_iter().enumerate() {
+        if !uids.is_empty() {
+            targets += uids.len() as u64;
+            let reserved = uids.len() as u32;
+            shard.to_shard(s, Msg::Reserved(Input::Push { push: content.clone(), uids }, reserved));
+        }
+    }
+    let m = shard.metrics();
+    m.pushes.fetch_add(1, Relaxed);
+    m.push_targets.fetch_add(targets, Relaxed);
+    tracing::info!(log_id, message_id = p.message_id, targets, ttl_ms = p.ttl_ms, "geo push accepted");
+    true
+}
+
+/// Requests past their deadline end Timeout (at most 4,096 per call).
+pub fn expire(shard: &mut Shard, now: u64) {
+    let due: Vec<u64> =
+        shard.geos.by_deadline.iter().take_while(|d| d.0 <= now).take(4096).map(|d| d.1).collect();
+    for tag in due {
+        let Some(w) = shard.geos.take(tag) else { continue };
+        tracing::warn!(log_id = w.log_id, left = w.left, "geo request: logic shards did not answer in time");
+        let message = "the gate's logic shards did not answer in time";
+        let (code, hop) = (ErrorCode::Timeout, Hop::Gate);
+        shard.send_error(w.conn, w.seq, w.log_id, code, hop, w.cmd as u16, message, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn asked() -> Asked {
+        Asked { lat_e7: 0, lon_e7: 0, radius_m: 1_000, k: 20, max_age_ms: 0, filter: 0 }
+    }
+
+    #[test]
+    fn bounds_are_checked_with_their_codes() {
+        let q = check(asked()).expect("valid");
+        assert_eq!((q.radius_m, q.k, q.max_age_ms, q.filter), (1_000.0, 20, None, Filter::Online));
+        let cases = [
+            (Asked { lat_e7: 900_000_001, ..asked() }, ErrorCode::InvalidField),
+            (Asked { lat_e7: -900_000_001, ..asked() }, ErrorCode::InvalidField),
+            (Asked { lon_e7: 1_800_000_001, ..asked() }, ErrorCode::InvalidField),
+            (Asked { lon_e7: i32::MIN, ..asked() }, ErrorCode::InvalidField),
+            (Asked { radius_m: 0, ..asked() }, ErrorCode::InvalidField),
+            (Asked { radius_m: MAX_RADIUS_M + 1, ..asked() }, ErrorCode::LimitExceeded),
+            (Asked { k: 0, ..asked() }, ErrorCode::InvalidField),
+            (Asked { k: MAX_K + 1, ..asked() }, ErrorCode::LimitExceeded),
+            (Asked { filter: 2, ..asked() }, ErrorCode::InvalidField),
+        ];
+        for (a, code) in cases {
+            assert_eq!(check(a).map_err(|e| e.0), Err(code), "{a:?}");
+        }
+        let edge = Asked {
+            lat_e7: -900_000_000,
+            lon_e7: 1_800_000_000,
+            radius_m: MAX_RADIUS_M,
+            k: MAX_K,
+            max_age_ms: 5,
+            filter: 1,
+        };
+        let q = check(edge).expect("the bounds themselves are valid");
+        assert_eq!((q.max_age_ms, q.filter), (Some(5), Filter::OnlineOrHeld));
+    }
+
+    proptest! {
+        /// Any field values: a query exactly when every one is in bounds.
+        #[test]
+        fn check_accepts_exactly_the_bounds(
+            lat_e7 in any::<i32>(), lon_e7 in any::<i32>(), radius_m in prop_oneof![any::<u32>(), 0u32..60_000],
+            k in prop_oneof![any::<u32>(), 0u32..1_100], max_age_ms in any::<u32>(), filter in any::<u8>(),
+        ) {
+            let a = Asked { lat_e7, lon_e7, radius_m, k, max_age_ms, filter };
+            let ok = lat_e7.abs() <= 900_000_000
+                && (-1_800_000_000..=1_800_000_000).contains(&lon_e7)
+                && (1..=MAX_RADIUS_M).contains(&radius_m)
+                && (1..=MAX_K).contains(&k)
+                && filter <= 1;
+            prop_assert_eq!(check(a).is_ok(), ok);
+        }
+    }
+
+    #[test]
+    fn tags_name_their_shard_and_waiting_is_bounded() {
+        let w = || Waiting {
+            conn: ConnRef { shard: 0, slot: 1, gen: 1 },
+            seq: 1,
+            log_id: 1,
+            cmd: Cmd::GeoQuery,
+            k: 1,
+            left: 1,
+            hits: Vec::new(),
+            push: None,
+            deadline: 10,
+        };
+        let mut g = Geos::default();
+        let t = g.insert(3, w()).expect("room");
+        assert_eq!(t >> GEO_TAG_SHIFT, 3);
+        assert_eq!(g.next_deadline(), Some(10));
+        assert!(g.take(t).is_some() && g.take(t).is_none());
+        for _ in 0..MAX_WAITING {
+            assert!(g.insert(0, w()).is_some());
+        }
+        assert!(g.insert(0, w()).is_none(), "bounded");
+        assert_eq!(g.len(), MAX_WAITING);
+    }
+}
