@@ -2,7 +2,7 @@
 //! sizes, core lists and addresses. `Cli::plan` turns flags into a [`Plan`]; nothing here does
 //! I/O except resolving host names.
 
-use crate::plan::{BadPlan, Plan, Scenario, Target, DEV_SECRET};
+use crate::plan::{BadPlan, DispatchMode, Plan, Scenario, Target, DEV_SECRET};
 use clap::{Args, Parser, Subcommand};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -310,6 +310,11 @@ pub struct Orders {
     /// Drivers each order is offered to, the nearest by their last GPS, e.g. `--dispatch-k 10`
     #[arg(long, default_value_t = 5, value_name = "K", help_heading = ORDERS)]
     pub dispatch_k: u32,
+
+    /// Who chooses the drivers an order goes to: `local` (the app-server's own search over the
+    /// forwarded GPS, then a Push) or `geo` (one GeoPush: the gate chooses and pushes)
+    #[arg(long, value_enum, default_value_t = DispatchMode::Local, value_name = "HOW", help_heading = ORDERS)]
+    pub dispatch: DispatchMode,
 }
 
 /// Which server the scenario drives, for the scenarios a peer can carry (`gps`, `push`, `idle`).
@@ -452,6 +457,11 @@ pub struct AppServerArgs {
     #[arg(long, default_value_t = 5, value_name = "K", help_heading = ORDERS)]
     pub dispatch_k: u32,
 
+    /// Who chooses the drivers an order goes to: `local` (the app-server's own search over the
+    /// forwarded GPS, then a Push) or `geo` (one GeoPush: the gate chooses and pushes)
+    #[arg(long, value_enum, default_value_t = DispatchMode::Local, value_name = "HOW", help_heading = ORDERS)]
+    pub dispatch: DispatchMode,
+
     /// Time-to-live of offers and order-status pushes in ms, e.g. `--ttl-ms 10000`
     #[arg(long, default_value_t = 5000, value_name = "MS", help_heading = ORDERS)]
     pub ttl_ms: u32,
@@ -531,6 +541,7 @@ impl Cli {
                 p.order_rate = a.orders.order_rate;
                 p.grab_prob = a.orders.grab_prob;
                 p.dispatch_k = a.orders.dispatch_k;
+                p.dispatch = a.orders.dispatch;
                 (p, &a.common)
             }
             Command::Bad(a) => {
@@ -552,6 +563,7 @@ impl Cli {
                     secret: secret(&a.sidecar_secret),
                     conns: a.sidecar_conns.max(1),
                     dispatch_k: a.dispatch_k.max(1),
+                    dispatch: a.dispatch,
                     ttl_ms: a.ttl_ms,
                     duration: a.duration,
                     json: a.json,

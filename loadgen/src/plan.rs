@@ -49,6 +49,16 @@ impl Scenario {
     }
 }
 
+/// How the dispatch app-server chooses the drivers an order is offered to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DispatchMode {
+    /// Its own nearest-driver search over the GPS the gate forwards, then a Push.
+    #[default]
+    Local,
+    /// One GeoPush: the gate chooses the nearest drivers from the points it holds and pushes.
+    Geo,
+}
+
 /// Which server a run drives. The peers (`mqtt`, `nats`) and the `ceiling` carry the same fleet,
 /// rates and connection counts over their own protocols (see [`crate::peers`]), so the gate's
 /// cost per point can be set beside theirs measured in the same way.
@@ -176,6 +186,8 @@ pub struct Plan {
     pub grab_prob: f64,
     /// Drivers each order is offered to (the nearest ones).
     pub dispatch_k: u32,
+    /// Who chooses them.
+    pub dispatch: DispatchMode,
     /// Misbehaving peers.
     pub bad: BadPlan,
     /// The gate's pid for CPU and memory figures; `None`: found from the app port.
@@ -222,6 +234,7 @@ impl Default for Plan {
             order_rate: 0.0,
             grab_prob: 0.5,
             dispatch_k: 5,
+            dispatch: DispatchMode::Local,
             bad: BadPlan::default(),
             gate_pid: None,
             gate_admin: None,

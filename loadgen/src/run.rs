@@ -180,6 +180,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
             secret: plan.sidecar_secret.clone(),
             conns: plan.sidecar_conns,
             dispatch_k: plan.dispatch_k,
+            dispatch: plan.dispatch,
             ttl_ms: plan.ttl_ms,
             push_rate: plan.push_rate,
             fanout: plan.fanout,

@@ -92,3 +92,30 @@ fn idle_reports_memory_per_session() {
     );
     assert!(n(&v, "/gate/rss_bytes") > 0.0, "{v:#}");
 }
+
+#[test]
+fn mixed_with_orders_offered_by_geo_push_loses_nothing() {
+    let gate = Gate::start();
+    let (code, v) = gate.loadgen(&[
+        "mixed",
+        "--drivers",
+        "60",
+        "--passengers",
+        "10",
+        "--duration",
+        "5",
+        "--order-rate",
+        "0.5",
+        "--dispatch",
+        "geo",
+        "--ttl-ms",
+        "3000",
+    ]);
+    let ctx = || format!("{v:#}\ngate log tail:\n{}", tail(&read(&gate.log), 40));
+    assert!(n(&v, "/orders/placed") > 0.0, "no order offered: {}", ctx());
+    assert!(n(&v, "/push/delivered") > 0.0, "no offer delivered: {}", ctx());
+    assert_eq!(n(&v, "/push/lost"), 0.0, "pushes lost: {}", ctx());
+    assert_eq!(n(&v, "/push/duplicates"), 0.0, "pushes shown twice: {}", ctx());
+    assert_eq!(n(&v, "/errors"), 0.0, "errors: {}", ctx());
+    assert_eq!(code, 0, "exit status: {}", ctx());
+}

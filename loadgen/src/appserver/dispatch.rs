@@ -147,6 +147,31 @@ impl Dispatch {
         (Answer { code: 0, message: "order offered", payload }, Some(offer))
     }
 
+    /// A passenger places an order the gate offers (`--dispatch geo`): its id and the offer's
+    /// payload; `offered` tells, once the gate chose, whether any driver got it.
+    pub fn place_by_gate(&mut self, passenger: u64) -> (u64, Vec<u8>) {
+        self.next_order += 1;
+        let id = self.next_order;
+        self.remember(id, Order { passenger, driver: None, state: OrderState::Offered });
+        (id, self.status(id, OrderState::Offered, 0))
+    }
+
+    /// The gate offered order `id` to `drivers` (`--dispatch geo`): the answer for the passenger.
+    pub fn offered(&mut self, id: u64, drivers: usize) -> Answer {
+        if drivers == 0 {
+            self.stats.no_driver += 1;
+            if let Some(o) = self.orders.get_mut(&id) {
+                o.state = OrderState::NoDriver;
+            }
+            let payload = self.status(id, OrderState::NoDriver, 0);
+            return Answer { code: CODE_NO_DRIVER, message: "no driver nearby", payload };
+        }
+        self.stats.placed += 1;
+        self.stats.offers += drivers as u64;
+        let payload = self.status(id, OrderState::Offered, 0);
+        Answer { code: 0, message: "order offered", payload }
+    }
+
     /// A driver grabs an order: the first wins and the passenger is told; later ones hear
     /// "order taken".
     pub fn grab(&mut self, driver: u64, order_id: u64) -> (Answer, Option<PushOut>) {

@@ -7,7 +7,11 @@
 pub mod dispatch;
 
 use crate::audit::{Audit, AuditSummary};
-use client::{AppServerConn, AppServerEvent, AppServerEvents, ClientError, PushSpec, UpstreamRequest};
+use crate::plan::DispatchMode;
+use client::{
+    AppServerConn, AppServerEvent, AppServerEvents, ClientError, GeoPushSpec, GeoSpec, PushSpec,
+    UpstreamRequest,
+};
 use dispatch::{Dispatch, DispatchStats, PushOut};
 use rand::{Rng, SeedableRng};
 use schema::wire::{ErrorCode, Role};
@@ -38,6 +42,8 @@ pub struct Config {
     pub conns: u32,
     /// Drivers offered each order.
     pub dispatch_k: u32,
+    /// Who chooses them.
+    pub dispatch: DispatchMode,
     /// TTL of every push, ms.
     pub ttl_ms: u32,
     /// Benchmark pushes per second (0: none).
@@ -417,6 +423,12 @@ fn answer(conns: &[AppServerConn], shared: &Shared, cfg: &Config, d: &mut Dispat
     let Some(conn) = conns.first() else { return };
     let role = Role(req.role);
     let result = match (req.app_cmd(), req.app_body()) {
+        (Some(Cmd::PlaceOrder), Ok(Body::PlaceOrder(p)))
+            if role == Role::Passenger && cfg.dispatch == DispatchMode::Geo =>
+        {
+            let a = offer_by_gate(conns, shared, cfg, d, req.uid, p.from_lat_e7(), p.from_lon_e7());
+            conn.reply(req, a.code, a.message, &a.payload)
+        }
         (Some(Cmd::PlaceOrder), Ok(Body::PlaceOrder(p))) if role == Role::Passenger => {
             let (a, push_out) = d.place(req.uid, p.from_lat_e7(), p.from_lon_e7());
             let r = conn.reply(req, a.code, a.message, &a.payload);
@@ -444,6 +456,58 @@ fn answer(conns: &[AppServerConn], shared: &Shared, cfg: &Config, d: &mut Dispat
     }
 }
 
+/// Radius of a GeoPush offer (`--dispatch geo`), metres: the reach the local search has in
+/// effect over the fleet's city.
+pub const GEO_OFFER_RADIUS_M: u32 = 5_000;
+
+/// `--dispatch geo`: one GeoPush offers the order to the K nearest drivers the gate knows; the
+/// answer for the passenger says whether any got it.
+fn offer_by_gate(
+    conns: &[AppServerConn],
+    shared: &Shared,
+    cfg: &Config,
+    d: &mut Dispatch,
+    passenger: u64,
+    lat_e7: i32,
+    lon_e7: i32,
+) -> dispatch::Answer {
+    let (order, payload) = d.place_by_gate(passenger);
+    let message_id = shared.next_message.fetch_add(1, Relaxed) + 1;
+    let q = GeoSpec {
+        lat_e7,
+        lon_e7,
+        radius_m: GEO_OFFER_RADIUS_M,
+        k: cfg.dispatch_k,
+        log_id: message_id,
+        ..GeoSpec::default()
+    };
+    let p = GeoPushSpec { message_id, payload, ttl_ms: cfg.ttl_ms, kind: dispatch::KIND_OFFER };
+    // Registered before it goes, with its targets counted once the answer names them: a
+    // receipt may beat the answer.
+    if !lock(&shared.audit).pushed(message_id, 0) {
+        shared.counters.push_failed.fetch_add(1, Relaxed);
+        return d.offered(order, 0);
+    }
+    match conns.first().map(|c| c.geo_push(&q, &p)) {
+        Some(Ok(hits)) => {
+            let mut audit = lock(&shared.audit);
+            audit.pushed(message_id, hits.len() as u32);
+            audit.accepted(message_id, hits.len() as u32);
+            drop(audit);
+            d.offered(order, hits.len())
+        }
+        Some(Err(ClientError::Server { .. })) => {
+            lock(&shared.audit).refused(message_id);
+            shared.counters.push_refused.fetch_add(1, Relaxed);
+            d.offered(order, 0)
+        }
+        _ => {
+            shared.counters.push_failed.fetch_add(1, Relaxed);
+            d.offered(order, 0)
+        }
+    }
+}
+
 fn send(conns: &[AppServerConn], shared: &Shared, cfg: &Config, p: Option<PushOut>) {
     if let Some(p) = p {
         push(conns, shared, p.uids, p.kind, p.payload, cfg.ttl_ms);
@@ -461,6 +525,8 @@ pub struct StandaloneConfig {
     pub conns: u32,
     /// Drivers offered each order.
     pub dispatch_k: u32,
+    /// Who chooses them.
+    pub dispatch: DispatchMode,
     /// TTL of pushes, ms.
     pub ttl_ms: u32,
     /// How long to run; zero: until SIGINT or SIGTERM.
@@ -483,6 +549,7 @@ pub fn run_standalone(cfg: &StandaloneConfig) -> Result<Outcome, ClientError> {
         secret: cfg.secret.clone(),
         conns: cfg.conns,
         dispatch_k: cfg.dispatch_k,
+        dispatch: cfg.dispatch,
         ttl_ms: cfg.ttl_ms,
         push_rate: 0.0,
         fanout: 0,
