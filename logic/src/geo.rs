@@ -198,6 +198,37 @@ impl Nearest {
     }
 }
 
+/// A `BuildHasher` for uids: one multiplication (the golden-ratio constant `shard_of` uses too)
+/// and a fold of the high half, which spreads sequential uids over every bucket.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UidHash;
+
+/// The hasher of [`UidHash`]: takes one u64.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UidHasher(u64);
+
+impl std::hash::BuildHasher for UidHash {
+    type Hasher = UidHasher;
+    fn build_hasher(&self) -> UidHasher {
+        UidHasher(0)
+    }
+}
+
+impl std::hash::Hasher for UidHasher {
+    fn finish(&self) -> u64 {
+        let h = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ (h >> 32)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// One driver's newest point.
 #[derive(Clone, Copy, Debug)]
 struct Entry {
@@ -218,8 +249,10 @@ struct Entry {
 /// The grid of one logic shard.
 #[derive(Debug)]
 pub struct GeoIndex {
-    /// uid → slot in `entries`.
-    slots: HashMap<u64, u32>,
+    /// uid → slot in `entries`. Hashed by a multiply-shift of the uid, not SipHash: uids come
+    /// from tokens the app-server signed, so no app can choose them to collide, and this lookup
+    /// is on every GPS point.
+    slots: HashMap<u64, u32, UidHash>,
     /// Every indexed driver; freed slots are reused.
     entries: Vec<Entry>,
     /// Free slots of `entries`.
@@ -266,7 +299,13 @@ impl GeoIndex {
                 ((MAX_COLS as f64 * widest.to_radians().cos()).ceil() as u32).clamp(1, MAX_COLS)
             })
             .collect();
-        GeoIndex { slots: HashMap::new(), entries: Vec::new(), free: Vec::new(), cells: HashMap::new(), cols }
+        GeoIndex {
+            slots: HashMap::default(),
+            entries: Vec::new(),
+            free: Vec::new(),
+            cells: HashMap::new(),
+            cols,
+        }
     }
 
     /// Drivers indexed.
@@ -300,38 +339,45 @@ impl GeoIndex {
     /// reconnect must not move a driver back.
     #[inline]
     pub fn update(&mut self, uid: u64, lat_e7: i32, lon_e7: i32, ts_ms: u64, now_ms: u64) {
+        if self.update_known(uid, lat_e7, lon_e7, ts_ms, now_ms) {
+            return;
+        }
         let cell = self.cell_of(lat_e7, lon_e7);
-        match self.slots.get(&uid) {
-            Some(&slot) => {
-                let e = &mut self.entries[slot as usize];
-                if ts_ms < e.ts_ms {
-                    return;
-                }
-                (e.lat_e7, e.lon_e7, e.ts_ms, e.taken_ms) = (lat_e7, lon_e7, ts_ms, now_ms);
-                e.v = unit(lat_e7, lon_e7);
-                if e.cell != cell {
-                    let (old, at) = (e.cell, e.at);
-                    self.unlink(old, at);
-                    self.link(slot, cell);
-                }
+        let v = unit(lat_e7, lon_e7);
+        let e = Entry { uid, lat_e7, lon_e7, ts_ms, taken_ms: now_ms, v, cell, at: 0 };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.entries[s as usize] = e;
+                s
             }
             None => {
-                let v = unit(lat_e7, lon_e7);
-                let e = Entry { uid, lat_e7, lon_e7, ts_ms, taken_ms: now_ms, v, cell, at: 0 };
-                let slot = match self.free.pop() {
-                    Some(s) => {
-                        self.entries[s as usize] = e;
-                        s
-                    }
-                    None => {
-                        self.entries.push(e);
-                        (self.entries.len() - 1) as u32
-                    }
-                };
-                self.slots.insert(uid, slot);
-                self.link(slot, cell);
+                self.entries.push(e);
+                (self.entries.len() - 1) as u32
             }
+        };
+        self.slots.insert(uid, slot);
+        self.link(slot, cell);
+    }
+
+    /// [`GeoIndex::update`] for a driver already indexed; false (and nothing done) for one
+    /// that is not.
+    #[inline]
+    pub fn update_known(&mut self, uid: u64, lat_e7: i32, lon_e7: i32, ts_ms: u64, now_ms: u64) -> bool {
+        let Some(&slot) = self.slots.get(&uid) else { return false };
+        let e = &mut self.entries[slot as usize];
+        if ts_ms < e.ts_ms {
+            return true;
         }
+        (e.lat_e7, e.lon_e7, e.ts_ms, e.taken_ms) = (lat_e7, lon_e7, ts_ms, now_ms);
+        e.v = unit(lat_e7, lon_e7);
+        let old = e.cell;
+        let cell = self.cell_of(lat_e7, lon_e7);
+        if old != cell {
+            let at = self.entries[slot as usize].at;
+            self.unlink(old, at);
+            self.link(slot, cell);
+        }
+        true
     }
 
     /// Forgets `uid` (its session ended); true when it was indexed.

@@ -752,9 +752,15 @@ impl Shard {
             }
             Input::Gps { uid, point } => {
                 // Only a driver with a session here is indexed: a point still on its way when
-                // the session ended must not bring it back.
-                if self.cfg.geo_index && self.directory.get(uid).is_some() {
-                    self.geo.update(uid, point.lat_e7(), point.lon_e7(), point.ts_ms(), now_ms);
+                // the session ended must not bring it back. An indexed driver has a session
+                // (every end forgets it), so only a new one needs the directory.
+                if self.cfg.geo_index {
+                    let (lat_e7, lon_e7, ts_ms) = (point.lat_e7(), point.lon_e7(), point.ts_ms());
+                    if !self.geo.update_known(uid, lat_e7, lon_e7, ts_ms, now_ms)
+                        && self.directory.get(uid).is_some()
+                    {
+                        self.geo.update(uid, lat_e7, lon_e7, ts_ms, now_ms);
+                    }
                 }
                 self.gps.push(uid, point);
                 // The first point after a flush arms the next one; an idle shard arms nothing.
