@@ -36,6 +36,9 @@ const _: () = assert!(1 + 4 + 9 * MAX_UNREACHABLE <= MAX_MESSAGE);
 /// included (more go in several). One item larger than this cannot travel: the sender answers
 /// it itself.
 pub const MAX_RELAY_BYTES: usize = 768 * 1024;
+/// Most drivers one `GeoFound` carries (a geo request's `k` is at most 1,000).
+pub const MAX_GEO_HITS: usize = 1_000;
+const _: () = assert!(1 + 8 + 4 + GEO_HIT_LEN * MAX_GEO_HITS <= MAX_MESSAGE);
 const _: () = assert!(MAX_RELAY_BYTES + 1024 <= MAX_MESSAGE);
 
 /// One receipt of a forwarded push, on its way back to the node that accepted the push.
@@ -205,6 +208,34 @@ pub enum NodeMsg {
         /// A session was found and ended.
         found: bool,
     },
+    /// An app-server's GeoQuery or GeoPush on the sender: the receiver's own nearest drivers
+    /// for this selection (docs/PROTOCOL.md §9.16), answered with `GeoFound`.
+    GeoAsk {
+        /// The sender's id for the request; echoed in `GeoFound`.
+        tag: u64,
+        /// The request's log-id.
+        log_id: u64,
+        /// The selection, as the app-server sent it (the sender checked its bounds; the
+        /// receiver checks them again).
+        lat_e7: i32,
+        /// 1e-7 degrees.
+        lon_e7: i32,
+        /// Metres.
+        radius_m: u32,
+        /// Drivers wanted.
+        k: u32,
+        /// 0: any age.
+        max_age_ms: u32,
+        /// `wire::GeoFilter` value.
+        filter: u8,
+    },
+    /// The answer to `GeoAsk`: the receiver's nearest drivers, nearest first.
+    GeoFound {
+        /// The asker's tag.
+        tag: u64,
+        /// At most `MAX_GEO_HITS`.
+        hits: Vec<wire::GeoHit>,
+    },
 }
 
 /// A session on its way between nodes.
@@ -290,6 +321,8 @@ const ANSWERS: u8 = 0x42;
 const UNREACHABLE: u8 = 0x43;
 const END_SESSION: u8 = 0x44;
 const SESSION_ENDED: u8 = 0x45;
+const GEO_ASK: u8 = 0x46;
+const GEO_FOUND: u8 = 0x47;
 /// `NodeAnswer` kinds.
 const ANSWER_REPLY: u8 = 1;
 const ANSWER_FAILED: u8 = 2;
@@ -297,6 +330,8 @@ const ANSWER_FAILED: u8 = 2;
 const RECEIPT_LEN: usize = 8 + 8 + 1 + 8;
 /// Bytes of one GPS point on the wire: a `wire::UidGpsPoint` as it is.
 const GPS_POINT_LEN: usize = 32;
+/// A `wire::GeoHit`'s bytes.
+const GEO_HIT_LEN: usize = 24;
 
 impl NodeMsg {
     /// Appends the message's bytes to `out`.
@@ -442,6 +477,25 @@ impl NodeMsg {
                 out.extend_from_slice(&uid.to_le_bytes());
                 out.push(u8::from(*found));
             }
+            NodeMsg::GeoAsk { tag, log_id, lat_e7, lon_e7, radius_m, k, max_age_ms, filter } => {
+                out.push(GEO_ASK);
+                out.extend_from_slice(&tag.to_le_bytes());
+                out.extend_from_slice(&log_id.to_le_bytes());
+                out.extend_from_slice(&lat_e7.to_le_bytes());
+                out.extend_from_slice(&lon_e7.to_le_bytes());
+                out.extend_from_slice(&radius_m.to_le_bytes());
+                out.extend_from_slice(&k.to_le_bytes());
+                out.extend_from_slice(&max_age_ms.to_le_bytes());
+                out.push(*filter);
+            }
+            NodeMsg::GeoFound { tag, hits } => {
+                out.push(GEO_FOUND);
+                out.extend_from_slice(&tag.to_le_bytes());
+                out.extend_from_slice(&(hits.len() as u32).to_le_bytes());
+                for h in hits {
+                    out.extend_from_slice(&h.0);
+                }
+            }
         }
     }
 
@@ -468,6 +522,8 @@ impl NodeMsg {
             NodeMsg::Unreachable(list) => 1 + 4 + 9 * list.len(),
             NodeMsg::EndSession { message, .. } => 1 + 8 + 8 + 8 + 4 + message.len(),
             NodeMsg::SessionEnded { .. } => 1 + 8 + 8 + 1,
+            NodeMsg::GeoAsk { .. } => 1 + 8 + 8 + 4 * 5 + 1,
+            NodeMsg::GeoFound { hits, .. } => 1 + 8 + 4 + GEO_HIT_LEN * hits.len(),
         }
     }
 
@@ -630,6 +686,25 @@ impl NodeMsg {
             SESSION_ENDED => {
                 let (tag, uid) = (r.u64()?, r.u64()?);
                 NodeMsg::SessionEnded { tag, uid, found: r.flag("found")? }
+            }
+            GEO_ASK => {
+                let (tag, log_id) = (r.u64()?, r.u64()?);
+                let (lat_e7, lon_e7) = (r.u32()? as i32, r.u32()? as i32);
+                let (radius_m, k, max_age_ms) = (r.u32()?, r.u32()?, r.u32()?);
+                NodeMsg::GeoAsk { tag, log_id, lat_e7, lon_e7, radius_m, k, max_age_ms, filter: r.u8()? }
+            }
+            GEO_FOUND => {
+                let tag = r.u64()?;
+                let n = r.u32()? as usize;
+                if n > MAX_GEO_HITS {
+                    return Err(NodeError::Invalid("more geo hits than MAX_GEO_HITS"));
+                }
+                let raw = r.take(n * GEO_HIT_LEN)?;
+                let hits = raw
+                    .chunks_exact(GEO_HIT_LEN)
+                    .map(|c| wire::GeoHit(c.try_into().unwrap_or([0; GEO_HIT_LEN])))
+                    .collect();
+                NodeMsg::GeoFound { tag, hits }
             }
             k => return Err(NodeError::UnknownKind(k)),
         };
@@ -838,6 +913,20 @@ mod tests {
                 uid,
                 found
             }),
+            (any::<(u64, u64, i32, i32)>(), any::<(u32, u32, u32, u8)>()).prop_map(
+                |((tag, log_id, lat_e7, lon_e7), (radius_m, k, max_age_ms, filter))| NodeMsg::GeoAsk {
+                    tag,
+                    log_id,
+                    lat_e7,
+                    lon_e7,
+                    radius_m,
+                    k,
+                    max_age_ms,
+                    filter
+                }
+            ),
+            (any::<u64>(), proptest::collection::vec(any::<[u8; 24]>().prop_map(wire::GeoHit), 0..40))
+                .prop_map(|(tag, hits)| NodeMsg::GeoFound { tag, hits }),
         ]
     }
 

@@ -106,6 +106,10 @@ pub struct Stats {
     pub ends_sent: AtomicU64,
     /// EndSession asks other nodes forwarded here.
     pub ends_received: AtomicU64,
+    /// Geo requests asked of other nodes (one per node asked).
+    pub geo_sent: AtomicU64,
+    /// Geo requests other nodes asked of this one.
+    pub geo_received: AtomicU64,
     /// Requests refused by a bound of the relay (each also logged).
     pub refused: AtomicU64,
 }
@@ -151,6 +155,25 @@ pub enum Note {
     /// This node's app-server answered (or failed) a request carried for another node; sent by
     /// the shard that got the answer to the shard that holds the request.
     Answered(Input),
+    /// Another node asks for this node's nearest drivers (its app-server's GeoQuery or
+    /// GeoPush).
+    GeoAsk {
+        /// The asking node.
+        origin: Origin,
+        /// Its tag.
+        tag: u64,
+        /// The request's log-id.
+        log_id: u64,
+        /// The selection as the asking node's app-server sent it.
+        asked: crate::sidecar::geo::Asked,
+    },
+    /// Another node's nearest drivers for a geo request of this shard.
+    GeoFound {
+        /// This shard's tag.
+        tag: u64,
+        /// The drivers, nearest first.
+        hits: Vec<schema::wire::GeoHit>,
+    },
 }
 
 /// A request carried here for another node.
@@ -343,6 +366,22 @@ pub fn session_ended(shard: &mut Shard, origin: Origin, tag: u64, uid: u64, foun
     shard.relay.to(&node).other.push(NodeMsg::SessionEnded { tag, uid, found });
 }
 
+/// Sends node message `msg` to node `node` with this turn's others.
+pub fn to_node(shard: &mut Shard, node: &str, msg: NodeMsg) {
+    if let (NodeMsg::GeoAsk { .. }, Some(c)) = (&msg, shard.cluster.as_ref()) {
+        c.relay.stats.geo_sent.fetch_add(1, Relaxed);
+    }
+    shard.relay.to(node).other.push(msg);
+}
+
+/// Live nodes other than this one, sorted by name.
+pub fn other_live_nodes(c: &Cluster) -> Vec<String> {
+    let live = c.live.read().unwrap_or_else(|p| p.into_inner());
+    let mut v: Vec<String> = live.keys().filter(|n| **n != c.name).cloned().collect();
+    v.sort_unstable();
+    v
+}
+
 /// Asks the directory which node holds `uid` for the EndSession of `tag`.
 pub fn look_up_for_end(shard: &mut Shard, tag: u64, uid: u64, now: u64) {
     match shard.cluster_shard.as_mut() {
@@ -508,6 +547,10 @@ pub fn on_note(shard: &mut Shard, note: Note, now: u64) {
             }
         }
         Note::Answered(input) => answered(shard, input),
+        Note::GeoAsk { origin, tag, log_id, asked } => {
+            crate::sidecar::geo::from_node(shard, origin, tag, log_id, asked)
+        }
+        Note::GeoFound { tag, hits } => crate::sidecar::geo::found_at_node(shard, tag, &hits),
     }
 }
 
@@ -719,6 +762,16 @@ pub fn split(c: &Cluster, sender: &str, msg: NodeMsg, per: &mut [Vec<Msg>]) {
                 found,
             }));
         }
+        // Any shard can gather a node's answer (it asks every logic shard): spread by the tag.
+        NodeMsg::GeoAsk { tag, log_id, lat_e7, lon_e7, radius_m, k, max_age_ms, filter } => {
+            let asked = crate::sidecar::geo::Asked { lat_e7, lon_e7, radius_m, k, max_age_ms, filter };
+            let origin = c.origin(sender);
+            st.geo_received.fetch_add(1, Relaxed);
+            per[(tag as usize) % shards].push(note(Note::GeoAsk { origin, tag, log_id, asked }));
+        }
+        NodeMsg::GeoFound { tag, hits } => {
+            per[tag_shard(tag, shards)].push(note(Note::GeoFound { tag, hits }));
+        }
         other => {
             tracing::error!(node = sender, message = ?std::mem::discriminant(&other), "node message with no route")
         }
@@ -760,6 +813,12 @@ pub fn render_metrics(c: &Cluster, s: &mut String) {
         "EndSession asks forwarded to the node holding the session (sent) or from another node (received).",
         &st.ends_sent,
         &st.ends_received,
+    );
+    pair(
+        "fleetgate_cluster_geo_asks_total",
+        "GeoQuery and GeoPush requests asked of other nodes (sent, one per node) or by them (received).",
+        &st.geo_sent,
+        &st.geo_received,
     );
     let with = c.live.read().unwrap_or_else(|p| p.into_inner()).values().filter(|n| n.has_appserver).count();
     let _ = writeln!(

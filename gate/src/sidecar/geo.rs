@@ -9,13 +9,20 @@
 //! reserves room for them and goes down the push path exactly as a Push naming those uids
 //! would (one receipt per chosen driver), then is answered with them. Requests wait bounded in
 //! number and in time.
+//!
+//! In cluster mode the request also goes to every other live node (`NodeMsg::GeoAsk`), whose
+//! gate gathers its own K nearest the same way and answers (`NodeMsg::GeoFound`); they are
+//! merged with this node's. A node that has not answered by the deadline (lost, or slow) is left
+//! out: its drivers' sessions come back on the live nodes. A GeoPush's drivers on other nodes
+//! are reached as a Push's are (the directory names their node).
 
 use crate::app::session::error;
 use crate::mesh::Msg;
 use crate::state::{jitter, mono_ms, Shard};
 use logic::geo::{Filter, Hit, Query};
 use logic::shard::GEO_TAG_SHIFT;
-use logic::{ConnRef, Input, PushContent};
+use logic::{ConnRef, Input, Origin, PushContent};
+use schema::node::NodeMsg;
 use schema::wire::{self, ErrorCode, Hop};
 use schema::{Cmd, FrameType, Header};
 use std::collections::{BTreeSet, HashMap};
@@ -35,6 +42,10 @@ pub const MAX_WAITING: usize = 4_096;
 /// Timeout: the shards of one node answer within a turn each, so this fires only when a shard
 /// is stuck.
 pub const PATIENCE_MS: u64 = 5_000;
+/// Cluster mode: how long a request waits for the other nodes' answers; past it, it is
+/// answered with the drivers of the nodes that answered. Two crossings of Redis take about
+/// 0.2–2 ms (PROTOCOL.md §15), so this is only reached by a node that is gone or stuck.
+pub const NODE_PATIENCE_MS: u64 = 1_000;
 /// Tags count below this bit.
 const TAG_MASK: u64 = (1 << GEO_TAG_SHIFT) - 1;
 
@@ -53,13 +64,30 @@ pub struct PushArgs {
     pub kind: u16,
 }
 
-/// One request waiting for the logic shards.
+/// Who asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asker {
+    /// An app-server on this shard: the answer is a frame on its connection.
+    Sidecar {
+        /// The connection.
+        conn: ConnRef,
+        /// The request's sequence-id.
+        seq: u32,
+    },
+    /// Another node, for its app-server: the answer is a node message.
+    Node {
+        /// The node.
+        origin: Origin,
+        /// Its tag.
+        tag: u64,
+    },
+}
+
+/// One request waiting for the logic shards (and, in cluster mode, the other nodes).
 #[derive(Debug)]
 pub struct Waiting {
-    /// The app-server connection that asked.
-    conn: ConnRef,
-    /// Its sequence-id.
-    seq: u32,
+    /// Who asked.
+    asker: Asker,
     /// Its log-id.
     log_id: u64,
     /// GeoQuery or GeoPush.
@@ -68,6 +96,8 @@ pub struct Waiting {
     k: usize,
     /// Logic shards still to answer.
     left: usize,
+    /// Other nodes still to answer.
+    nodes_left: usize,
     /// Their answers so far.
     hits: Vec<Hit>,
     /// GeoPush: what to push.
@@ -211,7 +241,7 @@ pub fn push(shard: &mut Shard, me: ConnRef, h: &Header, g: wire::GeoPush<'_>) {
     start(shard, me, h, Cmd::GeoPush, Asked::of_push(&g), Some(args));
 }
 
-/// Checks the selection and asks every logic shard.
+/// Checks the selection and asks every logic shard, and in cluster mode every other live node.
 fn start(shard: &mut Shard, me: ConnRef, h: &Header, cmd: Cmd, a: Asked, push: Option<PushArgs>) {
     if shard.shutting_down {
         return error(shard, me, h, ErrorCode::ShuttingDown, Hop::Gate, "gate shutting down");
@@ -223,19 +253,10 @@ fn start(shard: &mut Shard, me: ConnRef, h: &Header, cmd: Cmd, a: Asked, push: O
             return error(shard, me, h, code, Hop::App, message);
         }
     };
-    let shards = shard.mesh.len();
-    let w = Waiting {
-        conn: me,
-        seq: h.seq,
-        log_id: h.log_id,
-        cmd,
-        k: q.k,
-        left: shards,
-        hits: Vec::new(),
-        push,
-        deadline: mono_ms() + PATIENCE_MS,
-    };
-    let Some(tag) = shard.geos.insert(shard.id, w) else {
+    let nodes = shard.cluster.as_deref().map(crate::cluster::relay::other_live_nodes).unwrap_or_default();
+    let patience = if nodes.is_empty() { PATIENCE_MS } else { NODE_PATIENCE_MS };
+    let asker = Asker::Sidecar { conn: me, seq: h.seq };
+    let Some(tag) = ask_shards(shard, asker, h.log_id, cmd, q, push, nodes.len(), patience) else {
         let message = "too many geo requests waiting on this gate shard";
         let retry = jitter(1_000);
         return shard.send_error(
@@ -249,28 +270,139 @@ fn start(shard: &mut Shard, me: ConnRef, h: &Header, cmd: Cmd, a: Asked, push: O
             retry,
         );
     };
-    tracing::debug!(log_id = h.log_id, ?cmd, tag, radius_m = a.radius_m, k = a.k, "geo request");
+    tracing::debug!(
+        log_id = h.log_id,
+        ?cmd,
+        tag,
+        radius_m = a.radius_m,
+        k = a.k,
+        nodes = nodes.len(),
+        "geo request"
+    );
+    for node in nodes {
+        let msg = NodeMsg::GeoAsk {
+            tag,
+            log_id: h.log_id,
+            lat_e7: a.lat_e7,
+            lon_e7: a.lon_e7,
+            radius_m: a.radius_m,
+            k: a.k,
+            max_age_ms: a.max_age_ms,
+            filter: a.filter,
+        };
+        crate::cluster::relay::to_node(shard, &node, msg);
+    }
+}
+
+/// Registers a request and asks every logic shard of this node; its tag, or `None` when
+/// `MAX_WAITING` wait.
+#[allow(clippy::too_many_arguments)]
+fn ask_shards(
+    shard: &mut Shard,
+    asker: Asker,
+    log_id: u64,
+    cmd: Cmd,
+    q: Query,
+    push: Option<PushArgs>,
+    nodes: usize,
+    patience_ms: u64,
+) -> Option<u64> {
+    let shards = shard.mesh.len();
+    let w = Waiting {
+        asker,
+        log_id,
+        cmd,
+        k: q.k,
+        left: shards,
+        nodes_left: nodes,
+        hits: Vec::new(),
+        push,
+        deadline: mono_ms() + patience_ms,
+    };
+    let tag = shard.geos.insert(shard.id, w)?;
     for s in 0..shards {
         shard.to_shard(s, Msg::Logic(Input::Geo { tag, query: q }));
     }
+    Some(tag)
+}
+
+/// Another node asks for this node's nearest drivers (its app-server's request). An answer
+/// that cannot be given (arguments out of bounds, too many waiting) is not sent: the asking
+/// node's deadline answers its app-server.
+pub fn from_node(shard: &mut Shard, origin: Origin, tag: u64, log_id: u64, asked: Asked) {
+    let q = match check(asked) {
+        Ok(q) => q,
+        Err((_, message)) => {
+            return tracing::warn!(log_id, origin, message, "geo request from another node refused");
+        }
+    };
+    let asker = Asker::Node { origin, tag };
+    if ask_shards(shard, asker, log_id, Cmd::GeoQuery, q, None, 0, PATIENCE_MS).is_none() {
+        tracing::error!(
+            log_id,
+            origin,
+            "geo request from another node dropped: too many waiting on this shard"
+        );
+    }
+}
+
+/// Another node's nearest drivers for the request of `tag`.
+pub fn found_at_node(shard: &mut Shard, tag: u64, hits: &[wire::GeoHit]) {
+    let Some(w) = shard.geos.waiting.get_mut(&tag) else { return };
+    if w.nodes_left == 0 {
+        return;
+    }
+    w.nodes_left -= 1;
+    w.hits.extend(hits.iter().map(|h| Hit {
+        uid: h.uid(),
+        lat_e7: h.lat_e7(),
+        lon_e7: h.lon_e7(),
+        distance_m: h.distance_m() as f64,
+        age_ms: h.age_ms() as u64,
+    }));
+    complete_if_done(shard, tag);
 }
 
 /// One logic shard's nearest drivers for the request of `tag`; the last answer completes it.
 pub fn answered(shard: &mut Shard, tag: u64, hits: Vec<Hit>) {
     let Some(w) = shard.geos.waiting.get_mut(&tag) else { return };
     w.hits.extend(hits);
-    w.left -= 1;
-    if w.left > 0 {
-        return;
-    }
-    let Some(mut w) = shard.geos.take(tag) else { return };
-    w.hits.sort_by(Hit::cmp_near);
-    w.hits.truncate(w.k);
-    finish(shard, w);
+    w.left = w.left.saturating_sub(1);
+    complete_if_done(shard, tag);
 }
 
-/// Answers a complete request; a GeoPush pushes first.
-fn finish(shard: &mut Shard, w: Waiting) {
+/// Completes the request of `tag` once every logic shard and node answered.
+fn complete_if_done(shard: &mut Shard, tag: u64) {
+    if shard.geos.waiting.get(&tag).is_some_and(|w| w.left == 0 && w.nodes_left == 0) {
+        if let Some(w) = shard.geos.take(tag) {
+            finish(shard, w);
+        }
+    }
+}
+
+/// Answers a complete request (the K nearest of every answer); a GeoPush pushes first.
+fn finish(shard: &mut Shard, mut w: Waiting) {
+    w.hits.sort_by(Hit::cmp_near);
+    // One driver may be reported twice while its session moves between nodes: keep the nearer.
+    let mut seen = std::collections::HashSet::with_capacity(w.hits.len());
+    w.hits.retain(|h| seen.insert(h.uid));
+    w.hits.truncate(w.k);
+    let (conn, seq) = match w.asker {
+        Asker::Sidecar { conn, seq } => (conn, seq),
+        Asker::Node { origin, tag } => {
+            let hits = wire_hits(&w.hits);
+            if let Some(node) = shard.cluster.as_ref().and_then(|c| c.origin_name(origin)) {
+                tracing::debug!(
+                    log_id = w.log_id,
+                    node,
+                    chosen = hits.len(),
+                    "geo request: answered to its node"
+                );
+                crate::cluster::relay::to_node(shard, &node, NodeMsg::GeoFound { tag, hits });
+            }
+            return;
+        }
+    };
     let mut message_id = 0;
     if let Some(p) = &w.push {
         message_id = p.message_id;
@@ -281,22 +413,25 @@ fn finish(shard: &mut Shard, w: Waiting) {
                 "pushes in flight at the gate's bound (limits.max_pushes_in_flight_per_shard): retry later";
             let retry = jitter(super::push::OVERLOADED_RETRY_MS);
             let (code, hop) = (ErrorCode::Overloaded, Hop::Gate);
-            return shard.send_error(w.conn, w.seq, w.log_id, code, hop, w.cmd as u16, message, retry);
+            return shard.send_error(conn, seq, w.log_id, code, hop, w.cmd as u16, message, retry);
         }
     }
     tracing::info!(log_id = w.log_id, cmd = ?w.cmd, chosen = w.hits.len(), "geo request answered");
-    let hits: Vec<wire::GeoHit> = w
-        .hits
-        .iter()
+    let hits = wire_hits(&w.hits);
+    shard.send_frame(conn, FrameType::Response, w.cmd, seq, w.log_id, |b| {
+        let hits = b.create_vector(&hits);
+        wire::GeoChosen::create(b, &wire::GeoChosenArgs { message_id, hits: Some(hits) })
+    });
+}
+
+/// The hits as the wire carries them.
+fn wire_hits(hits: &[Hit]) -> Vec<wire::GeoHit> {
+    hits.iter()
         .map(|h| {
             let age = h.age_ms.min(u32::MAX as u64) as u32;
             wire::GeoHit::new(h.uid, h.lat_e7, h.lon_e7, h.distance_m as f32, age)
         })
-        .collect();
-    shard.send_frame(w.conn, FrameType::Response, w.cmd, w.seq, w.log_id, |b| {
-        let hits = b.create_vector(&hits);
-        wire::GeoChosen::create(b, &wire::GeoChosenArgs { message_id, hits: Some(hits) })
-    });
+        .collect()
 }
 
 /// Pushes `p` to `uids` as a Push naming them would be (docs/PROTOCOL.md §9.9): room reserved
@@ -355,10 +490,21 @@ pub fn expire(shard: &mut Shard, now: u64) {
         shard.geos.by_deadline.iter().take_while(|d| d.0 <= now).take(4096).map(|d| d.1).collect();
     for tag in due {
         let Some(w) = shard.geos.take(tag) else { continue };
+        if w.left == 0 {
+            // Only other nodes are missing: this node's answer and theirs that came.
+            tracing::warn!(
+                log_id = w.log_id,
+                missing = w.nodes_left,
+                "geo request: nodes did not answer in time"
+            );
+            finish(shard, w);
+            continue;
+        }
         tracing::warn!(log_id = w.log_id, left = w.left, "geo request: logic shards did not answer in time");
+        let Asker::Sidecar { conn, seq } = w.asker else { continue };
         let message = "the gate's logic shards did not answer in time";
         let (code, hop) = (ErrorCode::Timeout, Hop::Gate);
-        shard.send_error(w.conn, w.seq, w.log_id, code, hop, w.cmd as u16, message, 0);
+        shard.send_error(conn, seq, w.log_id, code, hop, w.cmd as u16, message, 0);
     }
 }
 
@@ -421,12 +567,12 @@ mod tests {
     #[test]
     fn tags_name_their_shard_and_waiting_is_bounded() {
         let w = || Waiting {
-            conn: ConnRef { shard: 0, slot: 1, gen: 1 },
-            seq: 1,
+            asker: Asker::Sidecar { conn: ConnRef { shard: 0, slot: 1, gen: 1 }, seq: 1 },
             log_id: 1,
             cmd: Cmd::GeoQuery,
             k: 1,
             left: 1,
+            nodes_left: 0,
             hits: Vec::new(),
             push: None,
             deadline: 10,
