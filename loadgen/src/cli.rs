@@ -109,6 +109,11 @@ pub enum Command {
     ///
     /// Example: loadgen appserver --sidecar 127.0.0.1:7200 --dispatch-k 5
     Appserver(AppServerArgs),
+    /// Orders offered with GeoPush over drivers driving a 30 × 30 km area, every answer checked
+    /// against the positions loadgen sent (docs/PROTOCOL.md §9.16).
+    ///
+    /// Example: loadgen geo --drivers 15000 --geo-rate 20 --duration 30
+    Geo(GeoArgs),
     /// Misbehaving peers (slow readers, garbage, half-open) beside a well-behaved fleet.
     ///
     /// Example: loadgen bad --slow-readers 20 --garbage 20 --half-open 20 --drivers 200
@@ -312,7 +317,8 @@ pub struct Orders {
     pub dispatch_k: u32,
 
     /// Who chooses the drivers an order goes to: `local` (the app-server's own search over the
-    /// forwarded GPS, then a Push) or `geo` (one GeoPush: the gate chooses and pushes)
+    /// forwarded GPS, then a Push) or `geo` (one GeoPush: the gate chooses and pushes), e.g.
+    /// `--dispatch geo`
     #[arg(long, value_enum, default_value_t = DispatchMode::Local, value_name = "HOW", help_heading = ORDERS)]
     pub dispatch: DispatchMode,
 }
@@ -345,6 +351,21 @@ pub struct GpsArgs {
     pub target: TargetArg,
     #[command(flatten)]
     pub fleet: Fleet,
+}
+
+/// `loadgen geo`.
+#[derive(Debug, Clone, Args)]
+pub struct GeoArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub fleet: Fleet,
+    /// GeoPush orders per second from the app-server, e.g. `--geo-rate 50`
+    #[arg(long, default_value_t = 20.0, value_name = "PER_SEC", help_heading = ORDERS)]
+    pub geo_rate: f64,
+    /// Time-to-live of the offers in ms, e.g. `--ttl-ms 10000`
+    #[arg(long, default_value_t = 5000, value_name = "MS", help_heading = ORDERS)]
+    pub ttl_ms: u32,
 }
 
 /// `loadgen push`.
@@ -458,7 +479,8 @@ pub struct AppServerArgs {
     pub dispatch_k: u32,
 
     /// Who chooses the drivers an order goes to: `local` (the app-server's own search over the
-    /// forwarded GPS, then a Push) or `geo` (one GeoPush: the gate chooses and pushes)
+    /// forwarded GPS, then a Push) or `geo` (one GeoPush: the gate chooses and pushes), e.g.
+    /// `--dispatch geo`
     #[arg(long, value_enum, default_value_t = DispatchMode::Local, value_name = "HOW", help_heading = ORDERS)]
     pub dispatch: DispatchMode,
 
@@ -542,6 +564,22 @@ impl Cli {
                 p.grab_prob = a.orders.grab_prob;
                 p.dispatch_k = a.orders.dispatch_k;
                 p.dispatch = a.orders.dispatch;
+                (p, &a.common)
+            }
+            Command::Geo(a) => {
+                let mut p = base(Scenario::Geo, &a.common)?;
+                fleet(&mut p, &a.fleet, 15_000, 0)?;
+                // A report every 3 s unless asked otherwise, in a 30 × 30 km square.
+                p.rate = a.fleet.rate.unwrap_or(1.0 / 3.0);
+                let half_m = crate::geo::AREA_M / 2.0;
+                let lat = crate::engine::driver::CENTER.0.to_radians().cos();
+                p.area_half_deg = (half_m / 111_320.0, half_m / (111_320.0 * lat));
+                if !(a.geo_rate > 0.0 && a.geo_rate.is_finite()) {
+                    return Err("--geo-rate must be a number > 0".into());
+                }
+                p.geo_rate = a.geo_rate;
+                p.ttl_ms = a.ttl_ms;
+                p.grab_prob = 0.0;
                 (p, &a.common)
             }
             Command::Bad(a) => {

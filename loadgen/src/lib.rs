@@ -11,6 +11,8 @@
 //!   and the dispatch rules in [`appserver::dispatch`].
 //! - [`audit`]: per (message id, uid): pushed, accepted, shown by apps, receipts.
 //! - [`bad`]: peers that misbehave on purpose.
+//! - [`geo`]: the `geo` scenario's record of every position sent, and its check of the gate's
+//!   GeoPush answers.
 //! - [`peers`]: the same fleet against mosquitto, nats-server or perf's ceiling (`--target`).
 //! - [`report`]: the JSON object, the table, the live line, .hgrm files.
 //! - [`procstat`]: CPU and memory of the gate (and of loadgen) from /proc.
@@ -21,6 +23,7 @@ pub mod bad;
 pub mod cli;
 pub mod engine;
 pub mod gatemetrics;
+pub mod geo;
 pub mod peers;
 pub mod plan;
 pub mod procstat;

@@ -29,12 +29,22 @@ pub enum Scenario {
     Mixed,
     /// Misbehaving peers beside a well-behaved fleet.
     Bad,
+    /// Orders offered by GeoPush over a fleet driving a 30 × 30 km area, every answer checked
+    /// against the positions loadgen sent.
+    Geo,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 6] =
-        [Scenario::Gps, Scenario::Push, Scenario::Idle, Scenario::Storm, Scenario::Mixed, Scenario::Bad];
+    pub const ALL: [Scenario; 7] = [
+        Scenario::Gps,
+        Scenario::Push,
+        Scenario::Idle,
+        Scenario::Storm,
+        Scenario::Mixed,
+        Scenario::Bad,
+        Scenario::Geo,
+    ];
 
     /// The subcommand's name, as the report prints it.
     pub fn name(self) -> &'static str {
@@ -45,6 +55,7 @@ impl Scenario {
             Scenario::Storm => "storm",
             Scenario::Mixed => "mixed",
             Scenario::Bad => "bad",
+            Scenario::Geo => "geo",
         }
     }
 }
@@ -188,6 +199,10 @@ pub struct Plan {
     pub dispatch_k: u32,
     /// Who chooses them.
     pub dispatch: DispatchMode,
+    /// GeoPush orders per second from the app-server (`geo`; 0: none).
+    pub geo_rate: f64,
+    /// Half the sides of the square the drivers drive in, degrees of (latitude, longitude).
+    pub area_half_deg: (f64, f64),
     /// Misbehaving peers.
     pub bad: BadPlan,
     /// The gate's pid for CPU and memory figures; `None`: found from the app port.
@@ -235,6 +250,8 @@ impl Default for Plan {
             grab_prob: 0.5,
             dispatch_k: 5,
             dispatch: DispatchMode::Local,
+            geo_rate: 0.0,
+            area_half_deg: (crate::engine::driver::RADIUS_DEG, crate::engine::driver::RADIUS_DEG),
             bad: BadPlan::default(),
             gate_pid: None,
             gate_admin: None,

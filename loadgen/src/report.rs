@@ -64,6 +64,25 @@ impl Latency {
     }
 }
 
+/// The `geo` scenario: GeoPush orders and the check of every answer.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct GeoReport {
+    /// GeoPush requests answered.
+    pub queries: u64,
+    /// Drivers chosen, over every answer.
+    pub chosen: u64,
+    /// Chosen drivers that could not be chosen (not a position they sent, or past the radius).
+    pub wrong: u64,
+    /// Drivers that had to be chosen and were left out.
+    pub missed: u64,
+    /// Answers whose order had more drivers surely in range than K.
+    pub over_k: u64,
+    /// Requests that failed.
+    pub failed: u64,
+    /// Request to answer, µs.
+    pub latency_us: Latency,
+}
+
 /// Apps and sessions.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Connections {
@@ -467,6 +486,9 @@ pub struct Report {
     pub loadgen: Loadgen,
     /// The app-server side.
     pub appserver: AppServerReport,
+    /// The `geo` scenario (zeros in the others).
+    #[serde(default)]
+    pub geo: GeoReport,
     /// Bad peers: `None` but in the `bad` scenario, the one that has them. Every report still
     /// writes it (`null`), so reading requires it like the other fields.
     #[serde(deserialize_with = "present")]

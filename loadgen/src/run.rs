@@ -174,6 +174,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     let gate_before = gate_pid.and_then(procstat::sample);
 
     let plan = Arc::new(plan);
+    let track = (plan.scenario == crate::plan::Scenario::Geo).then(|| Arc::new(crate::geo::Track::default()));
     let mut server = if plan.appserver {
         let cfg = appserver::Config {
             sidecar: plan.sidecar,
@@ -187,6 +188,11 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
             payload_bytes: plan.payload_bytes,
             drivers: (plan.uid_base, plan.drivers),
             slow_readers: (plan.slow_reader_uid(0), plan.bad.slow_readers, plan.bad.slow_push_bytes),
+            geo: track.clone().map(|track| appserver::GeoLoad {
+                rate: plan.geo_rate,
+                area: (crate::engine::driver::CENTER, plan.area_half_deg),
+                track,
+            }),
         };
         Some(
             AppServer::start(cfg)
@@ -195,7 +201,7 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     } else {
         None
     };
-    let control = Arc::new(Control::default());
+    let control = Arc::new(Control::with_track(track.clone()));
     let stats: Arc<Vec<ExecStats>> = Arc::new((0..plan.cores.len()).map(|_| ExecStats::default()).collect());
     let bad = Arc::new(BadStats::default());
     let engine =
@@ -331,6 +337,15 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
             o.delivered_pairs.iter().copied().filter(|(_, uid)| ours.contains(uid)).collect();
         rep.push.delivered_unseen = if untracked { 0 } else { audit::delivered_unseen(&pairs, &shown) };
         rep.orders.dispatch = o.dispatch;
+        rep.geo = report::GeoReport {
+            queries: o.geo.queries,
+            chosen: o.geo.chosen,
+            wrong: o.geo.wrong,
+            missed: o.geo.missed,
+            over_k: o.geo.over_k,
+            failed: o.geo.failed,
+            latency_us: Latency::of(&o.geo.latency_us),
+        };
         rep.appserver = report::AppServerReport {
             running: true,
             gps_points: o.gps_points,

@@ -56,6 +56,54 @@ pub struct Config {
     pub drivers: (u64, u32),
     /// Slow readers to push large payloads to (`bad`): uids `first..first+count`, payload bytes.
     pub slow_readers: (u64, u32, u32),
+    /// `geo`: orders offered by GeoPush at random points, each answer checked.
+    pub geo: Option<GeoLoad>,
+}
+
+/// The `geo` scenario's orders.
+#[derive(Debug, Clone)]
+pub struct GeoLoad {
+    /// GeoPush requests per second.
+    pub rate: f64,
+    /// The area's centre (degrees) and half sides (degrees of latitude, longitude).
+    pub area: ((f64, f64), (f64, f64)),
+    /// Every position the drivers sent.
+    pub track: Arc<crate::geo::Track>,
+}
+
+/// What the `geo` orders found.
+#[derive(Debug, Clone)]
+pub struct GeoStats {
+    /// GeoPush requests answered.
+    pub queries: u64,
+    /// Drivers chosen, over every answer.
+    pub chosen: u64,
+    /// Chosen drivers that could not be chosen (`crate::geo::check`).
+    pub wrong: u64,
+    /// Drivers that had to be chosen and were left out.
+    pub missed: u64,
+    /// Answers to orders with more drivers surely in range than K.
+    pub over_k: u64,
+    /// Requests that failed (an error answer or no answer).
+    pub failed: u64,
+    /// Request to answer, µs.
+    pub latency_us: hdrhistogram::Histogram<u64>,
+}
+
+impl Default for GeoStats {
+    fn default() -> Self {
+        GeoStats {
+            queries: 0,
+            chosen: 0,
+            wrong: 0,
+            missed: 0,
+            over_k: 0,
+            failed: 0,
+            latency_us: hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| {
+                hdrhistogram::Histogram::new(3).unwrap_or_else(|_| unreachable!("3 sig figures"))
+            }),
+        }
+    }
 }
 
 /// Counters of the app-server side, readable while it runs.
@@ -95,6 +143,8 @@ struct Shared {
     gate_lost: AtomicBool,
     /// `finish` is closing the connections: their end is not the gate's doing.
     closing: AtomicBool,
+    /// `geo`: what the orders found.
+    geo: Mutex<GeoStats>,
 }
 
 /// What the app-server side found, at the end.
@@ -124,6 +174,8 @@ pub struct Outcome {
     pub connections_lost: u64,
     /// The client declared the gate lost before the end.
     pub gate_lost: bool,
+    /// `geo`: what the orders found.
+    pub geo: GeoStats,
 }
 
 /// A running app-server.
@@ -178,6 +230,7 @@ impl AppServer {
             stop_pushing: AtomicBool::new(false),
             gate_lost: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            geo: Mutex::new(GeoStats::default()),
         });
         let events = {
             let (conns, shared, cfg) = (conns.clone(), shared.clone(), cfg.clone());
@@ -186,7 +239,15 @@ impl AppServer {
                 .spawn(move || events_loop(&conns, &shared, &cfg, &events))
                 .map_err(ClientError::Io)?
         };
-        let pusher = if cfg.push_rate > 0.0 && (cfg.fanout > 0 || cfg.slow_readers.1 > 0) {
+        let pusher = if let Some(g) = cfg.geo.clone().filter(|g| g.rate > 0.0) {
+            let (conns, shared, cfg) = (conns.clone(), shared.clone(), cfg.clone());
+            Some(
+                thread::Builder::new()
+                    .name("appserver-geo".into())
+                    .spawn(move || geo_loop(&conns, &shared, &cfg, &g))
+                    .map_err(ClientError::Io)?,
+            )
+        } else if cfg.push_rate > 0.0 && (cfg.fanout > 0 || cfg.slow_readers.1 > 0) {
             let (conns, shared) = (conns.clone(), shared.clone());
             Some(
                 thread::Builder::new()
@@ -264,6 +325,7 @@ impl AppServer {
             unreachable_events: c.unreachable_events.load(Relaxed),
             connections_lost: c.connections_lost.load(Relaxed),
             gate_lost: self.shared.gate_lost.load(Relaxed),
+            geo: lock(&self.shared.geo).clone(),
         }
     }
 }
@@ -311,6 +373,79 @@ fn push(
     lock(&shared.audit).unsent(message_id);
     shared.counters.push_failed.fetch_add(1, Relaxed);
     false
+}
+
+/// `geo`: GeoPush orders at random points of the area at `g.rate` a second (radius 1–5 km,
+/// K = 20), each answer timed and checked against the positions the drivers sent.
+fn geo_loop(conns: &[AppServerConn], shared: &Shared, cfg: &Config, g: &GeoLoad) {
+    use crate::geo;
+    let mut rng = rand::rngs::SmallRng::from_os_rng();
+    let interval = Duration::from_secs_f64(1.0 / g.rate);
+    while !shared.start_pushing.load(Relaxed) {
+        if shared.stop_pushing.load(Relaxed) || shared.gate_lost.load(Relaxed) {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let ((lat0, lon0), (half_lat, half_lon)) = g.area;
+    let mut next = Instant::now();
+    while !shared.stop_pushing.load(Relaxed) && !shared.gate_lost.load(Relaxed) {
+        let lat_e7 = ((lat0 + rng.random_range(-half_lat..half_lat)) * 1e7) as i32;
+        let lon_e7 = ((lon0 + rng.random_range(-half_lon..half_lon)) * 1e7) as i32;
+        let radius_m = rng.random_range(geo::RADIUS_M.0..=geo::RADIUS_M.1);
+        let message_id = shared.next_message.fetch_add(1, Relaxed) + 1;
+        let q = GeoSpec { lat_e7, lon_e7, radius_m, k: geo::K, log_id: message_id, ..GeoSpec::default() };
+        let p =
+            GeoPushSpec { message_id, payload: b"geo order".to_vec(), ttl_ms: cfg.ttl_ms, kind: KIND_BENCH };
+        lock(&shared.audit).pushed(message_id, 0);
+        let conn = &conns[shared.next_conn.fetch_add(1, Relaxed) % conns.len()];
+        let sent_ms = client::now_ms();
+        let t = Instant::now();
+        let answer = conn.geo_push(&q, &p);
+        let latency_us = t.elapsed().as_micros() as u64;
+        let answered_ms = client::now_ms();
+        match answer {
+            Ok(hits) => {
+                let mut audit = lock(&shared.audit);
+                audit.pushed(message_id, hits.len() as u32);
+                audit.accepted(message_id, hits.len() as u32);
+                drop(audit);
+                let asked = geo::Asked { lat_e7, lon_e7, radius_m, k: geo::K, sent_ms, answered_ms };
+                let chosen: Vec<geo::Chosen> = hits
+                    .iter()
+                    .map(|h| geo::Chosen { uid: h.uid, lat_e7: h.lat_e7, lon_e7: h.lon_e7 })
+                    .collect();
+                let v = g.track.with(|t| geo::check(t, &asked, &chosen));
+                let mut s = lock(&shared.geo);
+                s.queries += 1;
+                s.chosen += hits.len() as u64;
+                s.wrong += v.wrong;
+                s.missed += v.missed;
+                s.over_k += u64::from(v.candidates > u64::from(geo::K));
+                let _ = s.latency_us.record(latency_us.max(1));
+            }
+            Err(e) => {
+                tracing_free_note(&e);
+                lock(&shared.audit).refused(message_id);
+                lock(&shared.geo).failed += 1;
+            }
+        }
+        next += interval;
+        let now = Instant::now();
+        if next > now {
+            thread::sleep(next - now);
+        } else if now - next > Duration::from_secs(1) {
+            next = now;
+        }
+    }
+}
+
+/// A failed geo request, on stderr (loadgen has no log): the first few only.
+fn tracing_free_note(e: &ClientError) {
+    static SHOWN: AtomicU64 = AtomicU64::new(0);
+    if SHOWN.fetch_add(1, Relaxed) < 5 {
+        eprintln!("loadgen geo: a GeoPush failed: {e}");
+    }
 }
 
 /// Pushes at `cfg.push_rate` to `cfg.fanout` random drivers, and to every slow reader, until
@@ -556,6 +691,7 @@ pub fn run_standalone(cfg: &StandaloneConfig) -> Result<Outcome, ClientError> {
         payload_bytes: 0,
         drivers: (0, 0),
         slow_readers: (0, 0, 0),
+        geo: None,
     })?;
     eprintln!(
         "loadgen appserver: connected to {} with {} connection(s); Ctrl-C to stop",

@@ -49,8 +49,8 @@ impl Driver {
         let phase =
             gps_interval(plan.rate, plan.batch).map_or(Duration::ZERO, |i| i.mul_f64(ex.rand(0.0..1.0)));
         Driver {
-            lat: CENTER.0 + ex.rand(-RADIUS_DEG..RADIUS_DEG),
-            lon: CENTER.1 + ex.rand(-RADIUS_DEG..RADIUS_DEG),
+            lat: CENTER.0 + ex.rand(-plan.area_half_deg.0..plan.area_half_deg.0),
+            lon: CENTER.1 + ex.rand(-plan.area_half_deg.1..plan.area_half_deg.1),
             heading: ex.rand(0.0..360.0),
             speed: ex.rand(0.0..15.0),
             next_gps: Instant::now() + phase,
@@ -72,10 +72,11 @@ impl Driver {
         let h = self.heading.to_radians();
         self.lat += self.speed * dt * h.cos() / M_PER_DEG;
         self.lon += self.speed * dt * h.sin() / (M_PER_DEG * self.lat.to_radians().cos());
-        if (self.lat - CENTER.0).abs() > RADIUS_DEG || (self.lon - CENTER.1).abs() > RADIUS_DEG {
+        let (half_lat, half_lon) = ex.plan.area_half_deg;
+        if (self.lat - CENTER.0).abs() > half_lat || (self.lon - CENTER.1).abs() > half_lon {
             self.heading = (self.heading + 180.0).rem_euclid(360.0);
-            self.lat = self.lat.clamp(CENTER.0 - RADIUS_DEG, CENTER.0 + RADIUS_DEG);
-            self.lon = self.lon.clamp(CENTER.1 - RADIUS_DEG, CENTER.1 + RADIUS_DEG);
+            self.lat = self.lat.clamp(CENTER.0 - half_lat, CENTER.0 + half_lat);
+            self.lon = self.lon.clamp(CENTER.1 - half_lon, CENTER.1 + half_lon);
         }
     }
 
@@ -95,6 +96,7 @@ impl Driver {
     /// report interval) to `out`, and schedules the one after. Returns the points written.
     pub fn write_gps(
         &mut self,
+        uid: u64,
         ex: &Exec,
         enc: &mut Encoder,
         out: &mut Vec<u8>,
@@ -117,6 +119,12 @@ impl Driver {
                 points.push(self.point(now_ms.saturating_sub(age_ms)));
             }
             enc.gps_batch(out, log_id, &points);
+        }
+        // `geo` checks the gate's answers against every position sent (the newest of a batch
+        // is the one the gate keeps).
+        if let Some(track) = &ex.control.track {
+            let p = self.point(now_ms);
+            track.record(uid, crate::geo::Sent { at_ms: now_ms, lat_e7: p.lat_e7(), lon_e7: p.lon_e7() });
         }
         let c = &ex.stats().c;
         if is_late(self.next_gps, now) {

@@ -81,6 +81,8 @@ pub struct Control {
     pub storm: StormTrack,
     /// Time origin for the ns fields.
     pub epoch: Instant,
+    /// `geo`: every position the drivers sent, for checking the gate's answers.
+    pub track: Option<Arc<crate::geo::Track>>,
 }
 
 impl Default for Control {
@@ -90,11 +92,17 @@ impl Default for Control {
             storm_gen: AtomicU32::new(0),
             storm: StormTrack::default(),
             epoch: Instant::now(),
+            track: None,
         }
     }
 }
 
 impl Control {
+    /// A control for a run whose drivers' positions are recorded in `track` (`geo`).
+    pub fn with_track(track: Option<Arc<crate::geo::Track>>) -> Control {
+        Control { track, ..Control::default() }
+    }
+
     /// The current phase.
     pub fn phase(&self) -> Phase {
         match self.phase.load(Relaxed) {

@@ -161,7 +161,8 @@ impl App {
                 RoleState::Driver(d) if ex.plan.rate > 0.0 && now >= d.next_gps => {
                     let log_id = self.proto.new_log_id();
                     let mut points = 0;
-                    out.put(|enc, buf| points = d.write_gps(ex, enc, buf, log_id, now));
+                    let uid = self.uid;
+                    out.put(|enc, buf| points = d.write_gps(uid, ex, enc, buf, log_id, now));
                     c.gps_frames.fetch_add(1, Relaxed);
                     c.gps_points.fetch_add(u64::from(points), Relaxed);
                     self.proto.sent(now);
