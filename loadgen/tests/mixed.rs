@@ -119,3 +119,19 @@ fn mixed_with_orders_offered_by_geo_push_loses_nothing() {
     assert_eq!(n(&v, "/errors"), 0.0, "errors: {}", ctx());
     assert_eq!(code, 0, "exit status: {}", ctx());
 }
+
+#[test]
+fn geo_orders_choose_exactly_the_nearest_drivers_loadgen_placed() {
+    let gate = Gate::start();
+    let (code, v) =
+        gate.loadgen(&["geo", "--drivers", "300", "--duration", "4", "--geo-rate", "20", "--rate", "1"]);
+    let ctx = || format!("{v:#}\ngate log tail:\n{}", tail(&read(&gate.log), 40));
+    assert!(n(&v, "/geo/queries") >= 40.0, "too few orders answered: {}", ctx());
+    assert!(n(&v, "/geo/chosen") > 0.0, "nobody chosen: {}", ctx());
+    assert_eq!(n(&v, "/geo/wrong"), 0.0, "drivers chosen wrongly: {}", ctx());
+    assert_eq!(n(&v, "/geo/missed"), 0.0, "drivers left out: {}", ctx());
+    assert_eq!(n(&v, "/geo/failed"), 0.0, "requests failed: {}", ctx());
+    assert!(n(&v, "/geo/latency_us/p99") > 0.0, "no latency: {}", ctx());
+    assert_eq!(n(&v, "/errors"), 0.0, "errors: {}", ctx());
+    assert_eq!(code, 0, "exit status: {}", ctx());
+}
