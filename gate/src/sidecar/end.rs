@@ -9,13 +9,13 @@
 //! tag that carries this shard in its top 16 bits (the logic shard's answer and the other node's
 //! find their way back without a lookup), bounded in number and in time.
 
+pub use super::waits::Asker;
+use super::waits::{Deadline, Waits};
 use crate::app::session::error;
 use crate::state::Shard;
-use logic::shard::END_TAG_SHIFT;
 use logic::{ConnRef, Input, Origin};
 use schema::wire::{self, ErrorCode, GoAwayReason, Hop};
 use schema::{Cmd, FrameType, Header};
-use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Most asks one gate shard keeps waiting; past it a new one is refused Overloaded (a bound on
@@ -31,25 +31,6 @@ pub const MAX_MESSAGE_CHARS: usize = 256;
 /// an ask (`crate::cluster::relay`), so the two never meet. The cluster's own lookups (a push's
 /// targets) count up from 1 below it and would need 2^47 lookups to reach it.
 pub const LOOKUP_BIT: u64 = 1 << 47;
-
-/// Who asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Asker {
-    /// An app-server on this shard: the answer is a frame on its connection.
-    Sidecar {
-        /// The connection.
-        conn: ConnRef,
-        /// The request's sequence-id.
-        seq: u32,
-    },
-    /// Another node, for its app-server: the answer is a node message.
-    Node {
-        /// The node.
-        origin: Origin,
-        /// Its tag.
-        tag: u64,
-    },
-}
 
 /// Where an ask stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,63 +80,25 @@ pub enum Answer {
     },
 }
 
-/// The asks one gate shard waits on.
-#[derive(Debug, Default)]
-pub struct Ends {
-    next: u64,
-    waiting: HashMap<u64, Waiting>,
-    by_deadline: BTreeSet<(u64, u64)>,
+/// The asks one gate shard waits on; tags count below [`LOOKUP_BIT`].
+pub type Ends = Waits<Waiting, MAX_WAITING, 47>;
+const _: () = assert!(1 << 47 == LOOKUP_BIT);
+
+impl Deadline for Waiting {
+    fn deadline(&self) -> u64 {
+        self.deadline
+    }
 }
 
 impl Ends {
-    /// Registers an ask of gate shard `shard`; its tag, or `None` when `MAX_WAITING` wait.
-    fn insert(&mut self, shard: u16, w: Waiting) -> Option<u64> {
-        if self.waiting.len() >= MAX_WAITING {
-            return None;
-        }
-        self.next = (self.next + 1) & (LOOKUP_BIT - 1);
-        let tag = ((shard as u64) << END_TAG_SHIFT) | self.next;
-        self.by_deadline.insert((w.deadline, tag));
-        self.waiting.insert(tag, w);
-        Some(tag)
-    }
-
-    /// Takes an ask, once.
-    pub fn take(&mut self, tag: u64) -> Option<Waiting> {
-        let w = self.waiting.remove(&tag)?;
-        self.by_deadline.remove(&(w.deadline, tag));
-        Some(w)
-    }
-
-    /// The ask of `tag`, to move it on.
-    pub fn get_mut(&mut self, tag: u64) -> Option<&mut Waiting> {
-        self.waiting.get_mut(&tag)
-    }
-
     /// Tags of asks waiting on another node.
     pub fn at_nodes(&self) -> Vec<(u64, Origin)> {
-        self.waiting
-            .iter()
+        self.iter()
             .filter_map(|(&tag, w)| match w.stage {
                 Stage::Node(o) => Some((tag, o)),
                 _ => None,
             })
             .collect()
-    }
-
-    /// The earliest deadline.
-    pub fn next_deadline(&self) -> Option<u64> {
-        self.by_deadline.first().map(|d| d.0)
-    }
-
-    /// Asks waiting.
-    pub fn len(&self) -> usize {
-        self.waiting.len()
-    }
-
-    /// True when none wait.
-    pub fn is_empty(&self) -> bool {
-        self.waiting.is_empty()
     }
 }
 
@@ -291,9 +234,7 @@ fn respond(shard: &mut Shard, conn: ConnRef, seq: u32, log_id: u64, uid: u64, fo
 
 /// Asks past their deadline end Timeout (at most 4,096 per call).
 pub fn expire(shard: &mut Shard, now: u64) {
-    let due: Vec<u64> =
-        shard.ends.by_deadline.iter().take_while(|d| d.0 <= now).take(4096).map(|d| d.1).collect();
-    for tag in due {
+    for tag in shard.ends.due(now, 4096) {
         let Some(w) = shard.ends.take(tag) else { continue };
         let message = match w.stage {
             Stage::Logic => "the logic shard did not answer in time".to_owned(),
@@ -313,6 +254,7 @@ pub fn expire(shard: &mut Shard, now: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use logic::shard::END_TAG_SHIFT;
 
     fn w(deadline: u64) -> Waiting {
         Waiting {

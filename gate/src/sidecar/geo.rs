@@ -16,6 +16,8 @@
 //! out: its drivers' sessions come back on the live nodes. A GeoPush's drivers on other nodes
 //! are reached as a Push's are (the directory names their node).
 
+pub use super::waits::Asker;
+use super::waits::{Deadline, Waits};
 use crate::app::session::error;
 use crate::mesh::Msg;
 use crate::state::{jitter, mono_ms, Shard};
@@ -25,7 +27,6 @@ use logic::{ConnRef, Input, Origin, PushContent};
 use schema::node::NodeMsg;
 use schema::wire::{self, ErrorCode, Hop};
 use schema::{Cmd, FrameType, Header};
-use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -46,8 +47,6 @@ pub const PATIENCE_MS: u64 = 5_000;
 /// answered with the drivers of the nodes that answered. Two crossings of Redis take about
 /// 0.2–2 ms (PROTOCOL.md §15), so this is only reached by a node that is gone or stuck.
 pub const NODE_PATIENCE_MS: u64 = 1_000;
-/// Tags count below this bit.
-const TAG_MASK: u64 = (1 << GEO_TAG_SHIFT) - 1;
 
 /// A GeoPush's push, kept while its drivers are chosen.
 #[derive(Debug, Clone)]
@@ -62,25 +61,6 @@ pub struct PushArgs {
     pub sent_at_us: u64,
     /// Passed to the app.
     pub kind: u16,
-}
-
-/// Who asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Asker {
-    /// An app-server on this shard: the answer is a frame on its connection.
-    Sidecar {
-        /// The connection.
-        conn: ConnRef,
-        /// The request's sequence-id.
-        seq: u32,
-    },
-    /// Another node, for its app-server: the answer is a node message.
-    Node {
-        /// The node.
-        origin: Origin,
-        /// Its tag.
-        tag: u64,
-    },
 }
 
 /// One request waiting for the logic shards (and, in cluster mode, the other nodes).
@@ -107,45 +87,11 @@ pub struct Waiting {
 }
 
 /// The geo requests one gate shard waits on.
-#[derive(Debug, Default)]
-pub struct Geos {
-    next: u64,
-    waiting: HashMap<u64, Waiting>,
-    by_deadline: BTreeSet<(u64, u64)>,
-}
+pub type Geos = Waits<Waiting, MAX_WAITING, GEO_TAG_SHIFT>;
 
-impl Geos {
-    /// Registers a request of gate shard `shard`; its tag, or `None` when `MAX_WAITING` wait.
-    fn insert(&mut self, shard: u16, w: Waiting) -> Option<u64> {
-        if self.waiting.len() >= MAX_WAITING {
-            return None;
-        }
-        self.next = (self.next + 1) & TAG_MASK;
-        let tag = ((shard as u64) << GEO_TAG_SHIFT) | self.next;
-        self.by_deadline.insert((w.deadline, tag));
-        self.waiting.insert(tag, w);
-        Some(tag)
-    }
-
-    fn take(&mut self, tag: u64) -> Option<Waiting> {
-        let w = self.waiting.remove(&tag)?;
-        self.by_deadline.remove(&(w.deadline, tag));
-        Some(w)
-    }
-
-    /// The earliest deadline.
-    pub fn next_deadline(&self) -> Option<u64> {
-        self.by_deadline.first().map(|d| d.0)
-    }
-
-    /// Requests waiting.
-    pub fn len(&self) -> usize {
-        self.waiting.len()
-    }
-
-    /// True when none wait.
-    pub fn is_empty(&self) -> bool {
-        self.waiting.is_empty()
+impl Deadline for Waiting {
+    fn deadline(&self) -> u64 {
+        self.deadline
     }
 }
 
@@ -348,7 +294,7 @@ pub fn from_node(shard: &mut Shard, origin: Origin, tag: u64, log_id: u64, asked
 
 /// Another node's nearest drivers for the request of `tag`.
 pub fn found_at_node(shard: &mut Shard, tag: u64, hits: &[wire::GeoHit]) {
-    let Some(w) = shard.geos.waiting.get_mut(&tag) else { return };
+    let Some(w) = shard.geos.get_mut(tag) else { return };
     if w.nodes_left == 0 {
         return;
     }
@@ -365,7 +311,7 @@ pub fn found_at_node(shard: &mut Shard, tag: u64, hits: &[wire::GeoHit]) {
 
 /// One logic shard's nearest drivers for the request of `tag`; the last answer completes it.
 pub fn answered(shard: &mut Shard, tag: u64, hits: Vec<Hit>) {
-    let Some(w) = shard.geos.waiting.get_mut(&tag) else { return };
+    let Some(w) = shard.geos.get_mut(tag) else { return };
     w.hits.extend(hits);
     w.left = w.left.saturating_sub(1);
     complete_if_done(shard, tag);
@@ -373,7 +319,7 @@ pub fn answered(shard: &mut Shard, tag: u64, hits: Vec<Hit>) {
 
 /// Completes the request of `tag` once every logic shard and node answered.
 fn complete_if_done(shard: &mut Shard, tag: u64) {
-    if shard.geos.waiting.get(&tag).is_some_and(|w| w.left == 0 && w.nodes_left == 0) {
+    if shard.geos.get(tag).is_some_and(|w| w.left == 0 && w.nodes_left == 0) {
         if let Some(w) = shard.geos.take(tag) {
             finish(shard, w);
         }
@@ -486,9 +432,7 @@ fn push_to(shard: &mut Shard, log_id: u64, p: &PushArgs, uids: Vec<u64>) -> bool
 
 /// Requests past their deadline end Timeout (at most 4,096 per call).
 pub fn expire(shard: &mut Shard, now: u64) {
-    let due: Vec<u64> =
-        shard.geos.by_deadline.iter().take_while(|d| d.0 <= now).take(4096).map(|d| d.1).collect();
-    for tag in due {
+    for tag in shard.geos.due(now, 4096) {
         let Some(w) = shard.geos.take(tag) else { continue };
         if w.left == 0 {
             // Only other nodes are missing: this node's answer and theirs that came.

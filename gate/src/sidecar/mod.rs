@@ -8,6 +8,7 @@
 //! - [`room`]: the gate's bound on pushes in flight, which a push must find room under.
 //! - [`end`]: EndSession, an app-server ending a uid's session wherever it is.
 //! - [`geo`]: GeoQuery and GeoPush, the nearest drivers to a point (and a push to them).
+//! - [`waits`]: the requests of those two waiting for answers from elsewhere.
 //!
 //! Any shard may hold app-server connections (the sidecar listener uses `SO_REUSEPORT` too).
 //! What a logic shard produces for the app-server goes to a connection on the same executor
@@ -19,6 +20,7 @@ pub mod end;
 pub mod geo;
 pub mod push;
 pub mod room;
+pub mod waits;
 
 use crate::app::session::error;
 use crate::delivery::{AppServerMsg, Out};
