@@ -216,6 +216,10 @@ pub struct ShardMetrics {
     pub push_receipt_us: PushHistogram,
     /// Time from a login frame's arrival to the session answer being queued.
     pub login_us: Histogram,
+    /// A GeoQuery's or GeoPush's frame read to its answer queued on the sidecar connection
+    /// (every logic shard, and in cluster mode every node, asked and merged; a GeoPush fanned
+    /// out).
+    pub geo_answer_us: PushHistogram,
     /// Sessions created by login (answered).
     pub logins: AtomicU64,
     /// Sessions resumed on a connection of this shard.
@@ -436,9 +440,18 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
             "Push ack read from the app to its receipt's last byte written to the app-server, µs.",
             1,
         ),
+        (
+            "fleetgate_geo_answer_us",
+            "GeoQuery or GeoPush frame read from the app-server to its answer queued, µs.",
+            2,
+        ),
     ] {
         histogram(&mut o, metric, help, shards, &PUSH_BUCKETS_US, |s| {
-            let h = if pick == 0 { &s.push_delivery_us } else { &s.push_receipt_us };
+            let h = match pick {
+                0 => &s.push_delivery_us,
+                1 => &s.push_receipt_us,
+                _ => &s.geo_answer_us,
+            };
             (&h.buckets[..], &h.sum)
         });
     }

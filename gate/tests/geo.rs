@@ -54,6 +54,8 @@ fn geo_query_and_push_choose_the_nearest_drivers_over_both_shards() {
     }
     let shards: std::collections::BTreeSet<usize> = hits.iter().map(|h| logic::shard_of(h.uid, 2)).collect();
     assert_eq!(shards.len(), 2, "the ten nearest live on both logic shards");
+    let answered = gate.metric("fleetgate_geo_answer_us_count", "");
+    assert!(answered >= 2.0, "the gate times its geo answers: {answered}");
     // The radius bounds the choice: 5 drivers within 60 m.
     assert_eq!(uids(&srv.geo_query(&spec(60, 10)).expect("answered")), vec![1, 2, 3, 4, 5]);
 

@@ -84,6 +84,8 @@ pub struct Waiting {
     push: Option<PushArgs>,
     /// When it fails Timeout.
     deadline: u64,
+    /// When the gate read its frame (monotonic µs; 0: unknown), for `fleetgate_geo_answer_us`.
+    read_us: u64,
 }
 
 /// The geo requests one gate shard waits on.
@@ -264,6 +266,7 @@ fn ask_shards(
         hits: Vec::new(),
         push,
         deadline: mono_ms() + patience_ms,
+        read_us: shard.read_us,
     };
     let tag = shard.geos.insert(shard.id, w)?;
     for s in 0..shards {
@@ -364,6 +367,9 @@ fn finish(shard: &mut Shard, mut w: Waiting) {
     }
     tracing::info!(log_id = w.log_id, cmd = ?w.cmd, chosen = w.hits.len(), "geo request answered");
     let hits = wire_hits(&w.hits);
+    if w.read_us > 0 {
+        shard.metrics().geo_answer_us.observe_us(crate::state::mono_us().saturating_sub(w.read_us));
+    }
     shard.send_frame(conn, FrameType::Response, w.cmd, seq, w.log_id, |b| {
         let hits = b.create_vector(&hits);
         wire::GeoChosen::create(b, &wire::GeoChosenArgs { message_id, hits: Some(hits) })
@@ -520,6 +526,7 @@ mod tests {
             hits: Vec::new(),
             push: None,
             deadline: 10,
+            read_us: 0,
         };
         let mut g = Geos::default();
         let t = g.insert(3, w()).expect("room");
