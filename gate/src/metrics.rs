@@ -169,6 +169,7 @@ pub struct ShardMetrics {
     pub held_sessions: AtomicI64,
     /// Pushes waiting for their ack (or queued for a held session) on this shard's logic.
     pub pushes_in_flight: AtomicI64,
+    pub push_targets_waiting: AtomicI64,
     /// Upstream requests waiting for the app-server on this shard's logic.
     pub requests_pending: AtomicI64,
     /// Connections accepted.
@@ -279,6 +280,12 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
     scalar!(gauge, "directory_sessions", "Sessions owned by the shard's logic.", directory_sessions);
     scalar!(gauge, "held_sessions", "Sessions held after their connection dropped.", held_sessions);
     scalar!(gauge, "pushes_in_flight", "Pushes waiting for an ack or a resume.", pushes_in_flight);
+    scalar!(
+        gauge,
+        "push_targets_waiting",
+        "Targets of accepted pushes not yet delivered: a large fan-out is delivered a bounded slice per turn.",
+        push_targets_waiting
+    );
     scalar!(gauge, "requests_pending", "App requests waiting for the app-server.", requests_pending);
     scalar!(counter, "connections_accepted_total", "Connections accepted.", accepted);
     scalar!(counter, "bytes_in_total", "Bytes read from apps.", bytes_in);

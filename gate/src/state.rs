@@ -289,6 +289,8 @@ pub struct Shard {
     next_log_id: u64,
     /// Busy connections' slots (read on the loop's tick).
     pub busy: Vec<usize>,
+    /// Pushes whose targets here are still being delivered, a slice per turn.
+    pub fanouts: crate::sidecar::fanout::Fanouts,
     /// The app port's own io_uring, when `app.io = "uring"`.
     pub ring: Option<crate::uring::AppRing>,
     /// Ring connections that are closing (looked at every 50 ms until their receive is
@@ -397,6 +399,7 @@ impl Shard {
             // A random start, so two runs of a gate do not hand out the same ids.
             next_log_id: rand::random::<u64>() & LOG_ID_COUNTER_MASK,
             busy: Vec::new(),
+            fanouts: Default::default(),
             sweep_wheel: Default::default(),
             ring: None,
             app_listener: None,
@@ -924,6 +927,7 @@ impl Shard {
         m.directory_sessions.store(self.logic.directory.len() as i64, Relaxed);
         m.held_sessions.store(self.logic.directory.held_count() as i64, Relaxed);
         m.pushes_in_flight.store(self.logic.pushes_in_flight() as i64, Relaxed);
+        m.push_targets_waiting.store(self.fanouts.targets() as i64, Relaxed);
         m.requests_pending.store(self.logic.requests_pending() as i64, Relaxed);
         let s = self.logic.gps_stats();
         m.gps_forwarded.store(s.points_out, Relaxed);

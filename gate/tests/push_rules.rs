@@ -173,3 +173,55 @@ fn a_gate_at_its_bound_on_pushes_in_flight_refuses_with_overloaded_and_a_retry_a
     gate.eventually("nothing in flight", || gate.metric("fleetgate_pushes_in_flight", "") == 0.0);
     assert_eq!(gate.metric("fleetgate_receipts_sent_total", ""), 4.0);
 }
+
+#[test]
+fn a_large_fan_out_does_not_hold_up_a_small_push_behind_it() {
+    // One logic shard: pushes to 50,000 uids each (the default sidecar.max_targets), the last
+    // with two online uids at the end of its list, then a push to one uid. Large pushes are
+    // delivered a slice per turn, so the small one's receipt comes before most of theirs; taken
+    // whole, it would come after every one.
+    const LARGE: u64 = 5;
+    let gate = Gate::start(&["--cores", "0"]);
+    let (srv, ev) = gate.appserver();
+    let online = [1_000_001u64, 1_000_002];
+    let mut apps: Vec<AppConn> = online.iter().map(|&uid| gate.login(uid, 1)).collect();
+    let offline: Vec<u64> = (1..=49_998).collect();
+    let mut last = offline.clone();
+    last.extend(online);
+    for m in 1..LARGE {
+        srv.push_async(&push_spec(m, &offline, 30_000)).expect("sent");
+    }
+    srv.push_async(&push_spec(LARGE, &last, 30_000)).expect("sent");
+    srv.push_async(&push_spec(100, &[7], 30_000)).expect("sent");
+    // Every offline target's receipt, in the order they arrive.
+    let mut order = Vec::new();
+    let offline_receipts = LARGE as usize * offline.len() + 1;
+    common::collect_events(&ev, |e| {
+        if let client::AppServerEvent::Receipt { message_id, uid, outcome } = e {
+            assert_eq!(*outcome, Outcome::Offline, "{message_id}/{uid}");
+            order.push(*message_id);
+        }
+        order.len() == offline_receipts
+    });
+    let small = order.iter().position(|&m| m == 100).expect("the small push's receipt");
+    let large_after = order.len() - 1 - small;
+    assert!(
+        large_after > offline_receipts / 4,
+        "the small push's receipt came after {small} of the large pushes' (only {large_after} after it)"
+    );
+    // The online targets at the end of the last large push's list get it, and their acks end it.
+    for app in &mut apps {
+        let f = next_push(app);
+        assert_eq!(f.delivery().expect("delivery").message_id, LARGE);
+        app.ack_push(&f).expect("ack");
+    }
+    let r = receipts(&ev, 2);
+    assert_eq!(r[&(LARGE, online[0])], vec![Outcome::Delivered]);
+    assert_eq!(r[&(LARGE, online[1])], vec![Outcome::Delivered]);
+    gate.eventually("nothing in flight or waiting", || {
+        gate.metric("fleetgate_pushes_in_flight", "") == 0.0
+            && gate.metric("fleetgate_push_targets_waiting", "") == 0.0
+    });
+    // The whole reservation was settled: a push as large again is accepted.
+    assert_eq!(srv.push(&push_spec(200, &last, 1_000)).expect("room").targets, 50_000);
+}

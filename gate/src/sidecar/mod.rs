@@ -5,6 +5,7 @@
 //!   delivery machine (`crate::delivery`) decides: receipt batches, upstream requests, GPS
 //!   forwards and unreachable events;
 //! - [`push`]: the push path's entry: validating a push and fanning it out to logic shards.
+//! - [`fanout`]: a push's targets on one logic shard, delivered in bounded slices.
 //! - [`room`]: the gate's bound on pushes in flight, which a push must find room under.
 //! - [`end`]: EndSession, an app-server ending a uid's session wherever it is.
 //!
@@ -15,6 +16,7 @@
 //! none relays requests, GPS and unreachable events to a node that has one (`cluster::relay`).
 
 pub mod end;
+pub mod fanout;
 pub mod push;
 pub mod room;
 
