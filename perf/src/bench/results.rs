@@ -116,6 +116,13 @@ pub struct PushFigures {
     /// See `gate_p50_us`.
     #[serde(default)]
     pub gate_p99_us: Option<u64>,
+    /// loadgen's own part (the delivery in the driver's socket → decoded, by the kernel's
+    /// receive stamp): median and 99th percentile, µs.
+    #[serde(default)]
+    pub loadgen_p50_us: Option<u64>,
+    /// See `loadgen_p50_us`.
+    #[serde(default)]
+    pub loadgen_p99_us: Option<u64>,
     /// The percentile curve (percentile, µs), from loadgen's .hgrm, for the plot.
     pub curve: Vec<(f64, f64)>,
 }
@@ -482,6 +489,8 @@ pub fn from_report(spec: &RunSpec, r: &Report, raw: Value, x: &Extras) -> RunRes
             duplicates: p.duplicates,
             gate_p50_us: p.gate_latency_us.map(|g| g.p50),
             gate_p99_us: p.gate_latency_us.map(|g| g.p99),
+            loadgen_p50_us: p.loadgen_wait_us.map(|w| w.p50),
+            loadgen_p99_us: p.loadgen_wait_us.map(|w| w.p99),
             curve: x.curve.clone(),
         });
     }
@@ -1153,6 +1162,14 @@ fn push_latency(metric: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
     }
 }
 
+/// "p50 / p99" of a part of a push's latency, or a dash where it was not measured.
+fn pair(p50: Option<u64>, p99: Option<u64>) -> String {
+    match (p50, p99) {
+        (Some(a), Some(b)) => format!("{} / {}", loadgen::report::num(a), loadgen::report::num(b)),
+        _ => "–".to_owned(),
+    }
+}
+
 /// Fan-out deliveries per server CPU-second against nats-server's.
 fn fanout(metric: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
     let fan: Vec<&Ratio> =
@@ -1560,15 +1577,18 @@ pub fn table(b: &BenchResults) -> String {
         );
         let _ = writeln!(
             s,
-            "| target | drivers | GPS/s | pushes/s | p50 | p99 | p999 | max | gate's part p50 / p99 | received/sent | server CPU |"
+            "| target | drivers | GPS/s | pushes/s | p50 | p99 | p999 | max | gate's part p50 / p99 | loadgen's part p50 / p99 | received/sent | server CPU |"
         );
-        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let _ = writeln!(
+            s,
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
         for r in push {
             match (&r.push, r.status) {
                 (Some(p), RunStatus::Ok) => {
                     let _ = writeln!(
                         s,
-                        "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} % |",
+                        "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} % |",
                         r.spec.target.name(),
                         mark(r),
                         loadgen::report::num(u64::from(r.spec.conns)),
@@ -1578,18 +1598,19 @@ pub fn table(b: &BenchResults) -> String {
                         loadgen::report::num(p.p99_us),
                         loadgen::report::num(p.p999_us),
                         loadgen::report::num(p.max_us),
-                        match (p.gate_p50_us, p.gate_p99_us) {
-                            (Some(a), Some(b)) =>
-                                format!("{} / {}", loadgen::report::num(a), loadgen::report::num(b)),
-                            _ => "–".to_owned(),
-                        },
+                        pair(p.gate_p50_us, p.gate_p99_us),
+                        pair(p.loadgen_p50_us, p.loadgen_p99_us),
                         received(p),
                         r.server.cpu_percent.map_or("?".into(), |c| format!("{c:.0}"))
                     );
                 }
                 _ => {
-                    let _ =
-                        writeln!(s, "| {} | {} | | | | | | | | | |", r.spec.target.name(), r.status_words());
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | | | | | | | | | | |",
+                        r.spec.target.name(),
+                        r.status_words()
+                    );
                 }
             }
         }
