@@ -937,7 +937,7 @@ pub const GOALS: &[Goal] = &[
     Goal {
         metric: Metric::PushP99Us,
         goal: "push to drivers: latency",
-        target: "p99 app-server → driver ≤ 1 ms, 15,000 drivers, GPS running",
+        target: "p99 app-server → driver ≤ 1 ms, the gate's part ≤ 0.5 ms: 15,000 drivers reporting GPS every 3 s, and 2,000 idle drivers at 1,000 deliveries/s",
         judge: push_latency,
     },
     Goal {
@@ -1137,29 +1137,46 @@ fn idle_memory(metric: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
 
 /// Push latency.
 fn push_latency(metric: Metric, i: &Inputs<'_>) -> (String, GoalStatus) {
-    let r = i.gate(Kind::Push);
-    match r.and_then(|r| Some((r, r.push.as_ref()?, metric.of(r)?))) {
-        Some((r, p, p99)) if p.count > 0 => {
-            let m = format!(
-                "p99 {} µs (p50 {}, p999 {}) with {} drivers, GPS {}/s, fan-out {}",
-                p.p99_us,
-                p.p50_us,
-                p.p999_us,
-                loadgen::report::num(u64::from(r.spec.conns)),
-                si(r.spec.offered_per_s),
-                r.spec.fanout
-            );
-            let status = if let Some(why) = r.not_quoted() {
-                why.status()
-            } else if p99 <= 1000.0 {
-                GoalStatus::Met
-            } else {
-                GoalStatus::NotMet
-            };
-            (m, status)
-        }
-        _ => ("not run".into(), GoalStatus::NotMeasured),
+    // Every latency run of the gate (the loaded fleet, the idle one): each must meet both.
+    let runs: Vec<(&RunResult, &PushFigures, f64)> = i
+        .runs
+        .iter()
+        .filter(|r| r.status == RunStatus::Ok && r.spec.kind == Kind::Push && r.spec.target == Target::Gate)
+        .filter_map(|r| Some((r, r.push.as_ref()?, metric.of(r)?)))
+        .filter(|(_, p, _)| p.count > 0)
+        .collect();
+    if runs.is_empty() {
+        return ("not run".into(), GoalStatus::NotMeasured);
     }
+    let mut parts = Vec::new();
+    let mut statuses = Vec::new();
+    for (r, p, p99) in runs {
+        let gate_part = p.gate_p99_us.map_or(String::new(), |g| format!(", gate's part p99 {g} µs"));
+        parts.push(format!(
+            "p99 {} µs (p50 {}, p999 {}{gate_part}) with {} drivers, GPS {}/s, fan-out {}{}",
+            p.p99_us,
+            p.p50_us,
+            p.p999_us,
+            loadgen::report::num(u64::from(r.spec.conns)),
+            si(r.spec.offered_per_s),
+            r.spec.fanout,
+            r.not_quoted().map_or(String::new(), |w| format!(" {}", w.words()))
+        ));
+        statuses.push(if let Some(why) = r.not_quoted() {
+            why.status()
+        } else if p99 <= 1000.0 && p.gate_p99_us.is_none_or(|g| g <= 500) {
+            GoalStatus::Met
+        } else {
+            GoalStatus::NotMet
+        });
+    }
+    // Not met anywhere measured decides; then no verdict where a run was not quoted.
+    let status = if statuses.contains(&GoalStatus::NotMet) {
+        GoalStatus::NotMet
+    } else {
+        statuses.into_iter().find(|s| *s != GoalStatus::Met).unwrap_or(GoalStatus::Met)
+    };
+    (parts.join("; "), status)
 }
 
 /// "p50 / p99" of a part of a push's latency, or a dash where it was not measured.
@@ -1436,7 +1453,7 @@ pub fn table(b: &BenchResults) -> String {
     let v = |k: &str| b.versions.get(k).cloned().unwrap_or_else(|| "?".into());
     let _ = writeln!(
         s,
-        "Bench `{}`, {} → {}: {} cores ({}), kernel {}, load {} → {}; server on core {}, loadgen on core {}.",
+        "Bench `{}`, {} → {}: {} cores ({}), kernel {}, load {} → {}; server on core {}, loadgen on core {}{}.",
         b.profile.name,
         b.started_utc,
         b.finished_utc,
@@ -1446,7 +1463,12 @@ pub fn table(b: &BenchResults) -> String {
         m.loadavg_start.map_or("?".into(), |l| format!("{l:.2}")),
         m.loadavg_end.map_or("?".into(), |l| format!("{l:.2}")),
         b.server_core,
-        b.loadgen_core
+        b.loadgen_core,
+        if m.realtime {
+            ", both at real-time priority (`--realtime`: other processes cannot preempt them)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         s,
@@ -2174,6 +2196,42 @@ mod tests {
         // Half the ratio is not met.
         let slow = runs((90_000.0, 9.0), (60_000.0, 10.0), 0.95);
         assert_eq!(row(&goals(&slow, None), Metric::FanoutDeliveriesPerCpuS).status, GoalStatus::NotMet);
+    }
+
+    #[test]
+    fn the_push_latency_goal_needs_every_latency_run_within_its_bounds() {
+        // The loaded fleet's run and the idle one, gate only: (e2e p99, the gate's part p99).
+        let runs = |loaded: (u64, u64), idle: (u64, u64)| -> Vec<RunResult> {
+            plan_runs(&Profile::full(), &[Kind::Push], &[Target::Gate])
+                .iter()
+                .map(|s| {
+                    let (p99, gate_p99) = if s.offered_per_s > 0.0 { loaded } else { idle };
+                    // GPS sent on time over the 10 s window (the late rule holds).
+                    let mut r = report(1.0, ((s.offered_per_s * 10.0) as u64).max(1), 10.0);
+                    r.push.latency_us.count = 2000;
+                    r.push.latency_us.p99 = p99;
+                    r.push.gate_latency_us = Some(loadgen::report::GateLatency {
+                        count: 2000,
+                        p99: gate_p99,
+                        ..Default::default()
+                    });
+                    result(s, &r, &extras(0.5))
+                })
+                .collect()
+        };
+        let status = |rs: &[RunResult]| row(&goals(rs, None), Metric::PushP99Us).status;
+        let both = runs((900, 300), (500, 100));
+        assert_eq!(both.len(), 2);
+        assert_eq!(status(&both), GoalStatus::Met);
+        let rows = goals(&both, None);
+        let g = row(&rows, Metric::PushP99Us);
+        assert!(
+            g.measured.contains("15,000 drivers") && g.measured.contains("2,000 drivers"),
+            "{}",
+            g.measured
+        );
+        assert_eq!(status(&runs((900, 600), (500, 100))), GoalStatus::NotMet, "the gate's part over 0.5 ms");
+        assert_eq!(status(&runs((900, 300), (1500, 100))), GoalStatus::NotMet, "the idle row over 1 ms");
     }
 
     #[test]
