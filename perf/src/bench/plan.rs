@@ -152,6 +152,16 @@ impl Kind {
         }
     }
 
+    /// True when `--realtime` applies to its runs. Fan-out runs keep normal priority: each
+    /// server is at its core's limit there, and under SCHED_FIFO a server of several threads on
+    /// one core (nats-server's Go runtime) stops preempting itself between them, which cut its
+    /// CPU per delivery threefold in a measurement here; that is not how it runs in production,
+    /// so the comparison would not be either. The latency runs use a fraction of a core, where
+    /// what real-time priority removes is other processes' preemption.
+    pub fn realtime(self) -> bool {
+        self != Kind::Fanout
+    }
+
     /// Parses a name.
     pub fn parse(s: &str) -> Result<Kind, String> {
         Kind::ALL.into_iter().find(|k| k.name() == s.trim()).ok_or_else(|| {

@@ -1465,7 +1465,7 @@ pub fn table(b: &BenchResults) -> String {
         b.server_core,
         b.loadgen_core,
         if m.realtime {
-            ", both at real-time priority (`--realtime`: other processes cannot preempt them)"
+            ", both at real-time priority but in the fan-out runs (`--realtime`: other processes cannot preempt them)"
         } else {
             ""
         }

@@ -115,9 +115,35 @@ pub fn set_realtime(on: bool) {
     REALTIME.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// True when they do.
+/// Set while a run that must not have real-time priority runs ([`NormalPriority`]).
+static SUSPENDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True when the commands started now run at real-time priority.
 pub fn realtime() -> bool {
-    REALTIME.load(std::sync::atomic::Ordering::Relaxed)
+    use std::sync::atomic::Ordering::Relaxed;
+    REALTIME.load(Relaxed) && !SUSPENDED.load(Relaxed)
+}
+
+/// While it lives (when made with `true`), servers and loadgen start at normal priority even
+/// under `--realtime`.
+pub struct NormalPriority(bool);
+
+impl NormalPriority {
+    /// Normal priority until the value is dropped, if `on`.
+    pub fn during(on: bool) -> NormalPriority {
+        if on {
+            SUSPENDED.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        NormalPriority(on)
+    }
+}
+
+impl Drop for NormalPriority {
+    fn drop(&mut self) {
+        if self.0 {
+            SUSPENDED.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// A command pinned to `core` that dies with this process (at real-time priority under
