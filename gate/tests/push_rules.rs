@@ -192,7 +192,10 @@ fn a_large_fan_out_does_not_hold_up_a_small_push_behind_it() {
         srv.push_async(&push_spec(m, &offline, 30_000)).expect("sent");
     }
     srv.push_async(&push_spec(LARGE, &last, 30_000)).expect("sent");
-    srv.push_async(&push_spec(100, &[7], 30_000)).expect("sent");
+    srv.push_async(&push_spec(100, &[2_000_000], 30_000)).expect("sent");
+    // A small push to a uid the last large one has still to reach waits for it: pushes to one
+    // uid are delivered in the order they were accepted.
+    srv.push_async(&push_spec(101, &[online[0]], 30_000)).expect("sent");
     // Every offline target's receipt, in the order they arrive.
     let mut order = Vec::new();
     let offline_receipts = LARGE as usize * offline.len() + 1;
@@ -209,15 +212,20 @@ fn a_large_fan_out_does_not_hold_up_a_small_push_behind_it() {
         large_after > offline_receipts / 4,
         "the small push's receipt came after {small} of the large pushes' (only {large_after} after it)"
     );
-    // The online targets at the end of the last large push's list get it, and their acks end it.
+    // The online targets at the end of the last large push's list get it, and their acks end it;
+    // the first then gets the small push that came after it.
     for app in &mut apps {
         let f = next_push(app);
-        assert_eq!(f.delivery().expect("delivery").message_id, LARGE);
+        assert_eq!(f.delivery().expect("delivery").message_id, LARGE, "in the order accepted");
         app.ack_push(&f).expect("ack");
     }
-    let r = receipts(&ev, 2);
+    let f = next_push(&mut apps[0]);
+    assert_eq!(f.delivery().expect("delivery").message_id, 101);
+    apps[0].ack_push(&f).expect("ack");
+    let r = receipts(&ev, 3);
     assert_eq!(r[&(LARGE, online[0])], vec![Outcome::Delivered]);
     assert_eq!(r[&(LARGE, online[1])], vec![Outcome::Delivered]);
+    assert_eq!(r[&(101, online[0])], vec![Outcome::Delivered]);
     gate.eventually("nothing in flight or waiting", || {
         gate.metric("fleetgate_pushes_in_flight", "") == 0.0
             && gate.metric("fleetgate_push_targets_waiting", "") == 0.0

@@ -6,12 +6,16 @@
 //! the loop's reads, acks and writes between turns. A push to a few drivers therefore never
 //! waits behind a large one for more than one slice of it.
 //!
+//! Pushes to one uid keep the order they were accepted in (docs/PROTOCOL.md §9.10): a push that
+//! names a uid some waiting push has still to deliver to waits, whole, until every such push is
+//! done. Only a push with no target in common with what waits goes ahead of it.
+//!
 //! The push's room (`sidecar::room`) was reserved for all its targets when it was accepted; each
 //! slice settles its own share, so what waits here still counts against the gate's bound.
 
 use crate::state::Shard;
 use logic::{Input, Output, PushContent, Tally};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 /// Targets of one push delivered in one turn. A slice of 256 deliveries is written in well
@@ -24,7 +28,13 @@ pub const TURN_BUDGET: usize = 4 * SLICE;
 /// One push's targets not yet delivered.
 #[derive(Debug)]
 struct Waiting {
+    /// Its place in arrival order.
+    id: u64,
+    /// Waiting pushes that arrived before it with a target in common: it takes no slice until
+    /// they are all done.
+    after: Vec<u64>,
     push: Arc<PushContent>,
+    /// Sorted, each uid once.
     uids: Vec<u64>,
     /// Targets delivered so far (`uids[..next]`).
     next: usize,
@@ -36,6 +46,7 @@ struct Waiting {
 #[derive(Debug, Default)]
 pub struct Fanouts {
     waiting: VecDeque<Waiting>,
+    next_id: u64,
 }
 
 impl Fanouts {
@@ -52,12 +63,34 @@ impl Fanouts {
 
 /// A push's targets on this shard arrived, with the room reserved for them: the first slice is
 /// delivered now, the rest waits for the next turns.
-pub fn push(shard: &mut Shard, push: Arc<PushContent>, uids: Vec<u64>, reserved: u32, now: u64) {
-    let mut w = Waiting { push, uids, next: 0, reserved };
-    slice(shard, &mut w, now);
+pub fn push(shard: &mut Shard, push: Arc<PushContent>, mut uids: Vec<u64>, reserved: u32, now: u64) {
+    // The sidecar sends each shard's targets sorted; a broadcast's come in the directory's order.
+    if !uids.is_sorted() {
+        uids.sort_unstable();
+    }
+    let f = &mut shard.fanouts;
+    f.next_id += 1;
+    let after: Vec<u64> = f.waiting.iter().filter(|w| shares_a_uid(w.left(), &uids)).map(|w| w.id).collect();
+    let mut w = Waiting { id: f.next_id, after, push, uids, next: 0, reserved };
+    if w.after.is_empty() {
+        slice(shard, &mut w, now);
+    }
     if w.next < w.uids.len() {
         shard.fanouts.waiting.push_back(w);
     }
+}
+
+impl Waiting {
+    /// The targets not yet delivered.
+    fn left(&self) -> &[u64] {
+        &self.uids[self.next..]
+    }
+}
+
+/// True when two sorted lists share a uid: each of the shorter looked up in the longer.
+fn shares_a_uid(a: &[u64], b: &[u64]) -> bool {
+    let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    short.iter().any(|u| long.binary_search(u).is_ok())
 }
 
 /// A broadcast arrived: its targets are the role's sessions here now (counted at once, so the
@@ -73,6 +106,14 @@ pub fn broadcast(shard: &mut Shard, push: Arc<PushContent>, role: u8, tally: Tal
 /// One turn: a slice of each waiting push, oldest first, within the turn's budget; the push
 /// whose slice the budget cut off goes first next turn.
 pub fn turn(shard: &mut Shard, now: u64) {
+    if shard.fanouts.waiting.is_empty() {
+        return;
+    }
+    // Pushes done since a push began waiting no longer hold it back.
+    let live: HashSet<u64> = shard.fanouts.waiting.iter().map(|w| w.id).collect();
+    for w in &mut shard.fanouts.waiting {
+        w.after.retain(|id| live.contains(id));
+    }
     let mut budget = TURN_BUDGET;
     // Each waiting push at most once per turn, so the loop is bounded by the queue's length.
     for _ in 0..shard.fanouts.waiting.len() {
@@ -80,7 +121,9 @@ pub fn turn(shard: &mut Shard, now: u64) {
             break;
         }
         let Some(mut w) = shard.fanouts.waiting.pop_front() else { break };
-        budget -= slice(shard, &mut w, now);
+        if w.after.is_empty() {
+            budget -= slice(shard, &mut w, now);
+        }
         if w.next < w.uids.len() {
             shard.fanouts.waiting.push_back(w);
         }
@@ -90,6 +133,8 @@ pub fn turn(shard: &mut Shard, now: u64) {
 /// Every waiting target at once: shutdown ends what is in flight only after every accepted
 /// target was taken (each then gets its receipt).
 pub fn finish(shard: &mut Shard, now: u64) {
+    // In arrival order: a push's targets in common with earlier ones go after theirs.
+    shard.fanouts.waiting.make_contiguous().sort_unstable_by_key(|w| w.id);
     while let Some(mut w) = shard.fanouts.waiting.pop_front() {
         while w.next < w.uids.len() {
             slice(shard, &mut w, now);
@@ -112,4 +157,21 @@ fn slice(shard: &mut Shard, w: &mut Waiting, now: u64) -> usize {
     // reservation in the shard's count, in one step.
     shard.publish_in_flight(share);
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shares_a_uid;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn shares_a_uid_is_a_nonempty_intersection(
+            a in proptest::collection::btree_set(0u64..200, 0..40),
+            b in proptest::collection::btree_set(0u64..200, 0..40),
+        ) {
+            let (a, b): (Vec<u64>, Vec<u64>) = (a.into_iter().collect(), b.into_iter().collect());
+            prop_assert_eq!(shares_a_uid(&a, &b), a.iter().any(|u| b.contains(u)));
+        }
+    }
 }
