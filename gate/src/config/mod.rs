@@ -27,6 +27,10 @@ pub use values::{
 /// warn about it.
 pub const DEV_SECRET: &str = "fleetgate-dev-secret-change-me";
 
+/// What `gate --version` prints after the name: the release and the commit it was built from
+/// (`gate/build.rs`; "unknown" when built outside a git checkout).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("FLEETGATE_GIT_COMMIT"), ")");
+
 /// Exit status for a configuration the gate refuses (sysexits' `EX_USAGE`), so scripts can tell
 /// "fix the settings" from a crash.
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -50,6 +54,9 @@ const MIN_OUT_QUEUE_BYTES: u32 = 64 * 1024;
 /// The listen backlog the kernel accepts; anything larger is cut to `net.core.somaxconn`
 /// anyway, so larger values only hide a typo.
 const MAX_BACKLOG: u32 = 65_535;
+
+/// Shortest admin control token accepted: anything shorter could be guessed over the port.
+const MIN_ADMIN_SECRET: usize = 16;
 
 /// A per-setting check: `Ok`, or what would be accepted.
 type Check<T> = fn(&T) -> Result<(), String>;
@@ -271,6 +278,8 @@ settings! {
     [admin] AdminConfig "The operators' HTTP port." {
         listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7300)), value "ADDR", example "127.0.0.1:0";
             "IP address and port of the admin HTTP endpoint; loopback by default because it is for operators, not apps."
+        secret_file: String = String::new(), value "PATH", example "/etc/fleetgate/admin-secret";
+            "File holding the bearer token the admin port's control commands (POST /log, POST /drain) require, at least 16 bytes, read at start (surrounding whitespace is ignored). Empty: those commands are refused with 403; /metrics, /healthz and /debug/gps need no token."
     }
     [log] LogConfig "What is logged and how." {
         level: LogLevel = LogLevel::Info, value "LEVEL", example "debug";
@@ -504,6 +513,31 @@ impl Config {
         })
     }
 
+    /// The admin port's control token from `admin.secret_file`, read now (so a file that cannot
+    /// be used stops the gate before it binds); `None` when the setting is empty, which turns the
+    /// control commands off.
+    pub fn admin_secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let path = self.admin.secret_file.as_str();
+        if path.is_empty() {
+            return Ok(None);
+        }
+        let bad = |reason: String| ConfigError::Invalid {
+            key: "admin.secret_file".into(),
+            value: toml_quote(path),
+            origin: Origin::File,
+            reason,
+        };
+        let text = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+        let token = text.trim_ascii();
+        if token.len() < MIN_ADMIN_SECRET {
+            return Err(bad(format!(
+                "holds {} bytes; the token must be at least {MIN_ADMIN_SECRET} (e.g. `head -c 32 /dev/urandom | base64`)",
+                token.len()
+            )));
+        }
+        Ok(Some(token.to_vec()))
+    }
+
     /// The cores to run shards on, checked against the cores this process may use.
     pub fn resolved_cores(&self) -> Result<Vec<usize>, ConfigError> {
         resolve_cores(&self.gate.cores, available_cores())
@@ -700,7 +734,7 @@ const SETTINGS_HEADING: &str = "Settings (override the config file)";
 /// The gate's command line: the flags that are not settings, the subcommands, and (added from
 /// the table by [`Cli::command_with_settings`]) a flag per setting.
 #[derive(Debug, Parser)]
-#[command(name = "gate", version, about = ABOUT, long_about = LONG_ABOUT)]
+#[command(name = "gate", version = VERSION, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
     /// What to do; without one the gate runs.
     #[command(subcommand)]

@@ -149,6 +149,22 @@ impl Gate {
         unsafe { libc_kill(pid as i32, 15) };
     }
 
+    /// Waits (at most `EVENTUALLY`) for the process to exit on its own; its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.0.child.take().expect("running");
+        let deadline = Instant::now() + EVENTUALLY;
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("gate did not exit; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.0.child.take().expect("running");
