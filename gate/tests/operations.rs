@@ -4,18 +4,15 @@
 
 mod common;
 
+use common::{temp_dir, Gate, EVENTUALLY};
+use schema::wire::GoAwayReason;
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace").to_path_buf()
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fleetgate-ops-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
 }
 
 #[test]
@@ -92,11 +89,6 @@ fn the_unit_stops_with_sigterm_after_the_drain_bound_and_keeps_secrets_off_the_c
 // ------------------------------------------------------------------------------------------------
 // The admin port's control commands
 // ------------------------------------------------------------------------------------------------
-
-use common::{Gate, EVENTUALLY};
-use schema::wire::GoAwayReason;
-use std::io::{Read as _, Write as _};
-use std::time::Duration;
 
 /// The token the control tests configure (`admin.secret_file`).
 const ADMIN_TOKEN: &str = "0123456789abcdef-admin-token";
@@ -233,22 +225,7 @@ fn an_admin_token_file_the_gate_cannot_use_exits_64_naming_the_setting() {
     let short = dir.join("short");
     std::fs::write(&short, "abc\n").expect("write");
     for path in [short, dir.join("missing")] {
-        let out = Command::new(env!("CARGO_BIN_EXE_gate"))
-            .args([
-                "--app-listen",
-                "127.0.0.1:0",
-                "--sidecar-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--admin-secret-file")
-            .arg(&path)
-            .output()
-            .expect("runs");
-        assert_eq!(out.status.code(), Some(64), "{out:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("admin.secret_file"), "{stderr}");
+        let stderr = common::refused_file("admin.secret_file", &path);
         assert!(!stderr.contains("abc"), "the file's content is never shown: {stderr}");
     }
     let _ = std::fs::remove_dir_all(&dir);
