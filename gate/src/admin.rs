@@ -166,13 +166,15 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
         },
         ("POST", "/log" | "/drain") => {
             let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
-            match authorise(&state.control, lines) {
+            // Headers end at the first empty line; what follows is a body, never a header.
+            match authorise(&state.control, lines.take_while(|l| !l.is_empty())) {
                 Err((status, why)) => {
                     tracing::warn!(peer = %peer, command = path, "admin: control command refused: {}", why.trim_end());
                     (status, "text/plain", why)
                 }
                 Ok(()) if path == "/drain" => {
-                    tracing::info!(peer = %peer, "admin: drain requested: graceful shutdown, as on SIGTERM");
+                    // warn, like every control command: an operator's action stays in a log kept at warn.
+                    tracing::warn!(peer = %peer, "admin: drain requested: graceful shutdown, as on SIGTERM");
                     state.mesh.shutdown_all();
                     (
                         "202 Accepted",

@@ -205,17 +205,23 @@ fn control_commands_without_the_right_token_are_refused() {
             assert_eq!(code, 401, "{what} token on {path}: {body}");
         }
     }
-    // A token of another scheme is not a bearer token.
-    let mut s = std::net::TcpStream::connect(on.admin).expect("connect");
-    write!(s, "POST /drain HTTP/1.1\r\nAuthorization: Basic {ADMIN_TOKEN}\r\n\r\n").expect("send");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    // A token of another scheme is not a bearer token, and a header line in the body is no header.
+    let body = format!("Authorization: Bearer {ADMIN_TOKEN}\r\n");
+    for raw in [
+        format!("POST /drain HTTP/1.1\r\nAuthorization: Basic {ADMIN_TOKEN}\r\n\r\n"),
+        format!("POST /drain HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()),
+    ] {
+        let mut s = std::net::TcpStream::connect(on.admin).expect("connect");
+        s.write_all(raw.as_bytes()).expect("send");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("read");
+        assert!(resp.starts_with("HTTP/1.1 401"), "{raw:?}: {resp}");
+    }
     assert_eq!(request(&on, "GET", "/log", None).1, "info\n", "the filter did not change");
     std::thread::sleep(Duration::from_millis(200));
     assert!(on.alive(), "the gate did not drain");
     app.keepalive().expect("the app's connection still serves");
-    assert_eq!(on.log_text().matches("control command refused").count(), 5, "each refusal is logged");
+    assert_eq!(on.log_text().matches("control command refused").count(), 6, "each refusal is logged");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
