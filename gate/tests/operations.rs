@@ -31,21 +31,55 @@ fn version_names_the_release_and_the_commit() {
     assert_eq!(text, format!("gate {} (commit {head})\n", env!("CARGO_PKG_VERSION")));
 }
 
-/// The unit with its paths pointed at this build, as `make install-service` rewrites them.
-fn unit_for_this_build(dir: &Path) -> PathBuf {
-    let unit = std::fs::read_to_string(repo().join("ops/fleetgate.service")).expect("ops/fleetgate.service");
-    let bin = Path::new(env!("CARGO_BIN_EXE_gate")).parent().expect("bin dir").to_str().expect("utf-8 path");
-    let unit =
-        unit.replace("/usr/local/bin", bin).replace("/usr/local/etc/fleetgate", dir.to_str().expect("path"));
-    let path = dir.join("fleetgate.service");
-    std::fs::write(&path, unit).expect("write the unit");
-    path
+/// Runs `make install-service` with `PREFIX` (and the unit folder) under `prefix`, then puts
+/// this build's gate where the installed unit runs it; the unit's path, or `None` (said) where
+/// make is absent.
+fn install_service(prefix: &Path) -> Option<PathBuf> {
+    let out = match Command::new("make")
+        .args(["-s", "-C"])
+        .arg(repo())
+        .arg("install-service")
+        .arg(format!("PREFIX={}", prefix.display()))
+        .arg(format!("UNITDIR={}/unit", prefix.display()))
+        .env_remove("DESTDIR")
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("SKIPPED: make is not available here ({e}); make install-service was not run");
+            return None;
+        }
+    };
+    assert!(out.status.success(), "make install-service failed: {out:?}");
+    std::fs::create_dir_all(prefix.join("bin")).expect("bin folder");
+    std::fs::copy(env!("CARGO_BIN_EXE_gate"), prefix.join("bin/gate")).expect("copy the gate");
+    Some(prefix.join("unit/fleetgate.service"))
+}
+
+#[test]
+fn make_install_service_writes_the_unit_for_its_prefix_and_keeps_the_secrets_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let prefix = temp_dir("prefix");
+    let Some(unit) = install_service(&prefix) else { return };
+    let text = std::fs::read_to_string(&unit).expect("the installed unit");
+    let p = prefix.display();
+    assert!(text.contains(&format!("ExecStart={p}/bin/gate -c {p}/etc/fleetgate/gate.toml")), "{text}");
+    assert!(text.contains(&format!("EnvironmentFile={p}/etc/fleetgate/secrets.env")), "{text}");
+    assert!(!text.contains("/usr/local"), "a path not rewritten to PREFIX:\n{text}");
+    let secrets = prefix.join("etc/fleetgate/secrets.env");
+    let mode = std::fs::metadata(&secrets).expect("secrets.env").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the secrets file is root's alone");
+    // A second install keeps the operator's secrets.
+    std::fs::write(&secrets, "FLEETGATE_AUTH_TOKEN_SECRET=kept\n").expect("edit");
+    install_service(&prefix).expect("make again");
+    assert_eq!(std::fs::read_to_string(&secrets).expect("read"), "FLEETGATE_AUTH_TOKEN_SECRET=kept\n");
+    let _ = std::fs::remove_dir_all(&prefix);
 }
 
 #[test]
 fn the_systemd_unit_passes_systemd_analyze_verify() {
-    let dir = temp_dir("unit");
-    let unit = unit_for_this_build(&dir);
+    let prefix = temp_dir("unit");
+    let Some(unit) = install_service(&prefix) else { return };
     let out = match Command::new("systemd-analyze").arg("verify").arg(&unit).output() {
         Ok(out) => out,
         Err(e) => {
@@ -59,7 +93,7 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     // which would silently drop a limit or the stop timeout: any word about the unit fails.
     let about_unit: Vec<&str> = stderr.lines().filter(|l| l.contains("fleetgate.service")).collect();
     assert!(about_unit.is_empty(), "systemd-analyze verify warned:\n{}", about_unit.join("\n"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&prefix);
 }
 
 #[test]
