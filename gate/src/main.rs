@@ -78,8 +78,8 @@ fn main() {
     // Colour only on a terminal: log files and pipes get plain `key=value`, which grep finds.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     // The filter sits behind a reload handle so the admin port can change it without a restart
-    // (POST /log). Callsites' interest is cached and rebuilt on a reload, so the hot paths do
-    // not take the handle's lock per event.
+    // (POST /log). A disabled callsite (the per-target push and GPS lines at info) is skipped on
+    // its cached interest, rebuilt on a reload; a written line takes the handle's read lock.
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     let registry = tracing_subscriber::registry().with(filter);
