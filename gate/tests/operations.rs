@@ -333,7 +333,7 @@ fn offered_names(text: &str) -> std::collections::BTreeSet<String> {
 }
 
 #[test]
-fn every_metric_the_dashboard_names_is_in_a_running_gates_metrics() {
+fn every_metric_the_dashboard_and_the_alerts_name_is_in_a_running_gates_metrics() {
     let text = std::fs::read_to_string(repo().join("ops/grafana/fleetgate.json"))
         .expect("ops/grafana/fleetgate.json");
     let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
@@ -352,6 +352,14 @@ fn every_metric_the_dashboard_names_is_in_a_running_gates_metrics() {
     }
     let missing: Vec<&String> = used.iter().filter(|n| !offered.contains(*n)).collect();
     assert!(missing.is_empty(), "the dashboard names metrics the gate does not offer: {missing:?}");
+    // The alert rules (YAML): the names on every line that is not a comment.
+    let rules =
+        std::fs::read_to_string(repo().join("ops/prometheus/fleetgate-alerts.yml")).expect("the rules");
+    let in_rules: std::collections::BTreeSet<String> =
+        rules.lines().filter(|l| !l.trim_start().starts_with('#')).flat_map(metric_names).collect();
+    assert!(in_rules.len() >= 10, "the rules name {} metrics", in_rules.len());
+    let missing: Vec<&String> = in_rules.iter().filter(|n| !offered.contains(*n)).collect();
+    assert!(missing.is_empty(), "the alert rules name metrics the gate does not offer: {missing:?}");
     // The families the dashboard is for, by name (a check on the check).
     for family in [
         "fleetgate_connections",
