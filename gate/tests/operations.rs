@@ -380,6 +380,23 @@ fn every_metric_the_dashboard_and_the_alerts_name_is_in_a_running_gates_metrics(
 }
 
 #[test]
+fn receipts_are_counted_by_outcome() {
+    let gate = Gate::start(&[]);
+    let mut driver = gate.login(61, 1);
+    let (server, events) = gate.appserver();
+    // uid 62 never logged in: Offline; uid 61 acks: Delivered.
+    server.push(&common::push_spec(7_001, &[61, 62], 30_000)).expect("push accepted");
+    let delivery = common::next_push(&mut driver);
+    driver.ack_push(&delivery).expect("ack");
+    let got = common::receipts(&events, 2);
+    assert_eq!(got.len(), 2, "{got:?}");
+    let count = |outcome: &str| gate.metric("fleetgate_receipts_total", &format!("outcome=\"{outcome}\""));
+    gate.eventually("both receipts counted", || count("Delivered") == 1.0 && count("Offline") == 1.0);
+    assert_eq!(count("TtlExpired"), 0.0);
+    assert_eq!(gate.metric("fleetgate_receipts_sent_total", ""), 2.0);
+}
+
+#[test]
 fn the_name_scan_sees_through_promql() {
     assert_eq!(
         metric_names(
