@@ -31,5 +31,8 @@ fn main() {
             }
         }
     }
+    // Another checkout sharing this target folder (.cargo/config.toml sets the variable to the
+    // checkout's folder): the paths above are the other's, so run again here.
+    println!("cargo:rerun-if-env-changed=FLEETGATE_SOURCE_ROOT");
     println!("cargo:rerun-if-changed=build.rs");
 }
