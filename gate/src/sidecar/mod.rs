@@ -150,6 +150,7 @@ fn write_out(shard: &mut Shard, o: Out) {
                 shard.mark_written(conn, crate::marks::Started::Many(acked));
             }
             shard.metrics().receipts_sent.fetch_add(batch.len() as u64, Relaxed);
+            receipts.iter().for_each(|r| shard.metrics().receipts_by_outcome.add(r.outcome as usize, 1));
         }
     }
 }
@@ -305,7 +306,8 @@ pub fn closed(shard: &mut Shard, c: ConnRef, conn: &Conn, now: u64) {
     );
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Equality whose time does not depend on where the inputs differ (secrets; admin.rs too).
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
