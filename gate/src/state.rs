@@ -693,8 +693,23 @@ impl Shard {
     pub fn flush_writes(&mut self) {
         let mut dirty = std::mem::take(&mut self.dirty);
         let now = mono_ms();
+        // Ring connections first, and their sends submitted before any direct send: queuing a
+        // ring send costs no system call, while a direct send to an app-server (the
+        // PushAccepted of the very push being delivered, a receipt batch) runs the receiver's
+        // TCP path before returning, which deliveries behind it used to wait for.
+        let ring_first =
+            |slot: &usize| !matches!(self.conns.get(*slot).map(|c| &c.io), Some(ConnIo::Ring(_)));
+        dirty.sort_unstable_by_key(ring_first);
+        let rings = dirty.partition_point(|slot| !ring_first(slot));
         let m = &self.all_metrics[self.id as usize];
-        for slot in dirty.drain(..) {
+        for (i, slot) in dirty.drain(..).enumerate() {
+            if i == rings && rings > 0 {
+                if let Some(ring) = self.ring.as_mut() {
+                    if let Err(e) = ring.submit() {
+                        tracing::error!(shard = self.id, error = %e, "app ring: submit failed");
+                    }
+                }
+            }
             let Some(conn) = self.conns.get_mut(slot) else { continue };
             conn.dirty = false;
             if conn.close_sent {

@@ -176,11 +176,11 @@ fn a_gate_at_its_bound_on_pushes_in_flight_refuses_with_overloaded_and_a_retry_a
 
 #[test]
 fn a_large_fan_out_does_not_hold_up_a_small_push_behind_it() {
-    // One logic shard: pushes to 50,000 uids each (the default sidecar.max_targets), the last
-    // with two online uids at the end of its list, then a push to one uid. Large pushes are
-    // delivered a slice per turn, so the small one's receipt comes before most of theirs; taken
-    // whole, it would come after every one.
-    const LARGE: u64 = 5;
+    // One logic shard: a push to 50,000 uids (the default sidecar.max_targets), two of them
+    // online at the end of its list, then a push to one other uid, written together. The large
+    // push is delivered a slice per turn, so the small one's receipt comes after one slice of
+    // its receipts, not after all of them.
+    const LARGE: u64 = 1;
     let gate = Gate::start(&["--cores", "0"]);
     let (srv, ev) = gate.appserver();
     let online = [1_000_001u64, 1_000_002];
@@ -188,17 +188,19 @@ fn a_large_fan_out_does_not_hold_up_a_small_push_behind_it() {
     let offline: Vec<u64> = (1..=49_998).collect();
     let mut last = offline.clone();
     last.extend(online);
-    for m in 1..LARGE {
-        srv.push_async(&push_spec(m, &offline, 30_000)).expect("sent");
-    }
-    srv.push_async(&push_spec(LARGE, &last, 30_000)).expect("sent");
-    srv.push_async(&push_spec(100, &[2_000_000], 30_000)).expect("sent");
-    // A small push to a uid the last large one has still to reach waits for it: pushes to one
-    // uid are delivered in the order they were accepted.
-    srv.push_async(&push_spec(101, &[online[0]], 30_000)).expect("sent");
+    // In one write: the gate reads the small pushes with the large one's last bytes, so they
+    // arrive while its targets wait, however fast or slow either side runs.
+    let batch = [
+        push_spec(LARGE, &last, 30_000),
+        push_spec(100, &[2_000_000], 30_000),
+        // A small push to a uid the large one has still to reach waits for it: pushes to one uid
+        // are delivered in the order they were accepted.
+        push_spec(101, &[online[0]], 30_000),
+    ];
+    srv.push_many_async(&batch).expect("sent");
     // Every offline target's receipt, in the order they arrive.
     let mut order = Vec::new();
-    let offline_receipts = LARGE as usize * offline.len() + 1;
+    let offline_receipts = offline.len() + 1;
     common::collect_events(&ev, |e| {
         if let client::AppServerEvent::Receipt { message_id, uid, outcome } = e {
             assert_eq!(*outcome, Outcome::Offline, "{message_id}/{uid}");
@@ -209,10 +211,10 @@ fn a_large_fan_out_does_not_hold_up_a_small_push_behind_it() {
     let small = order.iter().position(|&m| m == 100).expect("the small push's receipt");
     let large_after = order.len() - 1 - small;
     assert!(
-        large_after > offline_receipts / 4,
-        "the small push's receipt came after {small} of the large pushes' (only {large_after} after it)"
+        large_after > offline_receipts / 2,
+        "the small push's receipt came after {small} of the large push's (only {large_after} after it)"
     );
-    // The online targets at the end of the last large push's list get it, and their acks end it;
+    // The online targets at the end of the large push's list get it, and their acks end it;
     // the first then gets the small push that came after it.
     for app in &mut apps {
         let f = next_push(app);
