@@ -115,7 +115,7 @@ pub enum ConnIo {
 pub struct RingConn {
     /// A send is in flight (its bytes are in `out_inflight`).
     pub sending: bool,
-    /// When that send was queued for the ring's submission (monotonic µs; read only for a
+    /// When the ring's submission of that send returned (monotonic µs; set only for a
     /// connection carrying measured frames): a push's bytes count as handed to the kernel then,
     /// not when a busy shard reaps the completion up to a window later.
     pub sent_us: u64,
@@ -701,15 +701,17 @@ impl Shard {
             |slot: &usize| !matches!(self.conns.get(*slot).map(|c| &c.io), Some(ConnIo::Ring(_)));
         dirty.sort_unstable_by_key(ring_first);
         let rings = dirty.partition_point(|slot| !ring_first(slot));
-        let m = &self.all_metrics[self.id as usize];
+        // Ring connections with measured frames in this flush's sends: their bytes count as
+        // handed to the kernel when the submission returns, the sends done (a loopback send
+        // runs the receiver's whole TCP path, so the fifth of five sends ends tens of µs after
+        // the first is queued).
+        let mut measured = Vec::new();
+        let total = dirty.len();
         for (i, slot) in dirty.drain(..).enumerate() {
             if i == rings && rings > 0 {
-                if let Some(ring) = self.ring.as_mut() {
-                    if let Err(e) = ring.submit() {
-                        tracing::error!(shard = self.id, error = %e, "app ring: submit failed");
-                    }
-                }
+                self.submit_ring_sends(&measured);
             }
+            let m = &self.all_metrics[self.id as usize];
             let Some(conn) = self.conns.get_mut(slot) else { continue };
             conn.dirty = false;
             if conn.close_sent {
@@ -736,7 +738,7 @@ impl Shard {
                     conn.out_inflight = bytes.len();
                     r.sending = true;
                     if conn.marks.is_some() {
-                        r.sent_us = mono_us();
+                        measured.push(slot);
                     }
                     if let Some(ring) = self.ring.as_mut() {
                         ring.send(
@@ -802,9 +804,30 @@ impl Shard {
                 }
             }
         }
+        if rings == total && rings > 0 {
+            self.submit_ring_sends(&measured);
+        }
         if self.dirty.is_empty() {
             // Keep the allocation for the next round.
             self.dirty = dirty;
+        }
+    }
+
+    /// Submits the app ring's queued sends now, and stamps the connections in `measured` with
+    /// the time the submission returned (`RingConn::sent_us`, where their write marks stop).
+    fn submit_ring_sends(&mut self, measured: &[usize]) {
+        let Some(ring) = self.ring.as_mut() else { return };
+        if let Err(e) = ring.submit() {
+            tracing::error!(shard = self.id, error = %e, "app ring: submit failed");
+        }
+        if measured.is_empty() {
+            return;
+        }
+        let t = mono_us();
+        for &slot in measured {
+            if let Some(ConnIo::Ring(r)) = self.conns.get_mut(slot).map(|c| &mut c.io) {
+                r.sent_us = t;
+            }
         }
     }
 
