@@ -127,3 +127,44 @@ bench-quick: bench-deps ## the same scenarios smaller (under 3 minutes); writes 
 bench-cluster: test-deps ## two gate nodes sharing Redis: logins/s, resumes/s across nodes, push latency same vs cross node, Redis ops per login/push; writes perf/results/cluster/
 	$(CARGO) build --release -p gate -p loadgen -p perf
 	./target/release/bench-cluster $(ARGS)
+
+# Installing: `make install` (PREFIX=/usr/local, DESTDIR for packaging) puts gate and loadgen in
+# $(PREFIX)/bin and the commented default configuration in $(PREFIX)/etc/fleetgate; SERVICE=1
+# (or `make install-service`) also installs the systemd unit. docs/OPERATIONS.md says what next.
+.PHONY: install install-service uninstall
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+CONFDIR ?= $(PREFIX)/etc/fleetgate
+UNITDIR ?= /etc/systemd/system
+SERVICE ?=
+# Where cargo puts its output (CARGO_TARGET_DIR when set).
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+
+install: ## build release gate and loadgen; install them in PREFIX/bin (default /usr/local) with the default config in PREFIX/etc/fleetgate; SERVICE=1 adds the systemd unit
+	$(CARGO) build --release -p gate -p loadgen
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(CONFDIR)"
+	install -m 0755 "$(TARGET_DIR)/release/gate" "$(TARGET_DIR)/release/loadgen" "$(DESTDIR)$(BINDIR)/"
+	@# The defaults as the gate itself prints them, so the file cannot drift from the code. An
+	@# existing gate.toml is the operator's and is never replaced; gate.toml.default always is.
+	"$(TARGET_DIR)/release/gate" print-config > "$(DESTDIR)$(CONFDIR)/gate.toml.default"
+	@if [ ! -e "$(DESTDIR)$(CONFDIR)/gate.toml" ]; then \
+		install -m 0644 "$(DESTDIR)$(CONFDIR)/gate.toml.default" "$(DESTDIR)$(CONFDIR)/gate.toml"; \
+	else echo "kept the existing $(DESTDIR)$(CONFDIR)/gate.toml (the new defaults are in gate.toml.default)"; fi
+	@if [ -n "$(SERVICE)" ]; then $(MAKE) --no-print-directory install-service; fi
+	@echo "installed: $(DESTDIR)$(BINDIR)/gate ($$("$(DESTDIR)$(BINDIR)/gate" --version 2>/dev/null || echo 'cannot run here')), loadgen, $(DESTDIR)$(CONFDIR)/gate.toml"
+
+install-service: ## install ops/fleetgate.service (paths rewritten to PREFIX) into UNITDIR (default /etc/systemd/system) and a sample secrets file
+	install -d "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(CONFDIR)"
+	sed -e 's|/usr/local/bin|$(BINDIR)|g' -e 's|/usr/local/etc/fleetgate|$(CONFDIR)|g' ops/fleetgate.service \
+		> "$(DESTDIR)$(UNITDIR)/fleetgate.service"
+	chmod 0644 "$(DESTDIR)$(UNITDIR)/fleetgate.service"
+	@# The secrets file is root's alone (systemd reads it before dropping privileges); a real one
+	@# is never replaced.
+	@if [ ! -e "$(DESTDIR)$(CONFDIR)/secrets.env" ]; then \
+		install -m 0600 ops/secrets.env.sample "$(DESTDIR)$(CONFDIR)/secrets.env"; \
+	else echo "kept the existing $(DESTDIR)$(CONFDIR)/secrets.env"; fi
+	@echo "installed $(DESTDIR)$(UNITDIR)/fleetgate.service; next: docs/OPERATIONS.md, 'Running as a service'"
+
+uninstall: ## remove what install put in PREFIX/bin and the unit (the config folder is left for the operator)
+	rm -f "$(DESTDIR)$(BINDIR)/gate" "$(DESTDIR)$(BINDIR)/loadgen" "$(DESTDIR)$(UNITDIR)/fleetgate.service"

@@ -662,6 +662,25 @@ impl AppServerConn {
         self.send_push(p, None).map(|(_, seq)| seq)
     }
 
+    /// Sends several pushes without waiting, in one write, so the gate reads them together;
+    /// returns their sequence-ids in order (answers as for [`AppServerConn::push_async`]). All
+    /// or nothing: on an error nothing of them is registered or written.
+    pub fn push_many_async(&self, ps: &[PushSpec]) -> Result<Vec<u32>, ClientError> {
+        let conn = self.current_conn().ok_or(ClientError::Closed)?;
+        let sent_at_us = now_us();
+        let (seqs, written) = self
+            .group
+            .send_on(conn, |inner| inner.session.push_batch(conn, ps, sent_at_us, Instant::now()))?;
+        if let Err(e) = written {
+            let mut inner = lock(&self.group.inner);
+            for (&seq, p) in seqs.iter().zip(ps) {
+                inner.session.push_unsent(conn, seq, p.message_id);
+            }
+            return Err(e.into());
+        }
+        Ok(seqs)
+    }
+
     /// Waits at most the timeout for the answer `rx` brings. Past it, `forget` takes the call's
     /// waiter out and says whether it was still there: answers are routed under the machine's
     /// lock, so either the call still waited (Timeout) or its answer is in the channel already.

@@ -143,8 +143,10 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
             None => harvest_timer = None,
         }
         let mut ring_ready = false;
+        // Targets of a large push still waiting: their next slice is this turn's work.
+        let slices_waiting = shard.fanouts.pending();
         futures_lite::future::poll_fn(|cx| {
-            let mut ready = events.poll_ready(cx).is_ready();
+            let mut ready = slices_waiting || events.poll_ready(cx).is_ready();
             inbox.waker.register(cx.waker());
             ready |= !inbox.rx.is_empty() || inbox.shutdown.load(Acquire);
             if let Some((_, t)) = timer.as_mut() {
@@ -217,6 +219,7 @@ pub async fn run(mut shard: Shard, events: Rc<Events>, stop: Rc<Stop>) {
             shard.metrics().mesh_hop_us.observe_us(b.sent.elapsed().as_micros() as u64);
             on_msgs(&mut shard, b.msgs, now);
         }
+        crate::sidecar::fanout::turn(&mut shard, now);
         on_time(&mut shard, &mut clocks, now);
         flush(&mut shard, now);
         if let Some(ring) = shard.ring.as_mut() {
@@ -824,10 +827,16 @@ fn on_msgs(shard: &mut Shard, msgs: Vec<Msg>, now: u64) {
     for msg in msgs {
         match msg {
             Msg::Logic(input) => logic_input(shard, input, now),
+            // A push's targets here: delivered in bounded slices (`sidecar::fanout`), each
+            // settling its share of the room reserved for them.
+            Msg::Reserved(logic::Input::Push { push, uids }, reserved) => {
+                crate::sidecar::fanout::push(shard, push, uids, reserved, now)
+            }
+            Msg::Reserved(logic::Input::Broadcast { push, role, tally }, reserved) => {
+                crate::sidecar::fanout::broadcast(shard, push, role, tally, reserved, now)
+            }
             Msg::Reserved(input, reserved) => {
                 logic_input(shard, input, now);
-                // What the push became (pairs in flight, or receipts at once) replaces its
-                // reservation in the shard's count, in one step.
                 shard.publish_in_flight(reserved);
             }
             Msg::Conn(output) => apply(shard, output, now),
@@ -1076,6 +1085,8 @@ fn shutdown_step(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
             // leaves (else they would hear "displaced").
             let all_began = shard.drain_to.is_empty() || shard.began.load(Acquire) >= shard.mesh.len();
             if (shard.app_conns() == 0 && all_began) || now >= until {
+                // Every accepted target is taken first, so each pair moves or ends with the rest.
+                crate::sidecar::fanout::finish(shard, now);
                 // Draining: this shard's sessions move to the other nodes first; what is left
                 // (none, or all when no other node lives) ends below.
                 crate::cluster::handoff::drain(shard, now);
@@ -1093,6 +1104,7 @@ fn shutdown_step(shard: &mut Shard, clocks: &mut Clocks, now: u64) {
                 shard.delivery.unacked_batches() > 0 || shard.conns.iter().any(|(_, c)| !c.out.is_empty());
             let waiting = (shard.delivery.receipts_waiting() > 0 && shard.sidecars.any())
                 || shard.mesh.depth(shard.id as usize) > 0
+                || shard.fanouts.pending()
                 || crate::cluster::forwards_waiting(shard);
             if (all_drained && !unacked && !waiting) || now >= until {
                 let all: Vec<ConnRef> = shard

@@ -1,6 +1,8 @@
 //! `gate`: the fleetgate server binary. See `gate --help`.
 
 use gate::config::{default_toml, hex, Cli, Command, LogFormat, DEV_SECRET, EXIT_BAD_CONFIG};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 fn main() {
     let cli = Cli::parse_process();
@@ -75,13 +77,24 @@ fn main() {
     };
     // Colour only on a terminal: log files and pipes get plain `key=value`, which grep finds.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    // The filter sits behind a reload handle so the admin port can change it without a restart
+    // (POST /log). A disabled callsite (the per-target push and GPS lines at info) is skipped on
+    // its cached interest, rebuilt on a reload; a written line takes the handle's read lock.
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter);
     if cfg.log.format == LogFormat::Json {
-        builder.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
     }
+    let log = gate::admin::LogControl::new(move |directives| {
+        if let Some(text) = directives {
+            let filter = tracing_subscriber::EnvFilter::try_new(text).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())?;
+        }
+        handle.with_current(|f| f.to_string()).map_err(|e| e.to_string())
+    });
     // A panicking shard would leave a gate that serves some uids and not others: better to stop
     // the whole process (exit 70) so a supervisor restarts it and apps reconnect elsewhere.
     let default_hook = std::panic::take_hook();
@@ -90,7 +103,7 @@ fn main() {
         tracing::error!("panic: {info}; stopping the gate");
         std::process::exit(70);
     }));
-    if let Err(e) = gate::server::run(cfg, cli.ports_file.as_deref()) {
+    if let Err(e) = gate::server::run(cfg, cli.ports_file.as_deref(), Some(log)) {
         tracing::error!("{e}");
         eprintln!("gate: {e}");
         // A setting that could not be used (a key file, the cores) is the operator's to fix.

@@ -2,7 +2,7 @@
 //! endpoint on shard 0. Rendered in the Prometheus text format with a `shard` label on every
 //! series, so one can see every shard serving.
 
-use schema::wire::ErrorCode;
+use schema::wire::{self, ErrorCode};
 use schema::Cmd;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -169,6 +169,7 @@ pub struct ShardMetrics {
     pub held_sessions: AtomicI64,
     /// Pushes waiting for their ack (or queued for a held session) on this shard's logic.
     pub pushes_in_flight: AtomicI64,
+    pub push_targets_waiting: AtomicI64,
     /// Upstream requests waiting for the app-server on this shard's logic.
     pub requests_pending: AtomicI64,
     /// Connections accepted.
@@ -243,6 +244,8 @@ pub struct ShardMetrics {
     pub receipts_sent: AtomicU64,
     /// Receipts dropped from a full backlog while no app-server was connected.
     pub receipts_dropped: AtomicU64,
+    /// Receipts sent to app-servers, by `wire::Outcome` value.
+    pub receipts_by_outcome: Counters<16>,
     /// GPS points sent to app-servers.
     pub gps_to_app_server: AtomicU64,
     /// Bytes queued for writing on this shard's connections.
@@ -283,6 +286,12 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
     scalar!(gauge, "directory_sessions", "Sessions owned by the shard's logic.", directory_sessions);
     scalar!(gauge, "held_sessions", "Sessions held after their connection dropped.", held_sessions);
     scalar!(gauge, "pushes_in_flight", "Pushes waiting for an ack or a resume.", pushes_in_flight);
+    scalar!(
+        gauge,
+        "push_targets_waiting",
+        "Targets of accepted pushes not yet delivered: a large fan-out is delivered a bounded slice per turn.",
+        push_targets_waiting
+    );
     scalar!(gauge, "requests_pending", "App requests waiting for the app-server.", requests_pending);
     scalar!(counter, "connections_accepted_total", "Connections accepted.", accepted);
     scalar!(counter, "bytes_in_total", "Bytes read from apps.", bytes_in);
@@ -336,6 +345,25 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
     gauge(&mut o, "fleetgate_mesh_queue_depth", "Batches waiting in the shard's inbox.");
     for i in 0..shards.len() {
         let _ = writeln!(o, "fleetgate_mesh_queue_depth{{shard=\"{i}\"}} {}", mesh_depth(i));
+    }
+    counter(
+        &mut o,
+        "fleetgate_receipts_total",
+        "Receipts sent to app-servers, by outcome (docs/PROTOCOL.md, Outcome).",
+    );
+    for (i, s) in shards.iter().enumerate() {
+        // Every outcome a gate sends, zeros included, so a dashboard's series exist from the start
+        // (Unknown and GateLost are never sent by a gate).
+        for v in 0..16u8 {
+            let outcome = wire::Outcome(v);
+            if outcome == wire::Outcome::Unknown || outcome == wire::Outcome::GateLost {
+                continue;
+            }
+            if let Some(name) = outcome.variant_name() {
+                let n = s.receipts_by_outcome.get(v as usize);
+                let _ = writeln!(o, "fleetgate_receipts_total{{shard=\"{i}\",outcome=\"{name}\"}} {n}");
+            }
+        }
     }
     counter(&mut o, "fleetgate_connections_refused_total", "Connections refused at accept, by reason.");
     for (i, s) in shards.iter().enumerate() {
@@ -515,5 +543,16 @@ mod tests {
         assert!(text.contains("fleetgate_push_delivery_us_count{shard=\"0\"} 1"));
         assert!(text.contains("fleetgate_push_delivery_us_sum{shard=\"0\"} 300"));
         assert!(text.contains("fleetgate_push_receipt_us_count{shard=\"0\"} 0"));
+    }
+
+    #[test]
+    fn receipts_are_counted_by_outcome_and_every_sent_outcome_has_a_series() {
+        let m = [ShardMetrics::default()];
+        m[0].receipts_by_outcome.add(wire::Outcome::Delivered.0 as usize, 2);
+        let text = render(&m, |_| 0);
+        assert!(text.contains("fleetgate_receipts_total{shard=\"0\",outcome=\"Delivered\"} 2"), "{text}");
+        assert!(text.contains("fleetgate_receipts_total{shard=\"0\",outcome=\"TtlExpired\"} 0"));
+        assert!(text.contains("outcome=\"DirectoryUnavailable\"} 0"));
+        assert!(!text.contains("outcome=\"Unknown\"") && !text.contains("outcome=\"GateLost\""));
     }
 }

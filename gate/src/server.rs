@@ -47,9 +47,12 @@ pub enum StartError {
     Other(String),
 }
 
-/// Runs a gate until it is told to stop; returns once every shard has drained.
-pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
+/// Runs a gate until it is told to stop (a signal, or POST /drain on the admin port); returns
+/// once every shard has drained. `log` lets the admin port change the log filter.
+pub fn run(cfg: Config, ports_file: Option<&Path>, log: Option<admin::LogControl>) -> Result<(), StartError> {
     let cores = cfg.resolved_cores()?;
+    // Read now, like the keys: an admin token file that cannot be used stops the gate here.
+    let admin_secret = cfg.admin_secret()?;
     // Keys before ports: a missing or malformed key file stops the gate before it binds.
     let keys = Arc::new(cfg.key_ring(crate::net::now_ms())?);
     // The Redis CA file likewise: read now, not when the directory first connects.
@@ -106,7 +109,7 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
         );
     }
     let incarnation = draw_incarnation();
-    tracing::info!(app = %app_bound, sidecar = %sidecar_bound, admin = %admin_bound, shards, cores = ?cores, node = %node, incarnation = format_args!("{incarnation:016x}"), "gate listening");
+    tracing::info!(version = crate::config::VERSION, app = %app_bound, sidecar = %sidecar_bound, admin = %admin_bound, shards, cores = ?cores, node = %node, incarnation = format_args!("{incarnation:016x}"), "gate listening");
     if let Some(path) = ports_file {
         write_ports(path, app_bound.port(), sidecar_bound.port(), admin_bound.port())
             .map_err(|e| StartError::Other(format!("cannot write ports file {}: {e}", path.display())))?;
@@ -136,7 +139,7 @@ pub fn run(cfg: Config, ports_file: Option<&Path>) -> Result<(), StartError> {
     };
     watch_signals(mesh)?;
 
-    let mut admin = Some(admin);
+    let mut admin = Some((admin, admin::Control::new(admin_secret, log)));
     let mut handles = Vec::with_capacity(shards);
     for (id, ((cpu, listener), sidecar)) in cores.iter().copied().zip(app).zip(sidecar).enumerate() {
         let shared = shared.clone();
@@ -167,7 +170,7 @@ async fn shard_main(
     shard: Shard,
     listener: std::net::TcpListener,
     sidecar: std::net::TcpListener,
-    admin: Option<std::net::TcpListener>,
+    admin: Option<(std::net::TcpListener, admin::Control)>,
 ) {
     let id = shard.id;
     let events = Events::new();
@@ -220,7 +223,7 @@ async fn shard_main(
         io::listener::run(Port::Sidecar, sidecar, e, async move { s.wait().await }).await
     })
     .detach();
-    if let Some(admin) = admin {
+    if let Some((admin, control)) = admin {
         // SAFETY: as above.
         let admin = unsafe { glommio::net::TcpListener::from_raw_fd(admin.into_raw_fd()) };
         let state = AdminState {
@@ -228,6 +231,7 @@ async fn shard_main(
             mesh: shard.mesh.clone(),
             gps_recent: shard.gps_recent.clone(),
             cluster: shard.cluster.clone(),
+            control,
         };
         let s = stop.clone();
         glommio::spawn_local(async move { admin::run(admin, state, async move { s.wait().await }).await })

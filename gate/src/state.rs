@@ -115,7 +115,7 @@ pub enum ConnIo {
 pub struct RingConn {
     /// A send is in flight (its bytes are in `out_inflight`).
     pub sending: bool,
-    /// When that send was queued for the ring's submission (monotonic µs; read only for a
+    /// When the ring's submission of that send returned (monotonic µs; set only for a
     /// connection carrying measured frames): a push's bytes count as handed to the kernel then,
     /// not when a busy shard reaps the completion up to a window later.
     pub sent_us: u64,
@@ -291,6 +291,8 @@ pub struct Shard {
     next_log_id: u64,
     /// Busy connections' slots (read on the loop's tick).
     pub busy: Vec<usize>,
+    /// Pushes whose targets here are still being delivered, a slice per turn.
+    pub fanouts: crate::sidecar::fanout::Fanouts,
     /// The app port's own io_uring, when `app.io = "uring"`.
     pub ring: Option<crate::uring::AppRing>,
     /// Ring connections that are closing (looked at every 50 ms until their receive is
@@ -401,6 +403,7 @@ impl Shard {
             // A random start, so two runs of a gate do not hand out the same ids.
             next_log_id: rand::random::<u64>() & LOG_ID_COUNTER_MASK,
             busy: Vec::new(),
+            fanouts: Default::default(),
             sweep_wheel: Default::default(),
             ring: None,
             app_listener: None,
@@ -694,8 +697,25 @@ impl Shard {
     pub fn flush_writes(&mut self) {
         let mut dirty = std::mem::take(&mut self.dirty);
         let now = mono_ms();
-        let m = &self.all_metrics[self.id as usize];
-        for slot in dirty.drain(..) {
+        // Ring connections first, and their sends submitted before any direct send: queuing a
+        // ring send costs no system call, while a direct send to an app-server (the
+        // PushAccepted of the very push being delivered, a receipt batch) runs the receiver's
+        // TCP path before returning, which deliveries behind it used to wait for.
+        let ring_first =
+            |slot: &usize| !matches!(self.conns.get(*slot).map(|c| &c.io), Some(ConnIo::Ring(_)));
+        dirty.sort_unstable_by_key(ring_first);
+        let rings = dirty.partition_point(|slot| !ring_first(slot));
+        // Ring connections with measured frames in this flush's sends: their bytes count as
+        // handed to the kernel when the submission returns, the sends done (a loopback send
+        // runs the receiver's whole TCP path, so the fifth of five sends ends tens of µs after
+        // the first is queued).
+        let mut measured = Vec::new();
+        let total = dirty.len();
+        for (i, slot) in dirty.drain(..).enumerate() {
+            if i == rings && rings > 0 {
+                self.submit_ring_sends(&measured);
+            }
+            let m = &self.all_metrics[self.id as usize];
             let Some(conn) = self.conns.get_mut(slot) else { continue };
             conn.dirty = false;
             if conn.close_sent {
@@ -722,7 +742,7 @@ impl Shard {
                     conn.out_inflight = bytes.len();
                     r.sending = true;
                     if conn.marks.is_some() {
-                        r.sent_us = mono_us();
+                        measured.push(slot);
                     }
                     if let Some(ring) = self.ring.as_mut() {
                         ring.send(
@@ -788,9 +808,30 @@ impl Shard {
                 }
             }
         }
+        if rings == total && rings > 0 {
+            self.submit_ring_sends(&measured);
+        }
         if self.dirty.is_empty() {
             // Keep the allocation for the next round.
             self.dirty = dirty;
+        }
+    }
+
+    /// Submits the app ring's queued sends now, and stamps the connections in `measured` with
+    /// the time the submission returned (`RingConn::sent_us`, where their write marks stop).
+    fn submit_ring_sends(&mut self, measured: &[usize]) {
+        let Some(ring) = self.ring.as_mut() else { return };
+        if let Err(e) = ring.submit() {
+            tracing::error!(shard = self.id, error = %e, "app ring: submit failed");
+        }
+        if measured.is_empty() {
+            return;
+        }
+        let t = mono_us();
+        for &slot in measured {
+            if let Some(ConnIo::Ring(r)) = self.conns.get_mut(slot).map(|c| &mut c.io) {
+                r.sent_us = t;
+            }
         }
     }
 
@@ -928,6 +969,7 @@ impl Shard {
         m.directory_sessions.store(self.logic.directory.len() as i64, Relaxed);
         m.held_sessions.store(self.logic.directory.held_count() as i64, Relaxed);
         m.pushes_in_flight.store(self.logic.pushes_in_flight() as i64, Relaxed);
+        m.push_targets_waiting.store(self.fanouts.targets() as i64, Relaxed);
         m.requests_pending.store(self.logic.requests_pending() as i64, Relaxed);
         let s = self.logic.gps_stats();
         m.gps_forwarded.store(s.points_out, Relaxed);

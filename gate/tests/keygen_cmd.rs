@@ -3,17 +3,9 @@
 
 mod common;
 
-use common::{token, Gate};
-use std::path::PathBuf;
+use common::{temp_dir, token, Gate};
 use std::process::Command;
 use std::time::Duration;
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fleetgate-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 #[test]
 fn keygen_writes_a_pair_the_gate_serves_with_and_refuses_to_overwrite() {
@@ -51,23 +43,7 @@ fn a_key_file_the_gate_cannot_use_exits_64_naming_the_setting() {
     for (setting, path) in
         [("channel.key_file", bad.clone()), ("channel.previous_key_file", dir.join("missing.key"))]
     {
-        let flag = format!("--{}", setting.replace(['.', '_'], "-"));
-        let out = Command::new(env!("CARGO_BIN_EXE_gate"))
-            .args([
-                "--app-listen",
-                "127.0.0.1:0",
-                "--sidecar-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg(&flag)
-            .arg(&path)
-            .output()
-            .expect("runs");
-        assert_eq!(out.status.code(), Some(64), "{setting}: {out:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(setting), "{setting} named: {stderr}");
+        common::refused_file(setting, &path);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -173,3 +173,65 @@ fn a_gate_at_its_bound_on_pushes_in_flight_refuses_with_overloaded_and_a_retry_a
     gate.eventually("nothing in flight", || gate.metric("fleetgate_pushes_in_flight", "") == 0.0);
     assert_eq!(gate.metric("fleetgate_receipts_sent_total", ""), 4.0);
 }
+
+#[test]
+fn a_large_fan_out_does_not_hold_up_a_small_push_behind_it() {
+    // One logic shard: a push to 50,000 uids (the default sidecar.max_targets), two of them
+    // online at the end of its list, then a push to one other uid, written together. The large
+    // push is delivered a slice per turn, so the small one's receipt comes after one slice of
+    // its receipts, not after all of them.
+    const LARGE: u64 = 1;
+    let gate = Gate::start(&["--cores", "0"]);
+    let (srv, ev) = gate.appserver();
+    let online = [1_000_001u64, 1_000_002];
+    let mut apps: Vec<AppConn> = online.iter().map(|&uid| gate.login(uid, 1)).collect();
+    let offline: Vec<u64> = (1..=49_998).collect();
+    let mut last = offline.clone();
+    last.extend(online);
+    // In one write: the gate reads the small pushes with the large one's last bytes, so they
+    // arrive while its targets wait, however fast or slow either side runs.
+    let batch = [
+        push_spec(LARGE, &last, 30_000),
+        push_spec(100, &[2_000_000], 30_000),
+        // A small push to a uid the large one has still to reach waits for it: pushes to one uid
+        // are delivered in the order they were accepted.
+        push_spec(101, &[online[0]], 30_000),
+    ];
+    srv.push_many_async(&batch).expect("sent");
+    // Every offline target's receipt, in the order they arrive.
+    let mut order = Vec::new();
+    let offline_receipts = offline.len() + 1;
+    common::collect_events(&ev, |e| {
+        if let client::AppServerEvent::Receipt { message_id, uid, outcome } = e {
+            assert_eq!(*outcome, Outcome::Offline, "{message_id}/{uid}");
+            order.push(*message_id);
+        }
+        order.len() == offline_receipts
+    });
+    let small = order.iter().position(|&m| m == 100).expect("the small push's receipt");
+    let large_after = order.len() - 1 - small;
+    assert!(
+        large_after > offline_receipts / 2,
+        "the small push's receipt came after {small} of the large push's (only {large_after} after it)"
+    );
+    // The online targets at the end of the large push's list get it, and their acks end it;
+    // the first then gets the small push that came after it.
+    for app in &mut apps {
+        let f = next_push(app);
+        assert_eq!(f.delivery().expect("delivery").message_id, LARGE, "in the order accepted");
+        app.ack_push(&f).expect("ack");
+    }
+    let f = next_push(&mut apps[0]);
+    assert_eq!(f.delivery().expect("delivery").message_id, 101);
+    apps[0].ack_push(&f).expect("ack");
+    let r = receipts(&ev, 3);
+    assert_eq!(r[&(LARGE, online[0])], vec![Outcome::Delivered]);
+    assert_eq!(r[&(LARGE, online[1])], vec![Outcome::Delivered]);
+    assert_eq!(r[&(101, online[0])], vec![Outcome::Delivered]);
+    gate.eventually("nothing in flight or waiting", || {
+        gate.metric("fleetgate_pushes_in_flight", "") == 0.0
+            && gate.metric("fleetgate_push_targets_waiting", "") == 0.0
+    });
+    // The whole reservation was settled: a push as large again is accepted.
+    assert_eq!(srv.push(&push_spec(200, &last, 1_000)).expect("room").targets, 50_000);
+}

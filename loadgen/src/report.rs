@@ -178,6 +178,15 @@ pub struct Push {
     /// `fleetgate_push_receipt_us`; absent as `gate_latency_us` is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipt_latency_us: Option<ReceiptLatency>,
+    /// `latency_us` split where the delivery reached the app's socket (the kernel's receive
+    /// stamp of its last segment): app-server send → in the socket. Absent when no delivery
+    /// was stamped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrival_us: Option<Latency>,
+    /// The other part: in the socket → loadgen read and decoded it, loadgen's own wait (its
+    /// loop busy with other connections, or not yet scheduled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loadgen_wait_us: Option<Latency>,
 }
 
 /// Percentiles of the gate's delivery histogram over the window, µs (read from buckets at
@@ -624,6 +633,13 @@ impl Report {
                     write!(line, "ack to receipt written p50 {} p99 {} µs ({})", r.p50, r.p99, num(r.count));
             }
             let _ = writeln!(s, "{line}");
+        }
+        if let (Some(a), Some(w)) = (p.arrival_us, p.loadgen_wait_us) {
+            let _ = writeln!(
+                s,
+                "push (split) send to the app's socket p50 {} p99 {} µs; in the socket to decoded (loadgen) p50 {} p99 {} µs",
+                a.p50, a.p99, w.p50, w.p99
+            );
         }
         let outcomes: Vec<String> =
             p.outcomes.iter().filter(|(_, &n)| n > 0).map(|(k, n)| format!("{k} {}", num(*n))).collect();

@@ -104,6 +104,16 @@ fn pushes_are_read_acked_and_shown_once() {
     assert_eq!(n(&v, "/push/delivered_unseen"), 0.0, "{v:#}");
     assert!(n(&v, "/counters/acks") >= n(&v, "/push/received"), "every delivery acked: {v:#}");
     assert_eq!(n(&v, "/errors"), 0.0, "{v:#}");
+    // Each delivery's latency is split at the driver's socket by the kernel's receive stamp:
+    // both parts are measured for every first arrival, and neither exceeds the whole.
+    let count = n(&v, "/push/latency_us/count");
+    assert!(count > 0.0, "{v:#}");
+    assert_eq!(n(&v, "/push/arrival_us/count"), count, "{v:#}");
+    assert_eq!(n(&v, "/push/loadgen_wait_us/count"), count, "{v:#}");
+    for part in ["/push/arrival_us/max", "/push/loadgen_wait_us/max"] {
+        // (Histogram values are kept to 3 significant digits.)
+        assert!(n(&v, part) <= n(&v, "/push/latency_us/max") * 1.002 + 1.0, "{part}: {v:#}");
+    }
 }
 
 #[test]

@@ -784,8 +784,7 @@ impl Shard {
                 }
             }
             Input::Broadcast { push, role, tally } => {
-                let uids: Vec<u64> =
-                    self.directory.iter().filter(|(_, e)| e.role == role).map(|(uid, _)| *uid).collect();
+                let uids = self.uids_of_role(role);
                 out.push(Output::BroadcastCounted { tally, targets: uids.len() as u32 });
                 for uid in uids {
                     self.push_one(uid, &push, out);
@@ -1000,6 +999,11 @@ impl Shard {
     /// Every session of this shard: (uid, epoch).
     pub fn sessions(&self) -> Vec<(u64, u64)> {
         self.directory.iter().map(|(&uid, e)| (uid, e.epoch)).collect()
+    }
+
+    /// The uids of every session of `role` here (held ones too): a broadcast's targets.
+    pub fn uids_of_role(&self, role: u8) -> Vec<u64> {
+        self.directory.iter().filter(|(_, e)| e.role == role).map(|(uid, _)| *uid).collect()
     }
 
     /// True when this shard holds a session of `uid` of `epoch`.

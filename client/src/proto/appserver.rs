@@ -1084,6 +1084,35 @@ impl Session {
         Ok(*seq)
     }
 
+    /// Queues several pushes on `conn` to leave in one write (the gate then reads them together);
+    /// returns their sequence-ids in order. All or nothing: on the first error the pushes
+    /// queued before it are taken back (their bytes and their pairs), and the error returned.
+    pub fn push_batch(
+        &mut self,
+        conn: ConnId,
+        ps: &[PushSpec],
+        sent_at_us: u64,
+        now: Instant,
+    ) -> Result<Vec<u32>, ClientError> {
+        let queued = self.conns.get(&conn).map_or(0, |c| c.outbox.len());
+        let mut seqs = Vec::with_capacity(ps.len());
+        for p in ps {
+            match self.push(conn, p, sent_at_us, now) {
+                Ok(seq) => seqs.push(seq),
+                Err(e) => {
+                    for (&seq, p) in seqs.iter().zip(ps) {
+                        self.push_unsent(conn, seq, p.message_id);
+                    }
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.outbox.truncate(queued);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(seqs)
+    }
+
     /// Queues an EndSession on `conn`: the gate ends `uid`'s session wherever it is, the app
     /// gets GoAway Ended with `message`; returns its sequence-id. The answer comes from
     /// [`Session::poll_end_answer`]. `Closed` if `conn` is not up; `QueueFull` past the bounds.

@@ -27,6 +27,10 @@ pub use values::{
 /// warn about it.
 pub const DEV_SECRET: &str = "fleetgate-dev-secret-change-me";
 
+/// What `gate --version` prints after the name: the release and the commit it was built from
+/// (`gate/build.rs`; "unknown" when built outside a git checkout).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("FLEETGATE_GIT_COMMIT"), ")");
+
 /// Exit status for a configuration the gate refuses (sysexits' `EX_USAGE`), so scripts can tell
 /// "fix the settings" from a crash.
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -50,6 +54,9 @@ const MIN_OUT_QUEUE_BYTES: u32 = 64 * 1024;
 /// The listen backlog the kernel accepts; anything larger is cut to `net.core.somaxconn`
 /// anyway, so larger values only hide a typo.
 const MAX_BACKLOG: u32 = 65_535;
+
+/// Shortest admin control token accepted: anything shorter could be guessed over the port.
+const MIN_ADMIN_SECRET: usize = 16;
 
 /// A per-setting check: `Ok`, or what would be accepted.
 type Check<T> = fn(&T) -> Result<(), String>;
@@ -175,7 +182,7 @@ macro_rules! settings {
 settings! {
     [gate] GateConfig "The process as a whole." {
         cores: Cores = Cores::All, value "CORES", alias "cores", example "0";
-            "CPU cores to run shards on, one shard pinned per core: \"all\", a core \"0\", a range \"0-1\" or a list \"0,2\" (lists may hold ranges)."
+            "CPU cores to run shards on, one shard pinned per core: \"all\", a core \"0\", a range \"0-1\" or a list \"0,2\" (lists may hold ranges); only cores in the process's CPU affinity (taskset, systemd's CPUAffinity=), and \"all\" is every one of them."
         node_name: String = String::new(), value "NAME", alias "node-name", example "gate-a", check node_name;
             "Name of this gate among its peers and toward the app-server; empty: derived at startup."
         advertise: String = String::new(), value "HOST:PORT", alias "advertise", example "gate-a.example.com:7100", check advertise;
@@ -271,6 +278,8 @@ settings! {
     [admin] AdminConfig "The operators' HTTP port." {
         listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7300)), value "ADDR", example "127.0.0.1:0";
             "IP address and port of the admin HTTP endpoint; loopback by default because it is for operators, not apps."
+        secret_file: String = String::new(), value "PATH", example "/etc/fleetgate/admin-secret";
+            "File holding the bearer token the admin port's control commands (POST /log, POST /drain) require, at least 16 bytes, read at start (surrounding whitespace is ignored). Empty: those commands are refused with 403; /metrics, /healthz and /debug/gps need no token."
     }
     [log] LogConfig "What is logged and how." {
         level: LogLevel = LogLevel::Info, value "LEVEL", example "debug";
@@ -504,9 +513,34 @@ impl Config {
         })
     }
 
+    /// The admin port's control token from `admin.secret_file`, read now (so a file that cannot
+    /// be used stops the gate before it binds); `None` when the setting is empty, which turns the
+    /// control commands off.
+    pub fn admin_secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let path = self.admin.secret_file.as_str();
+        if path.is_empty() {
+            return Ok(None);
+        }
+        let bad = |reason: String| ConfigError::Invalid {
+            key: "admin.secret_file".into(),
+            value: toml_quote(path),
+            origin: Origin::File,
+            reason,
+        };
+        let text = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+        let token = text.trim_ascii();
+        if token.len() < MIN_ADMIN_SECRET {
+            return Err(bad(format!(
+                "holds {} bytes; the token must be at least {MIN_ADMIN_SECRET} (e.g. `head -c 32 /dev/urandom | base64`)",
+                token.len()
+            )));
+        }
+        Ok(Some(token.to_vec()))
+    }
+
     /// The cores to run shards on, checked against the cores this process may use.
     pub fn resolved_cores(&self) -> Result<Vec<usize>, ConfigError> {
-        resolve_cores(&self.gate.cores, available_cores())
+        resolve_cores(&self.gate.cores, &available_cores())
     }
 
     /// Checks every setting, before any port is bound, and names the first bad one.
@@ -588,29 +622,59 @@ fn secret_or_dev(secret: &Secret) -> &[u8] {
     }
 }
 
-/// Cores this process may use; 1 when the platform cannot tell, so the gate still starts.
-fn available_cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+/// The cores (CPU ids) this process may run on: its affinity mask, which `taskset`, systemd's
+/// `CPUAffinity=` or a container's cpuset narrow; where that cannot be read, the first
+/// `available_parallelism` ids (core 0 alone when even that is unknown), so the gate still starts.
+fn available_cores() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes at most the
+    // size given into it, and CPU_ISSET reads it with an index below CPU_SETSIZE.
+    let from_mask = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        } else {
+            Vec::new()
+        }
+    };
+    if !from_mask.is_empty() {
+        return from_mask;
+    }
+    (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
 }
 
-/// The cores of `cores` on a machine where this process may use `available`, or why not.
-pub fn resolve_cores(cores: &Cores, available: usize) -> Result<Vec<usize>, ConfigError> {
+/// The cores of `cores` for a process that may run on `allowed` (CPU ids, ascending), or why
+/// not: "all" is every allowed core, a list must name allowed cores only.
+pub fn resolve_cores(cores: &Cores, allowed: &[usize]) -> Result<Vec<usize>, ConfigError> {
     let bad = |reason: String| ConfigError::checked("gate.cores", cores.clone(), reason);
-    if available == 0 {
+    if allowed.is_empty() {
         return Err(bad("no cores are available to this process".into()));
     }
     match cores {
-        Cores::All => Ok((0..available).collect()),
+        Cores::All => Ok(allowed.to_vec()),
         Cores::List(list) => {
-            if let Some(c) = list.iter().find(|&&c| c >= available) {
+            if let Some(c) = list.iter().find(|c| !allowed.contains(c)) {
                 return Err(bad(format!(
-                    "core {c} is not available: this process may use {available} core(s), 0-{}",
-                    available - 1
+                    "core {c} is not available: this process may use {} core(s), {}",
+                    allowed.len(),
+                    core_ranges(allowed)
                 )));
             }
             Ok(list.clone())
         }
     }
+}
+
+/// Ascending core ids as `gate.cores` writes them, runs as ranges: `[0, 1, 2, 5]` is "0-2,5".
+fn core_ranges(cores: &[usize]) -> String {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &c in cores {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == c => *last = c,
+            _ => runs.push((c, c)),
+        }
+    }
+    let run = |&(a, b): &(usize, usize)| if a == b { a.to_string() } else { format!("{a}-{b}") };
+    runs.iter().map(run).collect::<Vec<_>>().join(",")
 }
 
 /// True when two listeners would end up on the same port: same nonzero port and the same IP,
@@ -700,7 +764,7 @@ const SETTINGS_HEADING: &str = "Settings (override the config file)";
 /// The gate's command line: the flags that are not settings, the subcommands, and (added from
 /// the table by [`Cli::command_with_settings`]) a flag per setting.
 #[derive(Debug, Parser)]
-#[command(name = "gate", version, about = ABOUT, long_about = LONG_ABOUT)]
+#[command(name = "gate", version = VERSION, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
     /// What to do; without one the gate runs.
     #[command(subcommand)]

@@ -252,12 +252,18 @@ fn secrets_default_to_the_dev_secret_and_stay_out_of_debug() {
 
 #[test]
 fn cores_resolve_against_the_machine() {
-    assert_eq!(resolve_cores(&Cores::All, 4).unwrap(), vec![0, 1, 2, 3]);
-    assert_eq!(resolve_cores(&Cores::List(vec![3, 0, 1]), 4).unwrap(), vec![3, 0, 1]);
-    let e = resolve_cores(&Cores::List(vec![5]), 2).unwrap_err().to_string();
+    assert_eq!(resolve_cores(&Cores::All, &[0, 1, 2, 3]).unwrap(), vec![0, 1, 2, 3]);
+    assert_eq!(resolve_cores(&Cores::List(vec![3, 0, 1]), &[0, 1, 2, 3]).unwrap(), vec![3, 0, 1]);
+    let e = resolve_cores(&Cores::List(vec![5]), &[0, 1]).unwrap_err().to_string();
     assert!(e.contains("core 5") && e.contains("0-1"), "{e}");
-    assert!(resolve_cores(&Cores::All, 0).is_err());
-    assert_eq!(Config::default().resolved_cores().unwrap(), (0..available_cores()).collect::<Vec<_>>());
+    assert!(resolve_cores(&Cores::All, &[]).is_err());
+    assert_eq!(Config::default().resolved_cores().unwrap(), available_cores());
+    // A narrowed affinity (taskset, CPUAffinity=, a cpuset): the cores are the mask's ids, not
+    // 0 to n-1.
+    assert_eq!(resolve_cores(&Cores::All, &[2, 3]).unwrap(), vec![2, 3]);
+    assert_eq!(resolve_cores(&Cores::List(vec![3]), &[2, 3]).unwrap(), vec![3]);
+    let e = resolve_cores(&Cores::List(vec![0]), &[2, 3, 5]).unwrap_err().to_string();
+    assert!(e.contains("core 0") && e.contains("2-3,5"), "{e}");
 }
 
 #[test]

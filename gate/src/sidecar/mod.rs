@@ -5,6 +5,7 @@
 //!   delivery machine (`crate::delivery`) decides: receipt batches, upstream requests, GPS
 //!   forwards and unreachable events;
 //! - [`push`]: the push path's entry: validating a push and fanning it out to logic shards.
+//! - [`fanout`]: a push's targets on one logic shard, delivered in bounded slices.
 //! - [`room`]: the gate's bound on pushes in flight, which a push must find room under.
 //! - [`end`]: EndSession, an app-server ending a uid's session wherever it is.
 //! - [`geo`]: GeoQuery and GeoPush, the nearest drivers to a point (and a push to them).
@@ -17,6 +18,7 @@
 //! none relays requests, GPS and unreachable events to a node that has one (`cluster::relay`).
 
 pub mod end;
+pub mod fanout;
 pub mod geo;
 pub mod push;
 pub mod room;
@@ -152,6 +154,7 @@ fn write_out(shard: &mut Shard, o: Out) {
                 shard.mark_written(conn, crate::marks::Started::Many(acked));
             }
             shard.metrics().receipts_sent.fetch_add(batch.len() as u64, Relaxed);
+            receipts.iter().for_each(|r| shard.metrics().receipts_by_outcome.add(r.outcome as usize, 1));
         }
     }
 }
@@ -309,7 +312,8 @@ pub fn closed(shard: &mut Shard, c: ConnRef, conn: &Conn, now: u64) {
     );
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Equality whose time does not depend on where the inputs differ (secrets; admin.rs too).
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

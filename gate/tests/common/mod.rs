@@ -7,6 +7,37 @@ use std::time::{Duration, Instant};
 pub use testkit::sum_metric;
 use testkit::GateProcess;
 
+/// A fresh folder under the system's temporary one, named for the test and this process.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("fleetgate-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Starts the gate on free loopback ports with `setting`'s flag set to `path`, expecting it to
+/// refuse the file and exit with 64 naming the setting; its stderr.
+pub fn refused_file(setting: &str, path: &Path) -> String {
+    let flag = format!("--{}", setting.replace(['.', '_'], "-"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gate"))
+        .args([
+            "--app-listen",
+            "127.0.0.1:0",
+            "--sidecar-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg(&flag)
+        .arg(path)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(64), "{setting}: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains(setting), "{setting} named: {stderr}");
+    stderr
+}
+
 /// The token secret the test gates use.
 pub const SECRET: &[u8] = b"test-token-secret";
 
@@ -149,11 +180,9 @@ impl Gate {
         unsafe { libc_kill(pid as i32, 15) };
     }
 
-    /// Sends SIGTERM and waits for the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
+    /// Waits (at most `EVENTUALLY`) for the process to exit on its own; its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.0.child.take().expect("running");
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc_kill(child.id() as i32, 15) };
         let deadline = Instant::now() + EVENTUALLY;
         loop {
             if let Some(st) = child.try_wait().expect("wait") {
@@ -161,10 +190,16 @@ impl Gate {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("gate did not exit after SIGTERM");
+                panic!("gate did not exit; log:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.sigterm();
+        self.wait_exit()
     }
 }
 

@@ -33,6 +33,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 /// Most bytes one connection may have waiting for its socket; past it the connection is ended
@@ -105,6 +106,11 @@ pub trait Client {
     fn rcvbuf(&self, _sh: &Self::Shared) -> Option<usize> {
         None
     }
+    /// True to learn when each read's bytes arrived (the kernel's receive stamp, passed to
+    /// [`Client::on_read`]): push runs split a delivery's latency at loadgen's socket.
+    fn rx_stamps(&self, _sh: &Self::Shared) -> bool {
+        false
+    }
     /// The session (or handshake) is up on the current connection: storms and drops pick
     /// among these.
     fn live(&self) -> bool;
@@ -114,13 +120,16 @@ pub trait Client {
     fn on_connected(&mut self, sh: &Self::Shared, now: Instant, out: &mut Vec<u8>) -> Flow;
     /// Where the next read goes: a buffer of the client's own, or `scratch`.
     fn read_buf<'a>(&'a mut self, scratch: &'a mut [u8]) -> &'a mut [u8];
-    /// `n` bytes were read into [`Client::read_buf`] (`scratch` holds them if that was it).
+    /// `n` bytes were read into [`Client::read_buf`] (`scratch` holds them if that was it);
+    /// `rx_us`: when the last of them arrived in the socket (wall-clock µs), with
+    /// [`Client::rx_stamps`].
     fn on_read(
         &mut self,
         sh: &Self::Shared,
         n: usize,
         scratch: &[u8],
         now: Instant,
+        rx_us: Option<u64>,
         out: &mut Vec<u8>,
     ) -> Flow;
     /// The deadline given by [`Client::next_due`] came (or an earlier one: do what is due).
@@ -412,7 +421,11 @@ impl<C: Client> Loop<C> {
             self.opening += 1;
         }
         let (addr, source) = slot.client.addr(sh);
+        let stamps = slot.client.rx_stamps(sh);
         let started = super::net::connect(addr, source, slot.client.rcvbuf(sh)).and_then(|s| {
+            if stamps {
+                super::net::stamp_arrivals(&s)?;
+            }
             let mut stream = TcpStream::from_std(std::net::TcpStream::from(s));
             self.poll.registry().register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE)?;
             Ok(stream)
@@ -459,17 +472,23 @@ impl<C: Client> Loop<C> {
         for _ in 0..READS_PER_TURN {
             let slot = &mut self.slots[i];
             let Link::Open { stream, .. } = &mut slot.link else { return };
+            let stamped = slot.client.rx_stamps(sh);
             let buf = slot.client.read_buf(&mut self.scratch);
             let want = buf.len();
-            let n = match stream.read(buf) {
-                Ok(0) => return self.end(sh, i, Ended::Closed, now),
-                Ok(n) => n,
+            let got = if stamped {
+                super::net::recv_stamped(stream.as_raw_fd(), buf)
+            } else {
+                stream.read(buf).map(|n| (n, None))
+            };
+            let (n, rx_us) = match got {
+                Ok((0, _)) => return self.end(sh, i, Ended::Closed, now),
+                Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return self.end(sh, i, Ended::Closed, now),
             };
             self.out.clear();
-            let flow = slot.client.on_read(sh, n, &self.scratch, now, &mut self.out);
+            let flow = slot.client.on_read(sh, n, &self.scratch, now, rx_us, &mut self.out);
             if !self.after_callback(sh, i, flow, now) {
                 return;
             }

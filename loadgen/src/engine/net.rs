@@ -48,6 +48,62 @@ pub fn connect(to: SocketAddr, source: Option<IpAddr>, rcvbuf: Option<usize>) ->
     Ok(sock)
 }
 
+/// Asks the kernel to stamp each segment `sock` receives with the wall-clock time it arrived
+/// (`SO_TIMESTAMPNS`), read back by [`recv_stamped`]: the push runs tell the time a delivery
+/// waited in loadgen's socket from the time it took to get there.
+pub fn stamp_arrivals(sock: &Socket) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY (invariant 1): our own socket, a pointer to a live c_int of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `recv` into `buf` on a socket [`stamp_arrivals`] set up: (bytes read, when the last segment
+/// read arrived, wall-clock µs; `None` if the kernel gave no stamp).
+pub fn recv_stamped(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    // Room for one control message holding a timespec, aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: msghdr is plain data; zero is a valid value of every field.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY (invariant 1): iov points into `buf`, valid for writes of its length; the control
+    // buffer is live, of the length given; the caller's stream owns fd for the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut stamp = None;
+    // SAFETY: the kernel filled msg's control buffer; CMSG_FIRSTHDR/NXTHDR stay inside it, and
+    // an SCM_TIMESTAMPNS message's data is one timespec.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::timespec>());
+                stamp = Some(ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, stamp))
+}
+
 /// `sock` as a glommio stream (glommio speaks an older socket2, so the descriptor is handed
 /// over raw).
 pub fn into_glommio(sock: Socket) -> glommio::net::TcpStream {

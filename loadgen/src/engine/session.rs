@@ -101,6 +101,8 @@ pub struct App {
     live: bool,
     /// Anything was read on the current connection.
     got_bytes: bool,
+    /// When the bytes of the read being handled arrived in the socket (push runs only).
+    rx_us: Option<u64>,
 }
 
 fn us(d: Duration) -> u64 {
@@ -145,6 +147,7 @@ impl App {
             down_since: None,
             live: false,
             got_bytes: false,
+            rx_us: None,
         }
     }
 
@@ -218,9 +221,8 @@ impl App {
                     }
                     c.push_first.fetch_add(1, Relaxed);
                     if !d.redelivery {
-                        let latency = crate::appserver::now_us().saturating_sub(d.sent_at_us);
                         let mut h = ex.hists.borrow_mut();
-                        h.push.saturating_record(latency);
+                        let latency = h.record_push(d.sent_at_us, crate::appserver::now_us(), self.rx_us);
                         // Same-node and cross-node deliveries apart, when there are nodes to
                         // tell apart.
                         if let (true, Some(node)) = (ex.plan.gates.len() > 1, self.node) {
@@ -424,8 +426,21 @@ impl Client for App {
         self.proto.read_buf()
     }
 
-    fn on_read(&mut self, ex: &Exec, n: usize, _scratch: &[u8], now: Instant, buf: &mut Vec<u8>) -> Flow {
+    fn rx_stamps(&self, ex: &Exec) -> bool {
+        ex.plan.push_rate > 0.0 && ex.plan.fanout > 0
+    }
+
+    fn on_read(
+        &mut self,
+        ex: &Exec,
+        n: usize,
+        _scratch: &[u8],
+        now: Instant,
+        rx_us: Option<u64>,
+        buf: &mut Vec<u8>,
+    ) -> Flow {
         self.got_bytes = true;
+        self.rx_us = rx_us;
         self.proto.read_done(n);
         self.step(ex, buf, |app, out| app.events(ex, now, out))
     }

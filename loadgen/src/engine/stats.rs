@@ -178,6 +178,12 @@ pub struct Hists {
     /// `push` again, split by the node holding the receiving app's session (an index in
     /// `Plan::gates`); empty with a single node.
     pub push_by_node: Vec<Histogram<u64>>,
+    /// App-server send → the delivery's last segment in the app's socket (the kernel's receive
+    /// stamp): `push` less loadgen's own wait.
+    pub push_arrival: Histogram<u64>,
+    /// The delivery's last segment in the app's socket → loadgen read and decoded it: loadgen's
+    /// own part of `push`.
+    pub push_wait: Histogram<u64>,
 }
 
 impl Default for Hists {
@@ -188,6 +194,8 @@ impl Default for Hists {
             reconnect: histogram(),
             login: histogram(),
             push_by_node: Vec::new(),
+            push_arrival: histogram(),
+            push_wait: histogram(),
         }
     }
 }
@@ -200,10 +208,24 @@ impl Hists {
         let _ = self.request.add(&o.request);
         let _ = self.reconnect.add(&o.reconnect);
         let _ = self.login.add(&o.login);
+        let _ = self.push_arrival.add(&o.push_arrival);
+        let _ = self.push_wait.add(&o.push_wait);
         for (i, h) in o.push_by_node.iter().enumerate() {
             let mine = self.node_push(i);
             let _ = mine.add(h);
         }
+    }
+
+    /// One delivery's first arrival, sent at `sent_at_us`, decoded at `now_us`, its bytes in the
+    /// socket since `rx_us` when stamped (all wall-clock µs); returns its latency.
+    pub fn record_push(&mut self, sent_at_us: u64, now_us: u64, rx_us: Option<u64>) -> u64 {
+        let latency = now_us.saturating_sub(sent_at_us);
+        self.push.saturating_record(latency);
+        if let Some(rx) = rx_us {
+            self.push_arrival.saturating_record(rx.saturating_sub(sent_at_us));
+            self.push_wait.saturating_record(now_us.saturating_sub(rx));
+        }
+        latency
     }
 
     /// The push histogram of node `i`, made (with any before it) when first needed.

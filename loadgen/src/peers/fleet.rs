@@ -224,6 +224,8 @@ struct Driver {
     partial: Vec<u8>,
     /// The current connection failed in a way that grows the backoff.
     failed: bool,
+    /// When the bytes of the read being handled arrived in the socket (push runs only).
+    rx_us: Option<u64>,
 }
 
 impl Driver {
@@ -247,6 +249,7 @@ impl Driver {
             last_tx: born,
             partial: Vec::new(),
             failed: false,
+            rx_us: None,
         }
     }
 
@@ -304,6 +307,7 @@ impl Driver {
     /// timed, and a packet split across reads waits in `partial`.
     fn on_plain(&mut self, ex: &Exec, data: &[u8], now: Instant, out: &mut Vec<u8>) -> Flow {
         let c = &ex.stats().c;
+        let rx_us = self.rx_us;
         let Some(peer) = self.peer.as_mut() else { return Flow::End };
         let now_us = crate::appserver::now_us();
         let mut received = 0u64;
@@ -312,7 +316,7 @@ impl Driver {
             let mut on_msg = |_topic: &[u8], payload: &[u8]| {
                 if let Some((_, sent_at_us)) = super::read_push(payload) {
                     received += 1;
-                    hists.push.saturating_record(now_us.saturating_sub(sent_at_us));
+                    hists.record_push(sent_at_us, now_us, rx_us);
                 }
             };
             if self.partial.is_empty() {
@@ -399,7 +403,20 @@ impl Client for Driver {
     }
 
     /// Handles bytes from the server (with TLS: decrypted first), see [`Driver::on_plain`].
-    fn on_read(&mut self, ex: &Exec, n: usize, scratch: &[u8], now: Instant, out: &mut Vec<u8>) -> Flow {
+    fn rx_stamps(&self, ex: &Exec) -> bool {
+        ex.plan.push_rate > 0.0 && ex.plan.fanout > 0
+    }
+
+    fn on_read(
+        &mut self,
+        ex: &Exec,
+        n: usize,
+        scratch: &[u8],
+        now: Instant,
+        rx_us: Option<u64>,
+        out: &mut Vec<u8>,
+    ) -> Flow {
+        self.rx_us = rx_us;
         ex.stats().c.frames_in.fetch_add(1, Relaxed);
         let data = &scratch[..n];
         let Some(mut tls) = self.tls.take() else { return self.on_plain(ex, data, now, out) };

@@ -389,6 +389,8 @@ pub fn run(plan: Plan) -> Result<Outcome, RunError> {
     }
     rep.push.received = total_counters.push_first;
     rep.push.latency_us = Latency::of(&hists.push);
+    rep.push.arrival_us = (!hists.push_arrival.is_empty()).then(|| Latency::of(&hists.push_arrival));
+    rep.push.loadgen_wait_us = (!hists.push_wait.is_empty()).then(|| Latency::of(&hists.push_wait));
     rep.push.deliveries_per_s = win.push_first as f64 / secs;
     rep.reconnect = report::Reconnect {
         count: total_counters.relogins,

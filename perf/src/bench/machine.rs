@@ -28,6 +28,9 @@ pub struct Machine {
     pub loadavg_start: Option<f64>,
     /// See `loadavg_start`.
     pub loadavg_end: Option<f64>,
+    /// The servers and loadgen ran at real-time priority (`--realtime`).
+    #[serde(default)]
+    pub realtime: bool,
 }
 
 impl Machine {
@@ -68,6 +71,7 @@ impl Machine {
             somaxconn: read_trimmed("/proc/sys/net/core/somaxconn").and_then(|s| s.parse().ok()),
             loadavg_start: loadavg(),
             loadavg_end: None,
+            realtime: super::servers::realtime(),
         }
     }
 }

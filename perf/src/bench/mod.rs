@@ -235,6 +235,7 @@ fn execute(
     stop: &AtomicBool,
     settings: &mut BTreeMap<String, String>,
 ) -> Result<RunResult, String> {
+    let _normal = servers::NormalPriority::during(!spec.kind.realtime());
     let mut server = Server::start(spec.target, &cfg.bins, cfg.server_core, dir, spec.forward_all)?;
     let key = if spec.forward_all {
         spec.target.name().to_owned()

@@ -17,12 +17,19 @@ pub struct Placement {
     /// loadgen's core, e.g. `--loadgen-core 1` [default: the last core]
     #[arg(long)]
     pub loadgen_core: Option<usize>,
+    /// Run every server and loadgen at real-time priority (SCHED_FIFO 10; needs root or
+    /// CAP_SYS_NICE), every target alike: on a shared machine, other processes (a build, an
+    /// editor) then cannot preempt them on their cores, as on a host whose cores are set apart
+    /// for the gate. The kernel still keeps 5 % of each core for others. Results say so.
+    #[arg(long)]
+    pub realtime: bool,
 }
 
 impl Placement {
     /// The (server, loadgen) cores, checked against the cores online; a warning when they are
     /// one core.
     pub fn cores(&self, program: &str) -> Result<(usize, usize), String> {
+        super::servers::set_realtime(self.realtime);
         let cores = loadgen::cli::online_cpus();
         let loadgen_core = self.loadgen_core.unwrap_or(cores - 1);
         if self.server_core >= cores || loadgen_core >= cores {

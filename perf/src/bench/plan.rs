@@ -152,6 +152,16 @@ impl Kind {
         }
     }
 
+    /// True when `--realtime` applies to its runs. Fan-out runs keep normal priority: each
+    /// server is at its core's limit there, and under SCHED_FIFO a server of several threads on
+    /// one core (nats-server's Go runtime) stops preempting itself between them, which cut its
+    /// CPU per delivery threefold in a measurement here; that is not how it runs in production,
+    /// so the comparison would not be either. The latency runs use a fraction of a core, where
+    /// what real-time priority removes is other processes' preemption.
+    pub fn realtime(self) -> bool {
+        self != Kind::Fanout
+    }
+
     /// Parses a name.
     pub fn parse(s: &str) -> Result<Kind, String> {
         Kind::ALL.into_iter().find(|k| k.name() == s.trim()).ok_or_else(|| {
@@ -209,8 +219,12 @@ pub struct Profile {
     pub push_drivers: u32,
     /// GPS points/s per driver during the latency run.
     pub push_gps_rate: f64,
-    /// Pushes/s of the latency run, each to 5 drivers.
+    /// Pushes/s of the latency runs, each to 5 drivers.
     pub push_rate: f64,
+    /// Drivers of the second latency run, idle (no GPS): the push path alone. 0: no such run.
+    /// Results written before this field have none.
+    #[serde(default)]
+    pub push_idle_drivers: u32,
     /// Fan-outs measured for deliveries/s.
     pub fanouts: Vec<u32>,
     /// Deliveries/s offered in the fan-out runs (push rate = this / fan-out).
@@ -251,8 +265,10 @@ impl Profile {
             batch_conns: 1000,
             batch_rate: 2_000_000.0,
             push_drivers: 15_000,
-            push_gps_rate: 2.0,
+            // Each driver reports every 3 s, as a real fleet does.
+            push_gps_rate: 1.0 / 3.0,
             push_rate: 200.0,
+            push_idle_drivers: 2000,
             fanouts: vec![1000, 10_000],
             fanout_offered: 200_000.0,
             // The slope between 9,250 and 18,500 sessions is what one more session costs,
@@ -276,8 +292,9 @@ impl Profile {
             batch_conns: 1000,
             batch_rate: 2_000_000.0,
             push_drivers: 5000,
-            push_gps_rate: 2.0,
+            push_gps_rate: 1.0 / 3.0,
             push_rate: 200.0,
+            push_idle_drivers: 2000,
             fanouts: vec![1000, 5000],
             fanout_offered: 200_000.0,
             idle_sizes: vec![5000],
@@ -294,6 +311,7 @@ impl Profile {
         self.many_conns = n;
         self.batch_conns = n;
         self.push_drivers = n;
+        self.push_idle_drivers = self.push_idle_drivers.min(n);
         self.idle_sizes = vec![n];
         self.storm_sessions = n;
         for f in &mut self.fanouts {
@@ -496,13 +514,24 @@ pub fn runs(profile: &Profile, kinds: &[Kind], targets: &[Target]) -> Vec<RunSpe
                 forward_all: false,
                 ..base.clone()
             }),
-            Kind::Push => specs.push(RunSpec {
-                conns: profile.push_drivers,
-                offered_per_s: profile.push_gps_rate * f64::from(profile.push_drivers),
-                fanout: PUSH_FANOUT.min(profile.push_drivers),
-                push_rate: profile.push_rate,
-                ..base.clone()
-            }),
+            Kind::Push => {
+                specs.push(RunSpec {
+                    conns: profile.push_drivers,
+                    offered_per_s: profile.push_gps_rate * f64::from(profile.push_drivers),
+                    fanout: PUSH_FANOUT.min(profile.push_drivers),
+                    push_rate: profile.push_rate,
+                    ..base.clone()
+                });
+                if profile.push_idle_drivers > 0 {
+                    specs.push(RunSpec {
+                        conns: profile.push_idle_drivers,
+                        offered_per_s: 0.0,
+                        fanout: PUSH_FANOUT.min(profile.push_idle_drivers),
+                        push_rate: profile.push_rate,
+                        ..base.clone()
+                    });
+                }
+            }
             Kind::Fanout => {
                 for &f in &profile.fanouts {
                     let f = f.min(profile.push_drivers).max(1);
@@ -593,7 +622,8 @@ mod tests {
         assert_eq!(count(Kind::Gps), 4 * 5);
         assert_eq!(count(Kind::GpsMany), 2 * 7);
         assert_eq!(count(Kind::Batch), 2);
-        assert_eq!(count(Kind::Push), 4);
+        // The loaded fleet and the idle one, each on four servers.
+        assert_eq!(count(Kind::Push), 2 * 4);
         assert_eq!(count(Kind::Fanout), 2 * 4);
         assert_eq!(count(Kind::Idle), 2 * 6);
         assert_eq!(count(Kind::Storm), 2);

@@ -103,16 +103,65 @@ pub fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A command pinned to `core` that dies with this process.
+/// Whether the commands [`pinned`] makes run at real-time priority (`--realtime`).
+static REALTIME: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Real-time priority of the servers and loadgen under `--realtime`: above every ordinary
+/// process, below the kernel's own real-time threads.
+pub const REALTIME_PRIORITY: i32 = 10;
+
+/// Makes the servers and loadgen started from now on run at real-time priority, or not.
+pub fn set_realtime(on: bool) {
+    REALTIME.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Set while a run that must not have real-time priority runs ([`NormalPriority`]).
+static SUSPENDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True when the commands started now run at real-time priority.
+pub fn realtime() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    REALTIME.load(Relaxed) && !SUSPENDED.load(Relaxed)
+}
+
+/// While it lives (when made with `true`), servers and loadgen start at normal priority even
+/// under `--realtime`.
+pub struct NormalPriority(bool);
+
+impl NormalPriority {
+    /// Normal priority until the value is dropped, if `on`.
+    pub fn during(on: bool) -> NormalPriority {
+        if on {
+            SUSPENDED.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        NormalPriority(on)
+    }
+}
+
+impl Drop for NormalPriority {
+    fn drop(&mut self) {
+        if self.0 {
+            SUSPENDED.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// A command pinned to `core` that dies with this process (at real-time priority under
+/// `--realtime`: a start that may not have it fails, saying why).
 pub fn pinned(program: &Path, core: usize) -> Command {
     let mut cmd = Command::new(program);
-    // SAFETY: between fork and exec only async-signal-safe calls are made: sched_setaffinity
-    // and prctl are plain system calls on a zeroed set on this stack.
+    let rt = realtime();
+    // SAFETY: between fork and exec only async-signal-safe calls are made: sched_setaffinity,
+    // sched_setscheduler and prctl are plain system calls on values on this stack.
     unsafe {
         cmd.pre_exec(move || {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
             libc::CPU_SET(core, &mut set);
             if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let param = libc::sched_param { sched_priority: REALTIME_PRIORITY };
+            if rt && libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);

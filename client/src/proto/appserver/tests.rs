@@ -1466,3 +1466,28 @@ proptest! {
         m.check();
     }
 }
+
+#[test]
+fn a_batch_of_pushes_is_queued_whole_or_not_at_all() {
+    let mut f = Fake::new(T);
+    let (h, c, _) = f.open_as(INCARNATION, 1024);
+    let conn = f.s.handle_conn(h).expect("an open handle");
+    // The third is over the gate's max_body: nothing of the batch is queued or registered.
+    let mut big = spec(3, &[1]);
+    big.payload = vec![0; 2048];
+    let bad = [spec(1, &[1, 2]), spec(2, &[3]), big];
+    assert!(matches!(f.s.push_batch(conn, &bad, SENT_AT, f.now), Err(ClientError::Unexpected(_))));
+    f.pump();
+    assert!(f.nothing_sent(c));
+    assert_eq!((f.s.pending_receipts(), f.s.pushes_in_flight(c)), (0, 0));
+    // The same ids again, valid: all of them leave, in order, their pairs pending.
+    let good = [spec(1, &[1, 2]), spec(2, &[3])];
+    let seqs = f.s.push_batch(conn, &good, SENT_AT, f.now).expect("queued");
+    f.pump();
+    assert_eq!(seqs.len(), 2);
+    let (p1, m1, u1) = f.read_push(c);
+    let (p2, m2, u2) = f.read_push(c);
+    assert_eq!((m1, u1, p1.seq()), (1, vec![1, 2], seqs[0]));
+    assert_eq!((m2, u2, p2.seq()), (2, vec![3], seqs[1]));
+    assert_eq!((f.s.pending_receipts(), f.s.pushes_in_flight(c)), (3, 2));
+}
