@@ -142,7 +142,10 @@ SERVICE ?=
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
 install: ## build release gate and loadgen; install them in PREFIX/bin (default /usr/local) with the default config in PREFIX/etc/fleetgate; SERVICE=1 adds the systemd unit
-	$(CARGO) build --release -p gate -p loadgen
+	@# Under sudo cargo is usually not on the PATH (rustup installs it per user): then what the
+	@# user built is installed, and the line at the end names its commit.
+	@if command -v $(CARGO) >/dev/null 2>&1; then $(CARGO) build --release -p gate -p loadgen; \
+	else echo "no $(CARGO) on the PATH (sudo?): installing what is built in $(TARGET_DIR)/release"; fi
 	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(CONFDIR)"
 	install -m 0755 "$(TARGET_DIR)/release/gate" "$(TARGET_DIR)/release/loadgen" "$(DESTDIR)$(BINDIR)/"
 	@# The defaults as the gate itself prints them, so the file cannot drift from the code. An
