@@ -697,24 +697,15 @@ impl Shard {
     pub fn flush_writes(&mut self) {
         let mut dirty = std::mem::take(&mut self.dirty);
         let now = mono_ms();
-        // Ring connections first, and their sends submitted before any direct send: queuing a
-        // ring send costs no system call, while a direct send to an app-server (the
-        // PushAccepted of the very push being delivered, a receipt batch) runs the receiver's
-        // TCP path before returning, which deliveries behind it used to wait for.
-        let ring_first =
-            |slot: &usize| !matches!(self.conns.get(*slot).map(|c| &c.io), Some(ConnIo::Ring(_)));
-        dirty.sort_unstable_by_key(ring_first);
-        let rings = dirty.partition_point(|slot| !ring_first(slot));
         // Ring connections with measured frames in this flush's sends: their bytes count as
         // handed to the kernel when the submission returns, the sends done (a loopback send
         // runs the receiver's whole TCP path, so the fifth of five sends ends tens of µs after
-        // the first is queued).
+        // the first is queued). The ring's sends are submitted after the direct sends to
+        // app-servers: an answer to the app-server (a GeoPush's chosen drivers) then waits for
+        // none of its twenty deliveries, each of which waits for that one answer at most.
         let mut measured = Vec::new();
-        let total = dirty.len();
-        for (i, slot) in dirty.drain(..).enumerate() {
-            if i == rings && rings > 0 {
-                self.submit_ring_sends(&measured);
-            }
+        let mut queued = false;
+        for slot in dirty.drain(..) {
             let m = &self.all_metrics[self.id as usize];
             let Some(conn) = self.conns.get_mut(slot) else { continue };
             conn.dirty = false;
@@ -741,6 +732,7 @@ impl Shard {
                     }
                     conn.out_inflight = bytes.len();
                     r.sending = true;
+                    queued = true;
                     if conn.marks.is_some() {
                         measured.push(slot);
                     }
@@ -808,7 +800,7 @@ impl Shard {
                 }
             }
         }
-        if rings == total && rings > 0 {
+        if queued {
             self.submit_ring_sends(&measured);
         }
         if self.dirty.is_empty() {
