@@ -23,12 +23,11 @@ use crate::mesh::Msg;
 use crate::state::{jitter, mono_ms, Shard};
 use logic::geo::{Filter, Hit, Query};
 use logic::shard::GEO_TAG_SHIFT;
-use logic::{ConnRef, Input, Origin, PushContent};
+use logic::{ConnRef, Input, Origin};
 use schema::node::NodeMsg;
 use schema::wire::{self, ErrorCode, Hop};
 use schema::{Cmd, FrameType, Header};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 
 /// Largest radius, metres: a city's reach; a wider circle holds more drivers than an offer
 /// can sensibly go to and costs every logic shard a longer walk.
@@ -356,7 +355,7 @@ fn finish(shard: &mut Shard, mut w: Waiting) {
     if let Some(p) = &w.push {
         message_id = p.message_id;
         let uids: Vec<u64> = w.hits.iter().map(|h| h.uid).collect();
-        if !push_to(shard, w.log_id, p, uids) {
+        if !push_to(shard, w.log_id, w.read_us, p, uids) {
             shard.metrics().pushes_refused.fetch_add(1, Relaxed);
             let message =
                 "pushes in flight at the gate's bound (limits.max_pushes_in_flight_per_shard): retry later";
@@ -389,7 +388,7 @@ fn wire_hits(hits: &[Hit]) -> Vec<wire::GeoHit> {
 /// Pushes `p` to `uids` as a Push naming them would be (docs/PROTOCOL.md §9.9): room reserved
 /// on each logic shard, all or none, the body encoded once with the push's deadline, one
 /// receipt per uid. False when the room is not there (nothing was pushed).
-fn push_to(shard: &mut Shard, log_id: u64, p: &PushArgs, uids: Vec<u64>) -> bool {
+fn push_to(shard: &mut Shard, log_id: u64, read_us: u64, p: &PushArgs, uids: Vec<u64>) -> bool {
     if uids.is_empty() {
         return true;
     }
@@ -398,40 +397,16 @@ fn push_to(shard: &mut Shard, log_id: u64, p: &PushArgs, uids: Vec<u64>) -> bool
     if !shard.push_room.reserve(&want) {
         return false;
     }
-    let deadline_wall_ms = crate::net::now_ms() + p.ttl_ms as u64;
-    let deadline_ms = mono_ms() + p.ttl_ms as u64;
-    let body: Arc<[u8]> = Arc::from(shard.enc.body(|b| {
-        let payload = b.create_vector(&p.payload);
-        wire::PushDelivery::create(
-            b,
-            &wire::PushDeliveryArgs {
-                message_id: p.message_id,
-                payload: Some(payload),
-                sent_at_us: p.sent_at_us,
-                kind: p.kind,
-                deadline_ms: deadline_wall_ms,
-            },
-        )
-    }));
-    let content = Arc::new(PushContent {
+    let delivery = super::push::Delivery {
         message_id: p.message_id,
-        body,
-        log_id,
-        deadline_ms,
-        origin: logic::LOCAL,
-        accepted_us: shard.read_us,
-    });
-    let mut targets = 0;
-    for (s, uids) in per_shard.into_iter().enumerate() {
-        if !uids.is_empty() {
-            targets += uids.len() as u64;
-            let reserved = uids.len() as u32;
-            shard.to_shard(s, Msg::Reserved(Input::Push { push: content.clone(), uids }, reserved));
-        }
-    }
-    let m = shard.metrics();
-    m.pushes.fetch_add(1, Relaxed);
-    m.push_targets.fetch_add(targets, Relaxed);
+        payload: &p.payload,
+        sent_at_us: p.sent_at_us,
+        kind: p.kind,
+        ttl_ms: p.ttl_ms,
+    };
+    let content = super::push::content(shard, &delivery, log_id, read_us);
+    let targets = super::push::send_targets(shard, &content, per_shard);
+    shard.metrics().pushes.fetch_add(1, Relaxed);
     tracing::info!(log_id, message_id = p.message_id, targets, ttl_ms = p.ttl_ms, "geo push accepted");
     true
 }

@@ -92,32 +92,9 @@ pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Pus
         let code = ErrorCode::Overloaded;
         return shard.send_error(me, h.seq, h.log_id, code, Hop::Gate, h.cmd, message, retry_after_ms);
     }
-    // The deadline, read once: the app gets it by the wall clock (the body is shared by every
-    // target and may move to another node with a session, so it is absolute), the logic shards
-    // by the monotonic clock their expiry runs on.
-    let deadline_wall_ms = crate::net::now_ms() + ttl_ms as u64;
-    let deadline_ms = mono_ms() + ttl_ms as u64;
-    let body: Arc<[u8]> = Arc::from(shard.enc.body(|b| {
-        let payload = b.create_vector(payload);
-        wire::PushDelivery::create(
-            b,
-            &wire::PushDeliveryArgs {
-                message_id,
-                payload: Some(payload),
-                sent_at_us: p.sent_at_us(),
-                kind: p.kind(),
-                deadline_ms: deadline_wall_ms,
-            },
-        )
-    }));
-    let push = Arc::new(PushContent {
-        message_id,
-        body,
-        log_id: h.log_id,
-        deadline_ms,
-        origin: logic::LOCAL,
-        accepted_us: shard.read_us,
-    });
+    let delivery = Delivery { message_id, payload, sent_at_us: p.sent_at_us(), kind: p.kind(), ttl_ms };
+    let accepted_us = shard.read_us;
+    let push = content(shard, &delivery, h.log_id, accepted_us);
 
     shard.metrics().pushes.fetch_add(1, Relaxed);
     if broadcast != wire::Role::Unknown {
@@ -148,6 +125,56 @@ pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Pus
         );
         return;
     }
+    let targets = send_targets(shard, &push, per_shard);
+    tracing::info!(log_id = h.log_id, message_id, targets, ttl_ms, "push accepted");
+    shard.send_frame(me, FrameType::Response, Cmd::Push, h.seq, h.log_id, |b| {
+        wire::PushAccepted::create(b, &wire::PushAcceptedArgs { message_id, targets })
+    });
+}
+
+/// What every delivery of a push carries.
+pub struct Delivery<'a> {
+    pub message_id: u64,
+    pub payload: &'a [u8],
+    pub sent_at_us: u64,
+    pub kind: u16,
+    pub ttl_ms: u32,
+}
+
+/// A push's content, its `PushDelivery` body encoded once for every target. The deadline is
+/// read once: the app gets it by the wall clock (the body is shared by every target and may
+/// move to another node with a session, so it is absolute), the logic shards by the monotonic
+/// clock their expiry runs on. `accepted_us`: when the request was read, where the gate's
+/// delivery clock starts.
+pub fn content(shard: &mut Shard, d: &Delivery<'_>, log_id: u64, accepted_us: u64) -> Arc<PushContent> {
+    let deadline_wall_ms = crate::net::now_ms() + d.ttl_ms as u64;
+    let deadline_ms = mono_ms() + d.ttl_ms as u64;
+    let body: Arc<[u8]> = Arc::from(shard.enc.body(|b| {
+        let payload = b.create_vector(d.payload);
+        wire::PushDelivery::create(
+            b,
+            &wire::PushDeliveryArgs {
+                message_id: d.message_id,
+                payload: Some(payload),
+                sent_at_us: d.sent_at_us,
+                kind: d.kind,
+                deadline_ms: deadline_wall_ms,
+            },
+        )
+    }));
+    Arc::new(PushContent {
+        message_id: d.message_id,
+        body,
+        log_id,
+        deadline_ms,
+        origin: logic::LOCAL,
+        accepted_us,
+    })
+}
+
+/// Hands each logic shard its targets of `push` (room for them reserved already); returns how
+/// many targets there are, counted in `fleetgate_push_targets_total`.
+pub fn send_targets(shard: &mut Shard, push: &Arc<PushContent>, per_shard: Vec<Vec<u64>>) -> u32 {
     let mut targets = 0;
     for (s, uids) in per_shard.into_iter().enumerate() {
         if !uids.is_empty() {
@@ -157,10 +184,7 @@ pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Pus
         }
     }
     shard.metrics().push_targets.fetch_add(targets as u64, Relaxed);
-    tracing::info!(log_id = h.log_id, message_id, targets, ttl_ms, "push accepted");
-    shard.send_frame(me, FrameType::Response, Cmd::Push, h.seq, h.log_id, |b| {
-        wire::PushAccepted::create(b, &wire::PushAcceptedArgs { message_id, targets })
-    });
+    targets
 }
 
 /// One logic shard counted a broadcast's targets on it; the last count answers PushAccepted.
