@@ -1,40 +1,52 @@
 //! A push's targets on this logic shard, taken in bounded slices: a push to thousands of uids
 //! (or a broadcast to every driver) must not hold up the pushes, acks and GPS behind it for the
-//! whole time its deliveries take to write. A push arriving here delivers at most
-//! [`SLICE`] targets in the turn it arrives; the rest waits in [`Fanouts`], and every later turn
-//! takes one slice of each waiting push in turn, at most [`TURN_BUDGET`] targets in all, with
-//! the loop's reads, acks and writes between turns. A push to a few drivers therefore never
-//! waits behind a large one for more than one slice of it.
+//! whole time its deliveries take to write. A push arriving here delivers at most [`SLICE`]
+//! targets in the turn it arrives; the rest waits in [`Fanouts`], and every later turn takes
+//! up to [`TURN_BUDGET`] waiting targets, oldest push first, with the loop's reads, acks and
+//! writes between turns. A push to a few drivers therefore never waits behind a large one for
+//! more than a slice of it.
 //!
 //! Pushes to one uid keep the order they were accepted in (docs/PROTOCOL.md §9.10): a push that
-//! names a uid some waiting push has still to deliver to waits, whole, until every such push is
-//! done. Only a push with no target in common with what waits goes ahead of it.
+//! names a uid some waiting push has still to reach joins the back of the queue, whole, and the
+//! queue is taken in order. Only a push with no target among those waiting goes ahead. Which
+//! uids wait is kept as a count per uid, so the check costs a lookup per target, whatever the
+//! queue's length.
 //!
 //! The push's room (`sidecar::room`) was reserved for all its targets when it was accepted; each
 //! slice settles its own share, so what waits here still counts against the gate's bound.
 
 use crate::state::Shard;
 use logic::{Input, Output, PushContent, Tally};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 /// Targets of one push delivered in one turn. A slice of 256 deliveries is written in well
 /// under a millisecond (each is one queued send), so a small push behind it waits at most that.
 pub const SLICE: usize = 256;
 
-/// Targets of waiting pushes delivered in one turn, over all of them.
+/// Waiting targets delivered in one turn, over all waiting pushes.
 pub const TURN_BUDGET: usize = 4 * SLICE;
+
+/// Targets one logic shard may have waiting for their slice before pushes that name it are
+/// refused Overloaded: about half a second of writes on one core. Past it the shard is behind
+/// what the app-server offers, and what it accepted more would be delivered ever later, then
+/// after its deadline: refused, the app-server hears so at once and may come back.
+pub const MAX_WAITING: usize = 65_536;
+
+/// True when a push reserving `want[s]` targets on each logic shard `s` names a shard with more
+/// than [`MAX_WAITING`] targets waiting (as the shards last published it, a turn ago at most).
+pub fn behind(shard: &Shard, want: &[u32]) -> bool {
+    want.iter().enumerate().any(|(s, &n)| {
+        n > 0
+            && shard.all_metrics[s].push_targets_waiting.load(std::sync::atomic::Ordering::Relaxed)
+                > MAX_WAITING as i64
+    })
+}
 
 /// One push's targets not yet delivered.
 #[derive(Debug)]
 struct Waiting {
-    /// Its place in arrival order.
-    id: u64,
-    /// Waiting pushes that arrived before it with a target in common: it takes no slice until
-    /// they are all done.
-    after: Vec<u64>,
     push: Arc<PushContent>,
-    /// Sorted, each uid once.
     uids: Vec<u64>,
     /// Targets delivered so far (`uids[..next]`).
     next: usize,
@@ -42,11 +54,14 @@ struct Waiting {
     reserved: u32,
 }
 
-/// Pushes with targets still to deliver, oldest first.
+/// Pushes with targets still to deliver, in arrival order.
 #[derive(Debug, Default)]
 pub struct Fanouts {
     waiting: VecDeque<Waiting>,
-    next_id: u64,
+    /// How many waiting pushes have each uid still to reach (a uid absent: none).
+    uids: HashMap<u64, u32>,
+    /// Targets waiting over all pushes.
+    targets: usize,
 }
 
 impl Fanouts {
@@ -57,40 +72,48 @@ impl Fanouts {
 
     /// Targets waiting over all pushes.
     pub fn targets(&self) -> usize {
-        self.waiting.iter().map(|w| w.uids.len() - w.next).sum()
+        self.targets
+    }
+
+    /// True when a waiting push has one of `uids` still to reach.
+    fn waits_for_any(&self, uids: &[u64]) -> bool {
+        !self.uids.is_empty() && uids.iter().any(|u| self.uids.contains_key(u))
+    }
+
+    /// `w`'s targets not yet delivered join the queue's back.
+    fn enqueue(&mut self, w: Waiting) {
+        for &u in &w.uids[w.next..] {
+            *self.uids.entry(u).or_default() += 1;
+        }
+        self.targets += w.uids.len() - w.next;
+        self.waiting.push_back(w);
+    }
+
+    /// `uids` of a waiting push were delivered.
+    fn delivered(&mut self, uids: &[u64]) {
+        for u in uids {
+            if let Some(n) = self.uids.get_mut(u) {
+                *n -= 1;
+                if *n == 0 {
+                    self.uids.remove(u);
+                }
+            }
+        }
+        self.targets -= uids.len();
     }
 }
 
 /// A push's targets on this shard arrived, with the room reserved for them: the first slice is
-/// delivered now, the rest waits for the next turns.
-pub fn push(shard: &mut Shard, push: Arc<PushContent>, mut uids: Vec<u64>, reserved: u32, now: u64) {
-    // The sidecar sends each shard's targets sorted; a broadcast's come in the directory's order.
-    if !uids.is_sorted() {
-        uids.sort_unstable();
-    }
-    let f = &mut shard.fanouts;
-    f.next_id += 1;
-    let after: Vec<u64> = f.waiting.iter().filter(|w| shares_a_uid(w.left(), &uids)).map(|w| w.id).collect();
-    let mut w = Waiting { id: f.next_id, after, push, uids, next: 0, reserved };
-    if w.after.is_empty() {
+/// delivered now, the rest waits for the next turns; all of it waits when a waiting push has one
+/// of its targets still to reach.
+pub fn push(shard: &mut Shard, push: Arc<PushContent>, uids: Vec<u64>, reserved: u32, now: u64) {
+    let mut w = Waiting { push, uids, next: 0, reserved };
+    if !shard.fanouts.waits_for_any(&w.uids) {
         slice(shard, &mut w, now);
     }
     if w.next < w.uids.len() {
-        shard.fanouts.waiting.push_back(w);
+        shard.fanouts.enqueue(w);
     }
-}
-
-impl Waiting {
-    /// The targets not yet delivered.
-    fn left(&self) -> &[u64] {
-        &self.uids[self.next..]
-    }
-}
-
-/// True when two sorted lists share a uid: each of the shorter looked up in the longer.
-fn shares_a_uid(a: &[u64], b: &[u64]) -> bool {
-    let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
-    short.iter().any(|u| long.binary_search(u).is_ok())
 }
 
 /// A broadcast arrived: its targets are the role's sessions here now (counted at once, so the
@@ -103,48 +126,49 @@ pub fn broadcast(shard: &mut Shard, push: Arc<PushContent>, role: u8, tally: Tal
     self::push(shard, push, uids, reserved, now);
 }
 
-/// One turn: a slice of each waiting push, oldest first, within the turn's budget; the push
-/// whose slice the budget cut off goes first next turn.
+/// One turn: up to [`TURN_BUDGET`] waiting targets, oldest push first (in order, so a push
+/// queued behind one it shares a uid with is reached after it).
 pub fn turn(shard: &mut Shard, now: u64) {
-    if shard.fanouts.waiting.is_empty() {
-        return;
-    }
-    // Pushes done since a push began waiting no longer hold it back.
-    let live: HashSet<u64> = shard.fanouts.waiting.iter().map(|w| w.id).collect();
-    for w in &mut shard.fanouts.waiting {
-        w.after.retain(|id| live.contains(id));
-    }
     let mut budget = TURN_BUDGET;
-    // Each waiting push at most once per turn, so the loop is bounded by the queue's length.
-    for _ in 0..shard.fanouts.waiting.len() {
-        if budget < SLICE {
-            break;
-        }
+    // Each slice takes at least one target or ends a push, so this ends within the budget plus
+    // the queue's length.
+    while budget > 0 {
         let Some(mut w) = shard.fanouts.waiting.pop_front() else { break };
-        if w.after.is_empty() {
-            budget -= slice(shard, &mut w, now);
-        }
+        let taken = queued_slice(shard, &mut w, budget.min(SLICE), now);
+        budget = budget.saturating_sub(taken.max(1));
         if w.next < w.uids.len() {
-            shard.fanouts.waiting.push_back(w);
+            shard.fanouts.waiting.push_front(w);
         }
     }
 }
 
-/// Every waiting target at once: shutdown ends what is in flight only after every accepted
-/// target was taken (each then gets its receipt).
+/// Every waiting target at once, in order: shutdown ends what is in flight only after every
+/// accepted target was taken (each then gets its receipt).
 pub fn finish(shard: &mut Shard, now: u64) {
-    // In arrival order: a push's targets in common with earlier ones go after theirs.
-    shard.fanouts.waiting.make_contiguous().sort_unstable_by_key(|w| w.id);
     while let Some(mut w) = shard.fanouts.waiting.pop_front() {
         while w.next < w.uids.len() {
-            slice(shard, &mut w, now);
+            queued_slice(shard, &mut w, SLICE, now);
         }
     }
 }
 
-/// Delivers the next slice of `w`; returns how many targets it took.
+/// The next slice (at most `max` targets) of a push that was queued: the uids it delivers no
+/// longer wait.
+fn queued_slice(shard: &mut Shard, w: &mut Waiting, max: usize, now: u64) -> usize {
+    let from = w.next;
+    let n = slice_of(shard, w, max, now);
+    shard.fanouts.delivered(&w.uids[from..from + n]);
+    n
+}
+
+/// Delivers the first slice of a push not queued; returns how many targets it took.
 fn slice(shard: &mut Shard, w: &mut Waiting, now: u64) -> usize {
-    let end = (w.next + SLICE).min(w.uids.len());
+    slice_of(shard, w, SLICE, now)
+}
+
+/// Delivers the next slice of `w`, at most `max` targets; returns how many it took.
+fn slice_of(shard: &mut Shard, w: &mut Waiting, max: usize, now: u64) -> usize {
+    let end = (w.next + max).min(w.uids.len());
     let uids = w.uids[w.next..end].to_vec();
     w.next = end;
     // The last slice settles whatever is left of the reservation (a broadcast reserved for the
@@ -157,21 +181,4 @@ fn slice(shard: &mut Shard, w: &mut Waiting, now: u64) -> usize {
     // reservation in the shard's count, in one step.
     shard.publish_in_flight(share);
     n
-}
-
-#[cfg(test)]
-mod tests {
-    use super::shares_a_uid;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn shares_a_uid_is_a_nonempty_intersection(
-            a in proptest::collection::btree_set(0u64..200, 0..40),
-            b in proptest::collection::btree_set(0u64..200, 0..40),
-        ) {
-            let (a, b): (Vec<u64>, Vec<u64>) = (a.into_iter().collect(), b.into_iter().collect());
-            prop_assert_eq!(shares_a_uid(&a, &b), a.iter().any(|u| b.contains(u)));
-        }
-    }
 }

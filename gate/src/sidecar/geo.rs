@@ -394,7 +394,7 @@ fn push_to(shard: &mut Shard, log_id: u64, read_us: u64, p: &PushArgs, uids: Vec
     }
     let per_shard = logic::split_by_shard(uids, shard.mesh.len(), |&u| u);
     let want: Vec<u32> = per_shard.iter().map(|u| u.len() as u32).collect();
-    if !shard.push_room.reserve(&want) {
+    if super::fanout::behind(shard, &want) || !shard.push_room.reserve(&want) {
         return false;
     }
     let delivery = super::push::Delivery {

@@ -82,6 +82,14 @@ pub fn accept(shard: &mut Shard, me: logic::ConnRef, f: &Frame<'_>, p: wire::Pus
         let want = per_shard.iter().map(|u| u.len() as u32).collect();
         (per_shard, want)
     };
+    if super::fanout::behind(shard, &want) {
+        // Targets already wait to be written: more would only be delivered later, then late.
+        shard.metrics().pushes_refused.fetch_add(1, Relaxed);
+        let message = "push targets waiting to be written past the gate's bound: retry later";
+        let retry_after_ms = jitter(OVERLOADED_RETRY_MS);
+        let code = ErrorCode::Overloaded;
+        return shard.send_error(me, h.seq, h.log_id, code, Hop::Gate, h.cmd, message, retry_after_ms);
+    }
     if !shard.push_room.reserve(&want) {
         // Every pair accepted must be held until its receipt: a gate past its bound would only
         // accept pushes that end unheld, so it says so and when to come back.
