@@ -128,6 +128,39 @@ impl NodeAnswer {
     }
 }
 
+/// A geo request's selection as an app-server sent it, before its bounds are checked
+/// (docs/PROTOCOL.md §9.16): the `k` nearest drivers within `radius_m` of a point. Carried
+/// between nodes in `NodeMsg::GeoAsk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GeoSelection {
+    /// 1e-7 degrees.
+    pub lat_e7: i32,
+    /// 1e-7 degrees.
+    pub lon_e7: i32,
+    /// Metres.
+    pub radius_m: u32,
+    /// Drivers wanted.
+    pub k: u32,
+    /// 0: any age.
+    pub max_age_ms: u32,
+    /// `wire::GeoFilter` value.
+    pub filter: u8,
+}
+
+impl GeoSelection {
+    /// A GeoQuery's selection.
+    pub fn of_query(g: &wire::GeoQuery<'_>) -> GeoSelection {
+        let (lat_e7, lon_e7, radius_m, k) = (g.lat_e7(), g.lon_e7(), g.radius_m(), g.k());
+        GeoSelection { lat_e7, lon_e7, radius_m, k, max_age_ms: g.max_age_ms(), filter: g.filter().0 }
+    }
+
+    /// A GeoPush's selection.
+    pub fn of_push(g: &wire::GeoPush<'_>) -> GeoSelection {
+        let (lat_e7, lon_e7, radius_m, k) = (g.lat_e7(), g.lon_e7(), g.radius_m(), g.k());
+        GeoSelection { lat_e7, lon_e7, radius_m, k, max_age_ms: g.max_age_ms(), filter: g.filter().0 }
+    }
+}
+
 /// A message from one node to another. (`PartialEq` only: GPS points are generated structs.)
 #[derive(Clone, Debug, PartialEq)]
 pub enum NodeMsg {
@@ -217,17 +250,7 @@ pub enum NodeMsg {
         log_id: u64,
         /// The selection, as the app-server sent it (the sender checked its bounds; the
         /// receiver checks them again).
-        lat_e7: i32,
-        /// 1e-7 degrees.
-        lon_e7: i32,
-        /// Metres.
-        radius_m: u32,
-        /// Drivers wanted.
-        k: u32,
-        /// 0: any age.
-        max_age_ms: u32,
-        /// `wire::GeoFilter` value.
-        filter: u8,
+        sel: GeoSelection,
     },
     /// The answer to `GeoAsk`: the receiver's nearest drivers, nearest first.
     GeoFound {
@@ -477,16 +500,16 @@ impl NodeMsg {
                 out.extend_from_slice(&uid.to_le_bytes());
                 out.push(u8::from(*found));
             }
-            NodeMsg::GeoAsk { tag, log_id, lat_e7, lon_e7, radius_m, k, max_age_ms, filter } => {
+            NodeMsg::GeoAsk { tag, log_id, sel } => {
                 out.push(GEO_ASK);
                 out.extend_from_slice(&tag.to_le_bytes());
                 out.extend_from_slice(&log_id.to_le_bytes());
-                out.extend_from_slice(&lat_e7.to_le_bytes());
-                out.extend_from_slice(&lon_e7.to_le_bytes());
-                out.extend_from_slice(&radius_m.to_le_bytes());
-                out.extend_from_slice(&k.to_le_bytes());
-                out.extend_from_slice(&max_age_ms.to_le_bytes());
-                out.push(*filter);
+                out.extend_from_slice(&sel.lat_e7.to_le_bytes());
+                out.extend_from_slice(&sel.lon_e7.to_le_bytes());
+                out.extend_from_slice(&sel.radius_m.to_le_bytes());
+                out.extend_from_slice(&sel.k.to_le_bytes());
+                out.extend_from_slice(&sel.max_age_ms.to_le_bytes());
+                out.push(sel.filter);
             }
             NodeMsg::GeoFound { tag, hits } => {
                 out.push(GEO_FOUND);
@@ -691,7 +714,8 @@ impl NodeMsg {
                 let (tag, log_id) = (r.u64()?, r.u64()?);
                 let (lat_e7, lon_e7) = (r.u32()? as i32, r.u32()? as i32);
                 let (radius_m, k, max_age_ms) = (r.u32()?, r.u32()?, r.u32()?);
-                NodeMsg::GeoAsk { tag, log_id, lat_e7, lon_e7, radius_m, k, max_age_ms, filter: r.u8()? }
+                let sel = GeoSelection { lat_e7, lon_e7, radius_m, k, max_age_ms, filter: r.u8()? };
+                NodeMsg::GeoAsk { tag, log_id, sel }
             }
             GEO_FOUND => {
                 let tag = r.u64()?;
@@ -917,12 +941,7 @@ mod tests {
                 |((tag, log_id, lat_e7, lon_e7), (radius_m, k, max_age_ms, filter))| NodeMsg::GeoAsk {
                     tag,
                     log_id,
-                    lat_e7,
-                    lon_e7,
-                    radius_m,
-                    k,
-                    max_age_ms,
-                    filter
+                    sel: GeoSelection { lat_e7, lon_e7, radius_m, k, max_age_ms, filter },
                 }
             ),
             (any::<u64>(), proptest::collection::vec(any::<[u8; 24]>().prop_map(wire::GeoHit), 0..40))

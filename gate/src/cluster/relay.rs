@@ -763,8 +763,7 @@ pub fn split(c: &Cluster, sender: &str, msg: NodeMsg, per: &mut [Vec<Msg>]) {
             }));
         }
         // Any shard can gather a node's answer (it asks every logic shard): spread by the tag.
-        NodeMsg::GeoAsk { tag, log_id, lat_e7, lon_e7, radius_m, k, max_age_ms, filter } => {
-            let asked = crate::sidecar::geo::Asked { lat_e7, lon_e7, radius_m, k, max_age_ms, filter };
+        NodeMsg::GeoAsk { tag, log_id, sel: asked } => {
             let origin = c.origin(sender);
             st.geo_received.fetch_add(1, Relaxed);
             per[(tag as usize) % shards].push(note(Note::GeoAsk { origin, tag, log_id, asked }));

@@ -96,36 +96,9 @@ impl Deadline for Waiting {
     }
 }
 
-/// A selection's fields as they came, before they are checked.
-#[derive(Debug, Clone, Copy)]
-pub struct Asked {
-    /// 1e-7 degrees.
-    pub lat_e7: i32,
-    /// 1e-7 degrees.
-    pub lon_e7: i32,
-    /// Metres.
-    pub radius_m: u32,
-    /// Drivers wanted.
-    pub k: u32,
-    /// 0: any age.
-    pub max_age_ms: u32,
-    /// `wire::GeoFilter` value.
-    pub filter: u8,
-}
-
-impl Asked {
-    /// A GeoQuery's selection.
-    pub fn of_query(g: &wire::GeoQuery<'_>) -> Asked {
-        let (lat_e7, lon_e7, radius_m, k) = (g.lat_e7(), g.lon_e7(), g.radius_m(), g.k());
-        Asked { lat_e7, lon_e7, radius_m, k, max_age_ms: g.max_age_ms(), filter: g.filter().0 }
-    }
-
-    /// A GeoPush's selection.
-    pub fn of_push(g: &wire::GeoPush<'_>) -> Asked {
-        let (lat_e7, lon_e7, radius_m, k) = (g.lat_e7(), g.lon_e7(), g.radius_m(), g.k());
-        Asked { lat_e7, lon_e7, radius_m, k, max_age_ms: g.max_age_ms(), filter: g.filter().0 }
-    }
-}
+/// A selection's fields as they came, before they are checked: the node message's own type, so
+/// a selection crosses nodes as it came.
+pub use schema::node::GeoSelection as Asked;
 
 /// Checks a selection against §9.16's bounds: the query, or the error code and its message.
 pub fn check(a: Asked) -> Result<Query, (ErrorCode, &'static str)> {
@@ -227,17 +200,7 @@ fn start(shard: &mut Shard, me: ConnRef, h: &Header, cmd: Cmd, a: Asked, push: O
         "geo request"
     );
     for node in nodes {
-        let msg = NodeMsg::GeoAsk {
-            tag,
-            log_id: h.log_id,
-            lat_e7: a.lat_e7,
-            lon_e7: a.lon_e7,
-            radius_m: a.radius_m,
-            k: a.k,
-            max_age_ms: a.max_age_ms,
-            filter: a.filter,
-        };
-        crate::cluster::relay::to_node(shard, &node, msg);
+        crate::cluster::relay::to_node(shard, &node, NodeMsg::GeoAsk { tag, log_id: h.log_id, sel: a });
     }
 }
 
