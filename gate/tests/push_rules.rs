@@ -239,27 +239,44 @@ fn a_large_fan_out_does_not_hold_up_a_small_push_behind_it() {
 #[test]
 fn a_shard_with_targets_waiting_past_its_bound_refuses_pushes_with_overloaded() {
     // Ten pushes of 50,000 offline uids in one write: 500,000 targets wait for their slices,
-    // far past the bound (65,536 a shard), and the next push is refused until they are written.
+    // far past the bound (65,536 a shard), and a push that comes meanwhile is refused.
     let gate = Gate::start(&["--cores", "0"]);
     let (srv, ev) = gate.appserver();
     let uids: Vec<u64> = (1..=50_000).collect();
     let batch: Vec<client::PushSpec> = (1..=10).map(|m| push_spec(m, &uids, 30_000)).collect();
     srv.push_many_async(&batch).expect("sent");
-    // The receipts are taken as they come, so the answers behind them are read.
-    let collector = std::thread::spawn(move || receipts(&ev, 500_000));
-    gate.eventually("targets waiting", || gate.metric("fleetgate_push_targets_waiting", "") > 65_536.0);
-    match srv.push(&push_spec(100, &[2_000_000], 30_000)) {
-        Err(ClientError::Server { code, origin, retry_after_ms, message, .. }) => {
-            assert_eq!((code, origin), (ErrorCode::Overloaded, Hop::Gate), "{message}");
-            assert!((1_000..=2_000).contains(&retry_after_ms), "a jittered second: {retry_after_ms}");
-            assert!(message.contains("waiting"), "{message}");
+    // The batch's receipts are taken as they come (so the answers behind them are read); the
+    // probes' own receipts are not counted.
+    let collector = std::thread::spawn(move || {
+        let mut batch_receipts = 0;
+        common::collect_events(&ev, |e| {
+            if let client::AppServerEvent::Receipt { message_id, .. } = e {
+                batch_receipts += usize::from(*message_id <= 10);
+            }
+            batch_receipts == 500_000
+        });
+        batch_receipts
+    });
+    // Probes, one at a time, from the moment the batch is written: the gate refuses one while
+    // the batch's targets wait (it reads them in a fraction of the time it takes to write them).
+    let mut refused = None;
+    for probe in 0..200 {
+        match srv.push(&push_spec(100 + probe, &[2_000_000], 30_000)) {
+            Ok(_) => {}
+            Err(ClientError::Server { code, origin, retry_after_ms, message, .. }) => {
+                refused = Some((code, origin, retry_after_ms, message));
+                break;
+            }
+            Err(e) => panic!("probe {probe}: {e:?}"),
         }
-        other => panic!("expected Overloaded, got {other:?}"),
     }
-    // Once written, pushes are taken again; every accepted target got its one receipt.
-    let r = collector.join().expect("receipts");
-    assert_eq!(r.len(), 500_000);
+    let (code, origin, retry_after_ms, message) = refused.expect("a probe refused while targets waited");
+    assert_eq!((code, origin), (ErrorCode::Overloaded, Hop::Gate), "{message}");
+    assert!((1_000..=2_000).contains(&retry_after_ms), "a jittered second: {retry_after_ms}");
+    assert!(message.contains("waiting"), "{message}");
+    // Once written, pushes are taken again; every target of the batch got its receipt.
+    assert_eq!(collector.join().expect("receipts"), 500_000);
     gate.eventually("nothing waiting", || gate.metric("fleetgate_push_targets_waiting", "") == 0.0);
-    assert_eq!(srv.push(&push_spec(101, &[2_000_000], 30_000)).expect("taken").targets, 1);
+    assert_eq!(srv.push(&push_spec(1_000, &[2_000_000], 30_000)).expect("taken").targets, 1);
     assert!(gate.metric("fleetgate_pushes_refused_total", "reason=\"overloaded\"") >= 1.0);
 }
