@@ -190,6 +190,9 @@ pub struct ShardMetrics {
     pub bytes_in: AtomicU64,
     /// Bytes written to app connections.
     pub bytes_out: AtomicU64,
+    /// Sends handed to the kernel on the app port: the frames a turn queued for one connection
+    /// leave in one send, so deliveries per send shows how well they were gathered.
+    pub app_sends: AtomicU64,
     /// Error frames sent, by `ErrorCode` value.
     pub errors: Counters<32>,
     /// GPS points received from drivers.
@@ -296,6 +299,12 @@ pub fn render(shards: &[ShardMetrics], mesh_depth: impl Fn(usize) -> usize) -> S
     scalar!(counter, "connections_accepted_total", "Connections accepted.", accepted);
     scalar!(counter, "bytes_in_total", "Bytes read from apps.", bytes_in);
     scalar!(counter, "bytes_out_total", "Bytes written to apps.", bytes_out);
+    scalar!(
+        counter,
+        "app_sends_total",
+        "Sends handed to the kernel on the app port (a turn's frames for one connection leave in one send).",
+        app_sends
+    );
     scalar!(counter, "gps_points_in_total", "GPS points received.", gps_in);
     scalar!(
         counter,

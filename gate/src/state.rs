@@ -733,6 +733,9 @@ impl Shard {
                     conn.out_inflight = bytes.len();
                     r.sending = true;
                     queued = true;
+                    if conn.port == Port::App {
+                        m.app_sends.fetch_add(1, Relaxed);
+                    }
                     if conn.marks.is_some() {
                         measured.push(slot);
                     }
@@ -757,6 +760,9 @@ impl Shard {
                 continue;
             }
             if conn.out_inflight == 0 && !conn.out.is_empty() {
+                if conn.port == Port::App {
+                    m.app_sends.fetch_add(1, Relaxed);
+                }
                 match net::send(conn.fd, &conn.out) {
                     Ok(Io::Done(n)) => {
                         m.bytes_out.fetch_add(n as u64, Relaxed);

@@ -237,6 +237,57 @@ fn a_large_fan_out_does_not_hold_up_a_small_push_behind_it() {
 }
 
 #[test]
+fn waiting_pushes_to_one_driver_leave_together_in_the_order_accepted() {
+    // One logic shard: a push to 50,000 uids ending with two online drivers, a push to 2,000
+    // uids ending with the same two, then four pushes to those two only, written together. Each
+    // later push names a uid an earlier one has still to reach, so it waits behind it whole, and
+    // all have arrived long before the turns reach the first push's end. Reaching a driver takes
+    // every waiting push's delivery to it at once: each driver gets all six in the order
+    // accepted, in one send. Taken push by push (at most 1,024 targets a turn), the second
+    // push's deliveries to them would leave turns after the first's.
+    let gate = Gate::start(&["--cores", "0"]);
+    let (srv, ev) = gate.appserver();
+    let online = [1_000_001u64, 1_000_002];
+    let mut apps: Vec<AppConn> = online.iter().map(|&uid| gate.login(uid, 1)).collect();
+    let ending_online = |from: u64, n: u64| {
+        let mut uids: Vec<u64> = (from..from + n).collect();
+        uids.extend(online);
+        uids
+    };
+    let mut batch = vec![
+        push_spec(1, &ending_online(1, 49_998), 30_000),
+        push_spec(2, &ending_online(100_001, 2_000), 30_000),
+    ];
+    batch.extend((3..=6).map(|m| push_spec(m, &[online[1], online[0]], 30_000)));
+    let sends_before = gate.metric("fleetgate_app_sends_total", "");
+    srv.push_many_async(&batch).expect("sent");
+    let mut frames = Vec::new();
+    for app in &mut apps {
+        let got: Vec<OwnedFrame> = (0..6).map(|_| next_push(app)).collect();
+        let ids: Vec<u64> = got.iter().map(|f| f.delivery().expect("delivery").message_id).collect();
+        assert_eq!(ids, [1, 2, 3, 4, 5, 6], "in the order accepted");
+        frames.push(got);
+    }
+    let sends = gate.metric("fleetgate_app_sends_total", "") - sends_before;
+    assert_eq!(sends, 2.0, "twelve deliveries to two drivers, one send each");
+    for (app, got) in apps.iter_mut().zip(&frames) {
+        for f in got {
+            app.ack_push(f).expect("ack");
+        }
+    }
+    let r = receipts(&ev, 49_998 + 2_000 + 12);
+    for m in 1..=6 {
+        for uid in online {
+            assert_eq!(r[&(m, uid)], vec![Outcome::Delivered], "{m}/{uid}");
+        }
+    }
+    gate.eventually("nothing in flight or waiting", || {
+        gate.metric("fleetgate_pushes_in_flight", "") == 0.0
+            && gate.metric("fleetgate_push_targets_waiting", "") == 0.0
+    });
+}
+
+#[test]
 fn a_shard_with_targets_waiting_past_its_bound_refuses_pushes_with_overloaded() {
     // Ten pushes of 50,000 offline uids in one write: 500,000 targets wait for their slices,
     // far past the bound (65,536 a shard), and a push that comes meanwhile is refused.
@@ -246,16 +297,26 @@ fn a_shard_with_targets_waiting_past_its_bound_refuses_pushes_with_overloaded() 
     let batch: Vec<client::PushSpec> = (1..=10).map(|m| push_spec(m, &uids, 30_000)).collect();
     srv.push_many_async(&batch).expect("sent");
     // The batch's receipts are taken as they come (so the answers behind them are read); the
-    // probes' own receipts are not counted.
+    // probes' own receipts are not counted. A push of the batch itself may be refused too (when
+    // the gate read it after the first ones' targets were counted waiting): only the accepted
+    // pushes' targets get receipts.
     let collector = std::thread::spawn(move || {
-        let mut batch_receipts = 0;
-        common::collect_events(&ev, |e| {
-            if let client::AppServerEvent::Receipt { message_id, .. } = e {
+        let (mut batch_receipts, mut answers, mut accepted) = (0, 0, 0);
+        common::collect_events(&ev, |e| match e {
+            client::AppServerEvent::Receipt { message_id, .. } => {
                 batch_receipts += usize::from(*message_id <= 10);
+                answers == 10 && batch_receipts == accepted
             }
-            batch_receipts == 500_000
+            client::AppServerEvent::PushAnswer { message_id, result, .. } if *message_id <= 10 => {
+                answers += 1;
+                accepted += result.as_ref().map_or(0, |&n| n as usize);
+                answers == 10 && batch_receipts == accepted
+            }
+            _ => false,
         });
-        batch_receipts
+        // The events are handed back, not dropped: dropping them would end the connection the
+        // probes still use.
+        (batch_receipts, accepted, ev)
     });
     // Probes, one at a time, from the moment the batch is written: the gate refuses one while
     // the batch's targets wait (it reads them in a fraction of the time it takes to write them).
@@ -274,8 +335,11 @@ fn a_shard_with_targets_waiting_past_its_bound_refuses_pushes_with_overloaded() 
     assert_eq!((code, origin), (ErrorCode::Overloaded, Hop::Gate), "{message}");
     assert!((1_000..=2_000).contains(&retry_after_ms), "a jittered second: {retry_after_ms}");
     assert!(message.contains("waiting"), "{message}");
-    // Once written, pushes are taken again; every target of the batch got its receipt.
-    assert_eq!(collector.join().expect("receipts"), 500_000);
+    // Once written, pushes are taken again; every accepted target of the batch got its receipt,
+    // and the first pushes (read before anything waited) were accepted.
+    let (batch_receipts, accepted, _ev) = collector.join().expect("receipts");
+    assert_eq!(batch_receipts, accepted);
+    assert!(accepted >= 50_000, "{accepted}");
     gate.eventually("nothing waiting", || gate.metric("fleetgate_push_targets_waiting", "") == 0.0);
     assert_eq!(srv.push(&push_spec(1_000, &[2_000_000], 30_000)).expect("taken").targets, 1);
     assert!(gate.metric("fleetgate_pushes_refused_total", "reason=\"overloaded\"") >= 1.0);
