@@ -24,7 +24,7 @@
 
 use crate::state::Shard;
 use logic::{Input, Output, PushContent, Tally};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 /// Targets of one push delivered in one turn. A slice of 256 deliveries is written in well
@@ -53,6 +53,10 @@ pub fn behind(shard: &Shard, want: &[u32]) -> bool {
 /// Distinct positions of waiting pushes a turn may look at, taken or not: a push whose targets
 /// were mostly taken with older pushes' is walked past in bounded steps.
 const TURN_LOOKS: usize = 16 * TURN_BUDGET;
+
+/// Deliveries of one push taken together: the push, the uids, and the share of its reserved
+/// room they settle.
+type Slice = (Arc<PushContent>, Vec<u64>, u32);
 
 /// One push's targets not yet delivered.
 #[derive(Debug)]
@@ -108,12 +112,31 @@ impl Fanouts {
         self.waiting.push_back(w);
     }
 
+    /// A push's targets here arrived, with the room reserved for them: returns its first slice
+    /// (the push, its uids, the share of the reservation they settle) when no waiting push
+    /// names any of its uids; what is not in it waits.
+    fn arrive(&mut self, push: Arc<PushContent>, uids: Vec<u64>, reserved: u32) -> Option<Slice> {
+        let mut w = Waiting { push, uids, next: 0, left: 0, reserved };
+        let first = (!self.waits_for_any(&w.uids)).then(|| {
+            let end = SLICE.min(w.uids.len());
+            w.next = end;
+            let share = if end == w.uids.len() { w.reserved } else { (end as u32).min(w.reserved) };
+            w.reserved -= share;
+            (w.push.clone(), w.uids[..end].to_vec(), share)
+        });
+        if w.next < w.uids.len() {
+            self.enqueue(w);
+        }
+        first
+    }
+
     /// Takes up to about `budget` waiting deliveries (one uid's deliveries are taken together,
     /// so the last uid may go over it by the pushes waiting for it): for each waiting push with
     /// deliveries taken, oldest first, the push, the uids taken and the share of its
     /// reservation they settle. Pushes with nothing left leave the queue.
-    fn take(&mut self, budget: usize, looks: usize) -> Vec<(Arc<PushContent>, Vec<u64>, u32)> {
-        let mut taken: Vec<Vec<u64>> = Vec::new();
+    fn take(&mut self, budget: usize, looks: usize) -> Vec<Slice> {
+        // By the push's place in the queue: a few pushes each turn, however long the queue.
+        let mut taken: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
         let (mut count, mut looked, mut k) = (0, 0, 0);
         // Each step looks at one position (bounded by `looks`) or passes a push with nothing
         // left (bounded by the queue's length).
@@ -134,20 +157,14 @@ impl Fanouts {
             }
             for s in self.uids.remove(&u).expect("looked up") {
                 let i = (s - self.first) as usize;
-                if taken.len() <= i {
-                    taken.resize_with(i + 1, Vec::new);
-                }
-                taken[i].push(u);
+                taken.entry(i).or_default().push(u);
                 self.waiting[i].left -= 1;
                 count += 1;
             }
         }
         self.targets -= count;
         let mut out = Vec::new();
-        for (i, uids) in taken.into_iter().enumerate() {
-            if uids.is_empty() {
-                continue;
-            }
+        for (i, uids) in taken {
             let w = &mut self.waiting[i];
             // The last delivery settles whatever is left of the reservation (a broadcast
             // reserved for the sessions it expected, which may differ from those it found).
@@ -167,13 +184,8 @@ impl Fanouts {
 /// delivered now, the rest waits for the next turns; all of it waits when a waiting push has one
 /// of its targets still to reach.
 pub fn push(shard: &mut Shard, push: Arc<PushContent>, uids: Vec<u64>, reserved: u32, now: u64) {
-    let mut w = Waiting { push, uids, next: 0, left: 0, reserved };
-    if !shard.fanouts.waits_for_any(&w.uids) {
-        first_slice(shard, &mut w, now);
-    }
-    if w.next < w.uids.len() {
-        shard.fanouts.enqueue(w);
-    }
+    let first = shard.fanouts.arrive(push, uids, reserved);
+    deliver(shard, first.into_iter().collect(), now);
 }
 
 /// A broadcast arrived: its targets are the role's sessions here now (counted at once, so the
@@ -204,7 +216,7 @@ pub fn finish(shard: &mut Shard, now: u64) {
 }
 
 /// Hands each push's taken uids to the logic shard, oldest push first.
-fn deliver(shard: &mut Shard, slices: Vec<(Arc<PushContent>, Vec<u64>, u32)>, now: u64) {
+fn deliver(shard: &mut Shard, slices: Vec<Slice>, now: u64) {
     for (push, uids, share) in slices {
         crate::event_loop::logic_input(shard, Input::Push { push, uids }, now);
         // What the slice became (pairs in flight, or receipts at once) replaces its share of
@@ -213,12 +225,119 @@ fn deliver(shard: &mut Shard, slices: Vec<(Arc<PushContent>, Vec<u64>, u32)>, no
     }
 }
 
-/// Delivers the first slice of a push not queued (no waiting push names any of its uids).
-fn first_slice(shard: &mut Shard, w: &mut Waiting, now: u64) {
-    let end = SLICE.min(w.uids.len());
-    let uids = w.uids[..end].to_vec();
-    w.next = end;
-    let share = if end == w.uids.len() { w.reserved } else { (end as u32).min(w.reserved) };
-    w.reserved -= share;
-    deliver(shard, vec![(w.push.clone(), uids, share)], now);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn content(message_id: u64) -> Arc<PushContent> {
+        Arc::new(PushContent {
+            message_id,
+            body: Arc::from(&[][..]),
+            log_id: message_id,
+            deadline_ms: 0,
+            origin: logic::push::LOCAL,
+            accepted_us: 0,
+        })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A push to these uids arrives.
+        Arrive(Vec<u64>),
+        /// A turn with this budget and this many looks.
+        Turn(usize, usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            // Few distinct uids, so pushes overlap; long enough to pass a first slice.
+            prop::collection::vec(0u64..40, 0..700).prop_map(Step::Arrive),
+            (1usize..300, 1usize..400).prop_map(|(b, l)| Step::Turn(b, l)),
+        ]
+    }
+
+    proptest! {
+        /// Whatever arrives and however the turns are bounded: every target is delivered once,
+        /// each uid gets its pushes in the order they arrived, each push's reservation is settled
+        /// exactly, and the count of targets waiting is what waits.
+        #[test]
+        fn every_target_once_each_uid_in_order_reservations_settled(steps in prop::collection::vec(step(), 1..40)) {
+            let mut f = Fanouts::default();
+            let mut pushes: Vec<Vec<u64>> = Vec::new();
+            let mut got: Vec<(u64, u64)> = Vec::new();
+            let mut settled: HashMap<u64, u32> = HashMap::new();
+            let mut record = |slices: Vec<Slice>, got: &mut Vec<(u64, u64)>| {
+                for (p, uids, share) in slices {
+                    *settled.entry(p.message_id).or_default() += share;
+                    got.extend(uids.into_iter().map(|u| (p.message_id, u)));
+                }
+            };
+            for s in steps {
+                match s {
+                    Step::Arrive(uids) => {
+                        let id = pushes.len() as u64;
+                        pushes.push(uids.clone());
+                        let n = uids.len() as u32;
+                        let first = f.arrive(content(id), uids, n);
+                        record(first.into_iter().collect(), &mut got);
+                    }
+                    Step::Turn(budget, looks) => {
+                        let before = f.targets();
+                        let slices = f.take(budget, looks);
+                        let n: usize = slices.iter().map(|s| s.1.len()).sum();
+                        prop_assert_eq!(f.targets(), before - n);
+                        record(slices, &mut got);
+                    }
+                }
+                let waiting: usize = f.waiting.iter().map(|w| w.left).sum();
+                prop_assert_eq!(f.targets(), waiting);
+            }
+            while f.pending() {
+                let slices = f.take(usize::MAX, usize::MAX);
+                record(slices, &mut got);
+            }
+            prop_assert_eq!(f.targets(), 0);
+            prop_assert!(f.uids.is_empty());
+            // Every target once.
+            for (id, uids) in pushes.iter().enumerate() {
+                let mut want = uids.clone();
+                want.sort_unstable();
+                let mut had: Vec<u64> = got.iter().filter(|g| g.0 == id as u64).map(|g| g.1).collect();
+                had.sort_unstable();
+                prop_assert_eq!(had, want, "push {}", id);
+                prop_assert_eq!(settled.get(&(id as u64)).copied().unwrap_or(0), uids.len() as u32, "push {} settled", id);
+            }
+            // Each uid's pushes in the order they arrived.
+            let mut last: HashMap<u64, u64> = HashMap::new();
+            for &(id, u) in &got {
+                if let Some(&prev) = last.get(&u) {
+                    prop_assert!(prev <= id, "uid {} got push {} after {}", u, id, prev);
+                }
+                last.insert(u, id);
+            }
+        }
+    }
+
+    #[test]
+    fn a_turn_takes_a_uids_deliveries_from_every_waiting_push_at_once() {
+        let mut f = Fanouts::default();
+        // The first push delivers 256 targets at once and leaves 300 waiting; the second names
+        // uid 555, which the first has still to reach, so it waits whole.
+        let first = f.arrive(content(0), (0..556).collect(), 556).expect("nothing waited");
+        assert_eq!(first.1.len(), SLICE);
+        assert!(f.arrive(content(1), vec![555, 1_000], 2).is_none());
+        assert_eq!(f.targets(), 300 + 2);
+        // A turn of 299 deliveries reaches up to uid 554 of the first push.
+        let slices = f.take(299, usize::MAX);
+        assert_eq!(slices.len(), 1);
+        assert_eq!(slices[0].1.len(), 299);
+        // The next reaches 555: the first push's delivery and the second's, in that order, and
+        // goes on to the second push's 1,000.
+        let slices = f.take(usize::MAX, usize::MAX);
+        let got: Vec<(u64, Vec<u64>, u32)> =
+            slices.into_iter().map(|(p, u, s)| (p.message_id, u, s)).collect();
+        assert_eq!(got, vec![(0, vec![555], 1), (1, vec![555, 1_000], 2)]);
+        assert!(!f.pending());
+    }
 }
