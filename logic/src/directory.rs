@@ -3,6 +3,7 @@
 //! Every new session (a login) takes the next epoch for its uid, so a message about an older
 //! session (a late `Closed` from a displaced connection) is recognised and ignored.
 
+use crate::hash::UidHash;
 use crate::push::PushState;
 use crate::ConnRef;
 use std::collections::{BTreeSet, HashMap};
@@ -68,10 +69,10 @@ pub struct LoginResult {
 #[derive(Debug, Default)]
 pub struct Directory {
     /// Live sessions.
-    entries: HashMap<u64, Entry>,
+    entries: HashMap<u64, Entry, UidHash>,
     /// Last epoch handed out per uid that has no live session, so epochs never go back after a
     /// logout. Bounded: pruned when it exceeds `MAX_RETIRED`.
-    retired: HashMap<u64, u64>,
+    retired: HashMap<u64, u64, UidHash>,
     /// Held sessions by hold deadline: (deadline ms, uid).
     held: BTreeSet<(u64, u64)>,
 }

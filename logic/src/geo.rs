@@ -14,6 +14,7 @@
 //! does at a few multiplications each; the distance itself (`2R·asin(chord/2)`, the haversine
 //! distance in another form) is computed only for the K kept. The K nearest, ties by uid.
 
+use crate::hash::UidHash;
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
@@ -195,37 +196,6 @@ impl Nearest {
                 age_ms: n.age_ms,
             })
             .collect()
-    }
-}
-
-/// A `BuildHasher` for uids: one multiplication (the golden-ratio constant `shard_of` uses too)
-/// and a fold of the high half, which spreads sequential uids over every bucket.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct UidHash;
-
-/// The hasher of [`UidHash`]: takes one u64.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct UidHasher(u64);
-
-impl std::hash::BuildHasher for UidHash {
-    type Hasher = UidHasher;
-    fn build_hasher(&self) -> UidHasher {
-        UidHasher(0)
-    }
-}
-
-impl std::hash::Hasher for UidHasher {
-    fn finish(&self) -> u64 {
-        let h = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        h ^ (h >> 32)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ b as u64;
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
     }
 }
 

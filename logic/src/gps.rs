@@ -1,6 +1,7 @@
 //! GPS ingest on a logic shard: the heaviest stream by far, so the app-server gets at most one
 //! point per driver per flush interval (coalescing), unless every point is asked for.
 
+use crate::hash::UidHash;
 use schema::wire::{GpsPoint, UidGpsPoint};
 use std::collections::HashMap;
 
@@ -34,7 +35,7 @@ pub struct Coalescer {
     /// Forwarding mode.
     mode: Forward,
     /// Latest point per driver (mode `Latest`).
-    latest: HashMap<u64, GpsPoint>,
+    latest: HashMap<u64, GpsPoint, UidHash>,
     /// Every point in arrival order (mode `All`), at most `max_buffered`.
     all: Vec<UidGpsPoint>,
     /// Bound on `all`.
@@ -46,7 +47,13 @@ pub struct Coalescer {
 impl Coalescer {
     /// A coalescer in `mode`, buffering at most `max_buffered` points in mode `All`.
     pub fn new(mode: Forward, max_buffered: usize) -> Coalescer {
-        Coalescer { mode, latest: HashMap::new(), all: Vec::new(), max_buffered, stats: GpsStats::default() }
+        Coalescer {
+            mode,
+            latest: HashMap::default(),
+            all: Vec::new(),
+            max_buffered,
+            stats: GpsStats::default(),
+        }
     }
 
     /// Takes one point of `uid`.

@@ -15,6 +15,7 @@
 pub mod directory;
 pub mod geo;
 pub mod gps;
+pub mod hash;
 pub mod push;
 pub mod shard;
 pub mod upstream;

@@ -8,7 +8,8 @@
 //! the session's end comes first removes it from both and emits the receipt, so a second event
 //! for the same push finds nothing and emits nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use crate::hash::UidHash;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 /// `wire::Outcome` values, kept here as plain numbers so this crate's state stays plain data.
@@ -172,48 +173,149 @@ impl PushState {
 }
 
 /// Every in-flight push of a shard by expiry: expiry without scanning sessions.
+///
+/// Every delivery is inserted and every ack removes it, so both are on the push path's hot
+/// loop. The pushes of one fan-out share their deadline, so the index is a short ordered map of
+/// expiry instants (one per push in flight, not one per delivery), each with the set of
+/// (uid, sequence-id) due then: an insert or a remove is one search among those instants and
+/// one hash operation. A delivery's insert and an ack's remove cost 51 ns here against 168 ns in
+/// one ordered set of every delivery (the index before), with 10,000 in flight; 142 against
+/// 178 ns with 300,000 (`cargo bench -p logic --bench ttl`).
 #[derive(Debug, Default)]
 pub struct TtlIndex {
-    /// (expiry ms, uid, sequence-id).
-    set: BTreeSet<(u64, u64, u32)>,
+    /// Expiry ms → the (uid, sequence-id) pairs due then; no empty set is kept.
+    by_ms: BTreeMap<u64, HashSet<(u64, u32), UidHash>>,
+    /// Pairs over every instant.
+    len: usize,
 }
 
 impl TtlIndex {
     /// Adds a push.
     pub fn insert(&mut self, expires_ms: u64, uid: u64, seq: u32) {
-        self.set.insert((expires_ms, uid, seq));
+        if self.by_ms.entry(expires_ms).or_default().insert((uid, seq)) {
+            self.len += 1;
+        }
     }
 
     /// Removes a push (acked or ended).
     pub fn remove(&mut self, expires_ms: u64, uid: u64, seq: u32) {
-        self.set.remove(&(expires_ms, uid, seq));
+        if let Some(due) = self.by_ms.get_mut(&expires_ms) {
+            if due.remove(&(uid, seq)) {
+                self.len -= 1;
+                if due.is_empty() {
+                    self.by_ms.remove(&expires_ms);
+                }
+            }
+        }
     }
 
     /// The earliest expiry.
     pub fn first_deadline(&self) -> Option<u64> {
-        self.set.first().map(|e| e.0)
+        self.by_ms.first_key_value().map(|(&ms, _)| ms)
     }
 
-    /// Removes and returns up to `max` entries due at `now_ms`.
+    /// Removes and returns up to `max` entries due at `now_ms`: earliest expiry first, and within
+    /// one instant by uid and sequence-id, so what expires in one tick does not depend on the
+    /// hash.
     pub fn pop_due(&mut self, now_ms: u64, max: usize, out: &mut Vec<(u64, u32)>) {
         while out.len() < max {
-            match self.set.first() {
-                Some(&(d, uid, seq)) if d <= now_ms => {
-                    self.set.pop_first();
-                    out.push((uid, seq));
-                }
-                _ => break,
+            let Some(mut entry) = self.by_ms.first_entry() else { break };
+            if *entry.key() > now_ms {
+                break;
             }
+            let room = max - out.len();
+            let due = entry.get_mut();
+            let mut pairs: Vec<(u64, u32)> = due.iter().copied().collect();
+            if pairs.len() > room {
+                // The `room` smallest without sorting the whole instant (a broadcast's can be
+                // tens of thousands, taken over several ticks).
+                pairs.select_nth_unstable(room);
+                pairs.truncate(room);
+            }
+            pairs.sort_unstable();
+            for p in &pairs {
+                due.remove(p);
+            }
+            if due.is_empty() {
+                entry.remove();
+            }
+            self.len -= pairs.len();
+            out.extend(pairs);
         }
     }
 
     /// Pushes in flight on the shard.
     pub fn len(&self) -> usize {
-        self.set.len()
+        self.len
     }
 
     /// True when nothing is in flight.
     pub fn is_empty(&self) -> bool {
-        self.set.is_empty()
+        self.len == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u64, u64, u32),
+        Remove(u64, u64, u32),
+        PopDue(u64, usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Few instants, uids and sequence-ids, so inserts collide and removes find something.
+        let key = (0u64..8, 0u64..6, 0u32..6);
+        prop_oneof![
+            4 => key.clone().prop_map(|(t, u, s)| Op::Insert(t, u, s)),
+            3 => key.prop_map(|(t, u, s)| Op::Remove(t, u, s)),
+            1 => (0u64..10, 0usize..12).prop_map(|(now, max)| Op::PopDue(now, max)),
+        ]
+    }
+
+    proptest! {
+        /// The index behaves as one ordered set of (expiry, uid, sequence-id): the same length,
+        /// the same first deadline, and the same pairs expired in the same order, whatever the
+        /// inserts, removes and ticks.
+        #[test]
+        fn ttl_index_is_an_ordered_set_of_deliveries(ops in proptest::collection::vec(op(), 0..200)) {
+            let mut index = TtlIndex::default();
+            let mut model: BTreeSet<(u64, u64, u32)> = BTreeSet::new();
+            for op in ops {
+                match op {
+                    Op::Insert(t, u, s) => {
+                        index.insert(t, u, s);
+                        model.insert((t, u, s));
+                    }
+                    Op::Remove(t, u, s) => {
+                        index.remove(t, u, s);
+                        model.remove(&(t, u, s));
+                    }
+                    Op::PopDue(now, max) => {
+                        let mut got = Vec::new();
+                        index.pop_due(now, max, &mut got);
+                        let mut want = Vec::new();
+                        while want.len() < max {
+                            match model.first() {
+                                Some(&(t, u, s)) if t <= now => {
+                                    model.pop_first();
+                                    want.push((u, s));
+                                }
+                                _ => break,
+                            }
+                        }
+                        prop_assert_eq!(got, want);
+                    }
+                }
+                prop_assert_eq!(index.len(), model.len());
+                prop_assert_eq!(index.is_empty(), model.is_empty());
+                prop_assert_eq!(index.first_deadline(), model.first().map(|e| e.0));
+            }
+        }
     }
 }
