@@ -80,7 +80,7 @@ pub struct Fanouts {
     first: u64,
     /// For each uid some waiting push has still to reach: those pushes, oldest first (a uid
     /// absent: none).
-    uids: HashMap<u64, Vec<u64>>,
+    uids: HashMap<u64, Vec<u64>, logic::hash::UidHash>,
     /// Targets waiting over all pushes.
     targets: usize,
 }
