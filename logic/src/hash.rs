@@ -5,8 +5,8 @@
 //! from the app-server, a sequence-id from the shard itself. So the maps on every GPS point,
 //! delivery and ack take a multiplicative hash instead, several times cheaper.
 
-/// A `BuildHasher` for uids: one multiplication (the golden-ratio constant `shard_of` uses too)
-/// and a fold of the high half, which spreads sequential uids over every bucket.
+/// A `BuildHasher` for uids: one multiplication by the golden-ratio constant (`shard_of` uses it
+/// too), with the high half folded in before and after it.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct UidHash;
 
@@ -25,7 +25,11 @@ impl std::hash::BuildHasher for UidHash {
 
 impl std::hash::Hasher for UidHasher {
     fn finish(&self) -> u64 {
-        let h = self.0.wrapping_mul(GOLDEN);
+        // The high half folded in before and after the multiplication: the product's low bits
+        // (which hashbrown indexes by) then depend on every bit of the key. `x * GOLDEN` folded
+        // only after put uids that differ only above bit 40 in 16 buckets of 4,096.
+        let x = self.0 ^ (self.0 >> 32);
+        let h = x.wrapping_mul(GOLDEN);
         h ^ (h >> 32)
     }
     fn write(&mut self, bytes: &[u8]) {
@@ -47,20 +51,29 @@ mod tests {
     use super::*;
     use std::hash::BuildHasher;
 
-    /// Sequential uids, and one uid's sequential sequence-ids, land in distinct buckets of a
-    /// power-of-two table (the low bits hashbrown indexes by) nearly all the time.
+    /// Sequential uids, uids that differ only in their high bits (ids issued with a prefix per
+    /// region or fleet), and one uid's sequential sequence-ids all spread over the buckets of a
+    /// power-of-two table (hashbrown indexes by the low bits): a hash without the fold, or
+    /// without the multiplication, puts one kind of them in a handful of buckets.
     #[test]
-    fn sequential_keys_spread_over_buckets() {
+    fn keys_spread_over_buckets() {
         let buckets = 1u64 << 12;
         let spread = |hashes: Vec<u64>| {
             let mut seen = std::collections::HashSet::new();
             hashes.into_iter().filter(|h| seen.insert(h & (buckets - 1))).count()
         };
-        let uids = spread((0..buckets).map(|u| UidHash.hash_one(u)).collect());
-        let pairs = spread((0..buckets as u32).map(|s| UidHash.hash_one((42u64, s))).collect());
         // A random hash fills about 63 % of the buckets with as many keys as buckets.
-        assert!(uids > buckets as usize / 2, "uids over {uids} of {buckets} buckets");
-        assert!(pairs > buckets as usize / 2, "pairs over {pairs} of {buckets} buckets");
+        let enough = buckets as usize / 2;
+        let sequential = spread((0..buckets).map(|u| UidHash.hash_one(u)).collect());
+        let high_bits = [16, 32, 40, 52]
+            .map(|shift| spread((0..buckets).map(|u| UidHash.hash_one(u << shift)).collect()))
+            .into_iter()
+            .min()
+            .expect("four shifts");
+        let pairs = spread((0..buckets as u32).map(|s| UidHash.hash_one((42u64, s))).collect());
+        assert!(sequential > enough, "sequential uids over {sequential} of {buckets} buckets");
+        assert!(high_bits > enough, "high-bit uids over {high_bits} of {buckets} buckets");
+        assert!(pairs > enough, "one uid's sequence-ids over {pairs} of {buckets} buckets");
         assert_ne!(UidHash.hash_one((1u64, 2u32)), UidHash.hash_one((2u64, 1u32)));
     }
 }

@@ -178,9 +178,9 @@ impl PushState {
 /// loop. The pushes of one fan-out share their deadline, so the index is a short ordered map of
 /// expiry instants (one per push in flight, not one per delivery), each with the set of
 /// (uid, sequence-id) due then: an insert or a remove is one search among those instants and
-/// one hash operation. A delivery's insert and an ack's remove cost 51 ns here against 168 ns in
-/// one ordered set of every delivery (the index before), with 10,000 in flight; 142 against
-/// 178 ns with 300,000 (`cargo bench -p logic --bench ttl`).
+/// one hash operation. A delivery's insert and an ack's remove cost 43 ns here against 156 ns in
+/// one ordered set of every delivery (the index before), with 10,000 in flight; 132 against
+/// 198 ns with 300,000 (`cargo bench -p logic --bench ttl`, medians of one run).
 #[derive(Debug, Default)]
 pub struct TtlIndex {
     /// Expiry ms → the (uid, sequence-id) pairs due then; no empty set is kept.
